@@ -1,0 +1,100 @@
+"""A model folder holds everything inference needs, like nnU-Net's trained-model folders.
+
+Layout::
+
+    <model>/plans.json   network spec, preprocessing plan (spacing, normalisation with its intensity
+                         statistics, orientation), patch size, labels, channel names, provenance
+    <model>/weights.pt   the network's state dict (plain architecture: adapters/LoRA are merged first)
+
+``weights.pt`` is written before ``plans.json`` and both atomically, so a folder with a ``plans.json`` is
+complete.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medadapt.errors import MedadaptError
+from medadapt.models.network import NetworkSpec, build_network
+from medadapt.utils.atomic import atomic_torch_save, atomic_write_json
+
+FORMAT = "medadapt-model/1"
+
+
+@dataclass
+class ModelFolder:
+    network: NetworkSpec
+    preprocessing: dict[str, Any]
+    labels: dict[str, int]
+    channel_names: dict[str, str]
+    file_ending: str = ".nii.gz"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def plan(self):
+        from medadapt.data.preprocessing import PreprocessingPlan
+
+        return PreprocessingPlan.from_dict(self.preprocessing)
+
+    def load_network(self, deep_supervision: bool = True) -> nn.Module:
+        """Build the network and load the folder's weights."""
+        net = build_network(self.network, deep_supervision=deep_supervision)
+        if self.path is None:
+            raise ValueError("ModelFolder has no path to load weights from")
+        weights = self.path / "weights.pt"
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise MedadaptError(f"{weights}: missing; the model folder is incomplete, re-run pretrain") from None
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise MedadaptError(f"{weights}: weights do not fit the network in plans.json ({first})") from None
+        return net
+
+
+def save_model_folder(path: str | Path, network: nn.Module, folder: ModelFolder) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(path / "weights.pt", {k: v.detach().cpu() for k, v in network.state_dict().items()})
+    atomic_write_json(path / "plans.json", {
+        "format": FORMAT,
+        "network": folder.network.to_dict(),
+        "preprocessing": folder.preprocessing,
+        "labels": folder.labels,
+        "channel_names": folder.channel_names,
+        "file_ending": folder.file_ending,
+        "provenance": folder.provenance,
+    })
+    folder.path = path
+    return path
+
+
+def load_model_folder(path: str | Path) -> ModelFolder:
+    path = Path(path)
+    plans_file = path / "plans.json"
+    if not plans_file.is_file():
+        raise MedadaptError(f"{path}: not a medadapt model folder (no plans.json); pass the folder "
+                            "written by 'medadapt pretrain' or 'medadapt finetune' (its model/ subfolder)")
+    import json
+
+    try:
+        plans = json.loads(plans_file.read_text())
+        if plans.get("format") != FORMAT:
+            raise KeyError("format")
+        return ModelFolder(
+            network=NetworkSpec.from_dict(plans["network"]),
+            preprocessing=plans["preprocessing"],
+            labels={k: int(v) for k, v in plans["labels"].items()},
+            channel_names={str(k): v for k, v in plans["channel_names"].items()},
+            file_ending=plans.get("file_ending", ".nii.gz"),
+            provenance=plans.get("provenance", {}),
+            path=path,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MedadaptError(f"{plans_file}: malformed or not {FORMAT} ({exc}); re-create the model folder") from None

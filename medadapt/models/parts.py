@@ -1,0 +1,59 @@
+"""Which modules of a network are its encoder, decoder and segmentation head(s).
+
+Strategies decide what to train from these roles, never from parameter-name substrings. nnU-Net's networks
+(``PlainConvUNet``, ``ResidualEncoderUNet`` and anything else with ``encoder`` and ``decoder.seg_layers``) are
+recognised from their structure. Any other network declares its parts by defining a method::
+
+    def medadapt_parts(self) -> medadapt.models.ModelParts: ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from medadapt.errors import MedadaptError
+
+NORM_TYPES: tuple[type, ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm)
+CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                nn.ConvTranspose3d)
+
+
+@dataclass
+class ModelParts:
+    """Roles of a segmentation network's modules. ``heads`` are the 1x1x1 output convolutions."""
+
+    encoder: nn.Module | None
+    decoder: nn.Module | None
+    heads: list[nn.Module] = field(default_factory=list)
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    hook = getattr(model, "medadapt_parts", None)
+    if callable(hook):
+        parts = hook()
+        if not isinstance(parts, ModelParts):
+            raise TypeError(f"{type(model).__name__}.medadapt_parts() must return medadapt.models.ModelParts")
+        return parts
+    encoder = getattr(model, "encoder", None)
+    decoder = getattr(model, "decoder", None)
+    seg_layers = getattr(decoder, "seg_layers", None) if decoder is not None else None
+    if isinstance(encoder, nn.Module) and isinstance(seg_layers, nn.ModuleList):
+        return ModelParts(encoder=encoder, decoder=decoder, heads=list(seg_layers))
+    raise MedadaptError(
+        f"cannot tell the encoder, decoder and segmentation head of a {type(model).__name__}; "
+        "give the network a medadapt_parts() method returning medadapt.models.ModelParts"
+    )
+
+
+def head_parameter_ids(model: nn.Module) -> set[int]:
+    return {id(p) for head in model_parts(model).heads for p in head.parameters()}
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES)
+
+
+def is_conv(module: nn.Module) -> bool:
+    return isinstance(module, CONV_TYPES)

@@ -1,0 +1,58 @@
+"""The strategy interface: how a fine-tuning method tells any training loop what to train.
+
+A strategy is a small object, not a trainer subclass. Any loop (medadapt's engine, a MONAI loop, a plain
+PyTorch loop) uses it the same way::
+
+    strategy = medadapt.tuning.make_strategy("dgst", gamma=1)
+    model = strategy.prepare(model)                        # freeze / re-initialise / inject layers
+    optimizer = torch.optim.SGD(strategy.parameters(model), lr=1e-3, momentum=0.99, nesterov=True)
+    strategy.attach(optimizer)                             # enforce update masks around optimizer.step()
+    ...                                                    # the usual forward / backward / step
+    model = strategy.finalize(model)                       # e.g. fold low-rank updates into the weights
+
+Masks are enforced with ``torch.optim`` step pre/post hooks, so they hold for every optimizer, including
+its momentum and weight decay, and the loop needs no strategy-specific code.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+
+class Strategy:
+    """Base class: train every parameter (full fine-tuning)."""
+
+    name: ClassVar[str] = "full"
+    #: learning rate the engine uses when the user gives none (None: the engine's fine-tuning default)
+    default_lr: ClassVar[float | None] = None
+    #: one-line description for help texts and tables
+    summary: ClassVar[str] = "every parameter, from the foundation model"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Make ``model`` ready for training with this strategy; returns the model to train."""
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters to hand to the optimizer."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def attach(self, optimizer) -> None:
+        """Register whatever hooks this strategy needs on ``optimizer`` (none by default)."""
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Return the trained model in its plain architecture (identity by default)."""
+        return model
+
+    def config(self) -> dict[str, Any]:
+        """Hyper-parameters, recorded with results."""
+        return {"name": self.name}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state that must survive a resumed run."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

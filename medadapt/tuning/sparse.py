@@ -1,0 +1,126 @@
+"""Gradient sparsification training: DGST (Luo et al., the DGST paper, Eq. 3-5).
+
+At every iteration N, for every convolution and transposed-convolution kernel C_k (all weights that produce
+one output channel) only the gamma entries with the largest |g^N| are updated (Eq. 4); biases and
+normalisation affine parameters are always updated, and so are the segmentation heads (the 1x1x1 output
+convolutions: they are the task-specific classifier, which every baseline of the paper trains). Every other
+entry must not move at all (Eq. 5).
+
+How the mask is enforced (follows the paper, not the released implementation): masking the gradient alone
+is not enough with nnU-Net's optimiser, because SGD's momentum buffer and weight decay would still move
+weights whose gradient was zeroed. The released LN-Seg-FM code masks only the gradient (and, as
+published, never returns the masks it builds). Here a step pre-hook zeroes the unselected gradient entries
+and snapshots the weights and their optimizer state; a step post-hook puts the unselected entries of both
+back. So the update of every unselected entry is exactly zero, and its optimizer state (momentum, Adam
+moments) is that of the last iteration in which it was selected, as if it had sat out this iteration. This
+works around any ``torch.optim`` optimizer. The gradient norm used for clipping is computed by the training
+loop before selection, on the full gradient, as nnU-Net clips it; clipping scales all entries alike, so it
+does not change which entries are selected.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from medadapt.errors import MedadaptError
+from medadapt.models.parts import head_parameter_ids, is_conv
+from medadapt.tuning.base import Strategy
+
+
+def kernel_topk_mask(scores: torch.Tensor, gamma: int, out_dim: int = 0) -> torch.Tensor:
+    """Boolean mask selecting, for each output channel along ``out_dim``, the ``gamma`` largest scores.
+
+    Uses ``topk`` (not a sort) over each kernel's flattened entries: linear work and memory in the
+    number of weights. ``gamma`` at least the kernel size selects everything.
+    """
+    moved = scores.movedim(out_dim, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    k = min(int(gamma), flat.shape[1])
+    if k >= flat.shape[1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    idx = flat.topk(k, dim=1, sorted=False).indices
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device).scatter_(1, idx, True)
+    return mask.reshape(moved.shape).movedim(0, out_dim)
+
+
+def output_channel_dim(module: nn.Module) -> int:
+    """Dimension of a conv weight that indexes output channels (0 for ConvNd, 1 for ConvTransposeNd)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        if module.groups != 1:
+            raise NotImplementedError("grouped transposed convolutions are not supported by sparse training")
+        return 1
+    return 0
+
+
+class SparseUpdateStrategy(Strategy):
+    """Base of gamma-per-kernel sparse training; subclasses decide which entries (``select``)."""
+
+    name = "sparse"
+
+    def __init__(self, gamma: int = 1):
+        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+            raise MedadaptError(f"--gamma {gamma!r}: must be a positive integer (entries per kernel)")
+        self.gamma = gamma
+        self._sparse: list[tuple[nn.Parameter, int]] = []
+        self._pending: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]] = []
+
+    # -- interface -------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = super().prepare(model)
+        heads = head_parameter_ids(model)
+        self._sparse = [
+            (m.weight, output_channel_dim(m))
+            for m in model.modules()
+            if is_conv(m) and m.weight is not None and id(m.weight) not in heads
+        ]
+        return model
+
+    def attach(self, optimizer) -> None:
+        optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_step_post_hook(self._after_step)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "gamma": self.gamma}
+
+    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor:
+        """Boolean mask of the entries of ``weight`` to update in this step."""
+        raise NotImplementedError
+
+    # -- enforcement -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self._pending.clear()
+        for weight, out_dim in self._sparse:
+            if weight.grad is None:
+                continue
+            mask = self.select(weight, out_dim)
+            state = optimizer.state.get(weight, {})
+            saved_state = {k: v.clone() for k, v in state.items()
+                           if torch.is_tensor(v) and v.shape == weight.shape}
+            self._pending.append((weight, mask, weight.detach().clone(), saved_state))
+            weight.grad.mul_(mask)
+
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        for weight, mask, old, saved_state in self._pending:
+            weight.copy_(torch.where(mask, weight, old))
+            state = optimizer.state.get(weight, {})
+            for key, value in state.items():
+                if not (torch.is_tensor(value) and value.shape == weight.shape):
+                    continue
+                # state created by this very step (e.g. the first momentum buffer) starts from zero
+                before = saved_state.get(key)
+                value.copy_(torch.where(mask, value, before if before is not None else torch.zeros_like(value)))
+        self._pending.clear()
+
+
+class DGST(SparseUpdateStrategy):
+    """Dynamic Gradient Sparsification Training: top-gamma |gradient| per kernel, re-chosen every step."""
+
+    name = "dgst"
+    summary = "top-gamma |gradient| entries per conv kernel each step + biases, norms, heads"
+
+    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor:
+        return kernel_topk_mask(weight.grad.abs(), self.gamma, out_dim)
