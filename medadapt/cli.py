@@ -1,0 +1,220 @@
+"""The ``medadapt`` command line. Every subcommand has ``--help``; user mistakes end in one error line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from medadapt.errors import MedadaptError
+
+METHODS_HELP = "fine-tuning method: scratch, full or dgst"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_training_options(p: argparse.ArgumentParser, epochs: int, iterations: int) -> None:
+    p.add_argument("--epochs", type=_positive_int, default=epochs,
+                   help=f"training epochs (default {epochs}; nnU-Net uses 1000 on a GPU)")
+    p.add_argument("--iterations-per-epoch", type=_positive_int, default=iterations,
+                   help=f"iterations per epoch (default {iterations}; nnU-Net uses 250)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); recorded with the results")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in the same --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medadapt",
+        description="Few-shot adaptation of 3D segmentation foundation models (nnU-Net) to new CT data.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("synth", help="generate a synthetic CT lymph-node cohort as an nnU-Net v2 raw dataset",
+                       description="Generate a synthetic CT lymph-node cohort (nnU-Net v2 raw format) from a "
+                                   "domain spec: a built-in name or a YAML/JSON file (docs/domains.md).")
+    p.add_argument("domain", nargs="?", help="built-in domain name or path to a domain spec file")
+    p.add_argument("--out", type=Path, help="output dataset folder")
+    p.add_argument("--cases", type=_positive_int, default=50, help="number of cases (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
+    p.add_argument("--list", action="store_true", help="list the built-in domains and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pretrain", help="train a foundation model on a whole dataset",
+                       description="Train a segmentation network on every case of an nnU-Net v2 raw dataset "
+                                   "and write a model folder (weights + everything inference needs).")
+    p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--preset", default="cpu-small", help="network preset (default cpu-small; see docs)")
+    p.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (default 1e-2, nnU-Net's)")
+    _add_training_options(p, epochs=30, iterations=25)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="few-shot fine-tune a model folder and evaluate it on the test split",
+                       description="Split the dataset 80/20 (fixed by --split-seed), draw K training cases "
+                                   "(--shots, --seed), fine-tune with --method, predict and evaluate the "
+                                   "test split (DSC, NSD at 1 mm, HD95).")
+    p.add_argument("--model", type=Path, required=True, help="foundation model folder")
+    p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--method", required=True, help=METHODS_HELP)
+    p.add_argument("--gamma", type=_positive_int, default=None,
+                   help="DGST: entries updated per kernel and iteration (default 1, as the paper)")
+    p.add_argument("--shots", type=_positive_int, required=True, help="number of annotated training cases K")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed 80/20 split (default 0)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="initial learning rate (default 1e-3 as the paper; 1e-2 for scratch)")
+    _add_training_options(p, epochs=12, iterations=25)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("predict", help="predict label maps for a NIfTI file or folder",
+                       description="Sliding-window prediction (Gaussian-weighted, 50%% overlap) of every "
+                                   "case in --input; label maps are written in each input's geometry.")
+    p.add_argument("--model", type=Path, required=True, help="model folder")
+    p.add_argument("--input", type=Path, required=True,
+                   help="a NIfTI file, or a folder of <case>_0000.nii.gz files")
+    p.add_argument("--out", type=Path, required=True, help="output folder for <case>.nii.gz label maps")
+    p.add_argument("--overlap", type=float, default=0.5, help="tile overlap (default 0.5)")
+    p.add_argument("--mirror", action="store_true", help="test-time mirroring (8x slower)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="DSC, NSD and HD95 of predictions against ground truth",
+                       description="Per case and class: DSC, NSD at --tolerance-mm and HD95 (mm), using "
+                                   "voxel spacing; writes metrics_per_case.csv and summary.json.")
+    p.add_argument("--pred", type=Path, required=True, help="folder of predicted <case>.nii.gz")
+    p.add_argument("--gt", type=Path, required=True, help="folder of ground-truth <case>.nii.gz")
+    p.add_argument("--tolerance-mm", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
+    p.add_argument("--out", type=Path, default=None, help="where to write results (default: --pred)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the whole chain on built-in synthetic cohorts (about 10 min on 2 CPUs)",
+                       description="Generate two synthetic hospitals, pretrain a small foundation model on "
+                                   "the first (cached), fine-tune it with K scans of the second using "
+                                   "scratch, full and DGST, evaluate on held-out scans, print a table and "
+                                   "write a figure.")
+    p.add_argument("--workdir", type=Path, default=Path("medadapt_runs/demo"),
+                   help="where data, models and results go (default medadapt_runs/demo)")
+    p.add_argument("--shots", type=_positive_int, default=5, help="annotated target scans K (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, training and the K-shot draw")
+    p.add_argument("--fresh", action="store_true",
+                   help="re-run the fine-tuning runs even if finished ones exist (the foundation model "
+                        "stays cached)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    from medadapt import __version__
+
+    return f"medadapt {__version__}"
+
+
+# -- commands -------------------------------------------------------------------------------------------------
+def cmd_synth(args) -> int:
+    from medadapt.synth import builtin_domains, load_domain, write_dataset
+
+    if args.list:
+        for name in builtin_domains():
+            print(name)
+        return 0
+    if not args.domain or args.out is None:
+        raise MedadaptError("synth needs a DOMAIN and --out (see 'medadapt synth --help'; "
+                            "'medadapt synth --list' shows the built-in domains)")
+    spec = load_domain(args.domain)
+    path = write_dataset(spec, args.out, num_cases=args.cases, seed=args.seed, progress=not args.quiet)
+    print(f"wrote {args.cases} cases of domain {args.domain!r} to {path}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from medadapt.workflows.pretrain import pretrain
+
+    pretrain(args.data, args.out, preset_name=args.preset, epochs=args.epochs,
+             iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed, resume=args.resume,
+             progress=not args.quiet)
+    print(f"model folder written to {args.out}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from medadapt.metrics import format_mean_std
+    from medadapt.workflows.finetune import finetune
+
+    record = finetune(args.model, args.data, args.out, method=args.method, shots=args.shots, seed=args.seed,
+                      gamma=args.gamma, split_seed=args.split_seed, epochs=args.epochs,
+                      iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
+                      progress=not args.quiet)
+    for name, m in record["metrics"]["classes"].items():
+        print(f"{name}: DSC {format_mean_std(m['dsc']['mean'], m['dsc']['std'], percent=True)}  "
+              f"NSD@1mm {format_mean_std(m['nsd']['mean'], m['nsd']['std'], percent=True)}  "
+              f"HD95 {format_mean_std(m['hd95']['mean'], m['hd95']['std'])} mm  "
+              f"({m['n_cases']} test cases)")
+    print(f"results in {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from medadapt.data.dataset import find_images
+    from medadapt.inference import Predictor
+    from medadapt.models import load_model_folder
+
+    folder = load_model_folder(args.model)
+    cases = find_images(args.input, folder.file_ending, num_channels=folder.network.input_channels)
+    if not 0 <= args.overlap < 1:
+        raise MedadaptError(f"--overlap {args.overlap}: must be in [0, 1)")
+    written = Predictor(folder, overlap=args.overlap, mirror=args.mirror).predict_files(
+        cases, args.out, progress=not args.quiet)
+    print(f"wrote {len(written)} label map(s) to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from medadapt.metrics import evaluate_folders, format_mean_std
+
+    if not args.tolerance_mm >= 0:
+        raise MedadaptError(f"--tolerance-mm {args.tolerance_mm}: must be >= 0")
+    out = args.out or args.pred
+    summary = evaluate_folders(args.pred, args.gt, out, tolerance_mm=args.tolerance_mm,
+                               progress=not args.quiet)
+    for name, m in summary["classes"].items():
+        print(f"{name}: DSC {format_mean_std(m['dsc']['mean'], m['dsc']['std'], percent=True)}  "
+              f"NSD@{args.tolerance_mm:g}mm {format_mean_std(m['nsd']['mean'], m['nsd']['std'], percent=True)}  "
+              f"HD95 {format_mean_std(m['hd95']['mean'], m['hd95']['std'])} mm  ({m['n_cases']} cases)")
+    print(f"wrote {out / 'metrics_per_case.csv'} and {out / 'summary.json'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from medadapt.workflows.demo import run_demo
+
+    run_demo(args.workdir, shots=args.shots, seed=args.seed, fresh=args.fresh, progress=not args.quiet)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MedadaptError as exc:
+        print(f"medadapt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medadapt {args.command}: interrupted; finished work is kept (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

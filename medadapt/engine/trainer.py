@@ -1,0 +1,173 @@
+"""The training engine, shared by pretraining and every fine-tuning strategy.
+
+nnU-Net's conventions: SGD with Nesterov momentum 0.99 and weight decay 3e-5, polynomial learning-rate decay
+(power 0.9, updated once per epoch), Dice + CE with deep supervision, gradient-norm clipping at 12, an "epoch"
+being a fixed number of iterations over randomly sampled patches. The engine knows nothing about specific
+strategies: it calls the :class:`~medadapt.tuning.Strategy` interface (``parameters``, ``attach``), and any
+extra loss terms (knowledge distillation, transductive terms on unlabelled volumes, ...) are plain callables
+``term(model, batch, outputs) -> scalar tensor`` added to the segmentation loss.
+
+A checkpoint is written atomically after every epoch. Each epoch draws its randomness from (seed, epoch)
+alone, so a run resumed after being killed continues exactly as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medadapt.engine.losses import DeepSupervisedDiceCE
+from medadapt.errors import MedadaptError
+from medadapt.tuning.base import Strategy
+from medadapt.utils.atomic import atomic_torch_save
+
+LossTerm = Callable[[nn.Module, dict, Any], torch.Tensor]
+CHECKPOINT = "checkpoint_latest.pt"
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    epochs: int
+    iterations_per_epoch: int
+    initial_lr: float
+    weight_decay: float = 3e-5
+    momentum: float = 0.99
+    nesterov: bool = True
+    grad_clip: float = 12.0
+    poly_power: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise MedadaptError(f"--epochs {self.epochs}: must be at least 1")
+        if self.iterations_per_epoch < 1:
+            raise MedadaptError(f"--iterations-per-epoch {self.iterations_per_epoch}: must be at least 1")
+        if not self.initial_lr > 0:
+            raise MedadaptError(f"--lr {self.initial_lr}: must be positive")
+
+    def lr_at(self, epoch: int) -> float:
+        return self.initial_lr * (1 - epoch / self.epochs) ** self.poly_power
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Trainer:
+    """Train ``model`` with ``strategy`` on batches from ``sampler`` (an object with ``sample(rng)``)."""
+
+    def __init__(self, model: nn.Module, strategy: Strategy, sampler, config: TrainingConfig,
+                 checkpoint_dir: str | Path, loss: nn.Module | None = None,
+                 loss_terms: Sequence[LossTerm] = (), progress: bool = True, description: str = "train"):
+        self.model = model
+        self.strategy = strategy
+        self.sampler = sampler
+        self.config = config
+        self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT
+        self.loss = loss or DeepSupervisedDiceCE()
+        self.loss_terms = list(loss_terms)
+        self.progress = progress
+        self.description = description
+        self.optimizer = torch.optim.SGD(strategy.parameters(model), lr=config.initial_lr,
+                                         momentum=config.momentum, nesterov=config.nesterov,
+                                         weight_decay=config.weight_decay)
+        strategy.attach(self.optimizer)
+        self.history: dict[str, list] = {"epoch_loss": [], "iteration_loss": [], "lr": [],
+                                         "iteration_seconds": [], "sampling_seconds": []}
+        self.start_epoch = 0
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def _save(self, epoch_done: int) -> None:
+        atomic_torch_save(self.checkpoint_path, {
+            "epoch_done": epoch_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "history": self.history,
+            "config": self.config.to_dict(),
+        })
+
+    def _load(self) -> None:
+        ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        if ckpt["config"] != self.config.to_dict():
+            raise MedadaptError(
+                f"{self.checkpoint_path}: was written with other training settings "
+                f"({ckpt['config']}); resume with the same options or use a new --out folder")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.strategy.load_state_dict(ckpt["strategy"])
+        self.history = ckpt["history"]
+        self.start_epoch = ckpt["epoch_done"]
+
+    # -- training ------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, list]:
+        if self.checkpoint_path.exists():
+            if not resume:
+                raise MedadaptError(
+                    f"{self.checkpoint_path.parent}: holds an unfinished or finished run; pass --resume to "
+                    "continue it or choose another --out folder")
+            self._load()
+        cfg = self.config
+        self.model.train()
+        total = (cfg.epochs - self.start_epoch) * cfg.iterations_per_epoch
+        bar = tqdm(total=total, desc=self.description, disable=not self.progress, unit="it", leave=False,
+                   dynamic_ncols=True)
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                self._run_epoch(epoch, bar)
+                self._save(epoch + 1)
+        finally:
+            bar.close()
+        return self.history
+
+    def _run_epoch(self, epoch: int, bar) -> None:
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(int(rng.integers(2 ** 62)))
+        lr = cfg.lr_at(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses = []
+        for _ in range(cfg.iterations_per_epoch):
+            t0 = time.perf_counter()
+            batch = self.sampler.sample(rng)
+            t1 = time.perf_counter()
+            loss = self.train_step(batch)
+            t2 = time.perf_counter()
+            losses.append(loss)
+            self.history["iteration_loss"].append(loss)
+            self.history["iteration_seconds"].append(t2 - t1)
+            self.history["sampling_seconds"].append(t1 - t0)
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss:.3f}", refresh=False)
+            bar.update(1)
+        self.history["epoch_loss"].append(float(np.mean(losses)))
+        self.history["lr"].append(lr)
+
+    def train_step(self, batch: dict) -> float:
+        """One iteration: forward, loss, backward, clip, step. Returns the loss value."""
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs = self.model(batch["image"])
+        loss = self.loss(outputs, batch["label"])
+        for term in self.loss_terms:
+            loss = loss + term(self.model, batch, outputs)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} (learning rate too high?)")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def summary(self) -> dict[str, float]:
+        it = self.history["iteration_seconds"]
+        return {
+            "median_iteration_seconds": statistics.median(it) if it else float("nan"),
+            "median_sampling_seconds": statistics.median(self.history["sampling_seconds"]) if it else float("nan"),
+            "final_epoch_loss": self.history["epoch_loss"][-1] if self.history["epoch_loss"] else float("nan"),
+        }

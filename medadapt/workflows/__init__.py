@@ -1,0 +1,1 @@
+"""End-to-end workflows behind the CLI: pretrain a foundation model, fine-tune it few-shot, the demo."""

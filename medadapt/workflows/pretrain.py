@@ -1,0 +1,49 @@
+"""Pretrain a foundation model on a whole nnU-Net raw dataset (every case is a training case)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from medadapt.data.augmentation import Augmentation
+from medadapt.data.dataset import RawDataset
+from medadapt.data.preprocessing import plan_from_dataset, preprocess_dataset
+from medadapt.data.sampling import PatchSampler
+from medadapt.engine import Trainer, TrainingConfig
+from medadapt.models import ModelFolder, preset, save_model_folder
+from medadapt.models.network import seeded_network
+from medadapt.tuning import FullFineTuning
+from medadapt.utils.atomic import atomic_write_json
+from medadapt.workflows.common import dataset_cache_dir, environment, total_parameter_count
+
+PRETRAIN_LR = 1e-2  # nnU-Net's initial learning rate for training from scratch (DGST paper, Sec. 3.1)
+
+
+def pretrain(data: str | Path, out: str | Path, preset_name: str = "cpu-small", epochs: int = 30,
+             iterations_per_epoch: int = 25, lr: float = PRETRAIN_LR, seed: int = 0, resume: bool = False,
+             progress: bool = True) -> ModelFolder:
+    """Train a new network on every case of ``data``; writes a model folder to ``out``."""
+    out = Path(out)
+    dataset = RawDataset.load(data)
+    case_ids = dataset.case_ids
+    plan = plan_from_dataset(dataset, case_ids, progress=progress)
+    cases = preprocess_dataset(dataset, case_ids, plan, dataset_cache_dir(dataset.root), progress=progress)
+    spec = preset(preset_name, input_channels=dataset.num_channels, num_classes=dataset.num_classes)
+    network = seeded_network(spec, seed)
+    strategy = FullFineTuning()
+    network = strategy.prepare(network)
+    sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
+                           augmentation=Augmentation(spec.patch_size))
+    config = TrainingConfig(epochs=epochs, iterations_per_epoch=iterations_per_epoch, initial_lr=lr, seed=seed)
+    trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
+                      description="pretrain")
+    history = trainer.fit(resume=resume)
+    folder = ModelFolder(
+        network=spec, preprocessing=plan.to_dict(), labels=dataset.labels, channel_names=dataset.channel_names,
+        file_ending=dataset.file_ending,
+        provenance={"kind": "pretrain", "dataset": str(dataset.root), "dataset_name": dataset.name,
+                    "cases": case_ids, "preset": preset_name, "training": config.to_dict(),
+                    "parameters": total_parameter_count(network), **trainer.summary(),
+                    "environment": environment()},
+    )
+    save_model_folder(out, network, folder)
+    atomic_write_json(out / "training" / "history.json", history)
+    return folder
