@@ -45,8 +45,11 @@ def test_boundary_definition_counts():
     # border are boundary: 60 - interior (1x2x3 = 6) = 54.
     assert len(boundary_coords(np.ones((3, 4, 5), bool))) == 54
     # Only face neighbours count: a voxel whose only background neighbours are diagonal is interior.
-    # 3x3x3 cube: only its centre is interior -> 26 boundary voxels.
-    assert len(boundary_coords(cube((5, 5, 5), (1, 1, 1), 3).astype(bool))) == 26
+    # 3x3x3 cube with one corner removed: 26 voxels; the centre's six face neighbours are foreground and its
+    # only background neighbour is the removed corner (diagonal) -> interior; boundary = 26 - 1 = 25.
+    m = cube((5, 5, 5), (1, 1, 1), 3).astype(bool)
+    m[1, 1, 1] = False
+    assert len(boundary_coords(m)) == 25
 
 
 # ------------------------------------------------------------------------------------------- identical

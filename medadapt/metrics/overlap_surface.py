@@ -38,7 +38,7 @@ EMPTY_POLICY = (
 )
 
 #: Floating-point allowance in mm for ``d <= tolerance`` (a one-voxel distance equal to the tolerance counts).
-TOLERANCE_EPS_MM = 0.0
+TOLERANCE_EPS_MM = 1e-6
 
 #: Percentile used for HD95.
 HD_PERCENTILE = 95.0

@@ -39,6 +39,10 @@ class Strategy:
         """The parameters to hand to the optimizer."""
         return [p for p in model.parameters() if p.requires_grad]
 
+    def updated_per_step(self, model: nn.Module) -> int:
+        """How many parameter entries one optimizer step may change (the trainable count for most methods)."""
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
     def attach(self, optimizer) -> None:
         """Register whatever hooks this strategy needs on ``optimizer`` (none by default)."""
 

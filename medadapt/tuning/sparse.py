@@ -77,6 +77,13 @@ class SparseUpdateStrategy(Strategy):
         ]
         return model
 
+    def updated_per_step(self, model: nn.Module) -> int:
+        sparse = {id(w) for w, _ in self._sparse}
+        dense = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in sparse)
+        budget = sum(min(self.gamma, w[0].numel() if d == 0 else w[:, 0].numel()) * w.shape[d]
+                     for w, d in self._sparse)
+        return dense + budget
+
     def attach(self, optimizer) -> None:
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._after_step)

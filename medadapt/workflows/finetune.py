@@ -96,6 +96,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
                       description=f"finetune {method} {shots}-shot")
     trainable = trainable_parameter_count(network)
+    updated_per_step = strategy.updated_per_step(network)
     history = trainer.fit(resume=resume)
     atomic_write_json(out / "training" / "history.json", history)
 
@@ -132,7 +133,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         "shot_cases": shot_ids,
         "new_head": new_head,
         "training": config.to_dict(),
-        "parameters": {"trainable": trainable, "total": total_parameter_count(final)},
+        "parameters": {"trainable": trainable, "updated_per_step": updated_per_step,
+                       "total": total_parameter_count(final)},
         "timing": trainer.summary(),
         "metrics": summary,
         "environment": environment(),

@@ -1,0 +1,159 @@
+"""``medadapt demo``: two synthetic hospitals, a small foundation model, three fine-tuning methods.
+
+Sized for about ten minutes on 2 CPU cores (see BENCHMARKS.md): the CPU preset network, 48x112x112 volumes,
+and epoch counts far below the paper's GPU budget (2000 pretraining and 50 fine-tuning epochs of 250
+iterations). The foundation model is cached in the work folder: a second run goes straight to
+fine-tuning, and finished fine-tuning runs are reused unless ``--fresh`` is given.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medadapt.data.io import read_image, read_label
+from medadapt.metrics import format_mean_std
+from medadapt.utils.atomic import atomic_write_json, atomic_write_text
+
+SOURCE_DOMAIN, TARGET_DOMAIN = "hn-source", "hn-center-b"
+SOURCE_CASES, TARGET_CASES = 40, 20
+PRETRAIN = {"preset_name": "cpu-small", "epochs": 20, "iterations_per_epoch": 25}
+FINETUNE = {"epochs": 8, "iterations_per_epoch": 20}
+METHODS = ("scratch", "full", "dgst")
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+def _cached_foundation(path: Path, expected: dict) -> bool:
+    plans = path / "plans.json"
+    if not plans.is_file():
+        return False
+    prov = json.loads(plans.read_text()).get("provenance", {})
+    return prov.get("demo_config") == expected
+
+
+def run_demo(workdir: str | Path, shots: int = 5, seed: int = 0, fresh: bool = False,
+             progress: bool = True) -> dict:
+    from medadapt.synth import load_domain, write_dataset
+    from medadapt.workflows.finetune import finetune
+    from medadapt.workflows.pretrain import pretrain
+
+    workdir = Path(workdir)
+    started = time.perf_counter()
+    data = {}
+    _say(f"[1/4] synthetic cohorts -> {workdir / 'data'}", progress)
+    for domain, n in ((SOURCE_DOMAIN, SOURCE_CASES), (TARGET_DOMAIN, TARGET_CASES)):
+        data[domain] = write_dataset(load_domain(domain), workdir / "data" / domain, num_cases=n, seed=seed,
+                                     progress=progress)
+
+    foundation = workdir / "foundation"
+    expected = {**PRETRAIN, "seed": seed, "cases": SOURCE_CASES, "domain": SOURCE_DOMAIN}
+    if _cached_foundation(foundation, expected):
+        _say(f"[2/4] foundation model: cached in {foundation}", progress)
+    else:
+        _say(f"[2/4] pretraining the foundation model on {SOURCE_DOMAIN} ({SOURCE_CASES} cases)", progress)
+        folder = pretrain(data[SOURCE_DOMAIN], foundation, seed=seed, resume=True, progress=progress,
+                          **PRETRAIN)
+        plans = json.loads((foundation / "plans.json").read_text())
+        plans["provenance"]["demo_config"] = expected
+        atomic_write_json(foundation / "plans.json", plans)
+
+    _say(f"[3/4] fine-tuning on {shots} scans of {TARGET_DOMAIN}: {', '.join(METHODS)}", progress)
+    records = {}
+    for method in METHODS:
+        out = workdir / "finetune" / f"{method}-{shots}shot-seed{seed}"
+        if fresh and out.exists():
+            shutil.rmtree(out)
+        records[method] = finetune(foundation, data[TARGET_DOMAIN], out, method=method, shots=shots, seed=seed,
+                                   gamma=1 if method == "dgst" else None, resume=True, progress=progress,
+                                   **FINETUNE)
+        m = records[method]["metrics"]["classes"]["lymph_node"]
+        _say(f"      {method:8s} DSC {format_mean_std(m['dsc']['mean'], m['dsc']['std'], percent=True)}",
+             progress)
+
+    _say("[4/4] results", progress)
+    table = results_table(records)
+    print(table["markdown"])
+    results_dir = workdir / "results"
+    atomic_write_text(results_dir / "results.md", table["markdown"] + "\n")
+    atomic_write_text(results_dir / "results.csv", table["csv"])
+    atomic_write_json(results_dir / "results.json", {"shots": shots, "seed": seed, "runs": records})
+    figure = demo_figure(records, workdir, results_dir / "demo.png")
+    elapsed = time.perf_counter() - started
+    print(f"figure: {figure}\ntables: {results_dir / 'results.md'}, {results_dir / 'results.csv'}\n"
+          f"total time {elapsed / 60:.1f} min")
+    return {"records": records, "figure": figure, "seconds": elapsed}
+
+
+def results_table(records: dict[str, dict]) -> dict[str, str]:
+    header = ["method", "updated params/iter", "DSC (%)", "NSD@1mm (%)", "HD95 (mm)", "s/iter"]
+    rows = []
+    csv_rows = []
+    for method, rec in records.items():
+        for cls, m in rec["metrics"]["classes"].items():
+            rows.append([
+                method if len(rec["metrics"]["classes"]) == 1 else f"{method} ({cls})",
+                f"{rec['parameters']['updated_per_step']:,}",
+                format_mean_std(m["dsc"]["mean"], m["dsc"]["std"], percent=True),
+                format_mean_std(m["nsd"]["mean"], m["nsd"]["std"], percent=True),
+                format_mean_std(m["hd95"]["mean"], m["hd95"]["std"]),
+                f"{rec['timing']['median_iteration_seconds']:.3f}",
+            ])
+            csv_rows.append({"method": method, "class": cls, "shots": rec["shots"], "seed": rec["seed"],
+                             "updated_params_per_iter": rec["parameters"]["updated_per_step"],
+                             "total_params": rec["parameters"]["total"],
+                             "dsc_mean": m["dsc"]["mean"], "dsc_std": m["dsc"]["std"],
+                             "nsd_mean": m["nsd"]["mean"], "nsd_std": m["nsd"]["std"],
+                             "hd95_mean": m["hd95"]["mean"], "hd95_std": m["hd95"]["std"],
+                             "hd95_undefined": m.get("hd95_undefined", 0), "n_test_cases": m["n_cases"],
+                             "median_iteration_seconds": rec["timing"]["median_iteration_seconds"]})
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
+    md = "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    buf = io.StringIO()
+    if csv_rows:
+        writer = csv.DictWriter(buf, fieldnames=list(csv_rows[0]))
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    return {"markdown": md, "csv": buf.getvalue()}
+
+
+def demo_figure(records: dict[str, dict], workdir: Path, path: Path) -> Path:
+    """Contours of every method on the test case with the most lymph-node voxels, plus loss curves."""
+    from medadapt.data.dataset import RawDataset
+    from medadapt.viz import contour_figure
+
+    first = next(iter(records.values()))
+    dataset = RawDataset.load(first["dataset"])
+    test_ids = first["split"]["test"]
+    gts = {cid: read_label(dataset.label_path(cid)) for cid in test_ids}
+    case = max(test_ids, key=lambda cid: int((gts[cid].array > 0).sum()))
+    image = read_image(dataset.image_paths(case)[0])
+    preds, losses, scores = {}, {}, {}
+    for method, rec in records.items():
+        run = workdir / "finetune" / f"{method}-{rec['shots']}shot-seed{rec['seed']}"
+        preds[method] = read_label(run / "predictions" / f"{case}{dataset.file_ending}").array
+        history = json.loads((run / "training" / "history.json").read_text())
+        losses[method] = history["iteration_loss"]
+        per_case = _case_dsc(run / "metrics_per_case.csv", case)
+        scores[method] = f"DSC {per_case:.1f}%" if per_case is not None else ""
+    return contour_figure(path, image.array, gts[case].array, preds, losses=losses, scores=scores,
+                          spacing=image.spacing,
+                          title=f"{dataset.name}: test case {case}, {first['shots']}-shot fine-tuning")
+
+
+def _case_dsc(csv_path: Path, case: str) -> float | None:
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["case"] == case:
+                v = float(row["dsc"])
+                return None if np.isnan(v) else 100 * v
+    return None
