@@ -148,10 +148,9 @@ def _find_dataset_json(gt_dir: Path) -> Path | None:
 def _list_cases(folder: Path, file_ending: str) -> dict[str, Path]:
     out = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name.endswith(file_ending) and not p.name.startswith(".") and len(p.name) > len(
-            file_ending
-        ):
-            out[p.name[: -len(file_ending)]] = p
+        name = p.name
+        if name.endswith(file_ending) and len(name) > len(file_ending) and not name.startswith(".") and p.is_file():
+            out[name[: -len(file_ending)]] = p
     return out
 
 
@@ -241,18 +240,27 @@ def evaluate_folders(
     for case in tqdm(case_ids, desc="metrics", unit="case", disable=not progress):
         gt = read_label(gts[case])
         pred = read_label(preds[case])
-        if pred.array.shape != gt.array.shape or not np.allclose(pred.affine, gt.affine, rtol=0, atol=AFFINE_ATOL):
-            raise MedadaptError(
-                f"{preds[case]}: shape {pred.array.shape} / affine {np.round(pred.affine, 4).tolist()} differ from "
-                f"the ground truth {gts[case]} (shape {gt.array.shape} / affine {np.round(gt.affine, 4).tolist()}); "
-                "the prediction must be in the ground truth's geometry (resample it back to the original image)"
+        if pred.array.shape != gt.array.shape:
+            mismatch = f"shape (z, y, x) {pred.array.shape} != ground truth's {gt.array.shape}"
+        elif not np.allclose(pred.affine, gt.affine, rtol=0, atol=AFFINE_ATOL):
+            worst = float(np.abs(pred.affine - gt.affine).max())
+            mismatch = (
+                f"affine differs from the ground truth's by up to {worst:.4g} (> {AFFINE_ATOL}; spacing "
+                f"{tuple(round(v, 4) for v in pred.spacing)} vs {tuple(round(v, 4) for v in gt.spacing)} mm)"
             )
-        values = set(np.unique(gt.array).tolist()) | set(np.unique(pred.array).tolist())
-        values.discard(0)
+        else:
+            mismatch = ""
+        if mismatch:
+            raise MedadaptError(
+                f"{preds[case]}: {mismatch} ({gts[case]}); the prediction must be in the ground truth's geometry "
+                "(write it with the original image's affine, resampled back if it was cropped or resampled)"
+            )
+        present = {id(vol): set(np.unique(vol.array).tolist()) - {0} for vol in (gt, pred)}
+        values = present[id(gt)] | present[id(pred)]
         if classes is not None:
             allowed = set(classes.values())
             for vol in (gt, pred):
-                bad = sorted(set(np.unique(vol.array).tolist()) - allowed - {0})
+                bad = sorted(present[id(vol)] - allowed)
                 if bad:
                     raise MedadaptError(
                         f"{vol.path}: label value(s) {bad} are not in the labels {classes} (from {label_source}); "

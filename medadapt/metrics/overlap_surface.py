@@ -90,11 +90,13 @@ def boundary_coords(mask: np.ndarray) -> np.ndarray:
     Works on the mask's bounding box grown by one voxel (clipped to the volume), which gives the same boundary
     as the full volume: the grown box's faces are either background or the volume border.
     """
-    nz = np.nonzero(mask)
-    if len(nz[0]) == 0:
-        return np.zeros((0, mask.ndim), dtype=np.int64)
-    lo = [max(int(ix.min()) - 1, 0) for ix in nz]
-    hi = [min(int(ix.max()) + 2, n) for ix, n in zip(nz, mask.shape)]
+    lo, hi = [], []
+    for axis, n in enumerate(mask.shape):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if len(present) == 0:
+            return np.zeros((0, mask.ndim), dtype=np.int64)
+        lo.append(max(int(present[0]) - 1, 0))
+        hi.append(min(int(present[-1]) + 2, n))
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     sub = mask[box]
     structure = generate_binary_structure(mask.ndim, 1)  # face neighbours only (6 in 3D)

@@ -1,0 +1,83 @@
+"""The training engine: nnU-Net conventions, checkpoints and exact resumption."""
+import numpy as np
+import pytest
+import torch
+
+from medadapt.engine import DeepSupervisedDiceCE, Trainer, TrainingConfig, deep_supervision_weights
+from medadapt.errors import MedadaptError
+from medadapt.tuning import make_strategy
+
+
+class RandomPatches:
+    """A stand-in sampler: patches drawn from the rng the engine passes in (so runs are reproducible)."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def sample(self, rng):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt  # a killed run
+        x = torch.from_numpy(rng.standard_normal((2, 1, 16, 32, 32)).astype(np.float32))
+        y = torch.from_numpy((rng.random((2, 1, 16, 32, 32)) > 0.8).astype(np.int64))
+        return {"image": x, "label": y}
+
+
+def _trainer(tiny_unet, out, sampler, method="dgst", epochs=3):
+    model = tiny_unet(seed=0)
+    strategy = make_strategy(method, gamma=1)
+    model = strategy.prepare(model)
+    cfg = TrainingConfig(epochs=epochs, iterations_per_epoch=2, initial_lr=1e-2, seed=7)
+    return Trainer(model, strategy, sampler, cfg, out, progress=False)
+
+
+def test_deep_supervision_weights_follow_nnunet():
+    w = deep_supervision_weights(4)
+    np.testing.assert_allclose(w, np.array([1, 0.5, 0.25, 0]) / 1.75)
+    assert deep_supervision_weights(1) == [1.0]
+
+
+def test_poly_learning_rate():
+    cfg = TrainingConfig(epochs=10, iterations_per_epoch=1, initial_lr=1e-3)
+    assert cfg.lr_at(0) == pytest.approx(1e-3)
+    assert cfg.lr_at(5) == pytest.approx(1e-3 * 0.5 ** 0.9)
+
+
+def test_optimizer_is_nnunet_sgd(tiny_unet, tmp_path):
+    t = _trainer(tiny_unet, tmp_path, RandomPatches())
+    group = t.optimizer.param_groups[0]
+    assert isinstance(t.optimizer, torch.optim.SGD)
+    assert group["momentum"] == 0.99 and group["nesterov"] and group["weight_decay"] == 3e-5
+
+
+def test_loss_accepts_deep_supervision_list():
+    loss = DeepSupervisedDiceCE()
+    target = torch.zeros(2, 1, 8, 16, 16, dtype=torch.long)
+    target[:, :, 2:6, 4:12, 4:12] = 1
+    perfect = torch.cat([(target == 0).float(), (target == 1).float()], 1) * 20 - 10
+    low = torch.nn.functional.interpolate(perfect, scale_factor=0.5)
+    good = loss([perfect, low], target)
+    bad = loss([-perfect, -low], target)
+    assert good < 0.05 < bad
+
+
+def test_resumed_run_equals_uninterrupted(tiny_unet, tmp_path):
+    straight = _trainer(tiny_unet, tmp_path / "a", RandomPatches())
+    straight.fit()
+
+    killed = _trainer(tiny_unet, tmp_path / "b", RandomPatches(fail_after=3))  # dies in the 2nd epoch
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    resumed = _trainer(tiny_unet, tmp_path / "b", RandomPatches())
+    resumed.fit(resume=True)
+    assert resumed.start_epoch == 1  # the finished first epoch was not recomputed
+    assert len(resumed.history["epoch_loss"]) == 3
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_existing_run_needs_resume(tiny_unet, tmp_path):
+    _trainer(tiny_unet, tmp_path, RandomPatches(), epochs=1).fit()
+    with pytest.raises(MedadaptError, match="--resume"):
+        _trainer(tiny_unet, tmp_path, RandomPatches(), epochs=1).fit()
