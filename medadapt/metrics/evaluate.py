@@ -298,9 +298,15 @@ def evaluate_folders(
     summary["gt_dir"] = str(gt_dir)
     summary["labels"] = dict(classes)
     summary["labels_from"] = label_source
-    atomic_write_text(out_dir / "metrics_per_case.csv", _to_csv(rows))
-    atomic_write_json(out_dir / "summary.json", summary)
+    write_metrics(rows, summary, out_dir)
     return summary
 
 
-__all__ = ["evaluate_folders", "summarize", "format_mean_std", "CSV_COLUMNS"]
+def write_metrics(rows: list[dict], summary: dict, out_dir: str | Path) -> None:
+    """Write ``metrics_per_case.csv`` and ``summary.json`` to ``out_dir``, each atomically."""
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "metrics_per_case.csv", _to_csv(rows))
+    atomic_write_json(out_dir / "summary.json", summary)
+
+
+__all__ = ["evaluate_folders", "summarize", "format_mean_std", "write_metrics", "CSV_COLUMNS"]

@@ -1,0 +1,680 @@
+"""nnU-Net v2 preprocessing: reorientation, intensity normalization, resampling, and a per-plan disk cache.
+
+Conventions (see docs/data.md for the reasoning):
+
+* arrays are (z, y, x) = the file's voxel axes reversed, spacing in the same order, as in :mod:`medadapt.data.io`;
+* per case: reorient to the plan's orientation -> normalize on the original grid -> resample to the target
+  spacing (nnU-Net's order: ``DefaultPreprocessor`` normalizes before resampling);
+* images: cubic B-spline (order 3) resampling; along an anisotropic low-resolution axis (spacing ratio > 3)
+  in-plane cubic and nearest along that axis, exactly nnU-Net's ``resample_data_or_seg`` rule;
+* labels: one-hot maps interpolated linearly, then argmax (nearest along an anisotropic axis);
+* predictions are brought back with :func:`revert_prediction` (trilinear on probabilities, argmax, undo the
+  reorientation), giving a label map in the input file's exact geometry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from scipy import ndimage
+
+from medadapt.data.io import Volume
+from medadapt.errors import MedadaptError
+from medadapt.utils.atomic import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medadapt.data.dataset import RawDataset
+
+ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD: a spacing ratio above this makes an axis "low resolution"
+FOREGROUND_SAMPLES_PER_CLASS = 10000  # nnU-Net's _sample_foreground_locations num_samples
+FOREGROUND_MIN_COVERAGE = 0.01  # ... and min_percent_coverage
+CACHE_VERSION = 1  # bump when the cached arrays' meaning changes; part of the cache key
+
+# ---------------------------------------------------------------------------------------------- normalization
+_SCHEME_ALIASES = {
+    "ct": "CT", "ctnormalization": "CT",
+    "zscore": "ZScore", "zscorenormalization": "ZScore",
+    "none": "none", "nonorm": "none", "nonormalization": "none",
+}
+SCHEMES = ("CT", "ZScore", "none")
+
+
+def canonical_scheme(scheme: str, option: str = "normalization") -> str:
+    """``"ct"``/``"CTNormalization"`` -> ``"CT"`` etc.; unknown names raise MedadaptError naming ``option``."""
+    key = str(scheme).strip().lower().replace("_", "").replace("-", "")
+    if key not in _SCHEME_ALIASES:
+        raise MedadaptError(f"{option}: unknown normalization scheme {scheme!r}; use one of "
+                            f"{', '.join(SCHEMES)} (CT for CT images, ZScore for anything else)")
+    return _SCHEME_ALIASES[key]
+
+
+def scheme_for_channel(channel_name: str) -> str:
+    """nnU-Net's mapping from a ``channel_names`` entry to a normalization scheme."""
+    name = str(channel_name).strip().lower()
+    if name == "ct":
+        return "CT"
+    if name in ("nonorm", "none"):
+        return "none"
+    return "ZScore"
+
+
+@dataclass
+class IntensityProperties:
+    """Foreground intensity statistics of one channel (nnU-Net's ``foreground_intensity_properties_per_channel``)."""
+
+    mean: float
+    std: float
+    percentile_00_5: float
+    percentile_99_5: float
+    min: float
+    max: float
+    median: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in
+                ("mean", "std", "percentile_00_5", "percentile_99_5", "min", "max", "median")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IntensityProperties":
+        try:
+            return cls(**{k: float(d[k]) for k in
+                          ("mean", "std", "percentile_00_5", "percentile_99_5", "min", "max", "median")})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MedadaptError(f"intensity_properties: malformed entry {d!r} ({exc}); re-create the plan") from None
+
+
+def sample_foreground(image: np.ndarray, label: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``num_samples`` raw foreground (label > 0) intensities of one case, drawn without replacement."""
+    fg = np.asarray(image)[np.asarray(label) > 0]
+    if fg.size > num_samples:
+        fg = rng.choice(fg, num_samples, replace=False)
+    return fg.astype(np.float64, copy=False)
+
+
+def properties_from_samples(samples: np.ndarray) -> IntensityProperties:
+    v = np.asarray(samples, dtype=np.float64)
+    if v.size == 0:
+        raise MedadaptError("intensity statistics: the training labels contain no foreground voxels (label > 0); "
+                            "CT normalization needs annotated foreground: check labelsTr or use ZScore")
+    p005, p995 = np.percentile(v, (0.5, 99.5))
+    return IntensityProperties(mean=float(v.mean()), std=float(v.std()), percentile_00_5=float(p005),
+                               percentile_99_5=float(p995), min=float(v.min()), max=float(v.max()),
+                               median=float(np.median(v)))
+
+
+def compute_intensity_properties(images: list[np.ndarray], labels: list[np.ndarray], num_samples: int = 10000,
+                                 seed: int = 0) -> IntensityProperties:
+    """Statistics of the foreground voxels of one channel over several cases.
+
+    Per case, up to ``num_samples`` foreground voxels (label > 0) are drawn (all of them when there are fewer),
+    as nnU-Net's fingerprint extractor does; mean/std/percentiles are computed on the pooled raw samples.
+    """
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    rng = np.random.default_rng(seed)
+    samples = [sample_foreground(im, lab, num_samples, rng) for im, lab in zip(images, labels)]
+    return properties_from_samples(np.concatenate(samples) if samples else np.zeros(0))
+
+
+def normalize(image: np.ndarray, scheme: str, props: IntensityProperties | None) -> np.ndarray:
+    """Normalize one channel; returns a new float32 array.
+
+    ``"CT"``: clip to [percentile_00_5, percentile_99_5] of the training foreground, then (x - mean) / std
+    (nnU-Net's CTNormalization). ``"ZScore"``: (x - mean(x)) / std(x) over the whole image (nnU-Net's
+    ZScoreNormalization without mask). ``"none"``: cast only.
+    """
+    scheme = canonical_scheme(scheme)
+    out = np.array(image, dtype=np.float32, copy=True)
+    if scheme == "CT":
+        if props is None:
+            raise MedadaptError("normalization: scheme CT needs the training foreground intensity properties; "
+                                "re-create the plan from the training cases")
+        np.clip(out, props.percentile_00_5, props.percentile_99_5, out=out)
+        out -= np.float32(props.mean)
+        out /= np.float32(max(props.std, 1e-8))
+    elif scheme == "ZScore":
+        mean = float(out.mean(dtype=np.float64))
+        std = float(out.std(dtype=np.float64))
+        out -= np.float32(mean)
+        out /= np.float32(max(std, 1e-8))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- resampling
+def new_shape_for_spacing(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> tuple[int, ...]:
+    """nnU-Net's rule: round(old_shape * spacing / target_spacing), at least 1 voxel."""
+    return tuple(max(1, int(round(s * sp / tsp))) for s, sp, tsp in zip(shape, spacing, target_spacing))
+
+
+def _lowres_axis(spacing: Sequence[float]) -> int | None:
+    """The single anisotropic axis per nnU-Net (max/min spacing > 3 and a unique largest spacing), else None."""
+    sp = np.asarray(spacing, float)
+    if sp.max() / sp.min() <= ANISO_THRESHOLD:
+        return None
+    axes = np.where(sp.max() / sp == 1)[0]
+    return int(axes[0]) if len(axes) == 1 else None
+
+
+def _separate_axis(spacing: Sequence[float], target_spacing: Sequence[float]) -> int | None:
+    axis = _lowres_axis(spacing)
+    if axis is not None:
+        return axis
+    sp = np.asarray(spacing, float)
+    if sp.max() / sp.min() > ANISO_THRESHOLD:  # anisotropic but no unique low-res axis: nnU-Net goes 3D
+        return None
+    return _lowres_axis(target_spacing)
+
+
+def _zoom_cubic(array: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
+    """Cubic B-spline resize with pixel-area alignment (like skimage.transform.resize, order 3, mode edge)."""
+    factors = [n / o for n, o in zip(new_shape, array.shape)]
+    out = ndimage.zoom(array, factors, order=3, mode="nearest", grid_mode=True, output=np.float32, prefilter=True)
+    if tuple(out.shape) != tuple(new_shape):  # pragma: no cover - guarded by scipy's own rounding
+        raise RuntimeError(f"resize produced {out.shape}, expected {tuple(new_shape)}")
+    return out
+
+
+def _nearest_along(array: np.ndarray, axis: int, new_len: int) -> np.ndarray:
+    """Nearest-neighbour resize along one axis, pixel-centre aligned (nnU-Net's order_z = 0)."""
+    old_len = array.shape[axis]
+    if new_len == old_len:
+        return array
+    idx = np.floor((np.arange(new_len) + 0.5) * (old_len / new_len)).astype(np.int64)
+    return np.take(array, np.clip(idx, 0, old_len - 1), axis=axis)
+
+
+def _resample_image_to_shape(array: np.ndarray, new_shape: Sequence[int], axis: int | None) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float32)
+    new_shape = tuple(int(s) for s in new_shape)
+    if tuple(array.shape) == new_shape:
+        return array.copy()
+    if axis is None:
+        return _zoom_cubic(array, new_shape)
+    # in-plane cubic, slice by slice along the low-res axis, then nearest along it
+    moved = np.moveaxis(array, axis, 0)
+    plane = tuple(s for i, s in enumerate(new_shape) if i != axis)
+    if tuple(moved.shape[1:]) != plane:
+        moved = np.stack([_zoom_cubic(sl, plane) for sl in moved])
+    moved = _nearest_along(moved, 0, new_shape[axis])
+    return np.ascontiguousarray(np.moveaxis(moved, 0, axis))
+
+
+def _interp_mask(mask: np.ndarray, new_shape: tuple[int, ...], axis: int | None) -> torch.Tensor:
+    """Linear interpolation of one binary mask (nearest along ``axis`` if given), pixel-area aligned."""
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
+    if axis is None:
+        return F.interpolate(t[None, None], size=new_shape, mode="trilinear", align_corners=False)[0, 0]
+    t = t.movedim(axis, 0)
+    plane = tuple(s for i, s in enumerate(new_shape) if i != axis)
+    if tuple(t.shape[1:]) != plane:
+        t = F.interpolate(t[:, None], size=plane, mode="bilinear", align_corners=False)[:, 0]
+    if t.shape[0] != new_shape[axis]:
+        idx = torch.from_numpy(np.clip(np.floor((np.arange(new_shape[axis]) + 0.5) * (t.shape[0] / new_shape[axis])),
+                                       0, t.shape[0] - 1).astype(np.int64))
+        t = t.index_select(0, idx)
+    return t.movedim(0, axis)
+
+
+def _resample_label_to_shape(label: np.ndarray, new_shape: Sequence[int], axis: int | None) -> np.ndarray:
+    label = np.asarray(label)
+    new_shape = tuple(int(s) for s in new_shape)
+    if tuple(label.shape) == new_shape:
+        return label.copy()
+    values = np.unique(label)
+    if len(values) == 1:
+        return np.full(new_shape, values[0], dtype=label.dtype)
+    best = None
+    out = torch.zeros(new_shape, dtype=torch.int64)
+    for v in values:  # running argmax over one-hot channels: memory stays at two float volumes
+        p = _interp_mask(label == v, new_shape, axis)
+        if best is None:
+            best = p
+            out.fill_(int(v))
+        else:
+            better = p > best
+            out[better] = int(v)
+            best = torch.maximum(best, p)
+    return out.numpy().astype(label.dtype)
+
+
+def resample(array: np.ndarray, spacing: Sequence[float], target_spacing: Sequence[float], is_label: bool) -> np.ndarray:
+    """Resample a (z, y, x) array from ``spacing`` to ``target_spacing`` (mm, same order).
+
+    New shape = round(old_shape * spacing / target_spacing). Images: cubic B-spline (order 3); if the spacing is
+    anisotropic (max/min > 3) in-plane cubic and nearest along the low-resolution axis (nnU-Net). Labels: each
+    label's one-hot mask is interpolated linearly (nearest along an anisotropic axis) and the argmax is kept.
+    Returns float32 for images, the input dtype for labels.
+    """
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise ValueError(f"resample expects a 3D (z, y, x) array, got shape {array.shape}")
+    new_shape = new_shape_for_spacing(array.shape, spacing, target_spacing)
+    axis = _separate_axis(spacing, target_spacing)
+    if is_label:
+        return _resample_label_to_shape(array, new_shape, axis)
+    return _resample_image_to_shape(array, new_shape, axis)
+
+
+def resample_to_shape(array, shape: Sequence[int]):
+    """Trilinear resize of a channel-first array/tensor ``[C, z, y, x]`` to spatial ``shape`` (pixel-area aligned).
+
+    Used for probabilities/logits. Returns the same kind (numpy or torch, same device) as the input; integer
+    inputs come back as float32.
+    """
+    shape = tuple(int(s) for s in shape)
+    is_np = isinstance(array, np.ndarray)
+    t = torch.from_numpy(np.ascontiguousarray(array)) if is_np else array
+    if t.ndim != 4:
+        raise ValueError(f"resample_to_shape expects [C, z, y, x], got shape {tuple(t.shape)}")
+    if tuple(t.shape[1:]) == shape:
+        out = t
+    else:
+        if not t.is_floating_point() or (t.dtype in (torch.float16, torch.bfloat16) and t.device.type == "cpu"):
+            t = t.float()
+        out = F.interpolate(t[None], size=shape, mode="trilinear", align_corners=False)[0]
+    return out.numpy() if is_np else out
+
+
+# ---------------------------------------------------------------------------------------------- orientation
+def _ornt_between(affine: np.ndarray, target: str | None) -> tuple[np.ndarray, np.ndarray]:
+    start = io_orientation(np.asarray(affine, float))
+    end = start.copy() if target is None else axcodes2ornt(tuple(target))
+    return start, end
+
+
+def _apply_ornt_zyx(array: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """Apply a nibabel orientation transform (defined on voxel axes i, j, k) to a (z, y, x) = (k, j, i) array."""
+    ijk = np.asarray(array).transpose(2, 1, 0)
+    out = apply_orientation(ijk, transform)
+    return np.ascontiguousarray(out.transpose(2, 1, 0))
+
+
+def _is_identity(transform: np.ndarray) -> bool:
+    return bool(np.array_equal(transform[:, 0], np.arange(3)) and np.all(transform[:, 1] == 1))
+
+
+def reorient(volume: Volume, target: str | None) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """``volume`` reoriented to axis codes ``target`` (e.g. ``"RAS"``): (array zyx, spacing zyx, new affine)."""
+    start, end = _ornt_between(volume.affine, target)
+    t = ornt_transform(start, end)
+    if _is_identity(t):
+        return volume.array, tuple(float(s) for s in volume.spacing), np.asarray(volume.affine, float).copy()
+    arr = _apply_ornt_zyx(volume.array, t)
+    sp_ijk = list(volume.spacing)[::-1]
+    new_ijk = [0.0, 0.0, 0.0]
+    for i in range(3):
+        new_ijk[int(t[i, 0])] = float(sp_ijk[i])
+    ijk_shape = tuple(volume.array.shape[::-1])
+    affine = np.asarray(volume.affine, float) @ inv_ornt_aff(t, ijk_shape)
+    return arr, (new_ijk[2], new_ijk[1], new_ijk[0]), affine
+
+
+# ---------------------------------------------------------------------------------------------- plan
+@dataclass
+class PreprocessingPlan:
+    """How cases are preprocessed; JSON-friendly via :meth:`to_dict` / :meth:`from_dict`."""
+
+    target_spacing: tuple[float, float, float]  # (z, y, x) mm, in the plan orientation
+    normalization: list[str]  # one scheme per channel: "CT", "ZScore" or "none"
+    intensity_properties: list[IntensityProperties | None]  # one per channel (needed by "CT")
+    orientation: str | None = None  # axis codes of the training data, e.g. "RAS"; None = never reorient
+
+    def __post_init__(self):
+        self.target_spacing = tuple(float(s) for s in self.target_spacing)
+        self.normalization = [canonical_scheme(s) for s in self.normalization]
+        if len(self.intensity_properties) != len(self.normalization):
+            raise MedadaptError(f"normalization: {len(self.normalization)} schemes but "
+                                f"{len(self.intensity_properties)} intensity property entries; re-create the plan")
+        if self.orientation is not None:
+            codes = str(self.orientation).upper()
+            try:
+                axcodes2ornt(tuple(codes))
+                ok = len(codes) == 3
+            except Exception:
+                ok = False
+            if not ok:
+                raise MedadaptError(f"orientation: {self.orientation!r} is not a valid 3-letter axis code such as "
+                                    "'RAS' or 'LPS'; fix the plan")
+            self.orientation = codes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target_spacing": [float(s) for s in self.target_spacing],
+            "normalization": list(self.normalization),
+            "intensity_properties": [p.to_dict() if p is not None else None for p in self.intensity_properties],
+            "orientation": self.orientation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessingPlan":
+        try:
+            return cls(
+                target_spacing=tuple(float(s) for s in d["target_spacing"]),
+                normalization=list(d["normalization"]),
+                intensity_properties=[IntensityProperties.from_dict(p) if p is not None else None
+                                      for p in d["intensity_properties"]],
+                orientation=d.get("orientation"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MedadaptError(f"preprocessing plan: malformed ({exc!r}); re-create it") from None
+
+    def key(self) -> str:
+        """Short hash of the plan (and the cache format version): names the plan's cache subfolder."""
+        blob = json.dumps({"plan": self.to_dict(), "cache_version": CACHE_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def fullres_target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> tuple[float, ...]:
+    """nnU-Net's 3d_fullres target spacing: per-axis median, except for strongly anisotropic data.
+
+    If the median's worst axis is > 3x coarser than the others *and* has < 1/3 of their voxels, that axis takes
+    the 10th percentile of its spacings instead (kept just above the finest in-plane spacing).
+    """
+    sp = np.asarray(spacings, float)
+    sz = np.asarray(shapes, float)
+    target = np.percentile(sp, 50, axis=0)
+    target_size = np.percentile(sz, 50, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(3) if i != worst]
+    aniso_spacing = target[worst] > ANISO_THRESHOLD * max(target[i] for i in others)
+    aniso_voxels = target_size[worst] * ANISO_THRESHOLD < min(target_size[i] for i in others)
+    if aniso_spacing and aniso_voxels:
+        t = float(np.percentile(sp[:, worst], 10))
+        if t < max(target[i] for i in others):
+            t = max(max(target[i] for i in others), t) + 1e-5
+        target[worst] = t
+    return tuple(float(v) for v in target)
+
+
+def _progress(iterable, progress: bool, desc: str, total: int | None = None):
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def plan_from_dataset(dataset: "RawDataset", case_ids: Sequence[str], normalization: list[str] | None = None,
+                      progress: bool = True) -> PreprocessingPlan:
+    """A plan from the given (training) cases: median spacing, per-channel scheme and foreground statistics."""
+    case_ids = list(case_ids)
+    if not case_ids:
+        raise MedadaptError("preprocessing plan: no training cases given; the train split is empty")
+    n_ch = dataset.num_channels
+    if normalization is None:
+        schemes = [scheme_for_channel(dataset.channel_names[str(c)]) for c in range(n_ch)]
+    else:
+        if len(normalization) != n_ch:
+            raise MedadaptError(f"normalization: {len(normalization)} scheme(s) given but "
+                                f"{dataset.root / 'dataset.json'} lists {n_ch} channel(s); give one per channel")
+        schemes = [canonical_scheme(s) for s in normalization]
+
+    rng = np.random.default_rng(0)
+    orientation: str | None = None
+    spacings, shapes = [], []
+    samples: list[list[np.ndarray]] = [[] for _ in range(n_ch)]
+    for case in _progress(case_ids, progress, "planning"):
+        images, label = dataset.load_case(case)
+        if orientation is None:
+            orientation = images[0].orientation
+        arr, sp, _ = reorient(images[0], orientation)
+        spacings.append(sp)
+        shapes.append(arr.shape)
+        for c, img in enumerate(images):
+            if schemes[c] == "CT":
+                samples[c].append(sample_foreground(img.array, label.array, FOREGROUND_SAMPLES_PER_CLASS, rng))
+    props: list[IntensityProperties | None] = []
+    for c in range(n_ch):
+        if schemes[c] == "CT":
+            pooled = np.concatenate(samples[c])
+            if pooled.size == 0:
+                raise MedadaptError(
+                    f"{dataset.root / 'labelsTr'}: the training cases' labels have no foreground voxels, so CT "
+                    "normalization statistics cannot be computed; annotate the cases or use ZScore normalization")
+            props.append(properties_from_samples(pooled))
+        else:
+            props.append(None)
+    return PreprocessingPlan(target_spacing=fullres_target_spacing(spacings, shapes), normalization=schemes,
+                             intensity_properties=props, orientation=orientation)
+
+
+# ---------------------------------------------------------------------------------------------- one case
+@dataclass
+class PreprocessedCase:
+    data: np.ndarray  # float32 [C, z, y, x]
+    seg: np.ndarray | None  # int16 [z, y, x]
+    properties: dict[str, Any] = field(default_factory=dict)  # JSON-friendly; what revert_prediction needs
+
+
+def preprocess_case(images: list[Volume], label: Volume | None, plan: PreprocessingPlan) -> PreprocessedCase:
+    """Reorient -> normalize -> resample one case (channels share one geometry; validate it beforehand)."""
+    if len(images) != len(plan.normalization):
+        where = images[0].path if images and images[0].path is not None else "input"
+        raise MedadaptError(f"{where}: {len(images)} channel image(s) but the model's plan expects "
+                            f"{len(plan.normalization)}; give one file per channel (_0000, _0001, ...)")
+    ref = images[0]
+    start, end = _ornt_between(ref.affine, plan.orientation)
+    reoriented = [reorient(v, plan.orientation) for v in images]
+    shape = reoriented[0][0].shape
+    spacing = reoriented[0][1]
+    new_shape = new_shape_for_spacing(shape, spacing, plan.target_spacing)
+    axis = _separate_axis(spacing, plan.target_spacing)
+
+    data = np.empty((len(images), *new_shape), dtype=np.float32)
+    for c, (arr, _, _) in enumerate(reoriented):
+        normed = normalize(arr, plan.normalization[c], plan.intensity_properties[c])
+        data[c] = _resample_image_to_shape(normed, new_shape, axis)
+    seg = None
+    if label is not None:
+        lab, _, _ = reorient(label, plan.orientation)
+        if lab.shape != shape:
+            raise MedadaptError(f"{label.path}: label shape differs from the image; it must be in the image's geometry")
+        seg = _resample_label_to_shape(lab.astype(np.int16, copy=False), new_shape, axis).astype(np.int16, copy=False)
+
+    properties = {
+        "original_shape": [int(s) for s in ref.array.shape],
+        "original_spacing": [float(s) for s in ref.spacing],
+        "original_affine": np.asarray(ref.affine, float).tolist(),
+        "original_orientation": ref.orientation,
+        "ornt_start": start.tolist(),
+        "ornt_end": end.tolist(),
+        "reoriented_shape": [int(s) for s in shape],
+        "reoriented_spacing": [float(s) for s in spacing],
+        "reoriented_affine": np.asarray(reoriented[0][2], float).tolist(),
+        "target_spacing": [float(s) for s in plan.target_spacing],
+        "resampled_shape": [int(s) for s in new_shape],
+    }
+    return PreprocessedCase(data=data, seg=seg, properties=properties)
+
+
+def revert_prediction(probabilities: torch.Tensor, properties: dict[str, Any]) -> np.ndarray:
+    """Class probabilities (or logits) ``[C, z, y, x]`` on the preprocessed grid -> int16 label map (z, y, x)
+    in the ORIGINAL file geometry: trilinear resize to the reoriented original shape, argmax, undo reorientation.
+    """
+    if isinstance(probabilities, np.ndarray):
+        probabilities = torch.from_numpy(probabilities)
+    if probabilities.ndim != 4:
+        raise ValueError(f"revert_prediction expects [C, z, y, x], got {tuple(probabilities.shape)}")
+    shape = tuple(int(s) for s in properties["reoriented_shape"])
+    with torch.no_grad():
+        if tuple(probabilities.shape[1:]) == shape:
+            seg = probabilities.argmax(0)
+        else:  # running argmax, one channel at a time: memory stays at two full-size float volumes
+            best, seg = None, None
+            for c in range(probabilities.shape[0]):
+                p = resample_to_shape(probabilities[c:c + 1], shape)[0]
+                if best is None:
+                    best, seg = p, torch.zeros(shape, dtype=torch.int16, device=p.device)
+                else:
+                    better = p > best
+                    seg[better] = c
+                    best = torch.maximum(best, p)
+    seg = seg.to(torch.int16).cpu().numpy()
+    start = np.asarray(properties["ornt_start"], float)
+    end = np.asarray(properties["ornt_end"], float)
+    back = ornt_transform(end, start)
+    if not _is_identity(back):
+        seg = _apply_ornt_zyx(seg, back)
+    expected = tuple(int(s) for s in properties["original_shape"])
+    if tuple(seg.shape) != expected:  # pragma: no cover - would be a bug
+        raise RuntimeError(f"reverted prediction has shape {seg.shape}, expected {expected}")
+    return np.ascontiguousarray(seg)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def sample_class_locations(seg: np.ndarray, classes: Sequence[int], seed: int = 1234,
+                           num_samples: int = FOREGROUND_SAMPLES_PER_CLASS,
+                           min_coverage: float = FOREGROUND_MIN_COVERAGE) -> dict[int, np.ndarray]:
+    """nnU-Net's ``_sample_foreground_locations``: per class, up to ``num_samples`` voxel coordinates (n, 3) but
+    at least ``min_coverage`` of the class's voxels, drawn without replacement with a fixed seed."""
+    rs = np.random.RandomState(seed)
+    fg_mask = seg != 0
+    coords = np.argwhere(fg_mask)
+    values = seg[fg_mask]
+    out: dict[int, np.ndarray] = {}
+    for c in classes:
+        locs = coords[values == c]
+        if len(locs) == 0:
+            out[int(c)] = np.zeros((0, 3), dtype=np.int32)
+            continue
+        n = min(num_samples, len(locs))
+        n = max(n, int(np.ceil(len(locs) * min_coverage)))
+        out[int(c)] = locs[rs.choice(len(locs), n, replace=False)].astype(np.int32)
+    return out
+
+
+class CachedCase:
+    """One preprocessed case on disk; ``data`` / ``seg`` are memory-mapped on first access (read-only).
+
+    Picklable (for DataLoader workers): the memory maps are reopened in the receiving process.
+    """
+
+    def __init__(self, case_id: str, folder: str | Path):
+        self.case_id = case_id
+        self.folder = Path(folder)
+        self._data = self._seg = self._locs = self._props = None
+
+    @property
+    def data_path(self) -> Path:
+        return self.folder / f"{self.case_id}.npy"
+
+    @property
+    def seg_path(self) -> Path:
+        return self.folder / f"{self.case_id}_seg.npy"
+
+    @property
+    def locs_path(self) -> Path:
+        return self.folder / f"{self.case_id}_locs.npz"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.folder / f"{self.case_id}.json"
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            self._data = np.load(self.data_path, mmap_mode="r")
+        return self._data
+
+    @property
+    def seg(self) -> np.ndarray:
+        if self._seg is None:
+            self._seg = np.load(self.seg_path, mmap_mode="r")
+        return self._seg
+
+    @property
+    def class_locations(self) -> dict[int, np.ndarray]:
+        if self._locs is None:
+            with np.load(self.locs_path) as z:
+                self._locs = {int(k.split("_", 1)[1]): z[k] for k in z.files}
+        return self._locs
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        if self._props is None:
+            self._props = json.loads(self.meta_path.read_text(encoding="utf-8"))["properties"]
+        return self._props
+
+    @property
+    def channel_min(self) -> list[float]:
+        """Per-channel minimum of ``data`` (the padding value of patches leaving the volume)."""
+        return [float(v) for v in self.properties["channel_min"]]
+
+    def __getstate__(self):
+        return {"case_id": self.case_id, "folder": str(self.folder)}
+
+    def __setstate__(self, state):
+        self.__init__(state["case_id"], state["folder"])
+
+    def __repr__(self) -> str:
+        return f"CachedCase({self.case_id!r}, {str(self.folder)!r})"
+
+
+def _source_fingerprint(paths: Sequence[Path]) -> list[list[Any]]:
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([Path(p).name, int(st.st_size), int(st.st_mtime_ns)])
+    return out
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array))
+
+
+def _is_cached(case: CachedCase, fingerprint: list) -> bool:
+    if not all(p.is_file() for p in (case.meta_path, case.data_path, case.seg_path, case.locs_path)):
+        return False
+    try:
+        meta = json.loads(case.meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("source") == fingerprint
+
+
+def preprocess_dataset(dataset: "RawDataset", case_ids: Sequence[str], plan: PreprocessingPlan,
+                       cache_dir: str | Path, progress: bool = True) -> list[CachedCase]:
+    """Preprocess each case once into ``cache_dir/plan_<hash>/``; cases already there are reused.
+
+    Per case: ``<case>.npy`` (float32 [C, z, y, x]), ``<case>_seg.npy`` (int16 [z, y, x]), ``<case>_locs.npz``
+    (sampled foreground voxel coordinates per class) and ``<case>.json`` (revert properties, source-file sizes
+    and times). Every file is written atomically and the JSON last, so an interrupted run leaves no half case;
+    a case whose source files changed (size or modification time) is preprocessed again.
+    """
+    folder = Path(cache_dir) / f"plan_{plan.key()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    plan_file = folder / "plan.json"
+    if not plan_file.is_file():
+        atomic_write_json(plan_file, plan.to_dict())
+    classes = sorted(v for v in dataset.labels.values() if v != 0)
+    out: list[CachedCase] = []
+    for case_id in _progress(list(case_ids), progress, "preprocessing"):
+        case = CachedCase(case_id, folder)
+        sources = dataset.image_paths(case_id) + [dataset.label_path(case_id)]
+        fingerprint = _source_fingerprint(sources)
+        if not _is_cached(case, fingerprint):
+            images, label = dataset.load_case(case_id)
+            pre = preprocess_case(images, label, plan)
+            locs = sample_class_locations(pre.seg, classes)
+            props = dict(pre.properties)
+            props["channel_min"] = [float(pre.data[c].min()) for c in range(pre.data.shape[0])]
+            props["classes_present"] = [int(v) for v in np.unique(pre.seg)]
+            _save_npy(case.data_path, pre.data)
+            _save_npy(case.seg_path, pre.seg)
+            with atomic_path(case.locs_path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **{f"class_{c}": v for c, v in locs.items()})
+            atomic_write_json(case.meta_path, {"case_id": case_id, "source": fingerprint, "properties": props})
+        out.append(case)
+    return out
