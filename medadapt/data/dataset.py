@@ -260,7 +260,8 @@ def _parse_channel_names(meta: dict, djson: Path) -> dict[str, str]:
                             f"(found {keys}); renumber them")
     if not all(isinstance(v, str) for v in ch.values()):
         raise MedadaptError(f'{djson}: "channel_names" values must be names such as "CT"; fix them')
-    return {str(k): str(ch[str(k)] if str(k) in ch else ch[k]) for k in keys}
+    by_index = {int(k): v for k, v in ch.items()}
+    return {str(k): str(by_index[k]) for k in keys}
 
 
 def _parse_labels(meta: dict, djson: Path) -> dict[str, int]:

@@ -21,11 +21,12 @@ from typing import Sequence
 import numpy as np
 
 # Tissue classes of the class map (``SyntheticCase.tissue``).
-AIR, FAT, SKIN, MUSCLE, CORTEX, MARROW, AIRWAY, LUNG, ARTERY, VEIN, GLAND, NODE, CSF, SOFT, CARTILAGE, TABLE = range(16)
+(AIR, FAT, SKIN, MUSCLE, CORTEX, MARROW, AIRWAY, LUNG, ARTERY, VEIN, GLAND, NODE, CSF, SOFT, CARTILAGE, TABLE,
+ LUNG_VESSEL) = range(17)
 TISSUE_CLASSES = {
     "air": AIR, "fat": FAT, "skin": SKIN, "muscle": MUSCLE, "cortical_bone": CORTEX, "cancellous_bone": MARROW,
     "airway": AIRWAY, "lung": LUNG, "artery": ARTERY, "vein": VEIN, "gland": GLAND, "lymph_node": NODE,
-    "csf": CSF, "soft_tissue": SOFT, "cartilage": CARTILAGE, "table": TABLE,
+    "csf": CSF, "soft_tissue": SOFT, "cartilage": CARTILAGE, "table": TABLE, "lung_vessel": LUNG_VESSEL,
 }
 
 _EPS = 1e-6
@@ -260,23 +261,27 @@ def prism(frame: Frame, z0: float, z1: float, cy, cx, ay, ax, theta=0.0) -> Shap
     return Shape(sl, d, w, _zfrac(Z, z0, z1, v[0]))
 
 
-def plate(frame: Frame, z0: float, z1: float, points_yx, half_thickness: float) -> Shape | None:
-    """A vertical plate: an in-plane polyline (patient y, x) thickened by ``half_thickness``, from z0 to z1."""
+def plate(frame: Frame, z0: float, z1: float, points_yx, half_thickness: float, space: str = "patient") -> Shape | None:
+    """A vertical plate: an in-plane polyline (y, x) thickened by ``half_thickness``, from z0 to z1."""
     pts = np.asarray(points_yx, dtype=np.float64)
-    zs, _ = _zrange(frame, z0, z1)
+    if space == "patient":
+        zs, _ = _zrange(frame, z0, z1)
+    else:
+        idx = np.nonzero((frame.WZ >= z0) & (frame.WZ <= z1))[0]
+        zs = slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else None
     if zs is None:
         return None
-    v = frame.vox["patient"]
+    v = frame.vox[space]
     h = half_thickness
     lo = [z0, pts[:, 0].min() - h - v[1], pts[:, 1].min() - h - v[2]]
     hi = [z1, pts[:, 0].max() + h + v[1], pts[:, 1].max() + h + v[2]]
-    sl = frame.box(lo, hi, "patient")
+    sl = frame.box(lo, hi, space)
     if sl is None:
         return None
     sl = (zs, sl[1], sl[2])
-    Z, Y, X = frame.coords(sl, "patient")
+    Z, Y, X = frame.coords(sl, space)
     Y, X = Y[0], X[0]
-    best = np.full(Y.shape, _FAR, dtype=np.float32)
+    best = np.full(np.broadcast_shapes(Y.shape, X.shape), _FAR, dtype=np.float32)
     for i in range(len(pts) - 1):
         a, b = pts[i].astype(np.float32), pts[i + 1].astype(np.float32)
         ab = b - a

@@ -1,0 +1,141 @@
+"""nnU-Net's training patch sampler (``nnUNetDataLoader3D``), with optional augmentation.
+
+Per batch of B: each sample draws a random case (with replacement); sample j is *forced foreground* iff
+``not j < round(B * (1 - oversample_foreground))`` (nnU-Net's rule, so B=2, p=0.33 forces the last sample).
+A forced sample is centred on a random stored foreground voxel of a random foreground class present in the
+case; the others are placed uniformly so the patch lies inside the volume. Volumes smaller than the patch are
+centred and padded with the channel minimum (label 0). All randomness comes from the Generator passed to
+:meth:`PatchSampler.sample`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from medadapt.data.augmentation import Augmentation
+from medadapt.errors import MedadaptError
+
+
+def crop_with_padding(array: np.ndarray, start: Sequence[int], size: Sequence[int], pad_value) -> np.ndarray:
+    """Crop the last three axes of ``array`` at ``start`` (may lie outside), filling outside with ``pad_value``
+    (a scalar or, for a leading channel axis, one value per channel). Reads only the needed part of a memmap."""
+    array_spatial = array.shape[-3:]
+    lead = array.shape[:-3]
+    out = np.empty((*lead, *size), dtype=array.dtype)
+    src, dst, empty, inside = [], [], False, True
+    for s, n, d in zip(start, size, array_spatial):
+        lo, hi = max(int(s), 0), min(int(s) + int(n), d)
+        if hi <= lo:
+            empty = True
+            break
+        inside &= lo == s and hi == s + n
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - int(s), hi - int(s)))
+    if not inside or empty:
+        pv = np.asarray(pad_value, dtype=array.dtype)
+        if pv.ndim == 1 and lead:
+            out[...] = pv.reshape(-1, *([1] * (out.ndim - 1)))
+        else:
+            out[...] = pv
+    if not empty:
+        ell = (Ellipsis,)
+        out[ell + tuple(dst)] = array[ell + tuple(src)]
+    return out
+
+
+class PatchSampler:
+    """Random training patches from preprocessed cases (objects with ``.data`` float [C, z, y, x], ``.seg``
+    int [z, y, x] and ``.class_locations`` {class: (n, 3) voxel coordinates}, e.g. :class:`CachedCase`)."""
+
+    def __init__(self, cases: Sequence[Any], patch_size: Sequence[int], batch_size: int,
+                 oversample_foreground: float = 0.33, augmentation: Augmentation | None = None):
+        self.cases = list(cases)
+        if not self.cases:
+            raise MedadaptError("PatchSampler: no training cases; the few-shot training set is empty")
+        self.patch_size = tuple(int(p) for p in patch_size)
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise MedadaptError(f"patch_size: {tuple(patch_size)} must be three positive integers (z, y, x)")
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise MedadaptError(f"batch_size: {batch_size!r} must be a positive integer")
+        self.batch_size = int(batch_size)
+        if not 0.0 <= float(oversample_foreground) <= 1.0:
+            raise MedadaptError(f"oversample_foreground: {oversample_foreground} must be within [0, 1]")
+        self.oversample_foreground = float(oversample_foreground)
+        if augmentation is not None and tuple(augmentation.patch_size) != self.patch_size:
+            raise MedadaptError(f"augmentation patch_size {augmentation.patch_size} differs from the sampler's "
+                                f"{self.patch_size}; build both with the same patch size")
+        self.augmentation = augmentation
+        channels = {int(c.data.shape[0]) for c in self.cases}
+        if len(channels) != 1:
+            raise MedadaptError(f"PatchSampler: cases have different channel counts {sorted(channels)}; "
+                                "preprocess all cases with one plan")
+        for c in self.cases:
+            if c.data.ndim != 4 or tuple(c.seg.shape) != tuple(c.data.shape[1:]):
+                raise ValueError(f"case {getattr(c, 'case_id', c)}: data {c.data.shape} / seg {c.seg.shape} "
+                                 "must be [C, z, y, x] / [z, y, x]")
+        self._mins: dict[int, np.ndarray] = {}
+
+    def force_foreground(self, j: int) -> bool:
+        """nnU-Net's ``get_do_oversample``: the last samples of each batch are forced to contain foreground."""
+        return not j < round(self.batch_size * (1 - self.oversample_foreground))
+
+    def _channel_min(self, i: int) -> np.ndarray:
+        if i not in self._mins:
+            case = self.cases[i]
+            try:
+                m = np.asarray(case.channel_min, dtype=np.float32)
+            except (AttributeError, KeyError, TypeError):
+                data = case.data
+                m = np.asarray([data[c].min() for c in range(data.shape[0])], dtype=np.float32)
+            self._mins[i] = m
+        return self._mins[i]
+
+    def _lower_bound(self, shape: Sequence[int], force_fg: bool, class_locations, rng: np.random.Generator) -> list[int]:
+        P = self.patch_size
+        lo = [0 if s >= p else (s - p) // 2 for s, p in zip(shape, P)]
+        hi = [s - p if s >= p else (s - p) // 2 for s, p in zip(shape, P)]
+        if force_fg and class_locations:
+            eligible = [k for k in sorted(class_locations) if len(class_locations[k]) > 0]
+            if eligible:
+                locs = class_locations[eligible[int(rng.integers(len(eligible)))]]
+                voxel = locs[int(rng.integers(len(locs)))]
+                # patch centred on the voxel, clamped into [lo, hi] on both sides (the voxel stays inside)
+                return [int(min(max(int(v) - p // 2, l), h)) for v, p, l, h in zip(voxel, P, lo, hi)]
+        return [int(rng.integers(l, h + 1)) for l, h in zip(lo, hi)]
+
+    def sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """One batch: ``image`` float32 [B, C, *patch], ``label`` int64 [B, 1, *patch]."""
+        P = self.patch_size
+        B = self.batch_size
+        picks = rng.integers(0, len(self.cases), size=B)
+        images, labels = [], []
+        for j in range(B):
+            i = int(picks[j])
+            case = self.cases[i]
+            data, seg = case.data, case.seg
+            lb = self._lower_bound(data.shape[1:], self.force_foreground(j), case.class_locations, rng)
+            mins = self._channel_min(i)
+            aug = self.augmentation
+            matrix = aug.draw_spatial(rng) if aug is not None else None
+            if matrix is None:
+                start, size = lb, P
+                center = [(p - 1) / 2.0 for p in P]
+            else:  # crop exactly the region this rotation/scaling reads (plus the trilinear neighbour)
+                c = np.asarray(lb, float) + (np.asarray(P, float) - 1) / 2.0
+                h = aug.source_half_extent(matrix)
+                start = [int(math.floor(v)) for v in c - h]
+                end = [int(math.floor(v)) + 2 for v in c + h]
+                size = [e - s for s, e in zip(start, end)]
+                center = list(c - np.asarray(start, float))
+            img = crop_with_padding(data, start, size, mins).astype(np.float32, copy=False)
+            lab = crop_with_padding(seg, start, size, 0)
+            img_t = torch.from_numpy(img)
+            lab_t = torch.from_numpy(lab.astype(np.int64, copy=False))[None]
+            if aug is not None:
+                img_t, lab_t = aug.apply(img_t, lab_t, matrix, center, rng)
+            images.append(img_t)
+            labels.append(lab_t)
+        return {"image": torch.stack(images), "label": torch.stack(labels)}
