@@ -2,6 +2,9 @@ import os
 
 import pytest
 import torch
+import yaml
+
+from medadapt.synth.spec import DOMAINS_DIR
 
 # Two cores: keep torch from oversubscribing them, and keep tests deterministic.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -17,3 +20,33 @@ def tiny_unet():
         return build_network(preset("cpu-tiny", input_channels=1, num_classes=num_classes))
 
     return make
+
+
+def tiny_spec_yaml(builtin: str, name: str) -> str:
+    """A built-in domain with the same field of view at a quarter of the voxels per axis pair (fast tests)."""
+    spec = yaml.safe_load((DOMAINS_DIR / f"{builtin}.yaml").read_text())
+    spec["name"] = name
+    spec["case_prefix"] = name
+    spec["shape"] = [max(8, s // 2) for s in spec["shape"]]
+    spec["scanner"]["spacing_mm"] = [2 * v for v in spec["scanner"]["spacing_mm"]]
+    spec["scanner"]["slice_thickness_mm"] = 2 * spec["scanner"]["slice_thickness_mm"]
+    return yaml.safe_dump(spec)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """Tiny source/target cohorts and a tiny foundation model, shared by the tests that need them."""
+    from medadapt.cli import main
+
+    root = tmp_path_factory.mktemp("world")
+    os.environ["MEDADAPT_CACHE"] = str(root / "cache")
+    paths = {"root": root}
+    for name, builtin, n in (("src", "hn-source", 6), ("tgt", "hn-center-b", 10)):
+        spec_file = root / f"{name}.yaml"
+        spec_file.write_text(tiny_spec_yaml(builtin, name))
+        paths[name] = root / name
+        assert main(["synth", str(spec_file), "--out", str(paths[name]), "--cases", str(n), "--quiet"]) == 0
+    paths["fm"] = root / "fm"
+    assert main(["pretrain", "--data", str(paths["src"]), "--out", str(paths["fm"]), "--preset", "cpu-tiny",
+                 "--epochs", "1", "--iterations-per-epoch", "2", "--quiet"]) == 0
+    return paths

@@ -10,7 +10,7 @@ import numpy as np
 
 from medadapt.synth.canvas import (
     AIRWAY, ARTERY, CARTILAGE, CORTEX, CSF, FAT, GLAND, LUNG, MARROW, MUSCLE, SKIN, SOFT, TABLE, VEIN,
-    Canvas, Curve, capsule, ellipsoid, plate, prism, tube,
+    Canvas, Curve, ellipsoid, plate, prism, tube,
 )
 from medadapt.synth.stations import Station
 

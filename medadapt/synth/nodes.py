@@ -127,6 +127,7 @@ def _paint_node(canvas: Canvas, rng, spec: DomainSpec, shape, centre_w, semi, ro
         frac = frac * np.float32(true_vox / s)
     hu = float(rng.uniform(*ns.hu))
     canvas.fill(shape, hu, NODE, frac=frac)
+    canvas.cls[shape.sl][shape.inside()] = NODE  # the tissue map follows the geometry, like the label
     necro_draw, necro_scale, necro_hu = rng.random(), rng.uniform(0.4, 0.65), rng.uniform(*ns.necrotic_hu)
     necrotic = bool(axes[0] >= ns.necrotic_min_long_axis_mm and necro_draw < ns.necrotic_fraction)
     if necrotic:

@@ -282,7 +282,7 @@ def _parse_domain(data: Any, source: str, default_name: str | None) -> DomainSpe
     prefix = c.string(prefix, "case_prefix")
     if not _PREFIX_RE.match(prefix):
         c.fail("case_prefix", f"is {prefix!r}", "use letters, digits, '-' and '_' only, starting with a letter or digit")
-    shape = c.vector(data.get("shape", [48, 112, 112]), "shape", 3, 16, 1024, integer=True, what=" [z, y, x] in voxels")
+    shape = c.vector(data.get("shape", [48, 112, 112]), "shape", 3, 8, 1024, integer=True, what=" [z, y, x] in voxels")
 
     sc_raw = c.mapping(data.get("scanner"), "scanner", _names(ScannerSpec))
     spacing = c.vector(sc_raw.get("spacing_mm", [3.0, 2.0, 2.0]), "scanner.spacing_mm", 3, 0.0, 20.0, lo_open=True,

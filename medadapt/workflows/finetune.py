@@ -82,6 +82,10 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     train_ids, test_ids = train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)
     shot_ids = draw_shots(train_ids, shots, seed)
 
+    # Every case this run touches is checked before anything is written: a bad test case must not surface
+    # only after training, next to half the predictions.
+    for cid in tqdm(test_ids, desc="check test cases", disable=not progress, unit="case", leave=False):
+        dataset.load_case(cid)
     plan = folder.plan()
     cache = dataset_cache_dir(dataset.root)
     cases = preprocess_dataset(dataset, shot_ids, plan, cache, progress=progress)

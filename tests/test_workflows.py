@@ -1,0 +1,88 @@
+"""End to end on tiny synthetic cohorts: synth -> pretrain -> finetune (DGST) -> predict -> evaluate."""
+import json
+
+import numpy as np
+import pytest
+
+from medadapt.cli import main
+from medadapt.data.io import read_image, read_label
+
+
+def _finetune_args(world, out, method="dgst", shots="3", *extra):
+    return ["finetune", "--model", str(world["fm"]), "--data", str(world["tgt"]), "--out", str(out),
+            "--method", method, "--shots", shots, "--epochs", "1", "--iterations-per-epoch", "2", "--quiet",
+            *extra]
+
+
+def test_pretrain_writes_complete_model_folder(world):
+    plans = json.loads((world["fm"] / "plans.json").read_text())
+    assert (world["fm"] / "weights.pt").is_file()
+    assert plans["labels"] == {"background": 0, "lymph_node": 1}
+    pre = plans["preprocessing"]
+    assert pre["normalization"] == ["CT"]
+    props = pre["intensity_properties"][0]
+    assert props["percentile_00_5"] < props["mean"] < props["percentile_99_5"]  # stored with the model
+    assert len(pre["target_spacing"]) == 3 and plans["network"]["patch_size"] == [16, 32, 32]
+
+
+def test_finetune_dgst_end_to_end(world, capsys):
+    out = world["root"] / "ft-dgst"
+    assert main(_finetune_args(world, out, "dgst", "3", "--gamma", "2", "--seed", "4")) == 0
+    assert "lymph_node: DSC" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    train, test = run["split"]["train"], run["split"]["test"]
+    assert (len(train), len(test)) == (8, 2) and not set(train) & set(test)
+    assert len(run["shot_cases"]) == 3 and set(run["shot_cases"]) <= set(train)
+    assert run["method"] == {"name": "dgst", "gamma": 2} and run["seed"] == 4
+    assert run["parameters"]["updated_per_step"] < run["parameters"]["total"]
+    assert run["training"]["initial_lr"] == 1e-3 and run["training"]["momentum"] == 0.99
+    # predictions are label maps in each test image's own geometry
+    for cid in test:
+        image = read_image(world["tgt"] / "imagesTr" / f"{cid}_0000.nii.gz")
+        pred = read_label(out / "predictions" / f"{cid}.nii.gz")
+        assert pred.array.shape == image.array.shape
+        np.testing.assert_allclose(pred.affine, image.affine)
+        assert set(np.unique(pred.array)) <= {0, 1}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tolerance_mm"] == 1.0 and summary["n_cases"] == 2
+    rows = (out / "metrics_per_case.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("case,class,label,dsc,nsd,hd95") and len(rows) == 3
+    # the same run again: refused without --resume, reused with it
+    assert main(_finetune_args(world, out, "dgst", "3", "--gamma", "2", "--seed", "4")) == 2
+    assert main(_finetune_args(world, out, "dgst", "3", "--gamma", "2", "--seed", "4", "--resume")) == 0
+
+
+def test_same_seed_same_shots_and_nested_draws(world):
+    runs = {}
+    for name, shots in (("a", "2"), ("b", "4")):
+        out = world["root"] / f"ft-full-{name}"
+        assert main(_finetune_args(world, out, "full", shots, "--seed", "1")) == 0
+        runs[name] = json.loads((out / "run.json").read_text())
+    assert runs["a"]["split"] == runs["b"]["split"]  # the 80/20 split is fixed whatever K and seed
+    assert runs["a"]["shot_cases"] == runs["b"]["shot_cases"][:2]  # 2-shot cases are among the 4-shot ones
+
+
+def test_predict_and_evaluate_commands(world, tmp_path, capsys):
+    model = world["root"] / "ft-dgst" / "model"
+    if not model.exists():
+        pytest.skip("needs test_finetune_dgst_end_to_end")
+    case = "tgt_000"
+    single = world["tgt"] / "imagesTr" / f"{case}_0000.nii.gz"
+    assert main(["predict", "--model", str(model), "--input", str(single), "--out", str(tmp_path / "p"),
+                 "--quiet"]) == 0
+    assert (tmp_path / "p" / f"{case}.nii.gz").is_file()
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    (gt / f"{case}.nii.gz").write_bytes((world["tgt"] / "labelsTr" / f"{case}.nii.gz").read_bytes())
+    assert main(["evaluate", "--pred", str(tmp_path / "p"), "--gt", str(gt), "--out", str(tmp_path / "ev"),
+                 "--quiet"]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["n_cases"] == 1 and "label_1" in summary["classes"] or "lymph_node" in summary["classes"]
+
+
+def test_every_subcommand_has_help(capsys):
+    for cmd in ("synth", "pretrain", "finetune", "predict", "evaluate", "demo"):
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, "--help"])
+        assert exc.value.code == 0
+        assert "usage: medadapt " + cmd in capsys.readouterr().out
