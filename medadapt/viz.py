@@ -42,10 +42,19 @@ def _smooth(values: Sequence[float], window: int = 10) -> np.ndarray:
     return np.convolve(v, kernel, mode="valid")
 
 
+def radiological_view(slice_yx: np.ndarray) -> np.ndarray:
+    """An axial slice of a RAS-ordered volume as radiologists view it: anterior up, patient's right on the left."""
+    return slice_yx[::-1, ::-1]
+
+
 def contour_figure(path: str | Path, image: np.ndarray, gt: np.ndarray, predictions: Mapping[str, np.ndarray],
                    losses: Mapping[str, Sequence[float]] | None = None, title: str = "",
                    scores: Mapping[str, str] | None = None, spacing: Sequence[float] | None = None) -> Path:
-    """Rows: chosen axial slices; columns: one per method (GT green, prediction yellow); last row: losses."""
+    """Rows: chosen axial slices; columns: one per method (GT green, prediction yellow); last row: losses.
+
+    Volumes are (z, y, x) arrays of RAS-ordered files (as the synthetic cohorts are); slices are shown in the
+    radiological convention.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,11 +68,12 @@ def contour_figure(path: str | Path, image: np.ndarray, gt: np.ndarray, predicti
     for r, z in enumerate(slices):
         for c, method in enumerate(methods):
             ax = axes[r][c]
-            ax.imshow(_window(image[z]), cmap="gray", aspect=aspect, interpolation="nearest")
+            view = radiological_view
+            ax.imshow(_window(view(image[z])), cmap="gray", aspect=aspect, interpolation="nearest")
             if (gt[z] > 0).any():
-                ax.contour(gt[z] > 0, levels=[0.5], colors=GT_COLOR, linewidths=1.0)
+                ax.contour(view(gt[z] > 0), levels=[0.5], colors=GT_COLOR, linewidths=1.0)
             if (predictions[method][z] > 0).any():
-                ax.contour(predictions[method][z] > 0, levels=[0.5], colors=PRED_COLOR, linewidths=1.0)
+                ax.contour(view(predictions[method][z] > 0), levels=[0.5], colors=PRED_COLOR, linewidths=1.0)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

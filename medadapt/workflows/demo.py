@@ -37,7 +37,7 @@ def _cached_foundation(path: Path, expected: dict) -> bool:
     if not plans.is_file():
         return False
     prov = json.loads(plans.read_text()).get("provenance", {})
-    return prov.get("demo_config") == expected
+    return prov.get("demo_config") == json.loads(json.dumps(expected))  # compare as stored (JSON)
 
 
 def run_demo(workdir: str | Path, shots: int = 5, seed: int = 0, fresh: bool = False,
@@ -48,36 +48,37 @@ def run_demo(workdir: str | Path, shots: int = 5, seed: int = 0, fresh: bool = F
 
     workdir = Path(workdir)
     started = time.perf_counter()
-    data = {}
     _say(f"[1/4] synthetic cohorts -> {workdir / 'data'}", progress)
-    for domain, n in ((SOURCE_DOMAIN, SOURCE_CASES), (TARGET_DOMAIN, TARGET_CASES)):
-        data[domain] = write_dataset(load_domain(domain), workdir / "data" / domain, num_cases=n, seed=seed,
-                                     progress=progress)
+    source, target = load_domain(SOURCE_DOMAIN), load_domain(TARGET_DOMAIN)
+    source_data = write_dataset(source, workdir / "data" / f"{source.name}-seed{seed}", num_cases=SOURCE_CASES,
+                                seed=seed, progress=progress)
+    target_data = write_dataset(target, workdir / "data" / f"{target.name}-seed{seed}", num_cases=TARGET_CASES,
+                                seed=seed, progress=progress)
 
-    foundation = workdir / "foundation"
-    expected = {**PRETRAIN, "seed": seed, "cases": SOURCE_CASES, "domain": SOURCE_DOMAIN}
+    foundation = workdir / f"foundation-seed{seed}"
+    # the cache is valid only for the very same recipe: same data, same training settings
+    expected = {**PRETRAIN, "seed": seed, "cases": SOURCE_CASES, "domain": source.to_dict()}
     if _cached_foundation(foundation, expected):
         _say(f"[2/4] foundation model: cached in {foundation}", progress)
     else:
-        _say(f"[2/4] pretraining the foundation model on {SOURCE_DOMAIN} ({SOURCE_CASES} cases)", progress)
-        folder = pretrain(data[SOURCE_DOMAIN], foundation, seed=seed, resume=True, progress=progress,
-                          **PRETRAIN)
+        _say(f"[2/4] pretraining the foundation model on {source.name} ({SOURCE_CASES} cases)", progress)
+        pretrain(source_data, foundation, seed=seed, resume=True, progress=progress, **PRETRAIN)
         plans = json.loads((foundation / "plans.json").read_text())
         plans["provenance"]["demo_config"] = expected
         atomic_write_json(foundation / "plans.json", plans)
 
-    _say(f"[3/4] fine-tuning on {shots} scans of {TARGET_DOMAIN}: {', '.join(METHODS)}", progress)
+    _say(f"[3/4] fine-tuning on {shots} scans of {target.name}: {', '.join(METHODS)}", progress)
     records = {}
     for method in METHODS:
         out = workdir / "finetune" / f"{method}-{shots}shot-seed{seed}"
         if fresh and out.exists():
             shutil.rmtree(out)
-        records[method] = finetune(foundation, data[TARGET_DOMAIN], out, method=method, shots=shots, seed=seed,
+        records[method] = finetune(foundation, target_data, out, method=method, shots=shots, seed=seed,
                                    gamma=1 if method == "dgst" else None, resume=True, progress=progress,
                                    **FINETUNE)
-        m = records[method]["metrics"]["classes"]["lymph_node"]
-        _say(f"      {method:8s} DSC {format_mean_std(m['dsc']['mean'], m['dsc']['std'], percent=True)}",
-             progress)
+        for cls, m in records[method]["metrics"]["classes"].items():
+            _say(f"      {method:8s} {cls} DSC "
+                 f"{format_mean_std(m['dsc']['mean'], m['dsc']['std'], percent=True)}", progress)
 
     _say("[4/4] results", progress)
     table = results_table(records)
