@@ -121,6 +121,17 @@ def _version() -> str:
     return f"medadapt {__version__}"
 
 
+def _print_metrics(summary: dict, what: str) -> None:
+    """One line per class: mean ± std over cases of DSC and NSD (%) and HD95 (mm)."""
+    from medadapt.metrics import format_mean_std
+
+    tol = summary.get("tolerance_mm")
+    for name, m in summary["classes"].items():
+        print(f"{name}: DSC {format_mean_std(m['dsc']['mean'], m['dsc']['std'], percent=True)}  "
+              f"NSD@{tol:g}mm {format_mean_std(m['nsd']['mean'], m['nsd']['std'], percent=True)}  "
+              f"HD95 {format_mean_std(m['hd95']['mean'], m['hd95']['std'])} mm  ({m['n_cases']} {what})")
+
+
 # -- commands -------------------------------------------------------------------------------------------------
 def cmd_synth(args) -> int:
     from medadapt.synth import builtin_domains, load_domain, write_dataset
@@ -149,18 +160,13 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from medadapt.metrics import format_mean_std
     from medadapt.workflows.finetune import finetune
 
     record = finetune(args.model, args.data, args.out, method=args.method, shots=args.shots, seed=args.seed,
                       gamma=args.gamma, split_seed=args.split_seed, epochs=args.epochs,
                       iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
                       progress=not args.quiet)
-    for name, m in record["metrics"]["classes"].items():
-        print(f"{name}: DSC {format_mean_std(m['dsc']['mean'], m['dsc']['std'], percent=True)}  "
-              f"NSD@1mm {format_mean_std(m['nsd']['mean'], m['nsd']['std'], percent=True)}  "
-              f"HD95 {format_mean_std(m['hd95']['mean'], m['hd95']['std'])} mm  "
-              f"({m['n_cases']} test cases)")
+    _print_metrics(record["metrics"], "test cases")
     print(f"results in {args.out}")
     return 0
 
@@ -181,17 +187,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from medadapt.metrics import evaluate_folders, format_mean_std
+    from medadapt.metrics import evaluate_folders
 
     if not args.tolerance_mm >= 0:
         raise MedadaptError(f"--tolerance-mm {args.tolerance_mm}: must be >= 0")
     out = args.out or args.pred
     summary = evaluate_folders(args.pred, args.gt, out, tolerance_mm=args.tolerance_mm,
                                progress=not args.quiet)
-    for name, m in summary["classes"].items():
-        print(f"{name}: DSC {format_mean_std(m['dsc']['mean'], m['dsc']['std'], percent=True)}  "
-              f"NSD@{args.tolerance_mm:g}mm {format_mean_std(m['nsd']['mean'], m['nsd']['std'], percent=True)}  "
-              f"HD95 {format_mean_std(m['hd95']['mean'], m['hd95']['std'])} mm  ({m['n_cases']} cases)")
+    _print_metrics(summary, "cases")
     print(f"wrote {out / 'metrics_per_case.csv'} and {out / 'summary.json'}")
     return 0
 
