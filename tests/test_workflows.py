@@ -62,22 +62,23 @@ def test_same_seed_same_shots_and_nested_draws(world):
     assert runs["a"]["shot_cases"] == runs["b"]["shot_cases"][:2]  # 2-shot cases are among the 4-shot ones
 
 
-def test_predict_and_evaluate_commands(world, tmp_path, capsys):
-    model = world["root"] / "ft-dgst" / "model"
-    if not model.exists():
-        pytest.skip("needs test_finetune_dgst_end_to_end")
+def test_predict_and_evaluate_commands(world, tmp_path):
     case = "tgt_000"
     single = world["tgt"] / "imagesTr" / f"{case}_0000.nii.gz"
-    assert main(["predict", "--model", str(model), "--input", str(single), "--out", str(tmp_path / "p"),
+    assert main(["predict", "--model", str(world["fm"]), "--input", str(single), "--out", str(tmp_path / "p"),
                  "--quiet"]) == 0
-    assert (tmp_path / "p" / f"{case}.nii.gz").is_file()
+    pred = read_label(tmp_path / "p" / f"{case}.nii.gz")
+    assert pred.array.shape == read_image(single).array.shape
     gt = tmp_path / "gt"
     gt.mkdir()
     (gt / f"{case}.nii.gz").write_bytes((world["tgt"] / "labelsTr" / f"{case}.nii.gz").read_bytes())
+    (gt / "dataset.json").write_bytes((world["tgt"] / "dataset.json").read_bytes())
     assert main(["evaluate", "--pred", str(tmp_path / "p"), "--gt", str(gt), "--out", str(tmp_path / "ev"),
-                 "--quiet"]) == 0
+                 "--tolerance-mm", "2", "--quiet"]) == 0
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert summary["n_cases"] == 1 and "label_1" in summary["classes"] or "lymph_node" in summary["classes"]
+    assert summary["n_cases"] == 1 and set(summary["classes"]) == {"lymph_node"}
+    assert summary["tolerance_mm"] == 2.0
+    assert (tmp_path / "ev" / "metrics_per_case.csv").read_text().count("\n") == 2
 
 
 def test_every_subcommand_has_help(capsys):
