@@ -15,10 +15,12 @@ from medadapt.data import preprocessing as pp
 from medadapt.data.augmentation import Augmentation
 from medadapt.data.dataset import RawDataset, find_images
 from medadapt.data.io import Volume, affine_from_spacing, read_image, read_label, write_volume
+from medadapt.data.cache import CachedCase, preprocess_dataset, sample_class_locations
 from medadapt.data.preprocessing import (
-    CachedCase, IntensityProperties, PreprocessingPlan, compute_intensity_properties, normalize, plan_from_dataset,
-    preprocess_case, preprocess_dataset, resample, resample_to_shape, revert_prediction,
+    IntensityProperties, PreprocessingPlan, compute_intensity_properties, normalize, plan_from_dataset,
+    preprocess_case, revert_prediction,
 )
+from medadapt.data.resampling import resample, resample_to_shape
 from medadapt.data.sampling import PatchSampler
 from medadapt.data.splits import draw_shots, train_test_split
 from medadapt.errors import MedadaptError
@@ -452,7 +454,7 @@ class _Case:
         if fg:
             self.seg[3:5, 25:28, 2:4] = 1  # small, near a corner
             self.seg[15:17, 4:6, 35:38] = 2
-        self.class_locations = pp.sample_class_locations(self.seg, [1, 2])
+        self.class_locations = sample_class_locations(self.seg, [1, 2])
 
 
 def test_patch_sampler_shapes_and_reproducibility():
@@ -481,7 +483,7 @@ def test_forced_foreground_and_padding():
     # a case smaller than the patch is centred and padded with its minimum / label 0
     small = _Case(shape=(4, 5, 6), seed=3)
     small.seg[:] = 1
-    small.class_locations = pp.sample_class_locations(small.seg, [1])
+    small.class_locations = sample_class_locations(small.seg, [1])
     b = PatchSampler([small], (8, 9, 10), batch_size=1).sample(np.random.default_rng(0))
     img, lab = b["image"][0, 0], b["label"][0, 0]
     assert int(lab.sum()) == 4 * 5 * 6

@@ -10,9 +10,9 @@ _EXPORTS = {
     "Volume": "io", "read_image": "io", "read_label": "io", "write_volume": "io", "write_label": "io",
     "RawDataset": "dataset", "find_images": "dataset",
     "IntensityProperties": "preprocessing", "PreprocessingPlan": "preprocessing", "PreprocessedCase": "preprocessing",
-    "CachedCase": "preprocessing", "compute_intensity_properties": "preprocessing", "normalize": "preprocessing",
-    "resample": "preprocessing", "resample_to_shape": "preprocessing", "plan_from_dataset": "preprocessing",
-    "preprocess_case": "preprocessing", "revert_prediction": "preprocessing", "preprocess_dataset": "preprocessing",
+    "CachedCase": "cache", "compute_intensity_properties": "preprocessing", "normalize": "preprocessing",
+    "resample": "resampling", "resample_to_shape": "resampling", "plan_from_dataset": "preprocessing",
+    "preprocess_case": "preprocessing", "revert_prediction": "preprocessing", "preprocess_dataset": "cache",
     "train_test_split": "splits", "draw_shots": "splits",
     "PatchSampler": "sampling", "Augmentation": "augmentation",
 }

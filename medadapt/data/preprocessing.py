@@ -1,4 +1,4 @@
-"""nnU-Net v2 preprocessing: reorientation, intensity normalization, resampling, and a per-plan disk cache.
+"""nnU-Net v2 preprocessing: reorientation, intensity normalization and resampling of one case, and the plan.
 
 Conventions (see docs/data.md for the reasoning):
 
@@ -15,25 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
-from scipy import ndimage
 
 from medadapt.data.dataset import RawDataset, validate_geometry
 from medadapt.data.io import Volume
+from medadapt.data.resampling import (ANISO_THRESHOLD, _resample_image_to_shape, _resample_label_to_shape,
+                                      _separate_axis, new_shape_for_spacing, resample_to_shape)
 from medadapt.errors import MedadaptError
-from medadapt.utils.atomic import atomic_path, atomic_write_json
 
-ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD: a spacing ratio above this makes an axis "low resolution"
-FOREGROUND_SAMPLES_PER_CLASS = 10000  # nnU-Net's _sample_foreground_locations num_samples
-FOREGROUND_MIN_COVERAGE = 0.01  # ... and min_percent_coverage
+FOREGROUND_SAMPLES_PER_INTENSITY = 10000  # nnU-Net's fingerprint: foreground voxels sampled per case
 CACHE_VERSION = 1  # bump when the cached arrays' meaning changes; part of the cache key
 
 # ---------------------------------------------------------------------------------------------- normalization
@@ -144,159 +139,6 @@ def normalize(image: np.ndarray, scheme: str, props: IntensityProperties | None)
         out -= np.float32(mean)
         out /= np.float32(max(std, 1e-8))
     return out
-
-
-# ---------------------------------------------------------------------------------------------- resampling
-def new_shape_for_spacing(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> tuple[int, ...]:
-    """nnU-Net's rule: round(old_shape * spacing / target_spacing), at least 1 voxel."""
-    return tuple(max(1, int(round(s * sp / tsp))) for s, sp, tsp in zip(shape, spacing, target_spacing))
-
-
-def _lowres_axis(spacing: Sequence[float]) -> int | None:
-    """The single anisotropic axis per nnU-Net (max/min spacing > 3 and a unique largest spacing), else None."""
-    sp = np.asarray(spacing, float)
-    if sp.max() / sp.min() <= ANISO_THRESHOLD:
-        return None
-    axes = np.where(sp.max() / sp == 1)[0]
-    return int(axes[0]) if len(axes) == 1 else None
-
-
-def _separate_axis(spacing: Sequence[float], target_spacing: Sequence[float]) -> int | None:
-    axis = _lowres_axis(spacing)
-    if axis is not None:
-        return axis
-    sp = np.asarray(spacing, float)
-    if sp.max() / sp.min() > ANISO_THRESHOLD:  # anisotropic but no unique low-res axis: nnU-Net goes 3D
-        return None
-    return _lowres_axis(target_spacing)
-
-
-def _zoom_cubic(array: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
-    """Cubic B-spline resize with pixel-area alignment (like skimage.transform.resize, order 3, mode edge).
-
-    Axes whose length does not change are split off and looped over (per slice / per row): the tensor-product
-    spline is the identity along them, so the result is the same, several times faster.
-    """
-    new_shape = tuple(int(s) for s in new_shape)
-    same = [i for i in range(array.ndim) if array.shape[i] == new_shape[i]]
-    if 0 < len(same) < array.ndim and array.ndim == 3:
-        changed = [i for i in range(3) if i not in same]
-        moved = np.moveaxis(array, same + changed, [0, 1, 2])
-        target = tuple(new_shape[i] for i in changed)
-        if len(same) == 1:
-            out = np.stack([_zoom_cubic(sl, target) for sl in moved])
-        else:  # one changing axis: zoom the (rows, length) array, identity along the rows
-            rows = moved.reshape(-1, moved.shape[2])
-            out = _zoom_cubic(rows, (rows.shape[0], target[0])).reshape(moved.shape[0], moved.shape[1], target[0])
-        return np.ascontiguousarray(np.moveaxis(out, [0, 1, 2], same + changed))
-    if tuple(array.shape) == new_shape:
-        return np.asarray(array, dtype=np.float32).copy()
-    factors = [n / o for n, o in zip(new_shape, array.shape)]
-    out = ndimage.zoom(array, factors, order=3, mode="nearest", grid_mode=True, output=np.float32, prefilter=True)
-    if tuple(out.shape) != tuple(new_shape):  # pragma: no cover - guarded by scipy's own rounding
-        raise RuntimeError(f"resize produced {out.shape}, expected {tuple(new_shape)}")
-    return out
-
-
-def _nearest_along(array: np.ndarray, axis: int, new_len: int) -> np.ndarray:
-    """Nearest-neighbour resize along one axis, pixel-centre aligned (nnU-Net's order_z = 0)."""
-    old_len = array.shape[axis]
-    if new_len == old_len:
-        return array
-    idx = np.floor((np.arange(new_len) + 0.5) * (old_len / new_len)).astype(np.int64)
-    return np.take(array, np.clip(idx, 0, old_len - 1), axis=axis)
-
-
-def _resample_image_to_shape(array: np.ndarray, new_shape: Sequence[int], axis: int | None) -> np.ndarray:
-    array = np.asarray(array, dtype=np.float32)
-    new_shape = tuple(int(s) for s in new_shape)
-    if tuple(array.shape) == new_shape:
-        return array.copy()
-    if axis is None:
-        return _zoom_cubic(array, new_shape)
-    # in-plane cubic, slice by slice along the low-res axis, then nearest along it
-    moved = np.moveaxis(array, axis, 0)
-    plane = tuple(s for i, s in enumerate(new_shape) if i != axis)
-    if tuple(moved.shape[1:]) != plane:
-        moved = np.stack([_zoom_cubic(sl, plane) for sl in moved])
-    moved = _nearest_along(moved, 0, new_shape[axis])
-    return np.ascontiguousarray(np.moveaxis(moved, 0, axis))
-
-
-def _interp_mask(mask: np.ndarray, new_shape: tuple[int, ...], axis: int | None) -> torch.Tensor:
-    """Linear interpolation of one binary mask (nearest along ``axis`` if given), pixel-area aligned."""
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
-    if axis is None:
-        return F.interpolate(t[None, None], size=new_shape, mode="trilinear", align_corners=False)[0, 0]
-    t = t.movedim(axis, 0)
-    plane = tuple(s for i, s in enumerate(new_shape) if i != axis)
-    if tuple(t.shape[1:]) != plane:
-        t = F.interpolate(t[:, None], size=plane, mode="bilinear", align_corners=False)[:, 0]
-    if t.shape[0] != new_shape[axis]:
-        idx = torch.from_numpy(np.clip(np.floor((np.arange(new_shape[axis]) + 0.5) * (t.shape[0] / new_shape[axis])),
-                                       0, t.shape[0] - 1).astype(np.int64))
-        t = t.index_select(0, idx)
-    return t.movedim(0, axis)
-
-
-def _resample_label_to_shape(label: np.ndarray, new_shape: Sequence[int], axis: int | None) -> np.ndarray:
-    label = np.asarray(label)
-    new_shape = tuple(int(s) for s in new_shape)
-    if tuple(label.shape) == new_shape:
-        return label.copy()
-    values = np.unique(label)
-    if len(values) == 1:
-        return np.full(new_shape, values[0], dtype=label.dtype)
-    best = None
-    out = torch.zeros(new_shape, dtype=torch.int64)
-    for v in values:  # running argmax over one-hot channels: memory stays at two float volumes
-        p = _interp_mask(label == v, new_shape, axis)
-        if best is None:
-            best = p
-            out.fill_(int(v))
-        else:
-            better = p > best
-            out[better] = int(v)
-            best = torch.maximum(best, p)
-    return out.numpy().astype(label.dtype)
-
-
-def resample(array: np.ndarray, spacing: Sequence[float], target_spacing: Sequence[float], is_label: bool) -> np.ndarray:
-    """Resample a (z, y, x) array from ``spacing`` to ``target_spacing`` (mm, same order).
-
-    New shape = round(old_shape * spacing / target_spacing). Images: cubic B-spline (order 3); if the spacing is
-    anisotropic (max/min > 3) in-plane cubic and nearest along the low-resolution axis (nnU-Net). Labels: each
-    label's one-hot mask is interpolated linearly (nearest along an anisotropic axis) and the argmax is kept.
-    Returns float32 for images, the input dtype for labels.
-    """
-    array = np.asarray(array)
-    if array.ndim != 3:
-        raise ValueError(f"resample expects a 3D (z, y, x) array, got shape {array.shape}")
-    new_shape = new_shape_for_spacing(array.shape, spacing, target_spacing)
-    axis = _separate_axis(spacing, target_spacing)
-    if is_label:
-        return _resample_label_to_shape(array, new_shape, axis)
-    return _resample_image_to_shape(array, new_shape, axis)
-
-
-def resample_to_shape(array, shape: Sequence[int]):
-    """Trilinear resize of a channel-first array/tensor ``[C, z, y, x]`` to spatial ``shape`` (pixel-area aligned).
-
-    Used for probabilities/logits. Returns the same kind (numpy or torch, same device) as the input; integer
-    inputs come back as float32.
-    """
-    shape = tuple(int(s) for s in shape)
-    is_np = isinstance(array, np.ndarray)
-    t = torch.from_numpy(np.ascontiguousarray(array)) if is_np else array
-    if t.ndim != 4:
-        raise ValueError(f"resample_to_shape expects [C, z, y, x], got shape {tuple(t.shape)}")
-    if tuple(t.shape[1:]) == shape:
-        out = t
-    else:
-        if not t.is_floating_point() or (t.dtype in (torch.float16, torch.bfloat16) and t.device.type == "cpu"):
-            t = t.float()
-        out = F.interpolate(t[None], size=shape, mode="trilinear", align_corners=False)[0]
-    return out.numpy() if is_np else out
 
 
 # ---------------------------------------------------------------------------------------------- orientation
@@ -446,7 +288,7 @@ def plan_from_dataset(dataset: RawDataset, case_ids: Sequence[str], normalizatio
         shapes.append(arr.shape)
         for c, img in enumerate(images):
             if schemes[c] == "CT":
-                samples[c].append(sample_foreground(img.array, label.array, FOREGROUND_SAMPLES_PER_CLASS, rng))
+                samples[c].append(sample_foreground(img.array, label.array, FOREGROUND_SAMPLES_PER_INTENSITY, rng))
     props: list[IntensityProperties | None] = []
     for c in range(n_ch):
         if schemes[c] == "CT":
@@ -544,153 +386,3 @@ def revert_prediction(probabilities: torch.Tensor, properties: dict[str, Any]) -
     if tuple(seg.shape) != expected:  # pragma: no cover - would be a bug
         raise RuntimeError(f"reverted prediction has shape {seg.shape}, expected {expected}")
     return np.ascontiguousarray(seg)
-
-
-# ---------------------------------------------------------------------------------------------- cache
-def sample_class_locations(seg: np.ndarray, classes: Sequence[int], seed: int = 1234,
-                           num_samples: int = FOREGROUND_SAMPLES_PER_CLASS,
-                           min_coverage: float = FOREGROUND_MIN_COVERAGE) -> dict[int, np.ndarray]:
-    """nnU-Net's ``_sample_foreground_locations``: per class, up to ``num_samples`` voxel coordinates (n, 3) but
-    at least ``min_coverage`` of the class's voxels, drawn without replacement with a fixed seed."""
-    rs = np.random.RandomState(seed)
-    fg_mask = seg != 0
-    coords = np.argwhere(fg_mask)
-    values = seg[fg_mask]
-    out: dict[int, np.ndarray] = {}
-    for c in classes:
-        locs = coords[values == c]
-        if len(locs) == 0:
-            out[int(c)] = np.zeros((0, 3), dtype=np.int32)
-            continue
-        n = min(num_samples, len(locs))
-        n = max(n, int(np.ceil(len(locs) * min_coverage)))
-        out[int(c)] = locs[rs.choice(len(locs), n, replace=False)].astype(np.int32)
-    return out
-
-
-class CachedCase:
-    """One preprocessed case on disk; ``data`` / ``seg`` are memory-mapped on first access (read-only).
-
-    Picklable (for DataLoader workers): the memory maps are reopened in the receiving process.
-    """
-
-    def __init__(self, case_id: str, folder: str | Path):
-        self.case_id = case_id
-        self.folder = Path(folder)
-        self._data = self._seg = self._locs = self._props = None
-
-    @property
-    def data_path(self) -> Path:
-        return self.folder / f"{self.case_id}.npy"
-
-    @property
-    def seg_path(self) -> Path:
-        return self.folder / f"{self.case_id}_seg.npy"
-
-    @property
-    def locs_path(self) -> Path:
-        return self.folder / f"{self.case_id}_locs.npz"
-
-    @property
-    def meta_path(self) -> Path:
-        return self.folder / f"{self.case_id}.json"
-
-    @property
-    def data(self) -> np.ndarray:
-        if self._data is None:
-            self._data = np.load(self.data_path, mmap_mode="r")
-        return self._data
-
-    @property
-    def seg(self) -> np.ndarray:
-        if self._seg is None:
-            self._seg = np.load(self.seg_path, mmap_mode="r")
-        return self._seg
-
-    @property
-    def class_locations(self) -> dict[int, np.ndarray]:
-        if self._locs is None:
-            with np.load(self.locs_path) as z:
-                self._locs = {int(k.split("_", 1)[1]): z[k] for k in z.files}
-        return self._locs
-
-    @property
-    def properties(self) -> dict[str, Any]:
-        if self._props is None:
-            self._props = json.loads(self.meta_path.read_text(encoding="utf-8"))["properties"]
-        return self._props
-
-    @property
-    def channel_min(self) -> list[float]:
-        """Per-channel minimum of ``data`` (the padding value of patches leaving the volume)."""
-        return [float(v) for v in self.properties["channel_min"]]
-
-    def __getstate__(self):
-        return {"case_id": self.case_id, "folder": str(self.folder)}
-
-    def __setstate__(self, state):
-        self.__init__(state["case_id"], state["folder"])
-
-    def __repr__(self) -> str:
-        return f"CachedCase({self.case_id!r}, {str(self.folder)!r})"
-
-
-def _source_fingerprint(paths: Sequence[Path]) -> list[list[Any]]:
-    out = []
-    for p in paths:
-        st = os.stat(p)
-        out.append([Path(p).name, int(st.st_size), int(st.st_mtime_ns)])
-    return out
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-
-
-def _is_cached(case: CachedCase, fingerprint: list) -> bool:
-    if not all(p.is_file() for p in (case.meta_path, case.data_path, case.seg_path, case.locs_path)):
-        return False
-    try:
-        meta = json.loads(case.meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return meta.get("source") == fingerprint
-
-
-def preprocess_dataset(dataset: RawDataset, case_ids: Sequence[str], plan: PreprocessingPlan,
-                       cache_dir: str | Path, progress: bool = True) -> list[CachedCase]:
-    """Preprocess each case once into ``cache_dir/plan_<hash>/``; cases already there are reused.
-
-    Per case: ``<case>.npy`` (float32 [C, z, y, x]), ``<case>_seg.npy`` (int16 [z, y, x]), ``<case>_locs.npz``
-    (sampled foreground voxel coordinates per class) and ``<case>.json`` (revert properties, source-file sizes
-    and times). Every file is written atomically and the JSON last, so an interrupted run leaves no half case;
-    a case whose source files changed (size or modification time) is preprocessed again.
-    """
-    folder = Path(cache_dir) / f"plan_{plan.key()}"
-    folder.mkdir(parents=True, exist_ok=True)
-    plan_file = folder / "plan.json"
-    if not plan_file.is_file():
-        atomic_write_json(plan_file, plan.to_dict())
-    classes = sorted(v for v in dataset.labels.values() if v != 0)
-    out: list[CachedCase] = []
-    for case_id in _progress(list(case_ids), progress, "preprocessing"):
-        case = CachedCase(case_id, folder)
-        sources = dataset.image_paths(case_id) + [dataset.label_path(case_id)]
-        fingerprint = _source_fingerprint(sources)
-        if not _is_cached(case, fingerprint):
-            images, label = dataset.load_case(case_id)
-            pre = preprocess_case(images, label, plan)
-            locs = sample_class_locations(pre.seg, classes)
-            props = dict(pre.properties)
-            props["channel_min"] = [float(pre.data[c].min()) for c in range(pre.data.shape[0])]
-            props["classes_present"] = [int(v) for v in np.unique(pre.seg)]
-            _save_npy(case.data_path, pre.data)
-            _save_npy(case.seg_path, pre.seg)
-            with atomic_path(case.locs_path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez(f, **{f"class_{c}": v for c, v in locs.items()})
-            atomic_write_json(case.meta_path, {"case_id": case_id, "source": fingerprint, "properties": props})
-        out.append(case)
-    return out

@@ -88,7 +88,7 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
             pts = []
             for phi in phis:
                 z = zr - drop * (1 - np.cos(phi)) / 2
-                cy, cx = float(yc(z)), 0.0
+                cy = float(yc(z))
                 pts.append([z, cy - (float(cav_ay(z)) + 4) * np.cos(phi), side * (float(cav_ax(z)) + 4) * np.sin(phi)])
             pts = [[zr + 2, y_vb - 12, side * 18.0]] + pts
             pts = np.array(pts)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from medadapt.data.augmentation import Augmentation
 from medadapt.data.dataset import RawDataset
 from medadapt.data.io import read_label
-from medadapt.data.preprocessing import preprocess_dataset
+from medadapt.data.cache import preprocess_dataset
 from medadapt.data.sampling import PatchSampler
 from medadapt.data.splits import draw_shots, train_test_split
 from medadapt.engine import Trainer, TrainingConfig

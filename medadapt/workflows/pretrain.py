@@ -5,7 +5,8 @@ from pathlib import Path
 
 from medadapt.data.augmentation import Augmentation
 from medadapt.data.dataset import RawDataset
-from medadapt.data.preprocessing import plan_from_dataset, preprocess_dataset
+from medadapt.data.cache import preprocess_dataset
+from medadapt.data.preprocessing import plan_from_dataset
 from medadapt.data.sampling import PatchSampler
 from medadapt.engine import Trainer, TrainingConfig
 from medadapt.models import ModelFolder, preset, save_model_folder
