@@ -7,7 +7,8 @@ from pathlib import Path
 
 from medadapt.errors import MedadaptError
 
-METHODS_HELP = "fine-tuning method: scratch, full or dgst"
+METHODS_HELP = ("fine-tuning method: scratch, full, linear-probe, bias, affine-norm, bias-norm, encoder-only, "
+                "decoder-only, ft-last, lora, adapter, drst, sgst, dgst ('medadapt methods' lists them)")
 
 
 def _positive_int(text: str) -> int:
@@ -28,6 +29,19 @@ def _add_training_options(p: argparse.ArgumentParser, epochs: int, iterations: i
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); recorded with the results")
     p.add_argument("--resume", action="store_true", help="continue a killed run in the same --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gamma", type=_positive_int, default=None,
+                   help="dgst/drst/sgst: entries updated per kernel and iteration (default 1, as the paper)")
+    p.add_argument("--lora-rank", type=_positive_int, default=None, help="lora: rank r (default 4)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="lora: alpha; scale = alpha/r (default r)")
+    p.add_argument("--adapter-reduction", type=_positive_int, default=None,
+                   help="adapter: channel reduction factor of the bottleneck (default 4)")
+
+
+def _method_options(args) -> dict:
+    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "reduction": args.adapter_reduction}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,14 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
     p.add_argument("--method", required=True, help=METHODS_HELP)
-    p.add_argument("--gamma", type=_positive_int, default=None,
-                   help="DGST: entries updated per kernel and iteration (default 1, as the paper)")
+    _add_method_options(p)
     p.add_argument("--shots", type=_positive_int, required=True, help="number of annotated training cases K")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed 80/20 split (default 0)")
     p.add_argument("--lr", type=float, default=None,
                    help="initial learning rate (default 1e-3 as the paper; 1e-2 for scratch)")
     _add_training_options(p, epochs=12, iterations=25)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("methods", help="list the fine-tuning methods with their trainable parameters",
+                       description="For a model folder, print every fine-tuning method with its trainable-"
+                                   "parameter count, its share of the model and the entries one step updates.")
+    p.add_argument("--model", type=Path, required=True, help="model folder (e.g. the demo's foundation model)")
+    _add_method_options(p)
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("predict", help="predict label maps for a NIfTI file or folder",
                        description="Sliding-window prediction (Gaussian-weighted, 50%% overlap) of every "
@@ -165,9 +185,21 @@ def cmd_finetune(args) -> int:
     record = finetune(args.model, args.data, args.out, method=args.method, shots=args.shots, seed=args.seed,
                       gamma=args.gamma, split_seed=args.split_seed, epochs=args.epochs,
                       iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
-                      progress=not args.quiet)
+                      progress=not args.quiet, method_options=_method_options(args))
     _print_metrics(record["metrics"], "test cases")
+    sizes = record["sizes"]
+    print(f"model: {args.out / 'model'} ({sizes['checkpoint_bytes'] / 1024:,.0f} KiB); as a delta against the "
+          f"foundation: {args.out / 'delta.pt'} ({sizes['delta_bytes'] / 1024:,.0f} KiB)")
     print(f"results in {args.out}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from medadapt.models import load_model_folder
+    from medadapt.workflows.methods import methods_table
+
+    _, text = methods_table(load_model_folder(args.model), gamma=args.gamma, **_method_options(args))
+    print(text)
     return 0
 
 

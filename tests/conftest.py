@@ -50,3 +50,19 @@ def world(tmp_path_factory):
     assert main(["pretrain", "--data", str(paths["src"]), "--out", str(paths["fm"]), "--preset", "cpu-tiny",
                  "--epochs", "1", "--iterations-per-epoch", "2", "--quiet"]) == 0
     return paths
+
+
+def random_batches(n: int, seed: int = 0, shape=(16, 32, 32)):
+    """Random image/label batches for a tiny 3-stage U-Net (deep supervision at 1/1 and 1/2 resolution)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randn(2, 1, *shape, generator=g)
+        y = (torch.rand(2, 1, *shape, generator=g) > 0.7).long()
+        yield {"image": x, "label": y}
+
+
+def segmentation_loss(model, batch):
+    """nnU-Net's deep-supervised Dice + CE, as the engine trains with."""
+    from medadapt.engine import DeepSupervisedDiceCE
+
+    return DeepSupervisedDiceCE()(model(batch["image"]), batch["label"])

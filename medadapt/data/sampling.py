@@ -106,11 +106,18 @@ class PatchSampler:
                 return [int(min(max(int(v) - p // 2, l), h)) for v, p, l, h in zip(voxel, P, lo, hi)]
         return [int(rng.integers(l, h + 1)) for l, h in zip(lo, hi)]
 
-    def sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """One batch: ``image`` float32 [B, C, *patch], ``label`` int64 [B, 1, *patch]."""
+    def one_pass(self, rng: np.random.Generator):
+        """Batches that visit every case once, in order (the last batch may be smaller): one patch per case,
+        drawn with the usual rules. For statistics over the training set, e.g. SGST's gradient pass."""
+        for start in range(0, len(self.cases), self.batch_size):
+            yield self.sample(rng, case_indices=range(start, min(start + self.batch_size, len(self.cases))))
+
+    def sample(self, rng: np.random.Generator, case_indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """One batch: ``image`` float32 [B, C, *patch], ``label`` int64 [B, 1, *patch]; random cases unless
+        ``case_indices`` names them."""
         P = self.patch_size
-        B = self.batch_size
-        picks = rng.integers(0, len(self.cases), size=B)
+        picks = rng.integers(0, len(self.cases), size=self.batch_size) if case_indices is None else list(case_indices)
+        B = len(picks)
         images, labels = [], []
         for j in range(B):
             i = int(picks[j])

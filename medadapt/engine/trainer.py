@@ -114,6 +114,8 @@ class Trainer:
                     f"{self.checkpoint_path.parent}: holds an unfinished or finished run; pass --resume to "
                     "continue it or choose another --out folder")
             self._load()
+        elif self.strategy.needs_calibration:
+            self._calibrate()
         cfg = self.config
         self.model.train()
         total = (cfg.epochs - self.start_epoch) * cfg.iterations_per_epoch
@@ -126,6 +128,14 @@ class Trainer:
         finally:
             bar.close()
         return self.history
+
+    def _calibrate(self) -> None:
+        """Give the strategy one pass over the training cases (own random stream: training is unaffected)."""
+        rng = np.random.default_rng([self.config.seed, 2 ** 32 - 1])
+        one_pass = getattr(self.sampler, "one_pass", None)
+        batches = one_pass(rng) if one_pass is not None else [self.sampler.sample(rng)]
+        self.strategy.calibrate(self.model, lambda model, batch: self.loss(model(batch["image"]), batch["label"]),
+                                batches)
 
     def _run_epoch(self, epoch: int, bar) -> None:
         cfg = self.config

@@ -33,6 +33,8 @@ class ModelFolder:
     channel_names: dict[str, str]
     file_ending: str = ".nii.gz"
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: modules beyond the plain network that the weights include, e.g. ``[{"type": "adapter", "reduction": 4}]``
+    extensions: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
 
     def plan(self):
@@ -43,6 +45,8 @@ class ModelFolder:
     def load_network(self, deep_supervision: bool = True) -> nn.Module:
         """Build the network and load the folder's weights."""
         net = build_network(self.network, deep_supervision=deep_supervision)
+        for ext in self.extensions:
+            apply_extension(net, ext)
         if self.path is None:
             raise ValueError("ModelFolder has no path to load weights from")
         weights = self.path / "weights.pt"
@@ -70,6 +74,7 @@ def save_model_folder(path: str | Path, network: nn.Module, folder: ModelFolder)
         "channel_names": folder.channel_names,
         "file_ending": folder.file_ending,
         "provenance": folder.provenance,
+        "extensions": folder.extensions,
     })
     folder.path = path
     return path
@@ -94,7 +99,18 @@ def load_model_folder(path: str | Path) -> ModelFolder:
             channel_names={str(k): v for k, v in plans["channel_names"].items()},
             file_ending=plans.get("file_ending", ".nii.gz"),
             provenance=plans.get("provenance", {}),
+            extensions=list(plans.get("extensions", [])),
             path=path,
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise MedadaptError(f"{plans_file}: malformed or not {FORMAT} ({exc}); re-create the model folder") from None
+
+
+def apply_extension(network: nn.Module, extension: dict[str, Any]) -> None:
+    """Re-create a module a strategy added (its weights come with the state dict)."""
+    if extension.get("type") == "adapter":
+        from medadapt.models.adapters import AdapterConfig, inject_adapters
+
+        inject_adapters(network, AdapterConfig(reduction=int(extension["reduction"])))
+    else:
+        raise MedadaptError(f"plans.json: unknown network extension {extension!r}; upgrade medadapt")

@@ -1,4 +1,4 @@
-"""Which modules of a network are its encoder, decoder and segmentation head(s).
+"""Which modules of a network are its encoder, decoder, last decoder stage and segmentation head(s).
 
 Strategies decide what to train from these roles, never from parameter-name substrings. nnU-Net's networks
 (``PlainConvUNet``, ``ResidualEncoderUNet`` and anything else with ``encoder`` and ``decoder.seg_layers``) are
@@ -22,11 +22,16 @@ CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspos
 
 @dataclass
 class ModelParts:
-    """Roles of a segmentation network's modules. ``heads`` are the 1x1x1 output convolutions."""
+    """Roles of a segmentation network's modules.
+
+    ``heads`` are the 1x1x1 output convolutions (one per deep-supervision resolution); ``last_stage`` the
+    modules of the highest-resolution decoder stage (FSEFT's "last block": its upsampling and its convs).
+    """
 
     encoder: nn.Module | None
     decoder: nn.Module | None
     heads: list[nn.Module] = field(default_factory=list)
+    last_stage: list[nn.Module] = field(default_factory=list)
 
 
 def model_parts(model: nn.Module) -> ModelParts:
@@ -40,7 +45,9 @@ def model_parts(model: nn.Module) -> ModelParts:
     decoder = getattr(model, "decoder", None)
     seg_layers = getattr(decoder, "seg_layers", None) if decoder is not None else None
     if isinstance(encoder, nn.Module) and isinstance(seg_layers, nn.ModuleList):
-        return ModelParts(encoder=encoder, decoder=decoder, heads=list(seg_layers))
+        last_stage = [m[-1] for m in (getattr(decoder, "transpconvs", None), getattr(decoder, "stages", None))
+                      if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m)]
+        return ModelParts(encoder=encoder, decoder=decoder, heads=list(seg_layers), last_stage=last_stage)
     raise MedadaptError(
         f"cannot tell the encoder, decoder and segmentation head of a {type(model).__name__}; "
         "give the network a medadapt_parts() method returning medadapt.models.ModelParts"
@@ -57,3 +64,31 @@ def is_norm(module: nn.Module) -> bool:
 
 def is_conv(module: nn.Module) -> bool:
     return isinstance(module, CONV_TYPES)
+
+
+def _unique(params) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return _unique(p for head in model_parts(model).heads for p in head.parameters())
+
+
+def bias_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The additive biases of the layers that are not normalisation layers (BitFit's set for a CNN)."""
+    return _unique(m.bias for m in model.modules()
+                   if not is_norm(m) and isinstance(getattr(m, "bias", None), nn.Parameter))
+
+
+def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The affine scale and shift of every normalisation layer."""
+    return _unique(p for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False))
+
+
+def module_parameters(modules) -> list[nn.Parameter]:
+    return _unique(p for m in modules if m is not None for p in m.parameters())

@@ -1,25 +1,43 @@
-"""Fine-tuning strategies: what each method trains, enforced around any optimizer."""
+"""Fine-tuning strategies: what each method trains, enforced around any optimizer.
+
+``make_strategy(name, **options)`` builds one; see :class:`medadapt.tuning.base.Strategy` for the interface
+and README's "Python API" for a plain PyTorch loop.
+"""
 from __future__ import annotations
 
 from medadapt.errors import MedadaptError
 from medadapt.tuning.base import Strategy
 from medadapt.tuning.dense import FromScratch, FullFineTuning
-from medadapt.tuning.sparse import DGST, SparseUpdateStrategy, kernel_topk_mask
+from medadapt.tuning.sparse import DGST, DRST, SGST, SparseUpdateStrategy, kernel_topk_mask
+from medadapt.tuning.subset import (AffineNorm, BiasNorm, BiasOnly, DecoderOnly, EncoderOnly, FineTuneLast,
+                                    LinearProbe, SubsetStrategy)
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FromScratch, FullFineTuning, DGST)
-}
+_ORDER = (FromScratch, FullFineTuning, LinearProbe, BiasOnly, AffineNorm, BiasNorm, EncoderOnly, DecoderOnly,
+          FineTuneLast, "lora", "adapter", DRST, SGST, DGST)
+
+
+def _registry() -> dict[str, type[Strategy]]:
+    from medadapt.tuning.lowrank import LoRA, Adapter
+
+    named = {"lora": LoRA, "adapter": Adapter}
+    return {(named[c] if isinstance(c, str) else c).name: (named[c] if isinstance(c, str) else c) for c in _ORDER}
+
+
+def method_names() -> list[str]:
+    """Every method name, in the order tables list them."""
+    return list(_registry())
 
 
 def make_strategy(name: str, **options) -> Strategy:
-    """Create a strategy by name; options a strategy does not take (e.g. gamma for 'full') are ignored."""
-    if name not in STRATEGIES:
-        raise MedadaptError(f"--method {name!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
-    cls = STRATEGIES[name]
-    if issubclass(cls, SparseUpdateStrategy):
-        return cls(**{k: v for k, v in options.items() if k == "gamma" and v is not None})
-    return cls()
+    """Create a strategy by name. Options it does not take (e.g. ``gamma`` for ``full``) or that are None are
+    ignored, so one set of CLI options serves every method."""
+    registry = _registry()
+    if name not in registry:
+        raise MedadaptError(f"--method {name!r} is unknown; choose one of: {', '.join(registry)}")
+    cls = registry[name]
+    return cls(**{k: v for k, v in options.items() if k in cls.options and v is not None})
 
 
-__all__ = ["Strategy", "STRATEGIES", "make_strategy", "FromScratch", "FullFineTuning", "DGST",
-           "SparseUpdateStrategy", "kernel_topk_mask"]
+__all__ = ["Strategy", "make_strategy", "method_names", "FromScratch", "FullFineTuning", "DGST", "DRST", "SGST",
+           "SparseUpdateStrategy", "SubsetStrategy", "LinearProbe", "BiasOnly", "AffineNorm", "BiasNorm",
+           "EncoderOnly", "DecoderOnly", "FineTuneLast", "kernel_topk_mask"]

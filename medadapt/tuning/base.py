@@ -15,8 +15,10 @@ its momentum and weight decay, and the loop needs no strategy-specific code.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 
@@ -28,6 +30,8 @@ class Strategy:
     default_lr: ClassVar[float | None] = None
     #: one-line description for help texts and tables
     summary: ClassVar[str] = "every parameter, from the foundation model"
+    #: constructor options the strategy takes (``make_strategy`` passes only these)
+    options: ClassVar[tuple[str, ...]] = ()
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Make ``model`` ready for training with this strategy; returns the model to train."""
@@ -45,6 +49,18 @@ class Strategy:
 
     def attach(self, optimizer) -> None:
         """Register whatever hooks this strategy needs on ``optimizer`` (none by default)."""
+
+    #: whether :meth:`calibrate` must run once before the first training step (e.g. SGST's selection)
+    needs_calibration: ClassVar[bool] = False
+
+    def calibrate(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor],
+                  batches: Iterable[dict]) -> None:
+        """Look at the training data once before training (``loss_fn(model, batch)`` gives a scalar loss)."""
+
+    def architecture(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Modules the strategy leaves in the final model beyond the plain network (e.g. adapters), as data
+        that :func:`medadapt.models.model_folder.ModelFolder.load_network` can rebuild. Empty by default."""
+        return []
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """Return the trained model in its plain architecture (identity by default)."""

@@ -58,12 +58,14 @@ class SparseUpdateStrategy(Strategy):
     """Base of gamma-per-kernel sparse training; subclasses decide which entries (``select``)."""
 
     name = "sparse"
+    options = ("gamma",)
 
     def __init__(self, gamma: int = 1):
         if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
             raise MedadaptError(f"--gamma {gamma!r}: must be a positive integer (entries per kernel)")
         self.gamma = gamma
         self._sparse: list[tuple[nn.Parameter, int]] = []
+        self.last_selection: dict[int, torch.Tensor] = {}
         self._pending: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]] = []
 
     # -- interface -------------------------------------------------------------------------------------
@@ -80,8 +82,7 @@ class SparseUpdateStrategy(Strategy):
     def updated_per_step(self, model: nn.Module) -> int:
         sparse = {id(w) for w, _ in self._sparse}
         dense = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in sparse)
-        budget = sum(min(self.gamma, w[0].numel() if d == 0 else w[:, 0].numel()) * w.shape[d]
-                     for w, d in self._sparse)
+        budget = sum(min(self.gamma, _kernel_size(w, d)) * w.shape[d] for w, d in self._sparse)
         return dense + budget
 
     def attach(self, optimizer) -> None:
@@ -111,6 +112,8 @@ class SparseUpdateStrategy(Strategy):
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        #: the masks of the last step, per sparse weight (for inspection and tests)
+        self.last_selection = {id(weight): mask for weight, mask, _, _ in self._pending}
         for weight, mask, old, saved_state in self._pending:
             weight.copy_(torch.where(mask, weight, old))
             state = optimizer.state.get(weight, {})
@@ -123,6 +126,10 @@ class SparseUpdateStrategy(Strategy):
         self._pending.clear()
 
 
+def _kernel_size(weight: torch.Tensor, out_dim: int) -> int:
+    return weight[0].numel() if out_dim == 0 else weight[:, 0].numel()
+
+
 class DGST(SparseUpdateStrategy):
     """Dynamic Gradient Sparsification Training: top-gamma |gradient| per kernel, re-chosen every step."""
 
@@ -131,3 +138,73 @@ class DGST(SparseUpdateStrategy):
 
     def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor:
         return kernel_topk_mask(weight.grad.abs(), self.gamma, out_dim)
+
+
+class DRST(SparseUpdateStrategy):
+    """Dynamic Random Sparsification Training (the paper's ablation): gamma random entries per kernel, re-drawn
+    every step, from a seeded generator (its state is checkpointed, so a resumed run draws the same entries)."""
+
+    name = "drst"
+    summary = "gamma random entries per conv kernel each step + biases, norms, heads"
+    options = ("gamma", "seed")
+
+    def __init__(self, gamma: int = 1, seed: int = 0):
+        super().__init__(gamma)
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor:
+        scores = torch.rand(weight.shape, generator=self._generator).to(weight.device)
+        return kernel_topk_mask(scores, self.gamma, out_dim)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self._generator.set_state(state["generator"])
+
+
+class SGST(SparseUpdateStrategy):
+    """Static Gradient Sparsification Training (the paper's ablation): the top-gamma entries per kernel of
+    the |gradient| accumulated over one pass of the training cases before training; fixed afterwards."""
+
+    name = "sgst"
+    summary = "fixed top-gamma entries per conv kernel (accumulated |gradient|) + biases, norms, heads"
+    needs_calibration = True
+
+    def __init__(self, gamma: int = 1):
+        super().__init__(gamma)
+        self._masks: list[torch.Tensor] | None = None
+
+    def calibrate(self, model, loss_fn, batches) -> None:
+        totals = [torch.zeros_like(w) for w, _ in self._sparse]
+        saved = [p.grad for p in model.parameters()]
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            for total, (w, _) in zip(totals, self._sparse):
+                if w.grad is not None:
+                    total.add_(w.grad.abs())
+        model.zero_grad(set_to_none=True)
+        for p, g in zip(model.parameters(), saved):
+            p.grad = g
+        self._masks = [kernel_topk_mask(t, self.gamma, d) for t, (_, d) in zip(totals, self._sparse)]
+        self._index = {id(w): i for i, (w, _) in enumerate(self._sparse)}
+
+    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor:
+        if self._masks is None:
+            raise RuntimeError("SGST: call calibrate() before training (medadapt's engine does)")
+        return self._masks[self._index[id(weight)]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self._masks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        masks = state.get("masks")
+        if masks is not None:
+            self._masks = [m.clone() for m in masks]
+            self._index = {id(w): i for i, (w, _) in enumerate(self._sparse)}

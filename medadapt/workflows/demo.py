@@ -19,6 +19,7 @@ import numpy as np
 from medadapt.data.io import read_image, read_label
 from medadapt.metrics import format_mean_std
 from medadapt.utils.atomic import atomic_write_json, atomic_write_text
+from medadapt.utils.tables import markdown_table
 
 SOURCE_DOMAIN, TARGET_DOMAIN = "hn-source", "hn-center-b"
 SOURCE_CASES, TARGET_CASES = 40, 20
@@ -116,9 +117,7 @@ def results_table(records: dict[str, dict]) -> dict[str, str]:
                              "hd95_mean": m["hd95"]["mean"], "hd95_std": m["hd95"]["std"],
                              "hd95_undefined": m.get("hd95_undefined", 0), "n_test_cases": m["n_cases"],
                              "median_iteration_seconds": rec["timing"]["median_iteration_seconds"]})
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
-    md = "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    md = markdown_table(header, rows)
     buf = io.StringIO()
     if csv_rows:
         writer = csv.DictWriter(buf, fieldnames=list(csv_rows[0]))

@@ -9,6 +9,7 @@ Output folder::
 
     <out>/run.json                 everything needed to reproduce and read the run (written last)
     <out>/model/                   the fine-tuned model folder (plans.json + weights.pt)
+    <out>/delta.pt                 the same model as a delta against the foundation (medadapt.tuning.delta)
     <out>/training/                checkpoint_latest.pt (for --resume) and history.json (loss curve)
     <out>/predictions/<case>.nii.gz
     <out>/metrics_per_case.csv, <out>/summary.json
@@ -36,6 +37,7 @@ from medadapt.metrics.evaluate import write_metrics
 from medadapt.models import ModelFolder, load_model_folder, save_model_folder
 from medadapt.models.network import build_network
 from medadapt.tuning import make_strategy
+from medadapt.tuning.delta import make_delta, save_delta
 from medadapt.utils.atomic import atomic_write_json
 from medadapt.workflows.common import (dataset_cache_dir, environment, total_parameter_count,
                                        trainable_parameter_count)
@@ -68,15 +70,20 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int) -> tupl
 
 def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, shots: int, seed: int = 0,
              gamma: int | None = None, split_seed: int = 0, epochs: int = 12, iterations_per_epoch: int = 25,
-             lr: float | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``shots`` cases of ``data`` with ``method``; evaluate on the test split."""
+             lr: float | None = None, resume: bool = False, progress: bool = True,
+             method_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``shots`` cases of ``data`` with ``method``; evaluate on the test split.
+
+    ``method_options`` go to the strategy (e.g. ``rank``/``alpha`` for lora, ``reduction`` for adapter).
+    """
     out = Path(out)
     run_file = out / "run.json"
     if run_file.is_file():
         if resume:
             return json.loads(run_file.read_text())
         raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
-    strategy = make_strategy(method, gamma=gamma)  # validates --method / --gamma before any work
+    # validates --method and its options before any work
+    strategy = make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
     folder = load_model_folder(model)
     dataset = RawDataset.load(data)
     train_ids, test_ids = train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)
@@ -104,13 +111,20 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     history = trainer.fit(resume=resume)
     atomic_write_json(out / "training" / "history.json", history)
 
+    delta = make_delta(folder.load_network().state_dict(), network.state_dict(),
+                       meta={"strategy": strategy.config(), "num_classes": dataset.num_classes,
+                             "foundation": str(folder.path)})
+    save_delta(out / "delta.pt", delta)
     final = strategy.finalize(network)
     tuned = ModelFolder(
         network=spec, preprocessing=folder.preprocessing, labels=dataset.labels,
         channel_names=dataset.channel_names, file_ending=dataset.file_ending,
         provenance={"kind": "finetune", "foundation": str(folder.path), "strategy": strategy.config()},
+        extensions=strategy.architecture(final),
     )
     save_model_folder(out / "model", final, tuned)
+    sizes = {"delta_bytes": (out / "delta.pt").stat().st_size,
+             "checkpoint_bytes": (out / "model" / "weights.pt").stat().st_size}
 
     predictor = Predictor(tuned, network=final)
     pred_dir = out / "predictions"
@@ -140,6 +154,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         "parameters": {"trainable": trainable, "updated_per_step": updated_per_step,
                        "total": total_parameter_count(final)},
         "timing": trainer.summary(),
+        "sizes": sizes,
         "metrics": summary,
         "environment": environment(),
     }

@@ -1,0 +1,101 @@
+"""Compact fine-tuned models: a delta against the foundation model, applied back bit-exactly.
+
+A delta stores only what fine-tuning changed in the trained model's state dict (before ``finalize``, so a
+LoRA model is stored as its low-rank factors, not as dense merged kernels):
+
+- a tensor that did not change: nothing;
+- a tensor with few changed entries (sparse methods: DGST, DRST, SGST, ...): flat indices + values;
+- a tensor that changed densely or is new (heads, LoRA factors, adapters): the tensor.
+
+``apply_delta(foundation_state, delta)`` rebuilds the trained state dict exactly (values are copied, never
+recomputed), and :func:`load_delta_model` rebuilds the final model: foundation network, the strategy's
+``prepare``, the applied state, the strategy's ``finalize``.
+
+Keys are matched to the foundation's after removing what ``torch.nn.utils.parametrize`` inserts
+(``conv.parametrizations.weight.original`` is the foundation's ``conv.weight``).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medadapt.errors import MedadaptError
+from medadapt.utils.atomic import atomic_torch_save
+
+FORMAT = "medadapt-delta/1"
+
+
+def foundation_key(key: str) -> str:
+    """The foundation state-dict key a trained key corresponds to."""
+    return key.replace(".parametrizations.", ".").replace(".original", "")
+
+
+def make_delta(foundation: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
+               meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    entries: dict[str, dict[str, Any]] = {}
+    for key, value in trained.items():
+        value = value.detach().cpu()
+        base = foundation.get(foundation_key(key))
+        if base is None or base.shape != value.shape or base.dtype != value.dtype:
+            entries[key] = {"full": value.clone()}
+            continue
+        base = base.detach().cpu()
+        if torch.equal(base, value):
+            entries[key] = {}
+            continue
+        changed = (base != value).flatten().nonzero().flatten()
+        index_dtype = torch.int32 if value.numel() < 2 ** 31 else torch.int64
+        sparse_bytes = changed.numel() * (index_dtype.itemsize + value.element_size())
+        if sparse_bytes < value.numel() * value.element_size():
+            entries[key] = {"index": changed.to(index_dtype), "values": value.flatten()[changed].clone()}
+        else:
+            entries[key] = {"full": value.clone()}
+    return {"format": FORMAT, "meta": meta or {}, "entries": entries}
+
+
+def apply_delta(foundation: dict[str, torch.Tensor], delta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    if delta.get("format") != FORMAT:
+        raise MedadaptError(f"not a {FORMAT} delta; create it with medadapt finetune")
+    state: dict[str, torch.Tensor] = {}
+    for key, entry in delta["entries"].items():
+        if "full" in entry:
+            state[key] = entry["full"].clone()
+            continue
+        base = foundation.get(foundation_key(key))
+        if base is None:
+            raise MedadaptError(f"delta needs foundation tensor {foundation_key(key)!r}, which the foundation "
+                                "model lacks; apply the delta to the model it was made from")
+        value = base.detach().cpu().clone()
+        if "index" in entry:
+            value.view(-1)[entry["index"].long()] = entry["values"]
+        state[key] = value
+    return state
+
+
+def delta_size_bytes(delta: dict[str, Any]) -> int:
+    buf = io.BytesIO()
+    torch.save(delta, buf)
+    return buf.tell()
+
+
+def save_delta(path: str | Path, delta: dict[str, Any]) -> None:
+    atomic_torch_save(path, delta)
+
+
+def load_delta_model(foundation_folder, delta: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the fine-tuned model from its foundation model folder and a delta made by ``medadapt finetune``."""
+    from medadapt.models.network import build_network
+    from medadapt.tuning import make_strategy
+
+    meta = delta["meta"]
+    foundation = foundation_folder.load_network()
+    spec = foundation_folder.network.with_classes(int(meta["num_classes"]))
+    network = build_network(spec)
+    options = {k: v for k, v in meta["strategy"].items() if k != "name"}
+    strategy = make_strategy(meta["strategy"]["name"], **options)
+    network = strategy.prepare(network)
+    network.load_state_dict(apply_delta(foundation.state_dict(), delta))
+    return strategy.finalize(network)

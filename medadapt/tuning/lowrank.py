@@ -1,0 +1,70 @@
+"""LoRA and adapters as strategies: frozen foundation model, new small modules + heads trained."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from medadapt.errors import MedadaptError
+from medadapt.models.adapters import AdapterConfig, adapter_parameters, inject_adapters
+from medadapt.models.lora import LoRAConfig, inject_lora, lora_parameters, merge_lora
+from medadapt.models.parts import head_parameters, model_parts
+from medadapt.tuning.base import Strategy
+
+
+def _freeze_all_but(model: nn.Module, keep: list[nn.Parameter]) -> None:
+    ids = {id(p) for p in keep}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+
+
+class LoRA(Strategy):
+    """Low-rank updates W0 + (alpha/r)·B·A of every convolution and transposed-convolution kernel (heads are
+    trained in full); ``finalize`` folds them into the weights, giving back the plain architecture."""
+
+    name = "lora"
+    summary = "low-rank update of every conv kernel (rank r, alpha) + heads; merged after training"
+    options = ("rank", "alpha")
+
+    def __init__(self, rank: int = 4, alpha: float | None = None):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise MedadaptError(f"--lora-rank {rank!r}: must be a positive integer")
+        alpha = float(rank if alpha is None else alpha)
+        if not alpha > 0:
+            raise MedadaptError(f"--lora-alpha {alpha!r}: must be positive")
+        self.config_ = LoRAConfig(rank=rank, alpha=alpha)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        inject_lora(model, self.config_, skip=model_parts(model).heads)
+        _freeze_all_but(model, lora_parameters(model) + head_parameters(model))
+        return model
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return merge_lora(model)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "rank": self.config_.rank, "alpha": self.config_.alpha}
+
+
+class Adapter(Strategy):
+    """Zero-initialised residual bottleneck conv adapters after every encoder and decoder stage + heads."""
+
+    name = "adapter"
+    summary = "residual bottleneck conv adapters after each stage (zero-init) + heads"
+    options = ("reduction",)
+
+    def __init__(self, reduction: int = 4):
+        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
+            raise MedadaptError(f"--adapter-reduction {reduction!r}: must be a positive integer")
+        self.config_ = AdapterConfig(reduction=reduction)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        inject_adapters(model, self.config_)
+        _freeze_all_but(model, adapter_parameters(model) + head_parameters(model))
+        return model
+
+    def architecture(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"type": "adapter", "reduction": self.config_.reduction}]
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "reduction": self.config_.reduction}

@@ -1,0 +1,27 @@
+"""``medadapt methods``: every fine-tuning method with what it trains on a given model."""
+from __future__ import annotations
+
+import copy
+
+from medadapt.models import ModelFolder
+from medadapt.tuning import make_strategy, method_names
+from medadapt.utils.tables import markdown_table
+
+
+def methods_table(folder: ModelFolder, **options) -> tuple[list[dict], str]:
+    """Per method: trainable parameters (of the model as it trains, new modules included), their share of
+    the foundation model's parameter count, and how many entries one optimizer step may change."""
+    foundation = folder.load_network()
+    total = sum(p.numel() for p in foundation.parameters())
+    rows = []
+    for name in method_names():
+        strategy = make_strategy(name, **options)
+        model = strategy.prepare(copy.deepcopy(foundation))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows.append({"method": name, "trainable": trainable, "share": trainable / total,
+                     "updated_per_step": strategy.updated_per_step(model), "what": strategy.summary})
+    table = markdown_table(
+        ["method", "trainable params", "share of model", "updated per step", "what is trained"],
+        [[r["method"], f"{r['trainable']:,}", f"{100 * r['share']:.2f}%", f"{r['updated_per_step']:,}", r["what"]]
+         for r in rows])
+    return rows, f"{table}\n\nmodel: {folder.path} ({total:,} parameters)"
