@@ -5,7 +5,6 @@ decoder.seg_layers, transpconvs, stages), independently of how the strategies fi
 """
 import copy
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -81,8 +81,39 @@ def test_predict_and_evaluate_commands(world, tmp_path):
     assert (tmp_path / "ev" / "metrics_per_case.csv").read_text().count("\n") == 2
 
 
+@pytest.mark.parametrize("method,options", [("lora", ["--lora-rank", "2"]), ("adapter", ["--adapter-reduction", "2"]),
+                                            ("sgst", ["--gamma", "2"])])
+def test_finetune_other_methods_report_delta_and_predict(world, tmp_path, capsys, method, options):
+    out = tmp_path / method
+    assert main(_finetune_args(world, out, method, "2", *options)) == 0
+    printed = capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    sizes = run["sizes"]
+    assert "as a delta against the foundation" in printed and f"{sizes['delta_bytes'] / 1024:,.0f} KiB" in printed
+    assert sizes["delta_bytes"] < sizes["checkpoint_bytes"]
+    plans = json.loads((out / "model" / "plans.json").read_text())
+    assert plans["extensions"] == ([{"type": "adapter", "reduction": 2}] if method == "adapter" else [])
+    # the saved model folder (plain for LoRA: merged; adapters rebuilt from plans.json) predicts like the run did
+    case = run["split"]["test"][0]
+    assert main(["predict", "--model", str(out / "model"), "--input",
+                 str(world["tgt"] / "imagesTr" / f"{case}_0000.nii.gz"), "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    assert np.array_equal(read_label(tmp_path / "p" / f"{case}.nii.gz").array,
+                          read_label(out / "predictions" / f"{case}.nii.gz").array)
+
+
+def test_methods_command_lists_every_method(world, capsys):
+    from medadapt.tuning import method_names
+
+    assert main(["methods", "--model", str(world["fm"])]) == 0
+    out = capsys.readouterr().out
+    for name in method_names():
+        assert f"| {name} " in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "100.00%" in rows["full"] and "100.00%" not in rows["linear-probe"]
+
+
 def test_every_subcommand_has_help(capsys):
-    for cmd in ("synth", "pretrain", "finetune", "predict", "evaluate", "demo"):
+    for cmd in ("synth", "pretrain", "finetune", "methods", "predict", "evaluate", "demo"):
         with pytest.raises(SystemExit) as exc:
             main([cmd, "--help"])
         assert exc.value.code == 0
