@@ -43,7 +43,8 @@ def promised(model: nn.Module, method: str) -> set[str]:
         "affine-norm": norm | heads,
         "bias-norm": biases | norm | heads,
         "encoder-only": _names(model, [model.encoder]) | heads,
-        "decoder-only": _names(model, [dec]),
+        "decoder-only": _names(model, [dec]) - _names(model, [model.encoder]),  # nnU-Net's decoder.encoder
+
         "ft-last": _names(model, [dec.transpconvs[-1], dec.stages[-1]]) | heads,
         "lora": heads, "adapter": heads,
         "dgst": everything, "drst": everything, "sgst": everything,  # sparse entries: see test_sparse_budgets

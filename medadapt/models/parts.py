@@ -92,3 +92,10 @@ def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def module_parameters(modules) -> list[nn.Parameter]:
     return _unique(p for m in modules if m is not None for p in m.parameters())
+
+
+def decoder_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The decoder's own parameters: nnU-Net's decoder keeps a reference to the encoder, which is excluded."""
+    parts = model_parts(model)
+    encoder = {id(p) for p in module_parameters([parts.encoder])}
+    return [p for p in module_parameters([parts.decoder]) if id(p) not in encoder]

@@ -134,7 +134,7 @@ class DGST(SparseUpdateStrategy):
     """Dynamic Gradient Sparsification Training: top-gamma |gradient| per kernel, re-chosen every step."""
 
     name = "dgst"
-    summary = "top-gamma |gradient| entries per conv kernel each step + biases, norms, heads"
+    summary = "top-gamma entries by abs. gradient per conv kernel, each step + biases, norms, heads"
 
     def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor:
         return kernel_topk_mask(weight.grad.abs(), self.gamma, out_dim)
@@ -173,7 +173,7 @@ class SGST(SparseUpdateStrategy):
     the |gradient| accumulated over one pass of the training cases before training; fixed afterwards."""
 
     name = "sgst"
-    summary = "fixed top-gamma entries per conv kernel (accumulated |gradient|) + biases, norms, heads"
+    summary = "fixed top-gamma entries per conv kernel by accumulated abs. gradient + biases, norms, heads"
     needs_calibration = True
 
     def __init__(self, gamma: int = 1):

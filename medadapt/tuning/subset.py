@@ -11,8 +11,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from medadapt.models.parts import (bias_parameters, head_parameters, model_parts, module_parameters,
-                                   norm_parameters)
+from medadapt.models.parts import (bias_parameters, decoder_parameters, head_parameters, model_parts,
+                                   module_parameters, norm_parameters)
 from medadapt.tuning.base import Strategy
 
 
@@ -78,7 +78,7 @@ class DecoderOnly(SubsetStrategy):
     summary = "the decoder (which holds the heads)"
 
     def trainable_subset(self, model):
-        return module_parameters([model_parts(model).decoder]) + head_parameters(model)
+        return decoder_parameters(model) + head_parameters(model)
 
 
 class FineTuneLast(SubsetStrategy):
