@@ -84,3 +84,15 @@ def test_existing_run_needs_resume(tiny_unet, tmp_path):
     _trainer(tiny_unet, tmp_path, RandomPatches(), epochs=1).fit()
     with pytest.raises(MedadaptError, match="--resume"):
         _trainer(tiny_unet, tmp_path, RandomPatches(), epochs=1).fit()
+
+
+def test_loss_equals_monai_dice_ce():
+    """The engine's Dice + CE (written to work across ranks) is MONAI's DiceCELoss in one process."""
+    from monai.losses import DiceCELoss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 16, 16, generator=g)
+    target = torch.randint(0, 3, (2, 1, 8, 16, 16), generator=g)
+    monai = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
+                       smooth_nr=1e-5, smooth_dr=1e-5)
+    assert torch.allclose(DeepSupervisedDiceCE()(logits, target), monai(logits, target), atol=1e-6)

@@ -1,12 +1,23 @@
-"""nnU-Net's training loss: Dice + cross-entropy, summed over deep-supervision outputs."""
+"""nnU-Net's training loss: Dice + cross-entropy, summed over deep-supervision outputs.
+
+The soft Dice is nnU-Net's batch Dice (``MemoryEfficientSoftDiceLoss``, foreground classes, smooth 1e-5):
+per class, the intersection and sizes are summed over the batch and the patch. Under
+DistributedDataParallel these sums are also summed over ranks (as nnU-Net does), so that training on N ranks
+with batches of B equals training on one process with the global batch of N·B; that is why the Dice is
+written here rather than taken from MONAI's ``DiceCELoss`` (whose value it equals in one process, see
+tests/test_engine.py).
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from torch import nn
+
+from medadapt.engine.distributed import all_gather_sum
+
+SMOOTH = 1e-5
 
 
 def deep_supervision_weights(n: int) -> list[float]:
@@ -18,17 +29,23 @@ def deep_supervision_weights(n: int) -> list[float]:
     return [w / total for w in weights]
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 − mean over foreground classes of the batch soft Dice (sums over ranks when distributed)."""
+    probs = torch.softmax(logits, 1)[:, 1:]
+    onehot = F.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
+    axes = [0, *range(2, probs.ndim)]
+    stats = torch.stack([(probs * onehot).sum(axes), probs.sum(axes), onehot.sum(axes)])
+    intersection, pred, gt = all_gather_sum(stats)
+    dice = (2 * intersection + SMOOTH) / torch.clamp(pred + gt + SMOOTH, min=1e-8)
+    return 1 - dice.mean()
+
+
 class DeepSupervisedDiceCE(nn.Module):
-    """CE + soft Dice (foreground classes, batch Dice, smooth 1e-5, weights 1:1) as nnU-Net v2 trains with.
+    """CE + soft Dice (weights 1:1) as nnU-Net v2 trains with.
 
     ``outputs`` is one logits tensor or the list of deep-supervision outputs, highest resolution first;
     the target (B, 1, ...) of class indices is downsampled to each output by nearest neighbour.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dice_ce = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
-                                  smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=1.0, lambda_ce=1.0)
 
     def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
@@ -40,5 +57,8 @@ class DeepSupervisedDiceCE(nn.Module):
             t = target
             if t.shape[2:] != logits.shape[2:]:
                 t = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest").long()
-            total = total + weight * self.dice_ce(logits, t)
+            # DDP averages gradients over ranks: the per-rank CE mean then gives the global-batch CE; the Dice is
+            # computed on statistics summed over ranks, and all_gather's backward sums the identical losses'
+            # gradients over ranks (a factor of N) which DDP's averaging cancels.
+            total = total + weight * (F.cross_entropy(logits, t[:, 0].long()) + soft_dice_loss(logits, t))
         return total

@@ -9,6 +9,12 @@ extra loss terms (knowledge distillation, transductive terms on unlabelled volum
 
 A checkpoint is written atomically after every epoch. Each epoch draws its randomness from (seed, epoch)
 alone, so a run resumed after being killed continues exactly as the uninterrupted run would have.
+
+Under ``torchrun`` the model is wrapped in DistributedDataParallel: each rank samples its own patches (its
+randomness is drawn from (seed, epoch, rank)), gradients are averaged over ranks in the backward pass, and
+everything after that — clipping, the strategy's selection (DGST picks from the all-reduced gradient), the
+optimizer step — sees the same numbers on every rank, so all ranks keep identical weights. Rank 0 writes the
+checkpoints.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from medadapt.engine import distributed as dist_utils
 from medadapt.engine.losses import DeepSupervisedDiceCE
 from medadapt.errors import MedadaptError
 from medadapt.tuning.base import Strategy
@@ -67,6 +74,11 @@ class Trainer:
                  checkpoint_dir: str | Path, loss: nn.Module | None = None,
                  loss_terms: Sequence[LossTerm] = (), progress: bool = True, description: str = "train"):
         self.model = model
+        # what forward/backward runs through: the model itself, or its DDP wrapper under torchrun
+        self.train_model = model
+        if dist_utils.is_distributed():
+            # find_unused_parameters: nnU-Net's lowest deep-supervision output has loss weight 0
+            self.train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         self.strategy = strategy
         self.sampler = sampler
         self.config = config
@@ -85,6 +97,9 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _save(self, epoch_done: int) -> None:
+        if not dist_utils.is_main():
+            dist_utils.barrier()
+            return
         atomic_torch_save(self.checkpoint_path, {
             "epoch_done": epoch_done,
             "model": self.model.state_dict(),
@@ -93,6 +108,7 @@ class Trainer:
             "history": self.history,
             "config": self.config.to_dict(),
         })
+        dist_utils.barrier()
 
     def _load(self) -> None:
         ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
@@ -119,7 +135,8 @@ class Trainer:
         cfg = self.config
         self.model.train()
         total = (cfg.epochs - self.start_epoch) * cfg.iterations_per_epoch
-        bar = tqdm(total=total, desc=self.description, disable=not self.progress, unit="it", leave=False,
+        bar = tqdm(total=total, desc=self.description, disable=not (self.progress and dist_utils.is_main()),
+                   unit="it", leave=False,
                    dynamic_ncols=True)
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
@@ -131,15 +148,19 @@ class Trainer:
 
     def _calibrate(self) -> None:
         """Give the strategy one pass over the training cases (own random stream: training is unaffected)."""
-        rng = np.random.default_rng([self.config.seed, 2 ** 32 - 1])
+        rng = np.random.default_rng(self._stream(2 ** 32 - 1))
         one_pass = getattr(self.sampler, "one_pass", None)
         batches = one_pass(rng) if one_pass is not None else [self.sampler.sample(rng)]
-        self.strategy.calibrate(self.model, lambda model, batch: self.loss(model(batch["image"]), batch["label"]),
-                                batches)
+        self.strategy.calibrate(self.train_model,
+                                lambda model, batch: self.loss(model(batch["image"]), batch["label"]), batches)
+
+    def _stream(self, key: int) -> list[int]:
+        """Seed sequence of one random stream: (seed, key), plus the rank when several processes train."""
+        return [self.config.seed, key] + ([dist_utils.rank()] if dist_utils.is_distributed() else [])
 
     def _run_epoch(self, epoch: int, bar) -> None:
         cfg = self.config
-        rng = np.random.default_rng([cfg.seed, epoch])
+        rng = np.random.default_rng(self._stream(epoch))
         torch.manual_seed(int(rng.integers(2 ** 62)))
         lr = cfg.lr_at(epoch)
         for group in self.optimizer.param_groups:
@@ -149,7 +170,7 @@ class Trainer:
             t0 = time.perf_counter()
             batch = self.sampler.sample(rng)
             t1 = time.perf_counter()
-            loss = self.train_step(batch)
+            loss = dist_utils.mean_over_ranks(self.train_step(batch))
             t2 = time.perf_counter()
             losses.append(loss)
             self.history["iteration_loss"].append(loss)
@@ -163,7 +184,7 @@ class Trainer:
     def train_step(self, batch: dict) -> float:
         """One iteration: forward, loss, backward, clip, step. Returns the loss value."""
         self.optimizer.zero_grad(set_to_none=True)
-        outputs = self.model(batch["image"])
+        outputs = self.train_model(batch["image"])
         loss = self.loss(outputs, batch["label"])
         for term in self.loss_terms:
             loss = loss + term(self.model, batch, outputs)

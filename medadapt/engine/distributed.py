@@ -1,0 +1,73 @@
+"""Multi-process training with ``torchrun``: DistributedDataParallel over gloo (CPU) or NCCL (GPU).
+
+``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; :func:`init_from_env`
+joins the process group when they are there and does nothing otherwise, so the same code runs in one process.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env() -> bool:
+    """Join the torchrun process group if launched by torchrun (idempotent). Returns whether distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Run the block on rank 0 first (e.g. to fill a cache), then on the other ranks."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def all_gather_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks, differentiable (gradients flow back to every rank's own contribution)."""
+    if not is_distributed():
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.stack(all_gather(t)).sum(0)
+
+
+def mean_over_ranks(value: float) -> float:
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world_size()
