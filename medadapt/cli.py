@@ -175,7 +175,10 @@ def cmd_pretrain(args) -> int:
     pretrain(args.data, args.out, preset_name=args.preset, epochs=args.epochs,
              iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed, resume=args.resume,
              progress=not args.quiet)
-    print(f"model folder written to {args.out}")
+    from medadapt.engine.distributed import is_main
+
+    if is_main():
+        print(f"model folder written to {args.out}")
     return 0
 
 
@@ -186,6 +189,8 @@ def cmd_finetune(args) -> int:
                       gamma=args.gamma, split_seed=args.split_seed, epochs=args.epochs,
                       iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
                       progress=not args.quiet, method_options=_method_options(args))
+    if not record:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     _print_metrics(record["metrics"], "test cases")
     sizes = record["sizes"]
     print(f"model: {args.out / 'model'} ({sizes['checkpoint_bytes'] / 1024:,.0f} KiB); as a delta against the "

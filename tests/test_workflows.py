@@ -1,5 +1,6 @@
 """End to end on tiny synthetic cohorts: synth -> pretrain -> finetune (DGST) -> predict -> evaluate."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -118,3 +119,19 @@ def test_every_subcommand_has_help(capsys):
             main([cmd, "--help"])
         assert exc.value.code == 0
         assert "usage: medadapt " + cmd in capsys.readouterr().out
+
+
+def test_finetune_under_torchrun_two_processes(world, tmp_path):
+    """The CLI under torchrun (2 CPU processes, gloo): rank 0 writes one complete run."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "medadapt", *_finetune_args(world, out, "dgst", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("lymph_node: DSC") == 1  # reported once, by rank 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["method"]["name"] == "dgst" and (out / "model" / "weights.pt").is_file()

@@ -56,13 +56,26 @@ def main_first():
         barrier()
 
 
-def all_gather_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over ranks, differentiable (gradients flow back to every rank's own contribution)."""
-    if not is_distributed():
-        return t
-    from torch.distributed.nn.functional import all_gather
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is a sum over ranks too: every rank's loss depends on the sum, so the
+    gradient for a rank's own term is the sum of all ranks' gradients for the total."""
 
-    return torch.stack(all_gather(t)).sum(0)
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum of ``t`` over ranks (identity in one process)."""
+    return _AllReduceSum.apply(t) if is_distributed() else t
 
 
 def mean_over_ranks(value: float) -> float:

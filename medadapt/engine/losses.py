@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medadapt.engine.distributed import all_gather_sum
+from medadapt.engine.distributed import all_reduce_sum
 
 SMOOTH = 1e-5
 
@@ -35,7 +35,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     onehot = F.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
     axes = [0, *range(2, probs.ndim)]
     stats = torch.stack([(probs * onehot).sum(axes), probs.sum(axes), onehot.sum(axes)])
-    intersection, pred, gt = all_gather_sum(stats)
+    intersection, pred, gt = all_reduce_sum(stats)
     dice = (2 * intersection + SMOOTH) / torch.clamp(pred + gt + SMOOTH, min=1e-8)
     return 1 - dice.mean()
 
@@ -58,7 +58,7 @@ class DeepSupervisedDiceCE(nn.Module):
             if t.shape[2:] != logits.shape[2:]:
                 t = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest").long()
             # DDP averages gradients over ranks: the per-rank CE mean then gives the global-batch CE; the Dice is
-            # computed on statistics summed over ranks, and all_gather's backward sums the identical losses'
+            # computed on statistics summed over ranks, and that sum's backward sums the identical losses'
             # gradients over ranks (a factor of N) which DDP's averaging cancels.
             total = total + weight * (F.cross_entropy(logits, t[:, 0].long()) + soft_dice_loss(logits, t))
         return total

@@ -29,7 +29,7 @@ from medadapt.data.io import read_label
 from medadapt.data.cache import preprocess_dataset
 from medadapt.data.sampling import PatchSampler
 from medadapt.data.splits import draw_shots, train_test_split
-from medadapt.engine import Trainer, TrainingConfig
+from medadapt.engine import Trainer, TrainingConfig, distributed
 from medadapt.errors import MedadaptError
 from medadapt.inference import Predictor
 from medadapt.metrics import case_metrics, summarize
@@ -84,6 +84,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
     # validates --method and its options before any work
     strategy = make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
+    distributed.init_from_env()
+    progress = progress and distributed.is_main()
     folder = load_model_folder(model)
     dataset = RawDataset.load(data)
     train_ids, test_ids = train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)
@@ -95,7 +97,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         dataset.load_case(cid)
     plan = folder.plan()
     cache = dataset_cache_dir(dataset.root)
-    cases = preprocess_dataset(dataset, shot_ids, plan, cache, progress=progress)
+    with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
+        cases = preprocess_dataset(dataset, shot_ids, plan, cache, progress=progress)
     network, new_head = load_foundation(folder, dataset, seed)
     torch.manual_seed(seed)  # strategies that initialise weights (scratch, adapters, LoRA) draw from here
     network = strategy.prepare(network)
@@ -109,6 +112,9 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     trainable = trainable_parameter_count(network)
     updated_per_step = strategy.updated_per_step(network)
     history = trainer.fit(resume=resume)
+    if not distributed.is_main():  # rank 0 writes the model, predicts and evaluates
+        distributed.barrier()
+        return {}
     atomic_write_json(out / "training" / "history.json", history)
 
     delta = make_delta(folder.load_network().state_dict(), network.state_dict(),
@@ -159,4 +165,5 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         "environment": environment(),
     }
     atomic_write_json(run_file, record)
+    distributed.barrier()
     return record

@@ -8,7 +8,7 @@ from medadapt.data.dataset import RawDataset
 from medadapt.data.cache import preprocess_dataset
 from medadapt.data.preprocessing import plan_from_dataset
 from medadapt.data.sampling import PatchSampler
-from medadapt.engine import Trainer, TrainingConfig
+from medadapt.engine import Trainer, TrainingConfig, distributed
 from medadapt.models import ModelFolder, preset, save_model_folder
 from medadapt.models.network import seeded_network
 from medadapt.tuning import FullFineTuning
@@ -23,10 +23,13 @@ def pretrain(data: str | Path, out: str | Path, preset_name: str = "cpu-small", 
              progress: bool = True) -> ModelFolder:
     """Train a new network on every case of ``data``; writes a model folder to ``out``."""
     out = Path(out)
+    distributed.init_from_env()
+    progress = progress and distributed.is_main()
     dataset = RawDataset.load(data)
     case_ids = dataset.case_ids
-    plan = plan_from_dataset(dataset, case_ids, progress=progress)
-    cases = preprocess_dataset(dataset, case_ids, plan, dataset_cache_dir(dataset.root), progress=progress)
+    with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
+        plan = plan_from_dataset(dataset, case_ids, progress=progress)
+        cases = preprocess_dataset(dataset, case_ids, plan, dataset_cache_dir(dataset.root), progress=progress)
     spec = preset(preset_name, input_channels=dataset.num_channels, num_classes=dataset.num_classes)
     network = seeded_network(spec, seed)
     strategy = FullFineTuning()
@@ -45,6 +48,8 @@ def pretrain(data: str | Path, out: str | Path, preset_name: str = "cpu-small", 
                     "parameters": total_parameter_count(network), **trainer.summary(),
                     "environment": environment()},
     )
-    save_model_folder(out, network, folder)
-    atomic_write_json(out / "training" / "history.json", history)
+    if distributed.is_main():
+        save_model_folder(out, network, folder)
+        atomic_write_json(out / "training" / "history.json", history)
+    distributed.barrier()
     return folder
