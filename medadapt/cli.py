@@ -96,6 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(p)
     p.set_defaults(func=cmd_methods)
 
+    p = sub.add_parser("bench-speed", help="seconds per training iteration of every method, side by side",
+                       description="Time every fine-tuning method on the same batches in one process "
+                                   "(interleaved), split into forward, backward, selection and optimizer step; "
+                                   "ratio to full; peak memory.")
+    net = p.add_mutually_exclusive_group()
+    net.add_argument("--model", type=Path, help="a model folder to time")
+    net.add_argument("--preset", default=None, help="a network preset (default cpu-small)")
+    p.add_argument("--patch", type=_positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
+                   help="patch size (default: the network's)")
+    p.add_argument("--batch", type=_positive_int, default=None, help="batch size (default: the network's)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    p.add_argument("--iterations", type=_positive_int, default=5, help="timed iterations per method (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_method_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench_speed)
+
     p = sub.add_parser("predict", help="predict label maps for a NIfTI file or folder",
                        description="Sliding-window prediction (Gaussian-weighted, 50%% overlap) of every "
                                    "case in --input; label maps are written in each input's geometry.")
@@ -205,6 +225,18 @@ def cmd_methods(args) -> int:
 
     _, text = methods_table(load_model_folder(args.model), gamma=args.gamma, **_method_options(args))
     print(text)
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from medadapt.benchmark.speed import run_bench_speed
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    options = {"gamma": args.gamma, **_method_options(args)}
+    run_bench_speed(model=args.model, preset_name=args.preset, patch=args.patch, batch=args.batch, methods=methods,
+                    iterations=args.iterations, warmup=args.warmup, memory=not args.no_memory, device=args.device,
+                    as_json=args.json, options={k: v for k, v in options.items() if v is not None},
+                    progress=not args.quiet)
     return 0
 
 

@@ -1,0 +1,286 @@
+"""``medadapt bench-speed``: seconds per training iteration of every strategy, side by side.
+
+All strategies train copies of the same network on the same batches in one process, interleaved iteration by
+iteration (the order rotates every round), so machine noise hits them alike and the ratio to ``full`` is
+meaningful even on a shared machine. An iteration is split into forward (+ loss), backward, the strategy's
+selection (its optimizer pre/post hooks: top-k, masking, restoring) and the optimizer step.
+
+Peak memory: on a GPU, ``torch.cuda.max_memory_allocated`` per strategy. On a CPU there is no allocator
+statistic, so each strategy runs a few iterations in a fresh process and reports how far training raised the
+process's resident memory (sampled every millisecond) above what it was before the first iteration.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import multiprocessing as mp
+import os
+import statistics
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from medadapt.engine.losses import DeepSupervisedDiceCE
+from medadapt.models.network import NetworkSpec, build_network
+from medadapt.tuning import make_strategy
+from medadapt.utils.tables import markdown_table
+
+PHASES = ("forward", "backward", "selection", "step")
+
+
+def make_batches(n: int, batch: int, channels: int, classes: int, patch: Sequence[int], seed: int = 0,
+                 device: str = "cpu") -> list[dict]:
+    """Random images with blob-like labels (so Dice has foreground), identical for every strategy."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        image = torch.randn(batch, channels, *patch, generator=g)
+        smooth = torch.nn.functional.avg_pool3d(torch.randn(batch, 1, *patch, generator=g), 5, 1, 2)
+        label = torch.bucketize(smooth, torch.linspace(-0.2, 0.2, classes - 1)).long() if classes > 1 else \
+            torch.zeros(batch, 1, *patch, dtype=torch.long)
+        batches.append({"image": image.to(device), "label": label.to(device)})
+    return batches
+
+
+class _Timer:
+    """Optimizer hooks around the strategy's own: splits ``optimizer.step()`` into selection and step."""
+
+    def __init__(self, sync):
+        self.sync = sync
+        self.t = {}
+
+    def stamp(self, key):
+        def hook(*_):
+            self.sync()
+            self.t[key] = time.perf_counter()
+        return hook
+
+
+class _Run:
+    def __init__(self, method: str, foundation: torch.nn.Module, options: dict, calibration: list[dict], sync):
+        torch.manual_seed(0)
+        self.method = method
+        self.strategy = make_strategy(method, **options)
+        self.model = self.strategy.prepare(copy.deepcopy(foundation))
+        self.model.train()
+        self.loss = DeepSupervisedDiceCE()
+        self.optimizer = torch.optim.SGD(self.strategy.parameters(self.model), lr=1e-3, momentum=0.99,
+                                         nesterov=True, weight_decay=3e-5)
+        self.timer = _Timer(sync)
+        # order: [a] strategy pre-hook [b] ... step ... [c] strategy post-hook [d]
+        self.optimizer.register_step_pre_hook(self.timer.stamp("a"))
+        self.optimizer.register_step_post_hook(self.timer.stamp("c"))
+        self.strategy.attach(self.optimizer)
+        self.optimizer.register_step_pre_hook(self.timer.stamp("b"))
+        self.optimizer.register_step_post_hook(self.timer.stamp("d"))
+        if self.strategy.needs_calibration:
+            self.strategy.calibrate(self.model, lambda m, b: self.loss(m(b["image"]), b["label"]), calibration)
+        self.sync = sync
+        self.times: dict[str, list[float]] = {p: [] for p in (*PHASES, "total")}
+
+    def step(self, batch: dict, record: bool) -> None:
+        sync = self.sync
+        self.optimizer.zero_grad(set_to_none=True)
+        sync()
+        t0 = time.perf_counter()
+        loss = self.loss(self.model(batch["image"]), batch["label"])
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
+        sync()
+        t2 = time.perf_counter()
+        self.optimizer.step()
+        sync()
+        t3 = time.perf_counter()
+        if record:
+            t = self.timer.t
+            for key, value in (("forward", t1 - t0), ("backward", t2 - t1),
+                               ("selection", (t["b"] - t["a"]) + (t["d"] - t["c"])), ("step", t["c"] - t["b"]),
+                               ("total", t3 - t0)):
+                self.times[key].append(value)
+
+
+def _sync_for(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def time_methods(foundation: torch.nn.Module, methods: Sequence[str], patch: Sequence[int], batch: int,
+                 iterations: int = 5, warmup: int = 2, options: dict | None = None, device: str = "cpu",
+                 progress: bool = True) -> dict[str, dict[str, float]]:
+    """Median seconds per phase for each method, interleaved round-robin on identical batches."""
+    device_t = torch.device(device)
+    foundation = foundation.to(device_t)
+    channels = next(m for m in foundation.modules() if isinstance(m, torch.nn.Conv3d)).in_channels
+    classes = foundation.decoder.seg_layers[-1].out_channels
+    batches = make_batches(warmup + iterations, batch, channels, classes, patch, device=device)
+    sync = _sync_for(device_t)
+    runs = [_Run(m, foundation, options or {}, batches[:1], sync) for m in methods]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=(warmup + iterations) * len(runs), desc="bench-speed", unit="it", disable=not progress,
+               leave=False)
+    for i, b in enumerate(batches):
+        order = runs[i % len(runs):] + runs[:i % len(runs)]  # rotate so no method always runs first
+        for run in order:
+            run.step(b, record=i >= warmup)
+            bar.update(1)
+    bar.close()
+    return {r.method: {k: statistics.median(v) for k, v in r.times.items()} for r in runs}
+
+
+def _memory_child(spec: dict, weights: str | None, method: str, options: dict, patch, batch: int,
+                  iterations: int, queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    foundation = build_network(NetworkSpec.from_dict(spec))
+    if weights:
+        foundation.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    channels, classes = spec["input_channels"], spec["num_classes"]
+    batches = make_batches(iterations, batch, channels, classes, patch)
+    gc.collect()
+    with _RssSampler() as rss:  # from before the strategy's copy of the model (and SGST's calibration pass)
+        run = _Run(method, foundation, options, batches[:1], lambda: None)
+        for b in batches:
+            run.step(b, record=False)
+    queue.put(rss.peak - rss.start)
+
+
+class _RssSampler:
+    """Peak resident memory while the block runs, sampled every millisecond from /proc/self/statm (the
+    process's lifetime high-water mark would include what importing libraries once took)."""
+
+    def __init__(self, interval: float = 1e-3):
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def cpu_peak_memory(spec: NetworkSpec, weights: Path | None, method: str, options: dict, patch, batch: int,
+                    iterations: int = 2) -> int:
+    """Bytes by which training ``iterations`` steps raises a fresh process's peak resident memory."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_child, args=(spec.to_dict(), str(weights) if weights else None, method,
+                                                   options, tuple(patch), batch, iterations, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return int(value)
+
+
+def gpu_peak_memory(foundation: torch.nn.Module, method: str, options: dict, patch, batch: int,
+                    iterations: int = 2) -> int:
+    device = torch.device("cuda")
+    channels = next(m for m in foundation.modules() if isinstance(m, torch.nn.Conv3d)).in_channels
+    classes = foundation.decoder.seg_layers[-1].out_channels
+    batches = make_batches(iterations, batch, channels, classes, patch, device="cuda")
+    run = _Run(method, foundation.to(device), options, batches[:1], torch.cuda.synchronize)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for b in batches:
+        run.step(b, record=False)
+    peak = torch.cuda.max_memory_allocated()
+    del run
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
+def speed_table(results: dict[str, dict[str, float]], memory: dict[str, int] | None) -> str:
+    full = results.get("full", {}).get("total")
+    full_mem = (memory or {}).get("full")
+    rows = []
+    for method, t in results.items():
+        row = [method, f"{t['total']:.3f}", *(f"{t[p]:.3f}" for p in PHASES),
+               f"{t['total'] / full:.3f}" if full else "-"]
+        if memory is not None:
+            m = memory[method]
+            row += [f"{m / 2 ** 20:.0f}", f"{m / full_mem:.2f}" if full_mem else "-"]
+        rows.append(row)
+    header = ["method", "s/iter", *(f"{p} s" for p in PHASES), "ratio to full"]
+    if memory is not None:
+        header += ["peak MiB", "mem. ratio"]
+    return markdown_table(header, rows)
+
+
+def run_bench_speed(model: Path | None = None, preset_name: str | None = None, patch=None, batch=None,
+                    methods: Sequence[str] | None = None, iterations: int = 5, warmup: int = 2, memory: bool = True,
+                    device: str | None = None, as_json: bool = False, options: dict | None = None,
+                    progress: bool = True) -> dict:
+    """The ``bench-speed`` command: time, measure memory, print a table (or JSON), return the results."""
+    import json
+    import platform
+
+    from medadapt.errors import MedadaptError
+    from medadapt.models import load_model_folder, preset
+    from medadapt.tuning import method_names
+
+    options = options or {}
+    if model is not None:
+        folder = load_model_folder(model)
+        spec, weights = folder.network, folder.path / "weights.pt"
+        foundation = folder.load_network()
+        label = str(model)
+    else:
+        spec = preset(preset_name or "cpu-small", input_channels=1, num_classes=2)
+        weights = None
+        torch.manual_seed(0)
+        foundation = build_network(spec)
+        label = f"preset {preset_name or 'cpu-small'}"
+    patch = tuple(patch or spec.patch_size)
+    batch = int(batch or spec.batch_size)
+    known = method_names()
+    methods = list(methods or known)
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise MedadaptError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    if "full" not in methods:
+        methods.insert(0, "full")  # the reference of every ratio
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise MedadaptError(f"--device {device}: use cpu, or cuda on a machine with a GPU")
+    if warmup < 0:
+        raise MedadaptError(f"--warmup {warmup}: must be >= 0")
+    results = time_methods(foundation, methods, patch, batch, iterations, warmup, options, device, progress)
+    peaks = None
+    if memory:
+        peaks = {}
+        for m in methods:
+            peaks[m] = (gpu_peak_memory(foundation, m, options, patch, batch) if device == "cuda" else
+                        cpu_peak_memory(spec, weights, m, options, patch, batch))
+    params = sum(p.numel() for p in foundation.parameters())
+    report = {"network": label, "parameters": params, "patch": list(patch), "batch": batch, "device": device,
+              "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+              "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
+              "iterations": iterations, "warmup": warmup, "options": options,
+              "date": time.strftime("%Y-%m-%d"), "seconds": results, "peak_memory_bytes": peaks}
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{label}: {params:,} parameters, patch {'x'.join(map(str, patch))}, batch {batch}, {device}"
+              f"{' (' + report['gpu'] + ')' if report['gpu'] else ''}, {report['cpu_threads']} CPU threads; "
+              f"median of {iterations} iterations after {warmup} warm-up, methods interleaved")
+        print(speed_table(results, peaks))
+    return report
