@@ -167,3 +167,19 @@ def test_frozen_parameters_get_no_gradient(tiny_unet):
     for p in model.parameters():
         if not p.requires_grad:
             assert p.grad is None  # autograd computed no weight gradient for frozen weights
+
+
+def test_bias_training_with_frozen_weights_keeps_outputs(tiny_unet):
+    """bias/bias-norm add conv biases after a bias-free convolution (no weight gradient): same function."""
+    model = tiny_unet(seed=0).eval()
+    x = torch.randn(1, 1, 16, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        reference = model(x)
+        strategy = make_strategy("bias")
+        prepared = copy.deepcopy(strategy.prepare(copy.deepcopy(model))).eval()  # deep copies keep working
+        decoupled = prepared(x)
+        plain = strategy.finalize(prepared)(x)
+    for a, b, c in zip(reference, decoupled, plain):
+        assert torch.allclose(a, b, atol=1e-6) and torch.equal(a, c)
+    assert set(prepared.state_dict()) == set(model.state_dict())
+    assert not any(m._forward_hooks for m in prepared.modules())

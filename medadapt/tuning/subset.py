@@ -11,9 +11,41 @@ from typing import ClassVar
 
 from torch import nn
 
-from medadapt.models.parts import (bias_parameters, decoder_parameters, head_parameters, model_parts,
+from medadapt.models.parts import (bias_parameters, decoder_parameters, head_parameters, is_conv, model_parts,
                                    module_parameters, norm_parameters)
 from medadapt.tuning.base import Strategy
+
+
+def _detach_bias(module: nn.Module, args) -> None:
+    module._medadapt_bias = module._parameters["bias"]
+    module._parameters["bias"] = None
+
+
+def _add_bias(module: nn.Module, args, output):
+    bias = module._medadapt_bias
+    module._parameters["bias"] = bias
+    del module._medadapt_bias
+    return output + bias.view(1, -1, *([1] * (output.ndim - 2)))
+
+
+def decouple_bias(conv: nn.Module) -> None:
+    """Compute ``conv(x) + b`` as a bias-free convolution followed by an addition.
+
+    PyTorch's CPU convolution backward computes the weight gradient whenever the bias needs one, even for a
+    frozen weight; with the bias added separately a frozen weight costs no gradient (bias-only training gets
+    cheaper, as it does with cuDNN). Same parameters and state-dict keys; forward hooks only.
+    """
+    if _add_bias not in conv._forward_hooks.values():
+        conv.register_forward_pre_hook(_detach_bias)
+        conv.register_forward_hook(_add_bias)
+
+
+def recouple_bias(model: nn.Module) -> None:
+    """Remove :func:`decouple_bias`'s hooks (found by identity, so this also works on deep copies)."""
+    for m in model.modules():
+        for hooks, fn in ((m._forward_pre_hooks, _detach_bias), (m._forward_hooks, _add_bias)):
+            for key in [k for k, h in hooks.items() if h is fn]:
+                del hooks[key]
 
 
 class SubsetStrategy(Strategy):
@@ -28,6 +60,13 @@ class SubsetStrategy(Strategy):
         keep = {id(p) for p in self.trainable_subset(model)}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
+        for m in model.modules():
+            if is_conv(m) and m.bias is not None and m.bias.requires_grad and not m.weight.requires_grad:
+                decouple_bias(m)
+        return model
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        recouple_bias(model)
         return model
 
 
