@@ -25,6 +25,13 @@ def init_from_env() -> bool:
     return True
 
 
+def default_device() -> torch.device:
+    """This process's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

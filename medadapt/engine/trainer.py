@@ -72,13 +72,17 @@ class Trainer:
 
     def __init__(self, model: nn.Module, strategy: Strategy, sampler, config: TrainingConfig,
                  checkpoint_dir: str | Path, loss: nn.Module | None = None,
-                 loss_terms: Sequence[LossTerm] = (), progress: bool = True, description: str = "train"):
-        self.model = model
+                 loss_terms: Sequence[LossTerm] = (), progress: bool = True, description: str = "train",
+                 device: str | torch.device | None = None):
+        self.device = torch.device(device) if device is not None else dist_utils.default_device()
+        self.model = model.to(self.device)  # in place: strategies keep their references to the parameters
         # what forward/backward runs through: the model itself, or its DDP wrapper under torchrun
         self.train_model = model
         if dist_utils.is_distributed():
             # find_unused_parameters: nnU-Net's lowest deep-supervision output has loss weight 0
-            self.train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         self.strategy = strategy
         self.sampler = sampler
         self.config = config
@@ -151,8 +155,10 @@ class Trainer:
         rng = np.random.default_rng(self._stream(2 ** 32 - 1))
         one_pass = getattr(self.sampler, "one_pass", None)
         batches = one_pass(rng) if one_pass is not None else [self.sampler.sample(rng)]
-        self.strategy.calibrate(self.train_model,
-                                lambda model, batch: self.loss(model(batch["image"]), batch["label"]), batches)
+        def loss_fn(model, batch):
+            return self.loss(model(batch["image"].to(self.device)), batch["label"].to(self.device))
+
+        self.strategy.calibrate(self.train_model, loss_fn, batches)
 
     def _stream(self, key: int) -> list[int]:
         """Seed sequence of one random stream: (seed, key), plus the rank when several processes train."""
@@ -183,6 +189,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> float:
         """One iteration: forward, loss, backward, clip, step. Returns the loss value."""
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         self.optimizer.zero_grad(set_to_none=True)
         outputs = self.train_model(batch["image"])
         loss = self.loss(outputs, batch["label"])

@@ -25,10 +25,12 @@ from medadapt.models.network import set_deep_supervision
 
 class Predictor:
     def __init__(self, folder: ModelFolder, network: nn.Module | None = None, overlap: float = 0.5,
-                 mirror: bool = False, sw_batch_size: int = 2, device: str | torch.device = "cpu"):
+                 mirror: bool = False, sw_batch_size: int = 2, device: str | torch.device | None = None):
+        from medadapt.engine.distributed import default_device
+
         self.folder = folder
         self.plan = folder.plan()
-        self.device = torch.device(device)
+        self.device = torch.device(device) if device is not None else default_device()
         self.network = (network if network is not None else folder.load_network(deep_supervision=False))
         set_deep_supervision(self.network, False)
         self.network.to(self.device).eval()

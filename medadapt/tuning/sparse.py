@@ -206,5 +206,5 @@ class SGST(SparseUpdateStrategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         masks = state.get("masks")
         if masks is not None:
-            self._masks = [m.clone() for m in masks]
+            self._masks = [m.to(w.device) for m, (w, _) in zip(masks, self._sparse)]
             self._index = {id(w): i for i, (w, _) in enumerate(self._sparse)}
