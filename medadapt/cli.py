@@ -278,6 +278,9 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from medadapt.utils.allocator import keep_freed_memory
+
+    keep_freed_memory()  # glibc: reuse freed tensor memory instead of page-faulting it back in every iteration
     try:
         return args.func(args)
     except MedadaptError as exc:

@@ -107,7 +107,7 @@ def _selections_per_step(method, gamma, tiny_unet, steps=3):
         segmentation_loss(model, batch).backward()
         before = {n: m.weight.detach().clone() for n, m in convs.items()}
         opt.step()
-        steps_out.append({n: (strategy.last_selection[id(m.weight)], m.weight.detach() != before[n])
+        steps_out.append({n: (strategy.selection_mask(m.weight), m.weight.detach() != before[n])
                           for n, m in convs.items()})
     return convs, steps_out
 

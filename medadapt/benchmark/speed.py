@@ -134,7 +134,9 @@ def time_methods(foundation: torch.nn.Module, methods: Sequence[str], patch: Seq
 
 def _memory_child(spec: dict, weights: str | None, method: str, options: dict, patch, batch: int,
                   iterations: int, queue) -> None:
-    torch.set_num_threads(torch.get_num_threads())
+    from medadapt.utils.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as in the parent (the CLI): the same allocator behaviour in both measurements
     foundation = build_network(NetworkSpec.from_dict(spec))
     if weights:
         foundation.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

@@ -29,20 +29,39 @@ from medadapt.models.parts import head_parameter_ids, is_conv
 from medadapt.tuning.base import Strategy
 
 
-def kernel_topk_mask(scores: torch.Tensor, gamma: int, out_dim: int = 0) -> torch.Tensor:
-    """Boolean mask selecting, for each output channel along ``out_dim``, the ``gamma`` largest scores.
+def kernel_topk_indices(scores: torch.Tensor, gamma: int, out_dim: int = 0) -> torch.Tensor | None:
+    """Flat indices (into ``scores``) of the ``gamma`` largest scores of every output channel's kernel.
 
-    Uses ``topk`` (not a sort) over each kernel's flattened entries: linear work and memory in the
-    number of weights. ``gamma`` at least the kernel size selects everything.
+    A ``topk`` (not a sort) over each kernel's flattened entries: linear work and memory in the number of
+    weights. Returns None when ``gamma`` covers whole kernels (everything selected).
     """
     moved = scores.movedim(out_dim, 0)
-    flat = moved.reshape(moved.shape[0], -1)
-    k = min(int(gamma), flat.shape[1])
-    if k >= flat.shape[1]:
-        return torch.ones_like(scores, dtype=torch.bool)
-    idx = flat.topk(k, dim=1, sorted=False).indices
-    mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device).scatter_(1, idx, True)
-    return mask.reshape(moved.shape).movedim(0, out_dim)
+    n_out = moved.shape[0]
+    per_kernel = moved[0].numel()
+    k = min(int(gamma), per_kernel)
+    if k >= per_kernel:
+        return None
+    idx = moved.reshape(n_out, -1).topk(k, dim=1, sorted=False).indices  # (out, k) into each kernel
+    rows = torch.arange(n_out, device=scores.device).unsqueeze(1)
+    if out_dim == 0:
+        return (rows * per_kernel + idx).flatten()
+    # kernel o of a transposed conv is weight[:, o]: entry j of it is (i, rest) = divmod(j, rest_size)
+    rest = scores[0, 0].numel()
+    i, r = idx // rest, idx % rest
+    return (i * scores.shape[1] * rest + rows * rest + r).flatten()
+
+
+def kernel_topk_mask(scores: torch.Tensor, gamma: int, out_dim: int = 0) -> torch.Tensor:
+    """Boolean form of :func:`kernel_topk_indices`."""
+    return indices_to_mask(kernel_topk_indices(scores, gamma, out_dim), scores)
+
+
+def indices_to_mask(indices: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if indices is None:
+        return torch.ones_like(like, dtype=torch.bool)
+    mask = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+    mask[indices] = True
+    return mask.view(like.shape)
 
 
 def output_channel_dim(module: nn.Module) -> int:
@@ -65,8 +84,8 @@ class SparseUpdateStrategy(Strategy):
             raise MedadaptError(f"--gamma {gamma!r}: must be a positive integer (entries per kernel)")
         self.gamma = gamma
         self._sparse: list[tuple[nn.Parameter, int]] = []
-        self.last_selection: dict[int, torch.Tensor] = {}
-        self._pending: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]] = []
+        self.last_selection: dict[int, torch.Tensor | None] = {}
+        self._pending: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None, dict]] = []
 
     # -- interface -------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -92,38 +111,63 @@ class SparseUpdateStrategy(Strategy):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "gamma": self.gamma}
 
-    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor:
-        """Boolean mask of the entries of ``weight`` to update in this step."""
+    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor | None:
+        """Flat indices of the entries of ``weight`` to update in this step (None: all of them)."""
         raise NotImplementedError
 
+    def selection_mask(self, weight: nn.Parameter) -> torch.Tensor:
+        """Boolean mask of what the last step selected in ``weight`` (for inspection and tests)."""
+        return indices_to_mask(self.last_selection[id(weight)], weight)
+
     # -- enforcement -----------------------------------------------------------------------------------
+    # Index-based, to touch memory as little as possible: the pre-hook keeps the selected gradient entries,
+    # zeroes the gradient and puts them back, and snapshots the weight and its optimizer state; the post-hook
+    # keeps the selected entries' new values, copies the snapshot back and puts them in. Two passes over
+    # each tensor and no boolean masks.
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
         self._pending.clear()
         for weight, out_dim in self._sparse:
             if weight.grad is None:
                 continue
-            mask = self.select(weight, out_dim)
+            idx = self.select(weight, out_dim)
+            if idx is None:  # gamma covers whole kernels: nothing to enforce
+                self._pending.append((weight, None, None, {}))
+                continue
+            if not weight.grad.is_contiguous():
+                weight.grad = weight.grad.contiguous()
+            _restore_except(weight.grad, None, idx)  # the optimizer sees only the selected gradient entries
             state = optimizer.state.get(weight, {})
             saved_state = {k: v.clone() for k, v in state.items()
                            if torch.is_tensor(v) and v.shape == weight.shape}
-            self._pending.append((weight, mask, weight.detach().clone(), saved_state))
-            weight.grad.mul_(mask)
+            self._pending.append((weight, idx, weight.detach().clone(), saved_state))
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
-        #: the masks of the last step, per sparse weight (for inspection and tests)
-        self.last_selection = {id(weight): mask for weight, mask, _, _ in self._pending}
-        for weight, mask, old, saved_state in self._pending:
-            weight.copy_(torch.where(mask, weight, old))
-            state = optimizer.state.get(weight, {})
-            for key, value in state.items():
-                if not (torch.is_tensor(value) and value.shape == weight.shape):
-                    continue
-                # state created by this very step (e.g. the first momentum buffer) starts from zero
-                before = saved_state.get(key)
-                value.copy_(torch.where(mask, value, before if before is not None else torch.zeros_like(value)))
+        self.last_selection = {id(weight): idx for weight, idx, _, _ in self._pending}
+        for weight, idx, old, saved_state in self._pending:
+            if idx is None:
+                continue
+            _restore_except(weight, old, idx)
+            for key, value in optimizer.state.get(weight, {}).items():
+                if torch.is_tensor(value) and value.shape == weight.shape:
+                    # state created by this very step (e.g. the first momentum buffer) starts from zero
+                    before = saved_state.get(key)
+                    _restore_except(value, before, idx)
         self._pending.clear()
+
+
+def _restore_except(current: torch.Tensor, old: torch.Tensor | None, idx: torch.Tensor) -> None:
+    """``current`` = ``old`` (zeros if None) everywhere but at the flat indices ``idx``, which keep their value."""
+    flat = current.view(-1) if current.is_contiguous() else current.contiguous().view(-1)
+    kept = flat[idx]
+    if old is None:
+        flat.zero_()
+    else:
+        flat.copy_(old.reshape(-1))
+    flat[idx] = kept
+    if flat.data_ptr() != current.data_ptr():
+        current.copy_(flat.view(current.shape))
 
 
 def _kernel_size(weight: torch.Tensor, out_dim: int) -> int:
@@ -136,8 +180,8 @@ class DGST(SparseUpdateStrategy):
     name = "dgst"
     summary = "top-gamma entries by abs. gradient per conv kernel, each step + biases, norms, heads"
 
-    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor:
-        return kernel_topk_mask(weight.grad.abs(), self.gamma, out_dim)
+    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor | None:
+        return kernel_topk_indices(weight.grad.abs(), self.gamma, out_dim)
 
 
 class DRST(SparseUpdateStrategy):
@@ -153,9 +197,9 @@ class DRST(SparseUpdateStrategy):
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
-    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor:
+    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor | None:
         scores = torch.rand(weight.shape, generator=self._generator).to(weight.device)
-        return kernel_topk_mask(scores, self.gamma, out_dim)
+        return kernel_topk_indices(scores, self.gamma, out_dim)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "seed": self.seed}
@@ -178,7 +222,7 @@ class SGST(SparseUpdateStrategy):
 
     def __init__(self, gamma: int = 1):
         super().__init__(gamma)
-        self._masks: list[torch.Tensor] | None = None
+        self._indices: list[torch.Tensor | None] | None = None
 
     def calibrate(self, model, loss_fn, batches) -> None:
         totals = [torch.zeros_like(w) for w, _ in self._sparse]
@@ -192,19 +236,19 @@ class SGST(SparseUpdateStrategy):
         model.zero_grad(set_to_none=True)
         for p, g in zip(model.parameters(), saved):
             p.grad = g
-        self._masks = [kernel_topk_mask(t, self.gamma, d) for t, (_, d) in zip(totals, self._sparse)]
+        self._indices = [kernel_topk_indices(t, self.gamma, d) for t, (_, d) in zip(totals, self._sparse)]
         self._index = {id(w): i for i, (w, _) in enumerate(self._sparse)}
 
-    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor:
-        if self._masks is None:
+    def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor | None:
+        if self._indices is None:
             raise RuntimeError("SGST: call calibrate() before training (medadapt's engine does)")
-        return self._masks[self._index[id(weight)]]
+        return self._indices[self._index[id(weight)]]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": self._masks}
+        return {"indices": self._indices}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        masks = state.get("masks")
-        if masks is not None:
-            self._masks = [m.to(w.device) for m, (w, _) in zip(masks, self._sparse)]
+        indices = state.get("indices")
+        if indices is not None:
+            self._indices = [i.to(w.device) if i is not None else None for i, (w, _) in zip(indices, self._sparse)]
             self._index = {id(w): i for i, (w, _) in enumerate(self._sparse)}
