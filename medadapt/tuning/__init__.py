@@ -8,7 +8,7 @@ from __future__ import annotations
 from medadapt.errors import MedadaptError
 from medadapt.tuning.base import Strategy
 from medadapt.tuning.dense import FromScratch, FullFineTuning
-from medadapt.tuning.sparse import DGST, DRST, SGST, SparseUpdateStrategy, kernel_topk_mask
+from medadapt.tuning.sparse import DGST, DRST, SGST, SparseUpdateStrategy, kernel_topk_indices
 from medadapt.tuning.subset import (AffineNorm, BiasNorm, BiasOnly, DecoderOnly, EncoderOnly, FineTuneLast,
                                     LinearProbe, SubsetStrategy)
 
@@ -40,4 +40,4 @@ def make_strategy(name: str, **options) -> Strategy:
 
 __all__ = ["Strategy", "make_strategy", "method_names", "FromScratch", "FullFineTuning", "DGST", "DRST", "SGST",
            "SparseUpdateStrategy", "SubsetStrategy", "LinearProbe", "BiasOnly", "AffineNorm", "BiasNorm",
-           "EncoderOnly", "DecoderOnly", "FineTuneLast", "kernel_topk_mask"]
+           "EncoderOnly", "DecoderOnly", "FineTuneLast", "kernel_topk_indices"]

@@ -51,11 +51,6 @@ def kernel_topk_indices(scores: torch.Tensor, gamma: int, out_dim: int = 0) -> t
     return (i * scores.shape[1] * rest + rows * rest + r).flatten()
 
 
-def kernel_topk_mask(scores: torch.Tensor, gamma: int, out_dim: int = 0) -> torch.Tensor:
-    """Boolean form of :func:`kernel_topk_indices`."""
-    return indices_to_mask(kernel_topk_indices(scores, gamma, out_dim), scores)
-
-
 def indices_to_mask(indices: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     if indices is None:
         return torch.ones_like(like, dtype=torch.bool)
