@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="the whole chain on built-in synthetic cohorts (about 10 min on 2 CPUs)",
+    p = sub.add_parser("demo", help="the whole chain on built-in synthetic cohorts (about 5 min on 2 CPU cores)",
                        description="Generate two synthetic hospitals, pretrain a small foundation model on "
                                    "the first (cached), fine-tune it with K scans of the second using "
                                    "scratch, full and DGST, evaluate on held-out scans, print a table and "
