@@ -1,7 +1,7 @@
 """``medadapt demo``: two synthetic hospitals, a small foundation model, three fine-tuning methods.
 
-Sized to stay well inside ten minutes on 2 CPU cores (5 min measured) (see BENCHMARKS.md): the CPU preset network, 48x112x112 volumes,
-and epoch counts far below the paper's GPU budget (2000 pretraining and 50 fine-tuning epochs of 250
+Sized to stay well inside ten minutes on 2 CPU cores (5 min measured, BENCHMARKS.md): the CPU preset
+network, 48x112x112 volumes, and epoch counts far below the paper's GPU budget (2000 pretraining and 50 fine-tuning epochs of 250
 iterations). The foundation model is cached in the work folder: a second run goes straight to
 fine-tuning, and finished fine-tuning runs are reused unless ``--fresh`` is given.
 """
