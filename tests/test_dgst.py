@@ -23,10 +23,12 @@ def _batches(n, seed=0):
 
 
 def _loss(model, x, y):
+    """CE on every deep-supervision output (all heads get a gradient, unlike nnU-Net's weighting)."""
     outs = model(x)
     loss = nn.functional.cross_entropy(outs[0], y)
-    for o in outs[1:]:  # deep supervision heads, downsampled targets
-        loss = loss + 0.5 * nn.functional.cross_entropy(o, y[:, ::y.shape[1] // o.shape[2], ::2, ::2][:, :o.shape[2], :o.shape[3], :o.shape[4]])
+    for o in outs[1:]:
+        low = nn.functional.interpolate(y[:, None].float(), size=o.shape[2:], mode="nearest")[:, 0].long()
+        loss = loss + 0.5 * nn.functional.cross_entropy(o, low)
     return loss
 
 

@@ -49,15 +49,16 @@ def recouple_bias(model: nn.Module) -> None:
 
 
 class SubsetStrategy(Strategy):
-    """Train only ``trainable_subset(model)``; freeze everything else."""
+    """Train only ``trainable_subset(model)`` and the heads; freeze everything else."""
 
     name: ClassVar[str] = "subset"
 
     def trainable_subset(self, model: nn.Module) -> list[nn.Parameter]:
+        """The method's parameters besides the heads (which every method trains)."""
         raise NotImplementedError
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        keep = {id(p) for p in self.trainable_subset(model)}
+        keep = {id(p) for p in self.trainable_subset(model) + head_parameters(model)}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
         for m in model.modules():
@@ -75,7 +76,7 @@ class LinearProbe(SubsetStrategy):
     summary = "the segmentation head(s) only"
 
     def trainable_subset(self, model):
-        return head_parameters(model)
+        return []
 
 
 class BiasOnly(SubsetStrategy):
@@ -85,7 +86,7 @@ class BiasOnly(SubsetStrategy):
     summary = "all convolution biases + heads (BitFit)"
 
     def trainable_subset(self, model):
-        return bias_parameters(model) + head_parameters(model)
+        return bias_parameters(model)
 
 
 class AffineNorm(SubsetStrategy):
@@ -93,7 +94,7 @@ class AffineNorm(SubsetStrategy):
     summary = "affine scale/shift of the normalisation layers + heads"
 
     def trainable_subset(self, model):
-        return norm_parameters(model) + head_parameters(model)
+        return norm_parameters(model)
 
 
 class BiasNorm(SubsetStrategy):
@@ -101,7 +102,7 @@ class BiasNorm(SubsetStrategy):
     summary = "convolution biases + normalisation affine parameters + heads"
 
     def trainable_subset(self, model):
-        return bias_parameters(model) + norm_parameters(model) + head_parameters(model)
+        return bias_parameters(model) + norm_parameters(model)
 
 
 class EncoderOnly(SubsetStrategy):
@@ -109,7 +110,7 @@ class EncoderOnly(SubsetStrategy):
     summary = "the encoder + heads"
 
     def trainable_subset(self, model):
-        return module_parameters([model_parts(model).encoder]) + head_parameters(model)
+        return module_parameters([model_parts(model).encoder])
 
 
 class DecoderOnly(SubsetStrategy):
@@ -117,7 +118,7 @@ class DecoderOnly(SubsetStrategy):
     summary = "the decoder (which holds the heads)"
 
     def trainable_subset(self, model):
-        return decoder_parameters(model) + head_parameters(model)
+        return decoder_parameters(model)
 
 
 class FineTuneLast(SubsetStrategy):
@@ -127,4 +128,4 @@ class FineTuneLast(SubsetStrategy):
     summary = "the last decoder stage + heads (FSEFT's FT-Last)"
 
     def trainable_subset(self, model):
-        return module_parameters(model_parts(model).last_stage) + head_parameters(model)
+        return module_parameters(model_parts(model).last_stage)

@@ -6,18 +6,19 @@ import copy
 from medadapt.models import ModelFolder
 from medadapt.tuning import make_strategy, method_names
 from medadapt.utils.tables import markdown_table
+from medadapt.workflows.common import total_parameter_count, trainable_parameter_count
 
 
 def methods_table(folder: ModelFolder, **options) -> tuple[list[dict], str]:
     """Per method: trainable parameters (of the model as it trains, new modules included), their share of
     the foundation model's parameter count, and how many entries one optimizer step may change."""
     foundation = folder.load_network()
-    total = sum(p.numel() for p in foundation.parameters())
+    total = total_parameter_count(foundation)
     rows = []
     for name in method_names():
         strategy = make_strategy(name, **options)
         model = strategy.prepare(copy.deepcopy(foundation))
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = trainable_parameter_count(model)
         rows.append({"method": name, "trainable": trainable, "share": trainable / total,
                      "updated_per_step": strategy.updated_per_step(model), "what": strategy.summary})
     table = markdown_table(
