@@ -1,0 +1,267 @@
+"""Run a benchmark grid: data and foundation once, then every unfinished cell, locally or on a Ray cluster.
+
+Work folder::
+
+    <workdir>/grid.json                      the config as last run (for the record)
+    <workdir>/data/<dataset>-<hash>/         synthetic cohorts (nnU-Net raw format)
+    <workdir>/foundation-<hash>/             the foundation model folder, pretrained once
+    <workdir>/cells/<dataset>/<cell>-<hash>/cell.json   a finished cell: config, seed, per-case metrics,
+                                                         parameter counts, timing (written last, atomically)
+    <workdir>/cells/<dataset>/<cell>-<hash>/run/        the fine-tuning run (model, predictions, run.json)
+    <workdir>/report/                        tables and figures (``medadapt.benchmark.report``)
+
+A cell is finished exactly when its ``cell.json`` exists. A killed run loses at most the cell in progress, and
+not even all of that: the cell's fine-tuning resumes from its last epoch checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medadapt.benchmark.grid import CELL_FORMAT, Cell, GridConfig, enumerate_cells, stable_hash
+from medadapt.errors import MedadaptError
+from medadapt.utils.atomic import atomic_path, atomic_write_json
+
+
+@dataclass(frozen=True)
+class GridPaths:
+    """Where a grid's shared inputs live; plain strings so it travels to Ray workers."""
+    workdir: str
+    foundation: str
+    datasets: dict[str, str]
+
+    def cell_dir(self, cell: Cell) -> Path:
+        return Path(self.workdir) / "cells" / cell.cell_id
+
+
+def default_workdir(config: GridConfig) -> Path:
+    return Path("medadapt_runs") / "bench" / config.name
+
+
+def grid_paths(config: GridConfig, workdir: str | Path) -> GridPaths:
+    workdir = Path(workdir).resolve()
+    datasets = {d.name: str(workdir / "data" / f"{d.name}-{stable_hash(d.key(config.data_seed), 8)}")
+                for d in config.datasets}
+    foundation = workdir / f"foundation-{stable_hash(config.foundation_key(), 8)}"
+    return GridPaths(str(workdir), str(foundation), datasets)
+
+
+def cell_file(paths: GridPaths, cell: Cell) -> Path:
+    return paths.cell_dir(cell) / "cell.json"
+
+
+def load_cell_record(paths: GridPaths, cell: Cell) -> dict[str, Any] | None:
+    """The stored record of ``cell``, or None if it has not finished (or was written by a different key)."""
+    path = cell_file(paths, cell)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # cannot happen with atomic writes, but an unreadable record is simply not finished
+    return record if record.get("key") == cell.key else None
+
+
+def prepare_inputs(config: GridConfig, paths: GridPaths, progress: bool = True) -> None:
+    """Write the synthetic cohorts and pretrain the foundation model, unless already there."""
+    from medadapt.synth import DomainSpec, write_dataset
+    from medadapt.workflows.pretrain import pretrain
+
+    workdir = Path(paths.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(workdir / "grid.json", {"source": config.source, "config": config.raw})
+    for ds in config.datasets:
+        write_dataset(DomainSpec.from_dict(ds.domain), paths.datasets[ds.name], num_cases=ds.cases,
+                      seed=config.data_seed, progress=progress)
+    foundation = Path(paths.foundation)
+    if (foundation / "plans.json").is_file():
+        return
+    f = config.foundation
+    spec = DomainSpec.from_dict(f["domain"])
+    source_key = {k: v for k, v in config.foundation_key().items() if k in ("domain", "data_seed", "generator")}
+    source_dir = workdir / "data" / f"{spec.name}-{stable_hash(source_key, 8)}"
+    write_dataset(spec, source_dir, num_cases=f["cases"], seed=config.data_seed, progress=progress)
+    if progress:
+        tqdm.write(f"pretraining the foundation model on {f['cases']} {spec.name} cases -> {foundation}")
+    pretrain(source_dir, foundation, preset_name=f["preset"], epochs=f["epochs"],
+             iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"], resume=True, progress=progress)
+
+
+def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Fine-tune and evaluate one cell; store its record atomically in ``cell.json`` and return it."""
+    from medadapt.workflows.finetune import finetune
+
+    started = time.perf_counter()
+    out = paths.cell_dir(cell)
+    training = cell.key["training"]
+    options = {k: v for k, v in cell.options.items() if k != "gamma"}
+    run = finetune(paths.foundation, paths.datasets[cell.dataset], out / "run", method=cell.method,
+                   shots=cell.shots, seed=cell.seed, gamma=cell.options.get("gamma"),
+                   split_seed=cell.key["split_seed"], epochs=training["epochs"],
+                   iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"),
+                   resume=True, progress=progress, method_options=options)
+    qualitative = _store_qualitative_slice(run, out)
+    record = {
+        "format": CELL_FORMAT,
+        **cell.to_dict(),
+        "per_case": _read_rows(out / "run" / "metrics_per_case.csv"),
+        "metrics": run["metrics"],
+        "parameters": run["parameters"],
+        "timing": run["timing"],
+        "split": run["split"],
+        "shot_cases": run["shot_cases"],
+        "new_head": run["new_head"],
+        "training": run["training"],
+        "qualitative": qualitative,
+        "executor": {**(executor or {"kind": "local"}), "host": socket.gethostname(),
+                     "machine": platform.machine(), "threads": run["environment"]["cpu_threads"],
+                     "cuda": run["environment"]["cuda"]},
+        "environment": run["environment"],
+        "cell_seconds": time.perf_counter() - started,
+    }
+    # the resume checkpoint (weights + optimizer state) is no longer needed once the cell is stored
+    atomic_write_json(cell_file(paths, cell), record)
+    (out / "run" / "training" / "checkpoint_latest.pt").unlink(missing_ok=True)
+    return record
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append({k: _number(v) for k, v in row.items()})
+    return rows
+
+
+def _number(text: str) -> Any:
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return None if np.isnan(value) else value
+
+
+def _store_qualitative_slice(run: dict[str, Any], out: Path) -> str:
+    """One axial slice for the qualitative figure, chosen from the ground truth alone (so every method of a
+    dataset shows the same slice): the test case with the most foreground, its slice with the most."""
+    from medadapt.data.dataset import RawDataset
+    from medadapt.data.io import read_image, read_label
+    from medadapt.viz import pick_slices
+
+    dataset = RawDataset.load(run["dataset"])
+    test_ids = run["split"]["test"]
+    gts = {cid: read_label(dataset.label_path(cid)) for cid in test_ids}
+    case = max(test_ids, key=lambda cid: (int((gts[cid].array > 0).sum()), cid))
+    gt = gts[case]
+    z = pick_slices(gt.array, n=1)[0]
+    image = read_image(dataset.image_paths(case)[0])
+    pred = read_label(out / "run" / "predictions" / f"{case}{dataset.file_ending}")
+    with atomic_path(out / "qualitative.npz", suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, image=image.array[z].astype(np.float32), gt=gt.array[z].astype(np.uint8),
+                                prediction=pred.array[z].astype(np.uint8), spacing=np.asarray(gt.spacing),
+                                case=np.asarray(case), z=np.asarray(z))
+    return "qualitative.npz"
+
+
+# ---------------------------------------------------------------------------------------------- executors
+
+def _ray_cell(cell_dict: dict, paths: GridPaths, threads: int) -> dict:
+    """A Ray task: one cell on whichever node Ray chose (medadapt installed there, the work folder shared)."""
+    import torch
+
+    from medadapt.utils.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    return run_cell(Cell.from_dict(cell_dict), paths, executor={"kind": "ray"})
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise MedadaptError("--ray: Ray is not installed; install it with pip install 'medadapt[ray]' or run "
+                            "without --ray") from None
+    return ray
+
+
+def _run_on_ray(cells: list[Cell], paths: GridPaths, config: GridConfig, address: str,
+                on_done: Callable[[Cell, dict], None]) -> None:
+    ray = _import_ray()
+    started_here = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                  "logging_level": "ERROR", "configure_logging": True}
+        try:
+            if address == "local":  # a private instance on this machine
+                ray.init(num_cpus=os.cpu_count(), **kwargs)
+            else:  # "auto" (the cluster this machine belongs to) or "ray://host:port" / "host:port"
+                ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise MedadaptError(f"--ray {address}: cannot connect ({str(exc).splitlines()[0]}); start a cluster "
+                                "with 'ray start --head', pass its address, or use --ray local") from None
+        started_here = True
+    cpus, gpus = config.ray["cpus_per_cell"], config.ray["gpus_per_cell"]
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_ray_cell)
+    pending = {task.remote(cell.to_dict(), paths, cpus): cell for cell in cells}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(done[0])
+            on_done(cell, ray.get(done[0]))
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()
+
+
+def run_grid(config: GridConfig, workdir: str | Path, ray_address: str | None = None, progress: bool = True,
+             report: bool = True) -> dict[str, Any]:
+    """Run every unfinished cell of ``config`` in ``workdir``; then write the report. Returns a summary."""
+    paths = grid_paths(config, workdir)
+    cells = enumerate_cells(config)
+    todo = [c for c in cells if load_cell_record(paths, c) is None]
+    if progress:
+        print(f"grid {config.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
+              f"{len(todo)} to run -> {paths.workdir}", flush=True)
+    started = time.perf_counter()
+    if todo:
+        prepare_inputs(config, paths, progress=progress)
+    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
+
+    def on_done(cell: Cell, record: dict) -> None:
+        bar.update(1)
+        if progress:
+            summary = next(iter(record["metrics"]["classes"].values()))
+            tqdm.write(f"  {cell.cell_id}: DSC {100 * (summary['dsc']['mean'] or 0):.1f}% "
+                       f"({record['cell_seconds']:.0f} s)")
+
+    try:
+        if ray_address:
+            _run_on_ray(todo, paths, config, ray_address, on_done)
+        else:
+            for cell in todo:
+                bar.set_postfix_str(cell.cell_id, refresh=True)
+                on_done(cell, run_cell(cell, paths))
+    finally:
+        bar.close()
+    result = {"cells": len(cells), "ran": len(todo), "seconds": time.perf_counter() - started,
+              "workdir": paths.workdir}
+    if report:
+        from medadapt.benchmark.report import write_report
+
+        result["report"] = write_report(config, workdir, progress=progress)
+    return result
