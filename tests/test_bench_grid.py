@@ -1,0 +1,237 @@
+"""The few-shot benchmark grid: config and cells, a quick grid end to end, resumption, report rebuild, Ray."""
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medadapt.benchmark import runner
+from medadapt.benchmark.grid import builtin_config_path, enumerate_cells, load_config, parse_config
+from medadapt.benchmark.report import _ranked, write_report
+from medadapt.cli import main
+from medadapt.errors import MedadaptError
+
+
+def quick_raw() -> dict:
+    return yaml.safe_load(builtin_config_path("quick").read_text())
+
+
+def small_config(**changes):
+    """The quick grid cut to one dataset and Table 1 only: a handful of cells."""
+    raw = quick_raw()
+    raw["datasets"] = {"hn-center-b": raw["datasets"]["hn-center-b"]}
+    raw["table1"] = {"methods": ["full", "dgst"], "all_shot": None}
+    raw.pop("table2")
+    raw.pop("gamma")
+    raw.update(changes)
+    return parse_config(raw, source="small.yaml")
+
+
+def cell_files(workdir: Path) -> dict[str, int]:
+    return {str(p.relative_to(workdir)): p.stat().st_mtime_ns for p in (workdir / "cells").rglob("cell.json")}
+
+
+# ------------------------------------------------------------------------------------------------ config, cells
+
+def test_default_grid_mirrors_the_paper():
+    config = load_config("default")
+    cells = enumerate_cells(config)
+    by_exp = {e: [c for c in cells if e in c.experiments] for e in ("table1", "all_shot", "table2", "gamma")}
+    assert [d.shots for d in config.datasets] == [(3, 5, 10), (5, 10, 20)]
+    assert len(by_exp["table1"]) == 8 * 3 * 2                       # 8 methods x 3 shots x 2 datasets
+    assert {(c.dataset, c.shots) for c in by_exp["all_shot"]} == {("hn-center-b", 24), ("mediastinum", 24)}
+    assert {c.shots for c in by_exp["table2"] if c.dataset == "mediastinum"} == {5, 20}  # smallest and largest
+    assert sorted(c.options.get("gamma", 0) for c in by_exp["gamma"] if c.dataset == "mediastinum") == \
+        [0, 1, 2, 3, 5, 10]                                           # full (no gamma) + the five values
+    # shared cells run once: DGST gamma=1 at the largest shot count serves all three experiments
+    shared = [c for c in cells if c.method == "dgst" and c.shots == 20 and c.options == {"gamma": 1}]
+    assert len(shared) == 1 and set(shared[0].experiments) == {"table1", "table2", "gamma"}
+    assert len(cells) == len({c.cell_id for c in cells}) == 78
+    assert len(enumerate_cells(load_config("paper"))) == 78 * 3     # three seeds
+
+
+def test_changed_config_reruns_only_changed_cells():
+    base = {c.cell_id for c in enumerate_cells(load_config("quick"))}
+    raw = quick_raw()
+    raw["gamma"]["values"] = [1, 3, 7]
+    more_gamma = {c.cell_id for c in enumerate_cells(parse_config(raw))}
+    assert base <= more_gamma and len(more_gamma - base) == 2           # gamma=7 on each dataset, nothing else
+    raw = quick_raw()
+    raw["datasets"]["mediastinum"]["cases"] = 7
+    changed = {c.cell_id for c in enumerate_cells(parse_config(raw))}
+    assert {c for c in base if c.startswith("hn-center-b/")} <= changed  # the other dataset's cells survive
+    assert not {c for c in base if c.startswith("mediastinum/")} & changed
+    raw = quick_raw()
+    raw["training"]["epochs"] = 2                                        # the budget is part of every cell
+    assert not base & {c.cell_id for c in enumerate_cells(parse_config(raw))}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["table1"].update(methods=["full", "nope"]), "table1.methods: unknown method 'nope'"),
+    (lambda r: r["datasets"]["hn-center-b"].update(shots=[1, 9]), "datasets.hn-center-b.shots: 9 shots"),
+    (lambda r: r.update(colour="red"), "unknown key(s) ['colour']"),
+    (lambda r: r["gamma"].update(method="full"), "gamma.method: 'full' has no γ"),
+    (lambda r: r["foundation"].update(preset="huge"), "foundation.preset: unknown preset 'huge'"),
+])
+def test_config_errors_name_the_key(edit, message):
+    raw = quick_raw()
+    edit(raw)
+    with pytest.raises(MedadaptError, match=None) as err:
+        parse_config(raw, source="my.yaml")
+    assert str(err.value).startswith("my.yaml: ") and message in str(err.value)
+
+
+def test_cli_bench_errors(tmp_path, capsys):
+    assert main(["bench", "no-such-grid"]) == 2
+    assert "not a built-in config" in capsys.readouterr().err
+    assert main(["bench", "quick", "--report", "--workdir", str(tmp_path / "empty")]) == 2
+    assert "no finished cells" in capsys.readouterr().err
+    assert main(["bench", "quick", "--list", "--workdir", str(tmp_path / "empty")]) == 0
+    assert "0/32 cells finished" in capsys.readouterr().out
+
+
+def test_best_bold_second_underlined():
+    assert _ranked(["a", "b", "c", "d"], [0.5, 0.7, None, 0.6]) == ["a", "**b**", "c", "<u>d</u>"]
+    assert _ranked(["a", "b", "c"], [0.7, 0.7, 0.1]) == ["**a**", "**b**", "<u>c</u>"]  # ties share a rank
+
+
+# ------------------------------------------------------------------------------------------------ quick grid
+
+@pytest.fixture(scope="session")
+def quick_grid(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("bench") / "quick"
+    config = load_config("quick")
+    result = runner.run_grid(config, workdir, progress=False)
+    return config, workdir, result
+
+
+def test_quick_grid_end_to_end(quick_grid):
+    config, workdir, result = quick_grid
+    cells = enumerate_cells(config)
+    assert result["ran"] == len(cells) == 32 and result["report"]["missing"] == []
+    report = Path(result["report"]["dir"])
+    for name in ("table1.md", "table1.csv", "table2.md", "table2.csv", "gamma.md", "gamma.csv", "gamma.png",
+                 "qualitative.png", "cells.csv", "per_case.csv", "report.md"):
+        assert (report / name).stat().st_size > 0, name
+    table1 = (report / "table1.md").read_text()
+    for label in ("From scratch", "Full", "LinearProb", "LoRA", "DGST", "All-shot (5-shot, from scratch)",
+                  "1-shot DSC (%)", "3-shot NSD (%)"):
+        assert label in table1
+    table2 = (report / "table2.md").read_text()
+    assert "1.00×" in table2 and "Bias+Norm" in table2 and "SGST" in table2
+    # every cell record is self-contained: config, seed, per-case metrics, parameters, timing
+    record = json.loads((workdir / "cells" / cells[0].cell_id / "cell.json").read_text())
+    assert record["key"] == cells[0].key and record["seed"] == 0 and record["shots"] == cells[0].shots
+    assert record["per_case"] and {"case", "class", "dsc", "nsd"} <= set(record["per_case"][0])
+    assert record["parameters"]["trainable"] > 0 and record["timing"]["median_iteration_seconds"] > 0
+    assert record["executor"]["kind"] == "local"
+    # a second run finds everything finished and runs nothing
+    again = runner.run_grid(config, workdir, progress=False, report=False)
+    assert again["ran"] == 0
+
+
+def test_report_rebuilds_from_cell_records_alone(quick_grid, tmp_path):
+    config, workdir, result = quick_grid
+    copy_dir = tmp_path / "copy"
+    for cell_json in (workdir / "cells").rglob("cell.json"):  # records and qualitative slices, nothing else
+        dest = copy_dir / cell_json.parent.relative_to(workdir)
+        dest.mkdir(parents=True)
+        shutil.copy(cell_json, dest)
+        shutil.copy(cell_json.parent / "qualitative.npz", dest)
+    rebuilt = write_report(config, copy_dir, progress=False)
+    original = Path(result["report"]["dir"])
+    for name in ("table1.md", "table1.csv", "table2.md", "table2.csv", "gamma.md", "gamma.csv"):
+        assert (Path(rebuilt["dir"]) / name).read_text() == (original / name).read_text(), name
+    assert (Path(rebuilt["dir"]) / "qualitative.png").stat().st_size > 0
+    # a lost cell shows up as missing instead of failing the report
+    victim = next((copy_dir / "cells").rglob("cell.json"))
+    victim.unlink()
+    partial = write_report(config, copy_dir, progress=False)
+    assert len(partial["missing"]) == 1 and "Missing cells (1)" in Path(partial["files"]["report.md"]).read_text()
+
+
+# ------------------------------------------------------------------------------------------------ resumption
+
+def test_interrupted_grid_resumes_without_recomputing(tmp_path, monkeypatch):
+    raw = copy.deepcopy(quick_raw())
+    config = small_config(seeds=[0, 1])
+    cells = enumerate_cells(config)
+    assert len(cells) == 8
+    real_run_cell = runner.run_cell
+    calls = []
+
+    def interrupted(cell, paths, **kw):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the run is killed while the 4th cell is in progress
+        calls.append(cell.cell_id)
+        return real_run_cell(cell, paths, **kw)
+
+    monkeypatch.setattr(runner, "run_cell", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_grid(config, tmp_path, progress=False)
+    finished = cell_files(tmp_path)
+    assert len(finished) == 3
+
+    calls.clear()
+    monkeypatch.setattr(runner, "run_cell", lambda cell, paths, **kw: (calls.append(cell.cell_id),
+                                                                          real_run_cell(cell, paths, **kw))[1])
+    result = runner.run_grid(config, tmp_path, progress=False)
+    assert result["ran"] == 5 and len(calls) == 5
+    after = cell_files(tmp_path)
+    assert len(after) == 8
+    assert {k: after[k] for k in finished} == finished  # no finished cell was rewritten
+    assert raw == quick_raw()
+
+
+def test_killed_process_loses_no_finished_cell(tmp_path):
+    """SIGKILL the CLI mid-grid, then re-run: finished cells are kept as they were, the rest are run."""
+    config_path = tmp_path / "small.yaml"
+    raw = quick_raw()
+    raw["datasets"] = {"hn-center-b": raw["datasets"]["hn-center-b"]}
+    raw["table1"] = {"methods": ["full", "bias", "dgst"], "all_shot": "scratch"}
+    raw.pop("table2")
+    raw["gamma"]["values"] = [1, 2, 3]
+    config_path.write_text(yaml.safe_dump(raw))
+    workdir = tmp_path / "work"
+    cmd = [sys.executable, "-m", "medadapt.cli", "bench", str(config_path), "--workdir", str(workdir), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(cell_files(workdir) if (workdir / "cells").exists() else {}) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = cell_files(workdir)
+    total = len(enumerate_cells(parse_config(raw)))
+    assert 2 <= len(finished) < total
+    for path in finished:  # atomic writes: whatever exists is complete
+        assert json.loads((workdir / path).read_text())["per_case"]
+    out = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"{len(finished)} already finished, {total - len(finished)} to run" in out.stdout
+    after = cell_files(workdir)
+    assert len(after) == total and {k: after[k] for k in finished} == finished
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+
+def test_ray_runs_cells_on_a_local_instance(tmp_path):
+    pytest.importorskip("ray")
+    config = small_config(table1={"methods": ["full", "dgst"], "all_shot": None})
+    raw = copy.deepcopy(config.raw)
+    raw["datasets"]["hn-center-b"]["shots"] = [2]
+    config = parse_config(raw, source="ray.yaml")
+    cells = enumerate_cells(config)
+    assert len(cells) == 2
+    result = runner.run_grid(config, tmp_path, ray_address="local", progress=False)
+    assert result["ran"] == 2 and result["report"]["missing"] == []
+    records = [json.loads((tmp_path / "cells" / c.cell_id / "cell.json").read_text()) for c in cells]
+    assert {r["executor"]["kind"] for r in records} == {"ray"}
+    assert all(r["executor"]["threads"] == 1 for r in records)  # ray.cpus_per_cell of the quick config
+    assert {r["method"] for r in records} == {"full", "dgst"}
