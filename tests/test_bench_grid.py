@@ -92,7 +92,7 @@ def test_cli_bench_errors(tmp_path, capsys):
     assert main(["bench", "no-such-grid"]) == 2
     assert "not a built-in config" in capsys.readouterr().err
     assert main(["bench", "quick", "--report", "--workdir", str(tmp_path / "empty")]) == 2
-    assert "no finished cells" in capsys.readouterr().err
+    assert "no finished cells of grid 'quick'; run 'medadapt bench quick' first" in capsys.readouterr().err
     assert main(["bench", "quick", "--list", "--workdir", str(tmp_path / "empty")]) == 0
     assert "0/32 cells finished" in capsys.readouterr().out
 

@@ -71,6 +71,12 @@ class GridConfig:
     ray: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def cli_argument(self) -> str:
+        """What to pass to ``medadapt bench`` for this config: a built-in's name, otherwise its file."""
+        builtin = self.name in BUILTIN_CONFIGS and Path(self.source) == builtin_config_path(self.name)
+        return self.name if builtin else self.source
+
     def dataset(self, name: str) -> DatasetConfig:
         return next(d for d in self.datasets if d.name == name)
 

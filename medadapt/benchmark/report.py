@@ -336,7 +336,7 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
     done = [r for r in records.values() if r]
     if not done:
         raise MedadaptError(f"{paths.workdir}: no finished cells of grid {config.name!r}; run "
-                            f"'medadapt bench {config.source}' first (same --workdir)")
+                            f"'medadapt bench {config.cli_argument}' first (same --workdir)")
     index = CellIndex(config, cells, records)
     out = Path(paths.workdir) / "report"
     classes = list(done[0]["metrics"]["classes"])
