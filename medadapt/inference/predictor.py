@@ -65,6 +65,10 @@ class Predictor:
         from medadapt.data.preprocessing import preprocess_case, revert_prediction
 
         case = preprocess_case(list(images), None, self.plan)
+        if self.plan.nnunet is not None:  # an nnU-Net model: nnU-Net's own export (resample logits, uncrop)
+            from medadapt.nnunet.preprocessing import revert_logits
+
+            return revert_logits(self.predict_logits(case.data), case.properties, self.plan, self.folder.labels)
         probabilities = torch.softmax(self.predict_logits(case.data), dim=0)
         return revert_prediction(probabilities, case.properties)
 

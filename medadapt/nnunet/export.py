@@ -98,10 +98,32 @@ def build_plans(folder: ModelFolder, dataset_name: str) -> tuple[dict[str, Any],
     return plans, name
 
 
+def _default_dataset_name(folder: ModelFolder, source: dict | None) -> str:
+    """The fine-tuning dataset's name (``<run>/run.json`` next to ``<run>/model``) when it is an nnU-Net
+    dataset name, else the nnU-Net foundation's, else Dataset999_medadapt."""
+    import json
+
+    run_file = folder.path.parent / "run.json" if folder.path is not None else None
+    if run_file is not None and run_file.is_file():
+        try:
+            name = str(json.loads(run_file.read_text()).get("dataset_name", ""))
+        except ValueError:
+            name = ""
+        if _DATASET_NAME.match(name):
+            return name
+    name = str(source["plans"].get("dataset_name", "")) if source else ""
+    return name if _DATASET_NAME.match(name) else "Dataset999_medadapt"
+
+
 def export_model(model: str | Path | ModelFolder, out: str | Path, zip_path: str | Path | None = None,
-                 fold: int = 0, dataset_name: str | None = None) -> Path:
+                 fold: int | str = 0, dataset_name: str | None = None) -> Path:
     """Export ``model`` (a medadapt model folder, e.g. ``<finetune run>/model``) to ``out`` as an nnU-Net v2
     trained model folder; with ``zip_path`` also as the zip nnU-Net installs. Returns ``out``."""
+    fold = int(fold) if str(fold).isdigit() else str(fold)
+    if not isinstance(fold, int) and fold != "all":
+        raise MedadaptError(f"--fold {fold!r}: must be a number or 'all' (nnU-Net's fold_<FOLD> folder)")
+    if not isinstance(model, ModelFolder) and not Path(model).exists():
+        raise MedadaptError(f"{model}: no such model folder; pass <finetune run>/model or another model folder")
     folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
     where = folder.path or Path(str(model))
     if folder.extensions:
@@ -110,8 +132,7 @@ def export_model(model: str | Path | ModelFolder, out: str | Path, zip_path: str
                             "(LoRA is merged and exports fine)")
     source = folder.preprocessing.get("nnunet")
     if dataset_name is None:
-        dataset_name = source["plans"].get("dataset_name") if source else None
-        dataset_name = dataset_name or "Dataset999_medadapt"
+        dataset_name = _default_dataset_name(folder, source)
     if not _DATASET_NAME.match(dataset_name):
         raise MedadaptError(f"--dataset-name {dataset_name!r}: nnU-Net needs the form DatasetXXX_Name "
                             "(three digits), e.g. Dataset501_LymphNodes")

@@ -7,13 +7,12 @@ resolves configuration inheritance and old plans formats) and maps it onto medad
 
 * network: the configuration's ``architecture`` block is already medadapt's :class:`NetworkSpec` format
   (PlainConvUNet, ResidualEncoderUNet/ResEnc presets, any dynamic-network-architectures class);
-* preprocessing: target ``spacing``, ``normalization_schemes`` (CTNormalization/ZScoreNormalization/
-  NoNormalization) with ``foreground_intensity_properties_per_channel``, nnU-Net's default resampling (order 3,
-  order_z 0, separate low-resolution axis), no reorientation (nnU-Net keeps the file's axes). What medadapt's
-  pipeline cannot reproduce exactly is refused with one line: a non-identity ``transpose_forward``, ZScore
-  inside the nonzero mask, another resampling function, region-based labels or an ignore label;
-* the original plans travel along in ``preprocessing["nnunet"]``, so a fine-tuned model is exported back
-  (:mod:`medadapt.nnunet.export`) with the foundation's own plans.
+* preprocessing: the plans themselves travel in ``preprocessing["nnunet"]``, and every case goes through
+  nnunetv2's own preprocessor and export code (:mod:`medadapt.nnunet.preprocessing`): transpose, crop to
+  nonzero, the configuration's normalization with the stored foreground intensity properties, its resampling
+  functions, patch size. Refused with one line: region-based labels or an ignore label (medadapt's training
+  loss takes plain label maps), 2D configurations, readers that reorient (NibabelIOWithReorient);
+* a fine-tuned model is exported back (:mod:`medadapt.nnunet.export`) with the foundation's own plans.
 
 Nothing is written for a folder; a zip is extracted once into ``$MEDADAPT_CACHE/nnunet-models/``.
 """
@@ -36,7 +35,6 @@ from medadapt.models.network import NetworkSpec, build_network
 
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 _NORMALIZATION = {"CTNormalization": "CT", "ZScoreNormalization": "ZScore", "NoNormalization": "none"}
-_DEFAULT_RESAMPLING = "resample_data_or_seg_to_shape"
 
 
 # ------------------------------------------------------------------------------------------------- detection
@@ -92,6 +90,8 @@ def resolve_model_dir(path: str | Path, configuration: str | None = None) -> Pat
     path = Path(path)
     root = _extract_zip(path) if path.is_file() else path
     found = _trained_folders(root)
+    if not found and (root / "plans.json").is_file() and (root / "dataset.json").is_file():
+        _checkpoint_file(root, None)  # names the missing fold/checkpoint
     if configuration is not None:
         found = [f for f in found if f.name.endswith(f"__{configuration}")] or found
     if not found:
@@ -145,37 +145,56 @@ class NNUNetModelFolder(ModelFolder):
     checkpoint: Path | None = None
 
     def load_network(self, deep_supervision: bool = True) -> nn.Module:
-        net = build_network(self.network, deep_supervision=deep_supervision)
         weights = clean_state_dict(load_checkpoint(self.checkpoint)["network_weights"])
         try:
-            net.load_state_dict(weights)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise MedadaptError(f"{self.checkpoint}: weights do not fit the network in plans.json ({first}); a "
-                                "custom nnU-Net trainer that builds its own architecture is not supported") from None
+            net = build_network(self.network, deep_supervision=deep_supervision)
+        except MedadaptError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any constructor failure means the plans are unusable
+            raise MedadaptError(f"{self.path / 'plans.json'}: cannot build its network "
+                                f"{self.network.network_class_name} ({type(exc).__name__}: {exc})") from None
+        check_weights_fit(net.state_dict(), weights, self.checkpoint, self.path)
+        net.load_state_dict(weights)
         return net
 
 
-def _map_preprocessing(plans: dict, configuration: str, config, dataset_json: dict, where: Path) -> dict[str, Any]:
-    from medadapt.data.preprocessing import PreprocessingPlan
+def check_weights_fit(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], checkpoint: Path,
+                      model_dir: Path | None) -> None:
+    """One line naming the first mismatch between the network of plans.json/dataset.json and the checkpoint."""
+    where = model_dir if model_dir is not None else checkpoint.parent
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        first = f"{missing[0]} is not in the checkpoint" if missing else f"the checkpoint has {unexpected[0]}"
+        raise MedadaptError(f"{checkpoint}: its weights are not the architecture in {where / 'plans.json'} "
+                            f"({first}); plans.json and the checkpoint must come from the same training")
+    for k, v in own.items():
+        got = tuple(weights[k].shape)
+        if got == tuple(v.shape):
+            continue
+        if k == next(iter(own)) and len(got) > 1 and got[1] != v.shape[1]:
+            raise MedadaptError(f"{where / 'dataset.json'}: lists {v.shape[1]} input channel(s) but the checkpoint "
+                                f"{checkpoint} takes {got[1]}; channel_names must be the ones it was trained on")
+        if ".seg_layers." in k:
+            raise MedadaptError(f"{where / 'dataset.json'}: its labels give {v.shape[0]} output classes but the "
+                                f"checkpoint {checkpoint} predicts {got[0]}; labels must be the ones it was trained on")
+        raise MedadaptError(f"{checkpoint}: {k} has shape {list(got)} but the architecture in "
+                            f"{where / 'plans.json'} needs {list(v.shape)}; plans.json and the checkpoint must "
+                            "come from the same training")
 
-    if list(plans.get("transpose_forward", [0, 1, 2])) != [0, 1, 2]:
-        raise MedadaptError(f"{where / 'plans.json'}: transpose_forward {plans['transpose_forward']} is not "
-                            "supported (medadapt keeps the file's axis order); re-plan or use nnU-Net to predict")
-    schemes = []
-    for c, name in enumerate(config.normalization_schemes):
-        if name not in _NORMALIZATION:
-            raise MedadaptError(f"{where / 'plans.json'}: normalization {name} of channel {c} is not supported; "
-                                f"medadapt supports {', '.join(_NORMALIZATION)}")
-        if _NORMALIZATION[name] == "ZScore" and config.use_mask_for_norm[c]:
-            raise MedadaptError(f"{where / 'plans.json'}: ZScore normalization inside the nonzero mask "
-                                "(use_mask_for_norm) is not supported; medadapt normalizes the whole image")
-        schemes.append(_NORMALIZATION[name])
-    resampling = config.configuration.get("resampling_fn_data", _DEFAULT_RESAMPLING)
-    kwargs = config.configuration.get("resampling_fn_data_kwargs", {})
-    if resampling != _DEFAULT_RESAMPLING or kwargs.get("order", 3) != 3 or kwargs.get("order_z", 0) != 0:
-        raise MedadaptError(f"{where / 'plans.json'}: resampling {resampling} {kwargs} is not nnU-Net's default "
-                            "(order 3, order_z 0), which is the one medadapt implements")
+
+def _map_preprocessing(plans: dict, configuration: str, config, where: Path) -> dict[str, Any]:
+    """medadapt's preprocessing dict for the configuration: the nnU-Net plans ride along under ``"nnunet"``
+    (cases then go through nnunetv2's own preprocessor, :mod:`medadapt.nnunet.preprocessing`); spacing,
+    schemes and intensity statistics are repeated in medadapt's fields for display and the methods table."""
+    from medadapt.data.preprocessing import PreprocessingPlan
+    from medadapt.nnunet.preprocessing import SUPPORTED_READERS
+
+    reader = str(plans.get("image_reader_writer", "SimpleITKIO"))
+    if reader not in SUPPORTED_READERS:
+        raise MedadaptError(f"{where / 'plans.json'}: image_reader_writer {reader} is not supported (medadapt "
+                            f"reads NIfTI files as {' and '.join(SUPPORTED_READERS)} do); predict with nnU-Net")
+    schemes = [_NORMALIZATION.get(name, "none") for name in config.normalization_schemes]
     props = plans.get("foreground_intensity_properties_per_channel", {})
     intensity = [props.get(str(c)) if s == "CT" else None for c, s in enumerate(schemes)]
     if any(s == "CT" and p is None for s, p in zip(schemes, intensity)):
@@ -183,9 +202,12 @@ def _map_preprocessing(plans: dict, configuration: str, config, dataset_json: di
                             "foreground_intensity_properties_per_channel; re-run nnUNetv2_plan_and_preprocess")
     plan = PreprocessingPlan(target_spacing=tuple(config.spacing), normalization=schemes,
                              intensity_properties=[None] * len(schemes), orientation=None).to_dict()
-    plan["intensity_properties"] = [None if p is None else {k: float(v) for k, v in p.items()} for p in intensity]
+    plan["intensity_properties"] = [None if p is None else {k: float(p[k]) for k in
+                                    ("mean", "std", "percentile_00_5", "percentile_99_5", "min", "max", "median")}
+                                    for p in intensity]
     PreprocessingPlan.from_dict(plan)  # validates the statistics
-    # the source plans ride along: export writes the fine-tuned model back with them
+    # the source plans ride along: nnU-Net's preprocessor reads them, and export writes the fine-tuned model
+    # back with them
     plan["nnunet"] = {"plans": plans, "configuration": configuration}
     return plan
 
@@ -233,7 +255,7 @@ def load_nnunet_model(path: str | Path, configuration: str | None = None,
     )
     folder = NNUNetModelFolder(
         network=spec,
-        preprocessing=_map_preprocessing(plans, name, config, dataset_json, model_dir),
+        preprocessing=_map_preprocessing(plans, name, config, model_dir),
         labels={str(k): int(v) for k, v in dataset_json["labels"].items()},
         channel_names={str(k): str(v) for k, v in channel_names.items()},
         file_ending=dataset_json.get("file_ending", ".nii.gz"),

@@ -178,7 +178,7 @@ def _pretrained_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return folder.load_network().state_dict(), dict(folder.labels)
 
 
-def build_trainer(dataset: str, configuration: str, fold: int, method: str, shots: int,
+def build_trainer(dataset: str, configuration: str, fold: int | str, method: str, shots: int,
                   pretrained: str | Path | None = None, seed: int = 0, split_seed: int = 0,
                   gamma: int | None = None, method_options: dict[str, Any] | None = None, epochs: int = 12,
                   iterations_per_epoch: int = 25, val_iterations: int = 5, lr: float | None = None,
@@ -190,6 +190,15 @@ def build_trainer(dataset: str, configuration: str, fold: int, method: str, shot
     from medadapt.nnunet.env import quiet, require_paths
 
     paths = require_paths("nnUNet_preprocessed", "nnUNet_results")
+    fold = int(fold) if str(fold).isdigit() else str(fold)
+    if not isinstance(fold, int) and fold != "all":
+        raise MedadaptError(f"FOLD {fold!r}: must be a number or 'all' (it names the output fold_<FOLD> folder)")
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise MedadaptError(f"--device {device!r}: not a device; use cpu or cuda") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise MedadaptError("--device cuda: no CUDA GPU is available here; use --device cpu")
     if method == "adapter":
         raise MedadaptError("--method adapter: adapters cannot be saved in nnU-Net's plain network, so nnU-Net "
                             "could not load the result; use lora, dgst or another method")
@@ -222,7 +231,7 @@ def build_trainer(dataset: str, configuration: str, fold: int, method: str, shot
     plans["continue_training"] = False  # nnUNetTrainer.__init__ pops it
     with quiet():  # nnU-Net's device line and citation banner (they still go to its log file)
         trainer = trainer_class(method)(plans=plans, configuration=configuration, fold=fold,
-                                        dataset_json=dataset_json, device=torch.device(device))
+                                        dataset_json=dataset_json, device=torch_device)
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations_per_epoch
     trainer.num_val_iterations_per_epoch = val_iterations
