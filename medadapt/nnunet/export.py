@@ -99,14 +99,14 @@ def build_plans(folder: ModelFolder, dataset_name: str) -> tuple[dict[str, Any],
 
 
 def _default_dataset_name(folder: ModelFolder, source: dict | None) -> str:
-    """The fine-tuning dataset's name (``<run>/run.json`` next to ``<run>/model``) when it is an nnU-Net
+    """The fine-tuning dataset's folder name (``<run>/run.json`` next to ``<run>/model``) when it is an nnU-Net
     dataset name, else the nnU-Net foundation's, else Dataset999_medadapt."""
     import json
 
     run_file = folder.path.parent / "run.json" if folder.path is not None else None
     if run_file is not None and run_file.is_file():
         try:
-            name = str(json.loads(run_file.read_text()).get("dataset_name", ""))
+            name = Path(str(json.loads(run_file.read_text()).get("dataset", ""))).name
         except ValueError:
             name = ""
         if _DATASET_NAME.match(name):
