@@ -254,10 +254,10 @@ def test_nnunet_train_dgst_updates_only_selected_entries(readme_run):
 
     with contextlib.redirect_stdout(io.StringIO()):
         out = nnunet_train("502", "3d_fullres", 1, method="dgst", shots=5, gamma=1,
-                           pretrained=readme_run["checkpoint"], final_validation=False, on_initialized=watch,
-                           **QUICK_TRAIN)
+                           plans_identifier="FoundationPlans", pretrained=readme_run["checkpoint"],
+                           final_validation=False, on_initialized=watch, **QUICK_TRAIN)
     assert checks["steps"] == 2
-    assert out.parent.name == "nnUNetTrainerMedadapt_dgst__nnUNetPlans__3d_fullres"
+    assert out.parent.name == "nnUNetTrainerMedadapt_dgst__FoundationPlans__3d_fullres"
     ckpt = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == "nnUNetTrainer"
     final, start = ckpt["network_weights"], _pretrained(readme_run["checkpoint"])
@@ -283,12 +283,12 @@ def test_nnunet_train_lora_cli_writes_a_plain_nnunet_model(readme_run, capsys):
     holds the merged plain network, which nnU-Net's predictor loads."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    args = ["nnunet-train", TARGET, "3d_fullres", "0", "--method", "lora", "--lora-rank", "2", "--shots", "3",
-            "--pretrained", str(readme_run["model"]), "--epochs", "1", "--iterations-per-epoch", "2",
+    args = ["nnunet-train", TARGET, "3d_fullres", "0", "--plans", "FoundationPlans", "--method", "lora",
+            "--lora-rank", "2", "--shots", "3", "--pretrained", str(readme_run["model"]), "--epochs", "1", "--iterations-per-epoch", "2",
             "--val-iterations", "1", "--quiet"]
     assert main(args) == 0
     assert "nnUNetv2_predict_from_modelfolder" in capsys.readouterr().out
-    folder = Path(os.environ["nnUNet_results"]) / TARGET / "nnUNetTrainerMedadapt_lora__nnUNetPlans__3d_fullres"
+    folder = Path(os.environ["nnUNet_results"]) / TARGET / "nnUNetTrainerMedadapt_lora__FoundationPlans__3d_fullres"
     ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     start = _pretrained(readme_run["checkpoint"])
     assert set(ckpt["network_weights"]) == set(start)  # merged: no LoRA factors, no parametrizations
@@ -393,7 +393,11 @@ def test_plain_resenc_and_zip_models_load_as_nnunet_builds_them(nnunet_world, tm
         with torch.no_grad():
             torch.testing.assert_close(ours(x), reference.eval()(x), rtol=0, atol=0)
 
-    # nnU-Net's own zip export of the trained foundation loads as the same model
+    # nnU-Net's own zip export of the trained foundation loads as the same model (the exporter copies the
+    # final validation's summary.json, which the fixture's two-iteration training skipped: an empty one)
+    validation = nnunet_world["model"] / "fold_all" / "validation"
+    validation.mkdir(exist_ok=True)
+    (validation / "summary.json").write_text("{}")
     zip_path = tmp_path / "foundation.zip"
     export_pretrained_model(501, str(zip_path), configurations=("3d_fullres",), folds=("all",))
     from_zip = load_model_folder(zip_path)
@@ -421,8 +425,9 @@ def test_nnunet_commands_help_and_input_errors(nnunet_world, tmp_path, capsys, m
     err = _one_error_line(capsys, args)
     assert "--nnunet-preprocessed" in err and "nnUNet_preprocessed" in err
     monkeypatch.setenv("nnUNet_preprocessed", str(nnunet_world["root"] / "nnUNet_preprocessed"))
-    assert "--shots 2" and "must" in _one_error_line(capsys, args[:4] + ["--method", "dgst", "--shots", "9"])
-    assert "adapter" in _one_error_line(capsys, args[:4] + ["--method", "adapter", "--shots", "2"])
-    assert "unknown" in _one_error_line(capsys, args[:4] + ["--method", "nope", "--shots", "2"]).lower()
-    assert "Dataset777" in _one_error_line(capsys, ["nnunet-train", "777"] + args[2:]) or True
-    assert "2d" in _one_error_line(capsys, ["nnunet-train", "501", "2d"] + args[3:])
+    assert "--shots: 9 is outside 1..4" in _one_error_line(capsys, args[:4] + ["--method", "dgst", "--shots", "9"])
+    assert "--method adapter" in _one_error_line(capsys, args[:4] + ["--method", "adapter", "--shots", "2"])
+    assert "'nope' is unknown" in _one_error_line(capsys, args[:4] + ["--method", "nope", "--shots", "2"])
+    assert "DATASET '777'" in _one_error_line(capsys, ["nnunet-train", "777"] + args[2:])
+    assert "'3d_lowres'" in _one_error_line(capsys, ["nnunet-train", "501", "3d_lowres"] + args[3:])
+    assert "FOLD 'x'" in _one_error_line(capsys, ["nnunet-train", "501", "3d_fullres", "x"] + args[4:])

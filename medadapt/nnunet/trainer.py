@@ -218,7 +218,10 @@ def build_trainer(dataset: str, configuration: str, fold: int | str, method: str
         raise MedadaptError(f"CONFIGURATION {configuration!r}: not in {plans_file}; choose one of "
                             f"{', '.join(plans['configurations'])}")
     dataset_json = json.loads((base / "dataset.json").read_text())
-    data_folder = base / plans["configurations"][configuration].get("data_identifier", "")
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    with quiet():  # resolves inherits_from
+        data_folder = base / PlansManager(copy.deepcopy(plans)).get_configuration(configuration).data_identifier
     if not data_folder.is_dir():
         raise MedadaptError(f"{data_folder}: missing; run nnUNetv2_preprocess -d {dataset} -c {configuration}")
     case_ids = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
