@@ -4,7 +4,8 @@ Each case is preprocessed with the model folder's own plan (orientation, spacing
 patches of the training patch size at 50% overlap, the tiles' logits blended with a Gaussian importance map
 (sigma = 1/8 of the patch size, nnU-Net's choice), optionally averaged over mirrored copies (nnU-Net's
 test-time mirroring; off by default because it costs 8x on a CPU), turned into probabilities, resampled to
-the original geometry and arg-maxed.
+the original geometry and arg-maxed. A model from nnU-Net (its plan carries nnU-Net plans) is preprocessed
+and reverted with nnunetv2's own code instead (medadapt.nnunet.preprocessing).
 """
 from __future__ import annotations
 

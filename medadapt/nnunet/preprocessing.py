@@ -78,7 +78,7 @@ def preprocess_case(images: Sequence, label, plan):
         data, seg, properties = preprocessor.run_case_npy(data, seg, properties, pm, cm, dataset_json)
     properties.pop("class_locations", None)  # medadapt's cache samples its own
     out_seg = None
-    if seg is not None:
+    if label is not None:  # (without a label, nnU-Net returns its nonzero mask as seg: not needed)
         out_seg = np.asarray(seg[0], dtype=np.int16).copy()
         out_seg[out_seg < 0] = 0  # nnU-Net marks background outside the nonzero mask -1; its trainer maps it to 0
     props = {
