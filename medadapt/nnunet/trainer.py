@@ -205,7 +205,7 @@ def build_trainer(dataset: str, configuration: str, fold: int | str, method: str
     strategy = make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
     try:
         name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # no such id / neither an id nor a DatasetXXX_Name
         raise MedadaptError(f"DATASET {dataset!r}: no such dataset in {paths['nnUNet_preprocessed']}; run "
                             "nnUNetv2_plan_and_preprocess for it first") from None
     base = paths["nnUNet_preprocessed"] / name
