@@ -110,6 +110,7 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
             return super().configure_optimizers()
         if self.medadapt_pretrained is not None:
             self._load_pretrained()
+            self.medadapt_pretrained = None  # loaded: not kept (nor dumped into nnU-Net's debug.json)
         torch.manual_seed(self.medadapt_seed)  # strategies that initialise weights (scratch, LoRA) draw here
         self.network = self.strategy.prepare(self.network).to(self.device)
         optimizer = torch.optim.SGD(self.strategy.parameters(self.network), self.initial_lr,
