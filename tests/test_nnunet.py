@@ -174,8 +174,9 @@ def test_readme_section_round_trip(readme_run):
     tuned = load_model_folder(run / "model")
     foundation = load_model_folder(readme_run["model"])
     assert tuned.network.to_dict() == foundation.network.to_dict()
-    assert tuned.plan().nnunet["plans"]["configurations"]["3d_fullres"]["spacing"] == [9.0, 5.599999904632568,
-                                                                                       5.599999904632568]
+    source_plans = json.loads((readme_run["model"] / "plans.json").read_text())
+    assert tuned.plan().nnunet["plans"] == source_plans
+    assert list(tuned.network.patch_size) == source_plans["configurations"]["3d_fullres"]["patch_size"]
 
     # the export is nnU-Net's layout; the zip holds the same under DatasetXXX/trainer__plans__configuration
     export = run / "nnunet"
