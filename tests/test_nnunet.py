@@ -46,6 +46,7 @@ QUICK = {
                               "--no-final-validation", "--quiet"],
     "nnUNetv2_predict_from_modelfolder": ["-npp", "1", "-nps", "1", "-device", "cpu"],
     "nnUNetv2_preprocess": ["-np", "1"],
+    "nnUNetv2_plan_and_preprocess": ["-npfp", "1"],
 }
 QUICK_TRAIN = dict(epochs=1, iterations_per_epoch=2, val_iterations=1)
 
@@ -140,8 +141,8 @@ def readme_run(nnunet_world):
             argv += QUICK.get(key, [])
             if argv[0] == "medadapt":
                 assert main(argv[1:]) == 0, command
-            else:
-                _nnunet_cli(argv[0], argv[1:], root)
+            else:  # nnU-Net's planner sets torch's thread count from nnUNet_n_proc_DA, which must be >= 1
+                _nnunet_cli(argv[0], argv[1:], root, nnUNet_n_proc_DA="1")
             ran.append(argv[:2])
     finally:
         os.chdir(cwd)
@@ -165,7 +166,8 @@ def test_readme_section_round_trip(readme_run):
     root = readme_run["root"]
     assert [a[1] if a[0] == "medadapt" else a[0] for a in readme_run["ran"]] == [
         "finetune", "export-nnunet", "nnUNetv2_predict_from_modelfolder", "predict",
-        "nnUNetv2_move_plans_between_datasets", "nnUNetv2_preprocess", "nnunet-train"]
+        "nnUNetv2_plan_and_preprocess", "nnUNetv2_move_plans_between_datasets", "nnUNetv2_preprocess",
+        "nnunet-train"]
     run = root / "runs" / "myhospital-dgst"
     record = json.loads((run / "run.json").read_text())
     assert record["method"]["name"] == "dgst" and len(record["shot_cases"]) == 5

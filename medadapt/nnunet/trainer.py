@@ -133,9 +133,9 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         if self.strategy is None or self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)
-        plain = self.strategy.finalize(copy.deepcopy(_unwrap(self.network)))
+        plain = self.strategy.finalized_state_dict(_unwrap(self.network))
         atomic_torch_save(filename, {
-            "network_weights": {k: v.detach().cpu() for k, v in plain.state_dict().items()},
+            "network_weights": {k: v.detach().cpu() for k, v in plain.items()},
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": self.logger.get_checkpoint(),
