@@ -323,3 +323,22 @@ def test_lora_skips_adapter_convs(tiny_unet):
     merge_lora(net)
     remove_adapters(net)
     _assert_same(ref, _outputs(net.eval(), x))
+
+
+def test_lora_finalized_state_dict_leaves_the_model_and_equals_the_merge():
+    """nnU-Net's trainer checkpoints the merged weights mid-training without merging the live model."""
+    from medadapt.models import build_network, preset
+    from medadapt.models.lora import has_lora
+    from medadapt.tuning import make_strategy
+
+    torch.manual_seed(0)
+    strategy = make_strategy("lora", rank=2)
+    model = strategy.prepare(build_network(preset("cpu-tiny", input_channels=1, num_classes=2)))
+    with torch.no_grad():
+        for p in strategy.parameters(model):
+            p.add_(0.1 * torch.randn_like(p))
+        state = strategy.finalized_state_dict(model)
+    assert has_lora(model)  # untouched
+    merged = strategy.finalize(model).state_dict()
+    assert state.keys() == merged.keys()
+    assert all(torch.equal(state[k], merged[k]) for k in merged)

@@ -184,6 +184,9 @@ class PreprocessingPlan:
     normalization: list[str]  # one scheme per channel: "CT", "ZScore" or "none"
     intensity_properties: list[IntensityProperties | None]  # one per channel (needed by "CT")
     orientation: str | None = None  # axis codes of the training data, e.g. "RAS"; None = never reorient
+    #: an nnU-Net model's plans ({"plans", "configuration", ...}): cases then go through nnunetv2's own
+    #: preprocessor and export code (medadapt.nnunet.preprocessing); the fields above only describe them
+    nnunet: dict[str, Any] | None = None
 
     def __post_init__(self):
         self.target_spacing = tuple(float(s) for s in self.target_spacing)
@@ -204,12 +207,15 @@ class PreprocessingPlan:
             self.orientation = codes
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "target_spacing": [float(s) for s in self.target_spacing],
             "normalization": list(self.normalization),
             "intensity_properties": [p.to_dict() if p is not None else None for p in self.intensity_properties],
             "orientation": self.orientation,
         }
+        if self.nnunet is not None:
+            out["nnunet"] = self.nnunet
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PreprocessingPlan":
@@ -220,6 +226,7 @@ class PreprocessingPlan:
                 intensity_properties=[IntensityProperties.from_dict(p) if p is not None else None
                                       for p in d["intensity_properties"]],
                 orientation=d.get("orientation"),
+                nnunet=d.get("nnunet"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MedadaptError(f"preprocessing plan: malformed ({exc!r}); re-create it") from None
@@ -313,7 +320,14 @@ class PreprocessedCase:
 
 
 def preprocess_case(images: list[Volume], label: Volume | None, plan: PreprocessingPlan) -> PreprocessedCase:
-    """Reorient -> normalize -> resample one case. Channels (and the label) must share one geometry."""
+    """Reorient -> normalize -> resample one case. Channels (and the label) must share one geometry.
+
+    A plan from an nnU-Net model (``plan.nnunet``) runs nnunetv2's own preprocessor instead.
+    """
+    if plan.nnunet is not None:
+        from medadapt.nnunet.preprocessing import preprocess_case as nnunet_preprocess_case
+
+        return nnunet_preprocess_case(images, label, plan)
     if len(images) != len(plan.normalization):
         where = images[0].path if images and images[0].path is not None else "input"
         raise MedadaptError(f"{where}: {len(images)} channel image(s) but the model's plan expects "

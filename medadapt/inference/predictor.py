@@ -4,7 +4,8 @@ Each case is preprocessed with the model folder's own plan (orientation, spacing
 patches of the training patch size at 50% overlap, the tiles' logits blended with a Gaussian importance map
 (sigma = 1/8 of the patch size, nnU-Net's choice), optionally averaged over mirrored copies (nnU-Net's
 test-time mirroring; off by default because it costs 8x on a CPU), turned into probabilities, resampled to
-the original geometry and arg-maxed.
+the original geometry and arg-maxed. A model from nnU-Net (its plan carries nnU-Net plans) is preprocessed
+and reverted with nnunetv2's own code instead (medadapt.nnunet.preprocessing).
 """
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ class Predictor:
         from medadapt.data.preprocessing import preprocess_case, revert_prediction
 
         case = preprocess_case(list(images), None, self.plan)
+        if self.plan.nnunet is not None:  # an nnU-Net model: nnU-Net's own export (resample logits, uncrop)
+            from medadapt.nnunet.preprocessing import revert_logits
+
+            return revert_logits(self.predict_logits(case.data), case.properties, self.plan, self.folder.labels)
         probabilities = torch.softmax(self.predict_logits(case.data), dim=0)
         return revert_prediction(probabilities, case.properties)
 

@@ -166,3 +166,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
         m.weight.requires_grad_(True)
     return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict :func:`merge_lora` would leave, computed without changing ``model``."""
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    merged = {id(m): m.weight.detach().clone() for m in lora_modules(model)}
+    # every path to a module (nnU-Net reaches each conv as both ``conv`` and ``all_modules.0``)
+    for name, m in model.named_modules(remove_duplicate=False):
+        if id(m) in merged:
+            state[f"{name}.weight" if name else "weight"] = merged[id(m)]
+    return state

@@ -82,6 +82,12 @@ def save_model_folder(path: str | Path, network: nn.Module, folder: ModelFolder)
 
 def load_model_folder(path: str | Path) -> ModelFolder:
     path = Path(path)
+    from medadapt.nnunet.model import is_nnunet_model  # detection only: nnunetv2 is imported when one is found
+
+    if is_nnunet_model(path):  # an nnU-Net v2 trained model folder or its exported zip
+        from medadapt.nnunet.model import load_nnunet_model
+
+        return load_nnunet_model(path)
     plans_file = path / "plans.json"
     if not plans_file.is_file():
         raise MedadaptError(f"{path}: not a medadapt model folder (no plans.json); pass the folder "

@@ -66,6 +66,11 @@ class Strategy:
         """Return the trained model in its plain architecture (identity by default)."""
         return model
 
+    def finalized_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The weights :meth:`finalize` would give, leaving ``model`` as it is (training goes on after a
+        checkpoint; a parametrized network cannot be deep-copied to finalize a copy)."""
+        return model.state_dict()
+
     def config(self) -> dict[str, Any]:
         """Hyper-parameters, recorded with results."""
         return {"name": self.name}

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from medadapt.errors import MedadaptError
 from medadapt.models.adapters import AdapterConfig, adapter_parameters, inject_adapters
-from medadapt.models.lora import LoRAConfig, inject_lora, lora_parameters, merge_lora
+from medadapt.models.lora import LoRAConfig, inject_lora, lora_parameters, merge_lora, merged_state_dict
 from medadapt.models.parts import head_parameters, model_parts
 from medadapt.tuning.base import Strategy
 
@@ -41,6 +42,9 @@ class LoRA(Strategy):
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return merge_lora(model)
+
+    def finalized_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return merged_state_dict(model)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "rank": self.config_.rank, "alpha": self.config_.alpha}

@@ -1,0 +1,267 @@
+"""nnU-Net v2's own training loop with a medadapt fine-tuning strategy applied.
+
+:class:`nnUNetTrainerMedadapt` subclasses nnunetv2's ``nnUNetTrainer`` here, in medadapt (nothing is copied
+into the nnunetv2 package), and is constructed and run directly, as ``nnunetv2.run.run_training`` does, so
+nnU-Net's trainer-name lookup is not needed. Everything else is nnU-Net's: its dataloaders and data
+augmentation, deep supervision, Dice+CE loss, poly learning rate, per-epoch pseudo-Dice validation, final
+validation and checkpoint format. What medadapt changes:
+
+* ``do_split``: the training cases are the few-shot draw of ``medadapt finetune`` (the fixed 80/20 split by
+  ``split_seed``, then ``shots`` cases drawn with ``seed``); the validation cases are that split's test part;
+* ``configure_optimizers`` (called by ``initialize`` right after the network is built, before any DDP
+  wrapper): loads the pretrained weights with nnU-Net's ``load_pretrained_weights`` rules — every weight must
+  fit, the segmentation heads are skipped when the label sets differ — then ``strategy.prepare``, SGD over
+  ``strategy.parameters`` and ``strategy.attach`` (the update masks are optimizer step hooks, so nnU-Net's
+  ``train_step`` with its clipping and AMP grad scaler needs no change), exactly as medadapt's own engine;
+* ``on_train_start``: SGST's one-time calibration on training batches;
+* ``save_checkpoint``: nnU-Net's checkpoint, with the network in its plain architecture (LoRA merged into a
+  copy) and ``trainer_name`` ``nnUNetTrainer``, so nnU-Net's predictor loads the output folder unchanged;
+* no ``torch.compile``: strategies change the modules after they are built.
+
+Each method trains into its own folder, ``nnUNetTrainerMedadapt_<method>__<plans>__<configuration>/fold_<f>``.
+Adapters are refused (they cannot be saved in nnU-Net's plain architecture); continuing a killed run is not
+supported (the strategy's state is not part of nnU-Net's checkpoint).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch._dynamo import OptimizedModule
+
+from medadapt.data.splits import draw_shots, train_test_split
+from medadapt.errors import MedadaptError
+from medadapt.tuning import Strategy, make_strategy
+from medadapt.utils.atomic import atomic_torch_save, atomic_write_json
+
+FINETUNE_LR = 1e-3  # DGST paper, Sec. 3.1; as medadapt finetune
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    mod = getattr(network, "module", network)  # DDP
+    return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+
+class nnUNetTrainerMedadapt(nnUNetTrainer):
+    """nnU-Net's trainer with a medadapt strategy; configure with :meth:`medadapt_setup` before training."""
+
+    strategy: Strategy | None = None
+    medadapt_split: tuple[list[str], list[str]] | None = None
+    medadapt_pretrained: dict[str, torch.Tensor] | None = None
+    medadapt_pretrained_labels: dict[str, int] | None = None
+    medadapt_pretrained_source: str | None = None
+    medadapt_seed: int = 0
+    medadapt_record: dict[str, Any] | None = None
+
+    def medadapt_setup(self, strategy: Strategy, train_ids: list[str], val_ids: list[str],
+                       pretrained: dict[str, torch.Tensor] | None = None,
+                       pretrained_labels: dict[str, int] | None = None, pretrained_source: str | None = None,
+                       seed: int = 0, initial_lr: float | None = None, record: dict[str, Any] | None = None) -> None:
+        if self.was_initialized:
+            raise RuntimeError("medadapt_setup must come before initialize()")
+        self.strategy = strategy
+        self.medadapt_split = (list(train_ids), list(val_ids))
+        self.medadapt_pretrained = pretrained
+        self.medadapt_pretrained_labels = pretrained_labels
+        self.medadapt_pretrained_source = pretrained_source
+        self.medadapt_seed = seed
+        self.initial_lr = initial_lr or strategy.default_lr or FINETUNE_LR
+        self.medadapt_record = record or {}
+
+    def _do_i_compile(self) -> bool:
+        return False  # strategies parametrize / hook the modules after they are built
+
+    def do_split(self):
+        if self.medadapt_split is None:
+            return super().do_split()
+        self.print_to_log_file(f"medadapt: {len(self.medadapt_split[0])} few-shot training cases "
+                               f"{self.medadapt_split[0]}, {len(self.medadapt_split[1])} validation cases")
+        return self.medadapt_split
+
+    def _load_pretrained(self) -> None:
+        """nnU-Net's load_pretrained_weights rules, heads kept when the label sets are the same."""
+        own = _unwrap(self.network).state_dict()
+        weights = self.medadapt_pretrained
+        same_labels = (self.medadapt_pretrained_labels is not None and
+                       {k: int(v) for k, v in self.dataset_json["labels"].items()} == self.medadapt_pretrained_labels)
+        misfit = [k for k, v in own.items() if ".seg_layers." not in k
+                  and (k not in weights or tuple(weights[k].shape) != tuple(v.shape))]
+        if misfit:
+            raise MedadaptError(f"{self.medadapt_pretrained_source}: the pretrained weights do not fit the network "
+                                f"of these plans (first: {misfit[0]}); preprocess the dataset with the "
+                                "foundation's plans (nnUNetv2_move_plans_between_datasets)")
+        take = {k: v for k, v in weights.items() if k in own and tuple(v.shape) == tuple(own[k].shape)
+                and (same_labels or ".seg_layers." not in k)}
+        own.update(take)
+        _unwrap(self.network).load_state_dict(own)
+        self.print_to_log_file(f"medadapt: loaded pretrained weights from {self.medadapt_pretrained_source} "
+                               f"({'heads kept' if same_labels else 'new heads: the label sets differ'})")
+
+    def configure_optimizers(self):
+        # initialize() calls this right after building the network: the one place where the foundation's
+        # weights go in and the strategy prepares the network before the optimizer is created
+        if self.strategy is None:
+            return super().configure_optimizers()
+        if self.medadapt_pretrained is not None:
+            self._load_pretrained()
+            self.medadapt_pretrained = None  # loaded: not kept (nor dumped into nnU-Net's debug.json)
+        torch.manual_seed(self.medadapt_seed)  # strategies that initialise weights (scratch, LoRA) draw here
+        self.network = self.strategy.prepare(self.network).to(self.device)
+        optimizer = torch.optim.SGD(self.strategy.parameters(self.network), self.initial_lr,
+                                    weight_decay=self.weight_decay, momentum=0.99, nesterov=True)
+        self.strategy.attach(optimizer)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.strategy is not None and self.strategy.needs_calibration:
+            batches = [next(self.dataloader_train) for _ in range(max(1, len(self.medadapt_split[0])))]
+
+            def loss_fn(model, batch):
+                target = batch["target"]
+                target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
+                return self.loss(model(batch["data"].to(self.device)), target)
+
+            self.strategy.calibrate(self.network, loss_fn, batches)
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.strategy is None or self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        plain = self.strategy.finalized_state_dict(_unwrap(self.network))
+        atomic_torch_save(filename, {
+            "network_weights": {k: v.detach().cpu() for k, v in plain.items()},
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            # the network is nnU-Net's plain one: nnU-Net's predictor builds it with its default trainer
+            "trainer_name": "nnUNetTrainer",
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "medadapt": self.medadapt_record,
+        })
+
+
+def trainer_class(method: str) -> type[nnUNetTrainerMedadapt]:
+    """``nnUNetTrainerMedadapt_<method>``: one class name, hence one output folder, per method."""
+    name = "nnUNetTrainerMedadapt_" + re.sub(r"\W", "_", method)
+    cls = globals().get(name)
+    if cls is None:
+        cls = type(name, (nnUNetTrainerMedadapt,), {"__module__": __name__})
+        globals()[name] = cls  # importable by name, so it pickles like a class defined here
+    return cls
+
+
+def _pretrained_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, int] | None]:
+    """Weights and labels of a checkpoint file (.pth), an nnU-Net model folder/zip or a medadapt model folder."""
+    from medadapt.models.model_folder import load_model_folder
+    from medadapt.nnunet.model import clean_state_dict, load_checkpoint
+
+    if path.is_file() and path.suffix == ".pth":
+        ckpt = load_checkpoint(path)
+        if "network_weights" not in ckpt:
+            raise MedadaptError(f"--pretrained {path}: not an nnU-Net checkpoint (no network_weights)")
+        labels = (ckpt.get("init_args") or {}).get("dataset_json", {}).get("labels")
+        if labels is None and (path.parent.parent / "dataset.json").is_file():
+            labels = json.loads((path.parent.parent / "dataset.json").read_text()).get("labels")
+        return clean_state_dict(ckpt["network_weights"]), \
+            ({k: int(v) for k, v in labels.items()} if labels is not None else None)
+    folder = load_model_folder(path)
+    if folder.extensions:
+        raise MedadaptError(f"--pretrained {path}: holds adapters, which nnU-Net's network cannot take")
+    return folder.load_network().state_dict(), dict(folder.labels)
+
+
+def build_trainer(dataset: str, configuration: str, fold: int | str, method: str, shots: int,
+                  pretrained: str | Path | None = None, seed: int = 0, split_seed: int = 0,
+                  gamma: int | None = None, method_options: dict[str, Any] | None = None, epochs: int = 12,
+                  iterations_per_epoch: int = 25, val_iterations: int = 5, lr: float | None = None,
+                  plans_identifier: str = "nnUNetPlans", device: str = "cpu") -> nnUNetTrainerMedadapt:
+    """The configured trainer, not yet initialized (nnU-Net paths must be set: see medadapt.nnunet.env)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from medadapt.nnunet.env import quiet, require_paths
+
+    paths = require_paths("nnUNet_preprocessed", "nnUNet_results")
+    fold = int(fold) if str(fold).isdigit() else str(fold)
+    if not isinstance(fold, int) and fold != "all":
+        raise MedadaptError(f"FOLD {fold!r}: must be a number or 'all' (it names the output fold_<FOLD> folder)")
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise MedadaptError(f"--device {device!r}: not a device; use cpu or cuda") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise MedadaptError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if method == "adapter":
+        raise MedadaptError("--method adapter: adapters cannot be saved in nnU-Net's plain network, so nnU-Net "
+                            "could not load the result; use lora, dgst or another method")
+    strategy = make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError):  # no such id / neither an id nor a DatasetXXX_Name
+        raise MedadaptError(f"DATASET {dataset!r}: no such dataset in {paths['nnUNet_preprocessed']}; run "
+                            "nnUNetv2_plan_and_preprocess for it first") from None
+    base = paths["nnUNet_preprocessed"] / name
+    plans_file = base / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        raise MedadaptError(f"{plans_file}: missing; run nnUNetv2_plan_and_preprocess -d {dataset} "
+                            f"(or pass --plans)")
+    plans = json.loads(plans_file.read_text())
+    if configuration not in plans["configurations"]:
+        raise MedadaptError(f"CONFIGURATION {configuration!r}: not in {plans_file}; choose one of "
+                            f"{', '.join(plans['configurations'])}")
+    dataset_json = json.loads((base / "dataset.json").read_text())
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    with quiet():  # resolves inherits_from
+        data_folder = base / PlansManager(copy.deepcopy(plans)).get_configuration(configuration).data_identifier
+    if not data_folder.is_dir():
+        raise MedadaptError(f"{data_folder}: missing; run nnUNetv2_preprocess -d {dataset} -c {configuration}")
+    case_ids = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
+    train_ids, test_ids = train_test_split(case_ids, test_fraction=0.2, seed=split_seed)
+    shot_ids = draw_shots(train_ids, shots, seed)
+    weights = labels = None
+    if pretrained is not None:
+        weights, labels = _pretrained_weights(Path(pretrained))
+
+    plans["continue_training"] = False  # nnUNetTrainer.__init__ pops it
+    with quiet():  # nnU-Net's device line and citation banner (they still go to its log file)
+        trainer = trainer_class(method)(plans=plans, configuration=configuration, fold=fold,
+                                        dataset_json=dataset_json, device=torch_device)
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations_per_epoch
+    trainer.num_val_iterations_per_epoch = val_iterations
+    record = {"method": strategy.config(), "shots": shots, "seed": seed, "split_seed": split_seed,
+              "shot_cases": shot_ids, "split": {"train": train_ids, "test": test_ids},
+              "pretrained": str(pretrained) if pretrained is not None else None}
+    trainer.medadapt_setup(strategy, shot_ids, test_ids, pretrained=weights, pretrained_labels=labels,
+                           pretrained_source=str(pretrained), seed=seed, initial_lr=lr, record=record)
+    torch.manual_seed(seed)  # nnU-Net's network initialisation (the new heads) is reproducible
+    return trainer
+
+
+def nnunet_train(*args, final_validation: bool = True,
+                 on_initialized: Callable[[nnUNetTrainerMedadapt], None] | None = None,
+                 **kwargs) -> Path:
+    """Build the trainer (:func:`build_trainer` arguments), train, validate; returns the fold's output folder.
+
+    ``on_initialized(trainer)`` runs after nnU-Net's ``initialize`` (network, strategy, optimizer ready).
+    """
+    trainer = build_trainer(*args, **kwargs)
+    trainer.initialize()
+    if on_initialized is not None:
+        on_initialized(trainer)
+    trainer.run_training()
+    if final_validation:
+        trainer.perform_actual_validation(False)
+    out = Path(trainer.output_folder)
+    atomic_write_json(out / "medadapt_run.json", trainer.medadapt_record)
+    return out
