@@ -202,7 +202,7 @@ def test_killed_process_loses_no_finished_cell(tmp_path):
     workdir = tmp_path / "work"
     cmd = [sys.executable, "-m", "medadapt.cli", "bench", str(config_path), "--workdir", str(workdir), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 240
+    deadline = time.time() + 900  # generous: a loaded machine must not make this flaky
     while time.time() < deadline and len(cell_files(workdir) if (workdir / "cells").exists() else {}) < 2:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -212,7 +212,7 @@ def test_killed_process_loses_no_finished_cell(tmp_path):
     assert 2 <= len(finished) < total
     for path in finished:  # atomic writes: whatever exists is complete
         assert json.loads((workdir / path).read_text())["per_case"]
-    out = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr
     assert f"{len(finished)} already finished, {total - len(finished)} to run" in out.stdout
     after = cell_files(workdir)
