@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "seeds) and write Table 1/Table 2-style Markdown and CSV tables, a gamma "
                                    "plot and a contour figure. Finished cells are stored and never re-run; "
                                    "a changed config re-runs only the cells it changes (docs/benchmark.md).")
-    p.add_argument("config", help="built-in grid (default: about 2 h on 2 CPU cores with --ray local; quick: "
+    p.add_argument("config", help="built-in grid (default: about 1 h on 2 CPU cores with --ray local; quick: "
                                   "~1 min; paper: the paper's sizes, for a GPU cluster) or a YAML grid config")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where data, cells and the report go (default medadapt_runs/bench/<config name>)")
