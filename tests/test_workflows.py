@@ -1,6 +1,7 @@
 """End to end on tiny synthetic cohorts: synth -> pretrain -> finetune (DGST) -> predict -> evaluate."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +137,20 @@ def test_finetune_under_torchrun_two_processes(world, tmp_path):
     assert done.stdout.count("lymph_node: DSC") == 1  # reported once, by rank 0
     run = json.loads((out / "run.json").read_text())
     assert run["method"]["name"] == "dgst" and (out / "model" / "weights.pt").is_file()
+
+
+def test_results_record_the_source_commit():
+    """Stored results (run.json, cell.json) name the code that made them, not only the version number."""
+    import subprocess
+
+    from medadapt.workflows.common import environment, source_commit
+
+    src = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    source_commit.cache_clear()
+    commit = environment()["medadapt_commit"]
+    assert commit is not None and commit.split("+")[0] == head

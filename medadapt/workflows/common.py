@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import functools
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ def environment() -> dict:
     """Software and machine facts recorded with every result."""
     return {
         "medadapt": medadapt.__version__,
+        "medadapt_commit": source_commit(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -37,6 +40,26 @@ def environment() -> dict:
         "cuda": torch.cuda.is_available(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str | None:
+    """The git commit medadapt runs from (``+dirty`` if its tracked files differ), or None outside a checkout.
+
+    The version number alone does not tell which code made a stored result (a benchmark cell, a foundation
+    model), and finished results are reused across code changes."""
+    src = Path(medadapt.__file__).resolve().parent.parent
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != src:
+            return None  # installed into a folder of some other repository
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "medadapt")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def trainable_parameter_count(model: torch.nn.Module) -> int:
