@@ -1,6 +1,7 @@
 """End to end on tiny synthetic cohorts: synth -> pretrain -> finetune (DGST) -> predict -> evaluate."""
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from medadapt.cli import main
 from medadapt.data.io import read_image, read_label
+from medadapt.workflows.common import source_commit
 
 
 def _finetune_args(world, out, method="dgst", shots="3", *extra):
@@ -38,6 +40,7 @@ def test_finetune_dgst_end_to_end(world, capsys):
     assert run["method"] == {"name": "dgst", "gamma": 2} and run["seed"] == 4
     assert run["parameters"]["updated_per_step"] < run["parameters"]["total"]
     assert run["training"]["initial_lr"] == 1e-3 and run["training"]["momentum"] == 0.99
+    assert run["environment"]["medadapt_commit"] == source_commit()  # benchmark cells copy this record
     # predictions are label maps in each test image's own geometry
     for cid in test:
         image = read_image(world["tgt"] / "imagesTr" / f"{cid}_0000.nii.gz")
@@ -141,10 +144,6 @@ def test_finetune_under_torchrun_two_processes(world, tmp_path):
 
 def test_results_record_the_source_commit():
     """Stored results (run.json, cell.json) name the code that made them, not only the version number."""
-    import subprocess
-
-    from medadapt.workflows.common import environment, source_commit
-
     src = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -152,5 +151,5 @@ def test_results_record_the_source_commit():
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     source_commit.cache_clear()
-    commit = environment()["medadapt_commit"]
+    commit = source_commit()
     assert commit is not None and commit.split("+")[0] == head

@@ -1,9 +1,9 @@
 """Pieces shared by the workflows: cache location, run records, data preparation."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-import functools
 import platform
 import subprocess
 import sys
@@ -42,6 +42,11 @@ def environment() -> dict:
     }
 
 
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+                          check=True).stdout.strip()
+
+
 @functools.lru_cache(maxsize=1)
 def source_commit() -> str | None:
     """The git commit medadapt runs from (``+dirty`` if its tracked files differ), or None outside a checkout.
@@ -50,13 +55,10 @@ def source_commit() -> str | None:
     model), and finished results are reused across code changes."""
     src = Path(medadapt.__file__).resolve().parent.parent
     try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != src:
+        if Path(_git(src, "rev-parse", "--show-toplevel")).resolve() != src:
             return None  # installed into a folder of some other repository
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "medadapt")
+        commit = _git(src, "rev-parse", "HEAD")
+        dirty = _git(src, "status", "--porcelain", "--untracked-files=no", "--", "medadapt")
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
