@@ -40,6 +40,13 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                    help="adapter: channel reduction factor of the bottleneck (default 4)")
 
 
+def _add_head_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head", choices=("fresh", "keep"), default="fresh",
+                   help="segmentation head to start from: fresh (default; new and randomly initialised, as "
+                        "nnU-Net's pretrained-weight loading gives every method) or keep (the foundation's own; "
+                        "the dataset's labels must be the foundation's)")
+
+
 def _method_options(args) -> dict:
     return {"rank": args.lora_rank, "alpha": args.lora_alpha, "reduction": args.adapter_reduction}
 
@@ -86,8 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed 80/20 split (default 0)")
     p.add_argument("--lr", type=float, default=None,
                    help="initial learning rate (default 1e-3 as the paper; 1e-2 for scratch)")
+    _add_head_option(p)
     _add_training_options(p, epochs=12, iterations=25)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("zero-shot", help="evaluate a model as it is (no fine-tuning) on a dataset's test split",
+                       description="Predict and evaluate the test part of the same fixed 80/20 split that "
+                                   "finetune uses, with the model's own heads: the 'Foundation, no fine-tuning' "
+                                   "reference. The dataset's labels must be the model's.")
+    p.add_argument("--model", type=Path, required=True, help="model folder")
+    p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed 80/20 split (default 0)")
+    p.add_argument("--resume", action="store_true", help="reuse a finished run in the same --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_zero_shot)
 
     p = sub.add_parser("methods", help="list the fine-tuning methods with their trainable parameters",
                        description="For a model folder, print every fine-tuning method with its trainable-"
@@ -172,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", type=Path, default=None,
                    help="foundation weights: an nnU-Net checkpoint (.pth), model folder or zip, or a medadapt "
                         "model folder; the dataset must be preprocessed with the foundation's plans")
+    _add_head_option(p)
     p.add_argument("--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--lr", type=float, default=None,
                    help="initial learning rate (default 1e-3 as the paper; 1e-2 for scratch)")
@@ -281,13 +302,23 @@ def cmd_finetune(args) -> int:
     record = finetune(args.model, args.data, args.out, method=args.method, shots=args.shots, seed=args.seed,
                       gamma=args.gamma, split_seed=args.split_seed, epochs=args.epochs,
                       iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
-                      progress=not args.quiet, method_options=_method_options(args))
+                      progress=not args.quiet, method_options=_method_options(args), head=args.head)
     if not record:  # a torchrun rank other than 0: rank 0 reports
         return 0
     _print_metrics(record["metrics"], "test cases")
     sizes = record["sizes"]
     print(f"model: {args.out / 'model'} ({sizes['checkpoint_bytes'] / 1024:,.0f} KiB); as a delta against the "
           f"foundation: {args.out / 'delta.pt'} ({sizes['delta_bytes'] / 1024:,.0f} KiB)")
+    print(f"results in {args.out}")
+    return 0
+
+
+def cmd_zero_shot(args) -> int:
+    from medadapt.workflows.finetune import zero_shot
+
+    record = zero_shot(args.model, args.data, args.out, split_seed=args.split_seed, resume=args.resume,
+                       progress=not args.quiet)
+    _print_metrics(record["metrics"], "test cases")
     print(f"results in {args.out}")
     return 0
 
@@ -369,7 +400,7 @@ def cmd_nnunet_train(args) -> int:
                            gamma=args.gamma, method_options=_method_options(args), epochs=args.epochs,
                            iterations_per_epoch=args.iterations_per_epoch, val_iterations=args.val_iterations,
                            lr=args.lr, plans_identifier=args.plans, device=args.device,
-                           final_validation=not args.no_final_validation)
+                           final_validation=not args.no_final_validation, head=args.head)
     print(f"nnU-Net trained model in {out.parent} (fold {args.fold}); predict with: "
           f"nnUNetv2_predict_from_modelfolder -m {out.parent} -f {args.fold} -i INPUT -o OUTPUT")
     return 0

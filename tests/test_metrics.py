@@ -1,15 +1,24 @@
 """Tests of medadapt.metrics against values computed by hand (the computation is in a comment by each test).
 
 Conventions used in the comments: arrays are (z, y, x); a "k-cube at [a:b]" occupies a:b on every axis.
-Boundary voxels = foreground voxels with a face-neighbour in the background (or on the volume border).
-A 4x4x4 cube has 64 - 2*2*2 = 56 boundary voxels.
-HD95 uses numpy's linear percentile: P95 of n sorted values is at fractional index 0.95 * (n - 1).
+Surfels (surface elements, as in DeepMind's surface-distance package): one per 2x2x2 block of voxels that mixes
+foreground and background, at the block centre (half-integer voxel coordinates), with the area of the
+marching-cubes surface inside the block. For a box of voxels, with spacing (sz, sy, sx), the surfels are
+  - face blocks (4 of the 8 voxels inside, one face of the box): a flat square, e.g. sy*sx on a z face;
+  - edge blocks (2 voxels inside): a bevel strip, e.g. 0.5 * sx * sqrt(sz^2 + sy^2) along an x edge;
+  - corner blocks (1 voxel inside): a triangle, 1/8 * sqrt(sy^2 sx^2 + sz^2 sx^2 + sz^2 sy^2).
+A box of Z x Y x X voxels has 2(Y-1)(X-1) face blocks on its z faces (likewise y, x), 4(X-1) edge blocks along x
+(likewise z, y) and 8 corner blocks. At 1 mm isotropic, a 4-cube: 54 face blocks (area 1), 36 edge blocks (area
+sqrt(2)/2), 8 corners (sqrt(3)/8): 98 surfels, area 54 + 18 sqrt(2) + sqrt(3).
+NSD weights each surfel by its area; HD95 is the area-weighted 95th percentile: the smallest distance d such that
+the surfels at distance <= d hold at least 95 % of the area.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import types
 import warnings
 
 import numpy as np
@@ -18,7 +27,7 @@ import pytest
 from medadapt.data.io import affine_from_spacing, write_volume
 from medadapt.errors import MedadaptError
 from medadapt.metrics import EMPTY_POLICY, case_metrics, evaluate_folders, format_mean_std, summarize
-from medadapt.metrics.overlap_surface import boundary_coords
+from medadapt.metrics.overlap_surface import binary_metrics, surfel_area_table, surfels
 
 LN = {"background": 0, "node": 1}
 
@@ -37,19 +46,57 @@ def one(pred, gt, spacing=(1.0, 1.0, 1.0), tol=1.0, labels=LN):
     return rows[0]
 
 
-# ------------------------------------------------------------------------------------------- boundary
-def test_boundary_definition_counts():
-    # 4x4x4 cube inside the volume: 64 voxels - 8 interior = 56 boundary voxels.
-    assert len(boundary_coords(cube((10, 10, 10), (2, 2, 2), 4).astype(bool))) == 56
-    # A mask filling a 3x4x5 volume: everything outside counts as background, so all voxels on the volume
-    # border are boundary: 60 - interior (1x2x3 = 6) = 54.
-    assert len(boundary_coords(np.ones((3, 4, 5), bool))) == 54
-    # Only face neighbours count: a voxel whose only background neighbours are diagonal is interior.
-    # 3x3x3 cube with one corner removed: 26 voxels; the centre's six face neighbours are foreground and its
-    # only background neighbour is the removed corner (diagonal) -> interior; boundary = 26 - 1 = 25.
-    m = cube((5, 5, 5), (1, 1, 1), 3).astype(bool)
-    m[1, 1, 1] = False
-    assert len(boundary_coords(m)) == 25
+# ------------------------------------------------------------------------------------------- surfels
+R2, R3, R10, R19 = math.sqrt(2), math.sqrt(3), math.sqrt(10), math.sqrt(19)
+
+
+def test_surfels_of_boxes():
+    # 4-cube at [2:6], 1 mm: blocks 1..5 on every axis (block g holds voxels g and g+1) minus the all-foreground
+    # blocks 2..4: 125 - 27 = 98 surfels with area 54 + 18 sqrt(2) + sqrt(3) (module docstring).
+    blocks, areas = surfels(cube((10, 10, 10), (2, 2, 2), 4).astype(bool), (1.0, 1.0, 1.0))
+    assert len(blocks) == 98 and blocks.min() == 1 and blocks.max() == 5
+    assert areas.sum() == pytest.approx(54 + 18 * R2 + R3)
+    assert sorted(set(np.round(areas, 9))) == pytest.approx([R3 / 8, R2 / 2, 1.0])
+    # The same cube at (sz, sy, sx) = (3, 1, 2): face blocks 2*9*(sy sx + sz sx + sz sy) = 18 * 11 = 198;
+    # edge blocks 4*3*0.5*(sx sqrt(sz^2+sy^2) + sy sqrt(sz^2+sx^2) + sz sqrt(sy^2+sx^2))
+    #   = 6 * (2 sqrt(10) + sqrt(13) + 3 sqrt(5)); corners sqrt(4 + 36 + 9) = 7.
+    _, areas = surfels(cube((10, 10, 10), (2, 2, 2), 4).astype(bool), (3.0, 1.0, 2.0))
+    assert areas.sum() == pytest.approx(198 + 6 * (2 * R10 + math.sqrt(13) + 3 * math.sqrt(5)) + 7)
+    # One voxel at (4, 0.9, 0.9): 8 corner blocks whose triangles make an octahedron with vertices on the voxel's
+    # face centres: area sqrt(0.9^4 + 2 * 4^2 0.9^2).
+    one_voxel = np.zeros((3, 3, 3), bool)
+    one_voxel[1, 1, 1] = True
+    blocks, areas = surfels(one_voxel, (4.0, 0.9, 0.9))
+    assert len(blocks) == 8
+    assert areas.sum() == pytest.approx(math.sqrt(0.9**4 + 2 * 16 * 0.81))
+    # A mask filling a 3x4x5 volume: everything outside counts as background, so the surface closes half a voxel
+    # outside the volume (blocks -1..n-1): 4*5*6 - 2*3*4 = 96 surfels; area (1 mm) = 2(2*3 + 2*4 + 3*4) faces
+    # + 4(2 + 3 + 4) sqrt(2)/2 edges + sqrt(3) corners = 52 + 18 sqrt(2) + sqrt(3).
+    blocks, areas = surfels(np.ones((3, 4, 5), bool), (1.0, 1.0, 1.0))
+    assert len(blocks) == 96 and blocks.min() == -1
+    assert areas.sum() == pytest.approx(52 + 18 * R2 + R3)
+    assert len(surfels(np.zeros((3, 4, 5), bool), (1.0, 1.0, 1.0))[0]) == 0
+
+
+def test_surfel_area_table_by_hand():
+    # Codes use the reference's bit order: voxel (a, b, c) of the block is bit 7 - (4a + 2b + c).
+    sz, sy, sx = 2.5, 0.7, 1.1
+    t = surfel_area_table((sz, sy, sx))
+    corner = math.sqrt((sy * sx) ** 2 + (sz * sx) ** 2 + (sz * sy) ** 2) / 8
+    assert t[0] == 0 and t[255] == 0
+    assert t[1] == pytest.approx(corner) and t[128] == pytest.approx(corner) and t[254] == pytest.approx(corner)
+    assert t[1 | 2] == pytest.approx(0.5 * sx * math.hypot(sz, sy))  # voxels (1,1,0), (1,1,1): an x edge
+    assert t[1 | 4] == pytest.approx(0.5 * sy * math.hypot(sz, sx))  # a y edge
+    assert t[1 | 16] == pytest.approx(0.5 * sz * math.hypot(sy, sx))  # a z edge
+    assert t[1 | 2 | 4 | 8] == pytest.approx(sy * sx)  # the four voxels with a = 1: a z face
+    # Two voxels diagonal on a face (ambiguous face): two separate corner triangles.
+    assert t[1 | 8] == pytest.approx(2 * corner)
+    # A code and its complement have the same area.
+    assert np.allclose(t, t[::-1])
+    # 2D: contour lengths; one pixel -> half the pixel diagonal; two pixels along axis 1 -> one step s1.
+    t2 = surfel_area_table((0.7, 1.1))
+    assert t2[1] == pytest.approx(0.5 * math.hypot(0.7, 1.1)) and t2[1 | 2] == pytest.approx(1.1)
+    assert t2[1 | 4] == pytest.approx(0.7) and t2[1 | 8] == pytest.approx(math.hypot(0.7, 1.1))
 
 
 # ------------------------------------------------------------------------------------------- identical
@@ -64,65 +111,82 @@ def test_identical_masks():
 
 
 # ------------------------------------------------------------------------------------------- one-voxel shift
-# GT = 4-cube at [2:6], pred = the same cube shifted by +1 voxel along one axis (say x: pred x = 3..6).
-# Overlap 4*4*3 = 48 -> DSC = 2*48/(64+64) = 0.75.
-# Pred boundary (56 voxels):
-#   - on a z- or y-face with x in 3..5: also GT boundary -> d = 0            (36 voxels)
-#   - the x=6 face (16): nearest GT boundary is the x=5 face, 1 voxel away   (16 voxels, d = 1 voxel)
-#   - x=3 with z, y interior (4): not GT boundary, nearest is (z, y, 2)      ( 4 voxels, d = 1 voxel)
-# GT -> pred is the mirror image: 36 at 0, 20 at 1 voxel.
+# GT = 4-cube at [2:6], pred = the same cube shifted by +1 voxel along one axis. Overlap 4*4*3 = 48 ->
+# DSC = 2*48/(64+64) = 0.75. Blocks are named by their index g (block g holds voxels g, g+1; centre g + 0.5):
+# GT surfels are the blocks of [1, 5]^3 with some index in {1, 5}; pred's are shifted by one along the axis.
+# T(1, 1, 1) = 54 + 18 sqrt(2) + sqrt(3) and T(3, 1, 1) = 126 + 18 sqrt(2) + 12 sqrt(10) + sqrt(19) are the total
+# surface areas of one cube (module docstring: faces 2*9*(sy sx + sz sx + sz sy), edges 4*3*(sqrt(10)/2 +
+# sqrt(10)/2 + 3 sqrt(2)/2), corners sqrt(1 + 9 + 9)).
+T_ISO = 54 + 18 * R2 + R3
+T_Z3 = 126 + 18 * R2 + 12 * R10 + R19
+
+
 def test_shift_isotropic():
+    # Shift along x, 1 mm. Pred surfel (z, y, x), pred x blocks 2..6:
+    #   - z or y in {1, 5} and x in 2..5: also a GT surfel -> 0 mm. Area: for x in 3..5 the ring of 12 face
+    #     blocks (1) and 4 x-edge blocks (sqrt(2)/2) -> 3 * (12 + 2 sqrt(2)); for x = 2, 12 edge blocks and 4
+    #     corners -> 6 sqrt(2) + sqrt(3)/2. Together A = 36 + 12 sqrt(2) + sqrt(3)/2 (~ 53.8 of T ~ 81.2).
+    #   - x = 6 (pred's far x face, all of it): GT's (z, y, 5) is 1 mm away.
+    #   - x = 2 with z, y in 2..4 (9 face blocks): GT's (z, y, 1) is 1 mm away.
+    # GT -> pred mirrors it. NSD(1 mm) = 1, NSD(0.5 mm) = A / T. HD95: 66 % of the area at 0, the rest at 1 mm
+    # -> 1 mm.
     gt = cube((10, 10, 10), (2, 2, 2), 4)
     pred = cube((10, 10, 10), (2, 2, 3), 4)
-    # tau = 1 mm: all 112 boundary voxels within 1 mm -> NSD = 1.
-    # HD95: 56 sorted distances = 36 zeros then 20 ones; index 0.95*55 = 52.25 -> 1 mm.
     r = one(pred, gt, tol=1.0)
     assert r["dsc"] == pytest.approx(0.75)
     assert r["nsd"] == pytest.approx(1.0)
     assert r["hd95"] == pytest.approx(1.0)
     assert (r["gt_voxels"], r["pred_voxels"]) == (64, 64)
-    # tau = 0.5 mm: only the zero distances count: (36 + 36) / (56 + 56) = 72/112.
     r = one(pred, gt, tol=0.5)
-    assert r["nsd"] == pytest.approx(72 / 112)
+    assert r["nsd"] == pytest.approx((36 + 12 * R2 + R3 / 2) / T_ISO)
     assert r["hd95"] == pytest.approx(1.0)
 
 
 def test_shift_anisotropic_along_z():
-    # spacing (3, 1, 1) mm, shift +1 voxel along z (pred z = 3..6) -> DSC still 0.75 (voxel counting).
-    # Pred boundary:
-    #   - on a y- or x-face with z in 3..5: also GT boundary -> 0 mm             (36)
-    #   - the z=6 face: nearest GT boundary is z=5, 1 slice = 3 mm away         (16)
-    #   - z=3 with y, x interior (4): (3, y, x) is not GT boundary; (2, y, x) is 3 mm away but the GT y-face
-    #     voxel (3, 2, x) or (3, 5, x) is only 1 mm away (y in {3, 4})          ( 4 at 1 mm)
-    # GT -> pred mirrors it: z=2 face 16 at 3 mm, z=5 with y, x interior 4 at 1 mm, 36 at 0.
-    # NSD(1 mm) = (40 + 40) / 112 = 80/112; NSD(3 mm) = 1.
-    # HD95: sorted = 36 x 0, 4 x 1, 16 x 3; index 52.25 lies in the 3s -> 3 mm.
+    # spacing (3, 1, 1) mm, shift +1 slice along z (pred z blocks 2..6); DSC still 0.75 (voxel counting).
+    # Areas: face blocks on a z face sy*sx = 1, on a y or x face 3; edge blocks along z 0.5*3*sqrt(2), along y or
+    # x 0.5*1*sqrt(3^2 + 1) = sqrt(10)/2; corners sqrt(1 + 9 + 9)/8 = sqrt(19)/8. Pred surfel (z, y, x):
+    #   - y or x in {1, 5} and z in 2..5: also a GT surfel -> 0 mm. z in 3..5: 12 face blocks (3) and 4 z-edge
+    #     blocks (1.5 sqrt(2)) per slice -> 108 + 18 sqrt(2); z = 2: 12 edge blocks (sqrt(10)/2) and 4 corners
+    #     -> 6 sqrt(10) + sqrt(19)/2. A = 108 + 18 sqrt(2) + 6 sqrt(10) + sqrt(19)/2.
+    #   - z = 2 with y, x in 2..4 (9 face blocks, area 1 each): GT's (1, y, x) is 3 mm away, but GT's y/x face
+    #     blocks (2, 1 or 5, x) and (2, y, 1 or 5) are |dy| or |dx| mm away: 1 mm for the 8 blocks with y or x in
+    #     {2, 4}, 2 mm for the centre (2, 3, 3).
+    #   - z = 6 (pred's far z face, area 9 + 6 sqrt(10) + sqrt(19)/2): GT's (5, y, x) is 3 mm away.
+    # GT -> pred mirrors it. NSD(1 mm) = (A + 8) / T, NSD(2 mm) = NSD(2.9 mm) = (A + 9) / T, NSD(3 mm) = 1.
+    # HD95: (A + 9) / T ~ 163.6 / 193.8 = 84 % of the area within 2 mm, the rest at 3 mm -> 3 mm.
+    a = 108 + 18 * R2 + 6 * R10 + R19 / 2
     gt = cube((10, 10, 10), (2, 2, 2), 4)
     pred = cube((10, 10, 10), (3, 2, 2), 4)
     r = one(pred, gt, spacing=(3.0, 1.0, 1.0), tol=1.0)
     assert r["dsc"] == pytest.approx(0.75)
-    assert r["nsd"] == pytest.approx(80 / 112)
+    assert r["nsd"] == pytest.approx((a + 8) / T_Z3)
     assert r["hd95"] == pytest.approx(3.0)
+    assert one(pred, gt, spacing=(3.0, 1.0, 1.0), tol=2.0)["nsd"] == pytest.approx((a + 9) / T_Z3)
+    assert one(pred, gt, spacing=(3.0, 1.0, 1.0), tol=2.9)["nsd"] == pytest.approx((a + 9) / T_Z3)
     assert one(pred, gt, spacing=(3.0, 1.0, 1.0), tol=3.0)["nsd"] == pytest.approx(1.0)
-    assert one(pred, gt, spacing=(3.0, 1.0, 1.0), tol=2.9)["nsd"] == pytest.approx(80 / 112)
 
 
 def test_shift_anisotropic_along_x():
-    # spacing (3, 1, 1) mm, shift +1 voxel along x: the same voxel distances as the isotropic test, and the
-    # x step is 1 mm, so NSD(1 mm) = 1, NSD(0.5 mm) = 72/112 and HD95 = 1 mm.
-    # (A nearest-voxel search in index units would be right here but wrong for the z shift above.)
+    # spacing (3, 1, 1) mm, shift +1 voxel along x (1 mm): as in the isotropic test every distance is 0 or 1 mm,
+    # so NSD(1 mm) = 1 and HD95 = 1 mm; the areas differ. At 0 mm (z or y in {1, 5}, x in 2..5): for x in 3..5
+    # the ring has 4 x-edge blocks (sqrt(10)/2), 6 z-face blocks (1) and 6 y-face blocks (3) -> 3 * (24 +
+    # 2 sqrt(10)); for x = 2, 4 corners (sqrt(19)/8), 6 y-edge blocks (sqrt(10)/2) and 6 z-edge blocks
+    # (1.5 sqrt(2)) -> sqrt(19)/2 + 3 sqrt(10) + 9 sqrt(2). NSD(0.5 mm) = (72 + 9 sqrt(10) + 9 sqrt(2) +
+    # sqrt(19)/2) / T. (A nearest-block search in index units would be right here but wrong for the z shift.)
     gt = cube((10, 10, 10), (2, 2, 2), 4)
     pred = cube((10, 10, 10), (2, 2, 3), 4)
     r = one(pred, gt, spacing=(3.0, 1.0, 1.0), tol=1.0)
     assert r["dsc"] == pytest.approx(0.75)
     assert r["nsd"] == pytest.approx(1.0)
     assert r["hd95"] == pytest.approx(1.0)
-    assert one(pred, gt, spacing=(3.0, 1.0, 1.0), tol=0.5)["nsd"] == pytest.approx(72 / 112)
+    nsd_half = (72 + 9 * R10 + 9 * R2 + R19 / 2) / T_Z3
+    assert one(pred, gt, spacing=(3.0, 1.0, 1.0), tol=0.5)["nsd"] == pytest.approx(nsd_half)
 
 
 def test_tolerance_equal_to_non_dyadic_spacing_counts():
     # Shift by one voxel along x with x spacing 0.7 mm: every distance is 0 or 0.7 mm. In floating point
-    # 5 * 0.7 - 4 * 0.7 > 0.7 (rounding), so some computed distances are 0.7 + 1e-16; they must still count
+    # 5 * 0.7 - 4 * 0.7 > 0.7 (rounding), so computed distances may be 0.7 + 1e-16; they must still count
     # as d <= tau for tau = 0.7 mm -> NSD 1; HD95 = 0.7.
     assert 5 * 0.7 - 4 * 0.7 > 0.7
     gt = cube((10, 10, 10), (2, 2, 1), 4)
@@ -132,23 +196,41 @@ def test_tolerance_equal_to_non_dyadic_spacing_counts():
     assert r["hd95"] == pytest.approx(0.7)
 
 
+def test_two_single_voxels():
+    # One voxel each, 3 voxels apart along x, spacing (4, 0.9, 0.9). Each has 8 corner-block surfels of equal
+    # area at x offsets -0.45 and +0.45 mm from its centre. Pred -> GT: the 4 near ones are 2 * 0.9 = 1.8 mm
+    # from GT's near ones, the 4 far ones 2.7 mm; GT -> pred the same. NSD(2 mm) = 1/2, NSD(1 mm) = 0.
+    # HD95: half the area at 1.8 mm, the rest at 2.7 mm -> 2.7 mm. DSC 0.
+    gt = np.zeros((3, 3, 8), np.int16)
+    pred = gt.copy()
+    gt[1, 1, 2] = 1
+    pred[1, 1, 5] = 1
+    r = one(pred, gt, spacing=(4.0, 0.9, 0.9), tol=2.0)
+    assert (r["dsc"], r["nsd"]) == (0.0, pytest.approx(0.5))
+    assert r["hd95"] == pytest.approx(2.7)
+    assert one(pred, gt, spacing=(4.0, 0.9, 0.9), tol=1.0)["nsd"] == 0.0
+
+
 # ------------------------------------------------------------------------------------------- far voxel
 def test_single_voxel_far_from_blob():
-    # GT = 3-cube at [1:4] (boundary: 26 voxels, all but the centre (2, 2, 2)); pred = one voxel at
-    # (2, 2, 15), 1 mm isotropic. DSC = 0. NSD(1 mm) = 0 (no distance is <= 1 mm).
-    # pred -> GT: nearest GT boundary voxel is (2, 2, 3): 12 mm.
-    # GT -> pred: d^2 = dz^2 + dy^2 + (x - 15)^2 with dz, dy in {-1, 0, 1}:
-    #   x=3 (9 voxels): 144, 145 x4, 146 x4;  x=2 (8, centre excluded): 170 x4, 171 x4;
-    #   x=1 (9): 196, 197 x4, 198 x4.
-    #   Sorted indices 22..25 are sqrt(198); P95 index 0.95*25 = 23.75 -> sqrt(198) = 14.071 mm.
-    # HD95 = max(12, sqrt(198)) = sqrt(198).
+    # GT = 3-cube at [1:4] (surfels: the blocks of [0, 3]^3 with an index in {0, 3}, 56 of them; area
+    # 24 + 12 sqrt(2) + sqrt(3) ~ 42.70 at 1 mm); pred = one voxel at (2, 2, 15): 8 corner blocks
+    # {1, 2} x {1, 2} x {14, 15}, equal areas. DSC = 0; NSD(1 mm) = 0 (no distance <= 1 mm).
+    # pred -> GT: blocks at x = 14 are 11 mm from GT's x-face blocks (z, y, 3), those at x = 15 12 mm:
+    #   half the area at 11, half at 12 -> P95 = 12.
+    # GT -> pred: d^2 = dx^2 + dz^2 + dy^2 with dx = 14 - x and dz (dy) = 0 for z in {1, 2}, 1 for z in {0, 3}.
+    #   The farthest blocks are GT's x = 0 face: 4 face blocks (area 1) at 14, 8 edge blocks (sqrt(2)/2) at
+    #   sqrt(197), 4 corners (sqrt(3)/8) at sqrt(198); every other block is within sqrt(13^2 + 2) < 14.
+    #   Area beyond 14 mm: 4 sqrt(2) + sqrt(3)/2 ~ 6.52 (15 % > 5 %); at sqrt(198): sqrt(3)/2 ~ 0.87 (2 % < 5 %)
+    #   -> the 95 % point falls among the sqrt(197) blocks: P95 = sqrt(197).
+    # HD95 = max(12, sqrt(197)) = sqrt(197).
     gt = cube((5, 5, 20), (1, 1, 1), 3)
     pred = np.zeros_like(gt)
     pred[2, 2, 15] = 1
     r = one(pred, gt)
     assert r["dsc"] == 0.0
     assert r["nsd"] == 0.0
-    assert r["hd95"] == pytest.approx(math.sqrt(198))
+    assert r["hd95"] == pytest.approx(math.sqrt(197))
     assert (r["gt_voxels"], r["pred_voxels"]) == (27, 1)
 
 
@@ -204,29 +286,102 @@ def test_case_metrics_rejects_bad_input():
         case_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), (1, 1, 1), LN, tolerance_mm=-1)
 
 
-# ------------------------------------------------------------------------------------------- MONAI agreement
-def test_matches_monai_on_random_anisotropic_masks():
-    # Not a hand computation: our scipy implementation must equal MONAI's compute_surface_dice
-    # (use_subvoxels=False) and compute_hausdorff_distance(percentile=95) on non-empty masks.
-    torch = pytest.importorskip("torch")
-    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+# ------------------------------------------------------------------------------------------- reference agreement
+SPACINGS = [(4.0, 0.9, 0.9), (2.5, 0.7, 1.1), (0.8, 3.0, 0.6)]
+
+
+def _random_pairs(seed, n):
+    """``n`` (pred, gt, spacing, tolerance) cases: blobby random masks of various sizes, noisy copies, masks of a
+    few voxels, and masks touching the volume border (every mask non-empty)."""
     from scipy.ndimage import gaussian_filter
 
-    rng = np.random.default_rng(0)
-    spacing = (2.5, 0.7, 0.9)
-    for _ in range(4):
-        gt = gaussian_filter(rng.random((14, 20, 18)), 2.0) > 0.5
-        pred = gaussian_filter(rng.random((14, 20, 18)), 2.0) > 0.5
-        gt[0, 0, 0] = pred[13, 19, 17] = True  # non-empty, and voxels on the volume border
-        r = one(pred.astype(np.int16), gt.astype(np.int16), spacing=spacing, tol=1.3)
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < n:
+        k = len(cases)
+        shape = tuple(int(v) for v in rng.integers(4, 22, 3))
+        sigma, thr = rng.uniform(0.7, 2.5), rng.uniform(0.5, 0.56)
+        gt = gaussian_filter(rng.random(shape), sigma) > thr
+        pred = gaussian_filter(rng.random(shape), sigma) > thr
+        if k % 4 == 1:  # a noisy copy of the ground truth
+            pred = gt ^ (rng.random(shape) < 0.05)
+        elif k % 4 == 2:  # a few voxels each, as a random walk
+            gt, pred = np.zeros(shape, bool), np.zeros(shape, bool)
+            for m in (gt, pred):
+                c = [int(rng.integers(0, v)) for v in shape]
+                for _ in range(int(rng.integers(1, 6))):
+                    c = [min(max(ci + int(rng.integers(-1, 2)), 0), v - 1) for ci, v in zip(c, shape)]
+                    m[tuple(c)] = True
+        elif k % 4 == 3:  # on the volume border
+            gt[0] |= rng.random(gt[0].shape) < 0.3
+            pred[:, -1] = True
+        if gt.any() and pred.any():
+            cases.append((pred, gt, SPACINGS[k % len(SPACINGS)], (1.0, 2.0, 1.5)[k % 3]))
+    return cases
+
+
+def _reference_module(monkeypatch):
+    """DeepMind's surface-distance package, with scipy.ndimage standing in for the deprecated scipy.ndimage.filters
+    and scipy.ndimage.morphology namespaces it calls (gone in future scipy). Its np.Inf/np.NaN (removed in numpy 2)
+    are only reached for empty masks, which these tests never pass."""
+    sd = pytest.importorskip("surface_distance")
+    import scipy.ndimage
+
+    monkeypatch.setattr(sd.metrics, "ndimage", types.SimpleNamespace(filters=scipy.ndimage, morphology=scipy.ndimage))
+    return sd
+
+
+def test_surfel_area_table_equals_reference(monkeypatch):
+    # Our table is built from the marching-cubes geometry (overlap_surface._unit_surfel_elements); it must give
+    # the reference lookup table's area for each of the 256 codes (16 in 2D) at any spacing.
+    sd = _reference_module(monkeypatch)
+    for spacing in [(1.0, 1.0, 1.0), *SPACINGS, (0.3, 5.0, 1.7)]:
+        ref = sd.lookup_tables.create_table_neighbour_code_to_surface_area(spacing)
+        np.testing.assert_allclose(surfel_area_table(spacing), ref, rtol=1e-12, atol=0)
+    for spacing in [(1.0, 1.0), (4.0, 0.9), (0.7, 1.1)]:
+        ref = sd.lookup_tables.create_table_neighbour_code_to_contour_length(spacing)
+        np.testing.assert_allclose(surfel_area_table(spacing), ref, rtol=1e-12, atol=0)
+
+
+def test_matches_surface_distance_reference_on_random_anisotropic_masks(monkeypatch):
+    # Not a hand computation: NSD and HD95 against compute_surface_dice_at_tolerance and
+    # compute_robust_hausdorff(..., 95) of DeepMind's package (it takes (gt, pred), spacing per array axis).
+    # Required: |dNSD| <= 0.005, |dHD95| <= 0.25 mm; the same algorithm gives the same numbers up to rounding.
+    sd = _reference_module(monkeypatch)
+    worst_nsd = worst_hd = 0.0
+    cases = _random_pairs(0, 120)
+    for pred, gt, spacing, tol in cases:
+        r = binary_metrics(pred, gt, spacing, tol)
+        dists = sd.compute_surface_distances(gt, pred, spacing)
+        worst_nsd = max(worst_nsd, abs(r["nsd"] - sd.compute_surface_dice_at_tolerance(dists, tol)))
+        worst_hd = max(worst_hd, abs(r["hd95"] - sd.compute_robust_hausdorff(dists, 95)))
+    assert worst_nsd <= 0.005 and worst_hd <= 0.25
+    assert worst_nsd < 1e-9 and worst_hd < 1e-9  # in fact identical up to floating-point rounding
+    # 2D (case_metrics accepts 2D label maps): the reference's contour-length version.
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        gt, pred = rng.random((12, 15)) < 0.3, rng.random((12, 15)) < 0.3
+        r = binary_metrics(pred, gt, (2.5, 0.7), 1.0)
+        dists = sd.compute_surface_distances(gt, pred, (2.5, 0.7))
+        assert r["nsd"] == pytest.approx(sd.compute_surface_dice_at_tolerance(dists, 1.0), abs=1e-9)
+        assert r["hd95"] == pytest.approx(sd.compute_robust_hausdorff(dists, 95), abs=1e-9)
+
+
+def test_nsd_matches_monai_subvoxel_surface_dice():
+    # MONAI's compute_surface_dice(use_subvoxels=True) implements the same NSD (in float32).
+    torch = pytest.importorskip("torch")
+    from monai.metrics import compute_surface_dice
+
+    for pred, gt, spacing, tol in _random_pairs(2, 16):
+        r = binary_metrics(pred, gt, spacing, tol)
         p = torch.from_numpy(pred)[None, None].float()
         g = torch.from_numpy(gt)[None, None].float()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            nsd = float(compute_surface_dice(p, g, [1.3], include_background=True, spacing=spacing))
-            hd = float(compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=spacing))
-        assert r["nsd"] == pytest.approx(nsd, abs=1e-6)
-        assert r["hd95"] == pytest.approx(hd, rel=1e-5)
+            nsd = float(
+                compute_surface_dice(p, g, [tol], include_background=True, spacing=spacing, use_subvoxels=True)
+            )
+        assert r["nsd"] == pytest.approx(nsd, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- summarize

@@ -3,13 +3,15 @@
 A config (YAML; built-ins in ``medadapt/benchmark/configs``) names a foundation recipe, target datasets with
 their shot counts, seeds, the fine-tuning budget, and three experiments from the DGST paper (Sec. 3):
 
-* ``table1`` — every Table 1 method at every shot count of every dataset, plus the all-shot from-scratch row;
+* ``table1`` — every Table 1 method at every shot count of every dataset, plus the all-shot from-scratch row
+  and the zero-shot row (the foundation model with its own heads, no fine-tuning);
 * ``table2`` — the sparsification ablations at the smallest and largest shot count of each dataset;
 * ``gamma``  — DGST's γ at the largest shot count of each dataset, with ``full`` as the reference (Fig. 3).
 
 A *cell* is one fine-tuning run: (dataset, shots, method, method options, seed). Its key holds everything that
-can change its result — the dataset recipe, split seed, training budget, method options and the foundation
-recipe — and the cell's folder name ends in a hash of that key, so editing the config re-runs exactly the cells
+can change its result — the dataset recipe, split seed, training budget (``training``, or the row's entry in
+``budgets``: from scratch and all-shot get a schedule of their own), head policy, method options and the
+foundation recipe — and the cell's folder name ends in a hash of that key, so editing the config re-runs exactly the cells
 it changes. Cells shared by experiments (e.g. DGST γ=1 at the largest shot count) run once.
 """
 from __future__ import annotations
@@ -26,7 +28,9 @@ import yaml
 
 from medadapt.errors import MedadaptError
 
-CELL_FORMAT = "medadapt-bench-cell/1"
+CELL_FORMAT = "medadapt-bench-cell/2"
+ZERO_SHOT = "zero-shot"  # the reference row: the foundation model with its own heads, no fine-tuning
+HEAD_POLICIES = ("fresh", "keep")
 BUILTIN_CONFIGS = ("default", "quick", "paper")
 
 
@@ -65,8 +69,10 @@ class GridConfig:
     split_seed: int
     training: dict[str, Any]
     table1: dict[str, Any]
-    table2: dict[str, Any] | None
-    gamma: dict[str, Any] | None
+    budgets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    head: str = "fresh"
+    table2: dict[str, Any] | None = None
+    gamma: dict[str, Any] | None = None
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     ray: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -76,6 +82,12 @@ class GridConfig:
         """What to pass to ``medadapt bench`` for this config: a built-in's name, otherwise its file."""
         builtin = self.name in BUILTIN_CONFIGS and Path(self.source) == builtin_config_path(self.name)
         return self.name if builtin else self.source
+
+    def budget(self, method: str, all_shot: bool = False) -> dict[str, Any]:
+        """The training settings of a cell: the all-shot row's, else the method's, else ``training``."""
+        if all_shot and "all_shot" in self.budgets:
+            return self.budgets["all_shot"]
+        return self.budgets.get(method, self.training)
 
     def dataset(self, name: str) -> DatasetConfig:
         return next(d for d in self.datasets if d.name == name)
@@ -192,13 +204,43 @@ def _resolve_domain(c: _Check, entry: dict, key: str, base_dir: Path) -> dict[st
         c.fail(f"{key}.domain", f"{domain!r} is not a name or path", "give a built-in domain or a spec file")
     candidate = base_dir / domain
     spec = load_domain(str(candidate) if candidate.is_file() else domain)
-    downsample = c.integer(entry.get("downsample", 1), f"{key}.downsample", 1)
-    if downsample > 1:  # same field of view, fewer voxels (quick runs)
+    factors = _downsample_factors(c, entry.get("downsample", 1), f"{key}.downsample")
+    if any(f > 1 for f in factors):  # same field of view, fewer voxels (quick runs, CPU-sized benchmarks)
         spec = spec.replace(
-            shape=[max(8, s // downsample) for s in spec.shape],
-            scanner={"spacing_mm": [v * downsample for v in spec.scanner.spacing_mm],
-                     "slice_thickness_mm": spec.scanner.slice_thickness_mm * downsample})
+            shape=[max(8, s // f) for s, f in zip(spec.shape, factors)],
+            scanner={"spacing_mm": [v * f for v, f in zip(spec.scanner.spacing_mm, factors)],
+                     "slice_thickness_mm": spec.scanner.slice_thickness_mm * factors[0]})
     return spec.to_dict()
+
+
+def _method_names() -> list[str]:
+    from medadapt.tuning import method_names
+
+    return method_names()
+
+
+def _training(c: _Check, value: Any, key: str) -> dict[str, Any]:
+    t = c.mapping(value, key, ("epochs", "iterations_per_epoch", "lr"), required=("epochs", "iterations_per_epoch"))
+    training = {"epochs": c.integer(t["epochs"], f"{key}.epochs", 1),
+                "iterations_per_epoch": c.integer(t["iterations_per_epoch"], f"{key}.iterations_per_epoch", 1)}
+    if t.get("lr") is not None:
+        try:
+            training["lr"] = float(t["lr"])
+        except (TypeError, ValueError):
+            c.fail(f"{key}.lr", f"{t['lr']!r} is not a number", "give e.g. 1e-3")
+        if not training["lr"] > 0:
+            c.fail(f"{key}.lr", f"{t['lr']!r} is not positive", "give e.g. 1e-3")
+    return training
+
+
+def _downsample_factors(c: _Check, value: Any, key: str) -> tuple[int, int, int]:
+    """``downsample``: one integer for every axis, or ``[z, y, x]`` (e.g. ``[1, 2, 2]``: in-plane only)."""
+    if isinstance(value, list):
+        if len(value) != 3:
+            c.fail(key, f"{value!r} has {len(value)} values", "give one integer or three ([z, y, x])")
+        return tuple(c.integer(v, f"{key}[{i}]", 1) for i, v in enumerate(value))
+    f = c.integer(value, key, 1)
+    return (f, f, f)
 
 
 def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> GridConfig:
@@ -210,8 +252,8 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     c = _Check(source)
     base_dir = base_dir or Path.cwd()
     top = c.mapping(raw, "config", ("name", "description", "foundation", "datasets", "seeds", "data_seed",
-                                    "split_seed", "training", "table1", "table2", "gamma", "method_options",
-                                    "ray"),
+                                    "split_seed", "training", "budgets", "head", "table1", "table2", "gamma",
+                                    "method_options", "ray"),
                     required=("name", "foundation", "datasets", "training", "table1"))
     name = str(top["name"])
     split_seed = c.integer(top.get("split_seed", 0), "split_seed")
@@ -245,20 +287,22 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                    "raise cases or lower the shot counts")
         datasets.append(DatasetConfig(str(dname), domain, cases, tuple(sorted(shots)), len(train)))
 
-    t = c.mapping(top["training"], "training", ("epochs", "iterations_per_epoch", "lr"),
-                  required=("epochs", "iterations_per_epoch"))
-    training = {"epochs": c.integer(t["epochs"], "training.epochs", 1),
-                "iterations_per_epoch": c.integer(t["iterations_per_epoch"], "training.iterations_per_epoch", 1)}
-    if t.get("lr") is not None:
-        training["lr"] = float(t["lr"])
+    training = _training(c, top["training"], "training")
+    budgets = {}
+    for row, entry in (c.mapping(top.get("budgets") or {}, "budgets", (*_method_names(), "all_shot"))).items():
+        budgets[row] = _training(c, entry, f"budgets.{row}")
+    head = str(top.get("head", "fresh"))
+    if head not in HEAD_POLICIES:
+        c.fail("head", f"unknown head policy {head!r}", f"use one of {list(HEAD_POLICIES)}")
 
     method_options = {}
     for m, opts in (top.get("method_options") or {}).items():
         c.methods([m], "method_options")
         method_options[m] = dict(c.mapping(opts, f"method_options.{m}", ("gamma", "rank", "alpha", "reduction")))
 
-    t1 = c.mapping(top["table1"], "table1", ("methods", "all_shot"), required=("methods",))
-    table1 = {"methods": c.methods(t1["methods"], "table1.methods"), "all_shot": t1.get("all_shot")}
+    t1 = c.mapping(top["table1"], "table1", ("methods", "all_shot", "zero_shot"), required=("methods",))
+    table1 = {"methods": c.methods(t1["methods"], "table1.methods"), "all_shot": t1.get("all_shot"),
+              "zero_shot": bool(t1.get("zero_shot", True))}
     if table1["all_shot"] is not None:
         c.methods([table1["all_shot"]], "table1.all_shot")
     table2 = None
@@ -279,7 +323,7 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
            "gpus_per_cell": float(ray.get("gpus_per_cell", 0))}
     config = GridConfig(name=name, description=str(top.get("description", "")).strip(), source=source,
                         foundation=foundation, datasets=datasets, seeds=seeds, data_seed=data_seed,
-                        split_seed=split_seed, training=training, table1=table1, table2=table2, gamma=gamma,
+                        split_seed=split_seed, training=training, budgets=budgets, head=head, table1=table1, table2=table2, gamma=gamma,
                         method_options=method_options, ray=ray, raw=copy.deepcopy(raw))
     enumerate_cells(config)  # validates method options
     return config
@@ -312,13 +356,18 @@ def enumerate_cells(config: GridConfig) -> list[Cell]:
         for seed in config.seeds:
             key = {"format": CELL_FORMAT, "dataset": ds.key(config.data_seed), "split_seed": config.split_seed,
                    "shots": shots, "method": method, "options": opts, "seed": seed,
-                   "training": config.training, "foundation": foundation}
+                   "training": config.budget(method, all_shot), "head": config.head, "foundation": foundation}
             cell = Cell(ds.name, shots, method, opts, seed, all_shot, key)
             cell = cells.setdefault(cell.cell_id, cell)
             if experiment not in cell.experiments:
                 cell.experiments.append(experiment)
 
     for ds in config.datasets:
+        if config.table1.get("zero_shot"):  # no training: one cell per dataset, whatever the seeds
+            key = {"format": CELL_FORMAT, "dataset": ds.key(config.data_seed), "split_seed": config.split_seed,
+                   "method": ZERO_SHOT, "foundation": foundation}
+            cell = Cell(ds.name, 0, ZERO_SHOT, {}, 0, False, key, ["table1"])
+            cells[cell.cell_id] = cell
         for shots in ds.shots:
             for method in config.table1["methods"]:
                 add(ds, shots, method, "table1")

@@ -2,11 +2,16 @@
 
 Writes to ``<workdir>/report/``:
 
-* ``table1.md/.csv`` — the DGST paper's Table 1 layout: DSC and NSD (%) per shot count, mean ± std over test
-  cases (pooled over seeds), best in bold and second underlined per column; the all-shot from-scratch row.
+* ``table1.md/.csv`` — the DGST paper's Table 1 layout: DSC and NSD (%) per shot count as mean over seeds ±
+  spread over seeds (spread over test cases), bold / underlined only where a paired test separates methods
+  (:mod:`medadapt.benchmark.stats`); the zero-shot row (the foundation with its own heads) and the all-shot
+  from-scratch row. ``table1_hd95.md``: the same for HD95, with the number of undefined values.
 * ``table2.md/.csv`` — Table 2: the ablations at the smallest and largest shot count, with seconds per
   iteration and its ratio to ``full`` (medians of the cells' median iteration times, measured in this grid).
-* ``gamma.md/.csv/.png`` — Fig. 3: DSC and NSD against γ, with ``full`` as the reference line.
+* ``paired.md/.csv`` — DGST against every other method per setting: mean paired difference over (seed, test
+  case), bootstrap 95% interval, Wilcoxon signed-rank p-value.
+* ``gamma.md/.csv/.png`` — Fig. 3: DSC and NSD against γ (bars: spread over seeds), ``full`` as reference line.
+* ``curves.png`` — training-loss curves of the Table 1 methods and the all-shot row (did the budgets converge).
 * ``qualitative.png`` — Fig. 2: every Table 1 method's contours on the same slice of each dataset.
 * ``cells.csv`` (one row per cell) and ``per_case.csv`` (one row per cell and test case): every number above is
   traceable to its cell id, and the CSV tables name the cells they aggregate.
@@ -16,25 +21,33 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medadapt.benchmark.grid import Cell, GridConfig, enumerate_cells, method_options
+from medadapt.benchmark import stats
+from medadapt.benchmark.grid import ZERO_SHOT, Cell, GridConfig, enumerate_cells, method_options
 from medadapt.benchmark.runner import grid_paths, load_cell_record
 from medadapt.errors import MedadaptError
-from medadapt.metrics import format_mean_std, summarize
 from medadapt.utils.atomic import atomic_path, atomic_write_text
 from medadapt.utils.tables import markdown_table
 
 DISPLAY = {"scratch": "From scratch", "full": "Full", "linear-probe": "LinearProb", "bias": "Bias",
            "adapter": "Adapter", "lora": "LoRA", "affine-norm": "Affine-IN", "dgst": "DGST",
            "encoder-only": "Encoder Only", "decoder-only": "Decoder Only", "bias-norm": "Bias+Norm",
-           "drst": "DRST", "sgst": "SGST", "ft-last": "FT-last"}
+           "drst": "DRST", "sgst": "SGST", "ft-last": "FT-last", ZERO_SHOT: "Foundation, no fine-tuning"}
 MISSING = "–"
+HEADLINE = "dgst"  # the method every other is compared with in the paired table
+
+FOOTNOTE = (
+    "Cells: mean over seeds ± spread over seeds (sample std of the per-seed means over the test cases) and, in "
+    "brackets, the spread over test cases (std over all seed × test-case values). Bold: the column's best mean "
+    "and every method not distinguishable from it; underlined: the best of the rest and every method not "
+    "distinguishable from that one. Distinguishable: two-sided Wilcoxon signed-rank test on the paired "
+    f"(seed, test case) differences, p < {stats.ALPHA} (no multiple-comparison correction). The zero-shot row "
+    "has no seeds (no training); it pairs each test case with that case under every seed.")
 
 
 def display_name(method: str) -> str:
@@ -56,59 +69,59 @@ class CellIndex:
         return dataset, method, tuple(sorted(options.items())), shots
 
     def finished(self, dataset: str, method: str, shots: int, gamma: int | None = None) -> list[dict]:
-        opts = method_options(self.config, method, gamma)
+        if method == ZERO_SHOT:  # one cell per dataset, whatever the shot count of the column
+            opts, shots = {}, 0
+        else:
+            opts = method_options(self.config, method, gamma)
         cells = self.by_setting.get(self._setting(dataset, method, opts, shots), [])
         return [self.records[c.cell_id] for c in cells if self.records.get(c.cell_id)]
 
 
-def _pooled_rows(records: list[dict], cls: str) -> list[dict]:
-    """Per-case rows of one class over all seeds; the case id carries the seed so that seeds pool."""
-    rows = []
-    for rec in records:
-        for r in rec["per_case"]:
-            if r["class"] != cls:
-                continue
-            row = {k: (math.nan if v is None and k in ("dsc", "nsd", "hd95") else v) for k, v in r.items()}
-            row["case"] = f"{r['case']}@seed{rec['seed']}"
-            rows.append(row)
-    return rows
+def _values(records: list[dict], cls: str, metric: str) -> dict:
+    """(seed, case) -> value; the zero-shot cell has no seed (None), so that it pairs with every seed."""
+    values = stats.case_values(records, cls, metric)
+    if records and records[0]["method"] == ZERO_SHOT:
+        values = {(None, case): v for (_, case), v in values.items()}
+    return values
 
 
 def aggregate(records: list[dict], cls: str) -> dict[str, Any] | None:
-    """Mean ± std over test cases (pooled over seeds) and the median iteration time of some cells."""
+    """Means over seeds with both spreads (seeds, test cases) of DSC, NSD, HD95, and cell facts."""
     if not records:
         return None
-    entry = summarize(_pooled_rows(records, cls))["classes"][cls]
-    return {"dsc_mean": entry["dsc"]["mean"], "dsc_std": entry["dsc"]["std"],
-            "nsd_mean": entry["nsd"]["mean"], "nsd_std": entry["nsd"]["std"],
-            "n_cases": entry["n_cases"], "seeds": sorted(r["seed"] for r in records),
-            "seconds_per_iteration": float(np.median([r["timing"]["median_iteration_seconds"] for r in records])),
-            "trainable": records[0]["parameters"]["trainable"],
-            "updated_per_step": records[0]["parameters"]["updated_per_step"],
-            "cells": [r["id"] for r in records]}
-
-
-def _ranked(texts: list[str], means: list[float | None]) -> list[str]:
-    """Bold the best and underline the second best value of a column (ties share a rank)."""
-    values = sorted({round(m, 4) for m in means if m is not None}, reverse=True)
-    out = []
-    for text, m in zip(texts, means):
-        if m is not None and values and round(m, 4) == values[0]:
-            text = f"**{text}**"
-        elif m is not None and len(values) > 1 and round(m, 4) == values[1]:
-            text = f"<u>{text}</u>"
-        out.append(text)
+    out: dict[str, Any] = {}
+    for metric in ("dsc", "nsd", "hd95"):
+        summary = stats.seed_summary(_values(records, cls, metric))
+        out.update({f"{metric}_mean": summary.mean, f"{metric}_seed_std": summary.seed_std,
+                    f"{metric}_case_std": summary.case_std})
+        if metric == "hd95":
+            out["hd95_undefined"] = summary.n_undefined
+    times = [r["timing"]["median_iteration_seconds"] for r in records
+             if r["timing"].get("median_iteration_seconds") is not None]
+    out.update({
+        "n_cases": len({case for rec in records for case in (r["case"] for r in rec["per_case"])}),
+        "n_values": len(_values(records, cls, "dsc")),
+        "seeds": sorted(r["seed"] for r in records) if records[0]["method"] != ZERO_SHOT else [],
+        "seconds_per_iteration": float(np.median(times)) if times else None,
+        "trainable": records[0]["parameters"]["trainable"],
+        "updated_per_step": records[0]["parameters"]["updated_per_step"],
+        "cells": [r["id"] for r in records]})
     return out
 
 
 def _fmt(agg: dict | None, metric: str) -> str:
-    if agg is None:
+    if agg is None or agg[f"{metric}_mean"] is None:
         return MISSING
-    return format_mean_std(agg[f"{metric}_mean"], agg[f"{metric}_std"], percent=True, digits=2)
+    scale = 1.0 if metric == "hd95" else 100.0
+    text = f"{agg[f'{metric}_mean'] * scale:.1f} ± {agg[f'{metric}_seed_std'] * scale:.1f} " \
+           f"({agg[f'{metric}_case_std'] * scale:.1f})"
+    if metric == "hd95" and agg.get("hd95_undefined"):
+        text += f", {agg['hd95_undefined']}/{agg['n_values']} undefined"
+    return text
 
 
-def _mean(agg: dict | None, metric: str) -> float | None:
-    return None if agg is None else agg[f"{metric}_mean"]
+def _mark(text: str, mark: str) -> str:
+    return {"bold": f"**{text}**", "underline": f"<u>{text}</u>"}.get(mark, text)
 
 
 def _csv(rows: list[dict]) -> str:
@@ -124,55 +137,65 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _ranked_columns(columns: list[tuple[list[str], list[float | None]]]) -> list[list[str]]:
-    return [_ranked(texts, means) for texts, means in columns]
+def _column(index: CellIndex, dataset: str, shots: int, methods: list[str], cls: str, metric: str,
+            gamma: dict[str, int | None] | None = None) -> tuple[list[str], list[dict | None]]:
+    """One table column: marked texts and aggregates of ``methods`` at (dataset, shots)."""
+    gamma = gamma or {}
+    records = {m: index.finished(dataset, m, shots, gamma.get(m)) for m in methods}
+    values = {m: _values(r, cls, metric) for m, r in records.items() if r}
+    marks = stats.rank_marks(list(values), values)
+    aggs = [aggregate(records[m], cls) for m in methods]
+    return [_mark(_fmt(a, metric), marks.get(m, "")) for m, a in zip(methods, aggs)], aggs
 
 
-def table1(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
+def table1(index: CellIndex, cls: str, metrics: tuple[str, ...] = ("dsc", "nsd")) -> tuple[str, list[dict]]:
     config = index.config
     parts, csv_rows = [], []
+    names = {"dsc": "DSC (%)", "nsd": "NSD (%)", "hd95": "HD95 (mm)"}
     for ds in config.datasets:
-        methods = config.table1["methods"]
-        aggs = {(m, s): aggregate(index.finished(ds.name, m, s), cls) for m in methods for s in ds.shots}
+        methods = list(config.table1["methods"])
+        if config.table1.get("zero_shot"):
+            methods = [ZERO_SHOT] + methods
         columns = []
         for s in ds.shots:
-            for metric in ("dsc", "nsd"):
-                columns.append(([_fmt(aggs[m, s], metric) for m in methods],
-                                [_mean(aggs[m, s], metric) for m in methods]))
-        ranked = _ranked_columns(columns)
-        rows = [[display_name(m)] + [col[i] for col in ranked] for i, m in enumerate(methods)]
+            for metric in metrics:
+                texts, aggs = _column(index, ds.name, s, methods, cls, metric)
+                columns.append(texts)
+                if metric == metrics[0]:
+                    for m, agg in zip(methods, aggs):
+                        csv_rows.append({"dataset": ds.name, "class": cls, "method": m, "shots": s, **_agg_csv(agg)})
+        rows = [[display_name(m)] + [col[i] for col in columns] for i, m in enumerate(methods)]
         all_shot = config.table1["all_shot"]
         if all_shot:
             agg = aggregate(index.finished(ds.name, all_shot, ds.train_cases), cls)
             label = f"All-shot ({ds.train_cases}-shot, {display_name(all_shot).lower()})"
-            rows.append([label, _fmt(agg, "dsc"), _fmt(agg, "nsd")] + [""] * (2 * len(ds.shots) - 2))
-            aggs[f"all-shot:{all_shot}", ds.train_cases] = agg
-        header = ["Method"] + [f"{s}-shot {m} (%)" for s in ds.shots for m in ("DSC", "NSD")]
+            rows.append([label] + [_fmt(agg, m) for m in metrics] + [""] * (len(metrics) * (len(ds.shots) - 1)))
+            csv_rows.append({"dataset": ds.name, "class": cls, "method": f"all-shot:{all_shot}",
+                             "shots": ds.train_cases, **_agg_csv(agg)})
+        header = ["Method"] + [f"{s}-shot {names[m]}" for s in ds.shots for m in metrics]
         parts.append(f"**{ds.name}** ({cls})\n\n" + markdown_table(header, rows))
-        for (m, s), agg in aggs.items():
-            csv_rows.append({"dataset": ds.name, "class": cls, "method": m, "shots": s, **_agg_csv(agg)})
     return "\n\n".join(parts), csv_rows
 
 
 def _agg_csv(agg: dict | None) -> dict:
+    keys = ("dsc_mean", "dsc_seed_std", "dsc_case_std", "nsd_mean", "nsd_seed_std", "nsd_case_std", "hd95_mean",
+            "hd95_seed_std", "hd95_case_std", "hd95_undefined", "n_cases", "n_values", "seeds",
+            "seconds_per_iteration", "trainable", "updated_per_step", "cells")
     if agg is None:
-        return {"dsc_mean": "", "dsc_std": "", "nsd_mean": "", "nsd_std": "", "n_cases": 0, "seeds": [],
-                "cells": []}
-    return {k: agg[k] for k in ("dsc_mean", "dsc_std", "nsd_mean", "nsd_std", "n_cases", "seeds",
-                                "seconds_per_iteration", "trainable", "updated_per_step", "cells")}
+        return {k: ([] if k in ("seeds", "cells") else "") for k in keys}
+    return {k: agg[k] for k in keys}
 
 
 def table2(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
     config = index.config
     methods, reference = config.table2["methods"], config.table2["reference"]
     settings = [(ds.name, s) for ds in config.datasets for s in sorted({min(ds.shots), max(ds.shots)})]
-    aggs = {(m, d, s): aggregate(index.finished(d, m, s), cls) for m in methods for d, s in settings}
-    columns = []
+    columns, aggs = [], {}
     for d, s in settings:
         for metric in ("dsc", "nsd"):
-            columns.append(([_fmt(aggs[m, d, s], metric) for m in methods],
-                            [_mean(aggs[m, d, s], metric) for m in methods]))
-    ranked = _ranked_columns(columns)
+            texts, col_aggs = _column(index, d, s, methods, cls, metric)
+            columns.append(texts)
+            aggs.update({(m, d, s): a for m, a in zip(methods, col_aggs)})
 
     def seconds(method: str) -> float | None:
         records = [r for d, s in settings for r in index.finished(d, method, s)]
@@ -183,7 +206,7 @@ def table2(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
     for i, m in enumerate(methods):
         t = seconds(m)
         ratio = (t / ref) if (t is not None and ref) else None
-        rows.append([display_name(m)] + [col[i] for col in ranked] +
+        rows.append([display_name(m)] + [col[i] for col in columns] +
                     [MISSING if t is None else f"{t:.3f} s", MISSING if ratio is None else f"{ratio:.2f}×"])
         for d, s in settings:
             csv_rows.append({"dataset": d, "class": cls, "method": m, "shots": s, **_agg_csv(aggs[m, d, s]),
@@ -193,23 +216,64 @@ def table2(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
     return f"({cls})\n\n" + markdown_table(header, rows), csv_rows
 
 
+def paired_table(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
+    """DGST against every other method of Tables 1 and 2, per setting: mean paired difference (percentage
+    points) with its bootstrap 95% interval and the Wilcoxon p-value, for DSC and NSD."""
+    config = index.config
+    methods = ([ZERO_SHOT] if config.table1.get("zero_shot") else []) + list(config.table1["methods"])
+    if config.table2:
+        methods += [m for m in config.table2["methods"] if m not in methods]
+    others = [m for m in methods if m != HEADLINE]
+    settings = [(ds.name, s) for ds in config.datasets for s in ds.shots]
+    rows, csv_rows = [], []
+    for d, s in settings:
+        mine = index.finished(d, HEADLINE, s)
+        if not mine:
+            continue
+        for m in others:
+            theirs = index.finished(d, m, s)
+            if not theirs:
+                continue
+            texts = []
+            for metric in ("dsc", "nsd"):
+                comp = stats.paired_comparison(_values(mine, cls, metric), _values(theirs, cls, metric))
+                if comp is None:
+                    texts.append(MISSING)
+                    continue
+                texts.append(f"{100 * comp.mean_difference:+.1f} [{100 * comp.ci_low:+.1f}, "
+                             f"{100 * comp.ci_high:+.1f}], p={comp.p_value:.2g}")
+                csv_rows.append({"dataset": d, "shots": s, "class": cls, "method": HEADLINE, "versus": m,
+                                 "metric": metric, "mean_difference": comp.mean_difference,
+                                 "ci95_low": comp.ci_low, "ci95_high": comp.ci_high, "p_wilcoxon": comp.p_value,
+                                 "n_pairs": comp.n_pairs, "significant": comp.significant})
+            rows.append([d, f"{s}", f"{display_name(HEADLINE)} − {display_name(m)}", *texts])
+    header = ["Dataset", "Shots", "Comparison", "Δ DSC (pp) [95% CI], p", "Δ NSD (pp) [95% CI], p"]
+    text = (f"({cls}) Mean paired difference over (seed, test case) pairs in percentage points, percentile "
+            f"bootstrap 95% interval ({stats.BOOTSTRAP_RESAMPLES:,} resamples), two-sided Wilcoxon signed-rank "
+            "p-value.\n\n" + (markdown_table(header, rows) if rows else "(no finished pairs)"))
+    return text, csv_rows
+
+
 def gamma_table(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
     config = index.config
     g = config.gamma
-    rows, csv_rows = [], []
     settings = [(ds.name, max(ds.shots)) for ds in config.datasets]
-    lines: list[tuple[str, Any, dict[tuple[str, int], dict | None]]] = []
-    for value in g["values"]:
-        lines.append((f"{display_name(g['method'])} γ={value}", value,
-                      {(d, s): aggregate(index.finished(d, g["method"], s, gamma=value), cls) for d, s in settings}))
-    lines.append((display_name(g["reference"]), None,
-                  {(d, s): aggregate(index.finished(d, g["reference"], s), cls) for d, s in settings}))
-    for label, value, aggs in lines:
-        rows.append([label] + [_fmt(aggs[k], metric) for k in settings for metric in ("dsc", "nsd")])
-        for (d, s), agg in aggs.items():
+    labels = [f"{display_name(g['method'])} γ={v}" for v in g["values"]] + [display_name(g["reference"])]
+    keys = [f"gamma{v}" for v in g["values"]] + ["reference"]
+    # the γ values of one method are separate rows: give each its own name for ranking
+    columns, csv_rows = [], []
+    for d, s in settings:
+        recs = {f"gamma{v}": index.finished(d, g["method"], s, gamma=v) for v in g["values"]}
+        recs["reference"] = index.finished(d, g["reference"], s)
+        for metric in ("dsc", "nsd"):
+            values = {k: _values(r, cls, metric) for k, r in recs.items() if r}
+            marks = stats.rank_marks(list(values), values)
+            columns.append([_mark(_fmt(aggregate(recs[k], cls), metric), marks.get(k, "")) for k in keys])
+        for v, k in zip(list(g["values"]) + [None], keys):
             csv_rows.append({"dataset": d, "class": cls, "shots": s,
-                             "method": g["method"] if value is not None else g["reference"],
-                             "gamma": "" if value is None else value, **_agg_csv(agg)})
+                             "method": g["method"] if v is not None else g["reference"],
+                             "gamma": "" if v is None else v, **_agg_csv(aggregate(recs[k], cls))})
+    rows = [[label] + [col[i] for col in columns] for i, label in enumerate(labels)]
     header = ["Setting"] + [f"{d} {s}-shot {x} (%)" for d, s in settings for x in ("DSC", "NSD")]
     return f"({cls})\n\n" + markdown_table(header, rows), csv_rows
 
@@ -227,9 +291,11 @@ def gamma_figure(config: GridConfig, csv_rows: list[dict], path: Path) -> Path:
         color = colors[i % len(colors)]
         mine = [r for r in csv_rows if r["dataset"] == ds.name]
         for ax, metric in zip(axes, ("dsc", "nsd")):
-            ys = [next((r[f"{metric}_mean"] for r in mine if r["gamma"] == v), "") for v in values]
-            ys = [100 * y if y != "" else np.nan for y in ys]
-            ax.plot(range(len(values)), ys, "o-", color=color, label=f"{ds.name} {max(ds.shots)}-shot")
+            pts = [next((r for r in mine if r["gamma"] == v), None) for v in values]
+            ys = [100 * r[f"{metric}_mean"] if r and r[f"{metric}_mean"] != "" else np.nan for r in pts]
+            es = [100 * r[f"{metric}_seed_std"] if r and r[f"{metric}_seed_std"] != "" else 0 for r in pts]
+            ax.errorbar(range(len(values)), ys, yerr=es, fmt="o-", color=color, capsize=3,
+                        label=f"{ds.name} {max(ds.shots)}-shot")
             ref = next((r[f"{metric}_mean"] for r in mine if r["gamma"] == ""), "")
             if ref != "":
                 ax.axhline(100 * ref, color=color, linestyle="--", linewidth=1,
@@ -240,8 +306,8 @@ def gamma_figure(config: GridConfig, csv_rows: list[dict], path: Path) -> Path:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Sensitivity to γ ({display_name(config.gamma['method'])}); dashed: "
-                 f"{display_name(config.gamma['reference'])}", fontsize=10)
+    fig.suptitle(f"Sensitivity to γ ({display_name(config.gamma['method'])}; mean over seeds, bars: std over "
+                 f"seeds); dashed: {display_name(config.gamma['reference'])}", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -256,12 +322,13 @@ def qualitative_figure(index: CellIndex, paths, cls: str, path: Path) -> Path | 
     from medadapt.viz import GT_COLOR, PRED_COLOR, _window, radiological_view
 
     config = index.config
-    methods = config.table1["methods"]
+    methods = ([ZERO_SHOT] if config.table1.get("zero_shot") else []) + list(config.table1["methods"])
     panels = []
     for ds in config.datasets:
         row = []
         for m in methods:
-            recs = [r for r in index.finished(ds.name, m, max(ds.shots)) if r["seed"] == config.seeds[0]]
+            recs = [r for r in index.finished(ds.name, m, max(ds.shots))
+                    if r["seed"] == config.seeds[0] or m == ZERO_SHOT]
             row.append((m, recs[0] if recs else None))
         panels.append((ds, row))
     if not any(rec for _, row in panels for _, rec in row):
@@ -287,10 +354,51 @@ def qualitative_figure(index: CellIndex, paths, cls: str, path: Path) -> Path | 
             case = str(npz["case"])
             dsc = next((x["dsc"] for x in rec["per_case"] if x["case"] == case and x["class"] == cls), None)
             score = "n/a" if dsc is None else f"{100 * dsc:.1f}%"
-            ax.set_title(f"{display_name(m)}\nDSC {score}", fontsize=8)
+            name = "Foundation (zero-shot)" if m == ZERO_SHOT else display_name(m)
+            ax.set_title(f"{name}\nDSC {score}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(f"{ds.name}\n{max(ds.shots)}-shot, {case} z={int(npz['z'])}", fontsize=7)
     fig.suptitle(f"Test-case contours (ground truth {GT_COLOR}, prediction {PRED_COLOR})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def curves_figure(index: CellIndex, cls: str, path: Path, window: int = 5) -> Path | None:
+    """Training loss per epoch (moving average over ``window`` epochs, mean over seeds) of every Table 1 method
+    and the all-shot row at each dataset's largest shot count: whether the budgets let training level off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config = index.config
+    fig, axes = plt.subplots(1, len(config.datasets), figsize=(5.2 * len(config.datasets), 3.6), squeeze=False)
+    drawn = False
+    for ax, ds in zip(axes[0], config.datasets):
+        lines = [(display_name(m), index.finished(ds.name, m, max(ds.shots))) for m in config.table1["methods"]]
+        if config.table1["all_shot"]:
+            lines.append((f"All-shot ({ds.train_cases})", index.finished(ds.name, config.table1["all_shot"],
+                                                                        ds.train_cases)))
+        for label, recs in lines:
+            curves = [r["loss_curve"] for r in recs if r.get("loss_curve")]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            mean = np.mean([c[:n] for c in curves], axis=0)
+            k = max(1, min(window, n))
+            smooth = np.convolve(mean, np.ones(k) / k, mode="valid")
+            iters = recs[0]["training"]["iterations_per_epoch"]
+            ax.plot((np.arange(len(smooth)) + k) * iters, smooth, label=label, linewidth=1.2)
+            drawn = True
+        ax.set_title(f"{ds.name}, {max(ds.shots)}-shot (all-shot: {ds.train_cases})", fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("training loss (Dice + CE)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.suptitle(f"Training loss per epoch, {window}-epoch moving average, mean over seeds", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -341,24 +449,39 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
     out = Path(paths.workdir) / "report"
     classes = list(done[0]["metrics"]["classes"])
     files: dict[str, Path] = {}
+    seeds = ", ".join(map(str, config.seeds))
     sections = [f"# Benchmark report: grid `{config.name}`\n",
-                f"{len(done)} of {len(cells)} cells finished. Config: `{config.source}`. DSC and NSD at 1 mm in %, "
-                "mean ± std over test cases (pooled over seeds); best **bold**, second <u>underlined</u>.\n"]
+                f"{len(done)} of {len(cells)} cells finished. Config: `{config.source}`. Seeds: {seeds} "
+                f"({len(config.seeds)}). Head policy: {config.head}. DSC and NSD at 1 mm in %.\n",
+                FOOTNOTE + "\n"]
     t1_md, t1_csv = zip(*(table1(index, cls) for cls in classes))
-    files["table1.md"] = _write(out / "table1.md", "\n\n".join(t1_md) + "\n")
+    files["table1.md"] = _write(out / "table1.md", "\n\n".join(t1_md) + "\n\n" + FOOTNOTE + "\n")
     files["table1.csv"] = _write(out / "table1.csv", _csv(sum(t1_csv, [])))
     sections += ["## Table 1: few-shot fine-tuning methods\n", *t1_md]
+    hd_md = [table1(index, cls, metrics=("hd95",))[0] for cls in classes]
+    files["table1_hd95.md"] = _write(out / "table1_hd95.md", "\n\n".join(hd_md) + "\n")
+    sections += ["\n### Table 1, HD95 (mm)\n",
+                 "Over the (seed, test case) values where HD95 is defined; 'k/n undefined' counts those where "
+                 "exactly one of prediction and ground truth is empty (no surface distance exists).\n", *hd_md]
     if config.table2:
         t2_md, t2_csv = zip(*(table2(index, cls) for cls in classes))
-        files["table2.md"] = _write(out / "table2.md", "\n\n".join(t2_md) + "\n")
+        files["table2.md"] = _write(out / "table2.md", "\n\n".join(t2_md) + "\n\n" + FOOTNOTE + "\n")
         files["table2.csv"] = _write(out / "table2.csv", _csv(sum(t2_csv, [])))
         sections += ["\n## Table 2: sparsification ablations\n", *t2_md]
+    p_md, p_csv = zip(*(paired_table(index, cls) for cls in classes))
+    files["paired.md"] = _write(out / "paired.md", "\n\n".join(p_md) + "\n")
+    files["paired.csv"] = _write(out / "paired.csv", _csv(sum(p_csv, [])))
+    sections += [f"\n## Paired comparisons: {display_name(HEADLINE)} against every other method\n", *p_md]
     if config.gamma:
         g_md, g_csv = zip(*(gamma_table(index, cls) for cls in classes))
         files["gamma.md"] = _write(out / "gamma.md", "\n\n".join(g_md) + "\n")
         files["gamma.csv"] = _write(out / "gamma.csv", _csv(sum(g_csv, [])))
         files["gamma.png"] = gamma_figure(config, g_csv[0], out / "gamma.png")
         sections += ["\n## Fig. 3: sensitivity to γ\n", *g_md, "\n![gamma](gamma.png)"]
+    curves = curves_figure(index, classes[0], out / "curves.png")
+    if curves:
+        files["curves.png"] = curves
+        sections.append("\n## Training-loss curves\n\n![curves](curves.png)")
     qual = qualitative_figure(index, paths, classes[0], out / "qualitative.png")
     if qual:
         files["qualitative.png"] = qual

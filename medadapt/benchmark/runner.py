@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from medadapt.benchmark.grid import CELL_FORMAT, Cell, GridConfig, enumerate_cells, stable_hash
+from medadapt.benchmark.grid import CELL_FORMAT, ZERO_SHOT, Cell, GridConfig, enumerate_cells, stable_hash
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_json
 
@@ -100,17 +100,25 @@ def prepare_inputs(config: GridConfig, paths: GridPaths, progress: bool = True) 
 def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Fine-tune and evaluate one cell; store its record atomically in ``cell.json`` and return it."""
-    from medadapt.workflows.finetune import finetune
+    from medadapt.workflows.finetune import finetune, zero_shot
 
     started = time.perf_counter()
     out = paths.cell_dir(cell)
-    training = cell.key["training"]
-    options = {k: v for k, v in cell.options.items() if k != "gamma"}
-    run = finetune(paths.foundation, paths.datasets[cell.dataset], out / "run", method=cell.method,
-                   shots=cell.shots, seed=cell.seed, gamma=cell.options.get("gamma"),
-                   split_seed=cell.key["split_seed"], epochs=training["epochs"],
-                   iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"),
-                   resume=True, progress=progress, method_options=options)
+    if cell.method == ZERO_SHOT:
+        try:
+            run = zero_shot(paths.foundation, paths.datasets[cell.dataset], out / "run",
+                            split_seed=cell.key["split_seed"], resume=True, progress=progress)
+        except MedadaptError as exc:
+            raise MedadaptError(f"{exc} (grid cell {cell.cell_id}; set table1.zero_shot: false for datasets "
+                                "whose labels are not the foundation's)") from None
+    else:
+        training = cell.key["training"]
+        options = {k: v for k, v in cell.options.items() if k != "gamma"}
+        run = finetune(paths.foundation, paths.datasets[cell.dataset], out / "run", method=cell.method,
+                       shots=cell.shots, seed=cell.seed, gamma=cell.options.get("gamma"),
+                       split_seed=cell.key["split_seed"], epochs=training["epochs"],
+                       iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"),
+                       resume=True, progress=progress, method_options=options, head=cell.key["head"])
     qualitative = _store_qualitative_slice(run, out)
     record = {
         "format": CELL_FORMAT,
@@ -121,7 +129,7 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
         "timing": run["timing"],
         "split": run["split"],
         "shot_cases": run["shot_cases"],
-        "new_head": run["new_head"],
+        "head": run["head"],
         "training": run["training"],
         "qualitative": qualitative,
         "executor": {**(executor or {"kind": "local"}), "host": socket.gethostname(),
@@ -131,9 +139,16 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
         "cell_seconds": time.perf_counter() - started,
     }
     # the resume checkpoint (weights + optimizer state) is no longer needed once the cell is stored
+    if cell.method != ZERO_SHOT:
+        record["loss_curve"] = _epoch_losses(out / "run" / "training" / "history.json")
     atomic_write_json(cell_file(paths, cell), record)
     (out / "run" / "training" / "checkpoint_latest.pt").unlink(missing_ok=True)
     return record
+
+
+def _epoch_losses(path: Path) -> list[float]:
+    """The training loss per epoch (mean over its iterations), kept in the cell for the convergence figure."""
+    return [float(v) for v in json.loads(path.read_text())["epoch_loss"]]
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

@@ -9,8 +9,10 @@ centred and padded with the channel minimum (label 0). All randomness comes from
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Sequence
+import zlib
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -146,3 +148,127 @@ class PatchSampler:
             images.append(img_t)
             labels.append(lab_t)
         return {"image": torch.stack(images), "label": torch.stack(labels)}
+
+
+# -- one-time calibration (SGST) ---------------------------------------------------------------------------------
+# The one definition both training loops use (medadapt's engine, nnU-Net's trainer in medadapt.nnunet): every
+# training case gives exactly one patch, centred on a foreground voxel that the calibration's own seeded stream
+# picks (a foreground class of the case uniformly, then one of its stored voxels uniformly), with no augmentation,
+# in batches of the loop's batch size, cases in sorted case-id order. Each case draws from its own stream
+# (seed, CALIBRATION_STREAM, crc32(case id)), so a case's patch does not depend on which other cases are in
+# the set, nor on the order the loop holds them in, nor on anything training draws.
+
+#: second word of the calibration's seed sequence (seed, CALIBRATION_STREAM, case): apart from every training stream
+CALIBRATION_STREAM = 0x5C_A11B
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationPatch:
+    """Where one case's calibration patch lies on the case's (preprocessed) voxel grid."""
+
+    case_id: str
+    start: tuple[int, int, int]  #: lower corner (may be negative: then the crop is padded)
+    voxel: tuple[int, int, int]  #: the foreground voxel the patch is centred on (inside the patch)
+    label: Any  #: its class: a key of the case's class locations (an int label, or a tuple for nnU-Net regions)
+
+
+def _foreground_classes(class_locations: Mapping) -> list:
+    """Keys of foreground classes with at least one stored voxel. nnU-Net's key of annotated voxels (a tuple
+    starting with -1, present with an ignore label) and background are not foreground."""
+    keys = []
+    for k, locs in class_locations.items():
+        if locs is None or len(locs) == 0:
+            continue
+        if isinstance(k, tuple):
+            if -1 in k:
+                continue
+        elif int(k) <= 0:
+            continue
+        keys.append(k)
+    return sorted(keys, key=lambda k: (1, tuple(k)) if isinstance(k, tuple) else (0, (int(k),)))
+
+
+def _centred_start(voxel: Sequence[int], shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, ...]:
+    """Lower corner of the patch centred on ``voxel``, moved inside the volume where it fits (the voxel stays in
+    the patch); a volume smaller than the patch is centred in it (the sampler's rule)."""
+    out = []
+    for v, s, p in zip(voxel, shape, patch_size):
+        lo, hi = (0, s - p) if s >= p else ((s - p) // 2, (s - p) // 2)
+        out.append(int(min(max(int(v) - p // 2, lo), hi)))
+    return tuple(out)
+
+
+def calibration_plan(cases: Iterable[tuple[str, Sequence[int], Mapping]], patch_size: Sequence[int],
+                     batch_size: int, seed: int) -> list[list[CalibrationPatch]]:
+    """The calibration set of a strategy's one-time look at the data (SGST), as batches of patch positions.
+
+    ``cases``: ``(case_id, spatial shape (z, y, x), class_locations)`` per training case, where class_locations
+    maps a class to stored foreground voxel coordinates, (n, 3) or nnU-Net's (n, 4) with a leading channel
+    column (only the last three columns are read). Returns one :class:`CalibrationPatch` per case, cases in
+    sorted id order, in consecutive batches of ``batch_size`` (the last may be smaller). A case without
+    foreground raises :class:`MedadaptError` naming it: every calibration patch must hold foreground.
+    """
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) != 3 or min(patch) < 1:
+        raise MedadaptError(f"calibration patch size {tuple(patch_size)}: must be three positive integers (z, y, x)")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise MedadaptError(f"calibration batch size {batch_size!r}: must be a positive integer")
+    listed = [(str(cid), tuple(int(s) for s in shape), locs) for cid, shape, locs in cases]
+    if not listed:
+        raise MedadaptError("calibration: no training cases")
+    ids = [cid for cid, _, _ in listed]
+    if len(set(ids)) != len(ids):
+        raise MedadaptError(f"calibration: case ids repeat ({sorted(i for i in set(ids) if ids.count(i) > 1)})")
+    patches = []
+    for cid, shape, locs in sorted(listed, key=lambda c: c[0]):
+        if len(shape) != 3:
+            raise MedadaptError(f"case {cid}: spatial shape {shape} is not three-dimensional")
+        classes = _foreground_classes(locs or {})
+        if not classes:
+            raise MedadaptError(f"case {cid}: has no foreground voxel, so it cannot give a calibration patch "
+                                "(every case SGST calibrates on must hold foreground); check its label or leave "
+                                "the case out of the training set")
+        rng = np.random.default_rng([int(seed), CALIBRATION_STREAM, zlib.crc32(cid.encode("utf-8"))])
+        label = classes[int(rng.integers(len(classes)))]
+        coords = np.asarray(locs[label])
+        voxel = tuple(int(v) for v in coords[int(rng.integers(len(coords)))][-3:])
+        if any(not 0 <= v < s for v, s in zip(voxel, shape)):
+            raise MedadaptError(f"case {cid}: stored foreground voxel {voxel} lies outside its volume {shape}; "
+                                "preprocess the case again")
+        patches.append(CalibrationPatch(cid, _centred_start(voxel, shape, patch), voxel, label))
+    b = int(batch_size)
+    return [patches[i:i + b] for i in range(0, len(patches), b)]
+
+
+def crop_calibration_patch(data, seg, patch: CalibrationPatch, patch_size: Sequence[int], pad_value,
+                           seg_pad_value=0) -> tuple[np.ndarray, np.ndarray]:
+    """Crop ``data`` [C, z, y, x] and ``seg`` ([z, y, x] or [1, z, y, x]) at the patch; checks that the crop
+    holds the foreground voxel the patch is centred on (a :class:`MedadaptError` if the stored foreground
+    locations do not match the segmentation)."""
+    img = crop_with_padding(data, patch.start, patch_size, pad_value)
+    lab = crop_with_padding(seg, patch.start, patch_size, seg_pad_value)
+    local = tuple(v - s for v, s in zip(patch.voxel, patch.start))
+    labels = list(patch.label) if isinstance(patch.label, tuple) else [patch.label]
+    if not np.isin(np.asarray(lab[(Ellipsis, *local)]), labels).any():
+        raise MedadaptError(f"case {patch.case_id}: voxel {patch.voxel} of its stored foreground locations is not "
+                            f"class {patch.label} in its segmentation; preprocess the case again")
+    return img, lab
+
+
+def calibration_batches(sampler: PatchSampler, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """medadapt's engine side of :func:`calibration_plan`: batches ``image`` float32 [B, C, *patch] and ``label``
+    int64 [B, 1, *patch] of the sampler's cases, cropped as the sampler crops (the image padded with the
+    channel minimum, the label with 0), without augmentation; ``case_ids`` names the cases of each batch."""
+    ids = [str(getattr(c, "case_id", i)) for i, c in enumerate(sampler.cases)]
+    index = {cid: i for i, cid in enumerate(ids)}
+    plan = calibration_plan([(cid, c.data.shape[1:], c.class_locations) for cid, c in zip(ids, sampler.cases)],
+                            sampler.patch_size, sampler.batch_size, seed)
+    for group in plan:
+        images, labels = [], []
+        for p in group:
+            i = index[p.case_id]
+            case = sampler.cases[i]
+            img, lab = crop_calibration_patch(case.data, case.seg, p, sampler.patch_size, sampler._channel_min(i))
+            images.append(torch.from_numpy(img.astype(np.float32, copy=False)))
+            labels.append(torch.from_numpy(lab.astype(np.int64, copy=False))[None])
+        yield {"image": torch.stack(images), "label": torch.stack(labels), "case_ids": [p.case_id for p in group]}

@@ -151,10 +151,18 @@ class Trainer:
         return self.history
 
     def _calibrate(self) -> None:
-        """Give the strategy one pass over the training cases (own random stream: training is unaffected)."""
-        rng = np.random.default_rng(self._stream(2 ** 32 - 1))
-        one_pass = getattr(self.sampler, "one_pass", None)
-        batches = one_pass(rng) if one_pass is not None else [self.sampler.sample(rng)]
+        """The strategy's one-time look at the training data (SGST), defined once for both training loops by
+        :func:`medadapt.data.sampling.calibration_plan`: one unaugmented patch per training case, centred on a
+        foreground voxel picked by the calibration's own seeded stream (training randomness is untouched; every
+        rank computes the same batches), in batches of the training batch size, in train mode, fp32."""
+        from medadapt.data.sampling import calibration_batches
+
+        self.model.train()
+        if getattr(self.sampler, "cases", None) is not None:
+            batches = calibration_batches(self.sampler, self.config.seed)
+        else:  # a sampler that does not expose its cases (test stand-ins): one batch of its own, own stream
+            batches = [self.sampler.sample(np.random.default_rng(self._stream(2 ** 32 - 1)))]
+
         def loss_fn(model, batch):
             return self.loss(model(batch["image"].to(self.device)), batch["label"].to(self.device))
 

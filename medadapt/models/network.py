@@ -123,6 +123,14 @@ PRESETS: dict[str, dict] = {
         "patch_size": (32, 64, 64),
         "batch_size": 2,
     },
+    "cpu-bench": {
+        "description": "cpu-small's network (PlainConvUNet 8-16-32-64) at patch 16x32x32, batch 2: ~0.04 s per "
+                       "iteration on one CPU thread; the default benchmark grid's preset (converged cells on 2 cores)",
+        "network_class_name": _PLAIN,
+        "arch_kwargs": _plain_unet_kwargs([8, 16, 32, 64], [1, 2, 2, 2]),
+        "patch_size": (16, 32, 32),
+        "batch_size": 2,
+    },
     "cpu-tiny": {
         "description": "PlainConvUNet, 3 stages 4-8-16 features, patch 16x32x32, batch 2: for tests",
         "network_class_name": _PLAIN,

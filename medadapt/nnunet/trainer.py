@@ -10,7 +10,9 @@ validation and checkpoint format. What medadapt changes:
   ``split_seed``, then ``shots`` cases drawn with ``seed``); the validation cases are that split's test part;
 * ``configure_optimizers`` (called by ``initialize`` right after the network is built, before any DDP
   wrapper): loads the pretrained weights with nnU-Net's ``load_pretrained_weights`` rules — every weight must
-  fit, the segmentation heads are skipped when the label sets differ — then ``strategy.prepare``, SGD over
+  fit, the segmentation heads (``seg_layers``) are never transferred, so every method starts from nnU-Net's
+  freshly initialised head (``head="keep"`` keeps the foundation's heads where the label sets are the same
+  and is refused where they are not) — then ``strategy.prepare``, SGD over
   ``strategy.parameters`` and ``strategy.attach`` (the update masks are optimizer step hooks, so nnU-Net's
   ``train_step`` with its clipping and AMP grad scaler needs no change), exactly as medadapt's own engine;
 * ``on_train_start``: SGST's one-time calibration on training batches;
@@ -57,12 +59,14 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
     medadapt_pretrained_labels: dict[str, int] | None = None
     medadapt_pretrained_source: str | None = None
     medadapt_seed: int = 0
+    medadapt_head: str = "fresh"
     medadapt_record: dict[str, Any] | None = None
 
     def medadapt_setup(self, strategy: Strategy, train_ids: list[str], val_ids: list[str],
                        pretrained: dict[str, torch.Tensor] | None = None,
                        pretrained_labels: dict[str, int] | None = None, pretrained_source: str | None = None,
-                       seed: int = 0, initial_lr: float | None = None, record: dict[str, Any] | None = None) -> None:
+                       seed: int = 0, initial_lr: float | None = None, record: dict[str, Any] | None = None,
+                       head: str = "fresh") -> None:
         if self.was_initialized:
             raise RuntimeError("medadapt_setup must come before initialize()")
         self.strategy = strategy
@@ -71,6 +75,7 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
         self.medadapt_pretrained_labels = pretrained_labels
         self.medadapt_pretrained_source = pretrained_source
         self.medadapt_seed = seed
+        self.medadapt_head = head
         self.initial_lr = initial_lr or strategy.default_lr or FINETUNE_LR
         self.medadapt_record = record or {}
 
@@ -85,11 +90,15 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
         return self.medadapt_split
 
     def _load_pretrained(self) -> None:
-        """nnU-Net's load_pretrained_weights rules, heads kept when the label sets are the same."""
+        """nnU-Net's load_pretrained_weights rules: every weight but the heads; ``keep``: the heads too."""
         own = _unwrap(self.network).state_dict()
         weights = self.medadapt_pretrained
-        same_labels = (self.medadapt_pretrained_labels is not None and
-                       {k: int(v) for k, v in self.dataset_json["labels"].items()} == self.medadapt_pretrained_labels)
+        labels = {k: int(v) for k, v in self.dataset_json["labels"].items()}
+        keep = self.medadapt_head == "keep"
+        if keep and labels != self.medadapt_pretrained_labels:
+            raise MedadaptError(f"--head keep: the dataset's labels {labels} are not those of "
+                                f"{self.medadapt_pretrained_source} ({self.medadapt_pretrained_labels}), so its "
+                                "heads cannot be kept; use --head fresh")
         misfit = [k for k, v in own.items() if ".seg_layers." not in k
                   and (k not in weights or tuple(weights[k].shape) != tuple(v.shape))]
         if misfit:
@@ -97,11 +106,11 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
                                 f"of these plans (first: {misfit[0]}); preprocess the dataset with the "
                                 "foundation's plans (nnUNetv2_move_plans_between_datasets)")
         take = {k: v for k, v in weights.items() if k in own and tuple(v.shape) == tuple(own[k].shape)
-                and (same_labels or ".seg_layers." not in k)}
+                and (keep or ".seg_layers." not in k)}
         own.update(take)
         _unwrap(self.network).load_state_dict(own)
         self.print_to_log_file(f"medadapt: loaded pretrained weights from {self.medadapt_pretrained_source} "
-                               f"({'heads kept' if same_labels else 'new heads: the label sets differ'})")
+                               f"({'heads kept (--head keep)' if keep else 'new, freshly initialised heads'})")
 
     def configure_optimizers(self):
         # initialize() calls this right after building the network: the one place where the foundation's
@@ -121,14 +130,69 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
     def on_train_start(self):
         super().on_train_start()
         if self.strategy is not None and self.strategy.needs_calibration:
-            batches = [next(self.dataloader_train) for _ in range(max(1, len(self.medadapt_split[0])))]
+            # the calibration medadapt's engine runs too (medadapt.data.sampling.calibration_plan): train mode,
+            # fp32 (no autocast, no grad scaler), nnU-Net's deep-supervision loss, unclipped gradients
+            self.network.train()
 
             def loss_fn(model, batch):
                 target = batch["target"]
                 target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
                 return self.loss(model(batch["data"].to(self.device)), target)
 
-            self.strategy.calibrate(self.network, loss_fn, batches)
+            self.strategy.calibrate(self.network, loss_fn, self.medadapt_calibration_batches())
+            self.print_to_log_file(f"medadapt: {self.strategy.name} calibrated on one foreground patch per training "
+                                   f"case ({len(self.medadapt_split[0])} cases, batch size {self.batch_size})")
+
+    def medadapt_calibration_batches(self):
+        """SGST's calibration batches, as nnU-Net's dataloader would give them: the patches of
+        :func:`medadapt.data.sampling.calibration_plan` (one per few-shot training case, centred on a foreground
+        voxel of the case's stored ``class_locations``, picked with the calibration's own stream of
+        ``medadapt_seed``; batches of ``self.batch_size``), read from nnU-Net's preprocessed dataset with
+        ``dataset_class(...).load_case``, cropped as nnU-Net's dataloader crops (data padded with 0, segmentation
+        with -1) and given nnU-Net's validation transforms only — no augmentation: -1 to 0, the cascade and
+        region conversions, and ``DownsampleSegForDSTransform``'s deep-supervision target list. Yields
+        ``{"data", "target", "keys"}``."""
+        import numpy as np
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        from medadapt.data.sampling import calibration_plan, crop_calibration_patch, crop_with_padding
+
+        ids = list(self.medadapt_split[0]) if self.medadapt_split is not None else list(self.do_split()[0])
+        dataset_class = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
+        dataset = dataset_class(self.preprocessed_dataset_folder, list(ids),
+                                folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+        cases = {i: dataset.load_case(i) for i in ids}  # blosc2 / memory-mapped: read where cropped
+        patch = [int(p) for p in self.configuration_manager.patch_size]
+        two_d = len(patch) == 2
+        if two_d:  # nnU-Net's dataloader: a 2D patch is a one-slice 3D patch
+            patch = [1, *patch]
+        plan = calibration_plan([(i, c[0].shape[1:], c[3]["class_locations"]) for i, c in cases.items()],
+                                patch, self.batch_size, self.medadapt_seed)
+        lm = self.label_manager
+        transforms = self.get_validation_transforms(
+            self._get_deep_supervision_scales(), is_cascaded=self.is_cascaded,
+            foreground_labels=lm.foreground_labels, regions=lm.foreground_regions if lm.has_regions else None,
+            ignore_label=lm.ignore_label)
+        for group in plan:
+            images, targets = [], []
+            for p in group:
+                data, seg, seg_prev, _ = cases[p.case_id]
+                img, lab = crop_calibration_patch(data, seg, p, patch, 0, -1)
+                img = torch.from_numpy(np.asarray(img, dtype=np.float32))
+                lab = torch.from_numpy(np.asarray(lab).astype(np.int16))
+                if seg_prev is not None:
+                    prev = np.asarray(crop_with_padding(seg_prev, p.start, patch, -1)).astype(np.int16)
+                    prev = torch.from_numpy(prev)
+                    lab = torch.cat((lab, prev if prev.ndim == lab.ndim else prev[None]), dim=0)
+                if two_d:
+                    img, lab = img[:, 0], lab[:, 0]
+                with torch.no_grad():
+                    out = transforms(image=img, segmentation=lab)
+                images.append(out["image"])
+                targets.append(out["segmentation"])
+            target = ([torch.stack(t) for t in zip(*targets)] if isinstance(targets[0], (list, tuple))
+                      else torch.stack(targets))
+            yield {"data": torch.stack(images), "target": target, "keys": [p.case_id for p in group]}
 
     def save_checkpoint(self, filename: str) -> None:
         if self.strategy is None or self.local_rank != 0 or self.disable_checkpointing:
@@ -183,7 +247,8 @@ def build_trainer(dataset: str, configuration: str, fold: int | str, method: str
                   pretrained: str | Path | None = None, seed: int = 0, split_seed: int = 0,
                   gamma: int | None = None, method_options: dict[str, Any] | None = None, epochs: int = 12,
                   iterations_per_epoch: int = 25, val_iterations: int = 5, lr: float | None = None,
-                  plans_identifier: str = "nnUNetPlans", device: str = "cpu") -> nnUNetTrainerMedadapt:
+                  plans_identifier: str = "nnUNetPlans", device: str = "cpu",
+                  head: str = "fresh") -> nnUNetTrainerMedadapt:
     """The configured trainer, not yet initialized (nnU-Net paths must be set: see medadapt.nnunet.env)."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -200,6 +265,10 @@ def build_trainer(dataset: str, configuration: str, fold: int | str, method: str
         raise MedadaptError(f"--device {device!r}: not a device; use cpu or cuda") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise MedadaptError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if head not in ("fresh", "keep"):
+        raise MedadaptError(f"--head {head!r}: unknown; choose fresh or keep")
+    if head == "keep" and pretrained is None:
+        raise MedadaptError("--head keep: needs --pretrained (there is no foundation head to keep)")
     if method == "adapter":
         raise MedadaptError("--method adapter: adapters cannot be saved in nnU-Net's plain network, so nnU-Net "
                             "could not load the result; use lora, dgst or another method")
@@ -241,9 +310,9 @@ def build_trainer(dataset: str, configuration: str, fold: int | str, method: str
     trainer.num_val_iterations_per_epoch = val_iterations
     record = {"method": strategy.config(), "shots": shots, "seed": seed, "split_seed": split_seed,
               "shot_cases": shot_ids, "split": {"train": train_ids, "test": test_ids},
-              "pretrained": str(pretrained) if pretrained is not None else None}
+              "pretrained": str(pretrained) if pretrained is not None else None, "head": head}
     trainer.medadapt_setup(strategy, shot_ids, test_ids, pretrained=weights, pretrained_labels=labels,
-                           pretrained_source=str(pretrained), seed=seed, initial_lr=lr, record=record)
+                           pretrained_source=str(pretrained), seed=seed, initial_lr=lr, record=record, head=head)
     torch.manual_seed(seed)  # nnU-Net's network initialisation (the new heads) is reproducible
     return trainer
 

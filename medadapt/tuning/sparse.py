@@ -208,8 +208,23 @@ class DRST(SparseUpdateStrategy):
 
 
 class SGST(SparseUpdateStrategy):
-    """Static Gradient Sparsification Training (the paper's ablation): the top-gamma entries per kernel of
-    the |gradient| accumulated over one pass of the training cases before training; fixed afterwards."""
+    """Static Gradient Sparsification Training (the paper's ablation, Table 2): the top-gamma entries per kernel
+    of the gradient accumulated over one calibration pass before training, fixed afterwards.
+
+    The score is ``|sum_b g_b|``, the absolute value of the gradient summed over the calibration batches b (the
+    gradient of the total calibration loss), not ``sum_b |g_b|``. Why: the paper selects SGST's entries "via
+    initial accumulated gradients" and ranks them, as DGST does, by Eq. 4's ``|g|`` with Eq. 3's
+    ``g = grad L(D_d)``, the gradient of the loss on the downstream data; accumulating gradients over batches
+    (backward passes without zeroing, as the paper's cited static method GPS [27] does before ranking its
+    entries by absolute value) gives ``sum_b g_b = grad sum_b L_b``, and Eq. 4 then takes its absolute value.
+    The released LN-Seg-FM code has no SGST to compare with (only DGST and DRST). The difference matters:
+    ``sum |g|`` also ranks high entries whose gradients cancel across cases (no agreed direction), ``|sum g|``
+    does not. Each batch contributes the training loss's gradient unclipped (clipping would re-weight batches).
+
+    The calibration batches are defined once for every training loop in
+    :func:`medadapt.data.sampling.calibration_plan` (one unaugmented foreground patch per training case, in
+    batches of the loop's batch size); medadapt's engine and nnU-Net's trainer (``medadapt.nnunet``) both use it.
+    """
 
     name = "sgst"
     summary = "fixed top-gamma entries per conv kernel by accumulated abs. gradient + biases, norms, heads"
@@ -218,20 +233,26 @@ class SGST(SparseUpdateStrategy):
     def __init__(self, gamma: int = 1):
         super().__init__(gamma)
         self._indices: list[torch.Tensor | None] | None = None
+        self.calibration_batches = 0  # how many batches the last calibration pass had
 
     def calibrate(self, model, loss_fn, batches) -> None:
         totals = [torch.zeros_like(w) for w, _ in self._sparse]
         saved = [p.grad for p in model.parameters()]
+        count = 0
         for batch in batches:
             model.zero_grad(set_to_none=True)
             loss_fn(model, batch).backward()
             for total, (w, _) in zip(totals, self._sparse):
                 if w.grad is not None:
-                    total.add_(w.grad.abs())
+                    total.add_(w.grad)  # signed: the score is |sum of gradients|
+            count += 1
         model.zero_grad(set_to_none=True)
         for p, g in zip(model.parameters(), saved):
             p.grad = g
-        self._indices = [kernel_topk_indices(t, self.gamma, d) for t, (_, d) in zip(totals, self._sparse)]
+        if count == 0:
+            raise MedadaptError("SGST: the calibration pass got no batches (no training cases?)")
+        self.calibration_batches = count
+        self._indices = [kernel_topk_indices(t.abs_(), self.gamma, d) for t, (_, d) in zip(totals, self._sparse)]
         self._index = {id(w): i for i, (w, _) in enumerate(self._sparse)}
 
     def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor | None:

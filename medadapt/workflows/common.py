@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -62,6 +63,22 @@ def source_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
+
+
+def stable_digest(obj) -> str:
+    """A short SHA-1 of a JSON-able value (keys sorted)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(folder) -> str:
+    """SHA-1 of a model folder's network (architecture, extensions and every weight): which foundation a run
+    started from, whatever path it was found under."""
+    digest = hashlib.sha1(json.dumps([folder.network.to_dict(), folder.extensions], sort_keys=True).encode())
+    state = folder.load_network().state_dict()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def trainable_parameter_count(model: torch.nn.Module) -> int:

@@ -5,8 +5,22 @@ Protocol (DGST paper, Sec. 3.1): the dataset is split once into a fixed 80% trai
 cases are among the 5-shot cases); the model is fine-tuned and evaluated with its final checkpoint on the
 whole test part.
 
+Head policy: the paper fine-tunes through nnU-Net (``nnUNetv2_train -pretrained_weights``), whose
+``load_pretrained_weights`` transfers every weight except the segmentation layers, so every method starts from
+a new, randomly initialised head. That is the default here (``head="fresh"``: the heads initialised as
+nnU-Net initialises them, He-normal with negative slope 1e-2, zero bias, seeded by ``seed``);
+``head="keep"`` keeps the foundation's heads, which needs the dataset's labels to be the foundation's.
+
+A run folder belongs to one run: its identity (method and options, shots, seed, split seed, dataset, the
+foundation's weights, head policy, training settings) is written to ``identity.json`` before training, and a
+re-run or ``--resume`` into the folder with any of these different stops with one line naming the difference.
+
+:func:`zero_shot` evaluates the foundation model itself, with its own heads, on the same test split (the
+"no fine-tuning" reference row; FSEFT's "Generalization").
+
 Output folder::
 
+    <out>/identity.json            what makes this run this run (written before training, checked on resume)
     <out>/run.json                 everything needed to reproduce and read the run (written last)
     <out>/model/                   the fine-tuned model folder (plans.json + weights.pt)
     <out>/delta.pt                 the same model as a delta against the foundation (medadapt.tuning.delta)
@@ -39,48 +53,120 @@ from medadapt.models.network import build_network
 from medadapt.tuning import make_strategy
 from medadapt.tuning.delta import make_delta, save_delta
 from medadapt.utils.atomic import atomic_write_json
-from medadapt.workflows.common import (dataset_cache_dir, environment, total_parameter_count,
-                                       trainable_parameter_count)
+from medadapt.workflows.common import (dataset_cache_dir, environment, model_fingerprint, stable_digest,
+                                       total_parameter_count, trainable_parameter_count)
 
 FINETUNE_LR = 1e-3  # DGST paper, Sec. 3.1
+HEAD_POLICIES = ("fresh", "keep")
 
 
-def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int) -> tuple[torch.nn.Module, bool]:
-    """The foundation network for ``dataset``: its weights, with a new (seeded) head if the labels differ.
+def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: str = "fresh") -> torch.nn.Module:
+    """The foundation network for ``dataset``: every foundation weight, heads per ``head``.
 
-    As nnU-Net's pretrained-weight loading does, every weight is transferred except the segmentation
-    heads when the target label set is not the foundation model's.
+    ``fresh`` (default; nnU-Net's ``load_pretrained_weights``): every weight except the segmentation heads,
+    which are new, sized for the dataset's classes and initialised as nnU-Net initialises a network (seeded
+    by ``seed``). ``keep``: the foundation's network as it is; the dataset must have the foundation's labels.
     """
+    if head not in HEAD_POLICIES:
+        raise MedadaptError(f"--head {head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
     if dataset.num_channels != folder.network.input_channels:
         raise MedadaptError(
             f"{dataset.root / 'dataset.json'}: has {dataset.num_channels} input channel(s) but the model in "
             f"{folder.path} expects {folder.network.input_channels}; use a dataset with the same channels")
-    if dataset.labels == folder.labels:
-        return folder.load_network(), False
+    if head == "keep":
+        if dataset.labels != folder.labels:
+            raise MedadaptError(
+                f"--head keep: the labels of {dataset.root / 'dataset.json'} ({dataset.labels}) are not the "
+                f"model's ({folder.labels}), so its heads cannot be kept; use --head fresh")
+        return folder.load_network()
     spec = folder.network.with_classes(dataset.num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = build_network(spec)
-    foundation = folder.load_network()
+        network = build_network(spec)  # nnU-Net's initialisation (He, negative slope 1e-2)
+    for ext in folder.extensions:  # a fine-tuned model with adapters as the starting point
+        from medadapt.models.model_folder import apply_extension
+
+        apply_extension(network, ext)
+    heads = head_parameter_names(network)
+    foundation = folder.load_network().state_dict()
     own = network.state_dict()
-    transferred = {k: v for k, v in foundation.state_dict().items() if k in own and own[k].shape == v.shape}
-    network.load_state_dict(transferred, strict=False)
-    return network, True
+    take = {k: v for k, v in foundation.items() if k not in heads and k in own}
+    misfit = [k for k in own if k not in heads and (k not in take or take[k].shape != own[k].shape)]
+    if misfit:
+        raise MedadaptError(f"{folder.path}: the foundation's weights do not fit its own network without the "
+                            f"heads (first: {misfit[0]}); the model folder is inconsistent")
+    network.load_state_dict(take, strict=False)
+    return network
+
+
+def head_parameter_names(network: torch.nn.Module) -> set[str]:
+    """State-dict keys of the segmentation heads, found from the structure (``model_parts``), not by name."""
+    from medadapt.models.parts import model_parts
+
+    heads = {id(m) for m in model_parts(network).heads}
+    names = set()
+    for mod_name, module in network.named_modules():
+        if id(module) in heads:
+            names.update(f"{mod_name}.{k}" for k in module.state_dict())
+    return names
+
+
+def run_identity(strategy_config: dict, shots: int, seed: int, split_seed: int, dataset: RawDataset,
+                 folder: ModelFolder, head: str, training: dict) -> dict[str, Any]:
+    """What makes a run this run: compared on every re-run or resume into the same folder."""
+    return {"method": strategy_config, "shots": shots, "seed": seed, "split_seed": split_seed,
+            "dataset": {"path": str(Path(dataset.root).resolve()), "name": dataset.name,
+                        "labels": dataset.labels, "cases": stable_digest(dataset.case_ids)},
+            "foundation": {"path": str(Path(folder.path).resolve()) if folder.path else None,
+                           "weights": model_fingerprint(folder)},
+            "head": head, "training": training}
+
+
+def check_identity(out: Path, identity: dict[str, Any]) -> None:
+    """Refuse a run folder made for another run (one line naming the first difference); else record ours."""
+    path = out / "identity.json"
+    if not path.is_file():
+        if (out / "run.json").is_file() or (out / "training" / "checkpoint_latest.pt").is_file():
+            raise MedadaptError(f"{out}: holds a run without an identity record (made by an older medadapt); "
+                                "use a new --out folder")
+        atomic_write_json(path, identity)
+        return
+    stored = json.loads(path.read_text())
+    current = json.loads(json.dumps(identity))  # as stored: tuples become lists
+    diff = first_difference(stored, current)
+    if diff is not None:
+        key, old, new = diff
+        raise MedadaptError(f"{out}: holds a run with {key} = {json.dumps(old)}, this one has "
+                            f"{json.dumps(new)}; use a new --out folder or the run's own settings")
+
+
+def first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                return name, old.get(key), new.get(key)
+            diff = first_difference(old[key], new[key], name)
+            if diff is not None:
+                return diff
+        return None
+    return None if old == new else (prefix, old, new)
 
 
 def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, shots: int, seed: int = 0,
              gamma: int | None = None, split_seed: int = 0, epochs: int = 12, iterations_per_epoch: int = 25,
              lr: float | None = None, resume: bool = False, progress: bool = True,
-             method_options: dict[str, Any] | None = None) -> dict[str, Any]:
+             method_options: dict[str, Any] | None = None, head: str = "fresh") -> dict[str, Any]:
     """Fine-tune ``model`` on ``shots`` cases of ``data`` with ``method``; evaluate on the test split.
 
-    ``method_options`` go to the strategy (e.g. ``rank``/``alpha`` for lora, ``reduction`` for adapter).
+    ``method_options`` go to the strategy (e.g. ``rank``/``alpha`` for lora, ``reduction`` for adapter);
+    ``head`` is the head policy (``fresh`` or ``keep``, see the module docstring).
     """
     out = Path(out)
     run_file = out / "run.json"
-    if run_file.is_file():
-        if resume:
-            return json.loads(run_file.read_text())
+    if head not in HEAD_POLICIES:
+        raise MedadaptError(f"--head {head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
+    if run_file.is_file() and not resume:
         raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
     # validates --method and its options before any work
     strategy = make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
@@ -88,6 +174,13 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     progress = progress and distributed.is_main()
     folder = load_model_folder(model)
     dataset = RawDataset.load(data)
+    config = TrainingConfig(epochs=epochs, iterations_per_epoch=iterations_per_epoch,
+                            initial_lr=lr or strategy.default_lr or FINETUNE_LR, seed=seed)
+    identity = run_identity(strategy.config(), shots, seed, split_seed, dataset, folder, head, config.to_dict())
+    if distributed.is_main():
+        check_identity(out, identity)
+    if run_file.is_file():
+        return json.loads(run_file.read_text())
     train_ids, test_ids = train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)
     shot_ids = draw_shots(train_ids, shots, seed)
 
@@ -99,14 +192,12 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     cache = dataset_cache_dir(dataset.root)
     with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
         cases = preprocess_dataset(dataset, shot_ids, plan, cache, progress=progress)
-    network, new_head = load_foundation(folder, dataset, seed)
+    network = load_foundation(folder, dataset, seed, head)
     torch.manual_seed(seed)  # strategies that initialise weights (scratch, adapters, LoRA) draw from here
     network = strategy.prepare(network)
     spec = folder.network.with_classes(dataset.num_classes)
     sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
                            augmentation=Augmentation(spec.patch_size))
-    config = TrainingConfig(epochs=epochs, iterations_per_epoch=iterations_per_epoch,
-                            initial_lr=lr or strategy.default_lr or FINETUNE_LR, seed=seed)
     trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
                       description=f"finetune {method} {shots}-shot")
     trainable = trainable_parameter_count(network)
@@ -119,31 +210,20 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
 
     delta = make_delta(folder.load_network().state_dict(), network.state_dict(),
                        meta={"strategy": strategy.config(), "num_classes": dataset.num_classes,
-                             "foundation": str(folder.path)})
+                             "foundation": str(folder.path), "head": head})
     save_delta(out / "delta.pt", delta)
     final = strategy.finalize(network)
     tuned = ModelFolder(
         network=spec, preprocessing=folder.preprocessing, labels=dataset.labels,
         channel_names=dataset.channel_names, file_ending=dataset.file_ending,
-        provenance={"kind": "finetune", "foundation": str(folder.path), "strategy": strategy.config()},
+        provenance={"kind": "finetune", "foundation": str(folder.path), "strategy": strategy.config(),
+                    "head": head},
         extensions=strategy.architecture(final),
     )
     save_model_folder(out / "model", final, tuned)
     sizes = {"delta_bytes": (out / "delta.pt").stat().st_size,
              "checkpoint_bytes": (out / "model" / "weights.pt").stat().st_size}
-
-    predictor = Predictor(tuned, network=final)
-    pred_dir = out / "predictions"
-    test_cases = [(cid, dataset.image_paths(cid)) for cid in test_ids]
-    predictor.predict_files(test_cases, pred_dir, progress=progress)
-    foreground = {k: v for k, v in dataset.labels.items() if v != 0}
-    rows = []
-    for cid in tqdm(test_ids, desc="evaluate", disable=not progress, unit="case", leave=False):
-        gt = read_label(dataset.label_path(cid))
-        pred = read_label(pred_dir / f"{cid}{dataset.file_ending}")
-        rows.extend(case_metrics(pred.array, gt.array, gt.spacing, foreground, tolerance_mm=1.0, case=cid))
-    summary = summarize(rows, tolerance_mm=1.0)
-    write_metrics(rows, summary, out)
+    summary = predict_and_evaluate(tuned, final, dataset, test_ids, out, progress)
 
     record = {
         "method": strategy.config(),
@@ -155,7 +235,9 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         "dataset_name": dataset.name,
         "split": {"train": train_ids, "test": test_ids},
         "shot_cases": shot_ids,
-        "new_head": new_head,
+        "head": head,
+        "new_head": head == "fresh",
+        "identity": identity,
         "training": config.to_dict(),
         "parameters": {"trainable": trainable, "updated_per_step": updated_per_step,
                        "total": total_parameter_count(final)},
@@ -166,4 +248,61 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     }
     atomic_write_json(run_file, record)
     distributed.barrier()
+    return record
+
+
+def predict_and_evaluate(folder: ModelFolder, network: torch.nn.Module, dataset: RawDataset, test_ids: list[str],
+                         out: Path, progress: bool) -> dict[str, Any]:
+    """Predict the test cases into ``out/predictions`` and evaluate them (``metrics_per_case.csv``,
+    ``summary.json``); returns the summary."""
+    predictor = Predictor(folder, network=network)
+    pred_dir = out / "predictions"
+    test_cases = [(cid, dataset.image_paths(cid)) for cid in test_ids]
+    predictor.predict_files(test_cases, pred_dir, progress=progress)
+    foreground = {k: v for k, v in dataset.labels.items() if v != 0}
+    rows = []
+    for cid in tqdm(test_ids, desc="evaluate", disable=not progress, unit="case", leave=False):
+        gt = read_label(dataset.label_path(cid))
+        pred = read_label(pred_dir / f"{cid}{dataset.file_ending}")
+        rows.extend(case_metrics(pred.array, gt.array, gt.spacing, foreground, tolerance_mm=1.0, case=cid))
+    summary = summarize(rows, tolerance_mm=1.0)
+    write_metrics(rows, summary, out)
+    return summary
+
+
+def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: int = 0, resume: bool = False,
+              progress: bool = True) -> dict[str, Any]:
+    """The foundation model, with its own heads and no fine-tuning, on ``data``'s test split.
+
+    The reference row "Foundation, no fine-tuning" of the benchmark tables. Needs the dataset's labels to be
+    the model's (its heads must mean the same classes). Writes ``run.json`` like :func:`finetune`."""
+    out = Path(out)
+    run_file = out / "run.json"
+    if run_file.is_file() and not resume:
+        raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
+    folder = load_model_folder(model)
+    dataset = RawDataset.load(data)
+    if dataset.labels != folder.labels:
+        raise MedadaptError(f"{dataset.root / 'dataset.json'}: its labels ({dataset.labels}) are not the model's "
+                            f"({folder.labels}), so the model's own heads cannot be evaluated on it zero-shot; "
+                            "fine-tune instead")
+    identity = run_identity({"name": "zero-shot"}, 0, 0, split_seed, dataset, folder, "keep", {})
+    check_identity(out, identity)
+    if run_file.is_file():
+        return json.loads(run_file.read_text())
+    train_ids, test_ids = train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)
+    for cid in tqdm(test_ids, desc="check test cases", disable=not progress, unit="case", leave=False):
+        dataset.load_case(cid)
+    network = folder.load_network()
+    summary = predict_and_evaluate(folder, network, dataset, test_ids, out, progress)
+    record = {
+        "method": {"name": "zero-shot"}, "shots": 0, "seed": None, "split_seed": split_seed,
+        "foundation": str(Path(model).resolve()), "dataset": str(dataset.root), "dataset_name": dataset.name,
+        "split": {"train": train_ids, "test": test_ids}, "shot_cases": [], "head": "keep", "new_head": False,
+        "identity": identity, "training": None,
+        "parameters": {"trainable": 0, "updated_per_step": 0, "total": total_parameter_count(network)},
+        "timing": {"median_iteration_seconds": None, "median_sampling_seconds": None, "final_epoch_loss": None},
+        "sizes": {}, "metrics": summary, "environment": environment(),
+    }
+    atomic_write_json(run_file, record)
     return record
