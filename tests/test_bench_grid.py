@@ -14,7 +14,8 @@ import yaml
 
 from medadapt.benchmark import runner
 from medadapt.benchmark.grid import builtin_config_path, enumerate_cells, load_config, parse_config
-from medadapt.benchmark.report import _ranked, write_report
+from medadapt.benchmark import stats
+from medadapt.benchmark.report import write_report
 from medadapt.cli import main
 from medadapt.errors import MedadaptError
 
@@ -27,7 +28,7 @@ def small_config(**changes):
     """The quick grid cut to one dataset and Table 1 only: a handful of cells."""
     raw = quick_raw()
     raw["datasets"] = {"hn-center-b": raw["datasets"]["hn-center-b"]}
-    raw["table1"] = {"methods": ["full", "dgst"], "all_shot": None}
+    raw["table1"] = {"methods": ["full", "dgst"], "all_shot": None, "zero_shot": False}
     raw.pop("table2")
     raw.pop("gamma")
     raw.update(changes)
@@ -94,12 +95,65 @@ def test_cli_bench_errors(tmp_path, capsys):
     assert main(["bench", "quick", "--report", "--workdir", str(tmp_path / "empty")]) == 2
     assert "no finished cells of grid 'quick'; run 'medadapt bench quick' first" in capsys.readouterr().err
     assert main(["bench", "quick", "--list", "--workdir", str(tmp_path / "empty")]) == 0
-    assert "0/32 cells finished" in capsys.readouterr().out
+    assert "0/34 cells finished" in capsys.readouterr().out
 
 
-def test_best_bold_second_underlined():
-    assert _ranked(["a", "b", "c", "d"], [0.5, 0.7, None, 0.6]) == ["a", "**b**", "c", "<u>d</u>"]
-    assert _ranked(["a", "b", "c"], [0.7, 0.7, 0.1]) == ["**a**", "**b**", "<u>c</u>"]  # ties share a rank
+def test_budgets_per_row_and_head_policy_are_part_of_the_cells():
+    raw = quick_raw()
+    raw["budgets"] = {"scratch": {"epochs": 3, "iterations_per_epoch": 5, "lr": 0.01},
+                      "all_shot": {"epochs": 4, "iterations_per_epoch": 5}}
+    config = parse_config(raw)
+    cells = enumerate_cells(config)
+    scratch = [c for c in cells if c.method == "scratch" and not c.all_shot]
+    assert scratch and all(c.key["training"] == {"epochs": 3, "iterations_per_epoch": 5, "lr": 0.01} for c in scratch)
+    assert [c.key["training"]["epochs"] for c in cells if c.all_shot] == [4, 4]
+    assert all(c.key["training"] == {"epochs": 1, "iterations_per_epoch": 3}
+               for c in cells if c.method in ("full", "dgst"))
+    assert all(c.key["head"] == "fresh" for c in cells if c.method != "zero-shot")
+    zero = [c for c in cells if c.method == "zero-shot"]
+    assert [(c.dataset, c.shots) for c in zero] == [("hn-center-b", 0), ("mediastinum", 0)]
+    raw["head"] = "keep"
+    kept = {c.cell_id for c in enumerate_cells(parse_config(raw))}
+    assert kept & {c.cell_id for c in cells} == {c.cell_id for c in zero}  # only the zero-shot cells survive
+    raw["budgets"] = {"scratch": {"epochs": 0, "iterations_per_epoch": 5}}
+    with pytest.raises(MedadaptError, match="budgets.scratch.epochs: 0 is not an integer >= 1"):
+        parse_config(raw)
+    raw["budgets"] = {"nope": {"epochs": 1, "iterations_per_epoch": 5}}
+    with pytest.raises(MedadaptError, match=r"budgets: unknown key\(s\) \['nope'\]"):
+        parse_config(raw)
+
+
+def test_paired_statistics():
+    a = {(seed, f"c{i}"): 0.5 + 0.01 * i + 0.1 for seed in (0, 1, 2) for i in range(6)}
+    b = {(seed, f"c{i}"): 0.5 + 0.01 * i + (0.002 if i % 2 else -0.002) for seed in (0, 1, 2) for i in range(6)}
+    comp = stats.paired_comparison(a, b)
+    assert comp.n_pairs == 18 and abs(comp.mean_difference - 0.1) < 1e-9
+    assert comp.ci_low > 0.09 and comp.ci_high < 0.11 and comp.p_value < 1e-3 and comp.significant
+    same = stats.paired_comparison(a, dict(a))
+    assert same.p_value == 1.0 and same.mean_difference == 0.0 and not same.significant
+    # a side without seeds (the zero-shot row) pairs each case with that case under every seed
+    zero = {(None, f"c{i}"): 0.5 for i in range(6)}
+    assert stats.paired_comparison(a, zero).n_pairs == 18
+    # NaN (undefined) values drop out of the pairs and count as undefined in the summary
+    b_nan = dict(b)
+    b_nan[(0, "c0")] = float("nan")
+    assert stats.paired_comparison(a, b_nan).n_pairs == 17
+    summary = stats.seed_summary(b_nan)
+    assert summary.n_undefined == 1 and summary.n_seeds == 3 and summary.n_values == 17
+
+
+def test_marks_only_what_a_paired_test_separates():
+    rng = __import__("numpy").random.default_rng(0)
+    base = {(s, f"c{i}"): float(v) for s in (0, 1, 2) for i, v in enumerate(rng.uniform(0.4, 0.8, 6))}
+    noise = lambda k: {key: v + float(rng.normal(0, 0.02)) for key, v in base.items()}  # noqa: E731
+    values = {"best": {k: v + 0.2 for k, v in base.items()}, "tie": noise(0), "tie2": noise(1),
+              "worst": {k: v - 0.3 for k, v in base.items()}}
+    values["tie"] = {k: v + 0.005 for k, v in values["tie"].items()}
+    marks = stats.rank_marks(list(values), values)
+    assert marks["best"] == "bold" and marks["worst"] == ""
+    assert marks["tie"] == marks["tie2"] == "underline"  # not separable from each other: both underlined
+    close = {"a": values["tie"], "b": values["tie2"]}
+    assert stats.rank_marks(["a", "b"], close) == {"a": "bold", "b": "bold"}  # nothing separates them
 
 
 # ------------------------------------------------------------------------------------------------ quick grid
@@ -115,15 +169,25 @@ def quick_grid(tmp_path_factory):
 def test_quick_grid_end_to_end(quick_grid):
     config, workdir, result = quick_grid
     cells = enumerate_cells(config)
-    assert result["ran"] == len(cells) == 32 and result["report"]["missing"] == []
+    assert result["ran"] == len(cells) == 34 and result["report"]["missing"] == []
     report = Path(result["report"]["dir"])
-    for name in ("table1.md", "table1.csv", "table2.md", "table2.csv", "gamma.md", "gamma.csv", "gamma.png",
-                 "qualitative.png", "cells.csv", "per_case.csv", "report.md"):
+    for name in ("table1.md", "table1.csv", "table1_hd95.md", "table2.md", "table2.csv", "paired.md",
+                 "paired.csv", "gamma.md", "gamma.csv", "gamma.png", "curves.png", "qualitative.png", "cells.csv",
+                 "per_case.csv", "report.md"):
         assert (report / name).stat().st_size > 0, name
     table1 = (report / "table1.md").read_text()
-    for label in ("From scratch", "Full", "LinearProb", "LoRA", "DGST", "All-shot (5-shot, from scratch)",
-                  "1-shot DSC (%)", "3-shot NSD (%)"):
+    for label in ("Foundation, no fine-tuning", "From scratch", "Full", "LinearProb", "LoRA", "DGST",
+                  "All-shot (5-shot, from scratch)", "1-shot DSC (%)", "3-shot NSD (%)", "spread over seeds"):
         assert label in table1
+    assert "DGST − Full" in (report / "paired.md").read_text()
+    # the zero-shot cell: the foundation with its own head, evaluated on the same test split, no training
+    zero = [c for c in cells if c.method == "zero-shot"]
+    assert len(zero) == 2
+    zrec = json.loads((workdir / "cells" / zero[0].cell_id / "cell.json").read_text())
+    frec = json.loads((workdir / "cells" / next(c for c in cells if c.method == "full").cell_id
+                       / "cell.json").read_text())
+    assert zrec["head"] == "keep" and zrec["parameters"]["trainable"] == 0 and zrec["split"] == frec["split"]
+    assert frec["head"] == "fresh" and len(frec["loss_curve"]) == frec["training"]["epochs"]
     table2 = (report / "table2.md").read_text()
     assert "1.00×" in table2 and "Bias+Norm" in table2 and "SGST" in table2
     # every cell record is self-contained: config, seed, per-case metrics, parameters, timing

@@ -67,7 +67,7 @@ def test_sparse_delta_stores_indices_only_for_changed_entries(tiny_unet):
 
 def test_dense_delta_costs_no_more_than_the_model(tiny_unet, tmp_path):
     """A `full`-style run changes every tensor densely: its delta must not be larger than the model's own
-    torch.save (nnU-Net's state dict names most tensors two or three times, as aliases of one tensor)."""
+    torch.save (nnU-Net's state dict names most tensors two to four times, as aliases of one tensor)."""
     foundation = tiny_unet(seed=0)
     model = copy.deepcopy(foundation)
     with torch.no_grad():

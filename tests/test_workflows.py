@@ -153,3 +153,127 @@ def test_results_record_the_source_commit():
     source_commit.cache_clear()
     commit = source_commit()
     assert commit is not None and commit.split("+")[0] == head
+
+
+def _relabelled_copy(world, tmp_path):
+    """The target dataset under another label name: the foundation's heads mean nothing for it."""
+    import shutil
+
+    data = tmp_path / "relabelled"
+    shutil.copytree(world["tgt"], data)
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "node": 1}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    return data
+
+
+def test_fresh_head_by_default_keep_on_request(world, tmp_path, capsys):
+    import torch
+
+    from medadapt.data.dataset import RawDataset
+    from medadapt.errors import MedadaptError
+    from medadapt.models import load_model_folder
+    from medadapt.models.network import seeded_network
+    from medadapt.workflows.finetune import head_parameter_names, load_foundation
+
+    folder = load_model_folder(world["fm"])
+    dataset = RawDataset.load(world["tgt"])
+    assert dataset.labels == folder.labels  # same labels: nnU-Net would still start from a fresh head
+    foundation = folder.load_network().state_dict()
+    fresh = load_foundation(folder, dataset, seed=3).state_dict()
+    kept = load_foundation(folder, dataset, seed=3, head="keep").state_dict()
+    heads = head_parameter_names(folder.load_network())
+    assert heads and all(".seg_layers." in k for k in heads)  # found from the structure, named as nnU-Net does
+    reference = seeded_network(folder.network, 3).state_dict()  # nnU-Net's initialisation, same seed
+    for key, value in foundation.items():
+        assert torch.equal(kept[key], value), key
+        if key in heads:
+            assert torch.equal(fresh[key], reference[key]) and not torch.equal(fresh[key], value), key
+        else:
+            assert torch.equal(fresh[key], value), key
+    # keep is refused where the labels differ, with one line naming the option and the fix
+    other = RawDataset.load(_relabelled_copy(world, tmp_path))
+    with pytest.raises(MedadaptError, match="--head keep: the labels of .* use --head fresh"):
+        load_foundation(folder, other, seed=0, head="keep")
+    out = tmp_path / "keep-refused"
+    assert main(_finetune_args(world, out, "full", "2", "--head", "keep", "--data",
+                               str(other.root))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--head keep" in err and not (out / "run.json").exists()
+    # the run records its policy; the fresh head travels in the delta, which rebuilds the model exactly
+    for head in ("fresh", "keep"):
+        run_dir = tmp_path / f"run-{head}"
+        assert main(_finetune_args(world, run_dir, "dgst", "2", "--head", head)) == 0
+        run = json.loads((run_dir / "run.json").read_text())
+        assert run["head"] == head and run["identity"]["head"] == head
+        from medadapt.tuning.delta import load_delta_model
+
+        rebuilt = load_delta_model(folder, torch.load(run_dir / "delta.pt", weights_only=False)).state_dict()
+        saved = torch.load(run_dir / "model" / "weights.pt", weights_only=True)
+        assert all(torch.equal(rebuilt[k], v) for k, v in saved.items())
+        trained_head = {k: v for k, v in saved.items() if k in heads}
+        if head == "keep":  # the trained head started from the foundation's ...
+            assert any(not torch.equal(v, foundation[k]) for k, v in trained_head.items())
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("change, what", [
+    (["--gamma", "3"], "method.gamma"), (["--seed", "5"], "seed"), (["--head", "keep"], "head"),
+    (["--split-seed", "1"], "split_seed"), (["--method", "full"], "method.name"),
+    (["--epochs", "2"], "training.epochs"),
+])
+def test_resume_with_other_settings_is_refused(world, tmp_path, capsys, change, what):
+    out = tmp_path / "run"
+    base = ["--gamma", "2", "--seed", "4"]
+    assert main(_finetune_args(world, out, "dgst", "2", *base)) == 0
+    before = (out / "run.json").read_text()
+
+    def args(*extra):
+        a = _finetune_args(world, out, "dgst", "2", *base, "--resume", *extra)
+        if "--method" in extra:  # replace, not repeat, the method
+            i = a.index("--method")
+            del a[i:i + 2]
+        return a
+
+    capsys.readouterr()
+    assert main(args(*change)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"holds a run with {what} = " in err and "use a new --out" in err
+    assert (out / "run.json").read_text() == before  # nothing rewritten
+    # an unfinished run (its run.json not yet written) is refused the same way
+    (out / "run.json").unlink()
+    assert main(args(*change)) == 2 and f"{what} = " in capsys.readouterr().err
+    # ... and resumes with its own settings
+    assert main(args()) == 0
+
+
+def test_refuses_another_dataset_or_foundation(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_finetune_args(world, out, "full", "2")) == 0
+    other = _relabelled_copy(world, tmp_path)
+    assert main(_finetune_args(world, out, "full", "2", "--resume", "--data", str(other))) == 2
+    assert "dataset.path" in capsys.readouterr().err
+    fm2 = tmp_path / "fm2"
+    assert main(["pretrain", "--data", str(world["src"]), "--out", str(fm2), "--preset", "cpu-tiny", "--epochs", "1",
+                 "--iterations-per-epoch", "1", "--seed", "9", "--quiet"]) == 0
+    args = _finetune_args(world, out, "full", "2", "--resume")
+    args[args.index("--model") + 1] = str(fm2)
+    assert main(args) == 2 and "foundation.path" in capsys.readouterr().err
+
+
+def test_zero_shot_row(world, tmp_path, capsys):
+    out = tmp_path / "zero"
+    assert main(["zero-shot", "--model", str(world["fm"]), "--data", str(world["tgt"]), "--out", str(out),
+                 "--quiet"]) == 0
+    assert "lymph_node: DSC" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    ft = tmp_path / "ft"
+    assert main(_finetune_args(world, ft, "full", "2")) == 0
+    assert run["split"] == json.loads((ft / "run.json").read_text())["split"]  # the same test cases
+    assert run["method"] == {"name": "zero-shot"} and run["head"] == "keep" and run["parameters"]["trainable"] == 0
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == [f"{c}.nii.gz" for c in run["split"]["test"]]
+    # the foundation's own heads on a dataset with other labels mean nothing: refused
+    capsys.readouterr()
+    assert main(["zero-shot", "--model", str(world["fm"]), "--data", str(_relabelled_copy(world, tmp_path)),
+                 "--out", str(tmp_path / "z2"), "--quiet"]) == 2
+    assert "fine-tune instead" in capsys.readouterr().err

@@ -8,14 +8,16 @@ LoRA model is stored as its low-rank factors, not as dense merged kernels):
 - a tensor that changed densely or is new (heads, LoRA factors, adapters): the tensor;
 - a key that aliases an earlier one (the same tensor under two names: nnU-Net's conv blocks list each conv and
   norm again in ``all_modules``, and its decoder holds the encoder, so a PlainConvUNet state dict names most
-  tensors two or three times): the earlier key's entry object itself, which ``torch.save`` stores once.
+  tensors two to four times): the earlier key's entry object itself, which ``torch.save`` stores once.
 
 Sizes: ``torch.save`` stores each distinct tensor storage once, as its own zip record (about 300 bytes of
 headers and 64-byte alignment besides the data). A tensor is stored sparsely only when the index and value
 records together cost less than the one record of the whole tensor, so a densely changed tensor never costs
 more than storing it whole, and the delta of a dense (``full``) run is the size of the model's ``weights.pt``
 plus a few hundred bytes of metadata. (Cloning each key's tensor separately, as the first version did, stored
-every aliased tensor two or three times: 4.5 MB against 1.4 MB for the cpu-small preset.)
+every aliased tensor two to four times: 4.5 MB against 1.4 MB for the cpu-small preset.)
+The format is unchanged: a shared entry is an ordinary entry that two keys point to, so deltas written before
+and after read and apply alike.
 
 ``apply_delta(foundation_state, delta)`` rebuilds the trained state dict exactly (values are copied, never
 recomputed), and :func:`load_delta_model` rebuilds the final model: foundation network, the strategy's
