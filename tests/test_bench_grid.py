@@ -46,16 +46,25 @@ def test_default_grid_mirrors_the_paper():
     cells = enumerate_cells(config)
     by_exp = {e: [c for c in cells if e in c.experiments] for e in ("table1", "all_shot", "table2", "gamma")}
     assert [d.shots for d in config.datasets] == [(3, 5, 10), (5, 10, 20)]
-    assert len(by_exp["table1"]) == 8 * 3 * 2                       # 8 methods x 3 shots x 2 datasets
+    assert config.seeds == (0, 1, 2) and config.head == "fresh"
+    zero = [c for c in by_exp["table1"] if c.method == "zero-shot"]
+    assert len(zero) == 2                                              # one per dataset, no training, no seeds
+    assert len(by_exp["table1"]) == 8 * 3 * 2 * 3 + 2                  # 8 methods x 3 shots x 2 datasets x 3 seeds
     assert {(c.dataset, c.shots) for c in by_exp["all_shot"]} == {("hn-center-b", 24), ("mediastinum", 24)}
     assert {c.shots for c in by_exp["table2"] if c.dataset == "mediastinum"} == {5, 20}  # smallest and largest
-    assert sorted(c.options.get("gamma", 0) for c in by_exp["gamma"] if c.dataset == "mediastinum") == \
+    assert sorted({c.options.get("gamma", 0) for c in by_exp["gamma"] if c.dataset == "mediastinum"}) == \
         [0, 1, 2, 3, 5, 10]                                           # full (no gamma) + the five values
     # shared cells run once: DGST gamma=1 at the largest shot count serves all three experiments
     shared = [c for c in cells if c.method == "dgst" and c.shots == 20 and c.options == {"gamma": 1}]
-    assert len(shared) == 1 and set(shared[0].experiments) == {"table1", "table2", "gamma"}
-    assert len(cells) == len({c.cell_id for c in cells}) == 78
-    assert len(enumerate_cells(load_config("paper"))) == 78 * 3     # three seeds
+    assert len(shared) == 3 and all(set(c.experiments) == {"table1", "table2", "gamma"} for c in shared)
+    assert len(cells) == len({c.cell_id for c in cells}) == 78 * 3 + 2
+    # from scratch and all-shot train on the foundation's own schedule, every fine-tuning cell on one budget
+    foundation = {"epochs": config.foundation["epochs"], "iterations_per_epoch":
+                  config.foundation["iterations_per_epoch"]}
+    assert all(c.key["training"] == foundation for c in cells if c.method == "scratch")
+    assert {json.dumps(c.key["training"]) for c in cells if c.method not in ("scratch", "zero-shot")} == \
+        {json.dumps(config.training)}
+    assert len(enumerate_cells(load_config("paper"))) == 78 * 3 + 2   # three seeds
 
 
 def test_changed_config_reruns_only_changed_cells():
@@ -70,8 +79,11 @@ def test_changed_config_reruns_only_changed_cells():
     assert {c for c in base if c.startswith("hn-center-b/")} <= changed  # the other dataset's cells survive
     assert not {c for c in base if c.startswith("mediastinum/")} & changed
     raw = quick_raw()
-    raw["training"]["epochs"] = 2                                        # the budget is part of every cell
-    assert not base & {c.cell_id for c in enumerate_cells(parse_config(raw))}
+    raw["training"]["epochs"] = 2          # the budget is part of every cell that trains on it ...
+    trained = {c.cell_id for c in enumerate_cells(load_config("quick")) if c.method not in ("scratch", "zero-shot")}
+    assert not trained & {c.cell_id for c in enumerate_cells(parse_config(raw))}
+    # ... and the rows with a budget of their own (scratch, all-shot) or none (zero-shot) keep theirs
+    assert base - trained <= {c.cell_id for c in enumerate_cells(parse_config(raw))}
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -191,8 +203,9 @@ def test_quick_grid_end_to_end(quick_grid):
     table2 = (report / "table2.md").read_text()
     assert "1.00×" in table2 and "Bias+Norm" in table2 and "SGST" in table2
     # every cell record is self-contained: config, seed, per-case metrics, parameters, timing
-    record = json.loads((workdir / "cells" / cells[0].cell_id / "cell.json").read_text())
-    assert record["key"] == cells[0].key and record["seed"] == 0 and record["shots"] == cells[0].shots
+    first = next(c for c in cells if c.method != "zero-shot")
+    record = json.loads((workdir / "cells" / first.cell_id / "cell.json").read_text())
+    assert record["key"] == first.key and record["seed"] == 0 and record["shots"] == first.shots
     assert record["per_case"] and {"case", "class", "dsc", "nsd"} <= set(record["per_case"][0])
     assert record["parameters"]["trainable"] > 0 and record["timing"]["median_iteration_seconds"] > 0
     assert record["executor"]["kind"] == "local"
@@ -287,7 +300,7 @@ def test_killed_process_loses_no_finished_cell(tmp_path):
 
 def test_ray_runs_cells_on_a_local_instance(tmp_path):
     pytest.importorskip("ray")
-    config = small_config(table1={"methods": ["full", "dgst"], "all_shot": None})
+    config = small_config(table1={"methods": ["full", "dgst"], "all_shot": None, "zero_shot": False})
     raw = copy.deepcopy(config.raw)
     raw["datasets"]["hn-center-b"]["shots"] = [2]
     config = parse_config(raw, source="ray.yaml")

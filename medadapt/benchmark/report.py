@@ -46,7 +46,8 @@ FOOTNOTE = (
     "brackets, the spread over test cases (std over all seed × test-case values). Bold: the column's best mean "
     "and every method not distinguishable from it; underlined: the best of the rest and every method not "
     "distinguishable from that one. Distinguishable: two-sided Wilcoxon signed-rank test on the paired "
-    f"(seed, test case) differences, p < {stats.ALPHA} (no multiple-comparison correction). The zero-shot row "
+    f"(seed, test case) differences, p < {stats.ALPHA} (no multiple-comparison correction; the pairs share "
+    "test cases across seeds, so they are not fully independent). For HD95 lower is better. The zero-shot row "
     "has no seeds (no training); it pairs each test case with that case under every seed.")
 
 
@@ -143,7 +144,7 @@ def _column(index: CellIndex, dataset: str, shots: int, methods: list[str], cls:
     gamma = gamma or {}
     records = {m: index.finished(dataset, m, shots, gamma.get(m)) for m in methods}
     values = {m: _values(r, cls, metric) for m, r in records.items() if r}
-    marks = stats.rank_marks(list(values), values)
+    marks = stats.rank_marks(list(values), values, higher_is_better=metric != "hd95")
     aggs = [aggregate(records[m], cls) for m in methods]
     return [_mark(_fmt(a, metric), marks.get(m, "")) for m, a in zip(methods, aggs)], aggs
 

@@ -115,10 +115,12 @@ def paired_comparison(a: dict[tuple[Any, str], float], b: dict[tuple[Any, str], 
     return PairedComparison(float(diff.mean()), float(low), float(high), p, len(diff))
 
 
-def rank_marks(names: Sequence[str], values: dict[str, dict[tuple[Any, str], float]]) -> dict[str, str]:
+def rank_marks(names: Sequence[str], values: dict[str, dict[tuple[Any, str], float]],
+               higher_is_better: bool = True) -> dict[str, str]:
     """``{name: "bold" | "underline" | ""}`` for one table column (see the module docstring)."""
     means = {n: seed_summary(values[n]).mean for n in names if n in values}
-    ranked = sorted((n for n in means if means[n] is not None), key=lambda n: -means[n])
+    sign = -1.0 if higher_is_better else 1.0
+    ranked = sorted((n for n in means if means[n] is not None), key=lambda n: sign * means[n])
     marks = {n: "" for n in names}
 
     def tied(x: str, y: str) -> bool:

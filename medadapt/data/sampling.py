@@ -108,12 +108,6 @@ class PatchSampler:
                 return [int(min(max(int(v) - p // 2, l), h)) for v, p, l, h in zip(voxel, P, lo, hi)]
         return [int(rng.integers(l, h + 1)) for l, h in zip(lo, hi)]
 
-    def one_pass(self, rng: np.random.Generator):
-        """Batches that visit every case once, in order (the last batch may be smaller): one patch per case,
-        drawn with the usual rules. For statistics over the training set, e.g. SGST's gradient pass."""
-        for start in range(0, len(self.cases), self.batch_size):
-            yield self.sample(rng, case_indices=range(start, min(start + self.batch_size, len(self.cases))))
-
     def sample(self, rng: np.random.Generator, case_indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """One batch: ``image`` float32 [B, C, *patch], ``label`` int64 [B, 1, *patch]; random cases unless
         ``case_indices`` names them."""

@@ -15,7 +15,8 @@ validation and checkpoint format. What medadapt changes:
   and is refused where they are not) — then ``strategy.prepare``, SGD over
   ``strategy.parameters`` and ``strategy.attach`` (the update masks are optimizer step hooks, so nnU-Net's
   ``train_step`` with its clipping and AMP grad scaler needs no change), exactly as medadapt's own engine;
-* ``on_train_start``: SGST's one-time calibration on training batches;
+* ``on_train_start``: SGST's one-time calibration, on the patches ``medadapt.data.sampling.calibration_plan``
+  defines (one unaugmented foreground patch per few-shot case), as medadapt's engine calibrates;
 * ``save_checkpoint``: nnU-Net's checkpoint, with the network in its plain architecture (LoRA merged into a
   copy) and ``trainer_name`` ``nnUNetTrainer``, so nnU-Net's predictor loads the output folder unchanged;
 * no ``torch.compile``: strategies change the modules after they are built.

@@ -119,6 +119,16 @@ class DomainSpec:
     def from_dict(cls, data: Any, source: str = "<domain spec>", default_name: str | None = None) -> "DomainSpec":
         return _parse_domain(data, source, default_name)
 
+    def downsampled(self, factors: "int | tuple[int, int, int]") -> "DomainSpec":
+        """The same field of view with ``factors`` (one per axis z, y, x, or one for all) times fewer voxels:
+        coarser voxels and thicker slices, for CPU-sized runs (the demo and the default benchmark grid)."""
+        f = (factors,) * 3 if isinstance(factors, int) else tuple(int(v) for v in factors)
+        if all(v == 1 for v in f):
+            return self
+        return self.replace(shape=[max(8, s // v) for s, v in zip(self.shape, f)],
+                            scanner={"spacing_mm": [v * k for v, k in zip(self.scanner.spacing_mm, f)],
+                                     "slice_thickness_mm": self.scanner.slice_thickness_mm * f[0]})
+
     def replace(self, **changes: Any) -> "DomainSpec":
         """A validated copy with top-level fields or whole sections (as dicts) replaced."""
         data = self.to_dict()

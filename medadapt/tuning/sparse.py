@@ -227,7 +227,7 @@ class SGST(SparseUpdateStrategy):
     """
 
     name = "sgst"
-    summary = "fixed top-gamma entries per conv kernel by accumulated abs. gradient + biases, norms, heads"
+    summary = "fixed top-gamma entries per conv kernel by |accumulated gradient| + biases, norms, heads"
     needs_calibration = True
 
     def __init__(self, gamma: int = 1):
