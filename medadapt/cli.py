@@ -40,6 +40,14 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                    help="adapter: channel reduction factor of the bottleneck (default 4)")
 
 
+def _add_run_inputs(p: argparse.ArgumentParser, model_help: str) -> None:
+    """--model, --data, --out and --split-seed of a run that is evaluated on the fixed test split."""
+    p.add_argument("--model", type=Path, required=True, help=model_help)
+    p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed 80/20 split (default 0)")
+
+
 def _add_head_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", choices=("fresh", "keep"), default="fresh",
                    help="segmentation head to start from: fresh (default; new and randomly initialised, as "
@@ -84,13 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Split the dataset 80/20 (fixed by --split-seed), draw K training cases "
                                    "(--shots, --seed), fine-tune with --method, predict and evaluate the "
                                    "test split (DSC, NSD at 1 mm, HD95).")
-    p.add_argument("--model", type=Path, required=True, help="foundation model folder")
-    p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
-    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    _add_run_inputs(p, "foundation model folder")
     p.add_argument("--method", required=True, help=METHODS_HELP)
     _add_method_options(p)
     p.add_argument("--shots", type=_positive_int, required=True, help="number of annotated training cases K")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed 80/20 split (default 0)")
     p.add_argument("--lr", type=float, default=None,
                    help="initial learning rate (default 1e-3 as the paper; 1e-2 for scratch)")
     _add_head_option(p)
@@ -101,10 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict and evaluate the test part of the same fixed 80/20 split that "
                                    "finetune uses, with the model's own heads: the 'Foundation, no fine-tuning' "
                                    "reference. The dataset's labels must be the model's.")
-    p.add_argument("--model", type=Path, required=True, help="model folder")
-    p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
-    p.add_argument("--out", type=Path, required=True, help="run folder to write")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed 80/20 split (default 0)")
+    _add_run_inputs(p, "model folder")
     p.add_argument("--resume", action="store_true", help="reuse a finished run in the same --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_zero_shot)
@@ -230,11 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="few-shot benchmark grid: the DGST paper's Tables 1-2 and Fig. 3 (resumable)",
                        description="Run a grid of few-shot fine-tuning cells (datasets x shots x methods x "
-                                   "seeds) and write Table 1/Table 2-style Markdown and CSV tables, a gamma "
-                                   "plot and a contour figure. Finished cells are stored and never re-run; "
-                                   "a changed config re-runs only the cells it changes (docs/benchmark.md).")
-    p.add_argument("config", help="built-in grid (default: about 1 h on 2 CPU cores with --ray local; quick: "
-                                  "~1 min; paper: the paper's sizes, for a GPU cluster) or a YAML grid config")
+                                   "seeds, fresh heads, a zero-shot row) and write Table 1/Table 2-style "
+                                   "Markdown and CSV tables (mean over seeds, spreads, marks only where a "
+                                   "paired test separates methods), DGST's paired differences, a gamma plot, "
+                                   "loss curves and a contour figure. Finished cells are stored and never "
+                                   "re-run; a changed config re-runs only the cells it changes "
+                                   "(docs/benchmark.md).")
+    p.add_argument("config", help="built-in grid (default: 236 cells, 3 seeds, within 2 h on 2 idle CPU cores "
+                                  "with --ray local; quick: ~1 min; paper: the paper's sizes, for a GPU "
+                                  "cluster) or a YAML grid config")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where data, cells and the report go (default medadapt_runs/bench/<config name>)")
     p.add_argument("--report", action="store_true",
@@ -261,9 +267,11 @@ def _print_metrics(summary: dict, what: str) -> None:
 
     tol = summary.get("tolerance_mm")
     for name, m in summary["classes"].items():
+        undefined = m.get("hd95_undefined", 0)
+        hd_note = f", undefined in {undefined} of {m['n_cases']}: one mask empty" if undefined else ""
         print(f"{name}: DSC {format_mean_std(m['dsc']['mean'], m['dsc']['std'], percent=True)}  "
               f"NSD@{tol:g}mm {format_mean_std(m['nsd']['mean'], m['nsd']['std'], percent=True)}  "
-              f"HD95 {format_mean_std(m['hd95']['mean'], m['hd95']['std'])} mm  ({m['n_cases']} {what})")
+              f"HD95 {format_mean_std(m['hd95']['mean'], m['hd95']['std'])} mm{hd_note}  ({m['n_cases']} {what})")
 
 
 # -- commands -------------------------------------------------------------------------------------------------

@@ -52,6 +52,20 @@ def _plan(cases, batch_size=2, seed=0):
                             seed)
 
 
+
+def _spy_on_calibration(strategy, monkeypatch) -> list:
+    """Record the batches ``strategy.calibrate`` is given (and still calibrate)."""
+    seen = []
+    original = strategy.calibrate
+
+    def spy(model, loss_fn, batches):
+        batches = list(batches)
+        seen.extend(batches)
+        return original(model, loss_fn, batches)
+
+    monkeypatch.setattr(strategy, "calibrate", spy)
+    return seen
+
 def test_plan_is_one_foreground_patch_per_case_in_batches():
     cases = _cases(5)
     plan = _plan(cases, batch_size=2)
@@ -106,15 +120,7 @@ def test_engine_calibrates_on_the_shared_plan_without_augmentation(tiny_unet, tm
     cases = _cases(5)
     sampler = PatchSampler(cases, PATCH, batch_size=2, augmentation=Augmentation(PATCH))
     trainer = _sgst_trainer(tiny_unet, sampler, tmp_path, seed=11)
-    seen = []
-    original = trainer.strategy.calibrate
-
-    def spy(model, loss_fn, batches):
-        batches = list(batches)
-        seen.extend(batches)
-        return original(model, loss_fn, batches)
-
-    monkeypatch.setattr(trainer.strategy, "calibrate", spy)
+    seen = _spy_on_calibration(trainer.strategy, monkeypatch)
     trainer._calibrate()
     plan = _plan(cases, batch_size=2, seed=11)
     assert [b["case_ids"] for b in seen] == [[p.case_id for p in g] for g in plan]
@@ -229,15 +235,7 @@ def test_nnunet_trainer_calibrates_on_the_same_patches(nnunet_preprocessed, monk
     # nnU-Net's own on_train_start (dataloader workers, plots, unpacking) is not what this test is about
     monkeypatch.setattr(nnUNetTrainer, "on_train_start",
                         lambda self: self.set_deep_supervision_enabled(self.enable_deep_supervision))
-    seen = []
-    original = trainer.strategy.calibrate
-
-    def spy(model, loss_fn, batches):
-        batches = list(batches)
-        seen.extend(batches)
-        return original(model, loss_fn, batches)
-
-    monkeypatch.setattr(trainer.strategy, "calibrate", spy)
+    seen = _spy_on_calibration(trainer.strategy, monkeypatch)
     with quiet():
         trainer.on_train_start()
     shot_ids = trainer.medadapt_split[0]

@@ -285,6 +285,29 @@ def test_nnunet_train_dgst_updates_only_selected_entries(readme_run):
     assert "medadapt: 5 few-shot training cases" in "".join(p.read_text() for p in out.glob("training_log_*.txt"))
 
 
+@pytest.mark.parametrize("head", ["fresh", "keep"])
+def test_nnunet_train_head_policy(readme_run, head):
+    """nnunet-train starts every method from nnU-Net's fresh head, as ``nnUNetv2_train -pretrained_weights``
+    does; ``--head keep`` keeps the foundation's (the labels are the same here). Everything else is the
+    foundation's either way."""
+    from medadapt.nnunet.trainer import build_trainer
+
+    start = _pretrained(readme_run["checkpoint"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = build_trainer("502", "3d_fullres", 1, method="full", shots=5, plans_identifier="FoundationPlans",
+                                pretrained=readme_run["checkpoint"], head=head, seed=3,
+                                **{k: v for k, v in QUICK_TRAIN.items() if k != "final_validation"})
+        trainer.initialize()
+    own = {k: v.detach().cpu() for k, v in trainer.network.state_dict().items()}
+    heads = [k for k in own if ".seg_layers." in k]
+    assert heads and trainer.medadapt_record["head"] == head
+    for key, value in own.items():
+        if key not in heads:
+            assert torch.equal(value, start[key]), key
+    same = [torch.equal(own[k], start[k]) for k in heads]
+    assert all(same) if head == "keep" else not all(same)
+
+
 def test_nnunet_train_lora_cli_writes_a_plain_nnunet_model(readme_run, capsys):
     """``medadapt nnunet-train --method lora``: one short epoch with nnU-Net's final validation; the checkpoint
     holds the merged plain network, which nnU-Net's predictor loads."""

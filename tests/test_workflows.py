@@ -270,7 +270,10 @@ def test_zero_shot_row(world, tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     ft = tmp_path / "ft"
     assert main(_finetune_args(world, ft, "full", "2")) == 0
-    assert run["split"] == json.loads((ft / "run.json").read_text())["split"]  # the same test cases
+    ft_run = json.loads((ft / "run.json").read_text())
+    assert run["split"] == ft_run["split"]  # the same test cases
+    # a densely changed run's delta costs no more than the model itself
+    assert ft_run["sizes"]["delta_bytes"] <= ft_run["sizes"]["checkpoint_bytes"]
     assert run["method"] == {"name": "zero-shot"} and run["head"] == "keep" and run["parameters"]["trainable"] == 0
     assert sorted(p.name for p in (out / "predictions").iterdir()) == [f"{c}.nii.gz" for c in run["split"]["test"]]
     # the foundation's own heads on a dataset with other labels mean nothing: refused
