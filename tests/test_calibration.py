@@ -93,10 +93,15 @@ def test_plan_depends_on_seed_and_case_only():
     assert any([p.voxel for b in _plan(cases, seed=s) for p in b] != [p.voxel for p in plan] for s in range(4, 8))
 
 
-def test_case_without_foreground_is_named():
+def test_case_without_foreground_gives_no_patch():
+    """A scan without any annotated structure (common with lymph nodes) is left out: every patch holds
+    foreground. Only when no case has foreground is there nothing to calibrate on."""
     cases = _cases(2) + [_Case("case_empty", seed=9, blobs=0)]
-    with pytest.raises(MedadaptError, match="case_empty"):
-        _plan(cases)
+    plan = _plan(cases)
+    assert [p.case_id for batch in plan for p in batch] == sorted(c.case_id for c in cases[:2])
+    assert _plan(cases[:2]) == plan  # the other cases' patches do not depend on it
+    with pytest.raises(MedadaptError, match="none of the 1 training cases has a foreground voxel"):
+        _plan([_Case("case_empty", seed=9, blobs=0)])
 
 
 def test_stored_locations_that_miss_the_segmentation_are_refused():

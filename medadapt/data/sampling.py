@@ -199,8 +199,10 @@ def calibration_plan(cases: Iterable[tuple[str, Sequence[int], Mapping]], patch_
     ``cases``: ``(case_id, spatial shape (z, y, x), class_locations)`` per training case, where class_locations
     maps a class to stored foreground voxel coordinates, (n, 3) or nnU-Net's (n, 4) with a leading channel
     column (only the last three columns are read). Returns one :class:`CalibrationPatch` per case, cases in
-    sorted id order, in consecutive batches of ``batch_size`` (the last may be smaller). A case without
-    foreground raises :class:`MedadaptError` naming it: every calibration patch must hold foreground.
+    sorted id order, in consecutive batches of ``batch_size`` (the last may be smaller). Every calibration
+    patch holds foreground, so a training case without any foreground voxel (a scan in which no structure is
+    annotated, which happens with lymph nodes) gives no patch and is left out of the calibration; if no case
+    has foreground, :class:`MedadaptError` says so.
     """
     patch = tuple(int(p) for p in patch_size)
     if len(patch) != 3 or min(patch) < 1:
@@ -219,9 +221,7 @@ def calibration_plan(cases: Iterable[tuple[str, Sequence[int], Mapping]], patch_
             raise MedadaptError(f"case {cid}: spatial shape {shape} is not three-dimensional")
         classes = _foreground_classes(locs or {})
         if not classes:
-            raise MedadaptError(f"case {cid}: has no foreground voxel, so it cannot give a calibration patch "
-                                "(every case SGST calibrates on must hold foreground); check its label or leave "
-                                "the case out of the training set")
+            continue  # nothing to centre a patch on: the case holds no annotated structure
         rng = np.random.default_rng([int(seed), CALIBRATION_STREAM, zlib.crc32(cid.encode("utf-8"))])
         label = classes[int(rng.integers(len(classes)))]
         coords = np.asarray(locs[label])
@@ -230,6 +230,10 @@ def calibration_plan(cases: Iterable[tuple[str, Sequence[int], Mapping]], patch_
             raise MedadaptError(f"case {cid}: stored foreground voxel {voxel} lies outside its volume {shape}; "
                                 "preprocess the case again")
         patches.append(CalibrationPatch(cid, _centred_start(voxel, shape, patch), voxel, label))
+    if not patches:
+        raise MedadaptError(f"calibration: none of the {len(listed)} training cases has a foreground voxel, so "
+                            "there is no gradient signal to select entries from; train on cases that hold the "
+                            "structures")
     b = int(batch_size)
     return [patches[i:i + b] for i in range(0, len(patches), b)]
 
