@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "the fold folder)")
     p.set_defaults(func=cmd_nnunet_train)
 
-    p = sub.add_parser("demo", help="the whole chain on built-in synthetic cohorts (about 5 min on 2 CPU cores)",
+    p = sub.add_parser("demo", help="the whole chain on built-in synthetic cohorts (about 4 min on 2 CPU cores)",
                        description="Generate two synthetic hospitals, pretrain a small foundation model on "
                                    "the first (cached), fine-tune it with K scans of the second using "
                                    "scratch, full and DGST, evaluate on held-out scans, print a table and "

@@ -123,13 +123,12 @@ def run_identity(strategy_config: dict, shots: int, seed: int, split_seed: int, 
 
 
 def check_identity(out: Path, identity: dict[str, Any]) -> None:
-    """Refuse a run folder made for another run (one line naming the first difference); else record ours."""
+    """Refuse a run folder made for another run, with one line naming the first difference."""
     path = out / "identity.json"
     if not path.is_file():
         if (out / "run.json").is_file() or (out / "training" / "checkpoint_latest.pt").is_file():
             raise MedadaptError(f"{out}: holds a run without an identity record (made by an older medadapt); "
                                 "use a new --out folder")
-        atomic_write_json(path, identity)
         return
     stored = json.loads(path.read_text())
     current = json.loads(json.dumps(identity))  # as stored: tuples become lists
@@ -138,6 +137,12 @@ def check_identity(out: Path, identity: dict[str, Any]) -> None:
         key, old, new = diff
         raise MedadaptError(f"{out}: holds a run with {key} = {json.dumps(old)}, this one has "
                             f"{json.dumps(new)}; use a new --out folder or the run's own settings")
+
+
+def record_identity(out: Path, identity: dict[str, Any]) -> None:
+    """Write ``identity.json`` (once every input has been checked, right before the first output)."""
+    if not (out / "identity.json").is_file():
+        atomic_write_json(out / "identity.json", identity)
 
 
 def first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
@@ -193,6 +198,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
         cases = preprocess_dataset(dataset, shot_ids, plan, cache, progress=progress)
     network = load_foundation(folder, dataset, seed, head)
+    if distributed.is_main():  # every input is checked: from here on the folder is this run's
+        record_identity(out, identity)
     torch.manual_seed(seed)  # strategies that initialise weights (scratch, adapters, LoRA) draw from here
     network = strategy.prepare(network)
     spec = folder.network.with_classes(dataset.num_classes)
@@ -294,6 +301,7 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
     for cid in tqdm(test_ids, desc="check test cases", disable=not progress, unit="case", leave=False):
         dataset.load_case(cid)
     network = folder.load_network()
+    record_identity(out, identity)
     summary = predict_and_evaluate(folder, network, dataset, test_ids, out, progress)
     record = {
         "method": {"name": "zero-shot"}, "shots": 0, "seed": None, "split_seed": split_seed,
