@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("synth", help="generate a synthetic CT cohort as an nnU-Net v2 raw dataset",
-                       description="Generate a synthetic CT cohort (nnU-Net v2 raw format; lymph nodes or several structures) from a "
-                                   "domain spec: a built-in name or a YAML/JSON file (docs/domains.md).")
+                       description="Generate a synthetic CT cohort (nnU-Net v2 raw format: lymph nodes, or the "
+                                   "structures of the spec's labels map) from a domain spec: a built-in name or "
+                                   "a YAML/JSON file (docs/domains.md).")
     p.add_argument("domain", nargs="?", help="built-in domain name or path to a domain spec file")
     p.add_argument("--out", type=Path, help="output dataset folder")
     p.add_argument("--cases", type=_positive_int, default=50, help="number of cases (default 50)")
