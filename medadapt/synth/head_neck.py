@@ -95,7 +95,7 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
                     Curve(zk, side * (np.array([14, 18, 30, 41, 47, 50, 50]) + N(0, 1.5))),
                     Curve(zk, [12, 14, 16, 16, 15, 13, 12]), Curve(zk, np.array([5, 6, 7, 7, 7, 7, 6]) * U(0.8, 1.25)),
                     theta=Curve(zk, side * np.deg2rad([-60, -55, -45, -35, -20, -10, -10])))
-        canvas.fill(scm, t["muscle"], MUSCLE, part=S.sternocleidomastoid)
+        canvas.fill(scm, t["muscle"], MUSCLE)  # sternocleidomastoid
         canvas.fill(prism(f, -BIG, 22, Curve(y_aw.z, y_aw.v + ay_aw.v + 12), side * 9.0, 2.5, 7.0),
                     t["muscle"], MUSCLE)  # strap muscles
         canvas.fill(prism(f, z_mand + 6, BIG, 6.0, side * (xe - 9), 13.0, 5.0, theta=side * 0.2),
@@ -202,7 +202,7 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
         zk = [-80, -55, -30, 0, 30, 60, 80]
         ej = prism(f, -50, 40, Curve(zk, np.array([28, 26, 18, 8, -4, -16, -18]) + N(0, 2)),
                    Curve(zk, side * (np.array([22, 28, 42, 52, 56, 58, 58]) + N(0, 2))), 1.8, 1.8)
-        canvas.fill(ej, t["vein"], VEIN, within=[FAT, MUSCLE], part=S.external_jugular_vein)
+        canvas.fill(ej, t["vein"], VEIN, within=[FAT, MUSCLE])
 
     # ---------------------------------------------------------------- salivary glands
     for side in (+1, -1):

@@ -6,8 +6,8 @@ follow the same rule: a voxel belongs to the last fill that covered at least hal
 draws something else, tagged or not, takes the voxel over). A structure's mask is therefore exactly the set of
 voxels whose tissue, as seen in the image, was drawn for that structure; structures never overlap.
 
-The ids below are internal (the structure map's values, stable across versions: append, never renumber); a
-domain's ``labels`` map gives the ids written to the label map. ``lymph_node`` is special: its label follows
+The ids below are internal (the structure map's values; append new structures, never renumber); a domain's
+``labels`` map gives the ids written to the label map. ``lymph_node`` is special: its label follows
 the domain's annotation policy (``annotation`` section), not the structure map; see :mod:`medadapt.synth.nodes`.
 """
 from __future__ import annotations
@@ -43,33 +43,31 @@ _TABLE = [
     ("carotid_artery", 5, (HN,), (ARTERY,), "common, internal and external carotid arteries, both sides"),
     ("vertebral_artery", 6, (HN,), (ARTERY,), "vertebral arteries in the transverse foramina"),
     ("internal_jugular_vein", 7, (HN,), (VEIN,), "internal jugular veins, both sides"),
-    ("external_jugular_vein", 8, (HN,), (VEIN,), "external jugular veins on the sternocleidomastoids"),
-    ("mandible", 9, (HN,), (CORTEX, MARROW), "mandibular body and rami (cortex and marrow)"),
-    ("hyoid", 10, (HN,), (CORTEX,), "hyoid bone"),
-    ("clavicle", 11, (HN,), (CORTEX, MARROW), "clavicles (cortex and marrow), at the bottom of the field of view"),
-    ("sternum", 12, (MED,), (CORTEX, MARROW), "sternum: manubrium and body (cortex and marrow)"),
-    ("vertebrae", 13, (HN, MED), (CORTEX, MARROW), "vertebral bodies, arches, spinous and transverse processes"),
-    ("intervertebral_disc", 14, (HN, MED), (CORTEX, MARROW), "intervertebral discs between the vertebral bodies"),
-    ("spinal_cord", 15, (HN, MED), (CSF,), "spinal cord inside the CSF-filled canal"),
-    ("trachea", 16, (HN, MED), (AIRWAY,), "tracheal lumen (air): below the cricoid in the neck, above the carina "
+    ("mandible", 8, (HN,), (CORTEX, MARROW), "mandibular body and rami (cortex and marrow)"),
+    ("hyoid", 9, (HN,), (CORTEX,), "hyoid bone"),
+    ("clavicle", 10, (HN,), (CORTEX, MARROW), "clavicles (cortex and marrow), at the bottom of the field of view"),
+    ("sternum", 11, (MED,), (CORTEX, MARROW), "sternum: manubrium and body (cortex and marrow)"),
+    ("vertebrae", 12, (HN, MED), (CORTEX, MARROW), "vertebral bodies, arches, spinous and transverse processes"),
+    ("intervertebral_disc", 13, (HN, MED), (CORTEX, MARROW), "intervertebral discs between the vertebral bodies"),
+    ("spinal_cord", 14, (HN, MED), (CSF,), "spinal cord inside the CSF-filled canal"),
+    ("trachea", 15, (HN, MED), (AIRWAY,), "tracheal lumen (air): below the cricoid in the neck, above the carina "
                                           "in the chest"),
-    ("upper_airway", 17, (HN,), (AIRWAY,), "laryngeal and pharyngeal lumen (air) above the cricoid"),
-    ("laryngeal_cartilage", 18, (HN,), (CARTILAGE,), "laryngeal cartilage above the cricoid (often calcified)"),
-    ("esophagus", 19, (HN, MED), (SOFT, AIRWAY), "oesophageal wall and, when present, its air lumen"),
-    ("lung", 20, (HN, MED), (LUNG,), "lung parenchyma (apices in the neck), without the vessels"),
-    ("sternocleidomastoid", 21, (HN,), (MUSCLE,), "sternocleidomastoid muscles, both sides"),
-    ("aorta", 22, (MED,), (ARTERY,), "ascending aorta, arch and descending aorta"),
-    ("supraaortic_arteries", 23, (MED,), (ARTERY,), "brachiocephalic trunk, left common carotid and left "
+    ("upper_airway", 16, (HN,), (AIRWAY,), "laryngeal and pharyngeal lumen (air) above the cricoid"),
+    ("laryngeal_cartilage", 17, (HN,), (CARTILAGE,), "laryngeal cartilage above the cricoid (often calcified)"),
+    ("esophagus", 18, (HN, MED), (SOFT, AIRWAY), "oesophageal wall and, when present, its air lumen"),
+    ("lung", 19, (HN, MED), (LUNG,), "lung parenchyma (apices in the neck), without the vessels"),
+    ("aorta", 20, (MED,), (ARTERY,), "ascending aorta, arch and descending aorta"),
+    ("supraaortic_arteries", 21, (MED,), (ARTERY,), "brachiocephalic trunk, left common carotid and left "
                                                     "subclavian arteries"),
-    ("pulmonary_artery", 24, (MED,), (ARTERY,), "pulmonary trunk and the left and right pulmonary arteries"),
-    ("superior_vena_cava", 25, (MED,), (VEIN,), "superior vena cava"),
-    ("brachiocephalic_vein", 26, (MED,), (VEIN,), "left brachiocephalic vein"),
-    ("azygos_vein", 27, (MED,), (VEIN,), "azygos vein and its arch"),
-    ("bronchi", 28, (MED,), (AIRWAY,), "main and upper-lobe bronchi (lumen, air)"),
-    ("pulmonary_vessels", 29, (MED,), (LUNG_VESSEL,), "intrapulmonary vessel tree and peripheral vessels"),
-    ("ribs", 30, (MED,), (CORTEX, MARROW), "ribs (cortex and marrow), up to the costal cartilage"),
-    ("costal_cartilage", 31, (MED,), (CARTILAGE,), "costal cartilage between the ribs and the sternum"),
-    ("paraspinal_muscle", 32, (MED,), (MUSCLE,), "paraspinal (erector spinae) muscles, both sides"),
+    ("pulmonary_artery", 22, (MED,), (ARTERY,), "pulmonary trunk and the left and right pulmonary arteries"),
+    ("superior_vena_cava", 23, (MED,), (VEIN,), "superior vena cava"),
+    ("brachiocephalic_vein", 24, (MED,), (VEIN,), "left brachiocephalic vein"),
+    ("azygos_vein", 25, (MED,), (VEIN,), "azygos vein and its arch"),
+    ("bronchi", 26, (MED,), (AIRWAY,), "main and upper-lobe bronchi (lumen, air)"),
+    ("pulmonary_vessels", 27, (MED,), (LUNG_VESSEL,), "intrapulmonary vessel tree and peripheral vessels"),
+    ("ribs", 28, (MED,), (CORTEX, MARROW), "ribs (cortex and marrow), up to the costal cartilage"),
+    ("costal_cartilage", 29, (MED,), (CARTILAGE,), "costal cartilage between the ribs and the sternum"),
+    ("paraspinal_muscle", 30, (MED,), (MUSCLE,), "paraspinal (erector spinae) muscles, both sides"),
 ]
 
 STRUCTURES: dict[str, Structure] = {row[0]: Structure(*row) for row in _TABLE}
