@@ -404,7 +404,7 @@ _HU = {
     "esophagus": ((-150, 90),) * 3, "lung": ((-950, -750),) * 3, "aorta": _ART, "supraaortic_arteries": _ART,
     "pulmonary_artery": _ART, "superior_vena_cava": ((20, 70), (100, 500), (100, 240)),
     "brachiocephalic_vein": ((20, 70), (100, 500), (100, 240)), "azygos_vein": ((20, 70), (40, 220), (60, 240)),
-    "pulmonary_vessels": ((-400, 300),) * 3, "paraspinal_muscle": ((20, 90),) * 3,
+    "pulmonary_vessels": ((-400, 300),) * 3,
     "lymph_node": ((-60, 70),) * 3,
 }
 _PHASE = {"none": 0, "arterial": 1, "venous": 2}
@@ -473,7 +473,7 @@ _VOLUME_ML = {
     "lung": (2, 5000), "sternum": (20, 100), "aorta": (40, 330), "supraaortic_arteries": (4, 30),
     "pulmonary_artery": (20, 140), "superior_vena_cava": (12, 110), "brachiocephalic_vein": (5, 30),
     "azygos_vein": (2, 15), "bronchi": (8, 55), "pulmonary_vessels": (40, 270), "ribs": (60, 350),
-    "costal_cartilage": (20, 110), "paraspinal_muscle": (30, 340),
+    "costal_cartilage": (20, 110),
 }
 
 
@@ -531,7 +531,7 @@ def test_structures_have_plausible_shape_and_position(name):
             one_piece("upper_airway")
         else:
             assert y["sternum"] > max(y["aorta"], y["pulmonary_artery"], y["superior_vena_cava"]) + 30
-            assert y["costal_cartilage"] > y["ribs"] + 30 and y["paraspinal_muscle"] < y["vertebrae"]
+            assert y["costal_cartilage"] > y["ribs"] + 30
             assert x["superior_vena_cava"] > x["trachea"] + 15  # the SVC on the right
             assert z["supraaortic_arteries"] > z["aorta"] + 20 and z["pulmonary_artery"] < z["trachea"]
             assert z["brachiocephalic_vein"] > z["superior_vena_cava"] + 10
@@ -543,7 +543,6 @@ def test_structures_have_plausible_shape_and_position(name):
             assert len(_big_parts(m["ribs"])) >= 8
             for s in ("aorta", "pulmonary_artery", "superior_vena_cava", "azygos_vein", "brachiocephalic_vein"):
                 one_piece(s)
-            bilateral("paraspinal_muscle")
             lung_x = np.nonzero(m["lung"].any(axis=(0, 1)))[0]
             assert lung_x.size > 0.6 * case.image.shape[2]
 

@@ -64,8 +64,7 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
     # ---------------------------------------------------------------- spine, paraspinal muscles, ribs, sternum
     period, disc_h, phase = U(22, 27), U(5, 7), U(0, 27)
     for side in (+1, -1):
-        canvas.fill(prism(f, -BIG, BIG, y_vb - 34, side * 24.0, 20.0, 19.0), t["muscle"], MUSCLE, within=[LUNG, MUSCLE],
-                    part=S.paraspinal_muscle)
+        canvas.fill(prism(f, -BIG, BIG, y_vb - 34, side * 24.0, 20.0, 19.0), t["muscle"], MUSCLE, within=[LUNG, MUSCLE])
     vb = prism(f, -BIG, BIG, y_vb, 0.0, 13.0, 15.0)
     if vb is not None:
         Zs = f.PZ[vb.sl[0]][:, None, None]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from medadapt.synth.canvas import (
-    AIRWAY, ARTERY, CARTILAGE, CORTEX, CSF, GLAND, LUNG, LUNG_VESSEL, MARROW, MUSCLE, NODE, SOFT, VEIN,
+    AIRWAY, ARTERY, CARTILAGE, CORTEX, CSF, GLAND, LUNG, LUNG_VESSEL, MARROW, NODE, SOFT, VEIN,
 )
 
 HN, MED = "head_neck", "mediastinum"
@@ -67,7 +67,6 @@ _TABLE = [
     ("pulmonary_vessels", 27, (MED,), (LUNG_VESSEL,), "intrapulmonary vessel tree and peripheral vessels"),
     ("ribs", 28, (MED,), (CORTEX, MARROW), "ribs (cortex and marrow), up to the costal cartilage"),
     ("costal_cartilage", 29, (MED,), (CARTILAGE,), "costal cartilage between the ribs and the sternum"),
-    ("paraspinal_muscle", 30, (MED,), (MUSCLE,), "paraspinal (erector spinae) muscles, both sides"),
 ]
 
 STRUCTURES: dict[str, Structure] = {row[0]: Structure(*row) for row in _TABLE}
