@@ -658,3 +658,13 @@ def test_bad_task_stream_names_file_and_key(tmp_path, body, key):
         load_task_stream(p)
     msg = str(exc.value)
     assert str(p) in msg and key in msg and "\n" not in msg, msg
+
+
+def test_cli_list_shows_regions_and_labels(capsys):
+    from medadapt.cli import main
+
+    assert main(["synth", "--list"]) == 0
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in capsys.readouterr().out.splitlines()}
+    assert set(rows) == set(builtin_domains())
+    assert rows["hn-source"] == ["head_neck", "lymph_node"]
+    assert rows["src-b-chest"] == ["mediastinum", "aorta, pulmonary_artery, superior_vena_cava, trachea, esophagus"]
