@@ -574,6 +574,17 @@ def test_bad_labels_map_names_file_and_key(tmp_path, body, key, hint):
     assert str(p) in msg and key in msg and hint in msg and "\n" not in msg, msg
 
 
+@pytest.mark.parametrize("name,text", [
+    ("dup.yaml", "region: head_neck\nlabels:\n  thyroid: 1\n  thyroid: 2\n"),
+    ("dup.json", '{"region": "head_neck", "labels": {"thyroid": 1, "thyroid": 2}}'),
+])
+def test_repeated_key_refused(tmp_path, name, text):
+    p = _write(tmp_path, name, text)
+    with pytest.raises(MedadaptError, match=r"'thyroid' appears twice") as exc:
+        load_domain(p)
+    assert str(p) in str(exc.value) and "\n" not in str(exc.value)
+
+
 def test_merged_label_and_replace(tmp_path):
     spec = load_domain("src-a-hn").replace(
         labels={"neck_vessels": {"id": 1, "structures": ["carotid_artery", "internal_jugular_vein"]}, "thyroid": 2})

@@ -226,11 +226,44 @@ def load_spec_file(path: "str | os.PathLike[str]") -> DomainSpec:
     except OSError as exc:
         raise MedadaptError(f"{src}: cannot be read ({exc.strerror}); check the path and permissions") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_json) if path.suffix.lower() == ".json" else \
+            yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise MedadaptError(f"{src}: {exc}; keep one of them (a repeated key silently replaces the first)") from None
     except (yaml.YAMLError, json.JSONDecodeError, ValueError) as exc:
         msg = " ".join(str(exc).split())
         raise MedadaptError(f"{src}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} ({msg}); fix the syntax") from None
     return _parse_domain(data, src, path.stem)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_json(pairs: list) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"key '{k}' appears twice in one object")
+        out[k] = v
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated in one mapping (e.g. a label listed twice)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+            except TypeError:  # unhashable key: the base class reports it
+                break
+            if dup:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key '{key}' appears twice in one mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from medadapt.errors import MedadaptError
-from medadapt.synth.spec import DomainSpec, _Ctx, builtin_domains, load_domain
+from medadapt.synth.spec import DomainSpec, _Ctx, _DuplicateKey, _UniqueKeyLoader, builtin_domains, load_domain
 
 TASK_SETS_DIR = Path(__file__).resolve().parent / "task_sets"
 _KINDS = {"assembly": ("sources", "targets"), "stream": ("tasks", "unseen")}
@@ -118,7 +118,9 @@ def _load(which: "str | os.PathLike[str]", kind: str):
                             "(see docs/domains.md)")
     src = str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise MedadaptError(f"{src}: {exc}; keep one of them (a repeated key silently replaces the first)") from None
     except OSError as exc:
         raise MedadaptError(f"{src}: cannot be read ({exc.strerror}); check the path and permissions") from None
     except yaml.YAMLError as exc:
