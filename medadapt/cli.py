@@ -67,14 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("synth", help="generate a synthetic CT lymph-node cohort as an nnU-Net v2 raw dataset",
-                       description="Generate a synthetic CT lymph-node cohort (nnU-Net v2 raw format) from a "
-                                   "domain spec: a built-in name or a YAML/JSON file (docs/domains.md).")
+    p = sub.add_parser("synth", help="generate a synthetic CT cohort as an nnU-Net v2 raw dataset",
+                       description="Generate a synthetic CT cohort (nnU-Net v2 raw format: lymph nodes, or the "
+                                   "structures of the spec's labels map) from a domain spec: a built-in name or "
+                                   "a YAML/JSON file (docs/domains.md).")
     p.add_argument("domain", nargs="?", help="built-in domain name or path to a domain spec file")
     p.add_argument("--out", type=Path, help="output dataset folder")
     p.add_argument("--cases", type=_positive_int, default=50, help="number of cases (default 50)")
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
-    p.add_argument("--list", action="store_true", help="list the built-in domains and exit")
+    p.add_argument("--list", action="store_true",
+                   help="list the built-in domains (name, region, labels) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 
@@ -280,7 +282,8 @@ def cmd_synth(args) -> int:
 
     if args.list:
         for name in builtin_domains():
-            print(name)
+            spec = load_domain(name)
+            print(f"{name:<20} {spec.region:<12} {', '.join(n for n, i in spec.dataset_labels.items() if i)}")
         return 0
     if not args.domain or args.out is None:
         raise MedadaptError("synth needs a DOMAIN and --out (see 'medadapt synth --help'; "

@@ -299,17 +299,25 @@ def plate(frame: Frame, z0: float, z1: float, points_yx, half_thickness: float, 
 # Canvas
 # ------------------------------------------------------------------------------------------------------------------
 class Canvas:
-    """The HU volume being drawn (float32, world-air to start) and its tissue-class map."""
+    """The HU volume being drawn (float32, world-air to start), its tissue-class map and its structure map
+    (``part``: the :mod:`medadapt.synth.structures` id of the named structure each voxel was drawn for, 0 =
+    none)."""
 
     def __init__(self, frame: Frame):
         self.frame = frame
         self.hu = np.full(frame.shape, -1000.0, dtype=np.float32)
         self.cls = np.zeros(frame.shape, dtype=np.uint8)
+        self.part = np.zeros(frame.shape, dtype=np.uint8)
 
     def fill(self, shape: Shape | None, hu, cls: int, inset: float = 0.0,
-             within: Sequence[int] | None = None, frac: np.ndarray | None = None) -> np.ndarray | None:
+             within: Sequence[int] | None = None, frac: np.ndarray | None = None,
+             part: "int | np.ndarray" = 0) -> np.ndarray | None:
         """Blend ``hu`` into the voxels covered by ``shape`` (shrunk by ``inset`` mm), optionally only over
-        voxels whose current class is in ``within``. Returns the fraction used."""
+        voxels whose current class is in ``within``. Returns the fraction used.
+
+        Voxels covered at least half take the tissue class ``cls`` and the structure id ``part`` (a number, or
+        an array broadcastable to the shape's box; 0 = no named structure), so a later fill always takes over
+        both maps together."""
         if shape is None:
             return None
         f = shape.frac(inset) if frac is None else frac
@@ -322,11 +330,17 @@ class Canvas:
         h = self.hu[sl]
         hu_arr = np.asarray(hu, dtype=np.float32)
         h += f * (hu_arr - h)
-        c[f >= 0.5] = cls
+        m = f >= 0.5
+        c[m] = cls
+        p = self.part[sl]
+        if np.ndim(part) == 0:
+            p[m] = part
+        else:
+            p[m] = np.broadcast_to(np.asarray(part, dtype=np.uint8), m.shape)[m]
         return f
 
     def fill_all(self, shapes: list[Shape], hu, cls: int, inset: float = 0.0,
-                 within: Sequence[int] | None = None) -> None:
+                 within: Sequence[int] | None = None, part: int = 0) -> None:
         for s in shapes:
-            self.fill(s, hu, cls, inset, within)
+            self.fill(s, hu, cls, inset, within, part=part)
 

@@ -3,7 +3,7 @@
 Layout::
 
     <out>/imagesTr/<case>_0000.nii.gz   int16 HU
-    <out>/labelsTr/<case>.nii.gz        uint8, 1 = annotated lymph node
+    <out>/labelsTr/<case>.nii.gz        uint8, 1 = annotated lymph node (or the domain's ``labels`` ids)
     <out>/synth_meta/<case>.json        every node drawn (annotated or not), for per-node evaluation
     <out>/dataset.json                  nnU-Net v2 keys + "medadapt_synth" provenance; written last
 
@@ -24,12 +24,12 @@ from tqdm import tqdm
 from medadapt.data.io import write_volume
 from medadapt.errors import MedadaptError
 from medadapt.synth.phantom import GENERATOR_VERSION, _check_int, generate_case
+from medadapt.synth.spec import DEFAULT_LABELS as LABELS  # noqa: F401  (a domain without a labels map)
 from medadapt.synth.spec import DomainSpec, load_domain
 from medadapt.utils.atomic import atomic_write_json
 
 MARKER = ".medadapt_synth.json"
 FILE_ENDING = ".nii.gz"
-LABELS = {"background": 0, "lymph_node": 1}
 
 
 def provenance(spec: DomainSpec, seed: int) -> dict[str, Any]:
@@ -88,12 +88,16 @@ def _write_case(spec: DomainSpec, seed: int, index: int, out: Path) -> str:
     aff = case.affine
     write_volume(case.image, aff, img_p, dtype=np.int16)
     write_volume(case.label, aff, lab_p, dtype=np.uint8)
-    atomic_write_json(meta_p, {
+    meta = {
         "case_id": case.case_id, "domain": spec.name, "seed": seed, "index": index,
         "spacing_mm": list(case.spacing), "shape": list(case.image.shape),
         "num_nodes": len(case.nodes), "num_annotated": sum(n["annotated"] for n in case.nodes),
         "nodes": case.nodes,
-    })
+    }
+    if spec.labels is not None:  # only for multi-structure domains: a lymph-node domain's files stay as they were
+        counts = np.bincount(case.label.ravel(), minlength=256)
+        meta["label_voxels"] = {name: int(counts[i]) for name, i in spec.dataset_labels.items() if i}
+    atomic_write_json(meta_p, meta)
     return case.case_id
 
 
@@ -146,7 +150,7 @@ def write_dataset(spec: "DomainSpec | str", out_dir: "str | os.PathLike[str]", n
         "name": spec.name,
         "description": spec.description,
         "channel_names": {"0": "CT"},
-        "labels": dict(LABELS),
+        "labels": spec.dataset_labels,
         "numTraining": num_cases,
         "file_ending": FILE_ENDING,
         "medadapt_synth": prov,

@@ -13,6 +13,7 @@ from medadapt.synth.canvas import (
     Canvas, Curve, ellipsoid, plate, prism, tube,
 )
 from medadapt.synth.stations import Station
+from medadapt.synth.structures import S
 
 BIG = 1e3  # "whole z range" for prisms
 
@@ -112,13 +113,13 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
     # ---------------------------------------------------------------- lung apices, clavicles, manubrium
     for side in (+1, -1):
         canvas.fill(ellipsoid(f, [-100 + N(0, 4), -18, side * 42], [55, 28, 26]), t["lung"], LUNG,
-                    within=[MUSCLE, FAT])
+                    within=[MUSCLE, FAT], part=S.lung)
     for side in (+1, -1):
         pts = [[-62, 38, side * 12], [-60, 30, side * 45], [-57, 10, side * 85], [-55, -5, side * 110]]
         pts = np.array(pts, float) + [N(0, 2), 0, 0]
         rc = U(6, 7.5)
-        canvas.fill_all(tube(f, pts, rc), t["cortex"], CORTEX)
-        canvas.fill_all(tube(f, pts, rc - 2.0), t["marrow"], MARROW)
+        canvas.fill_all(tube(f, pts, rc), t["cortex"], CORTEX, part=S.clavicle)
+        canvas.fill_all(tube(f, pts, rc - 2.0), t["marrow"], MARROW, part=S.clavicle)
     man = prism(f, -BIG, -64 + N(0, 2), 40.0, 0.0, 8.0, 22.0)
     canvas.fill(man, t["cortex"], CORTEX)
     canvas.fill(man, t["marrow"], MARROW, inset=2.0)
@@ -129,64 +130,74 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
     if vb is not None:
         Zs = f.PZ[vb.sl[0]][:, None, None]
         disc = np.mod(Zs - phase, period) < disc_h
-        canvas.fill(vb, np.where(disc, t["disc"], t["cortex"]), CORTEX)
-        canvas.fill(vb, np.where(disc, t["disc"], t["marrow"]), MARROW, inset=1.8)
+        bone = np.where(disc, S.intervertebral_disc, S.vertebrae).astype(np.uint8)
+        canvas.fill(vb, np.where(disc, t["disc"], t["cortex"]), CORTEX, part=bone)
+        canvas.fill(vb, np.where(disc, t["disc"], t["marrow"]), MARROW, inset=1.8, part=bone)
     y_can = Curve(y_vb.z, y_vb.v - 8.5 - 7.0)
     arch = prism(f, -BIG, BIG, y_can, 0.0, 10.0, 11.0)
-    canvas.fill(arch, t["small_bone"], CORTEX)
-    canvas.fill(prism(f, -BIG, BIG, Curve(y_can.z, y_can.v - 14.0), 0.0, 7.0, 3.0), t["small_bone"], CORTEX)
+    canvas.fill(arch, t["small_bone"], CORTEX, part=S.vertebrae)
+    canvas.fill(prism(f, -BIG, BIG, Curve(y_can.z, y_can.v - 14.0), 0.0, 7.0, 3.0), t["small_bone"], CORTEX,
+                part=S.vertebrae)  # spinous processes
     canvas.fill(arch, t["csf"], CSF, inset=3.0)
-    canvas.fill(prism(f, -BIG, BIG, y_can, 0.0, 3.8, 5.0), t["soft"], CSF)  # spinal cord
+    canvas.fill(prism(f, -BIG, BIG, y_can, 0.0, 3.8, 5.0), t["soft"], CSF, part=S.spinal_cord)
     for side in (+1, -1):
         tp = prism(f, -BIG, 45, Curve(y_vb.z, y_vb.v - 2), Curve(vb_ax.z, side * (vb_ax.v + 8)), 4.5, 7.0)
-        canvas.fill(tp, t["small_bone"], CORTEX)
+        canvas.fill(tp, t["small_bone"], CORTEX, part=S.vertebrae)
         canvas.fill(prism(f, -BIG, 45, Curve(y_vb.z, y_vb.v - 2), Curve(vb_ax.z, side * (vb_ax.v + 8)), 2.0, 2.0),
-                    t["artery"], ARTERY)  # vertebral artery in the transverse foramen
+                    t["artery"], ARTERY, part=S.vertebral_artery)  # vertebral artery in the transverse foramen
 
     # ---------------------------------------------------------------- mandible, hyoid
     xs = np.linspace(-xe, xe, 13)
     arc = np.stack([ym - (ym - 2) * (xs / xe) ** 2, xs], axis=1)
     mand = plate(f, z_mand, z_mand + 26, arc, 4.5)
-    canvas.fill(mand, t["cortex"], CORTEX)
-    canvas.fill(mand, t["marrow"], MARROW, inset=2.0)
+    canvas.fill(mand, t["cortex"], CORTEX, part=S.mandible)
+    canvas.fill(mand, t["marrow"], MARROW, inset=2.0, part=S.mandible)
     for side in (+1, -1):
         ramus = prism(f, z_mand + 8, BIG, 2.0, side * (xe + 1), 13.0, 4.5, theta=side * 0.15)
-        canvas.fill(ramus, t["cortex"], CORTEX)
-        canvas.fill(ramus, t["marrow"], MARROW, inset=1.8)
+        canvas.fill(ramus, t["cortex"], CORTEX, part=S.mandible)
+        canvas.fill(ramus, t["marrow"], MARROW, inset=1.8, part=S.mandible)
     xs = np.linspace(-18, 18, 7)
     canvas.fill(plate(f, z_mand - 12, z_mand - 7, np.stack([30 - 16 * (xs / 18) ** 2, xs], 1), 2.5),
-                t["small_bone"], CORTEX)
+                t["small_bone"], CORTEX, part=S.hyoid)
 
     # ---------------------------------------------------------------- airway: larynx / trachea, oesophagus
     calc = U(0, 250)
     cart = prism(f, -BIG, 22, y_aw, 0.0, Curve(ay_aw.z, ay_aw.v + 2.5), Curve(ax_aw.z, ax_aw.v + 2.5))
     if cart is not None:
         Zs = f.PZ[cart.sl[0]][:, None, None]
-        canvas.fill(cart, np.where(Zs > z_cric, t["cartilage"] + calc, t["cartilage"]), CARTILAGE)
-    canvas.fill(prism(f, -BIG, BIG, y_aw, 0.0, ay_aw, ax_aw), t["air"], AIRWAY)
+        canvas.fill(cart, np.where(Zs > z_cric, t["cartilage"] + calc, t["cartilage"]), CARTILAGE,
+                    part=np.where(Zs > z_cric, S.laryngeal_cartilage, 0).astype(np.uint8))
+    lumen = prism(f, -BIG, BIG, y_aw, 0.0, ay_aw, ax_aw)
+    if lumen is not None:
+        Zs = f.PZ[lumen.sl[0]][:, None, None]
+        canvas.fill(lumen, t["air"], AIRWAY, part=np.where(Zs > z_cric, S.upper_airway, S.trachea).astype(np.uint8))
     y_es = Curve(y_aw.z, y_aw.v - ay_aw.v - 2.5 - 4.5)
-    canvas.fill(prism(f, -BIG, z_cric, y_es, -3.0, 4.5, 7.5), t["soft"], SOFT)
+    canvas.fill(prism(f, -BIG, z_cric, y_es, -3.0, 4.5, 7.5), t["soft"], SOFT, part=S.esophagus)
     if rng.random() < 0.4:
-        canvas.fill(prism(f, -BIG, z_cric, y_es, -3.0, 1.5, 2.5), t["air"], AIRWAY)
+        canvas.fill(prism(f, -BIG, z_cric, y_es, -3.0, 1.5, 2.5), t["air"], AIRWAY, part=S.esophagus)
 
     # ---------------------------------------------------------------- thyroid
     for side in (+1, -1):
         x_l = side * (float(ax_aw(z_thy)) + 8.5)
         canvas.fill(ellipsoid(f, [z_thy + N(0, 2), float(y_aw(z_thy)) + 2, x_l],
                               [U(16, 23), U(8, 11), U(6, 8)], rot=_rot_z(side * U(-15, 15))),
-                    t["thyroid"], GLAND)
-    canvas.fill(ellipsoid(f, [z_thy - 6, float(y_aw(z_thy) + ay_aw(z_thy)) + 5, 0.0], [6, 3, 12]), t["thyroid"], GLAND)
+                    t["thyroid"], GLAND, part=S.thyroid)
+    canvas.fill(ellipsoid(f, [z_thy - 6, float(y_aw(z_thy) + ay_aw(z_thy)) + 5, 0.0], [6, 3, 12]), t["thyroid"], GLAND,
+                part=S.thyroid)  # isthmus
 
     # ---------------------------------------------------------------- vessels
     for s in sides:
         side, xc, ycar = s["side"], s["xc"], s["yc"]
-        canvas.fill(prism(f, -BIG, z_bif + 2, ycar, xc, s["r_cca"], s["r_cca"]), t["artery"], ARTERY)
+        canvas.fill(prism(f, -BIG, z_bif + 2, ycar, xc, s["r_cca"], s["r_cca"]), t["artery"], ARTERY, part=S.carotid_artery)
         x_b, y_b = float(xc(z_bif)), float(ycar(z_bif))
         ica = [[z_bif, y_b, x_b], [z_bif + 20, y_b - 4, x_b + side * 1.5], [90, -10, float(xc(80))]]
         eca = [[z_bif, y_b, x_b], [z_bif + 15, y_b + 5, x_b - side * 3], [75, 10, x_b - side * 2]]
-        canvas.fill_all(tube(f, ica, [s["r_cca"], 0.8 * s["r_cca"], 0.75 * s["r_cca"]]), t["artery"], ARTERY)
-        canvas.fill_all(tube(f, eca, [0.8 * s["r_cca"], 0.6 * s["r_cca"], 0.5 * s["r_cca"]]), t["artery"], ARTERY)
-        canvas.fill(prism(f, -BIG, BIG, s["yj"], s["xj"], s["rj_y"], s["rj"]), t["vein"], VEIN)
+        canvas.fill_all(tube(f, ica, [s["r_cca"], 0.8 * s["r_cca"], 0.75 * s["r_cca"]]), t["artery"], ARTERY,
+                        part=S.carotid_artery)
+        canvas.fill_all(tube(f, eca, [0.8 * s["r_cca"], 0.6 * s["r_cca"], 0.5 * s["r_cca"]]), t["artery"], ARTERY,
+                        part=S.carotid_artery)
+        canvas.fill(prism(f, -BIG, BIG, s["yj"], s["xj"], s["rj_y"], s["rj"]), t["vein"], VEIN,
+                    part=S.internal_jugular_vein)
         # external jugular vein on the sternocleidomastoid
         zk = [-80, -55, -30, 0, 30, 60, 80]
         ej = prism(f, -50, 40, Curve(zk, np.array([28, 26, 18, 8, -4, -16, -18]) + N(0, 2)),
@@ -196,9 +207,10 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
     # ---------------------------------------------------------------- salivary glands
     for side in (+1, -1):
         canvas.fill(ellipsoid(f, [z_mand - 2 + N(0, 2), 26 + N(0, 2), side * (27 + N(0, 1.5))],
-                              [U(9, 12), U(10, 13), U(8, 11)]), t["submandibular"], GLAND)
+                              [U(9, 12), U(10, 13), U(8, 11)]), t["submandibular"], GLAND, part=S.submandibular_gland)
         canvas.fill(ellipsoid(f, [z_mand + 28 + N(0, 3), -6 + N(0, 2), side * (53 + N(0, 1.5))],
-                              [U(17, 22), U(12, 16), U(8, 10)]), t["parotid"], GLAND, within=[MUSCLE, FAT, GLAND])
+                              [U(17, 22), U(12, 16), U(8, 10)]), t["parotid"], GLAND, within=[MUSCLE, FAT, GLAND],
+                    part=S.parotid_gland)
 
     return _stations(sides, y_aw, ax_aw, ay_aw, z_mand)
 

@@ -14,6 +14,7 @@ from medadapt.synth.canvas import (
     Canvas, Curve, capsule, ellipsoid, plate, prism, tube,
 )
 from medadapt.synth.stations import Station
+from medadapt.synth.structures import S
 
 BIG = 1e3
 
@@ -39,7 +40,7 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
     canvas.fill(body, t["skin"], SKIN)
     canvas.fill(body, t["fat"], FAT, inset=2.0)
     canvas.fill(body, t["muscle"], MUSCLE, inset=2.0 + fat_t)
-    canvas.fill(body, t["lung"], LUNG, inset=2.0 + fat_t + wall)
+    canvas.fill(body, t["lung"], LUNG, inset=2.0 + fat_t + wall, part=S.lung)
     del body
     y_table = float(yc(0.0) - ay(0.0)) - U(3, 12)
     y_table = float(f.to_world([0.0, y_table, 0.0])[1])  # the table does not turn with the patient
@@ -68,16 +69,18 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
     if vb is not None:
         Zs = f.PZ[vb.sl[0]][:, None, None]
         disc = np.mod(Zs - phase, period) < disc_h
-        canvas.fill(vb, np.where(disc, t["disc"], t["cortex"]), CORTEX)
-        canvas.fill(vb, np.where(disc, t["disc"], t["marrow"]), MARROW, inset=1.8)
+        bone = np.where(disc, S.intervertebral_disc, S.vertebrae).astype(np.uint8)
+        canvas.fill(vb, np.where(disc, t["disc"], t["cortex"]), CORTEX, part=bone)
+        canvas.fill(vb, np.where(disc, t["disc"], t["marrow"]), MARROW, inset=1.8, part=bone)
     y_can = y_vb - 13 - 8.5
     arch = prism(f, -BIG, BIG, y_can, 0.0, 11.0, 12.0)
-    canvas.fill(arch, t["small_bone"], CORTEX)
-    canvas.fill(prism(f, -BIG, BIG, y_can - 16, 0.0, 9.0, 3.5, theta=0.0), t["small_bone"], CORTEX)
+    canvas.fill(arch, t["small_bone"], CORTEX, part=S.vertebrae)
+    canvas.fill(prism(f, -BIG, BIG, y_can - 16, 0.0, 9.0, 3.5, theta=0.0), t["small_bone"], CORTEX, part=S.vertebrae)
     canvas.fill(arch, t["csf"], CSF, inset=3.0)
-    canvas.fill(prism(f, -BIG, BIG, y_can, 0.0, 4.0, 5.0), t["soft"], CSF)
+    canvas.fill(prism(f, -BIG, BIG, y_can, 0.0, 4.0, 5.0), t["soft"], CSF, part=S.spinal_cord)
     for side in (+1, -1):
-        canvas.fill(prism(f, -BIG, BIG, y_vb - 20, side * 22.0, 5.0, 10.0, theta=side * 0.3), t["small_bone"], CORTEX)
+        canvas.fill(prism(f, -BIG, BIG, y_vb - 20, side * 22.0, 5.0, 10.0, theta=side * 0.3), t["small_bone"], CORTEX,
+                    part=S.vertebrae)  # transverse processes
 
     r_period, drop = U(22, 28), U(60, 90)
     z0 = U(0, r_period)
@@ -94,14 +97,16 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
             pts = np.array(pts)
             rr = U(4.0, 5.0)
             bone, cartl = pts[:11], pts[10:]
-            canvas.fill_all(tube(f, bone, rr), t["cortex"], CORTEX, within=[MUSCLE, LUNG, FAT, CORTEX, MARROW])
-            canvas.fill_all(tube(f, bone, rr - 1.8), t["marrow"], MARROW, within=[CORTEX])
-            canvas.fill_all(tube(f, cartl, rr), t["cartilage"], CARTILAGE, within=[MUSCLE, LUNG, FAT])
+            canvas.fill_all(tube(f, bone, rr), t["cortex"], CORTEX, within=[MUSCLE, LUNG, FAT, CORTEX, MARROW],
+                            part=S.ribs)
+            canvas.fill_all(tube(f, bone, rr - 1.8), t["marrow"], MARROW, within=[CORTEX], part=S.ribs)
+            canvas.fill_all(tube(f, cartl, rr), t["cartilage"], CARTILAGE, within=[MUSCLE, LUNG, FAT],
+                            part=S.costal_cartilage)
     y_st = Curve(kz, yc.v + cav_ay.v + 3.0)
     z_man = 30 + N(0, 4)
     st = prism(f, -BIG, BIG, y_st, 0.0, Curve([z_man - 1, z_man + 1], [6, 7]), Curve([z_man - 1, z_man + 1], [14, 24]))
-    canvas.fill(st, t["cortex"], CORTEX)
-    canvas.fill(st, t["marrow"], MARROW, inset=1.8)
+    canvas.fill(st, t["cortex"], CORTEX, part=S.sternum)
+    canvas.fill(st, t["marrow"], MARROW, inset=1.8, part=S.sternum)
 
     # ---------------------------------------------------------------- great vessels (fat rims first)
     r_a, r_d = U(13, 17), U(10, 13)
@@ -136,22 +141,22 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
     canvas.fill(ellipsoid(f, [z_c - 18, y_t - 4, x_t - 3], [20, 16, 22]), t["fat_deep"], FAT, within=[LUNG])  # subcarinal
 
     # oesophagus
-    canvas.fill(prism(f, -BIG, BIG, esoph_y, 0.0, 6.0, 8.5), t["soft"], SOFT)
+    canvas.fill(prism(f, -BIG, BIG, esoph_y, 0.0, 6.0, 8.5), t["soft"], SOFT, part=S.esophagus)
     if rng.random() < 0.5:
-        canvas.fill(prism(f, -BIG, BIG, esoph_y, 0.0, 1.5, 2.5), t["air"], AIRWAY)
+        canvas.fill(prism(f, -BIG, BIG, esoph_y, 0.0, 1.5, 2.5), t["air"], AIRWAY, part=S.esophagus)
     # heart top (left atrium)
     canvas.fill(ellipsoid(f, [-108, -8, -2], [40, 24, 40]), t["heart"], ARTERY)
     # arteries
-    canvas.fill_all(tube(f, aorta, r_aorta), t["artery"], ARTERY)
+    canvas.fill_all(tube(f, aorta, r_aorta), t["artery"], ARTERY, part=S.aorta)
     for p, r in ((bct, 6.5), (lcca, 4.0), (lsa, 5.0)):
-        canvas.fill_all(tube(f, p, r), t["artery"], ARTERY)
-    canvas.fill_all(tube(f, trunk, r_p), t["pulmonary"], ARTERY)
-    canvas.fill_all(tube(f, lpa, [r_p * 0.8, 10, 8]), t["pulmonary"], ARTERY)
-    canvas.fill_all(tube(f, rpa, [r_p * 0.8, 9.5, 9, 7.5]), t["pulmonary"], ARTERY)
+        canvas.fill_all(tube(f, p, r), t["artery"], ARTERY, part=S.supraaortic_arteries)
+    canvas.fill_all(tube(f, trunk, r_p), t["pulmonary"], ARTERY, part=S.pulmonary_artery)
+    canvas.fill_all(tube(f, lpa, [r_p * 0.8, 10, 8]), t["pulmonary"], ARTERY, part=S.pulmonary_artery)
+    canvas.fill_all(tube(f, rpa, [r_p * 0.8, 9.5, 9, 7.5]), t["pulmonary"], ARTERY, part=S.pulmonary_artery)
     # veins
-    canvas.fill_all(tube(f, svc, r_svc), t["central_vein"], VEIN)
-    canvas.fill_all(tube(f, lbcv, 6.0), t["central_vein"], VEIN)
-    canvas.fill_all(tube(f, azy, 4.0), t["vein"], VEIN)
+    canvas.fill_all(tube(f, svc, r_svc), t["central_vein"], VEIN, part=S.superior_vena_cava)
+    canvas.fill_all(tube(f, lbcv, 6.0), t["central_vein"], VEIN, part=S.brachiocephalic_vein)
+    canvas.fill_all(tube(f, azy, 4.0), t["vein"], VEIN, part=S.azygos_vein)
 
     # ---------------------------------------------------------------- airway: trachea, main and lobar bronchi
     rb, lb = U(6, 7.5), U(5.5, 7)
@@ -164,9 +169,9 @@ def build(canvas: Canvas, rng: np.random.Generator, t: dict, spec) -> list[Stati
     canvas.fill(prism(f, z_c, BIG, y_t, x_t, r_t + 2, r_t * 1.08 + 2), t["cartilage"], CARTILAGE)
     for p, r in ((rmb, [rb, rb, rb * 0.8]), (lmb, [lb, lb, lb * 0.8]), (rul, [4.5, 4.0, 3.0]), (lul, [4.5, 4.0, 3.0])):
         canvas.fill_all(tube(f, p, np.asarray(r) + 1.8), t["soft"], SOFT)
-    canvas.fill(tr, t["air"], AIRWAY)
+    canvas.fill(tr, t["air"], AIRWAY, part=S.trachea)
     for p, r in ((rmb, [rb, rb, rb * 0.8]), (lmb, [lb, lb, lb * 0.8]), (rul, [4.5, 4.0, 3.0]), (lul, [4.5, 4.0, 3.0])):
-        canvas.fill_all(tube(f, p, r), t["air"], AIRWAY)
+        canvas.fill_all(tube(f, p, r), t["air"], AIRWAY, part=S.bronchi)
 
     # ---------------------------------------------------------------- lung vessels: a small tree from each hilum
     roots = {+1: np.array(rpa[-1], float), -1: np.array(lpa[-1], float)}
@@ -203,7 +208,7 @@ def _scatter_vessels(canvas: Canvas, rng, roots: dict, n_per_side: int, hu) -> N
             if np.any(idx < 0) or np.any(idx >= np.asarray(f.shape)) or canvas.cls[tuple(idx)] != LUNG:
                 continue
             canvas.fill(capsule(f, p - dirn * length / 2, p + dirn * length / 2, r * 1.1, r * 0.9), hu, LUNG_VESSEL,
-                        within=[LUNG, LUNG_VESSEL])
+                        within=[LUNG, LUNG_VESSEL], part=S.pulmonary_vessels)
             placed += 1
 
 
@@ -212,7 +217,7 @@ def _vessel_tree(canvas: Canvas, rng, start, dirn, r, length, depth, hu) -> None
     dirn = dirn / (np.linalg.norm(dirn) + 1e-9)
     end = start + dirn * length
     s = capsule(canvas.frame, start, end, r, r * 0.8)
-    canvas.fill(s, hu, LUNG_VESSEL, within=[LUNG, LUNG_VESSEL])
+    canvas.fill(s, hu, LUNG_VESSEL, within=[LUNG, LUNG_VESSEL], part=S.pulmonary_vessels)
     if depth > 0:
         for _ in range(2):
             nd = dirn + rng.normal(0, 0.5, 3)

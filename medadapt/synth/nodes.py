@@ -9,6 +9,7 @@ import numpy as np
 from medadapt.synth.canvas import FAT, GLAND, LUNG, MUSCLE, NODE, Canvas, ellipsoid
 from medadapt.synth.spec import DomainSpec
 from medadapt.synth.stations import Station
+from medadapt.synth.structures import LYMPH_NODE
 
 _POSITION_TRIES = 25
 _SIZE_TRIES = 4
@@ -126,13 +127,15 @@ def _paint_node(canvas: Canvas, rng, spec: DomainSpec, shape, centre_w, semi, ro
     if s > true_vox * 1.02:
         frac = frac * np.float32(true_vox / s)
     hu = float(rng.uniform(*ns.hu))
-    canvas.fill(shape, hu, NODE, frac=frac)
-    canvas.cls[shape.sl][shape.inside()] = NODE  # the tissue map follows the geometry, like the label
+    canvas.fill(shape, hu, NODE, frac=frac, part=LYMPH_NODE)
+    inside = shape.inside()
+    canvas.cls[shape.sl][inside] = NODE  # the tissue and structure maps follow the geometry, like the label
+    canvas.part[shape.sl][inside] = LYMPH_NODE
     necro_draw, necro_scale, necro_hu = rng.random(), rng.uniform(0.4, 0.65), rng.uniform(*ns.necrotic_hu)
     necrotic = bool(axes[0] >= ns.necrotic_min_long_axis_mm and necro_draw < ns.necrotic_fraction)
     if necrotic:
         inner = ellipsoid(f, centre_w, semi * necro_scale, rot, space="world")
-        canvas.fill(inner, necro_hu, NODE, within=[NODE])
+        canvas.fill(inner, necro_hu, NODE, within=[NODE], part=LYMPH_NODE)
     centre_mm = np.asarray(centre_w) + f.centre  # array-index mm (index * spacing), (z, y, x)
     return {
         "centre_mm": [round(float(v), 3) for v in centre_mm],

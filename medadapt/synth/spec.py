@@ -1,4 +1,5 @@
-"""Domain specs: the declarative description of one synthetic CT cohort (region, scanner, nodes, annotation).
+"""Domain specs: the declarative description of one synthetic CT cohort (region, scanner, nodes, annotation,
+and which structures the label map holds).
 
 A spec is a YAML or JSON file; ``docs/domains.md`` documents every field. Parsing is strict: an unknown key, a
 wrong type or an out-of-range value raises :class:`~medadapt.errors.MedadaptError` naming the file, the key
@@ -6,6 +7,7 @@ wrong type or an out-of-range value raises :class:`~medadapt.errors.MedadaptErro
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -17,6 +19,7 @@ from typing import Any
 import yaml
 
 from medadapt.errors import MedadaptError
+from medadapt.synth.structures import STRUCTURES, structures_of
 
 REGIONS = ("head_neck", "mediastinum")
 CONTRAST_PHASES = ("none", "arterial", "venous")
@@ -24,6 +27,9 @@ SIZE_DISTRIBUTIONS = ("log_uniform", "uniform")
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 DOMAINS_DIR = Path(__file__).resolve().parent / "domains"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+MAX_LABEL_ID = 255  # uint8 label maps
+DEFAULT_LABELS = {"background": 0, "lymph_node": 1}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -76,6 +82,16 @@ class AnnotationSpec:
 
 
 @dataclass(frozen=True)
+class LabelSpec:
+    """One class of the label map: its name in ``dataset.json``, its id, and the structures it holds (see
+    :mod:`medadapt.synth.structures`; usually just one, the structure the label is named after)."""
+
+    name: str
+    id: int
+    structures: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     """One synthetic cohort. Build it with :func:`load_domain` or :meth:`from_dict` (both validate)."""
 
@@ -88,6 +104,7 @@ class DomainSpec:
     patient: PatientSpec = field(default_factory=PatientSpec)
     nodes: NodeSpec = field(default_factory=NodeSpec)
     annotation: AnnotationSpec = field(default_factory=AnnotationSpec)
+    labels: tuple[LabelSpec, ...] | None = None
     source: str | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -101,6 +118,20 @@ class DomainSpec:
     def case_id(self, index: int) -> str:
         return f"{self.case_prefix}_{index:03d}"
 
+    @property
+    def dataset_labels(self) -> dict[str, int]:
+        """The ``labels`` entry of ``dataset.json`` (nnU-Net v2: name -> id, background 0, ids 1..N in order)."""
+        if self.labels is None:
+            return dict(DEFAULT_LABELS)
+        return {"background": 0, **{lab.name: lab.id for lab in sorted(self.labels, key=lambda lab: lab.id)}}
+
+    @property
+    def labelled_structures(self) -> list[str]:
+        """Every structure written into the label map (``["lymph_node"]`` without a ``labels`` map)."""
+        if self.labels is None:
+            return ["lymph_node"]
+        return [s for lab in sorted(self.labels, key=lambda lab: lab.id) for s in lab.structures]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; ``DomainSpec.from_dict(spec.to_dict())`` gives back an equal spec."""
         out: dict[str, Any] = {
@@ -113,6 +144,10 @@ class DomainSpec:
         for section in ("scanner", "patient", "nodes", "annotation"):
             obj = getattr(self, section)
             out[section] = {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+        if self.labels is not None:  # absent when not set: a lymph-node-only domain's dict is what it always was
+            out["labels"] = {lab.name: (lab.id if lab.structures == (lab.name,) else
+                                        {"id": lab.id, "structures": list(lab.structures)})
+                             for lab in sorted(self.labels, key=lambda lab: lab.id)}
         return out
 
     @classmethod
@@ -130,10 +165,16 @@ class DomainSpec:
                                      "slice_thickness_mm": self.scanner.slice_thickness_mm * f[0]})
 
     def replace(self, **changes: Any) -> "DomainSpec":
-        """A validated copy with top-level fields or whole sections (as dicts) replaced."""
+        """A validated copy with top-level fields or whole sections (as dicts) replaced. ``labels`` is replaced
+        as a whole (a ``labels`` map as in a spec file; ``None`` goes back to lymph nodes only)."""
         data = self.to_dict()
         for key, value in changes.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
+            if key == "labels":
+                if value is None:
+                    data.pop("labels", None)
+                else:
+                    data["labels"] = value
+            elif isinstance(value, dict) and isinstance(data.get(key), dict):
                 data[key] = {**data[key], **value}
             else:
                 data[key] = _plain(value)
@@ -185,11 +226,44 @@ def load_spec_file(path: "str | os.PathLike[str]") -> DomainSpec:
     except OSError as exc:
         raise MedadaptError(f"{src}: cannot be read ({exc.strerror}); check the path and permissions") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_json) if path.suffix.lower() == ".json" else \
+            yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise MedadaptError(f"{src}: {exc}; keep one of them (a repeated key silently replaces the first)") from None
     except (yaml.YAMLError, json.JSONDecodeError, ValueError) as exc:
         msg = " ".join(str(exc).split())
         raise MedadaptError(f"{src}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} ({msg}); fix the syntax") from None
     return _parse_domain(data, src, path.stem)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_json(pairs: list) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"key '{k}' appears twice in one object")
+        out[k] = v
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated in one mapping (e.g. a label listed twice)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+            except TypeError:  # unhashable key: the base class reports it
+                break
+            if dup:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key '{key}' appears twice in one mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -337,5 +411,83 @@ def _parse_domain(data: Any, source: str, default_name: str | None) -> DomainSpe
                                            "annotation.min_annotated_diameter_mm", 0.0, 100.0),
         annotated_fraction=c.number(an_raw.get("annotated_fraction", 1.0), "annotation.annotated_fraction", 0.0, 1.0),
     )
+    labels = _parse_labels(c, data["labels"], region) if "labels" in data else None
     return DomainSpec(name=name, region=region, description=description, case_prefix=prefix, shape=shape,
-                      scanner=scanner, patient=patient, nodes=nodes, annotation=annotation, source=source)
+                      scanner=scanner, patient=patient, nodes=nodes, annotation=annotation, labels=labels,
+                      source=source)
+
+
+def _structure(c: _Ctx, value: Any, key: str, region: str) -> str:
+    """A structure name drawn in ``region``, or a one-line error at ``key``."""
+    if not isinstance(value, str):
+        c.fail(key, f"must be a structure name, got {value!r}", "write a name such as thyroid or aorta")
+    if value not in STRUCTURES:
+        close = difflib.get_close_matches(value, list(STRUCTURES), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        c.fail(key, f"names {value!r}, which is not a known structure",
+               f"{hint}use one of the {region} structures: {', '.join(structures_of(region))}")
+    if region not in STRUCTURES[value].regions:
+        c.fail(key, f"names {value!r}, which the {region} phantom does not draw",
+               f"use one of the {region} structures: {', '.join(structures_of(region))}")
+    return value
+
+
+def _parse_labels(c: _Ctx, raw: Any, region: str) -> tuple[LabelSpec, ...]:
+    """``labels``: ``name: id`` (the structure of that name) or ``name: {id: N, structures: [a, b]}`` (one class
+    holding several structures). Ids must be 1..N, each used once; a structure may be in one label only."""
+    example = "e.g. labels: {thyroid: 1, carotid_artery: 2}"
+    if not isinstance(raw, dict):
+        c.fail("labels", f"must be a mapping of label name -> id, got {type(raw).__name__}", example)
+    if not raw:
+        c.fail("labels", "is empty", f"name at least one structure ({example}), or remove the key to label lymph "
+                                     "nodes only")
+    out: list[LabelSpec] = []
+    by_id: dict[int, str] = {}
+    owner: dict[str, str] = {}
+    for name, value in raw.items():
+        key = f"labels.{name}"
+        if isinstance(name, int) and not isinstance(name, bool) and isinstance(value, str):
+            c.fail(key, f"maps the id {name} to the name {value!r}",
+                   f"write name: id ({value}: {name}), as nnU-Net v2's dataset.json does")
+        if not isinstance(name, str) or not _LABEL_RE.match(name):
+            c.fail(key, f"is not a usable label name ({name!r})",
+                   "use letters, digits, '_' and '-', starting with a letter")
+        if name.lower() in ("background", "ignore"):
+            c.fail(key, f"is reserved ({name.lower()} is not a structure)",
+                   "remove it: background is always 0 and every other voxel is labelled by its structure")
+        if isinstance(value, dict):
+            c.mapping(value, key, ["id", "structures"])
+            if "id" not in value:
+                c.fail(f"{key}.id", "is missing", f"add id: <1..N> ({example})")
+            ident = value["id"]
+            id_key = f"{key}.id"
+            raw_structs = value.get("structures", [name])
+            if not isinstance(raw_structs, (list, tuple)) or not raw_structs:
+                c.fail(f"{key}.structures", f"must be a non-empty list of structure names, got {raw_structs!r}",
+                       f"write e.g. structures: [{name if name in STRUCTURES else 'aorta'}]")
+            structs = tuple(_structure(c, v, f"{key}.structures[{i}]", region) for i, v in enumerate(raw_structs))
+            if name in STRUCTURES and name not in structs:
+                c.fail(f"{key}.structures", f"does not hold {name!r}, the structure this label is named after",
+                       f"add {name} to the list, or give the label another name")
+        else:
+            ident, id_key = value, key
+            structs = (_structure(c, name, key, region),)
+        if isinstance(ident, int) and not isinstance(ident, bool) and ident == 0:
+            c.fail(id_key, "is 0, which nnU-Net reserves for background",
+                   f"give every label its own id from 1 to N ({example})")
+        ident = int(c.number(ident, id_key, 1, MAX_LABEL_ID, integer=True))
+        if ident in by_id:
+            c.fail(id_key, f"is {ident}, already the id of label {by_id[ident]!r}",
+                   "give every label its own id from 1 to N")
+        for i, st in enumerate(structs):
+            if st in owner:
+                where = f"{key}.structures[{i}]" if isinstance(value, dict) else key
+                c.fail(where, f"puts {st!r} in a second label (it is already in {owner[st]!r})",
+                       "a voxel holds one class: list each structure in one label only")
+            owner[st] = name
+        by_id[ident] = name
+        out.append(LabelSpec(name=name, id=ident, structures=structs))
+    ids = sorted(by_id)
+    if ids != list(range(1, len(ids) + 1)):
+        c.fail("labels", f"has the ids {ids}", f"nnU-Net v2 needs consecutive ids 1..{len(ids)}; renumber them")
+    return tuple(sorted(out, key=lambda lab: lab.id))
