@@ -21,11 +21,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_training_options(p: argparse.ArgumentParser, epochs: int, iterations: int) -> None:
-    p.add_argument("--epochs", type=_positive_int, default=epochs,
-                   help=f"training epochs (default {epochs}; nnU-Net uses 1000 on a GPU)")
-    p.add_argument("--iterations-per-epoch", type=_positive_int, default=iterations,
-                   help=f"iterations per epoch (default {iterations}; nnU-Net uses 250)")
+def _add_training_options(p: argparse.ArgumentParser, default_recipe: str) -> None:
+    p.add_argument("--recipe", default=None,
+                   help=f"training recipe: a built-in name or a recipe file (default: {default_recipe}; "
+                        "'medadapt recipes' lists them, docs/recipes.md)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the recipe's)")
+    p.add_argument("--iterations-per-epoch", type=_positive_int, default=None,
+                   help="iterations per epoch (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); recorded with the results")
     p.add_argument("--resume", action="store_true", help="continue a killed run in the same --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -86,9 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--preset", default="cpu-small", help="network preset (default cpu-small; see docs)")
-    p.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (default 1e-2, nnU-Net's)")
-    _add_training_options(p, epochs=30, iterations=25)
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
+    _add_training_options(p, "the preset's pretraining recipe: cpu-pretrain for cpu-*, else nnunet")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("recipes", help="list the built-in training recipes",
+                       description="Print every built-in training recipe (optimiser, schedule, loss, budget, "
+                                   "learning rates); --show NAME prints one in full, as a file to start from.")
+    p.add_argument("--show", default=None, metavar="NAME", help="print this recipe (a name or a file) as YAML")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("finetune", help="few-shot fine-tune a model folder and evaluate it on the test split",
                        description="Split the dataset 80/20 (fixed by --split-seed), draw K training cases "
@@ -99,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(p)
     p.add_argument("--shots", type=_positive_int, required=True, help="number of annotated training cases K")
     p.add_argument("--lr", type=float, default=None,
-                   help="initial learning rate (default 1e-3 as the paper; 1e-2 for scratch)")
+                   help="initial learning rate (default: the recipe's for the method; dgst-paper: 1e-3, "
+                        "1e-2 for scratch)")
     _add_head_option(p)
-    _add_training_options(p, epochs=12, iterations=25)
+    _add_training_options(p, "the one the model folder recommends, else dgst-paper")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("zero-shot", help="evaluate a model as it is (no fine-tuning) on a dataset's test split",
@@ -299,7 +308,7 @@ def cmd_pretrain(args) -> int:
 
     pretrain(args.data, args.out, preset_name=args.preset, epochs=args.epochs,
              iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed, resume=args.resume,
-             progress=not args.quiet)
+             progress=not args.quiet, recipe=args.recipe)
     from medadapt.engine.distributed import is_main
 
     if is_main():
@@ -313,7 +322,8 @@ def cmd_finetune(args) -> int:
     record = finetune(args.model, args.data, args.out, method=args.method, shots=args.shots, seed=args.seed,
                       gamma=args.gamma, split_seed=args.split_seed, epochs=args.epochs,
                       iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
-                      progress=not args.quiet, method_options=_method_options(args), head=args.head)
+                      progress=not args.quiet, method_options=_method_options(args), head=args.head,
+                      recipe=args.recipe)
     if not record:  # a torchrun rank other than 0: rank 0 reports
         return 0
     _print_metrics(record["metrics"], "test cases")
@@ -321,6 +331,25 @@ def cmd_finetune(args) -> int:
     print(f"model: {args.out / 'model'} ({sizes['checkpoint_bytes'] / 1024:,.0f} KiB); as a delta against the "
           f"foundation: {args.out / 'delta.pt'} ({sizes['delta_bytes'] / 1024:,.0f} KiB)")
     print(f"results in {args.out}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    import yaml
+
+    from medadapt.engine.recipe import builtin_recipe_names, load_recipe
+    from medadapt.utils.tables import markdown_table
+
+    if args.show:
+        print(yaml.safe_dump(load_recipe(args.show).to_dict(), sort_keys=False).rstrip())
+        return 0
+    rows = []
+    for name in builtin_recipe_names():
+        r = load_recipe(name)
+        lrs = ", ".join(f"{m} {v:g}" for m, v in r.method_lr.items())
+        rows.append([name, r.optimizer["name"], r.schedule["name"], r.loss["name"],
+                     f"{r.epochs} x {r.iterations_per_epoch}", f"{r.lr:g}" + (f" ({lrs})" if lrs else "")])
+    print(markdown_table(["recipe", "optimizer", "schedule", "loss", "epochs x iterations", "lr"], rows))
     return 0
 
 

@@ -411,6 +411,7 @@ def test_plain_resenc_and_zip_models_load_as_nnunet_builds_them(nnunet_world, tm
 
     for model_dir, reference in ((folder, net), (nnunet_world["model"], None)):
         loaded = load_model_folder(model_dir)
+        assert loaded.recipe == "dgst-paper"  # fine-tuned as the DGST paper fine-tunes nnU-Net models
         ours = loaded.load_network(deep_supervision=False).eval()
         if reference is None:  # the nnU-Net-trained PlainConvUNet, built by nnU-Net from its own plans
             pm = PlansManager(json.loads((model_dir / "plans.json").read_text()))

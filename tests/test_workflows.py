@@ -39,7 +39,8 @@ def test_finetune_dgst_end_to_end(world, capsys):
     assert len(run["shot_cases"]) == 3 and set(run["shot_cases"]) <= set(train)
     assert run["method"] == {"name": "dgst", "gamma": 2} and run["seed"] == 4
     assert run["parameters"]["updated_per_step"] < run["parameters"]["total"]
-    assert run["training"]["initial_lr"] == 1e-3 and run["training"]["momentum"] == 0.99
+    assert run["training"]["initial_lr"] == 1e-3 and run["training"]["optimizer"]["momentum"] == 0.99
+    assert run["recipe"]["name"] == "cpu-finetune"  # what the cpu-tiny foundation recommends
     assert run["environment"]["medadapt_commit"] == source_commit()  # benchmark cells copy this record
     # predictions are label maps in each test image's own geometry
     for cid in test:

@@ -40,12 +40,23 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - dice.mean()
 
 
-class DeepSupervisedDiceCE(nn.Module):
-    """CE + soft Dice (weights 1:1) as nnU-Net v2 trains with.
+def dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CE + soft Dice (weights 1:1) of one output. DDP averages gradients over ranks: the per-rank CE mean then
+    gives the global-batch CE; the Dice is computed on statistics summed over ranks, and that sum's backward
+    sums the identical losses' gradients over ranks (a factor of N) which DDP's averaging cancels."""
+    return F.cross_entropy(logits, target[:, 0].long()) + soft_dice_loss(logits, target)
+
+
+class DeepSupervised(nn.Module):
+    """``per_output(logits, target)`` summed over deep-supervision outputs with nnU-Net's weights.
 
     ``outputs`` is one logits tensor or the list of deep-supervision outputs, highest resolution first;
     the target (B, 1, ...) of class indices is downsampled to each output by nearest neighbour.
     """
+
+    def __init__(self, per_output):
+        super().__init__()
+        self.per_output = per_output
 
     def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
@@ -57,8 +68,38 @@ class DeepSupervisedDiceCE(nn.Module):
             t = target
             if t.shape[2:] != logits.shape[2:]:
                 t = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest").long()
-            # DDP averages gradients over ranks: the per-rank CE mean then gives the global-batch CE; the Dice is
-            # computed on statistics summed over ranks, and that sum's backward sums the identical losses'
-            # gradients over ranks (a factor of N) which DDP's averaging cancels.
-            total = total + weight * (F.cross_entropy(logits, t[:, 0].long()) + soft_dice_loss(logits, t))
+            total = total + weight * self.per_output(logits, t)
         return total
+
+
+class DeepSupervisedDiceCE(DeepSupervised):
+    """CE + soft Dice (weights 1:1) as nnU-Net v2 trains with, deep-supervised."""
+
+    def __init__(self):
+        super().__init__(dice_ce)
+
+
+class DeepSupervisedDice(DeepSupervised):
+    """The soft (batch) Dice alone, deep-supervised."""
+
+    def __init__(self):
+        super().__init__(soft_dice_loss)
+
+
+class LabelLoss:
+    """A criterion ``(outputs, target)`` as a loss term ``(model, batch, outputs)`` on ``batch["label"]``: the
+    form every loss of the engine takes, so that terms needing the model or other batch entries (distillation,
+    unlabelled volumes, annotation masks) sit beside it."""
+
+    def __init__(self, criterion: nn.Module, name: str):
+        self.criterion = criterion
+        self.name = name
+
+    def __call__(self, model: nn.Module, batch: dict, outputs) -> torch.Tensor:
+        return self.criterion(outputs, batch["label"])
+
+
+def build_loss(spec: dict) -> LabelLoss:
+    """The loss a recipe names (``{"name": ..., options}``; see medadapt.engine.recipe.LOSSES)."""
+    builders = {"dice_ce": DeepSupervisedDiceCE, "dice": DeepSupervisedDice}
+    return LabelLoss(builders[spec["name"]](), spec["name"])

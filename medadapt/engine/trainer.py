@@ -1,11 +1,13 @@
 """The training engine, shared by pretraining and every fine-tuning strategy.
 
-nnU-Net's conventions: SGD with Nesterov momentum 0.99 and weight decay 3e-5, polynomial learning-rate decay
-(power 0.9, updated once per epoch), Dice + CE with deep supervision, gradient-norm clipping at 12, an "epoch"
-being a fixed number of iterations over randomly sampled patches. The engine knows nothing about specific
-strategies: it calls the :class:`~medadapt.tuning.Strategy` interface (``parameters``, ``attach``), and any
-extra loss terms (knowledge distillation, transductive terms on unlabelled volumes, ...) are plain callables
-``term(model, batch, outputs) -> scalar tensor`` added to the segmentation loss.
+What it trains with is data (:class:`TrainingConfig`, resolved from a recipe, :mod:`medadapt.engine.recipe`):
+the optimiser, the learning-rate schedule (updated once per epoch), the loss, the gradient-norm clipping and
+the budget, an "epoch" being a fixed number of iterations over randomly sampled patches. Its defaults are
+nnU-Net's (SGD, Nesterov momentum 0.99, weight decay 3e-5, poly decay with power 0.9, Dice + CE with deep
+supervision, clipping at 12). The engine knows nothing about specific strategies or papers: it calls the
+:class:`~medadapt.tuning.Strategy` interface (``parameters``, ``attach``), and every loss is a loss term
+``term(model, batch, outputs) -> scalar tensor``: the recipe's, plus any extra ones (knowledge distillation,
+transductive terms on unlabelled volumes, ...).
 
 A checkpoint is written atomically after every epoch. Each epoch draws its randomness from (seed, epoch)
 alone, so a run resumed after being killed continues exactly as the uninterrupted run would have.
@@ -18,6 +20,7 @@ checkpoints.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import statistics
 import time
@@ -31,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medadapt.engine import distributed as dist_utils
-from medadapt.engine.losses import DeepSupervisedDiceCE
+from medadapt.engine.losses import build_loss
 from medadapt.errors import MedadaptError
 from medadapt.tuning.base import Strategy
 from medadapt.utils.atomic import atomic_torch_save
@@ -40,17 +43,31 @@ LossTerm = Callable[[nn.Module, dict, Any], torch.Tensor]
 CHECKPOINT = "checkpoint_latest.pt"
 
 
+def _default_optimizer() -> dict:
+    from medadapt.engine.recipe import OPTIMIZERS
+
+    return {"name": "sgd", **copy.deepcopy(OPTIMIZERS["sgd"][1])}
+
+
+def _default_schedule() -> dict:
+    from medadapt.engine.recipe import SCHEDULES
+
+    return {"name": "poly", **copy.deepcopy(SCHEDULES["poly"])}
+
+
 @dataclasses.dataclass
 class TrainingConfig:
+    """One run's resolved training settings (recorded in ``run.json`` and every checkpoint)."""
+
     epochs: int
     iterations_per_epoch: int
     initial_lr: float
-    weight_decay: float = 3e-5
-    momentum: float = 0.99
-    nesterov: bool = True
-    grad_clip: float = 12.0
-    poly_power: float = 0.9
     seed: int = 0
+    grad_clip: float | None = 12.0
+    optimizer: dict = dataclasses.field(default_factory=_default_optimizer)
+    schedule: dict = dataclasses.field(default_factory=_default_schedule)
+    loss: dict = dataclasses.field(default_factory=lambda: {"name": "dice_ce"})
+    recipe: str | None = None  # the recipe these settings were resolved from, for the record
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -60,8 +77,18 @@ class TrainingConfig:
         if not self.initial_lr > 0:
             raise MedadaptError(f"--lr {self.initial_lr}: must be positive")
 
+    @classmethod
+    def from_recipe(cls, recipe, method: str, seed: int = 0) -> "TrainingConfig":
+        """The settings a :class:`~medadapt.engine.recipe.Recipe` gives ``method`` (its learning rate)."""
+        return cls(epochs=recipe.epochs, iterations_per_epoch=recipe.iterations_per_epoch,
+                   initial_lr=recipe.lr_for(method), seed=seed, grad_clip=recipe.grad_clip,
+                   optimizer=copy.deepcopy(recipe.optimizer), schedule=copy.deepcopy(recipe.schedule),
+                   loss=copy.deepcopy(recipe.loss), recipe=recipe.name)
+
     def lr_at(self, epoch: int) -> float:
-        return self.initial_lr * (1 - epoch / self.epochs) ** self.poly_power
+        from medadapt.engine.recipe import _lr_factor
+
+        return self.initial_lr * _lr_factor(self.schedule, epoch, self.epochs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,7 +98,7 @@ class Trainer:
     """Train ``model`` with ``strategy`` on batches from ``sampler`` (an object with ``sample(rng)``)."""
 
     def __init__(self, model: nn.Module, strategy: Strategy, sampler, config: TrainingConfig,
-                 checkpoint_dir: str | Path, loss: nn.Module | None = None,
+                 checkpoint_dir: str | Path, loss: LossTerm | None = None,
                  loss_terms: Sequence[LossTerm] = (), progress: bool = True, description: str = "train",
                  device: str | torch.device | None = None):
         self.device = torch.device(device) if device is not None else dist_utils.default_device()
@@ -87,13 +114,13 @@ class Trainer:
         self.sampler = sampler
         self.config = config
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT
-        self.loss = loss or DeepSupervisedDiceCE()
+        self.loss = loss or build_loss(config.loss)  # a loss term: (model, batch, outputs) -> tensor
         self.loss_terms = list(loss_terms)
         self.progress = progress
         self.description = description
-        self.optimizer = torch.optim.SGD(strategy.parameters(model), lr=config.initial_lr,
-                                         momentum=config.momentum, nesterov=config.nesterov,
-                                         weight_decay=config.weight_decay)
+        from medadapt.engine.recipe import build_optimizer
+
+        self.optimizer = build_optimizer(config.optimizer, strategy.parameters(model), config.initial_lr)
         strategy.attach(self.optimizer)
         self.history: dict[str, list] = {"epoch_loss": [], "iteration_loss": [], "lr": [],
                                          "iteration_seconds": [], "sampling_seconds": []}
@@ -164,7 +191,8 @@ class Trainer:
             batches = [self.sampler.sample(np.random.default_rng(self._stream(2 ** 32 - 1)))]
 
         def loss_fn(model, batch):
-            return self.loss(model(batch["image"].to(self.device)), batch["label"].to(self.device))
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            return self.loss(model, batch, model(batch["image"]))
 
         self.strategy.calibrate(self.train_model, loss_fn, batches)
 
@@ -200,13 +228,14 @@ class Trainer:
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         self.optimizer.zero_grad(set_to_none=True)
         outputs = self.train_model(batch["image"])
-        loss = self.loss(outputs, batch["label"])
+        loss = self.loss(self.model, batch, outputs)
         for term in self.loss_terms:
             loss = loss + term(self.model, batch, outputs)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} (learning rate too high?)")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         return float(loss.detach())
 

@@ -3,7 +3,8 @@
 Layout::
 
     <model>/plans.json   network spec, preprocessing plan (spacing, normalisation with its intensity
-                         statistics, orientation), patch size, labels, channel names, provenance
+                         statistics, orientation), patch size, labels, channel names, provenance, and
+                         the recipe its author recommends for fine-tuning it
     <model>/weights.pt   the network's state dict (plain architecture: adapters/LoRA are merged first)
 
 ``weights.pt`` is written before ``plans.json`` and both atomically, so a folder with a ``plans.json`` is
@@ -35,6 +36,9 @@ class ModelFolder:
     provenance: dict[str, Any] = field(default_factory=dict)
     #: modules beyond the plain network that the weights include, e.g. ``[{"type": "adapter", "reduction": 4}]``
     extensions: list[dict[str, Any]] = field(default_factory=list)
+    #: the training recipe the model's author recommends for fine-tuning it (a built-in name or a recipe
+    #: mapping; see medadapt.engine.recipe); None: medadapt finetune's default
+    recipe: str | dict[str, Any] | None = None
     path: Path | None = None
 
     def plan(self):
@@ -75,6 +79,7 @@ def save_model_folder(path: str | Path, network: nn.Module, folder: ModelFolder)
         "file_ending": folder.file_ending,
         "provenance": folder.provenance,
         "extensions": folder.extensions,
+        "recipe": folder.recipe,
     })
     folder.path = path
     return path
@@ -106,6 +111,7 @@ def load_model_folder(path: str | Path) -> ModelFolder:
             file_ending=plans.get("file_ending", ".nii.gz"),
             provenance=plans.get("provenance", {}),
             extensions=list(plans.get("extensions", [])),
+            recipe=plans.get("recipe"),
             path=path,
         )
     except (ValueError, KeyError, TypeError) as exc:

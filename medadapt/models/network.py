@@ -113,7 +113,8 @@ def _plain_unet_kwargs(features: list[int], strides: list[int], n_conv: int = 2)
 
 _PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 
-# name -> (description, spec without channel/class counts)
+# name -> description, spec without channel/class counts, and the recipes its network is trained with
+# (pretraining; the fine-tuning recipe a pretrained model folder recommends)
 PRESETS: dict[str, dict] = {
     "cpu-small": {
         "description": "PlainConvUNet, 4 stages 8-16-32-64 features, patch 32x64x64, batch 2: "
@@ -122,6 +123,7 @@ PRESETS: dict[str, dict] = {
         "arch_kwargs": _plain_unet_kwargs([8, 16, 32, 64], [1, 2, 2, 2]),
         "patch_size": (32, 64, 64),
         "batch_size": 2,
+        "recipes": {"pretrain": "cpu-pretrain", "finetune": "cpu-finetune"},
     },
     "cpu-bench": {
         "description": "cpu-small's network (PlainConvUNet 8-16-32-64) at patch 16x32x32, batch 2: ~0.04 s per "
@@ -130,6 +132,7 @@ PRESETS: dict[str, dict] = {
         "arch_kwargs": _plain_unet_kwargs([8, 16, 32, 64], [1, 2, 2, 2]),
         "patch_size": (16, 32, 32),
         "batch_size": 2,
+        "recipes": {"pretrain": "cpu-pretrain", "finetune": "cpu-finetune"},
     },
     "cpu-tiny": {
         "description": "PlainConvUNet, 3 stages 4-8-16 features, patch 16x32x32, batch 2: for tests",
@@ -137,6 +140,7 @@ PRESETS: dict[str, dict] = {
         "arch_kwargs": _plain_unet_kwargs([4, 8, 16], [1, 2, 2]),
         "patch_size": (16, 32, 32),
         "batch_size": 2,
+        "recipes": {"pretrain": "cpu-pretrain", "finetune": "cpu-finetune"},
     },
     "nnunet-3d-fullres": {
         "description": "nnU-Net v2's default 3d_fullres PlainConvUNet: 6 stages 32-64-128-256-320-320 "
@@ -145,6 +149,7 @@ PRESETS: dict[str, dict] = {
         "arch_kwargs": _plain_unet_kwargs([32, 64, 128, 256, 320, 320], [1, 2, 2, 2, 2, 2]),
         "patch_size": (128, 128, 128),
         "batch_size": 2,
+        "recipes": {"pretrain": "nnunet", "finetune": "dgst-paper"},
     },
 }
 
@@ -161,6 +166,13 @@ def preset(name: str, input_channels: int, num_classes: int) -> NetworkSpec:
         patch_size=tuple(p["patch_size"]),
         batch_size=p["batch_size"],
     )
+
+
+def preset_recipes(name: str) -> dict[str, str]:
+    """The recipes a preset's network is trained with: ``{"pretrain": ..., "finetune": ...}`` (built-in names)."""
+    if name not in PRESETS:
+        raise MedadaptError(f"--preset {name!r} is unknown; choose one of: {', '.join(PRESETS)}")
+    return dict(PRESETS[name].get("recipes", {"pretrain": "nnunet", "finetune": "dgst-paper"}))
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -259,6 +259,7 @@ def load_nnunet_model(path: str | Path, configuration: str | None = None,
         labels={str(k): int(v) for k, v in dataset_json["labels"].items()},
         channel_names={str(k): str(v) for k, v in channel_names.items()},
         file_ending=dataset_json.get("file_ending", ".nii.gz"),
+        recipe="dgst-paper",  # an nnU-Net model is fine-tuned as the DGST paper fine-tunes nnU-Net models
         provenance={"kind": "nnunet", "source": str(source.resolve()), "checkpoint": str(checkpoint),
                     "configuration": name, "trainer": ckpt.get("trainer_name"),
                     "plans_name": manager.plans_name, "dataset_name": manager.dataset_name},

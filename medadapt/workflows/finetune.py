@@ -30,6 +30,7 @@ Output folder::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from medadapt.data.cache import preprocess_dataset
 from medadapt.data.sampling import PatchSampler
 from medadapt.data.splits import draw_shots, train_test_split
 from medadapt.engine import Trainer, TrainingConfig, distributed
+from medadapt.engine.recipe import Recipe, load_recipe
 from medadapt.errors import MedadaptError
 from medadapt.inference import Predictor
 from medadapt.metrics import case_metrics, summarize
@@ -56,7 +58,7 @@ from medadapt.utils.atomic import atomic_write_json
 from medadapt.workflows.common import (dataset_cache_dir, environment, model_fingerprint, stable_digest,
                                        total_parameter_count, trainable_parameter_count)
 
-FINETUNE_LR = 1e-3  # DGST paper, Sec. 3.1
+DEFAULT_RECIPE = "dgst-paper"  # for a model folder that recommends none
 HEAD_POLICIES = ("fresh", "keep")
 
 
@@ -159,13 +161,16 @@ def first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, An
 
 
 def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, shots: int, seed: int = 0,
-             gamma: int | None = None, split_seed: int = 0, epochs: int = 12, iterations_per_epoch: int = 25,
-             lr: float | None = None, resume: bool = False, progress: bool = True,
-             method_options: dict[str, Any] | None = None, head: str = "fresh") -> dict[str, Any]:
+             gamma: int | None = None, split_seed: int = 0, epochs: int | None = None,
+             iterations_per_epoch: int | None = None, lr: float | None = None, resume: bool = False,
+             progress: bool = True, method_options: dict[str, Any] | None = None, head: str = "fresh",
+             recipe: "str | Path | Recipe | None" = None) -> dict[str, Any]:
     """Fine-tune ``model`` on ``shots`` cases of ``data`` with ``method``; evaluate on the test split.
 
     ``method_options`` go to the strategy (e.g. ``rank``/``alpha`` for lora, ``reduction`` for adapter);
-    ``head`` is the head policy (``fresh`` or ``keep``, see the module docstring).
+    ``head`` is the head policy (``fresh`` or ``keep``, see the module docstring). The training settings come
+    from ``recipe`` (a built-in name, a file or a Recipe; default: the one the model folder recommends, else
+    ``dgst-paper``), with ``epochs``, ``iterations_per_epoch`` and ``lr`` overriding it where given.
     """
     out = Path(out)
     run_file = out / "run.json"
@@ -179,8 +184,11 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     progress = progress and distributed.is_main()
     folder = load_model_folder(model)
     dataset = RawDataset.load(data)
-    config = TrainingConfig(epochs=epochs, iterations_per_epoch=iterations_per_epoch,
-                            initial_lr=lr or strategy.default_lr or FINETUNE_LR, seed=seed)
+    resolved = load_recipe(recipe or folder.recipe or DEFAULT_RECIPE).with_overrides(
+        epochs=epochs, iterations_per_epoch=iterations_per_epoch)
+    config = TrainingConfig.from_recipe(resolved, method, seed)
+    if lr is not None:
+        config = dataclasses.replace(config, initial_lr=lr)
     identity = run_identity(strategy.config(), shots, seed, split_seed, dataset, folder, head, config.to_dict())
     if distributed.is_main():
         check_identity(out, identity)
@@ -203,6 +211,9 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     torch.manual_seed(seed)  # strategies that initialise weights (scratch, adapters, LoRA) draw from here
     network = strategy.prepare(network)
     spec = folder.network.with_classes(dataset.num_classes)
+    # a recipe's patch and batch replace the network's (the tuned model then predicts with that patch)
+    spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
+                               batch_size=resolved.batch_size or spec.batch_size)
     sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
                            augmentation=Augmentation(spec.patch_size))
     trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
@@ -226,6 +237,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         provenance={"kind": "finetune", "foundation": str(folder.path), "strategy": strategy.config(),
                     "head": head},
         extensions=strategy.architecture(final),
+        recipe=folder.recipe,
     )
     save_model_folder(out / "model", final, tuned)
     sizes = {"delta_bytes": (out / "delta.pt").stat().st_size,
@@ -246,6 +258,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         "new_head": head == "fresh",
         "identity": identity,
         "training": config.to_dict(),
+        "recipe": resolved.to_dict(),
         "parameters": {"trainable": trainable, "updated_per_step": updated_per_step,
                        "total": total_parameter_count(final)},
         "timing": trainer.summary(),

@@ -1,0 +1,215 @@
+"""Training recipes as data: everything the engine trains with comes from here, nothing is hard-coded there.
+
+A recipe names the optimiser, the learning-rate schedule, the loss, the budget (epochs × iterations per
+epoch), the gradient clipping, optionally the batch and patch size (the network's own otherwise), the initial
+learning rate and learning rates per method. It is plain data (YAML or JSON; the built-ins live in
+``medadapt/engine/recipes/``), validated on load with one error line naming the file and key, and recorded
+resolved in every ``run.json``. The engine (:class:`medadapt.engine.Trainer`) builds its optimiser, schedule
+and loss from the names through the registries below, and knows no method and no paper; new optimisers,
+schedules or losses register a builder here.
+
+Schedules are evaluated once per epoch, as nnU-Net does (``lr = initial_lr * factor(epoch)``):
+
+* ``poly``: ``(1 - epoch / epochs) ** power`` (nnU-Net: power 0.9);
+* ``cosine``: a linear warm-up over ``warmup_epochs`` from ``warmup_start`` × lr, then cosine decay to
+  ``min_factor`` × lr at the last epoch (MONAI's ``WarmupCosineSchedule`` evaluated per epoch);
+* ``constant``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import yaml
+
+from medadapt.errors import MedadaptError
+
+# name -> (constructor, default options); the options a recipe may give are exactly the defaults' keys
+OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
+    "sgd": (torch.optim.SGD, {"momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}),
+    "adamw": (torch.optim.AdamW, {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 1e-2}),
+}
+
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "poly": {"power": 0.9},
+    "cosine": {"warmup_epochs": 0, "warmup_start": 0.0, "min_factor": 0.0},
+    "constant": {},
+}
+
+# name -> default options; builders in medadapt.engine.losses.build_loss
+LOSSES: dict[str, dict[str, Any]] = {
+    "dice_ce": {},   # nnU-Net's Dice + CE with deep supervision
+    "dice": {},      # soft Dice alone, deep-supervised
+}
+
+
+def _lr_factor(schedule: Mapping[str, Any], epoch: int, epochs: int) -> float:
+    name = schedule["name"]
+    if name == "poly":
+        return (1 - epoch / epochs) ** schedule["power"]
+    if name == "cosine":
+        warm = int(schedule["warmup_epochs"])
+        if epoch < warm:
+            start = float(schedule["warmup_start"])
+            return start + (1 - start) * epoch / warm
+        span = max(1, epochs - warm - 1)
+        progress = min(1.0, (epoch - warm) / span)
+        low = float(schedule["min_factor"])
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    optimizer: dict[str, Any]
+    schedule: dict[str, Any]
+    loss: dict[str, Any]
+    epochs: int
+    iterations_per_epoch: int
+    lr: float
+    method_lr: dict[str, float] = field(default_factory=dict)
+    grad_clip: float | None = 12.0
+    batch_size: int | None = None
+    patch_size: tuple[int, int, int] | None = None
+    description: str = ""
+    source: str = ""
+
+    def lr_for(self, method: str) -> float:
+        """The initial learning rate of ``method``: its entry in ``method_lr``, else ``lr``."""
+        return float(self.method_lr.get(method, self.lr))
+
+    def lr_factor(self, epoch: int) -> float:
+        return _lr_factor(self.schedule, epoch, self.epochs)
+
+    def with_overrides(self, **changes: Any) -> "Recipe":
+        """A copy with the given fields replaced (None values are ignored): the CLI's individual flags."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            return self
+        data = self.to_dict()
+        data.update(changes)
+        return parse_recipe(data, source=f"{self.source or self.name} + command-line options")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "optimizer": copy.deepcopy(self.optimizer),
+                "schedule": copy.deepcopy(self.schedule), "loss": copy.deepcopy(self.loss),
+                "epochs": self.epochs, "iterations_per_epoch": self.iterations_per_epoch, "lr": self.lr,
+                "method_lr": dict(self.method_lr), "grad_clip": self.grad_clip, "batch_size": self.batch_size,
+                "patch_size": list(self.patch_size) if self.patch_size else None}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def builtin_recipe_names() -> list[str]:
+    folder = resources.files("medadapt.engine") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(recipe: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:
+    """A built-in recipe by name, a YAML/JSON recipe file, a mapping, or a Recipe (returned as is)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return parse_recipe(recipe, source="<recipe>")
+    text = str(recipe)
+    if text in builtin_recipe_names():
+        path = Path(str(resources.files("medadapt.engine") / "recipes" / f"{text}.yaml"))
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise MedadaptError(f"--recipe {text!r}: not a built-in recipe ({', '.join(builtin_recipe_names())}) "
+                                "and no such file; pass a built-in name or a recipe file (docs/recipes.md)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MedadaptError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+    return parse_recipe(raw, source=str(path))
+
+
+def _fail(source: str, key: str, problem: str, fix: str) -> None:
+    raise MedadaptError(f"{source}: {key}: {problem}; {fix}")
+
+
+def _component(source: str, raw: Any, key: str, registry: Mapping[str, Any], defaults_of) -> dict[str, Any]:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping) or "name" not in raw:
+        _fail(source, key, f"{raw!r} names no {key}", f"write e.g. '{key}: {{name: {next(iter(registry))}}}'")
+    name = str(raw["name"]).lower()
+    if name not in registry:
+        _fail(source, f"{key}.name", f"unknown {key} {raw['name']!r}", f"choose one of {sorted(registry)}")
+    defaults = defaults_of(registry[name])
+    unknown = sorted(set(raw) - {"name"} - set(defaults))
+    if unknown:
+        _fail(source, key, f"unknown option(s) {unknown} for {name}", f"use only {sorted(defaults)}")
+    return {"name": name, **copy.deepcopy(defaults), **{k: copy.deepcopy(v) for k, v in raw.items() if k != "name"}}
+
+
+def _positive(source: str, value: Any, key: str, kind=float, allow_none: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = kind(value)
+        if kind is int and number != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        _fail(source, key, f"{value!r} is not a{'n integer' if kind is int else ' number'}", "give a positive value")
+    if not number > 0:
+        _fail(source, key, f"{value!r} is not positive", "give a positive value")
+    return number
+
+
+def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping; every mistake is one error line naming ``source`` and the key."""
+    allowed = {"name", "description", "optimizer", "schedule", "loss", "epochs", "iterations_per_epoch", "lr",
+               "method_lr", "grad_clip", "batch_size", "patch_size"}
+    if not isinstance(raw, Mapping):
+        _fail(source, "recipe", f"expected a mapping, got {type(raw).__name__}", "write it as 'key: value' lines")
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        _fail(source, "recipe", f"unknown key(s) {unknown}", f"use only {sorted(allowed)}")
+    missing = [k for k in ("optimizer", "schedule", "loss", "epochs", "iterations_per_epoch", "lr") if k not in raw]
+    if missing:
+        _fail(source, "recipe", f"missing {missing}", "add them (docs/recipes.md)")
+    method_lr = raw.get("method_lr") or {}
+    if not isinstance(method_lr, Mapping):
+        _fail(source, "method_lr", f"{method_lr!r} is not a mapping", "write e.g. 'method_lr: {scratch: 0.01}'")
+    patch = raw.get("patch_size")
+    if patch is not None:
+        if not isinstance(patch, (list, tuple)) or len(patch) != 3:
+            _fail(source, "patch_size", f"{patch!r} is not three sizes", "write e.g. [64, 128, 128]")
+        patch = tuple(_positive(source, v, f"patch_size[{i}]", int) for i, v in enumerate(patch))
+    recipe = Recipe(
+        name=str(raw.get("name") or Path(source).stem),
+        description=str(raw.get("description") or "").strip(),
+        optimizer=_component(source, raw["optimizer"], "optimizer", OPTIMIZERS, lambda entry: entry[1]),
+        schedule=_component(source, raw["schedule"], "schedule", SCHEDULES, lambda entry: entry),
+        loss=_component(source, raw["loss"], "loss", LOSSES, lambda entry: entry),
+        epochs=_positive(source, raw["epochs"], "epochs", int),
+        iterations_per_epoch=_positive(source, raw["iterations_per_epoch"], "iterations_per_epoch", int),
+        lr=_positive(source, raw["lr"], "lr"),
+        method_lr={str(k): _positive(source, v, f"method_lr.{k}") for k, v in method_lr.items()},
+        grad_clip=_positive(source, raw.get("grad_clip", 12.0), "grad_clip", allow_none=True),
+        batch_size=_positive(source, raw.get("batch_size"), "batch_size", int, allow_none=True),
+        patch_size=patch,
+        source=source,
+    )
+    if recipe.schedule["name"] == "cosine" and recipe.schedule["warmup_epochs"] >= recipe.epochs:
+        _fail(source, "schedule.warmup_epochs", f"{recipe.schedule['warmup_epochs']} warm-up epochs leave none of "
+              f"the {recipe.epochs} epochs to decay", "use fewer warm-up epochs")
+    return recipe
+
+
+def build_optimizer(optimizer: Mapping[str, Any], params, lr: float) -> torch.optim.Optimizer:
+    """The optimiser a recipe names, over ``params``."""
+    cls, _ = OPTIMIZERS[optimizer["name"]]
+    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in optimizer.items() if k != "name"}
+    return cls(params, lr=lr, **options)
