@@ -172,7 +172,7 @@ def test_sgst_selection_is_topgamma_of_abs_summed_gradient(tiny_unet, tmp_path):
     assert len(batches) == 3
 
     def loss_fn(model, batch):
-        return trainer.loss(model(batch["image"]), batch["label"])
+        return trainer.loss(model, batch, model(batch["image"]))  # a loss term: (model, batch, outputs)
 
     _assert_selection_is_topgamma_of_abs_sum(trainer.strategy, trainer.model, loss_fn, batches)
 

@@ -42,7 +42,7 @@ def test_cosine_with_warmup():
 def test_engine_trains_with_what_the_recipe_names(tiny_unet, tmp_path):
     from tests.test_engine import RandomPatches
 
-    recipe = load_recipe("medseqft-paper").with_overrides(epochs=2, iterations_per_epoch=2)
+    recipe = load_recipe("medseqft-paper").with_overrides(epochs=5, iterations_per_epoch=1)  # 4 warm-up epochs
     config = TrainingConfig.from_recipe(recipe, "full", seed=0)
     model = tiny_unet()
     strategy = make_strategy("full")
@@ -50,9 +50,15 @@ def test_engine_trains_with_what_the_recipe_names(tiny_unet, tmp_path):
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
     assert trainer.optimizer.param_groups[0]["weight_decay"] == 1e-5
     history = trainer.fit()
-    assert history["lr"] == [config.lr_at(0), config.lr_at(1)] and history["lr"][0] == 0.0  # warm-up from 0
+    assert history["lr"] == [config.lr_at(e) for e in range(5)] and history["lr"][0] == 0.0  # warm-up from 0
+    assert history["lr"][1] == pytest.approx(0.25 * config.initial_lr)
     assert trainer.loss.name == "dice_ce" and config.grad_clip is None
     assert json.loads(json.dumps(config.to_dict()))["optimizer"]["name"] == "adamw"
+
+
+def test_epochs_shorter_than_the_warmup_are_refused():
+    with pytest.raises(MedadaptError, match="4 warm-up epochs leave none of the 2 epochs to decay"):
+        load_recipe("medseqft-paper").with_overrides(epochs=2)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -87,8 +93,8 @@ def test_model_folder_recipe_is_used_unless_overridden(world, tmp_path, capsys):
     run = json.loads((tmp_path / "a" / "run.json").read_text())
     assert run["recipe"]["name"] == "cpu-finetune" and run["recipe"]["epochs"] == 1
     assert run["training"]["initial_lr"] == 1e-3 and run["training"]["recipe"] == "cpu-finetune"
-    assert main(base + ["--out", str(tmp_path / "b"), "--recipe", "medseqft-paper", "--epochs", "1",
-                        "--iterations-per-epoch", "2", "--lr", "0.002"]) == 0
+    assert main(base + ["--out", str(tmp_path / "b"), "--recipe", "medseqft-paper", "--epochs", "5",
+                        "--iterations-per-epoch", "1", "--lr", "0.002"]) == 0
     run = json.loads((tmp_path / "b" / "run.json").read_text())
     assert run["recipe"]["name"] == "medseqft-paper" and run["training"]["optimizer"]["name"] == "adamw"
     assert run["training"]["initial_lr"] == 0.002 and run["recipe"]["patch_size"] == [32, 160, 160]
