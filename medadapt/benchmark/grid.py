@@ -24,9 +24,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from medadapt.errors import MedadaptError
+from medadapt.utils.yamlfile import read_yaml
 
 CELL_FORMAT = "medadapt-bench-cell/2"
 ZERO_SHOT = "zero-shot"  # the reference row: the foundation model with its own heads, no fine-tuning
@@ -189,10 +189,7 @@ def load_config(config: str | Path) -> GridConfig:
     if not path.is_file():
         raise MedadaptError(f"config {text!r}: not a built-in config ({', '.join(BUILTIN_CONFIGS)}) and no such "
                             "file; pass a built-in name or the path to a YAML grid config (docs/benchmark.md)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MedadaptError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+    raw = read_yaml(path)
     return parse_config(raw, source=str(path), base_dir=path.parent)
 
 

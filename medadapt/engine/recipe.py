@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-import yaml
 
 from medadapt.errors import MedadaptError
+from medadapt.utils.yamlfile import read_yaml
 
 # name -> (constructor, default options); the options a recipe may give are exactly the defaults' keys
 OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
@@ -125,10 +125,7 @@ def load_recipe(recipe: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:
         if not path.is_file():
             raise MedadaptError(f"--recipe {text!r}: not a built-in recipe ({', '.join(builtin_recipe_names())}) "
                                 "and no such file; pass a built-in name or a recipe file (docs/recipes.md)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MedadaptError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+    raw = read_yaml(path)
     return parse_recipe(raw, source=str(path))
 
 
