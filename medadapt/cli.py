@@ -50,6 +50,12 @@ def _add_run_inputs(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed 80/20 split (default 0)")
 
 
+def _add_postprocess_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--postprocess", choices=("none", "lcc"), default="none",
+                   help="none (default) or lcc: keep each class's largest connected component (single organs, "
+                        "not lymph nodes)")
+
+
 def _add_head_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", choices=("fresh", "keep"), default="fresh",
                    help="segmentation head to start from: fresh (default; new and randomly initialised, as "
@@ -110,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial learning rate (default: the recipe's for the method; dgst-paper: 1e-3, "
                         "1e-2 for scratch)")
     _add_head_option(p)
+    _add_postprocess_option(p)
     _add_training_options(p, "the one the model folder recommends, else dgst-paper")
     p.set_defaults(func=cmd_finetune)
 
@@ -158,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder for <case>.nii.gz label maps")
     p.add_argument("--overlap", type=float, default=0.5, help="tile overlap (default 0.5)")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring (8x slower)")
+    _add_postprocess_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
@@ -323,7 +331,7 @@ def cmd_finetune(args) -> int:
                       gamma=args.gamma, split_seed=args.split_seed, epochs=args.epochs,
                       iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
                       progress=not args.quiet, method_options=_method_options(args), head=args.head,
-                      recipe=args.recipe)
+                      recipe=args.recipe, postprocess=args.postprocess)
     if not record:  # a torchrun rank other than 0: rank 0 reports
         return 0
     _print_metrics(record["metrics"], "test cases")
@@ -393,8 +401,8 @@ def cmd_predict(args) -> int:
     cases = find_images(args.input, folder.file_ending, num_channels=folder.network.input_channels)
     if not 0 <= args.overlap < 1:
         raise MedadaptError(f"--overlap {args.overlap}: must be in [0, 1)")
-    written = Predictor(folder, overlap=args.overlap, mirror=args.mirror).predict_files(
-        cases, args.out, progress=not args.quiet)
+    written = Predictor(folder, overlap=args.overlap, mirror=args.mirror,
+                        postprocess=args.postprocess).predict_files(cases, args.out, progress=not args.quiet)
     print(f"wrote {len(written)} label map(s) to {args.out}")
     return 0
 

@@ -282,3 +282,37 @@ def test_zero_shot_row(world, tmp_path, capsys):
     assert main(["zero-shot", "--model", str(world["fm"]), "--data", str(_relabelled_copy(world, tmp_path)),
                  "--out", str(tmp_path / "z2"), "--quiet"]) == 2
     assert "fine-tune instead" in capsys.readouterr().err
+
+
+def test_largest_connected_component_postprocessing(world, tmp_path, capsys):
+    from scipy.ndimage import label as components
+
+    from medadapt.inference.predictor import keep_largest_components
+
+    seg = np.zeros((8, 12, 12), np.int16)
+    seg[1:3, 1:3, 1:3] = 1            # 8 voxels
+    seg[4:7, 5:9, 5:9] = 1            # 48 voxels: kept
+    seg[0, 10, 10] = 2                # a lone voxel of class 2: its largest component
+    seg[5, 1, 1] = 2
+    seg[5, 2, 2] = 2                  # diagonal neighbour: 26-connected to (5, 1, 1)
+    out = keep_largest_components(seg, [0, 1, 2])
+    assert (out == 1).sum() == 48 and (out[1:3, 1:3, 1:3] == 0).all()
+    assert (out == 2).sum() == 2 and out[5, 1, 1] == out[5, 2, 2] == 2 and out[0, 10, 10] == 0
+    # predict and finetune take --postprocess lcc and record it; predictions keep one component per class
+    run_dir = tmp_path / "lcc"
+    assert main(_finetune_args(world, run_dir, "full", "2", "--postprocess", "lcc")) == 0
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["postprocess"] == "lcc" and run["identity"]["postprocess"] == "lcc"
+    for path in (run_dir / "predictions").iterdir():
+        pred = read_label(path).array
+        assert components(pred == 1, structure=np.ones((3, 3, 3)))[1] <= 1
+    case = run["split"]["test"][0]
+    assert main(["predict", "--model", str(run_dir / "model"), "--input",
+                 str(world["tgt"] / "imagesTr" / f"{case}_0000.nii.gz"), "--out", str(tmp_path / "p"),
+                 "--postprocess", "lcc", "--quiet"]) == 0
+    assert np.array_equal(read_label(tmp_path / "p" / f"{case}.nii.gz").array,
+                          read_label(run_dir / "predictions" / f"{case}.nii.gz").array)
+    # resuming the run with another post-processing is refused
+    capsys.readouterr()
+    assert main(_finetune_args(world, run_dir, "full", "2", "--resume")) == 2
+    assert "postprocess" in capsys.readouterr().err

@@ -6,6 +6,11 @@ patches of the training patch size at 50% overlap, the tiles' logits blended wit
 test-time mirroring; off by default because it costs 8x on a CPU), turned into probabilities, resampled to
 the original geometry and arg-maxed. A model from nnU-Net (its plan carries nnU-Net plans) is preprocessed
 and reverted with nnunetv2's own code instead (medadapt.nnunet.preprocessing).
+
+Post-processing (``postprocess``): ``"none"`` (default) or ``"lcc"``, which keeps each foreground class's
+largest connected component in the final label map (MONAI's ``KeepLargestConnectedComponent``, per class,
+full 26-connectivity), as FSEFT post-processes its predictions. It suits single-organ classes, not classes
+with several separate instances such as lymph nodes.
 """
 from __future__ import annotations
 
@@ -24,10 +29,32 @@ from medadapt.models.model_folder import ModelFolder
 from medadapt.models.network import set_deep_supervision
 
 
+POSTPROCESSING = ("none", "lcc")
+
+
+def keep_largest_components(seg: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """The label map with only the largest connected component (26-connectivity) of each label in ``labels``."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    present = [int(v) for v in labels if v != 0 and np.any(seg == v)]
+    if not present:
+        return seg
+    keep = KeepLargestConnectedComponent(applied_labels=present, is_onehot=False, independent=True,
+                                         connectivity=seg.ndim)
+    out = keep(torch.from_numpy(np.ascontiguousarray(seg, dtype=np.int64))[None])[0]
+    return np.asarray(out.numpy() if hasattr(out, "numpy") else out).astype(seg.dtype)
+
+
 class Predictor:
     def __init__(self, folder: ModelFolder, network: nn.Module | None = None, overlap: float = 0.5,
-                 mirror: bool = False, sw_batch_size: int = 2, device: str | torch.device | None = None):
+                 mirror: bool = False, sw_batch_size: int = 2, device: str | torch.device | None = None,
+                 postprocess: str = "none"):
         from medadapt.engine.distributed import default_device
+        from medadapt.errors import MedadaptError
+
+        if postprocess not in POSTPROCESSING:
+            raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
+        self.postprocess = postprocess
 
         self.folder = folder
         self.plan = folder.plan()
@@ -69,9 +96,13 @@ class Predictor:
         if self.plan.nnunet is not None:  # an nnU-Net model: nnU-Net's own export (resample logits, uncrop)
             from medadapt.nnunet.preprocessing import revert_logits
 
-            return revert_logits(self.predict_logits(case.data), case.properties, self.plan, self.folder.labels)
-        probabilities = torch.softmax(self.predict_logits(case.data), dim=0)
-        return revert_prediction(probabilities, case.properties)
+            seg = revert_logits(self.predict_logits(case.data), case.properties, self.plan, self.folder.labels)
+        else:
+            probabilities = torch.softmax(self.predict_logits(case.data), dim=0)
+            seg = revert_prediction(probabilities, case.properties)
+        if self.postprocess == "lcc":
+            seg = keep_largest_components(seg, list(self.folder.labels.values()))
+        return seg
 
     def predict_files(self, cases: Sequence[tuple[str, Sequence[Path]]], out_dir: str | Path,
                       progress: bool = True) -> list[Path]:

@@ -114,8 +114,9 @@ def budget(method: str) -> dict:
 def run_dir(workdir: Path, method: str, shots: int, seed: int) -> Path:
     """A fine-tuning run's folder: named by method, shots and seed, plus a hash of the demo's settings."""
     from medadapt.benchmark.grid import stable_hash
+    from medadapt.workflows.finetune import RUN_FORMAT
 
-    settings = {"pretrain": PRETRAIN, "budget": budget(method), "downsample": DOWNSAMPLE,
+    settings = {"format": RUN_FORMAT, "pretrain": PRETRAIN, "budget": budget(method), "downsample": DOWNSAMPLE,
                 "cases": [SOURCE_CASES, TARGET_CASES]}
     return Path(workdir) / "finetune" / f"{method}-{shots}shot-seed{seed}-{stable_hash(settings, 8)}"
 

@@ -48,6 +48,7 @@ from medadapt.engine import Trainer, TrainingConfig, distributed
 from medadapt.engine.recipe import Recipe, load_recipe
 from medadapt.errors import MedadaptError
 from medadapt.inference import Predictor
+from medadapt.inference.predictor import POSTPROCESSING
 from medadapt.metrics import case_metrics, summarize
 from medadapt.metrics.evaluate import write_metrics
 from medadapt.models import ModelFolder, load_model_folder, save_model_folder
@@ -59,6 +60,8 @@ from medadapt.workflows.common import (dataset_cache_dir, environment, model_fin
                                        total_parameter_count, trainable_parameter_count)
 
 DEFAULT_RECIPE = "dgst-paper"  # for a model folder that recommends none
+#: the layout of a run's identity record; bump it when what identity.json holds changes
+RUN_FORMAT = "medadapt-run/2"
 HEAD_POLICIES = ("fresh", "keep")
 
 
@@ -116,7 +119,7 @@ def head_parameter_names(network: torch.nn.Module) -> set[str]:
 def run_identity(strategy_config: dict, shots: int, seed: int, split_seed: int, dataset: RawDataset,
                  folder: ModelFolder, head: str, training: dict) -> dict[str, Any]:
     """What makes a run this run: compared on every re-run or resume into the same folder."""
-    return {"method": strategy_config, "shots": shots, "seed": seed, "split_seed": split_seed,
+    return {"format": RUN_FORMAT, "method": strategy_config, "shots": shots, "seed": seed, "split_seed": split_seed,
             "dataset": {"path": str(Path(dataset.root).resolve()), "name": dataset.name,
                         "labels": dataset.labels, "cases": stable_digest(dataset.case_ids)},
             "foundation": {"path": str(Path(folder.path).resolve()) if folder.path else None,
@@ -164,13 +167,14 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
              gamma: int | None = None, split_seed: int = 0, epochs: int | None = None,
              iterations_per_epoch: int | None = None, lr: float | None = None, resume: bool = False,
              progress: bool = True, method_options: dict[str, Any] | None = None, head: str = "fresh",
-             recipe: "str | Path | Recipe | None" = None) -> dict[str, Any]:
+             recipe: "str | Path | Recipe | None" = None, postprocess: str = "none") -> dict[str, Any]:
     """Fine-tune ``model`` on ``shots`` cases of ``data`` with ``method``; evaluate on the test split.
 
     ``method_options`` go to the strategy (e.g. ``rank``/``alpha`` for lora, ``reduction`` for adapter);
     ``head`` is the head policy (``fresh`` or ``keep``, see the module docstring). The training settings come
     from ``recipe`` (a built-in name, a file or a Recipe; default: the one the model folder recommends, else
     ``dgst-paper``), with ``epochs``, ``iterations_per_epoch`` and ``lr`` overriding it where given.
+    ``postprocess`` (``none`` or ``lcc``) is applied to the test predictions (medadapt.inference.predictor).
     """
     out = Path(out)
     run_file = out / "run.json"
@@ -189,7 +193,10 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     config = TrainingConfig.from_recipe(resolved, method, seed)
     if lr is not None:
         config = dataclasses.replace(config, initial_lr=lr)
+    if postprocess not in POSTPROCESSING:
+        raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
     identity = run_identity(strategy.config(), shots, seed, split_seed, dataset, folder, head, config.to_dict())
+    identity["postprocess"] = postprocess
     if distributed.is_main():
         check_identity(out, identity)
     if run_file.is_file():
@@ -242,7 +249,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     save_model_folder(out / "model", final, tuned)
     sizes = {"delta_bytes": (out / "delta.pt").stat().st_size,
              "checkpoint_bytes": (out / "model" / "weights.pt").stat().st_size}
-    summary = predict_and_evaluate(tuned, final, dataset, test_ids, out, progress)
+    summary = predict_and_evaluate(tuned, final, dataset, test_ids, out, progress, postprocess)
 
     record = {
         "method": strategy.config(),
@@ -256,6 +263,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         "shot_cases": shot_ids,
         "head": head,
         "new_head": head == "fresh",
+        "postprocess": postprocess,
         "identity": identity,
         "training": config.to_dict(),
         "recipe": resolved.to_dict(),
@@ -272,10 +280,10 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
 
 
 def predict_and_evaluate(folder: ModelFolder, network: torch.nn.Module, dataset: RawDataset, test_ids: list[str],
-                         out: Path, progress: bool) -> dict[str, Any]:
+                         out: Path, progress: bool, postprocess: str = "none") -> dict[str, Any]:
     """Predict the test cases into ``out/predictions`` and evaluate them (``metrics_per_case.csv``,
     ``summary.json``); returns the summary."""
-    predictor = Predictor(folder, network=network)
+    predictor = Predictor(folder, network=network, postprocess=postprocess)
     pred_dir = out / "predictions"
     test_cases = [(cid, dataset.image_paths(cid)) for cid in test_ids]
     predictor.predict_files(test_cases, pred_dir, progress=progress)
