@@ -47,8 +47,9 @@ FOOTNOTE = (
     "and every method not distinguishable from it; underlined: the best of the rest and every method not "
     "distinguishable from that one. Distinguishable: two-sided Wilcoxon signed-rank test on the paired "
     f"(seed, test case) differences, p < {stats.ALPHA} (no multiple-comparison correction; the pairs share "
-    "test cases across seeds, so they are not fully independent). For HD95 lower is better. The zero-shot row "
-    "has no seeds (no training); it pairs each test case with that case under every seed.")
+    "test cases across seeds, so they are not fully independent). For HD95 lower is better. A row run with one "
+    "seed shows no spread over seeds. The zero-shot row has no seeds (no training); it pairs each test case "
+    "with that case under every seed.")
 
 
 def display_name(method: str) -> str:
@@ -114,8 +115,8 @@ def _fmt(agg: dict | None, metric: str) -> str:
     if agg is None or agg[f"{metric}_mean"] is None:
         return MISSING
     scale = 1.0 if metric == "hd95" else 100.0
-    text = f"{agg[f'{metric}_mean'] * scale:.1f} ± {agg[f'{metric}_seed_std'] * scale:.1f} " \
-           f"({agg[f'{metric}_case_std'] * scale:.1f})"
+    seed_spread = f" ± {agg[f'{metric}_seed_std'] * scale:.1f}" if len(agg["seeds"]) > 1 else ""
+    text = f"{agg[f'{metric}_mean'] * scale:.1f}{seed_spread} ({agg[f'{metric}_case_std'] * scale:.1f})"
     if metric == "hd95" and agg.get("hd95_undefined"):
         text += f", {agg['hd95_undefined']}/{agg['n_values']} undefined"
     return text
