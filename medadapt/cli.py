@@ -130,9 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_zero_shot)
 
     p = sub.add_parser("methods", help="list the fine-tuning methods with their trainable parameters",
-                       description="For a model folder, print every fine-tuning method with its trainable-"
-                                   "parameter count, its share of the model and the entries one step updates.")
-    p.add_argument("--model", type=Path, required=True, help="model folder (e.g. the demo's foundation model)")
+                       description="For a model folder or a preset network, print every fine-tuning method with "
+                                   "its trainable-parameter count, its share of the model and the entries one "
+                                   "step updates.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="model folder (e.g. the demo's foundation model)")
+    source.add_argument("--preset", default=None, help="a network preset (one input channel, one foreground class)")
     _add_method_options(p)
     p.set_defaults(func=cmd_methods)
 
@@ -375,7 +378,15 @@ def cmd_methods(args) -> int:
     from medadapt.models import load_model_folder
     from medadapt.workflows.methods import methods_table
 
-    _, text = methods_table(load_model_folder(args.model), gamma=args.gamma, **_method_options(args))
+    if args.preset is not None:
+        from medadapt.models import preset
+        from medadapt.models.network import seeded_network
+
+        network = seeded_network(preset(args.preset, input_channels=1, num_classes=2), 0)
+        _, text = methods_table(network=network, label=f"preset {args.preset}", gamma=args.gamma,
+                                **_method_options(args))
+    else:
+        _, text = methods_table(load_model_folder(args.model), gamma=args.gamma, **_method_options(args))
     print(text)
     return 0
 

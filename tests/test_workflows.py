@@ -116,6 +116,16 @@ def test_methods_command_lists_every_method(world, capsys):
         assert f"| {name} " in out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert "100.00%" in rows["full"] and "100.00%" not in rows["linear-probe"]
+    # a preset's network, without a model folder: the same table (cpu-tiny is the world's foundation network)
+    assert main(["methods", "--preset", "cpu-tiny"]) == 0
+    preset_out = capsys.readouterr().out
+    assert "model: preset cpu-tiny" in preset_out
+    assert preset_out.split("\n\nmodel:")[0] == out.split("\n\nmodel:")[0]
+    with pytest.raises(SystemExit) as exc:  # one of --model / --preset, not both, not neither
+        main(["methods"])
+    assert exc.value.code == 2
+    capsys.readouterr()
+    assert main(["methods", "--preset", "huge"]) == 2 and "--preset 'huge' is unknown" in capsys.readouterr().err
 
 
 def test_every_subcommand_has_help(capsys):
