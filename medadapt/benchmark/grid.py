@@ -17,8 +17,6 @@ it changes. Cells shared by experiments (e.g. DGST γ=1 at the largest shot coun
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 
 from medadapt.errors import MedadaptError
+from medadapt.utils.hashing import stable_hash
 from medadapt.utils.yamlfile import read_yaml
 
 CELL_FORMAT = "medadapt-bench-cell/2"
@@ -36,10 +35,6 @@ BUILTIN_CONFIGS = ("default", "quick", "paper")
 
 def builtin_config_path(name: str) -> Path:
     return Path(str(resources.files("medadapt.benchmark") / "configs" / f"{name}.yaml"))
-
-
-def stable_hash(obj: Any, n: int = 12) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:n]
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ LOSSES: dict[str, dict[str, Any]] = {
 }
 
 
-def _lr_factor(schedule: Mapping[str, Any], epoch: int, epochs: int) -> float:
+def lr_factor(schedule: Mapping[str, Any], epoch: int, epochs: int) -> float:
+    """The learning-rate multiplier of ``schedule`` (a recipe's resolved schedule mapping) at ``epoch``."""
     name = schedule["name"]
     if name == "poly":
         return (1 - epoch / epochs) ** schedule["power"]
@@ -85,7 +86,7 @@ class Recipe:
         return float(self.method_lr.get(method, self.lr))
 
     def lr_factor(self, epoch: int) -> float:
-        return _lr_factor(self.schedule, epoch, self.epochs)
+        return lr_factor(self.schedule, epoch, self.epochs)
 
     def with_overrides(self, **changes: Any) -> "Recipe":
         """A copy with the given fields replaced (None values are ignored): the CLI's individual flags."""

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from medadapt.engine import distributed as dist_utils
 from medadapt.engine.losses import build_loss
+from medadapt.engine.recipe import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor
 from medadapt.errors import MedadaptError
 from medadapt.tuning.base import Strategy
 from medadapt.utils.atomic import atomic_torch_save
@@ -44,14 +45,10 @@ CHECKPOINT = "checkpoint_latest.pt"
 
 
 def _default_optimizer() -> dict:
-    from medadapt.engine.recipe import OPTIMIZERS
-
     return {"name": "sgd", **copy.deepcopy(OPTIMIZERS["sgd"][1])}
 
 
 def _default_schedule() -> dict:
-    from medadapt.engine.recipe import SCHEDULES
-
     return {"name": "poly", **copy.deepcopy(SCHEDULES["poly"])}
 
 
@@ -86,9 +83,7 @@ class TrainingConfig:
                    loss=copy.deepcopy(recipe.loss), recipe=recipe.name)
 
     def lr_at(self, epoch: int) -> float:
-        from medadapt.engine.recipe import _lr_factor
-
-        return self.initial_lr * _lr_factor(self.schedule, epoch, self.epochs)
+        return self.initial_lr * lr_factor(self.schedule, epoch, self.epochs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,8 +113,6 @@ class Trainer:
         self.loss_terms = list(loss_terms)
         self.progress = progress
         self.description = description
-        from medadapt.engine.recipe import build_optimizer
-
         self.optimizer = build_optimizer(config.optimizer, strategy.parameters(model), config.initial_lr)
         strategy.attach(self.optimizer)
         self.history: dict[str, list] = {"epoch_loss": [], "iteration_loss": [], "lr": [],
@@ -191,7 +184,7 @@ class Trainer:
             batches = [self.sampler.sample(np.random.default_rng(self._stream(2 ** 32 - 1)))]
 
         def loss_fn(model, batch):
-            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = self._to_device(batch)
             return self.loss(model, batch, model(batch["image"]))
 
         self.strategy.calibrate(self.train_model, loss_fn, batches)
@@ -223,9 +216,12 @@ class Trainer:
         self.history["epoch_loss"].append(float(np.mean(losses)))
         self.history["lr"].append(lr)
 
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     def train_step(self, batch: dict) -> float:
         """One iteration: forward, loss, backward, clip, step. Returns the loss value."""
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = self._to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         outputs = self.train_model(batch["image"])
         loss = self.loss(self.model, batch, outputs)

@@ -24,7 +24,6 @@ from tqdm import tqdm
 from medadapt.data.io import write_volume
 from medadapt.errors import MedadaptError
 from medadapt.synth.phantom import GENERATOR_VERSION, _check_int, generate_case
-from medadapt.synth.spec import DEFAULT_LABELS as LABELS  # noqa: F401  (a domain without a labels map)
 from medadapt.synth.spec import DomainSpec, load_domain
 from medadapt.utils.atomic import atomic_write_json
 

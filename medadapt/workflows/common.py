@@ -65,16 +65,10 @@ def source_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-def stable_digest(obj) -> str:
-    """A short SHA-1 of a JSON-able value (keys sorted)."""
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-def model_fingerprint(folder) -> str:
-    """SHA-1 of a model folder's network (architecture, extensions and every weight): which foundation a run
-    started from, whatever path it was found under."""
+def model_fingerprint(folder, state: dict[str, torch.Tensor]) -> str:
+    """SHA-1 of a model folder's network (architecture, extensions) and its weights ``state`` (the folder's
+    loaded state dict): which foundation a run started from, whatever path it was found under."""
     digest = hashlib.sha1(json.dumps([folder.network.to_dict(), folder.extensions], sort_keys=True).encode())
-    state = folder.load_network().state_dict()
     for key in sorted(state):
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -113,7 +113,7 @@ def budget(method: str) -> dict:
 
 def run_dir(workdir: Path, method: str, shots: int, seed: int) -> Path:
     """A fine-tuning run's folder: named by method, shots and seed, plus a hash of the demo's settings."""
-    from medadapt.benchmark.grid import stable_hash
+    from medadapt.utils.hashing import stable_hash
     from medadapt.workflows.finetune import RUN_FORMAT
 
     settings = {"format": RUN_FORMAT, "pretrain": PRETRAIN, "budget": budget(method), "downsample": DOWNSAMPLE,

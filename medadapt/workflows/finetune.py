@@ -56,8 +56,9 @@ from medadapt.models.network import build_network
 from medadapt.tuning import make_strategy
 from medadapt.tuning.delta import make_delta, save_delta
 from medadapt.utils.atomic import atomic_write_json
-from medadapt.workflows.common import (dataset_cache_dir, environment, model_fingerprint, stable_digest,
-                                       total_parameter_count, trainable_parameter_count)
+from medadapt.utils.hashing import stable_hash
+from medadapt.workflows.common import (dataset_cache_dir, environment, model_fingerprint, total_parameter_count,
+                                       trainable_parameter_count)
 
 DEFAULT_RECIPE = "dgst-paper"  # for a model folder that recommends none
 #: the layout of a run's identity record; bump it when what identity.json holds changes
@@ -65,12 +66,14 @@ RUN_FORMAT = "medadapt-run/2"
 HEAD_POLICIES = ("fresh", "keep")
 
 
-def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: str = "fresh") -> torch.nn.Module:
+def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: str = "fresh",
+                    foundation: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """The foundation network for ``dataset``: every foundation weight, heads per ``head``.
 
     ``fresh`` (default; nnU-Net's ``load_pretrained_weights``): every weight except the segmentation heads,
     which are new, sized for the dataset's classes and initialised as nnU-Net initialises a network (seeded
     by ``seed``). ``keep``: the foundation's network as it is; the dataset must have the foundation's labels.
+    ``foundation``: the folder's state dict if the caller has loaded it already.
     """
     if head not in HEAD_POLICIES:
         raise MedadaptError(f"--head {head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
@@ -93,7 +96,8 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
 
         apply_extension(network, ext)
     heads = head_parameter_names(network)
-    foundation = folder.load_network().state_dict()
+    if foundation is None:
+        foundation = folder.load_network().state_dict()
     own = network.state_dict()
     take = {k: v for k, v in foundation.items() if k not in heads and k in own}
     misfit = [k for k in own if k not in heads and (k not in take or take[k].shape != own[k].shape)]
@@ -117,13 +121,14 @@ def head_parameter_names(network: torch.nn.Module) -> set[str]:
 
 
 def run_identity(strategy_config: dict, shots: int, seed: int, split_seed: int, dataset: RawDataset,
-                 folder: ModelFolder, head: str, training: dict) -> dict[str, Any]:
-    """What makes a run this run: compared on every re-run or resume into the same folder."""
+                 folder: ModelFolder, foundation: dict[str, torch.Tensor], head: str, training: dict) -> dict[str, Any]:
+    """What makes a run this run: compared on every re-run or resume into the same folder (``foundation``:
+    the folder's loaded state dict)."""
     return {"format": RUN_FORMAT, "method": strategy_config, "shots": shots, "seed": seed, "split_seed": split_seed,
             "dataset": {"path": str(Path(dataset.root).resolve()), "name": dataset.name,
-                        "labels": dataset.labels, "cases": stable_digest(dataset.case_ids)},
+                        "labels": dataset.labels, "cases": stable_hash(dataset.case_ids, 16)},
             "foundation": {"path": str(Path(folder.path).resolve()) if folder.path else None,
-                           "weights": model_fingerprint(folder)},
+                           "weights": model_fingerprint(folder, foundation)},
             "head": head, "training": training}
 
 
@@ -195,7 +200,9 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         config = dataclasses.replace(config, initial_lr=lr)
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
-    identity = run_identity(strategy.config(), shots, seed, split_seed, dataset, folder, head, config.to_dict())
+    foundation = folder.load_network().state_dict()  # loaded once: identity, head transfer and delta use it
+    identity = run_identity(strategy.config(), shots, seed, split_seed, dataset, folder, foundation, head,
+                            config.to_dict())
     identity["postprocess"] = postprocess
     if distributed.is_main():
         check_identity(out, identity)
@@ -212,7 +219,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     cache = dataset_cache_dir(dataset.root)
     with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
         cases = preprocess_dataset(dataset, shot_ids, plan, cache, progress=progress)
-    network = load_foundation(folder, dataset, seed, head)
+    network = load_foundation(folder, dataset, seed, head, foundation)
     if distributed.is_main():  # every input is checked: from here on the folder is this run's
         record_identity(out, identity)
     torch.manual_seed(seed)  # strategies that initialise weights (scratch, adapters, LoRA) draw from here
@@ -233,7 +240,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         return {}
     atomic_write_json(out / "training" / "history.json", history)
 
-    delta = make_delta(folder.load_network().state_dict(), network.state_dict(),
+    delta = make_delta(foundation, network.state_dict(),
                        meta={"strategy": strategy.config(), "num_classes": dataset.num_classes,
                              "foundation": str(folder.path), "head": head})
     save_delta(out / "delta.pt", delta)
@@ -262,7 +269,6 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         "split": {"train": train_ids, "test": test_ids},
         "shot_cases": shot_ids,
         "head": head,
-        "new_head": head == "fresh",
         "postprocess": postprocess,
         "identity": identity,
         "training": config.to_dict(),
@@ -314,20 +320,21 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
         raise MedadaptError(f"{dataset.root / 'dataset.json'}: its labels ({dataset.labels}) are not the model's "
                             f"({folder.labels}), so the model's own heads cannot be evaluated on it zero-shot; "
                             "fine-tune instead")
-    identity = run_identity({"name": "zero-shot"}, 0, 0, split_seed, dataset, folder, "keep", {})
+    network = folder.load_network()
+    identity = run_identity({"name": "zero-shot"}, 0, 0, split_seed, dataset, folder, network.state_dict(), "keep",
+                            {})
     check_identity(out, identity)
     if run_file.is_file():
         return json.loads(run_file.read_text())
     train_ids, test_ids = train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)
     for cid in tqdm(test_ids, desc="check test cases", disable=not progress, unit="case", leave=False):
         dataset.load_case(cid)
-    network = folder.load_network()
     record_identity(out, identity)
     summary = predict_and_evaluate(folder, network, dataset, test_ids, out, progress)
     record = {
         "method": {"name": "zero-shot"}, "shots": 0, "seed": None, "split_seed": split_seed,
         "foundation": str(Path(model).resolve()), "dataset": str(dataset.root), "dataset_name": dataset.name,
-        "split": {"train": train_ids, "test": test_ids}, "shot_cases": [], "head": "keep", "new_head": False,
+        "split": {"train": train_ids, "test": test_ids}, "shot_cases": [], "head": "keep",
         "identity": identity, "training": None,
         "parameters": {"trainable": 0, "updated_per_step": 0, "total": total_parameter_count(network)},
         "timing": {"median_iteration_seconds": None, "median_sampling_seconds": None, "final_epoch_loss": None},
