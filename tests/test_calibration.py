@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import temporary_environment
+
 from medadapt.data.augmentation import Augmentation
 from medadapt.data.cache import sample_class_locations
 from medadapt.data.sampling import (PatchSampler, calibration_batches, calibration_plan, crop_calibration_patch,
@@ -193,10 +195,8 @@ def nnunet_preprocessed(tmp_path_factory):
     root = tmp_path_factory.mktemp("nnunet_calib")
     env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
            "nnUNet_results": str(root / "results"), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "false"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     threads = torch.get_num_threads()
-    try:
+    with temporary_environment(env):
         spec = yaml.safe_load((DOMAINS_DIR / "hn-source.yaml").read_text())
         spec.update(name="calib", case_prefix="calib", shape=[16, 40, 40])
         spec["scanner"]["spacing_mm"] = [9.0, 5.6, 5.6]
@@ -217,13 +217,6 @@ def nnunet_preprocessed(tmp_path_factory):
         os.environ["nnUNet_n_proc_DA"] = "0"
         torch.set_num_threads(threads)
         yield root
-    finally:
-        torch.set_num_threads(threads)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_nnunet_trainer_calibrates_on_the_same_patches(nnunet_preprocessed, monkeypatch):

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from tests.conftest import temporary_environment
 import yaml
 
 pytest.importorskip("nnunetv2")
@@ -74,10 +76,7 @@ def nnunet_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("nnunet")
     env = {"nnUNet_raw": str(root / "nnUNet_raw"), "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
            "nnUNet_results": str(root / "nnUNet_results"), "MEDADAPT_CACHE": str(root / "cache"), **QUIET_ENV}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    threads = torch.get_num_threads()
-    try:
+    with temporary_environment(env):
         raw = root / "nnUNet_raw"
         write_dataset(load_domain(_spec(root, "hn-source", "foundation", (16, 40, 40), (9.0, 5.6, 5.6))),
                       raw / FOUNDATION, num_cases=5, seed=0, progress=False)
@@ -106,13 +105,6 @@ def nnunet_world(tmp_path_factory):
         model = root / "nnUNet_results" / FOUNDATION / "nnUNetTrainer__nnUNetPlans__3d_fullres"
         assert (model / "fold_all" / "checkpoint_final.pth").is_file()
         yield {"root": root, "raw": raw, "model": model, "checkpoint": model / "fold_all" / "checkpoint_final.pth"}
-    finally:
-        torch.set_num_threads(threads)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def readme_commands() -> list[str]:
