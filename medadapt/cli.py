@@ -59,8 +59,8 @@ def _add_postprocess_option(p: argparse.ArgumentParser) -> None:
 def _add_head_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", choices=("fresh", "keep"), default="fresh",
                    help="segmentation head to start from: fresh (default; new and randomly initialised, as "
-                        "nnU-Net's pretrained-weight loading gives every method) or keep (the foundation's own; "
-                        "the dataset's labels must be the foundation's)")
+                        "nnU-Net's pretrained-weight loading gives every method) or keep (the foundation's own outputs "
+                        "for the dataset's classes, by name; its labels must be classes of the foundation)")
 
 
 def _method_options(args) -> dict:
@@ -88,10 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("pretrain", help="train a foundation model on a whole dataset",
-                       description="Train a segmentation network on every case of an nnU-Net v2 raw dataset "
-                                   "and write a model folder (weights + everything inference needs).")
-    p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
+    p = sub.add_parser("pretrain", help="train a foundation model on whole datasets",
+                       description="Train a segmentation network on every case of one or several nnU-Net v2 raw "
+                                   "datasets and write a model folder (weights + everything inference needs). "
+                                   "Several datasets that label different structures give a partially labelled "
+                                   "model: one class template (the union of their label names), one sigmoid "
+                                   "output per class, a loss over each case's annotated classes only "
+                                   "(docs/partial-labels.md).")
+    p.add_argument("--data", type=Path, required=True, action="append",
+                   help="nnU-Net v2 raw dataset folder; repeat for several datasets")
+    p.add_argument("--activation", choices=("softmax", "sigmoid"), default=None,
+                   help="output activation (default: softmax for one fully labelled dataset, else sigmoid)")
+    p.add_argument("--sampling", choices=("cases", "datasets"), default="cases",
+                   help="with several datasets: draw cases uniformly over all cases (default) or uniformly "
+                        "over datasets, then over the dataset's cases")
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--preset", default="cpu-small", help="network preset (default cpu-small; see docs)")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
@@ -123,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zero-shot", help="evaluate a model as it is (no fine-tuning) on a dataset's test split",
                        description="Predict and evaluate the test part of the same fixed 80/20 split that "
                                    "finetune uses, with the model's own heads: the 'Foundation, no fine-tuning' "
-                                   "reference. The dataset's labels must be the model's.")
+                                   "reference. The dataset's label names must be classes of the model (a "
+                                   "partially labelled model is evaluated on the classes the dataset labels).")
     _add_run_inputs(p, "model folder")
+    _add_postprocess_option(p)
     p.add_argument("--resume", action="store_true", help="reuse a finished run in the same --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_zero_shot)
@@ -168,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder for <case>.nii.gz label maps")
     p.add_argument("--overlap", type=float, default=0.5, help="tile overlap (default 0.5)")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring (8x slower)")
+    p.add_argument("--classes", default=None, metavar="NAMES",
+                   help="predict only these classes of the model, e.g. liver,spleen (written as 1, 2, ...) or "
+                        "liver=3,spleen=1 (default: every class, with the model's ids)")
     _add_postprocess_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
@@ -319,7 +334,7 @@ def cmd_pretrain(args) -> int:
 
     pretrain(args.data, args.out, preset_name=args.preset, epochs=args.epochs,
              iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed, resume=args.resume,
-             progress=not args.quiet, recipe=args.recipe)
+             progress=not args.quiet, recipe=args.recipe, activation=args.activation, sampling=args.sampling)
     from medadapt.engine.distributed import is_main
 
     if is_main():
@@ -368,7 +383,7 @@ def cmd_zero_shot(args) -> int:
     from medadapt.workflows.finetune import zero_shot
 
     record = zero_shot(args.model, args.data, args.out, split_seed=args.split_seed, resume=args.resume,
-                       progress=not args.quiet)
+                       progress=not args.quiet, postprocess=args.postprocess)
     _print_metrics(record["metrics"], "test cases")
     print(f"results in {args.out}")
     return 0
@@ -412,8 +427,11 @@ def cmd_predict(args) -> int:
     cases = find_images(args.input, folder.file_ending, num_channels=folder.network.input_channels)
     if not 0 <= args.overlap < 1:
         raise MedadaptError(f"--overlap {args.overlap}: must be in [0, 1)")
-    written = Predictor(folder, overlap=args.overlap, mirror=args.mirror,
-                        postprocess=args.postprocess).predict_files(cases, args.out, progress=not args.quiet)
+    from medadapt.inference.predictor import parse_classes
+
+    predictor = Predictor(folder, overlap=args.overlap, mirror=args.mirror, postprocess=args.postprocess,
+                          classes=parse_classes(args.classes))
+    written = predictor.predict_files(cases, args.out, progress=not args.quiet)
     print(f"wrote {len(written)} label map(s) to {args.out}")
     return 0
 

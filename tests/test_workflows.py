@@ -205,7 +205,7 @@ def test_fresh_head_by_default_keep_on_request(world, tmp_path, capsys):
     assert any(not torch.equal(fresh[k], foundation[k]) for k in heads)  # (biases start at 0 in both)
     # keep is refused where the labels differ, with one line naming the option and the fix
     other = RawDataset.load(_relabelled_copy(world, tmp_path))
-    with pytest.raises(MedadaptError, match="--head keep: the labels of .* use --head fresh"):
+    with pytest.raises(MedadaptError, match="--head keep: labels .* are not classes of the model .* use --head fresh"):
         load_foundation(folder, other, seed=0, head="keep")
     out = tmp_path / "keep-refused"
     assert main(_finetune_args(world, out, "full", "2", "--head", "keep", "--data",

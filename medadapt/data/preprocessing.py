@@ -270,9 +270,24 @@ def _progress(iterable, progress: bool, desc: str, total: int | None = None):
 def plan_from_dataset(dataset: RawDataset, case_ids: Sequence[str], normalization: list[str] | None = None,
                       progress: bool = True) -> PreprocessingPlan:
     """A plan from the given (training) cases: median spacing, per-channel scheme and foreground statistics."""
-    case_ids = list(case_ids)
-    if not case_ids:
+    return plan_from_datasets([(dataset, case_ids)], normalization, progress)
+
+
+def plan_from_datasets(parts: Sequence[tuple[RawDataset, Sequence[str]]], normalization: list[str] | None = None,
+                       progress: bool = True) -> PreprocessingPlan:
+    """One plan for the given cases of one or several datasets (assembled for one model, as nnU-Net plans one
+    fingerprint): the median spacing and the pooled foreground intensity statistics of all the cases, the
+    orientation of the first. The datasets must have the same channels (names, in order)."""
+    parts = [(ds, list(ids)) for ds, ids in parts]
+    if not parts or not any(ids for _, ids in parts):
         raise MedadaptError("preprocessing plan: no training cases given; the train split is empty")
+    dataset = parts[0][0]
+    for other, _ in parts[1:]:
+        if other.channel_names != dataset.channel_names:
+            raise MedadaptError(
+                f"{other.root / 'dataset.json'}: channel_names {other.channel_names} differ from "
+                f"{dataset.root / 'dataset.json'}'s {dataset.channel_names}; one model needs the same input "
+                "channels from every dataset")
     n_ch = dataset.num_channels
     if normalization is None:
         schemes = [scheme_for_channel(dataset.channel_names[str(c)]) for c in range(n_ch)]
@@ -286,8 +301,8 @@ def plan_from_dataset(dataset: RawDataset, case_ids: Sequence[str], normalizatio
     orientation: str | None = None
     spacings, shapes = [], []
     samples: list[list[np.ndarray]] = [[] for _ in range(n_ch)]
-    for case in _progress(case_ids, progress, "planning"):
-        images, label = dataset.load_case(case)
+    for ds, case in _progress([(ds, c) for ds, ids in parts for c in ids], progress, "planning"):
+        images, label = ds.load_case(case)
         if orientation is None:
             orientation = images[0].orientation
         arr, sp, _ = reorient(images[0], orientation)
@@ -368,28 +383,46 @@ def preprocess_case(images: list[Volume], label: Volume | None, plan: Preprocess
     return PreprocessedCase(data=data, seg=seg, properties=properties)
 
 
-def revert_prediction(probabilities: torch.Tensor, properties: dict[str, Any]) -> np.ndarray:
-    """Class probabilities (or logits) ``[C, z, y, x]`` on the preprocessed grid -> int16 label map (z, y, x)
-    in the ORIGINAL file geometry: trilinear resize to the reoriented original shape, argmax, undo reorientation.
+def revert_prediction(probabilities: torch.Tensor, properties: dict[str, Any],
+                      thresholds: Sequence[float] | None = None, label_ids: Sequence[int] | None = None) -> np.ndarray:
+    """Probabilities (or logits) ``[K, z, y, x]`` on the preprocessed grid -> int16 label map (z, y, x) in the
+    ORIGINAL file geometry: trilinear resize to the reoriented original shape, decide, undo reorientation.
+
+    Softmax (``thresholds`` None): channel k is label k, the argmax wins. Sigmoid: channel k is foreground
+    class k with probability threshold ``thresholds[k]``; a voxel gets the most probable class among those at
+    or above their thresholds, else background. ``label_ids`` gives each channel's label id in the output
+    (default: k for softmax, k + 1 for sigmoid).
     """
     if isinstance(probabilities, np.ndarray):
         probabilities = torch.from_numpy(probabilities)
     if probabilities.ndim != 4:
         raise ValueError(f"revert_prediction expects [C, z, y, x], got {tuple(probabilities.shape)}")
+    K = probabilities.shape[0]
+    sigmoid = thresholds is not None
+    if sigmoid and len(thresholds) != K:
+        raise ValueError(f"{len(thresholds)} thresholds for {K} sigmoid channels")
+    ids = list(label_ids) if label_ids is not None else [k + 1 if sigmoid else k for k in range(K)]
     shape = tuple(int(s) for s in properties["reoriented_shape"])
     with torch.no_grad():
-        if tuple(probabilities.shape[1:]) == shape:
-            seg = probabilities.argmax(0)
-        else:  # running argmax, one channel at a time: memory stays at two full-size float volumes
-            best, seg = None, None
-            for c in range(probabilities.shape[0]):
+        # running decision, one channel at a time: memory stays at two full-size float volumes
+        best, seg = None, None
+        for c in range(K):
+            p = probabilities[c]
+            if tuple(p.shape) != shape:
                 p = resample_to_shape(probabilities[c:c + 1], shape)[0]
-                if best is None:
-                    best, seg = p, torch.zeros(shape, dtype=torch.int16, device=p.device)
+            if sigmoid:
+                p = torch.where(p >= float(thresholds[c]), p, torch.full_like(p, -torch.inf))
+            if best is None:
+                seg = torch.zeros(shape, dtype=torch.int16, device=p.device)
+                if sigmoid:
+                    best = torch.full_like(p, -torch.inf)
                 else:
-                    better = p > best
-                    seg[better] = c
-                    best = torch.maximum(best, p)
+                    best = p
+                    seg[...] = ids[c]
+                    continue
+            better = p > best
+            seg[better] = ids[c]
+            best = torch.maximum(best, p)
     seg = seg.to(torch.int16).cpu().numpy()
     start = np.asarray(properties["ornt_start"], float)
     end = np.asarray(properties["ornt_end"], float)

@@ -6,6 +6,11 @@ A forced sample is centred on a random stored foreground voxel of a random foreg
 case; the others are placed uniformly so the patch lies inside the volume. Volumes smaller than the patch are
 centred and padded with the channel minimum (label 0). All randomness comes from the Generator passed to
 :meth:`PatchSampler.sample`.
+
+Cases may be drawn with given probabilities (``case_weights``; e.g. uniform over datasets when several are
+assembled), and cases seen through a label template (:class:`medadapt.data.partial.TemplateCase`) have their
+label crops translated to template ids (``label_lut``) and add their annotation records to the batch
+(``annotated`` [B, C], bool), which the loss uses to leave unannotated classes out.
 """
 from __future__ import annotations
 
@@ -53,7 +58,8 @@ class PatchSampler:
     int [z, y, x] and ``.class_locations`` {class: (n, 3) voxel coordinates}, e.g. :class:`CachedCase`)."""
 
     def __init__(self, cases: Sequence[Any], patch_size: Sequence[int], batch_size: int,
-                 oversample_foreground: float = 0.33, augmentation: Augmentation | None = None):
+                 oversample_foreground: float = 0.33, augmentation: Augmentation | None = None,
+                 case_weights: Sequence[float] | None = None):
         self.cases = list(cases)
         if not self.cases:
             raise MedadaptError("PatchSampler: no training cases; the few-shot training set is empty")
@@ -79,6 +85,24 @@ class PatchSampler:
                 raise ValueError(f"case {getattr(c, 'case_id', c)}: data {c.data.shape} / seg {c.seg.shape} "
                                  "must be [C, z, y, x] / [z, y, x]")
         self._mins: dict[int, np.ndarray] = {}
+        self.case_weights = None
+        if case_weights is not None:
+            w = np.asarray(case_weights, dtype=float)
+            if w.shape != (len(self.cases),) or not np.all(w >= 0) or not w.sum() > 0:
+                raise MedadaptError(f"case_weights: need one non-negative weight per case ({len(self.cases)}), "
+                                    "not all zero")
+            self.case_weights = w / w.sum()
+        annotated = [getattr(c, "annotated", None) is not None for c in self.cases]
+        if any(annotated) and not all(annotated):
+            raise ValueError("PatchSampler: some cases carry annotation records and some do not")
+        self.partial = all(annotated)
+
+    def crop_label(self, i: int, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+        """Case ``i``'s label map cropped (padded with 0), in template ids where the case has a lookup table."""
+        case = self.cases[i]
+        lab = crop_with_padding(case.seg, start, size, 0)
+        lut = getattr(case, "label_lut", None)
+        return lut[lab] if lut is not None else lab
 
     def force_foreground(self, j: int) -> bool:
         """nnU-Net's ``get_do_oversample``: the last samples of each batch are forced to contain foreground."""
@@ -112,13 +136,18 @@ class PatchSampler:
         """One batch: ``image`` float32 [B, C, *patch], ``label`` int64 [B, 1, *patch]; random cases unless
         ``case_indices`` names them."""
         P = self.patch_size
-        picks = rng.integers(0, len(self.cases), size=self.batch_size) if case_indices is None else list(case_indices)
+        if case_indices is not None:
+            picks = list(case_indices)
+        elif self.case_weights is None:
+            picks = rng.integers(0, len(self.cases), size=self.batch_size)
+        else:
+            picks = rng.choice(len(self.cases), size=self.batch_size, p=self.case_weights)
         B = len(picks)
         images, labels = [], []
         for j in range(B):
             i = int(picks[j])
             case = self.cases[i]
-            data, seg = case.data, case.seg
+            data = case.data
             lb = self._lower_bound(data.shape[1:], self.force_foreground(j), case.class_locations, rng)
             mins = self._channel_min(i)
             aug = self.augmentation
@@ -134,14 +163,17 @@ class PatchSampler:
                 size = [e - s for s, e in zip(start, end)]
                 center = list(c - np.asarray(start, float))
             img = crop_with_padding(data, start, size, mins).astype(np.float32, copy=False)
-            lab = crop_with_padding(seg, start, size, 0)
+            lab = self.crop_label(i, start, size)
             img_t = torch.from_numpy(img)
             lab_t = torch.from_numpy(lab.astype(np.int64, copy=False))[None]
             if aug is not None:
                 img_t, lab_t = aug.apply(img_t, lab_t, matrix, center, rng)
             images.append(img_t)
             labels.append(lab_t)
-        return {"image": torch.stack(images), "label": torch.stack(labels)}
+        batch = {"image": torch.stack(images), "label": torch.stack(labels)}
+        if self.partial:
+            batch["annotated"] = torch.from_numpy(np.stack([self.cases[int(i)].annotated for i in picks]))
+        return batch
 
 
 # -- one-time calibration (SGST) ---------------------------------------------------------------------------------
@@ -239,12 +271,14 @@ def calibration_plan(cases: Iterable[tuple[str, Sequence[int], Mapping]], patch_
 
 
 def crop_calibration_patch(data, seg, patch: CalibrationPatch, patch_size: Sequence[int], pad_value,
-                           seg_pad_value=0) -> tuple[np.ndarray, np.ndarray]:
+                           seg_pad_value=0, label_lut: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Crop ``data`` [C, z, y, x] and ``seg`` ([z, y, x] or [1, z, y, x]) at the patch; checks that the crop
     holds the foreground voxel the patch is centred on (a :class:`MedadaptError` if the stored foreground
     locations do not match the segmentation)."""
     img = crop_with_padding(data, patch.start, patch_size, pad_value)
     lab = crop_with_padding(seg, patch.start, patch_size, seg_pad_value)
+    if label_lut is not None:  # a case seen through a label template: its ids are the template's
+        lab = label_lut[lab]
     local = tuple(v - s for v, s in zip(patch.voxel, patch.start))
     labels = list(patch.label) if isinstance(patch.label, tuple) else [patch.label]
     if not np.isin(np.asarray(lab[(Ellipsis, *local)]), labels).any():
@@ -266,7 +300,11 @@ def calibration_batches(sampler: PatchSampler, seed: int) -> Iterator[dict[str, 
         for p in group:
             i = index[p.case_id]
             case = sampler.cases[i]
-            img, lab = crop_calibration_patch(case.data, case.seg, p, sampler.patch_size, sampler._channel_min(i))
+            img, lab = crop_calibration_patch(case.data, case.seg, p, sampler.patch_size, sampler._channel_min(i),
+                                              label_lut=getattr(case, "label_lut", None))
             images.append(torch.from_numpy(img.astype(np.float32, copy=False)))
             labels.append(torch.from_numpy(lab.astype(np.int64, copy=False))[None])
-        yield {"image": torch.stack(images), "label": torch.stack(labels), "case_ids": [p.case_id for p in group]}
+        batch = {"image": torch.stack(images), "label": torch.stack(labels), "case_ids": [p.case_id for p in group]}
+        if sampler.partial:
+            batch["annotated"] = torch.from_numpy(np.stack([sampler.cases[index[p.case_id]].annotated for p in group]))
+        yield batch

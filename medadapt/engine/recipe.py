@@ -41,10 +41,13 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "constant": {},
 }
 
-# name -> default options; builders in medadapt.engine.losses.build_loss
+# name -> default options; builders in medadapt.engine.losses.build_loss. The terms take the form of the model's
+# output activation: softmax -> soft Dice + categorical CE; sigmoid -> soft Dice + binary CE, masked per case to
+# the classes it annotates (partially labelled data). batch_dice: Dice sums over the batch (nnU-Net's 3d_fullres
+# default) or per sample (FSEFT's Eq. 1).
 LOSSES: dict[str, dict[str, Any]] = {
-    "dice_ce": {},   # nnU-Net's Dice + CE with deep supervision
-    "dice": {},      # soft Dice alone, deep-supervised
+    "dice_ce": {"batch_dice": True},   # nnU-Net's Dice + CE (sigmoid: Dice + BCE) with deep supervision
+    "dice": {"batch_dice": True},      # soft Dice alone, deep-supervised
 }
 
 

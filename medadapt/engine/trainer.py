@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medadapt.engine import distributed as dist_utils
-from medadapt.engine.losses import build_loss
+from medadapt.engine.losses import ACTIVATIONS, build_loss
 from medadapt.engine.recipe import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor
 from medadapt.errors import MedadaptError
 from medadapt.tuning.base import Strategy
@@ -63,8 +63,10 @@ class TrainingConfig:
     grad_clip: float | None = 12.0
     optimizer: dict = dataclasses.field(default_factory=_default_optimizer)
     schedule: dict = dataclasses.field(default_factory=_default_schedule)
-    loss: dict = dataclasses.field(default_factory=lambda: {"name": "dice_ce"})
+    loss: dict = dataclasses.field(default_factory=lambda: {"name": "dice_ce", "batch_dice": True})
     recipe: str | None = None  # the recipe these settings were resolved from, for the record
+    #: the model's output activation, which gives the loss its form (medadapt.engine.losses)
+    activation: str = "softmax"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -73,14 +75,17 @@ class TrainingConfig:
             raise MedadaptError(f"--iterations-per-epoch {self.iterations_per_epoch}: must be at least 1")
         if not self.initial_lr > 0:
             raise MedadaptError(f"--lr {self.initial_lr}: must be positive")
+        if self.activation not in ACTIVATIONS:
+            raise MedadaptError(f"output activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
 
     @classmethod
-    def from_recipe(cls, recipe, method: str, seed: int = 0) -> "TrainingConfig":
-        """The settings a :class:`~medadapt.engine.recipe.Recipe` gives ``method`` (its learning rate)."""
+    def from_recipe(cls, recipe, method: str, seed: int = 0, activation: str = "softmax") -> "TrainingConfig":
+        """The settings a :class:`~medadapt.engine.recipe.Recipe` gives ``method`` (its learning rate) on a
+        model with the given output ``activation``."""
         return cls(epochs=recipe.epochs, iterations_per_epoch=recipe.iterations_per_epoch,
                    initial_lr=recipe.lr_for(method), seed=seed, grad_clip=recipe.grad_clip,
                    optimizer=copy.deepcopy(recipe.optimizer), schedule=copy.deepcopy(recipe.schedule),
-                   loss=copy.deepcopy(recipe.loss), recipe=recipe.name)
+                   loss=copy.deepcopy(recipe.loss), recipe=recipe.name, activation=activation)
 
     def lr_at(self, epoch: int) -> float:
         return self.initial_lr * lr_factor(self.schedule, epoch, self.epochs)
@@ -109,7 +114,7 @@ class Trainer:
         self.sampler = sampler
         self.config = config
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT
-        self.loss = loss or build_loss(config.loss)  # a loss term: (model, batch, outputs) -> tensor
+        self.loss = loss or build_loss(config.loss, config.activation)  # a loss term: (model, batch, outputs) -> tensor
         self.loss_terms = list(loss_terms)
         self.progress = progress
         self.description = description

@@ -4,8 +4,18 @@ Each case is preprocessed with the model folder's own plan (orientation, spacing
 patches of the training patch size at 50% overlap, the tiles' logits blended with a Gaussian importance map
 (sigma = 1/8 of the patch size, nnU-Net's choice), optionally averaged over mirrored copies (nnU-Net's
 test-time mirroring; off by default because it costs 8x on a CPU), turned into probabilities, resampled to
-the original geometry and arg-maxed. A model from nnU-Net (its plan carries nnU-Net plans) is preprocessed
-and reverted with nnunetv2's own code instead (medadapt.nnunet.preprocessing).
+the original geometry and decided by the model's output activation: softmax models take the argmax; sigmoid
+models (one independent output per class) give a voxel the most probable class among those at or above their
+thresholds (0.5 unless the model folder says otherwise), else background. (nnU-Net's region-based inference
+instead lets later classes overwrite earlier ones where both pass 0.5; the two agree wherever at most one
+class passes.) A model from nnU-Net (its plan carries nnU-Net plans) is preprocessed and reverted with
+nnunetv2's own code instead (medadapt.nnunet.preprocessing).
+
+Classes (``classes``): by default every class of the model, written with the model's label ids. A mapping
+``{name: id}`` of some of the model's class names predicts only those, written with the given ids (e.g. a
+target dataset's own ids): a sigmoid model evaluates only their outputs (its classes are independent); a
+softmax model takes the argmax over all its labels and keeps the selected ones (a voxel won by another class
+is background).
 
 Post-processing (``postprocess``): ``"none"`` (default) or ``"lcc"``, which keeps each foreground class's
 largest connected component in the final label map (MONAI's ``KeepLargestConnectedComponent``, per class,
@@ -25,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medadapt.data.io import Volume, read_image, write_label
+from medadapt.errors import MedadaptError
 from medadapt.models.model_folder import ModelFolder
 from medadapt.models.network import set_deep_supervision
 
@@ -45,16 +56,47 @@ def keep_largest_components(seg: np.ndarray, labels: Sequence[int]) -> np.ndarra
     return np.asarray(out.numpy() if hasattr(out, "numpy") else out).astype(seg.dtype)
 
 
+def select_classes(folder: ModelFolder, classes: dict[str, int] | None) -> dict[str, int]:
+    """The output labelling ``{model class name: output id}``: the model's foreground labels, or the given
+    subset of them (one clear error naming unknown names)."""
+    if classes is None:
+        return dict(folder.foreground)
+    unknown = [n for n in classes if n not in folder.foreground]
+    if unknown:
+        raise MedadaptError(f"--classes: {unknown} are not classes of the model in {folder.path} "
+                            f"({', '.join(folder.foreground)}); choose among those")
+    ids = [int(v) for v in classes.values()]
+    if any(v <= 0 for v in ids) or len(set(ids)) != len(ids):
+        raise MedadaptError(f"--classes: output ids {ids} must be distinct positive integers")
+    return {n: int(v) for n, v in classes.items()}
+
+
+def parse_classes(text: str | None) -> dict[str, int] | None:
+    """``--classes liver,spleen`` (ids 1, 2, ... in the order given) or ``liver=3,spleen=1``."""
+    if not text:
+        return None
+    out: dict[str, int] = {}
+    for i, item in enumerate(t.strip() for t in text.split(",")):
+        if not item:
+            raise MedadaptError(f"--classes {text!r}: empty class name; write e.g. liver,spleen or liver=1,spleen=2")
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = int(value) if value else i + 1
+        except ValueError:
+            raise MedadaptError(f"--classes {text!r}: {value!r} is not a label id; write e.g. liver=1") from None
+    return out
+
+
 class Predictor:
     def __init__(self, folder: ModelFolder, network: nn.Module | None = None, overlap: float = 0.5,
                  mirror: bool = False, sw_batch_size: int = 2, device: str | torch.device | None = None,
-                 postprocess: str = "none"):
+                 postprocess: str = "none", classes: dict[str, int] | None = None):
         from medadapt.engine.distributed import default_device
-        from medadapt.errors import MedadaptError
 
         if postprocess not in POSTPROCESSING:
             raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
         self.postprocess = postprocess
+        self.classes = select_classes(folder, classes)
 
         self.folder = folder
         self.plan = folder.plan()
@@ -93,15 +135,27 @@ class Predictor:
         from medadapt.data.preprocessing import preprocess_case, revert_prediction
 
         case = preprocess_case(list(images), None, self.plan)
+        logits = self.predict_logits(case.data)
+        names = {v: k for k, v in self.folder.labels.items()}
         if self.plan.nnunet is not None:  # an nnU-Net model: nnU-Net's own export (resample logits, uncrop)
             from medadapt.nnunet.preprocessing import revert_logits
 
-            seg = revert_logits(self.predict_logits(case.data), case.properties, self.plan, self.folder.labels)
+            seg = revert_logits(logits, case.properties, self.plan, self.folder.labels)
+            lut = np.zeros(max(self.folder.labels.values()) + 1, dtype=np.int16)
+            for v, name in names.items():
+                lut[v] = self.classes.get(name, 0)
+            seg = lut[seg]
+        elif self.folder.activation == "sigmoid":
+            order = [n for n in self.folder.foreground if n in self.classes]  # channel k = model label k + 1
+            channels = [self.folder.labels[n] - 1 for n in order]
+            seg = revert_prediction(torch.sigmoid(logits[channels]), case.properties,
+                                    thresholds=[self.folder.threshold(n) for n in order],
+                                    label_ids=[self.classes[n] for n in order])
         else:
-            probabilities = torch.softmax(self.predict_logits(case.data), dim=0)
-            seg = revert_prediction(probabilities, case.properties)
+            ids = [self.classes.get(names[k], 0) if k != 0 else 0 for k in range(logits.shape[0])]
+            seg = revert_prediction(torch.softmax(logits, dim=0), case.properties, label_ids=ids)
         if self.postprocess == "lcc":
-            seg = keep_largest_components(seg, list(self.folder.labels.values()))
+            seg = keep_largest_components(seg, list(self.classes.values()))
         return seg
 
     def predict_files(self, cases: Sequence[tuple[str, Sequence[Path]]], out_dir: str | Path,

@@ -3,7 +3,9 @@
 Layout::
 
     <model>/plans.json   network spec, preprocessing plan (spacing, normalisation with its intensity
-                         statistics, orientation), patch size, labels, channel names, provenance, and
+                         statistics, orientation), patch size, labels, channel names, the output
+                         activation (softmax, or sigmoid with per-class thresholds), the label template of a
+                         partially labelled model (which datasets annotate which classes), provenance, and
                          the recipe its author recommends for fine-tuning it
     <model>/weights.pt   the network's state dict (plain architecture: adapters/LoRA are merged first)
 
@@ -24,6 +26,14 @@ from medadapt.models.network import NetworkSpec, build_network
 from medadapt.utils.atomic import atomic_torch_save, atomic_write_json
 
 FORMAT = "medadapt-model/1"
+ACTIVATIONS = ("softmax", "sigmoid")
+DEFAULT_THRESHOLD = 0.5
+
+
+def output_channels(labels: dict[str, int], activation: str) -> int:
+    """The network's output channels for ``labels`` (background included): softmax, one per label; sigmoid,
+    one per foreground class."""
+    return len(labels) - (1 if activation == "sigmoid" else 0)
 
 
 @dataclass
@@ -39,7 +49,25 @@ class ModelFolder:
     #: the training recipe the model's author recommends for fine-tuning it (a built-in name or a recipe
     #: mapping; see medadapt.engine.recipe); None: medadapt finetune's default
     recipe: str | dict[str, Any] | None = None
+    #: ``softmax`` (one output per label, argmax; nnU-Net's default) or ``sigmoid`` (one independent output per
+    #: foreground class, thresholded; partially labelled models)
+    activation: str = "softmax"
+    #: sigmoid models: the probability threshold per class name (absent: 0.5)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    #: partially labelled models: the label template (medadapt.data.partial.LabelTemplate.to_dict())
+    template: dict[str, Any] | None = None
     path: Path | None = None
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise MedadaptError(f"plans.json: output activation {self.activation!r} is not one of {ACTIVATIONS}")
+
+    @property
+    def foreground(self) -> dict[str, int]:
+        return {k: v for k, v in self.labels.items() if v != 0}
+
+    def threshold(self, name: str) -> float:
+        return float(self.thresholds.get(name, DEFAULT_THRESHOLD))
 
     def plan(self):
         from medadapt.data.preprocessing import PreprocessingPlan
@@ -80,6 +108,9 @@ def save_model_folder(path: str | Path, network: nn.Module, folder: ModelFolder)
         "provenance": folder.provenance,
         "extensions": folder.extensions,
         "recipe": folder.recipe,
+        "activation": folder.activation,
+        "thresholds": folder.thresholds,
+        "template": folder.template,
     })
     folder.path = path
     return path
@@ -112,8 +143,13 @@ def load_model_folder(path: str | Path) -> ModelFolder:
             provenance=plans.get("provenance", {}),
             extensions=list(plans.get("extensions", [])),
             recipe=plans.get("recipe"),
+            activation=plans.get("activation", "softmax"),
+            thresholds={str(k): float(v) for k, v in (plans.get("thresholds") or {}).items()},
+            template=plans.get("template"),
             path=path,
         )
+    except MedadaptError as exc:
+        raise MedadaptError(f"{plans_file}: {str(exc).split(': ', 1)[-1]}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise MedadaptError(f"{plans_file}: malformed or not {FORMAT} ({exc}); re-create the model folder") from None
 

@@ -9,7 +9,9 @@ Head policy: the paper fine-tunes through nnU-Net (``nnUNetv2_train -pretrained_
 ``load_pretrained_weights`` transfers every weight except the segmentation layers, so every method starts from
 a new, randomly initialised head. That is the default here (``head="fresh"``: the heads initialised as
 nnU-Net initialises them, He-normal with negative slope 1e-2, zero bias, seeded by ``seed``);
-``head="keep"`` keeps the foundation's heads, which needs the dataset's labels to be the foundation's.
+``head="keep"`` keeps the foundation's head outputs of the dataset's classes, selected by name (the dataset's
+labels must be classes of the foundation; a subset is fine). A sigmoid foundation (partially labelled) gives a
+sigmoid fine-tuned model, trained with the recipe's loss in its sigmoid form.
 
 A run folder belongs to one run: its identity (method and options, shots, seed, split seed, dataset, the
 foundation's weights, head policy, training settings) is written to ``identity.json`` before training, and a
@@ -52,6 +54,7 @@ from medadapt.inference.predictor import POSTPROCESSING
 from medadapt.metrics import case_metrics, summarize
 from medadapt.metrics.evaluate import write_metrics
 from medadapt.models import ModelFolder, load_model_folder, save_model_folder
+from medadapt.models.model_folder import output_channels
 from medadapt.models.network import build_network
 from medadapt.tuning import make_strategy
 from medadapt.tuning.delta import make_delta, save_delta
@@ -71,9 +74,11 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
     """The foundation network for ``dataset``: every foundation weight, heads per ``head``.
 
     ``fresh`` (default; nnU-Net's ``load_pretrained_weights``): every weight except the segmentation heads,
-    which are new, sized for the dataset's classes and initialised as nnU-Net initialises a network (seeded
-    by ``seed``). ``keep``: the foundation's network as it is; the dataset must have the foundation's labels.
-    ``foundation``: the folder's state dict if the caller has loaded it already.
+    which are new, sized for the dataset's classes (in the model's output activation) and initialised as
+    nnU-Net initialises a network (seeded by ``seed``). ``keep``: the foundation's heads for the dataset's
+    classes, selected by name: every foreground label of the dataset must be a class of the foundation (a
+    subset is fine: a sigmoid model keeps those classes' outputs, a softmax model the background output and
+    theirs). ``foundation``: the folder's state dict if the caller has loaded it already.
     """
     if head not in HEAD_POLICIES:
         raise MedadaptError(f"--head {head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
@@ -81,13 +86,18 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
         raise MedadaptError(
             f"{dataset.root / 'dataset.json'}: has {dataset.num_channels} input channel(s) but the model in "
             f"{folder.path} expects {folder.network.input_channels}; use a dataset with the same channels")
+    rows = None
     if head == "keep":
-        if dataset.labels != folder.labels:
+        if dataset.labels == folder.labels:
+            return folder.load_network()
+        missing = [n for n, v in dataset.labels.items() if v != 0 and n not in folder.foreground]
+        if missing:
             raise MedadaptError(
-                f"--head keep: the labels of {dataset.root / 'dataset.json'} ({dataset.labels}) are not the "
-                f"model's ({folder.labels}), so its heads cannot be kept; use --head fresh")
-        return folder.load_network()
-    spec = folder.network.with_classes(dataset.num_classes)
+                f"--head keep: labels {missing} of {dataset.root / 'dataset.json'} are not classes of the model "
+                f"in {folder.path} ({', '.join(folder.foreground)}), so no head of it predicts them; use --head "
+                "fresh")
+        rows = kept_head_rows(folder, dataset.labels)
+    spec = folder.network.with_classes(output_channels(dataset.labels, folder.activation))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         network = build_network(spec)  # nnU-Net's initialisation (He, negative slope 1e-2)
@@ -104,8 +114,20 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
     if misfit:
         raise MedadaptError(f"{folder.path}: the foundation's weights do not fit its own network without the "
                             f"heads (first: {misfit[0]}); the model folder is inconsistent")
+    if rows is not None:  # the foundation's head outputs for the dataset's classes, in the dataset's order
+        index = torch.tensor(rows)
+        take.update({k: foundation[k].index_select(0, index) for k in heads})
     network.load_state_dict(take, strict=False)
     return network
+
+
+def kept_head_rows(folder: ModelFolder, labels: dict[str, int]) -> list[int]:
+    """The foundation's output channels that predict ``labels`` (a dataset's, by name), in the order of the
+    dataset's outputs: softmax, background then labels by id; sigmoid, foreground labels by id."""
+    by_id = sorted((v, n) for n, v in labels.items())
+    if folder.activation == "sigmoid":
+        return [folder.labels[n] - 1 for v, n in by_id if v != 0]
+    return [0] + [folder.labels[n] for v, n in by_id if v != 0]
 
 
 def head_parameter_names(network: torch.nn.Module) -> set[str]:
@@ -195,7 +217,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     dataset = RawDataset.load(data)
     resolved = load_recipe(recipe or folder.recipe or DEFAULT_RECIPE).with_overrides(
         epochs=epochs, iterations_per_epoch=iterations_per_epoch)
-    config = TrainingConfig.from_recipe(resolved, method, seed)
+    config = TrainingConfig.from_recipe(resolved, method, seed, activation=folder.activation)
     if lr is not None:
         config = dataclasses.replace(config, initial_lr=lr)
     if postprocess not in POSTPROCESSING:
@@ -224,7 +246,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         record_identity(out, identity)
     torch.manual_seed(seed)  # strategies that initialise weights (scratch, adapters, LoRA) draw from here
     network = strategy.prepare(network)
-    spec = folder.network.with_classes(dataset.num_classes)
+    spec = folder.network.with_classes(output_channels(dataset.labels, folder.activation))
     # a recipe's patch and batch replace the network's (the tuned model then predicts with that patch)
     spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
                                batch_size=resolved.batch_size or spec.batch_size)
@@ -241,7 +263,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     atomic_write_json(out / "training" / "history.json", history)
 
     delta = make_delta(foundation, network.state_dict(),
-                       meta={"strategy": strategy.config(), "num_classes": dataset.num_classes,
+                       meta={"strategy": strategy.config(), "num_classes": spec.num_classes,
                              "foundation": str(folder.path), "head": head})
     save_delta(out / "delta.pt", delta)
     final = strategy.finalize(network)
@@ -251,7 +273,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         provenance={"kind": "finetune", "foundation": str(folder.path), "strategy": strategy.config(),
                     "head": head},
         extensions=strategy.architecture(final),
-        recipe=folder.recipe,
+        recipe=folder.recipe, activation=folder.activation,
+        thresholds={n: t for n, t in folder.thresholds.items() if n in dataset.labels},
     )
     save_model_folder(out / "model", final, tuned)
     sizes = {"delta_bytes": (out / "delta.pt").stat().st_size,
@@ -287,13 +310,13 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
 
 def predict_and_evaluate(folder: ModelFolder, network: torch.nn.Module, dataset: RawDataset, test_ids: list[str],
                          out: Path, progress: bool, postprocess: str = "none") -> dict[str, Any]:
-    """Predict the test cases into ``out/predictions`` and evaluate them (``metrics_per_case.csv``,
-    ``summary.json``); returns the summary."""
-    predictor = Predictor(folder, network=network, postprocess=postprocess)
+    """Predict the test cases into ``out/predictions`` (the dataset's classes, by name, with its ids) and
+    evaluate them (``metrics_per_case.csv``, ``summary.json``); returns the summary."""
+    foreground = {k: v for k, v in dataset.labels.items() if v != 0}
+    predictor = Predictor(folder, network=network, postprocess=postprocess, classes=foreground)
     pred_dir = out / "predictions"
     test_cases = [(cid, dataset.image_paths(cid)) for cid in test_ids]
     predictor.predict_files(test_cases, pred_dir, progress=progress)
-    foreground = {k: v for k, v in dataset.labels.items() if v != 0}
     rows = []
     for cid in tqdm(test_ids, desc="evaluate", disable=not progress, unit="case", leave=False):
         gt = read_label(dataset.label_path(cid))
@@ -305,24 +328,30 @@ def predict_and_evaluate(folder: ModelFolder, network: torch.nn.Module, dataset:
 
 
 def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: int = 0, resume: bool = False,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, postprocess: str = "none") -> dict[str, Any]:
     """The foundation model, with its own heads and no fine-tuning, on ``data``'s test split.
 
-    The reference row "Foundation, no fine-tuning" of the benchmark tables. Needs the dataset's labels to be
-    the model's (its heads must mean the same classes). Writes ``run.json`` like :func:`finetune`."""
+    The reference row "Foundation, no fine-tuning" of the benchmark tables (FSEFT's "Generalization"). Every
+    foreground label of the dataset must be a class of the model, matched by name: a partially labelled model
+    is evaluated on the classes the dataset labels. Writes ``run.json`` like :func:`finetune`."""
     out = Path(out)
     run_file = out / "run.json"
     if run_file.is_file() and not resume:
         raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
+    if postprocess not in POSTPROCESSING:
+        raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
     folder = load_model_folder(model)
     dataset = RawDataset.load(data)
-    if dataset.labels != folder.labels:
-        raise MedadaptError(f"{dataset.root / 'dataset.json'}: its labels ({dataset.labels}) are not the model's "
-                            f"({folder.labels}), so the model's own heads cannot be evaluated on it zero-shot; "
-                            "fine-tune instead")
+    missing = [n for n, v in dataset.labels.items() if v != 0 and n not in folder.foreground]
+    if missing:
+        raise MedadaptError(f"{dataset.root / 'dataset.json'}: labels {missing} are not classes of the model "
+                            f"({', '.join(folder.foreground)}), so the model's own heads cannot be evaluated on "
+                            "it zero-shot; fine-tune instead")
     network = folder.load_network()
     identity = run_identity({"name": "zero-shot"}, 0, 0, split_seed, dataset, folder, network.state_dict(), "keep",
                             {})
+    if postprocess != "none":  # recorded only when used: the identities of earlier zero-shot runs stay valid
+        identity["postprocess"] = postprocess
     check_identity(out, identity)
     if run_file.is_file():
         return json.loads(run_file.read_text())
@@ -330,9 +359,10 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
     for cid in tqdm(test_ids, desc="check test cases", disable=not progress, unit="case", leave=False):
         dataset.load_case(cid)
     record_identity(out, identity)
-    summary = predict_and_evaluate(folder, network, dataset, test_ids, out, progress)
+    summary = predict_and_evaluate(folder, network, dataset, test_ids, out, progress, postprocess)
     record = {
         "method": {"name": "zero-shot"}, "shots": 0, "seed": None, "split_seed": split_seed,
+        "postprocess": postprocess,
         "foundation": str(Path(model).resolve()), "dataset": str(dataset.root), "dataset_name": dataset.name,
         "split": {"train": train_ids, "test": test_ids}, "shot_cases": [], "head": "keep",
         "identity": identity, "training": None,
