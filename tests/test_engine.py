@@ -134,3 +134,43 @@ def test_engine_learns_one_case_from_scratch(tmp_path, monkeypatch):
     gt = read_label(data / "labelsTr" / "one_000.nii.gz")
     (row,) = case_metrics(pred.array, gt.array, gt.spacing, {"blob": 1})
     assert row["dsc"] >= 0.8, row
+
+
+def test_strategy_owns_the_training_step(tiny_unet, tmp_path):
+    """A method that routes losses to different parameters is a strategy overriding train_step: here the
+    recipe's loss trains the head only and an extra term (given to the engine like any other) trains the
+    encoder only, with one optimiser. The engine runs it without knowing it."""
+    from medadapt.models.parts import head_parameters, model_parts
+    from medadapt.tuning.base import Strategy
+
+    class Routed(Strategy):
+        name = "routed-test"
+
+        def train_step(self, ctx, batch):
+            ctx.optimizer.zero_grad(set_to_none=True)
+            outputs = ctx.forward(batch["image"])
+            head = head_parameters(ctx.model)
+            encoder = list(model_parts(ctx.model).encoder.parameters())
+            seg = ctx.loss(ctx.model, batch, outputs)
+            extra = sum(term(ctx.model, batch, outputs) for term in ctx.loss_terms)
+            for loss, params in ((seg, head), (extra, encoder)):
+                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                for p, g in zip(params, grads):  # (the lowest deep-supervision head has loss weight 0)
+                    p.grad = g
+            ctx.optimizer.step()
+            return (seg + extra).detach()
+
+    model = tiny_unet(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = Routed()
+    model = strategy.prepare(model)
+    terms = [lambda m, b, out: sum(p.pow(2).sum() for p in model_parts(m).encoder.parameters()) * 1e-3]
+    cfg = TrainingConfig(epochs=1, iterations_per_epoch=2, initial_lr=1e-2, seed=0)
+    trainer = Trainer(model, strategy, RandomPatches(), cfg, tmp_path, loss_terms=terms, progress=False)
+    trainer.fit()
+    enc = {f"{p}encoder.{k}" for k in model_parts(model).encoder.state_dict() for p in ("", "decoder.")}
+    heads = {f"decoder.seg_layers.{k}" for k in model.decoder.seg_layers.state_dict()}
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= enc | heads and changed & heads and changed & enc
+    decoder_own = [k for k in before if k.startswith("decoder.") and k not in heads and "encoder" not in k]
+    assert decoder_own and not (changed & set(decoder_own))  # the rest of the decoder had no loss routed to it

@@ -271,3 +271,11 @@ def test_pretrain_bad_inputs(assembly, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"no annotation record for case {cases[1]!r}" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_export_nnunet_refuses_a_sigmoid_model(assembly, tmp_path, capsys):
+    pytest.importorskip("nnunetv2")
+    code = main(["export-nnunet", str(assembly["fm"]), "--out", str(tmp_path / "nn")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sigmoid model" in err and "has no nnU-Net form" in err
+    assert not (tmp_path / "nn").exists()

@@ -5,9 +5,11 @@ the optimiser, the learning-rate schedule (updated once per epoch), the loss, th
 the budget, an "epoch" being a fixed number of iterations over randomly sampled patches. Its defaults are
 nnU-Net's (SGD, Nesterov momentum 0.99, weight decay 3e-5, poly decay with power 0.9, Dice + CE with deep
 supervision, clipping at 12). The engine knows nothing about specific strategies or papers: it calls the
-:class:`~medadapt.tuning.Strategy` interface (``parameters``, ``attach``), and every loss is a loss term
-``term(model, batch, outputs) -> scalar tensor``: the recipe's, plus any extra ones (knowledge distillation,
-transductive terms on unlabelled volumes, ...).
+:class:`~medadapt.tuning.Strategy` interface (``parameters``, ``attach``, ``train_step``), and every loss is a
+loss term ``term(model, batch, outputs) -> scalar tensor``: the recipe's (in the form of the model's output
+activation), plus any extra ones (knowledge distillation, transductive terms on unlabelled volumes, ...). The
+training step belongs to the strategy (default: forward, every loss term, backward, clip, step), so a method
+that routes losses to different parameters needs no engine of its own.
 
 A checkpoint is written atomically after every epoch. Each epoch draws its randomness from (seed, epoch)
 alone, so a run resumed after being killed continues exactly as the uninterrupted run would have.
@@ -24,9 +26,8 @@ import copy
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,10 +38,9 @@ from medadapt.engine import distributed as dist_utils
 from medadapt.engine.losses import ACTIVATIONS, build_loss
 from medadapt.engine.recipe import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor
 from medadapt.errors import MedadaptError
-from medadapt.tuning.base import Strategy
+from medadapt.tuning.base import LossTerm, StepContext, Strategy
 from medadapt.utils.atomic import atomic_torch_save
 
-LossTerm = Callable[[nn.Module, dict, Any], torch.Tensor]
 CHECKPOINT = "checkpoint_latest.pt"
 
 
@@ -225,20 +225,11 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train_step(self, batch: dict) -> float:
-        """One iteration: forward, loss, backward, clip, step. Returns the loss value."""
-        batch = self._to_device(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        outputs = self.train_model(batch["image"])
-        loss = self.loss(self.model, batch, outputs)
-        for term in self.loss_terms:
-            loss = loss + term(self.model, batch, outputs)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} (learning rate too high?)")
-        loss.backward()
-        if self.config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        return float(loss.detach())
+        """One iteration, as the strategy takes it (by default forward, loss, backward, clip, step; see
+        :meth:`medadapt.tuning.Strategy.train_step`). Returns the loss value."""
+        ctx = StepContext(model=self.model, forward=self.train_model, optimizer=self.optimizer, loss=self.loss,
+                          loss_terms=self.loss_terms, grad_clip=self.config.grad_clip)
+        return float(self.strategy.train_step(ctx, self._to_device(batch)))
 
     def summary(self) -> dict[str, float]:
         it = self.history["iteration_seconds"]

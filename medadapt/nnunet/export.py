@@ -13,6 +13,13 @@ The zip holds the same files under ``<DatasetXXX_Name>/nnUNetTrainer__<plans>__<
 
 LoRA models are already merged when medadapt writes a model folder. Adapters are residual bottlenecks with a
 nonlinearity: they cannot be folded into nnU-Net's plain architecture, so a model with adapters is refused.
+
+Sigmoid models (one independent output per class; medadapt's partially labelled foundations and what is
+fine-tuned from them) are refused too. nnU-Net applies a sigmoid only in its region-based configuration, and
+its ``LabelManager`` treats a dataset as region-based only when some region joins several label values
+(``len(region) > 1``); a sigmoid model's classes are one label value each, which nnU-Net reads as a softmax
+dataset with a background output. Writing each class as a duplicated region (``[k, k]``) would pass that test
+by accident of its implementation, so medadapt does not do it.
 Files are written atomically, plans.json last: a folder with plans.json is complete.
 """
 from __future__ import annotations
@@ -130,6 +137,10 @@ def export_model(model: str | Path | ModelFolder, out: str | Path, zip_path: str
         raise MedadaptError(f"{where}: the model holds adapters ({folder.extensions}), which cannot be folded "
                             "into nnU-Net's plain network; export a model fine-tuned with another method "
                             "(LoRA is merged and exports fine)")
+    if folder.activation != "softmax":
+        raise MedadaptError(f"{where}: a {folder.activation} model (one independent output per class) has no nnU-Net "
+                            "form: nnU-Net's region-based configuration needs regions of several labels; predict "
+                            "with 'medadapt predict', or export a softmax model")
     source = folder.preprocessing.get("nnunet")
     if dataset_name is None:
         dataset_name = _default_dataset_name(folder, source)

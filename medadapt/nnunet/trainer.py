@@ -100,6 +100,13 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
             raise MedadaptError(f"--head keep: the dataset's labels {labels} are not those of "
                                 f"{self.medadapt_pretrained_source} ({self.medadapt_pretrained_labels}), so its "
                                 "heads cannot be kept; use --head fresh")
+        heads_misfit = [k for k, v in own.items() if ".seg_layers." in k
+                        and (k not in weights or tuple(weights[k].shape) != tuple(v.shape))]
+        if keep and heads_misfit:  # e.g. a sigmoid (partially labelled) foundation: one output per class, no
+            raise MedadaptError(  # background output, where this dataset's nnU-Net configuration is softmax
+                f"--head keep: the heads of {self.medadapt_pretrained_source} do not fit this configuration's "
+                f"output ({heads_misfit[0]}: a sigmoid model's heads cannot serve a softmax configuration); use "
+                "--head fresh")
         misfit = [k for k, v in own.items() if ".seg_layers." not in k
                   and (k not in weights or tuple(weights[k].shape) != tuple(v.shape))]
         if misfit:

@@ -12,14 +12,55 @@ PyTorch loop) uses it the same way::
 
 Masks are enforced with ``torch.optim`` step pre/post hooks, so they hold for every optimizer, including
 its momentum and weight decay, and the loop needs no strategy-specific code.
+
+The training step itself belongs to the strategy (:meth:`Strategy.train_step`), so that a method which routes
+different losses to different parameters (a distillation term to some weights only, a second optimiser, an
+alternating update) is a strategy, not an engine of its own. The engine hands it a :class:`StepContext` (the
+model, the module to run forward through, the optimiser, the recipe's loss term and any extra terms, the
+clipping) and knows no method; the default step is :func:`default_train_step`: forward, the sum of every loss
+term, backward, clip, step.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+
+#: a loss term: ``term(model, batch, outputs) -> scalar tensor``
+LossTerm = Callable[[nn.Module, dict, Any], torch.Tensor]
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What one training step works with, as the engine gives it to :meth:`Strategy.train_step`."""
+
+    model: nn.Module  #: the network (the object the strategy prepared; its parameters)
+    forward: nn.Module  #: what the forward pass runs through: the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    loss: LossTerm  #: the recipe's loss
+    loss_terms: Sequence[LossTerm] = ()  #: further terms (distillation, unlabelled volumes, ...)
+    grad_clip: float | None = None  #: gradient-norm clipping of the model's parameters (None: none)
+
+
+def default_train_step(ctx: StepContext, batch: dict) -> torch.Tensor:
+    """One iteration: forward, the recipe's loss plus every extra term, backward, clip, step. Returns the
+    (detached) loss."""
+    ctx.optimizer.zero_grad(set_to_none=True)
+    outputs = ctx.forward(batch["image"])
+    loss = ctx.loss(ctx.model, batch, outputs)
+    for term in ctx.loss_terms:
+        loss = loss + term(ctx.model, batch, outputs)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} (learning rate too high?)")
+    loss.backward()
+    if ctx.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.grad_clip)
+    ctx.optimizer.step()
+    return loss.detach()
 
 
 class Strategy:
@@ -56,6 +97,11 @@ class Strategy:
     def calibrate(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor],
                   batches: Iterable[dict]) -> None:
         """Look at the training data once before training (``loss_fn(model, batch)`` gives a scalar loss)."""
+
+    def train_step(self, ctx: StepContext, batch: dict) -> torch.Tensor:
+        """One training iteration on ``batch`` (already on the device); returns the loss. Override to route
+        losses to different parameters; the default is :func:`default_train_step`."""
+        return default_train_step(ctx, batch)
 
     def architecture(self, model: nn.Module) -> list[dict[str, Any]]:
         """Modules the strategy leaves in the final model beyond the plain network (e.g. adapters), as data
