@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output dataset folder")
     p.add_argument("--cases", type=_positive_int, default=50, help="number of cases (default 50)")
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
+    p.add_argument("--downsample", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                   help="the same field of view with this many times fewer voxels per axis, e.g. 1 2 2 (what the "
+                        "demo and the default benchmark grid use)")
     p.add_argument("--list", action="store_true",
                    help="list the built-in domains (name, region, labels) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -136,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "reference. The dataset's label names must be classes of the model (a "
                                    "partially labelled model is evaluated on the classes the dataset labels).")
     _add_run_inputs(p, "model folder")
+    p.add_argument("--all-cases", action="store_true",
+                   help="evaluate every case of --data (a held-out cohort) instead of its test split")
     _add_postprocess_option(p)
     p.add_argument("--resume", action="store_true", help="reuse a finished run in the same --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -324,6 +329,8 @@ def cmd_synth(args) -> int:
         raise MedadaptError("synth needs a DOMAIN and --out (see 'medadapt synth --help'; "
                             "'medadapt synth --list' shows the built-in domains)")
     spec = load_domain(args.domain)
+    if args.downsample:
+        spec = spec.downsampled(tuple(args.downsample))
     path = write_dataset(spec, args.out, num_cases=args.cases, seed=args.seed, progress=not args.quiet)
     print(f"wrote {args.cases} cases of domain {args.domain!r} to {path}")
     return 0
@@ -383,8 +390,8 @@ def cmd_zero_shot(args) -> int:
     from medadapt.workflows.finetune import zero_shot
 
     record = zero_shot(args.model, args.data, args.out, split_seed=args.split_seed, resume=args.resume,
-                       progress=not args.quiet, postprocess=args.postprocess)
-    _print_metrics(record["metrics"], "test cases")
+                       progress=not args.quiet, postprocess=args.postprocess, all_cases=args.all_cases)
+    _print_metrics(record["metrics"], "cases" if args.all_cases else "test cases")
     print(f"results in {args.out}")
     return 0
 

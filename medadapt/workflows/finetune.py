@@ -328,8 +328,9 @@ def predict_and_evaluate(folder: ModelFolder, network: torch.nn.Module, dataset:
 
 
 def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: int = 0, resume: bool = False,
-              progress: bool = True, postprocess: str = "none") -> dict[str, Any]:
-    """The foundation model, with its own heads and no fine-tuning, on ``data``'s test split.
+              progress: bool = True, postprocess: str = "none", all_cases: bool = False) -> dict[str, Any]:
+    """The foundation model, with its own heads and no fine-tuning, on ``data``'s test split (``all_cases``:
+    on every case of ``data``, a held-out cohort).
 
     The reference row "Foundation, no fine-tuning" of the benchmark tables (FSEFT's "Generalization"). Every
     foreground label of the dataset must be a class of the model, matched by name: a partially labelled model
@@ -352,10 +353,15 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
                             {})
     if postprocess != "none":  # recorded only when used: the identities of earlier zero-shot runs stay valid
         identity["postprocess"] = postprocess
+    if all_cases:
+        identity["cases"] = "all"
     check_identity(out, identity)
     if run_file.is_file():
         return json.loads(run_file.read_text())
-    train_ids, test_ids = train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)
+    if all_cases:
+        train_ids, test_ids = [], list(dataset.case_ids)
+    else:
+        train_ids, test_ids = train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)
     for cid in tqdm(test_ids, desc="check test cases", disable=not progress, unit="case", leave=False):
         dataset.load_case(cid)
     record_identity(out, identity)
