@@ -40,6 +40,10 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=None, help="lora: alpha; scale = alpha/r (default r)")
     p.add_argument("--adapter-reduction", type=_positive_int, default=None,
                    help="adapter: channel reduction factor of the bottleneck (default 4)")
+    p.add_argument("--adapter-kernel-size", type=_positive_int, default=None,
+                   help="spatial-adapter: kernel size of its convolutions (default 3; 1: FSEFT's MLP comparison)")
+    p.add_argument("--adapter-width", type=_positive_int, default=None,
+                   help="spatial-adapter: its output channels (default: the feature map's)")
 
 
 def _add_run_inputs(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -64,7 +68,8 @@ def _add_head_option(p: argparse.ArgumentParser) -> None:
 
 
 def _method_options(args) -> dict:
-    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "reduction": args.adapter_reduction}
+    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "reduction": args.adapter_reduction,
+            "kernel_size": args.adapter_kernel_size, "width": args.adapter_width}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "1e-2 for scratch)")
     _add_head_option(p)
     _add_postprocess_option(p)
+    p.add_argument("--transductive", choices=("query", "batch"), default=None,
+                   help="FSEFT's transductive inference: the test volumes' predicted sizes are kept within a "
+                        "margin of the support's (spatial-adapter); query: an adapter per test volume (the "
+                        "paper's), batch: one for all")
+    p.add_argument("--ti-lambda", type=float, default=1.0, help="weight of the size constraint (default 1)")
+    p.add_argument("--ti-margin", type=float, default=0.1,
+                   help="margin gamma of the size constraint, in [0, 1) (default 0.1)")
     _add_training_options(p, "the one the model folder recommends, else dgst-paper")
     p.set_defaults(func=cmd_finetune)
 
@@ -349,6 +361,16 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _transductive(args):
+    from medadapt.tuning.transductive import Transductive
+
+    if args.transductive is None:
+        if args.ti_lambda != 1.0 or args.ti_margin != 0.1:
+            raise MedadaptError("--ti-lambda/--ti-margin: only with --transductive query|batch")
+        return None
+    return Transductive(mode=args.transductive, weight=args.ti_lambda, margin=args.ti_margin)
+
+
 def cmd_finetune(args) -> int:
     from medadapt.workflows.finetune import finetune
 
@@ -356,7 +378,7 @@ def cmd_finetune(args) -> int:
                       gamma=args.gamma, split_seed=args.split_seed, epochs=args.epochs,
                       iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
                       progress=not args.quiet, method_options=_method_options(args), head=args.head,
-                      recipe=args.recipe, postprocess=args.postprocess)
+                      recipe=args.recipe, postprocess=args.postprocess, transductive=_transductive(args))
     if not record:  # a torchrun rank other than 0: rank 0 reports
         return 0
     _print_metrics(record["metrics"], "test cases")

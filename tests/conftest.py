@@ -53,6 +53,26 @@ def world(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="session")
+def assembly(tmp_path_factory):
+    """Two tiny partially labelled cohorts (head and neck, chest) and a sigmoid foundation trained on both."""
+    from medadapt.cli import main
+
+    root = tmp_path_factory.mktemp("assembly")
+    os.environ.setdefault("MEDADAPT_CACHE", str(root / "cache"))
+    paths = {}
+    for name, builtin, n in (("srca", "src-a-hn", 4), ("srcb", "src-b-chest", 4), ("tgt", "tgt-chest", 6)):
+        spec_file = root / f"{name}.yaml"
+        spec_file.write_text(tiny_spec_yaml(builtin, name))
+        paths[name] = root / name
+        assert main(["synth", str(spec_file), "--out", str(paths[name]), "--cases", str(n), "--quiet"]) == 0
+    paths["fm"] = root / "fm"
+    assert main(["pretrain", "--data", str(paths["srca"]), "--data", str(paths["srcb"]), "--out", str(paths["fm"]),
+                 "--preset", "cpu-tiny", "--epochs", "1", "--iterations-per-epoch", "3", "--sampling", "datasets",
+                 "--quiet"]) == 0
+    return paths
+
+
 def random_batches(n: int, seed: int = 0, shape=(16, 32, 32)):
     """Random image/label batches for a tiny 3-stage U-Net (deep supervision at 1/1 and 1/2 resolution)."""
     g = torch.Generator().manual_seed(seed)

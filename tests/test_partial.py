@@ -1,13 +1,11 @@
 """Partially labelled, multi-dataset pretraining: the masked sigmoid loss, the label template and annotation
 records, template sampling, sigmoid prediction (thresholds, class subsets, LCC) and the workflows on top."""
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from medadapt.cli import main
 from medadapt.data.dataset import RawDataset
@@ -17,7 +15,6 @@ from medadapt.data.preprocessing import revert_prediction
 from medadapt.data.sampling import PatchSampler
 from medadapt.engine.losses import build_loss, masked_bce, sigmoid_dice_loss
 from medadapt.errors import MedadaptError
-from tests.conftest import tiny_spec_yaml
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -155,25 +152,6 @@ def test_revert_prediction_sigmoid_thresholds():
 
 
 # ------------------------------------------------------------------------------------------ the workflows
-@pytest.fixture(scope="module")
-def assembly(tmp_path_factory):
-    """Two tiny partially labelled cohorts (head and neck, chest) and a sigmoid foundation trained on both."""
-    root = tmp_path_factory.mktemp("assembly")
-    os.environ.setdefault("MEDADAPT_CACHE", str(root / "cache"))
-    paths = {}
-    for name, builtin, n in (("srca", "src-a-hn", 4), ("srcb", "src-b-chest", 4), ("tgt", "tgt-chest", 6)):
-        spec = yaml.safe_load(tiny_spec_yaml(builtin, name))
-        spec_file = root / f"{name}.yaml"
-        spec_file.write_text(yaml.safe_dump(spec))
-        paths[name] = root / name
-        assert main(["synth", str(spec_file), "--out", str(paths[name]), "--cases", str(n), "--quiet"]) == 0
-    paths["fm"] = root / "fm"
-    assert main(["pretrain", "--data", str(paths["srca"]), "--data", str(paths["srcb"]), "--out", str(paths["fm"]),
-                 "--preset", "cpu-tiny", "--epochs", "1", "--iterations-per-epoch", "3", "--sampling", "datasets",
-                 "--quiet"]) == 0
-    return paths
-
-
 def test_partial_pretrain_records_template(assembly):
     plans = json.loads((assembly["fm"] / "plans.json").read_text())
     assert plans["activation"] == "sigmoid"

@@ -209,6 +209,7 @@ class Trainer:
         for _ in range(cfg.iterations_per_epoch):
             t0 = time.perf_counter()
             batch = self.sampler.sample(rng)
+            batch["epoch"], batch["epochs"] = epoch, cfg.epochs  # for loss terms with a schedule of their own
             t1 = time.perf_counter()
             loss = dist_utils.mean_over_ranks(self.train_step(batch))
             t2 = time.perf_counter()

@@ -160,5 +160,9 @@ def apply_extension(network: nn.Module, extension: dict[str, Any]) -> None:
         from medadapt.models.adapters import AdapterConfig, inject_adapters
 
         inject_adapters(network, AdapterConfig(reduction=int(extension["reduction"])))
+    elif extension.get("type") == "spatial-adapter":
+        from medadapt.models.spatial_adapter import apply_extension_record
+
+        apply_extension_record(network, extension)
     else:
         raise MedadaptError(f"plans.json: unknown network extension {extension!r}; upgrade medadapt")

@@ -10,16 +10,17 @@ from medadapt.tuning.base import Strategy
 from medadapt.tuning.dense import FromScratch, FullFineTuning
 from medadapt.tuning.sparse import DGST, DRST, SGST, SparseUpdateStrategy, kernel_topk_indices
 from medadapt.tuning.subset import (AffineNorm, BiasNorm, BiasOnly, DecoderOnly, EncoderOnly, FineTuneLast,
-                                    LinearProbe, SubsetStrategy)
+                                    Generalization, LinearProbe, SubsetStrategy)
 
-_ORDER = (FromScratch, FullFineTuning, LinearProbe, BiasOnly, AffineNorm, BiasNorm, EncoderOnly, DecoderOnly,
-          FineTuneLast, "lora", "adapter", DRST, SGST, DGST)
+_ORDER = (Generalization, FromScratch, FullFineTuning, LinearProbe, BiasOnly, AffineNorm, BiasNorm, EncoderOnly, DecoderOnly,
+          FineTuneLast, "lora", "adapter", "spatial-adapter", DRST, SGST, DGST)
 
 
 def _registry() -> dict[str, type[Strategy]]:
     from medadapt.tuning.lowrank import LoRA, Adapter
+    from medadapt.tuning.spatial import SpatialAdapter
 
-    named = {"lora": LoRA, "adapter": Adapter}
+    named = {"lora": LoRA, "adapter": Adapter, "spatial-adapter": SpatialAdapter}
     return {(named[c] if isinstance(c, str) else c).name: (named[c] if isinstance(c, str) else c) for c in _ORDER}
 
 

@@ -73,6 +73,8 @@ class Strategy:
     summary: ClassVar[str] = "every parameter, from the foundation model"
     #: constructor options the strategy takes (``make_strategy`` passes only these)
     options: ClassVar[tuple[str, ...]] = ()
+    #: False for a method that evaluates the foundation as it is (its own heads, no training step)
+    trains: ClassVar[bool] = True
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Make ``model`` ready for training with this strategy; returns the model to train."""

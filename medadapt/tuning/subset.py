@@ -129,3 +129,21 @@ class FineTuneLast(SubsetStrategy):
 
     def trainable_subset(self, model):
         return module_parameters(model_parts(model).last_stage)
+
+
+class Generalization(Strategy):
+    """No adaptation: the foundation's own outputs for the target structures, matched by label name (FSEFT's
+    "Generalization" row). The workflow keeps the foundation's heads for the dataset's classes and skips
+    training."""
+
+    name = "generalization"
+    summary = "no training: the foundation's own outputs for the target's structures, by name (zero-shot)"
+    trains = False
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return []

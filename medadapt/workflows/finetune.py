@@ -32,6 +32,7 @@ Output folder::
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -58,6 +59,7 @@ from medadapt.models.model_folder import output_channels
 from medadapt.models.network import build_network
 from medadapt.tuning import make_strategy
 from medadapt.tuning.delta import make_delta, save_delta
+from medadapt.tuning.transductive import Transductive
 from medadapt.utils.atomic import atomic_write_json
 from medadapt.utils.hashing import stable_hash
 from medadapt.workflows.common import (dataset_cache_dir, environment, model_fingerprint, total_parameter_count,
@@ -194,7 +196,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
              gamma: int | None = None, split_seed: int = 0, epochs: int | None = None,
              iterations_per_epoch: int | None = None, lr: float | None = None, resume: bool = False,
              progress: bool = True, method_options: dict[str, Any] | None = None, head: str = "fresh",
-             recipe: "str | Path | Recipe | None" = None, postprocess: str = "none") -> dict[str, Any]:
+             recipe: "str | Path | Recipe | None" = None, postprocess: str = "none",
+             transductive: "Transductive | None" = None) -> dict[str, Any]:
     """Fine-tune ``model`` on ``shots`` cases of ``data`` with ``method``; evaluate on the test split.
 
     ``method_options`` go to the strategy (e.g. ``rank``/``alpha`` for lora, ``reduction`` for adapter);
@@ -202,6 +205,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     from ``recipe`` (a built-in name, a file or a Recipe; default: the one the model folder recommends, else
     ``dgst-paper``), with ``epochs``, ``iterations_per_epoch`` and ``lr`` overriding it where given.
     ``postprocess`` (``none`` or ``lcc``) is applied to the test predictions (medadapt.inference.predictor).
+    ``transductive``: FSEFT's transductive inference on the test volumes (:class:`Transductive`); a method that
+    does not train (``generalization``) evaluates the foundation's own outputs for the dataset's classes.
     """
     out = Path(out)
     run_file = out / "run.json"
@@ -211,6 +216,13 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
     # validates --method and its options before any work
     strategy = make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
+    if not strategy.trains:
+        if transductive is not None:
+            raise MedadaptError(f"--transductive: --method {method} trains nothing; use a method that trains "
+                                "(spatial-adapter)")
+        head = "keep"  # the foundation's own outputs, by name
+    if transductive is not None:
+        transductive.check()
     distributed.init_from_env()
     progress = progress and distributed.is_main()
     folder = load_model_folder(model)
@@ -226,6 +238,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     identity = run_identity(strategy.config(), shots, seed, split_seed, dataset, folder, foundation, head,
                             config.to_dict())
     identity["postprocess"] = postprocess
+    if transductive is not None:  # recorded only when used: identities of inductive runs stay as they were
+        identity["transductive"] = dataclasses.asdict(transductive)
     if distributed.is_main():
         check_identity(out, identity)
     if run_file.is_file():
@@ -241,45 +255,83 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     cache = dataset_cache_dir(dataset.root)
     with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
         cases = preprocess_dataset(dataset, shot_ids, plan, cache, progress=progress)
+    if not strategy.trains:
+        missing = [n for n, v in dataset.labels.items() if v != 0 and n not in folder.foreground]
+        if missing:
+            raise MedadaptError(f"--method {method}: the foundation in {folder.path} does not know {missing} (its "
+                                f"classes: {', '.join(folder.foreground)}); fine-tune with a method that trains")
     network = load_foundation(folder, dataset, seed, head, foundation)
-    if distributed.is_main():  # every input is checked: from here on the folder is this run's
-        record_identity(out, identity)
-    torch.manual_seed(seed)  # strategies that initialise weights (scratch, adapters, LoRA) draw from here
-    network = strategy.prepare(network)
     spec = folder.network.with_classes(output_channels(dataset.labels, folder.activation))
     # a recipe's patch and batch replace the network's (the tuned model then predicts with that patch)
     spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
                                batch_size=resolved.batch_size or spec.batch_size)
+    priors = None
+    if transductive is not None:
+        if not test_ids:
+            raise MedadaptError(f"--transductive: {dataset.root} has no test volumes to constrain; use a dataset "
+                                "with at least 5 cases")
+        priors = transductive.priors(cases, dataset.labels)
+        with torch.random.fork_rng(devices=[]):  # the method must train the classifier head only: check first
+            from medadapt.tuning.transductive import transductive_tail
+
+            transductive_tail(make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
+                              .prepare(copy.deepcopy(network)))
+        with distributed.main_first():
+            queries = preprocess_dataset(dataset, test_ids, plan, cache, progress=progress)
+    if distributed.is_main():  # every input is checked: from here on the folder is this run's
+        record_identity(out, identity)
+
+    def prepared() -> torch.nn.Module:  # a fresh start for every query of the per-query mode
+        net = network if transductive is None or transductive.mode == "batch" else \
+            load_foundation(folder, dataset, seed, head, foundation)
+        torch.manual_seed(seed)  # strategies that initialise weights (scratch, adapters, LoRA) draw from here
+        return strategy.prepare(net)
+
     sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
                            augmentation=Augmentation(spec.patch_size))
-    trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
-                      description=f"finetune {method} {shots}-shot")
-    trainable = trainable_parameter_count(network)
-    updated_per_step = strategy.updated_per_step(network)
-    history = trainer.fit(resume=resume)
-    if not distributed.is_main():  # rank 0 writes the model, predicts and evaluates
+    # batch mode (and inductive runs): one model for every test volume; per-query mode: one for each
+    groups = ([(q, [q], out / "queries" / q) for q in test_ids]
+              if transductive is not None and transductive.mode == "query" else [(None, test_ids, out)])
+    by_id = dict(zip(test_ids, queries)) if transductive is not None else {}
+    for _, ids, where in groups:
+        net = prepared()
+        trainable = trainable_parameter_count(net)
+        updated_per_step = strategy.updated_per_step(net)
+        timing = {"median_iteration_seconds": None, "median_sampling_seconds": None, "final_epoch_loss": None}
+        if strategy.trains:
+            terms = [transductive.term(net, [by_id[q] for q in ids], priors, spec.patch_size)] if transductive \
+                else []
+            trainer = Trainer(net, strategy, sampler, config, where / "training", progress=progress,
+                              loss_terms=terms, description=f"finetune {method} {shots}-shot"
+                              + (f" {ids[0]}" if where != out else ""))
+            history = trainer.fit(resume=resume)
+            timing = trainer.summary()
+            if distributed.is_main():
+                atomic_write_json(where / "training" / "history.json", history)
+        if not distributed.is_main():  # rank 0 writes the model, predicts and evaluates
+            continue
+        delta = make_delta(foundation, net.state_dict(),
+                           meta={"strategy": strategy.config(), "num_classes": spec.num_classes,
+                                 "foundation": str(folder.path), "head": head})
+        save_delta(where / "delta.pt", delta)
+        final = strategy.finalize(net)
+        tuned = ModelFolder(
+            network=spec, preprocessing=folder.preprocessing, labels=dataset.labels,
+            channel_names=dataset.channel_names, file_ending=dataset.file_ending,
+            provenance={"kind": "finetune", "foundation": str(folder.path), "strategy": strategy.config(),
+                        "head": head, **({"query": ids[0]} if where != out else {})},
+            extensions=strategy.architecture(final),
+            recipe=folder.recipe, activation=folder.activation,
+            thresholds={n: t for n, t in folder.thresholds.items() if n in dataset.labels},
+        )
+        save_model_folder(where / "model", final, tuned)
+        predict_cases(tuned, final, dataset, ids, out / "predictions", progress, postprocess)
+    if not distributed.is_main():
         distributed.barrier()
         return {}
-    atomic_write_json(out / "training" / "history.json", history)
-
-    delta = make_delta(foundation, network.state_dict(),
-                       meta={"strategy": strategy.config(), "num_classes": spec.num_classes,
-                             "foundation": str(folder.path), "head": head})
-    save_delta(out / "delta.pt", delta)
-    final = strategy.finalize(network)
-    tuned = ModelFolder(
-        network=spec, preprocessing=folder.preprocessing, labels=dataset.labels,
-        channel_names=dataset.channel_names, file_ending=dataset.file_ending,
-        provenance={"kind": "finetune", "foundation": str(folder.path), "strategy": strategy.config(),
-                    "head": head},
-        extensions=strategy.architecture(final),
-        recipe=folder.recipe, activation=folder.activation,
-        thresholds={n: t for n, t in folder.thresholds.items() if n in dataset.labels},
-    )
-    save_model_folder(out / "model", final, tuned)
-    sizes = {"delta_bytes": (out / "delta.pt").stat().st_size,
-             "checkpoint_bytes": (out / "model" / "weights.pt").stat().st_size}
-    summary = predict_and_evaluate(tuned, final, dataset, test_ids, out, progress, postprocess)
+    sizes = {"delta_bytes": (where / "delta.pt").stat().st_size,
+             "checkpoint_bytes": (where / "model" / "weights.pt").stat().st_size}
+    summary = evaluate_cases(dataset, test_ids, out, progress)
 
     record = {
         "method": strategy.config(),
@@ -293,12 +345,13 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         "shot_cases": shot_ids,
         "head": head,
         "postprocess": postprocess,
+        "transductive": dataclasses.asdict(transductive) if transductive is not None else None,
         "identity": identity,
         "training": config.to_dict(),
         "recipe": resolved.to_dict(),
         "parameters": {"trainable": trainable, "updated_per_step": updated_per_step,
                        "total": total_parameter_count(final)},
-        "timing": trainer.summary(),
+        "timing": timing,
         "sizes": sizes,
         "metrics": summary,
         "environment": environment(),
@@ -308,23 +361,32 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     return record
 
 
-def predict_and_evaluate(folder: ModelFolder, network: torch.nn.Module, dataset: RawDataset, test_ids: list[str],
-                         out: Path, progress: bool, postprocess: str = "none") -> dict[str, Any]:
-    """Predict the test cases into ``out/predictions`` (the dataset's classes, by name, with its ids) and
-    evaluate them (``metrics_per_case.csv``, ``summary.json``); returns the summary."""
+def predict_cases(folder: ModelFolder, network: torch.nn.Module, dataset: RawDataset, ids: list[str],
+                  pred_dir: Path, progress: bool, postprocess: str = "none") -> None:
+    """Predict ``ids`` of ``dataset`` into ``pred_dir`` (the dataset's classes, by name, with its ids)."""
     foreground = {k: v for k, v in dataset.labels.items() if v != 0}
     predictor = Predictor(folder, network=network, postprocess=postprocess, classes=foreground)
-    pred_dir = out / "predictions"
-    test_cases = [(cid, dataset.image_paths(cid)) for cid in test_ids]
-    predictor.predict_files(test_cases, pred_dir, progress=progress)
+    predictor.predict_files([(cid, dataset.image_paths(cid)) for cid in ids], pred_dir, progress=progress)
+
+
+def evaluate_cases(dataset: RawDataset, ids: list[str], out: Path, progress: bool) -> dict[str, Any]:
+    """Evaluate ``out/predictions`` of ``ids`` (``metrics_per_case.csv``, ``summary.json``); returns the summary."""
+    foreground = {k: v for k, v in dataset.labels.items() if v != 0}
     rows = []
-    for cid in tqdm(test_ids, desc="evaluate", disable=not progress, unit="case", leave=False):
+    for cid in tqdm(ids, desc="evaluate", disable=not progress, unit="case", leave=False):
         gt = read_label(dataset.label_path(cid))
-        pred = read_label(pred_dir / f"{cid}{dataset.file_ending}")
+        pred = read_label(out / "predictions" / f"{cid}{dataset.file_ending}")
         rows.extend(case_metrics(pred.array, gt.array, gt.spacing, foreground, tolerance_mm=1.0, case=cid))
     summary = summarize(rows, tolerance_mm=1.0)
     write_metrics(rows, summary, out)
     return summary
+
+
+def predict_and_evaluate(folder: ModelFolder, network: torch.nn.Module, dataset: RawDataset, test_ids: list[str],
+                         out: Path, progress: bool, postprocess: str = "none") -> dict[str, Any]:
+    """Predict the test cases into ``out/predictions`` and evaluate them; returns the summary."""
+    predict_cases(folder, network, dataset, test_ids, out / "predictions", progress, postprocess)
+    return evaluate_cases(dataset, test_ids, out, progress)
 
 
 def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: int = 0, resume: bool = False,

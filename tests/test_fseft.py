@@ -1,0 +1,149 @@
+"""FSEFT (Silva-Rodriguez et al.): the spatial adapter, Generalization, and transductive inference under the
+anatomical size constraint (Eq. 2-3), on a tiny partially labelled foundation."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medadapt.cli import main
+from medadapt.data.io import read_label
+from medadapt.errors import MedadaptError
+from medadapt.models import load_model_folder
+from medadapt.models.spatial_adapter import SpatialAdapterHead, spatial_adapter_of
+from medadapt.tuning import make_strategy
+from medadapt.tuning.transductive import (Transductive, TransductiveTerm, size_constraint, size_prior,
+                                          transductive_tail)
+
+
+def _finetune(assembly, out, *extra, data="tgt", method="spatial-adapter"):
+    return main(["finetune", "--model", str(assembly["fm"]), "--data", str(assembly[data]), "--out", str(out),
+                 "--method", method, "--shots", "2", "--epochs", "2", "--iterations-per-epoch", "2", "--quiet",
+                 *extra])
+
+
+# ---------------------------------------------------------------------------------------------- the adapter
+def test_spatial_adapter_architecture(tiny_unet):
+    model = tiny_unet(num_classes=3)
+    features = model.decoder.seg_layers[-1].in_channels
+    strategy = make_strategy("spatial-adapter", kernel_size=3)
+    model = strategy.prepare(model)
+    head = spatial_adapter_of(model)
+    assert isinstance(head, SpatialAdapterHead) and model.decoder.seg_layers[-1] is head
+    convs = [m for m in head.adapter.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert [c.kernel_size for c in convs] == [(3, 3, 3), (3, 3, 3)]  # in = out: MONAI's skip is the identity
+    assert all(isinstance(m, torch.nn.BatchNorm3d) for m in (head.adapter.norm1, head.adapter.norm2))
+    assert head.classifier.in_channels == features and head.classifier.out_channels == 3
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    last = len(model.decoder.seg_layers) - 1
+    assert trainable and all(n.startswith(f"decoder.seg_layers.{last}.") for n in trainable)
+    out = model(torch.randn(2, 1, 16, 32, 32))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 3, 16, 32, 32)  # deep supervision off
+    mlp = make_strategy("spatial-adapter", kernel_size=1, width=6).prepare(tiny_unet())
+    convs = [m for m in spatial_adapter_of(mlp).adapter.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert [c.kernel_size for c in convs] == [(1, 1, 1)] * 3 and convs[0].out_channels == 6  # + the skip conv
+    with pytest.raises(MedadaptError, match="--adapter-kernel-size 2: must be an odd"):
+        make_strategy("spatial-adapter", kernel_size=2)
+
+
+def test_spatial_adapter_run_keeps_the_backbone(assembly, tmp_path):
+    run = tmp_path / "sa"
+    assert _finetune(assembly, run) == 0
+    foundation = load_model_folder(assembly["fm"]).load_network().state_dict()
+    folder = load_model_folder(run / "model")
+    assert folder.extensions == [{"type": "spatial-adapter", "kernel_size": 3, "width": None}]
+    tuned = folder.load_network()  # the adapter is rebuilt from the extension record and reloads
+    state = tuned.state_dict()
+    backbone = [k for k in foundation if not k.startswith("decoder.seg_layers.") and k in state]
+    assert len(backbone) > 20 and all(torch.equal(state[k], foundation[k]) for k in backbone)
+    assert isinstance(tuned.decoder.seg_layers[-1], SpatialAdapterHead)
+    record = json.loads((run / "run.json").read_text())
+    assert record["parameters"]["trainable"] == sum(p.numel() for p in tuned.decoder.seg_layers[-1].parameters())
+
+
+# ---------------------------------------------------------------------------------------------- Generalization
+def test_generalization_equals_the_foundation(assembly, tmp_path):
+    run = tmp_path / "gen"
+    assert _finetune(assembly, run, data="srcb", method="generalization") == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["head"] == "keep" and record["timing"]["median_iteration_seconds"] is None
+    labels = json.loads((assembly["srcb"] / "dataset.json").read_text())["labels"]
+    classes = ",".join(f"{n}={v}" for n, v in labels.items() if v)
+    ref = tmp_path / "ref"
+    assert main(["predict", "--model", str(assembly["fm"]), "--input", str(assembly["srcb"] / "imagesTr"),
+                 "--out", str(ref), "--classes", classes, "--quiet"]) == 0
+    for case in record["split"]["test"]:
+        a = read_label(run / "predictions" / f"{case}.nii.gz").array
+        b = read_label(ref / f"{case}.nii.gz").array
+        assert np.array_equal(a, b)
+    # the target labels structures the foundation does not know
+    assert _finetune(assembly, tmp_path / "gen-tgt", method="generalization") == 2
+    assert not (tmp_path / "gen-tgt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the size constraint
+def test_size_constraint_hand_computed():
+    S, g = 1000.0, 0.1
+    for pred, expected in ((950.0, 0.0), (900.0, 0.0), (1100.0, 0.0), (800.0, 100 / 1000), (1300.0, 200 / 1000)):
+        assert size_constraint(torch.tensor(pred), S, g).item() == pytest.approx(expected)
+    assert size_constraint(torch.tensor(0.0), S, 0.0).item() == pytest.approx(1.0)
+
+
+def test_size_prior_is_robust_from_five_scans():
+    assert size_prior([100, 200]) == 150
+    assert size_prior([100, 110, 90, 105, 1000]) == pytest.approx(np.mean([100, 110, 90, 105]))
+    assert size_prior([10, 10, 10, 10, 10]) == 10  # std 0: nothing inside the open interval -> the median
+
+
+def test_ti_gradient_reaches_only_the_adapter(tiny_unet):
+    model = make_strategy("spatial-adapter").prepare(tiny_unet(num_classes=2))
+    tail = transductive_tail(model)
+    feats = [torch.randn(1, tail.classifier.in_channels, 8, 16, 16)]
+    term = TransductiveTerm(tail, feats, priors=[5.0, 5.0], margin=0.1)
+    loss = term(model, {"epoch": 9, "epochs": 10}, None)
+    assert loss.item() > 0  # sigmoid sums of ~2,000 voxels are far above a prior of 5
+    loss.backward()
+    inside = {id(p) for p in tail.parameters()}
+    assert all(p.grad is not None for p in tail.parameters())
+    assert all(p.grad is None for p in model.parameters() if id(p) not in inside)
+    assert term(model, {"epoch": 4, "epochs": 10}, None).item() == 0  # the first half of training: off
+    full = make_strategy("full").prepare(tiny_unet())
+    with pytest.raises(MedadaptError, match="--transductive: the method trains .* use --method spatial-adapter"):
+        transductive_tail(full)
+
+
+@pytest.mark.parametrize("mode", ["query", "batch"])
+def test_transductive_modes(assembly, tmp_path, mode):
+    run = tmp_path / mode
+    assert _finetune(assembly, run, "--transductive", mode, "--ti-margin", "0.2") == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["transductive"] == {"mode": mode, "weight": 1.0, "margin": 0.2, "active_fraction": 0.5}
+    test = record["split"]["test"]
+    assert sorted(p.name for p in (run / "predictions").iterdir()) == sorted(f"{c}.nii.gz" for c in test)
+    if mode == "query":  # one adapter per test volume
+        assert sorted(p.name for p in (run / "queries").iterdir()) == sorted(test)
+        assert all((run / "queries" / c / "model" / "plans.json").is_file() for c in test)
+        assert not (run / "model").exists()
+    else:
+        assert (run / "model" / "plans.json").is_file() and not (run / "queries").exists()
+
+
+def test_transductive_bad_inputs(assembly, tmp_path, capsys):
+    cases = [(["--transductive", "batch", "--ti-margin", "1.5"], "--ti-margin 1.5: must be in [0, 1)"),
+             (["--transductive", "batch", "--ti-lambda", "-1"], "--ti-lambda -1.0: must be a positive"),
+             (["--ti-margin", "0.3"], "only with --transductive"),
+             (["--transductive", "query", "--method", "full"], "use --method spatial-adapter")]
+    for i, (extra, message) in enumerate(cases):
+        args = list(extra)
+        method = "spatial-adapter"
+        if "--method" in args:
+            method = args[args.index("--method") + 1]
+            del args[args.index("--method"):args.index("--method") + 2]
+        assert _finetune(assembly, tmp_path / f"bad{i}", *args, method=method) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / f"bad{i}").exists()
+    with pytest.raises(MedadaptError, match="no support scan holds 'aorta'"):
+        class Empty:
+            seg = np.zeros((4, 4, 4), np.int16)
+        Transductive().priors([Empty(), Empty()], {"background": 0, "aorta": 1})
