@@ -108,14 +108,23 @@ def _sync_for(device: torch.device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
+def io_channels(network: torch.nn.Module) -> tuple[int, int]:
+    """(input channels, classes) of a segmentation network: its first convolution's input, its (highest-resolution)
+    head's output."""
+    from medadapt.models.parts import is_conv, model_parts
+
+    channels = next(m for m in network.modules() if is_conv(m)).in_channels
+    head_convs = [m for m in model_parts(network).heads[-1].modules() if is_conv(m)]
+    return channels, head_convs[-1].out_channels
+
+
 def time_methods(foundation: torch.nn.Module, methods: Sequence[str], patch: Sequence[int], batch: int,
                  iterations: int = 5, warmup: int = 2, options: dict | None = None, device: str = "cpu",
                  progress: bool = True) -> dict[str, dict[str, float]]:
     """Median seconds per phase for each method, interleaved round-robin on identical batches."""
     device_t = torch.device(device)
     foundation = foundation.to(device_t)
-    channels = next(m for m in foundation.modules() if isinstance(m, torch.nn.Conv3d)).in_channels
-    classes = foundation.decoder.seg_layers[-1].out_channels
+    channels, classes = io_channels(foundation)
     batches = make_batches(warmup + iterations, batch, channels, classes, patch, device=device)
     sync = _sync_for(device_t)
     runs = [_Run(m, foundation, options or {}, batches[:1], sync) for m in methods]
@@ -196,8 +205,7 @@ def cpu_peak_memory(spec: NetworkSpec, weights: Path | None, method: str, option
 def gpu_peak_memory(foundation: torch.nn.Module, method: str, options: dict, patch, batch: int,
                     iterations: int = 2) -> int:
     device = torch.device("cuda")
-    channels = next(m for m in foundation.modules() if isinstance(m, torch.nn.Conv3d)).in_channels
-    classes = foundation.decoder.seg_layers[-1].out_channels
+    channels, classes = io_channels(foundation)
     batches = make_batches(iterations, batch, channels, classes, patch, device="cuda")
     run = _Run(method, foundation.to(device), options, batches[:1], torch.cuda.synchronize)
     torch.cuda.synchronize()

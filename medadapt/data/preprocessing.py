@@ -36,8 +36,9 @@ _SCHEME_ALIASES = {
     "ct": "CT", "ctnormalization": "CT",
     "zscore": "ZScore", "zscorenormalization": "ZScore",
     "none": "none", "nonorm": "none", "nonormalization": "none",
+    "scaleintensityrange": "ScaleIntensityRange", "scaleintensityranged": "ScaleIntensityRange",
 }
-SCHEMES = ("CT", "ZScore", "none")
+SCHEMES = ("CT", "ZScore", "none", "ScaleIntensityRange")
 
 
 def canonical_scheme(scheme: str, option: str = "normalization") -> str:
@@ -45,7 +46,8 @@ def canonical_scheme(scheme: str, option: str = "normalization") -> str:
     key = str(scheme).strip().lower().replace("_", "").replace("-", "")
     if key not in _SCHEME_ALIASES:
         raise MedadaptError(f"{option}: unknown normalization scheme {scheme!r}; use one of "
-                            f"{', '.join(SCHEMES)} (CT for CT images, ZScore for anything else)")
+                            f"{', '.join(SCHEMES)} (CT for CT images, ZScore for anything else, "
+                            "ScaleIntensityRange for MONAI models)")
     return _SCHEME_ALIASES[key]
 
 
@@ -84,6 +86,55 @@ class IntensityProperties:
             raise MedadaptError(f"intensity_properties: malformed entry {d!r} ({exc}); re-create the plan") from None
 
 
+@dataclass(frozen=True)
+class IntensityRange:
+    """Parameters of the ``ScaleIntensityRange`` scheme: MONAI's ``ScaleIntensityRange(a_min, a_max, b_min, b_max,
+    clip)``, the normalisation of MONAI's CT pipelines (SwinUNETR/UNETR on BTCV: a_min -175, a_max 250, b_min 0,
+    b_max 1, clip). Kept apart from nnU-Net's schemes: it is fixed by the model, not measured on the data.
+
+    ``x -> (x - a_min) / (a_max - a_min) * (b_max - b_min) + b_min``, clipped to [b_min, b_max] with ``clip``,
+    computed in float32 in MONAI's order of operations (so the values equal MONAI's bit for bit).
+    """
+
+    a_min: float
+    a_max: float
+    b_min: float = 0.0
+    b_max: float = 1.0
+    clip: bool = True
+
+    def __post_init__(self):
+        values = (self.a_min, self.a_max, self.b_min, self.b_max)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+            raise MedadaptError(f"intensity range: {values} must be four finite numbers (a_min, a_max, b_min, b_max)")
+        if not self.a_max > self.a_min:
+            raise MedadaptError(f"intensity range: a_max {self.a_max:g} must be above a_min {self.a_min:g}")
+        if not self.b_max > self.b_min:
+            raise MedadaptError(f"intensity range: b_max {self.b_max:g} must be above b_min {self.b_min:g}")
+        if not isinstance(self.clip, bool):
+            raise MedadaptError(f"intensity range: clip {self.clip!r} must be true or false")
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        out = np.asarray(image, dtype=np.float32)
+        out = (out - np.float32(self.a_min)) / np.float32(self.a_max - self.a_min)
+        out = out * np.float32(self.b_max - self.b_min) + np.float32(self.b_min)
+        if self.clip:
+            np.clip(out, np.float32(self.b_min), np.float32(self.b_max), out=out)
+        return out.astype(np.float32, copy=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a_min": float(self.a_min), "a_max": float(self.a_max), "b_min": float(self.b_min),
+                "b_max": float(self.b_max), "clip": bool(self.clip)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IntensityRange":
+        try:
+            return cls(a_min=float(d["a_min"]), a_max=float(d["a_max"]), b_min=float(d.get("b_min", 0.0)),
+                       b_max=float(d.get("b_max", 1.0)), clip=d.get("clip", True))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MedadaptError(f"intensity_ranges: malformed entry {d!r} ({exc!r}); give a_min, a_max, b_min, "
+                                "b_max, clip") from None
+
+
 def sample_foreground(image: np.ndarray, label: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
     """Up to ``num_samples`` raw foreground (label > 0) intensities of one case, drawn without replacement."""
     fg = np.asarray(image)[np.asarray(label) > 0]
@@ -117,15 +168,22 @@ def compute_intensity_properties(images: list[np.ndarray], labels: list[np.ndarr
     return properties_from_samples(np.concatenate(samples) if samples else np.zeros(0))
 
 
-def normalize(image: np.ndarray, scheme: str, props: IntensityProperties | None) -> np.ndarray:
+def normalize(image: np.ndarray, scheme: str, props: IntensityProperties | None,
+              intensity_range: IntensityRange | None = None) -> np.ndarray:
     """Normalize one channel; returns a new float32 array.
 
     ``"CT"``: clip to [percentile_00_5, percentile_99_5] of the training foreground, then (x - mean) / std
     (nnU-Net's CTNormalization). ``"ZScore"``: (x - mean(x)) / std(x) over the whole image (nnU-Net's
-    ZScoreNormalization without mask). ``"none"``: cast only.
+    ZScoreNormalization without mask). ``"none"``: cast only. ``"ScaleIntensityRange"``: MONAI's transform of
+    that name with ``intensity_range`` (see :class:`IntensityRange`).
     """
     scheme = canonical_scheme(scheme)
     out = np.array(image, dtype=np.float32, copy=True)
+    if scheme == "ScaleIntensityRange":
+        if intensity_range is None:
+            raise MedadaptError("normalization: scheme ScaleIntensityRange needs its intensity range "
+                                "(a_min, a_max, b_min, b_max); give it in the plan's intensity_ranges")
+        return intensity_range.apply(out)
     if scheme == "CT":
         if props is None:
             raise MedadaptError("normalization: scheme CT needs the training foreground intensity properties; "
@@ -187,6 +245,9 @@ class PreprocessingPlan:
     #: an nnU-Net model's plans ({"plans", "configuration", ...}): cases then go through nnunetv2's own
     #: preprocessor and export code (medadapt.nnunet.preprocessing); the fields above only describe them
     nnunet: dict[str, Any] | None = None
+    #: one per channel: the range of a "ScaleIntensityRange" channel, None for the others; None when no
+    #: channel uses that scheme (and then absent from to_dict(), so older plans keep their cache key)
+    intensity_ranges: list[IntensityRange | None] | None = None
 
     def __post_init__(self):
         self.target_spacing = tuple(float(s) for s in self.target_spacing)
@@ -194,6 +255,16 @@ class PreprocessingPlan:
         if len(self.intensity_properties) != len(self.normalization):
             raise MedadaptError(f"normalization: {len(self.normalization)} schemes but "
                                 f"{len(self.intensity_properties)} intensity property entries; re-create the plan")
+        ranged = [s == "ScaleIntensityRange" for s in self.normalization]
+        if any(ranged) or self.intensity_ranges is not None:
+            ranges = list(self.intensity_ranges or [])
+            if len(ranges) != len(self.normalization) or any(
+                    (r is None) == uses for r, uses in zip(ranges, ranged)):
+                raise MedadaptError("intensity_ranges: give one range per ScaleIntensityRange channel and null for "
+                                    f"every other channel (normalization {self.normalization}, intensity_ranges "
+                                    f"{self.intensity_ranges}); fix the plan")
+            self.intensity_ranges = [r if r is None or isinstance(r, IntensityRange) else IntensityRange.from_dict(r)
+                                     for r in ranges]
         if self.orientation is not None:
             codes = str(self.orientation).upper()
             try:
@@ -215,6 +286,8 @@ class PreprocessingPlan:
         }
         if self.nnunet is not None:
             out["nnunet"] = self.nnunet
+        if self.intensity_ranges is not None:
+            out["intensity_ranges"] = [r.to_dict() if r is not None else None for r in self.intensity_ranges]
         return out
 
     @classmethod
@@ -227,6 +300,7 @@ class PreprocessingPlan:
                                       for p in d["intensity_properties"]],
                 orientation=d.get("orientation"),
                 nnunet=d.get("nnunet"),
+                intensity_ranges=d.get("intensity_ranges"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MedadaptError(f"preprocessing plan: malformed ({exc!r}); re-create it") from None
@@ -296,6 +370,9 @@ def plan_from_datasets(parts: Sequence[tuple[RawDataset, Sequence[str]]], normal
             raise MedadaptError(f"normalization: {len(normalization)} scheme(s) given but "
                                 f"{dataset.root / 'dataset.json'} lists {n_ch} channel(s); give one per channel")
         schemes = [canonical_scheme(s) for s in normalization]
+        if "ScaleIntensityRange" in schemes:
+            raise MedadaptError("normalization: ScaleIntensityRange is fixed by a model (its intensity range), not "
+                                "planned from data; build the PreprocessingPlan with intensity_ranges directly")
 
     rng = np.random.default_rng(0)
     orientation: str | None = None
@@ -358,7 +435,8 @@ def preprocess_case(images: list[Volume], label: Volume | None, plan: Preprocess
 
     data = np.empty((len(images), *new_shape), dtype=np.float32)
     for c, (arr, _, _) in enumerate(reoriented):
-        normed = normalize(arr, plan.normalization[c], plan.intensity_properties[c])
+        normed = normalize(arr, plan.normalization[c], plan.intensity_properties[c],
+                           plan.intensity_ranges[c] if plan.intensity_ranges is not None else None)
         data[c] = _resample_image_to_shape(normed, new_shape, axis)
     seg = None
     if label is not None:

@@ -1,4 +1,5 @@
-"""Networks (nnU-Net's, via dynamic-network-architectures), presets, model folders and part discovery."""
+"""Networks (nnU-Net's, via dynamic-network-architectures; MONAI's SwinUNETR, medadapt.models.swin), presets, model
+folders and part discovery."""
 from medadapt.models.network import NetworkSpec, build_network, PRESETS, preset
 from medadapt.models.parts import ModelParts, model_parts
 from medadapt.models.model_folder import ModelFolder, save_model_folder, load_model_folder

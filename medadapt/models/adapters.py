@@ -1,4 +1,4 @@
-"""Residual bottleneck conv adapters after every encoder and decoder stage of a U-Net.
+"""Residual bottleneck conv adapters after every encoder and decoder stage of a U-Net (or SwinUNETR conv block).
 
 An adapter computes ``x + up(act(down(x)))``: ``down`` a 3x3x3 conv ``C -> max(1, C // reduction)`` (spatial, as
 FSEFT's spatial adapters argue for dense prediction), LeakyReLU(0.01), ``up`` a 1x1x1 conv back to ``C``. ``up``'s
@@ -7,7 +7,11 @@ adapters are trained. The conv ops have the dimensionality of the network (found
 
 Placement: after the convolution blocks of every stage of the encoder (``model_parts(model).encoder.stages[i]``)
 and of the decoder (``decoder.stages[i]``) of nnU-Net's PlainConvUNet and ResidualEncoderUNet. The adapted encoder
-output is both the skip connection and the next stage's input.
+output is both the skip connection and the next stage's input. A network that declares ``adapter_sites`` in its
+:class:`~medadapt.models.parts.ModelParts` gets them there instead: SwinUNETR after each of its ten conv blocks
+(``encoder1``-``encoder4`` and ``encoder10``, whose outputs are the skip connections and the bottleneck, and
+``decoder5``-``decoder1``); not inside the Swin transformer, whose blocks work on channel-last token windows,
+not on feature maps a spatial conv adapter can take.
 
 Mechanism: the adapter becomes a child ``medadapt_adapter`` of the module that produces the stage's output (the
 stage itself, or, where the stage is an ``nn.Sequential`` whose forward would also run a new child, its last
@@ -101,20 +105,24 @@ def _last_conv(block: nn.Module) -> nn.Module:
 
 def _stages(model: nn.Module) -> list[nn.Module]:
     parts = model_parts(model)
+    if parts.adapter_sites:
+        return list(parts.adapter_sites)
     stages = []
     for role, part in (("encoder", parts.encoder), ("decoder", parts.decoder)):
         part_stages = getattr(part, "stages", None)
         if not isinstance(part_stages, (nn.Sequential, nn.ModuleList)):
             raise MedadaptError(
                 f"cannot place adapters in a {type(model).__name__}: its {role} has no 'stages' list "
-                "(adapters support nnU-Net's PlainConvUNet and ResidualEncoderUNet)"
+                "(adapters support nnU-Net's PlainConvUNet and ResidualEncoderUNet, and networks that declare "
+                "adapter_sites in medadapt_parts())"
             )
         stages += list(part_stages)
     return stages
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[nn.Module]:
-    """Add a residual adapter after every encoder and decoder stage of ``model``, in place.
+    """Add a residual adapter after every encoder and decoder stage (or declared adapter site) of ``model``, in
+    place.
 
     The base parameters keep their ``requires_grad`` (the strategy freezes them); the adapters' are trainable.
     Returns the adapters, encoder stages first, on the device and dtype of the stage they follow.

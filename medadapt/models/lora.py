@@ -1,18 +1,22 @@
-"""Mergeable LoRA (low-rank adaptation) for every convolution kernel of a network.
+"""Mergeable LoRA (low-rank adaptation) for every convolution and Linear weight of a network.
 
-Each convolution's ``weight`` is re-parametrised with :mod:`torch.nn.utils.parametrize`::
+Each convolution's and ``nn.Linear``'s ``weight`` is re-parametrised with :mod:`torch.nn.utils.parametrize`::
 
     W_eff = W0 + scale * (B @ A).reshape(W0.shape),      scale = alpha / rank
 
-where the kernel is viewed as a matrix ``W0.reshape(W0.shape[0], -1)``:
+where the weight is viewed as a matrix ``W0.reshape(W0.shape[0], -1)``:
 
+* ``nn.Linear``          weight ``(out, in)``             ->  rows = out, cols = in (the matrix itself)
 * ``nn.ConvNd``          weight ``(out, in/groups, *k)``  ->  rows = out, cols = in/groups * prod(k)
 * ``nn.ConvTransposeNd`` weight ``(in, out/groups, *k)``  ->  rows = in,  cols = out/groups * prod(k)
 
 ``A`` (rank x cols) is initialised like LoRA/peft (``kaiming_uniform_(a=sqrt(5))``) and ``B`` (rows x rank) with
 zeros, so an injected network computes exactly what the foundation model computes until ``B`` is trained. For a
-ConvNd this is the same update as peft's conv LoRA (an ``in -> rank`` conv with the layer's kernel followed by a
-1x1 ``rank -> out`` conv). The base kernel ``W0`` is frozen; the bias is left untouched (the strategy decides).
+Linear layer this is LoRA as published (Hu et al.) and as peft's ``lora.Linear`` computes it; for a ConvNd it
+is the same update as peft's conv LoRA (an ``in -> rank`` conv with the layer's kernel followed by a 1x1
+``rank -> out`` conv). The base weight ``W0`` is frozen; the bias is left untouched (the strategy decides).
+In a SwinUNETR the Linear layers are the attention's ``qkv`` and ``proj``, the MLPs' ``linear1``/``linear2`` and
+the patch-merging ``reduction``; its relative-position bias tables are no layer weight and get no LoRA.
 
 Rank: a layer whose matrix is smaller than ``config.rank`` (``min(rows, cols) < rank``, e.g. a first conv with
 one input channel and a 1x1x1 kernel) gets rank ``min(rows, cols)`` -- a larger rank adds parameters but no
@@ -20,9 +24,9 @@ expressiveness. The scale stays ``alpha / config.rank`` for every layer so that 
 
 Merging: :func:`merge_lora` calls ``parametrize.remove_parametrizations(..., leave_parametrized=True)``, so the
 merged kernel is computed by the very function the forward pass uses; the network gets back its original module
-classes (plain ``nn.Conv3d`` ...), its original ``state_dict`` keys and a trainable ``weight``.
+classes (plain ``nn.Conv3d``, ``nn.Linear`` ...), its original ``state_dict`` keys and a trainable ``weight``.
 
-State dict while injected (for a conv at ``<m>``): ``<m>.parametrizations.weight.original`` (``W0``),
+State dict while injected (for a conv or Linear layer at ``<m>``): ``<m>.parametrizations.weight.original`` (``W0``),
 ``<m>.parametrizations.weight.0.lora_A``, ``<m>.parametrizations.weight.0.lora_B``, and ``<m>.bias`` as before.
 ``copy.deepcopy`` and ``state_dict()``/``load_state_dict()`` work; pickling the whole module (``torch.save(model)``)
 does not (a torch restriction on parametrised modules): save a state dict, or merge first.
@@ -45,7 +49,8 @@ from torch.nn.utils import parametrize
 
 from medadapt.errors import MedadaptError
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_TARGET_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                 nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class LoRAConfig:
 
 
 class LoRAParametrization(nn.Module):
-    """``W -> W + scale * (B @ A).reshape(W.shape)``; registered on a conv's ``weight``."""
+    """``W -> W + scale * (B @ A).reshape(W.shape)``; registered on a conv's or Linear layer's ``weight``."""
 
     def __init__(self, weight: torch.Tensor, rank: int, scale: float):
         super().__init__()
@@ -107,18 +112,18 @@ def _adapter_module_ids(model: nn.Module) -> set[int]:
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig, skip: Iterable[nn.Module] = ()) -> list[nn.Module]:
-    """Add a LoRA update to the kernel of every ConvNd/ConvTransposeNd of ``model``, in place.
+    """Add a LoRA update to the weight of every ConvNd/ConvTransposeNd/Linear layer of ``model``, in place.
 
-    Convolutions in ``skip`` (or inside a module in ``skip``; pass the segmentation heads) and inside medadapt
-    adapters are left alone. Each injected kernel ``W0`` is frozen; ``A``/``B`` are trainable; biases and all other
-    parameters keep their ``requires_grad``. Returns the injected conv modules, in ``model.modules()`` order.
+    Layers in ``skip`` (or inside a module in ``skip``; pass the segmentation heads) and inside medadapt adapters
+    are left alone. Each injected weight ``W0`` is frozen; ``A``/``B`` are trainable; biases and all other
+    parameters keep their ``requires_grad``. Returns the injected modules, in ``model.modules()`` order.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError("inject_lora needs a medadapt.models.lora.LoRAConfig")
     if has_lora(model):
         raise MedadaptError("this network already has LoRA layers; merge_lora() it before injecting again")
     skipped = {id(m) for s in skip for m in s.modules()} | _adapter_module_ids(model)
-    targets = [m for m in model.modules() if isinstance(m, _CONV_TYPES) and id(m) not in skipped]
+    targets = [m for m in model.modules() if isinstance(m, _TARGET_TYPES) and id(m) not in skipped]
     for m in targets:
         if parametrize.is_parametrized(m, "weight"):
             raise MedadaptError(f"cannot add LoRA to {m}: its weight is already parametrised")
@@ -130,7 +135,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, skip: Iterable[nn.Module] 
 
 
 def lora_modules(model: nn.Module) -> list[nn.Module]:
-    """The conv modules that carry a LoRA update."""
+    """The conv and Linear modules that carry a LoRA update."""
     return [m for m in model.modules() if _lora_of(m) is not None]
 
 
@@ -149,7 +154,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def lora_delta_weight(module: nn.Module) -> torch.Tensor:
-    """``W_eff - W0`` of one injected conv, shaped like its weight."""
+    """``W_eff - W0`` of one injected layer, shaped like its weight."""
     lora = _lora_of(module)
     if lora is None:
         raise ValueError(f"{type(module).__name__} has no LoRA update")
@@ -157,7 +162,7 @@ def lora_delta_weight(module: nn.Module) -> torch.Tensor:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its kernel, in place; returns ``model`` as a plain network.
+    """Fold every LoRA update into its weight, in place; returns ``model`` as a plain network.
 
     Afterwards the modules are their original classes, ``state_dict()`` has the original keys and every merged
     ``weight`` is an ordinary trainable parameter. A network without LoRA is returned unchanged.

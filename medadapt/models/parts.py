@@ -5,6 +5,8 @@ Strategies decide what to train from these roles, never from parameter-name subs
 recognised from their structure. Any other network declares its parts by defining a method::
 
     def medadapt_parts(self) -> medadapt.models.ModelParts: ...
+
+(MONAI's SwinUNETR does so in :mod:`medadapt.models.swin`.)
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from medadapt.errors import MedadaptError
 NORM_TYPES: tuple[type, ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm)
 CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                                 nn.ConvTranspose3d)
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,)
 
 
 @dataclass
@@ -26,12 +29,19 @@ class ModelParts:
 
     ``heads`` are the 1x1x1 output convolutions (one per deep-supervision resolution); ``last_stage`` the
     modules of the highest-resolution decoder stage (FSEFT's "last block": its upsampling and its convs).
+    ``adapter_sites``: the blocks after which medadapt's residual conv adapters go (each returns one
+    channel-first feature map); empty: after every ``stages`` entry of the encoder and decoder (nnU-Net).
+    ``extra_biases``: additive bias parameters that are no layer's ``bias`` attribute (SwinUNETR's
+    relative-position bias tables, added to the attention logits); the bias strategies train them with the
+    layer biases.
     """
 
     encoder: nn.Module | None
     decoder: nn.Module | None
     heads: list[nn.Module] = field(default_factory=list)
     last_stage: list[nn.Module] = field(default_factory=list)
+    adapter_sites: list[nn.Module] = field(default_factory=list)
+    extra_biases: list[nn.Parameter] = field(default_factory=list)
 
 
 def model_parts(model: nn.Module) -> ModelParts:
@@ -66,6 +76,10 @@ def is_conv(module: nn.Module) -> bool:
     return isinstance(module, CONV_TYPES)
 
 
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES)
+
+
 def _unique(params) -> list[nn.Parameter]:
     seen, out = set(), []
     for p in params:
@@ -80,9 +94,11 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def bias_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The additive biases of the layers that are not normalisation layers (BitFit's set for a CNN)."""
-    return _unique(m.bias for m in model.modules()
-                   if not is_norm(m) and isinstance(getattr(m, "bias", None), nn.Parameter))
+    """The additive biases of the layers that are not normalisation layers (convolutions, Linear layers: BitFit's
+    set), then the network's declared ``extra_biases`` (SwinUNETR's relative-position bias tables)."""
+    layer_biases = [m.bias for m in model.modules()
+                    if not is_norm(m) and isinstance(getattr(m, "bias", None), nn.Parameter)]
+    return _unique(layer_biases + list(model_parts(model).extra_biases))
 
 
 def norm_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -12,7 +12,9 @@ The zip holds the same files under ``<DatasetXXX_Name>/nnUNetTrainer__<plans>__<
 ``nnUNetv2_export_model_to_zip`` writes and ``nnUNetv2_install_pretrained_model_from_zip`` installs.
 
 LoRA models are already merged when medadapt writes a model folder. Adapters are residual bottlenecks with a
-nonlinearity: they cannot be folded into nnU-Net's plain architecture, so a model with adapters is refused.
+nonlinearity: they cannot be folded into nnU-Net's plain architecture, so a model with adapters is refused. So
+is a network nnU-Net does not build (one not from ``dynamic_network_architectures``, e.g. SwinUNETR) and a
+preprocessing scheme nnU-Net does not have (MONAI's ScaleIntensityRange).
 
 Sigmoid models (one independent output per class; medadapt's partially labelled foundations and what is
 fine-tuned from them) are refused too. nnU-Net applies a sigmoid only in its region-based configuration, and
@@ -20,6 +22,7 @@ its ``LabelManager`` treats a dataset as region-based only when some region join
 (``len(region) > 1``); a sigmoid model's classes are one label value each, which nnU-Net reads as a softmax
 dataset with a background output. Writing each class as a duplicated region (``[k, k]``) would pass that test
 by accident of its implementation, so medadapt does not do it.
+
 Files are written atomically, plans.json last: a folder with plans.json is complete.
 """
 from __future__ import annotations
@@ -39,6 +42,7 @@ from medadapt.utils.atomic import atomic_path, atomic_torch_save, atomic_write_j
 TRAINER = "nnUNetTrainer"  # the predictor builds the network with this class's build_network_architecture
 _SCHEME_NAMES = {"CT": "CTNormalization", "ZScore": "ZScoreNormalization", "none": "NoNormalization"}
 _DATASET_NAME = re.compile(r"^Dataset\d{3}_\w+$")
+NNUNET_NETWORK_PACKAGE = "dynamic_network_architectures."  # where nnU-Net's networks (PlainConvUNet, ResEnc) live
 
 
 def _resampling(order: int, is_seg: bool) -> dict[str, Any]:
@@ -133,6 +137,11 @@ def export_model(model: str | Path | ModelFolder, out: str | Path, zip_path: str
         raise MedadaptError(f"{model}: no such model folder; pass <finetune run>/model or another model folder")
     folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
     where = folder.path or Path(str(model))
+    network_class = folder.network.network_class_name
+    if not network_class.startswith(NNUNET_NETWORK_PACKAGE):
+        raise MedadaptError(f"{where}: its network is {network_class}, not an nnU-Net network "
+                            f"({NNUNET_NETWORK_PACKAGE}*), so nnU-Net cannot build or predict with it; use "
+                            "medadapt predict with the model folder instead")
     if folder.extensions:
         raise MedadaptError(f"{where}: the model holds adapters ({folder.extensions}), which cannot be folded "
                             "into nnU-Net's plain network; export a model fine-tuned with another method "
@@ -141,6 +150,10 @@ def export_model(model: str | Path | ModelFolder, out: str | Path, zip_path: str
         raise MedadaptError(f"{where}: a {folder.activation} model (one independent output per class) has no nnU-Net "
                             "form: nnU-Net's region-based configuration needs regions of several labels; predict "
                             "with 'medadapt predict', or export a softmax model")
+    unknown = sorted({s for s in folder.preprocessing.get("normalization", []) if s not in _SCHEME_NAMES})
+    if unknown and folder.preprocessing.get("nnunet") is None:
+        raise MedadaptError(f"{where}: its preprocessing normalises with {', '.join(unknown)}, which nnU-Net does "
+                            f"not have ({', '.join(_SCHEME_NAMES)}); use medadapt predict with the model folder")
     source = folder.preprocessing.get("nnunet")
     if dataset_name is None:
         dataset_name = _default_dataset_name(folder, source)

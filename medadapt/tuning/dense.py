@@ -12,7 +12,9 @@ class FullFineTuning(Strategy):
 
 
 class FromScratch(Strategy):
-    """Every parameter, re-initialised as nnU-Net initialises a new network (He, negative slope 1e-2).
+    """Every parameter, re-initialised as a new network of its kind: nnU-Net's He initialisation (negative slope
+    1e-2), or the network's own where its class declares one (MONAI's for SwinUNETR; see
+    :func:`medadapt.models.network.initialize_weights`).
 
     Uses nnU-Net's learning rate for training from random initialisation (1e-2) unless the user gives one:
     the fine-tuning rate of 1e-3 is meant for moving away from a good starting point, not for learning one.
@@ -23,10 +25,7 @@ class FromScratch(Strategy):
     summary = "every parameter, from random initialisation"
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+        from medadapt.models.network import initialize_weights
 
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        model.apply(InitWeights_He(1e-2))
+        initialize_weights(model)
         return super().prepare(model)

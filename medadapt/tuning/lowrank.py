@@ -20,11 +20,11 @@ def _freeze_all_but(model: nn.Module, keep: list[nn.Parameter]) -> None:
 
 
 class LoRA(Strategy):
-    """Low-rank updates W0 + (alpha/r)·B·A of every convolution and transposed-convolution kernel (heads are
-    trained in full); ``finalize`` folds them into the weights, giving back the plain architecture."""
+    """Low-rank updates W0 + (alpha/r)·B·A of every convolution, transposed-convolution and Linear weight (heads
+    are trained in full); ``finalize`` folds them into the weights, giving back the plain architecture."""
 
     name = "lora"
-    summary = "low-rank update of every conv kernel (rank r, alpha) + heads; merged after training"
+    summary = "low-rank update of every conv and Linear weight (rank r, alpha) + heads; merged after training"
     options = ("rank", "alpha")
 
     def __init__(self, rank: int = 4, alpha: float | None = None):
@@ -51,7 +51,8 @@ class LoRA(Strategy):
 
 
 class Adapter(Strategy):
-    """Zero-initialised residual bottleneck conv adapters after every encoder and decoder stage + heads."""
+    """Zero-initialised residual bottleneck conv adapters after every encoder and decoder stage (the network's
+    declared adapter sites) + heads."""
 
     name = "adapter"
     summary = "residual bottleneck conv adapters after each stage (zero-init) + heads"

@@ -6,6 +6,12 @@ normalisation affine parameters are always updated, and so are the segmentation 
 convolutions: they are the task-specific classifier, which every baseline of the paper trains). Every other
 entry must not move at all (Eq. 5).
 
+Transformers (SwinUNETR): a ``Linear`` layer's kernel C_o is its weight's output row ``weight[o, :]`` (the
+weights that produce output feature o), so attention ``qkv``/``proj``, MLP and patch-merging weights are
+sparse like convolution kernels. Parameters that belong to no conv or Linear weight -- biases, norm affine
+parameters, the network's declared extra biases (Swin's relative-position bias tables), the heads -- are
+updated in full (docs/methods.md).
+
 How the mask is enforced (follows the paper, not the released implementation): masking the gradient alone
 is not enough with nnU-Net's optimiser, because SGD's momentum buffer and weight decay would still move
 weights whose gradient was zeroed. The released LN-Seg-FM code masks only the gradient (and, as
@@ -25,7 +31,7 @@ import torch
 from torch import nn
 
 from medadapt.errors import MedadaptError
-from medadapt.models.parts import head_parameter_ids, is_conv
+from medadapt.models.parts import head_parameter_ids, is_conv, is_linear
 from medadapt.tuning.base import Strategy
 
 
@@ -60,7 +66,7 @@ def indices_to_mask(indices: torch.Tensor | None, like: torch.Tensor) -> torch.T
 
 
 def output_channel_dim(module: nn.Module) -> int:
-    """Dimension of a conv weight that indexes output channels (0 for ConvNd, 1 for ConvTransposeNd)."""
+    """Dimension of a weight that indexes output channels (0 for ConvNd and Linear, 1 for ConvTransposeNd)."""
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         if module.groups != 1:
             raise NotImplementedError("grouped transposed convolutions are not supported by sparse training")
@@ -89,7 +95,7 @@ class SparseUpdateStrategy(Strategy):
         self._sparse = [
             (m.weight, output_channel_dim(m))
             for m in model.modules()
-            if is_conv(m) and m.weight is not None and id(m.weight) not in heads
+            if (is_conv(m) or is_linear(m)) and m.weight is not None and id(m.weight) not in heads
         ]
         return model
 
@@ -173,7 +179,7 @@ class DGST(SparseUpdateStrategy):
     """Dynamic Gradient Sparsification Training: top-gamma |gradient| per kernel, re-chosen every step."""
 
     name = "dgst"
-    summary = "top-gamma entries by abs. gradient per conv kernel, each step + biases, norms, heads"
+    summary = "top-gamma entries by abs. gradient per kernel, each step + biases, norms, heads"
 
     def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor | None:
         return kernel_topk_indices(weight.grad.abs(), self.gamma, out_dim)
@@ -184,7 +190,7 @@ class DRST(SparseUpdateStrategy):
     every step, from a seeded generator (its state is checkpointed, so a resumed run draws the same entries)."""
 
     name = "drst"
-    summary = "gamma random entries per conv kernel each step + biases, norms, heads"
+    summary = "gamma random entries per kernel each step + biases, norms, heads"
     options = ("gamma", "seed")
 
     def __init__(self, gamma: int = 1, seed: int = 0):
@@ -227,7 +233,7 @@ class SGST(SparseUpdateStrategy):
     """
 
     name = "sgst"
-    summary = "fixed top-gamma entries per conv kernel by |accumulated gradient| + biases, norms, heads"
+    summary = "fixed top-gamma entries per kernel by |accumulated gradient| + biases, norms, heads"
     needs_calibration = True
 
     def __init__(self, gamma: int = 1):

@@ -61,7 +61,7 @@ class SubsetStrategy(Strategy):
         keep = {id(p) for p in self.trainable_subset(model) + head_parameters(model)}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
-        for m in model.modules():
+        for m in model.modules():  # (a Linear layer's backward computes no gradient for a frozen weight)
             if is_conv(m) and m.bias is not None and m.bias.requires_grad and not m.weight.requires_grad:
                 decouple_bias(m)
         return model
@@ -80,10 +80,11 @@ class LinearProbe(SubsetStrategy):
 
 
 class BiasOnly(SubsetStrategy):
-    """BitFit: the biases of the convolutions (normalisation shifts are ``affine-norm``'s) + heads."""
+    """BitFit: the biases of the convolutions and Linear layers, and the network's declared extra biases
+    (SwinUNETR's relative-position bias tables); normalisation shifts are ``affine-norm``'s) + heads."""
 
     name = "bias"
-    summary = "all convolution biases + heads (BitFit)"
+    summary = "all layer biases + heads (BitFit)"
 
     def trainable_subset(self, model):
         return bias_parameters(model)
@@ -99,7 +100,7 @@ class AffineNorm(SubsetStrategy):
 
 class BiasNorm(SubsetStrategy):
     name = "bias-norm"
-    summary = "convolution biases + normalisation affine parameters + heads"
+    summary = "layer biases + normalisation affine parameters + heads"
 
     def trainable_subset(self, model):
         return bias_parameters(model) + norm_parameters(model)

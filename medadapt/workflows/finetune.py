@@ -102,7 +102,7 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
     spec = folder.network.with_classes(output_channels(dataset.labels, folder.activation))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = build_network(spec)  # nnU-Net's initialisation (He, negative slope 1e-2)
+        network = build_network(spec)  # a new network's initialisation (nnU-Net's He; a SwinUNETR's own, MONAI's)
     for ext in folder.extensions:  # a fine-tuned model with adapters as the starting point
         from medadapt.models.model_folder import apply_extension
 
