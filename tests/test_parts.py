@@ -34,7 +34,7 @@ class TinyNet(nn.Module):
         return ModelParts(encoder=self.body, decoder=self.up, heads=[self.head], last_stage=[self.up])
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", method_names(training_only=True))
 def test_every_method_trains_a_residual_encoder_unet(method):
     model = residual_encoder_unet()
     strategy = make_strategy(method, gamma=2, rank=2, reduction=2)

@@ -154,6 +154,7 @@ def promised(model: nn.Module, method: str) -> set[str]:
     return {
         "scratch": everything, "full": everything, "dgst": everything, "drst": everything, "sgst": everything,
         "linear-probe": heads, "lora": heads, "adapter": heads,
+        "spatial-adapter": set(),  # `out` is replaced: the adapter and its classifier are new
         "bias": biases | heads, "affine-norm": norms | heads, "bias-norm": biases | norms | heads,
         "encoder-only": {n for n in everything if n.startswith(ENCODER)} | heads,
         "decoder-only": {n for n in everything if n.startswith(DECODER)} | heads,
@@ -161,7 +162,7 @@ def promised(model: nn.Module, method: str) -> set[str]:
     }[method]
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", method_names(training_only=True))
 def test_every_method_trains_exactly_its_parameters(method, foundation):
     start = {k: v.detach().clone() for k, v in foundation.named_parameters()}
     model, strategy = _train(copy.deepcopy(foundation), method, gamma=1, rank=2, reduction=4)
@@ -170,11 +171,17 @@ def test_every_method_trains_exactly_its_parameters(method, foundation):
     changed = {foundation_key(k) for k in after if k not in new and not torch.equal(after[k], start[foundation_key(k)])}
     allowed = promised(foundation, method)
     assert changed == allowed, (method, sorted(changed - allowed)[:4], sorted(allowed - changed)[:4])
-    if method in ("lora", "adapter"):
+    if method in ("lora", "adapter", "spatial-adapter"):
         assert new and all(not torch.equal(after[k], torch.zeros_like(after[k])) for k in new if "lora_B" in k)
     else:
         assert not new
     final = strategy.finalize(model)
+    if method == "spatial-adapter":  # the head module `out` is now the adapter and its classifier
+        assert {k for k in final.state_dict() if not k.startswith("out.")} == \
+            {k for k in foundation.state_dict() if not k.startswith("out.")}
+        assert {k for k in final.state_dict() if k.startswith("out.")} == {k for k in new} | {
+            k for k in final.state_dict() if k.startswith("out.") and ("running_" in k or "num_batches" in k)}
+        return
     assert set(final.state_dict()) == set(foundation.state_dict()) | (
         {k for k in final.state_dict() if ".medadapt_adapter." in k} if method == "adapter" else set())
 

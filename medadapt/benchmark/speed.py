@@ -261,7 +261,7 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
         label = f"preset {preset_name or 'cpu-small'}"
     patch = tuple(patch or spec.patch_size)
     batch = int(batch or spec.batch_size)
-    known = method_names()
+    known = method_names(training_only=True)
     methods = list(methods or known)
     unknown = [m for m in methods if m not in known]
     if unknown:

@@ -24,9 +24,10 @@ def _registry() -> dict[str, type[Strategy]]:
     return {(named[c] if isinstance(c, str) else c).name: (named[c] if isinstance(c, str) else c) for c in _ORDER}
 
 
-def method_names() -> list[str]:
-    """Every method name, in the order tables list them."""
-    return list(_registry())
+def method_names(training_only: bool = False) -> list[str]:
+    """Every method name, in the order tables list them (``training_only``: without the methods that evaluate
+    the foundation as it is, such as ``generalization``)."""
+    return [name for name, cls in _registry().items() if cls.trains or not training_only]
 
 
 def make_strategy(name: str, **options) -> Strategy:
