@@ -5,8 +5,11 @@ from collections.abc import Sequence
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table with aligned columns (readable as plain text too)."""
-    cells = [[str(v) for v in header]] + [[str(v) for v in r] for r in rows]
+    """A Markdown table with aligned columns (readable as plain text too); a ``|`` inside a cell is escaped."""
+    def cell(v) -> str:
+        return str(v).replace("\\|", "|").replace("|", "\\|")
+
+    cells = [[cell(v) for v in header]] + [[cell(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
 
     def line(r):
