@@ -11,6 +11,10 @@ METHODS_HELP = ("fine-tuning method: scratch, full, linear-probe, bias, affine-n
                 "decoder-only, ft-last, lora, adapter, drst, sgst, dgst ('medadapt methods' lists them)")
 
 
+def _shots(text: str) -> "int | str":
+    return "all" if text == "all" else _positive_int(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -129,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_inputs(p, "foundation model folder")
     p.add_argument("--method", required=True, help=METHODS_HELP)
     _add_method_options(p)
-    p.add_argument("--shots", type=_positive_int, required=True, help="number of annotated training cases K")
+    p.add_argument("--shots", type=_shots, required=True,
+                   help="number of annotated training cases K, or all (every case of the train split)")
     p.add_argument("--lr", type=float, default=None,
                    help="initial learning rate (default: the recipe's for the method; dgst-paper: 1e-3, "
                         "1e-2 for scratch)")

@@ -147,3 +147,16 @@ def test_transductive_bad_inputs(assembly, tmp_path, capsys):
         class Empty:
             seg = np.zeros((4, 4, 4), np.int16)
         Transductive().priors([Empty(), Empty()], {"background": 0, "aorta": 1})
+
+
+def test_all_shots(assembly, tmp_path):
+    run = tmp_path / "all"
+    assert main(["finetune", "--model", str(assembly["fm"]), "--data", str(assembly["tgt"]), "--out", str(run),
+                 "--method", "linear-probe", "--shots", "all", "--epochs", "1", "--iterations-per-epoch", "1",
+                 "--quiet"]) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["shots"] == len(record["split"]["train"]) == len(record["shot_cases"])
+    with pytest.raises(SystemExit) as exc:  # argparse: one usage line, exit status 2
+        main(["finetune", "--model", str(assembly["fm"]), "--data", str(assembly["tgt"]), "--out",
+              str(tmp_path / "x"), "--method", "linear-probe", "--shots", "many"])
+    assert exc.value.code == 2

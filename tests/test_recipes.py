@@ -110,3 +110,31 @@ def test_recipes_command(capsys):
     assert "dgst-paper" in out and "adamw" in out and "50 x 250" in out
     assert main(["recipes", "--show", "fseft-paper"]) == 0
     assert "name: fseft-paper" in capsys.readouterr().out
+
+
+def test_patches_per_case(tmp_path):
+    """FSEFT's batches: several patches of one volume per step (recipe patches_per_case)."""
+    import numpy as np
+
+    from medadapt.data.sampling import PatchSampler
+    from medadapt.engine.recipe import load_recipe, parse_recipe
+
+    assert load_recipe("fseft-paper").patches_per_case == 6
+    base = load_recipe("nnunet").to_dict()
+    with pytest.raises(MedadaptError, match="patches_per_case: 4 does not divide batch_size 6"):
+        parse_recipe({**base, "batch_size": 6, "patches_per_case": 4}, source="r.yaml")
+
+    class Case:
+        def __init__(self, i):
+            self.case_id = str(i)
+            self.data = np.full((1, 8, 8, 8), float(i), np.float32)
+            self.seg = np.zeros((8, 8, 8), np.int16)
+            self.class_locations = {}
+            self.channel_min = [float(i)]
+
+    sampler = PatchSampler([Case(i) for i in range(5)], (4, 4, 4), 6, patches_per_case=3)
+    batch = sampler.sample(np.random.default_rng(0))
+    values = batch["image"][:, 0, 0, 0, 0].tolist()
+    assert values[:3] == [values[0]] * 3 and values[3:] == [values[3]] * 3  # two cases, three patches each
+    with pytest.raises(MedadaptError, match="positive divisor of the batch size 6"):
+        PatchSampler([Case(0)], (4, 4, 4), 6, patches_per_case=4)

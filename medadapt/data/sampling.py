@@ -8,7 +8,8 @@ centred and padded with the channel minimum (label 0). All randomness comes from
 :meth:`PatchSampler.sample`.
 
 Cases may be drawn with given probabilities (``case_weights``; e.g. uniform over datasets when several are
-assembled), and cases seen through a label template (:class:`medadapt.data.partial.TemplateCase`) have their
+assembled), and each drawn case may give several patches (``patches_per_case``: FSEFT trains on 6 patches of
+one volume per step; the foreground rule above still applies per batch position), and cases seen through a label template (:class:`medadapt.data.partial.TemplateCase`) have their
 label crops translated to template ids (``label_lut``) and add their annotation records to the batch
 (``annotated`` [B, C], bool), which the loss uses to leave unannotated classes out.
 """
@@ -59,7 +60,7 @@ class PatchSampler:
 
     def __init__(self, cases: Sequence[Any], patch_size: Sequence[int], batch_size: int,
                  oversample_foreground: float = 0.33, augmentation: Augmentation | None = None,
-                 case_weights: Sequence[float] | None = None):
+                 case_weights: Sequence[float] | None = None, patches_per_case: int = 1):
         self.cases = list(cases)
         if not self.cases:
             raise MedadaptError("PatchSampler: no training cases; the few-shot training set is empty")
@@ -69,6 +70,11 @@ class PatchSampler:
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise MedadaptError(f"batch_size: {batch_size!r} must be a positive integer")
         self.batch_size = int(batch_size)
+        if isinstance(patches_per_case, bool) or int(patches_per_case) != patches_per_case or patches_per_case < 1 \
+                or self.batch_size % int(patches_per_case):
+            raise MedadaptError(f"patches_per_case: {patches_per_case!r} must be a positive divisor of the batch size "
+                                f"{self.batch_size}")
+        self.patches_per_case = int(patches_per_case)
         if not 0.0 <= float(oversample_foreground) <= 1.0:
             raise MedadaptError(f"oversample_foreground: {oversample_foreground} must be within [0, 1]")
         self.oversample_foreground = float(oversample_foreground)
@@ -138,10 +144,12 @@ class PatchSampler:
         P = self.patch_size
         if case_indices is not None:
             picks = list(case_indices)
-        elif self.case_weights is None:
-            picks = rng.integers(0, len(self.cases), size=self.batch_size)
-        else:
-            picks = rng.choice(len(self.cases), size=self.batch_size, p=self.case_weights)
+        else:  # batch_size / patches_per_case cases, each giving patches_per_case patches (FSEFT: 6 per volume)
+            n = self.batch_size // self.patches_per_case
+            picks = (rng.integers(0, len(self.cases), size=n) if self.case_weights is None
+                     else rng.choice(len(self.cases), size=n, p=self.case_weights))
+            if self.patches_per_case > 1:
+                picks = np.repeat(picks, self.patches_per_case)
         B = len(picks)
         images, labels = [], []
         for j in range(B):

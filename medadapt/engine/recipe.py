@@ -80,6 +80,8 @@ class Recipe:
     method_lr: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = 12.0
     batch_size: int | None = None
+    #: patches drawn from each sampled case (FSEFT: 6 patches of one volume per step); batch_size must be a multiple
+    patches_per_case: int = 1
     patch_size: tuple[int, int, int] | None = None
     description: str = ""
     source: str = ""
@@ -105,6 +107,7 @@ class Recipe:
                 "schedule": copy.deepcopy(self.schedule), "loss": copy.deepcopy(self.loss),
                 "epochs": self.epochs, "iterations_per_epoch": self.iterations_per_epoch, "lr": self.lr,
                 "method_lr": dict(self.method_lr), "grad_clip": self.grad_clip, "batch_size": self.batch_size,
+                "patches_per_case": self.patches_per_case,
                 "patch_size": list(self.patch_size) if self.patch_size else None}
 
 
@@ -171,7 +174,7 @@ def _positive(source: str, value: Any, key: str, kind=float, allow_none: bool = 
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     """Validate a recipe mapping; every mistake is one error line naming ``source`` and the key."""
     allowed = {"name", "description", "optimizer", "schedule", "loss", "epochs", "iterations_per_epoch", "lr",
-               "method_lr", "grad_clip", "batch_size", "patch_size"}
+               "method_lr", "grad_clip", "batch_size", "patch_size", "patches_per_case"}
     if not isinstance(raw, Mapping):
         _fail(source, "recipe", f"expected a mapping, got {type(raw).__name__}", "write it as 'key: value' lines")
     unknown = sorted(set(raw) - allowed)
@@ -200,9 +203,13 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         method_lr={str(k): _positive(source, v, f"method_lr.{k}") for k, v in method_lr.items()},
         grad_clip=_positive(source, raw.get("grad_clip", 12.0), "grad_clip", allow_none=True),
         batch_size=_positive(source, raw.get("batch_size"), "batch_size", int, allow_none=True),
+        patches_per_case=_positive(source, raw.get("patches_per_case", 1), "patches_per_case", int),
         patch_size=patch,
         source=source,
     )
+    if recipe.batch_size is not None and recipe.batch_size % recipe.patches_per_case:
+        _fail(source, "patches_per_case", f"{recipe.patches_per_case} does not divide batch_size {recipe.batch_size}",
+              "make the batch a whole number of cases")
     if recipe.schedule["name"] == "cosine" and recipe.schedule["warmup_epochs"] >= recipe.epochs:
         _fail(source, "schedule.warmup_epochs", f"{recipe.schedule['warmup_epochs']} warm-up epochs leave none of "
               f"the {recipe.epochs} epochs to decay", "use fewer warm-up epochs")

@@ -192,13 +192,14 @@ def first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, An
     return None if old == new else (prefix, old, new)
 
 
-def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, shots: int, seed: int = 0,
+def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, shots: "int | str", seed: int = 0,
              gamma: int | None = None, split_seed: int = 0, epochs: int | None = None,
              iterations_per_epoch: int | None = None, lr: float | None = None, resume: bool = False,
              progress: bool = True, method_options: dict[str, Any] | None = None, head: str = "fresh",
              recipe: "str | Path | Recipe | None" = None, postprocess: str = "none",
              transductive: "Transductive | None" = None) -> dict[str, Any]:
     """Fine-tune ``model`` on ``shots`` cases of ``data`` with ``method``; evaluate on the test split.
+    ``shots="all"``: every case of the train split (the "all samples" rows), recorded as their number.
 
     ``method_options`` go to the strategy (e.g. ``rank``/``alpha`` for lora, ``reduction`` for adapter);
     ``head`` is the head policy (``fresh`` or ``keep``, see the module docstring). The training settings come
@@ -234,12 +235,16 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         config = dataclasses.replace(config, initial_lr=lr)
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
+    if shots == "all":
+        shots = len(train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)[0])
     foundation = folder.load_network().state_dict()  # loaded once: identity, head transfer and delta use it
     identity = run_identity(strategy.config(), shots, seed, split_seed, dataset, folder, foundation, head,
                             config.to_dict())
     identity["postprocess"] = postprocess
     if transductive is not None:  # recorded only when used: identities of inductive runs stay as they were
         identity["transductive"] = dataclasses.asdict(transductive)
+    if resolved.patches_per_case != 1:  # likewise
+        identity["patches_per_case"] = resolved.patches_per_case
     if distributed.is_main():
         check_identity(out, identity)
     if run_file.is_file():
@@ -288,7 +293,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         return strategy.prepare(net)
 
     sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
-                           augmentation=Augmentation(spec.patch_size))
+                           augmentation=Augmentation(spec.patch_size), patches_per_case=resolved.patches_per_case)
     # batch mode (and inductive runs): one model for every test volume; per-query mode: one for each
     groups = ([(q, [q], out / "queries" / q) for q in test_ids]
               if transductive is not None and transductive.mode == "query" else [(None, test_ids, out)])

@@ -91,7 +91,8 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
     network = strategy.prepare(network)
     weights = sampling_weights(cases, sampling) if len(datasets) > 1 else None
     sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
-                           augmentation=Augmentation(spec.patch_size), case_weights=weights)
+                           augmentation=Augmentation(spec.patch_size), case_weights=weights,
+                           patches_per_case=resolved.patches_per_case)
     config = TrainingConfig.from_recipe(resolved, strategy.name, seed, activation=activation)
     trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
                       description="pretrain")
