@@ -160,3 +160,13 @@ def test_all_shots(assembly, tmp_path):
         main(["finetune", "--model", str(assembly["fm"]), "--data", str(assembly["tgt"]), "--out",
               str(tmp_path / "x"), "--method", "linear-probe", "--shots", "many"])
     assert exc.value.code == 2
+
+
+def test_ti_on_a_softmax_model_counts_foreground_probabilities(tiny_unet):
+    model = make_strategy("spatial-adapter").prepare(tiny_unet(num_classes=2))  # softmax: background + 1 class
+    tail = transductive_tail(model)
+    feats = [torch.randn(1, tail.classifier.in_channels, 4, 8, 8)]
+    term = TransductiveTerm(tail, feats, priors=[10.0], activation="softmax")
+    with torch.no_grad():
+        expected = torch.softmax(tail(feats[0]), 1)[:, 1].sum()
+    assert torch.allclose(term.predicted_sizes()[0, 0], expected)

@@ -67,12 +67,13 @@ class Transductive:
             out.append(size_prior(sizes))
         return out
 
-    def term(self, model: nn.Module, queries, priors: Sequence[float], patch_size) -> "TransductiveTerm":
+    def term(self, model: nn.Module, queries, priors: Sequence[float], patch_size,
+             activation: str = "sigmoid") -> "TransductiveTerm":
         """The loss term for ``model`` (prepared by its strategy) on the preprocessed ``queries``."""
         tail = transductive_tail(model)
         feats = [query_features(model, tail, q.data, patch_size) for q in queries]
         return TransductiveTerm(tail, feats, priors, margin=self.margin, weight=self.weight,
-                                active_fraction=self.active_fraction)
+                                active_fraction=self.active_fraction, activation=activation)
 
 
 def transductive_tail(model: nn.Module) -> nn.Module:
@@ -113,7 +114,8 @@ class TransductiveTerm:
     ``tail`` (the trainable module that maps the cached backbone features to logits) against the priors."""
 
     def __init__(self, tail: nn.Module, features: Sequence[torch.Tensor], priors: Sequence[float],
-                 margin: float = 0.1, weight: float = 1.0, active_fraction: float = 0.5):
+                 margin: float = 0.1, weight: float = 1.0, active_fraction: float = 0.5,
+                 activation: str = "sigmoid"):
         if not 0 <= margin < 1:
             raise MedadaptError(f"--ti-margin {margin}: must be in [0, 1)")
         if not weight > 0:
@@ -131,6 +133,7 @@ class TransductiveTerm:
         self.margin = float(margin)
         self.weight = float(weight)
         self.active_fraction = float(active_fraction)
+        self.activation = activation  # softmax models: the foreground channels of the softmax
         self.last: dict[str, list[float]] = {}
 
     def active(self, batch: dict) -> bool:
@@ -140,11 +143,14 @@ class TransductiveTerm:
         return epoch >= epochs - int(round(self.active_fraction * epochs))
 
     def predicted_sizes(self) -> torch.Tensor:
-        """Ŝ [queries, classes]: sums of the sigmoid outputs over each query's voxels."""
+        """Ŝ [queries, classes]: sums of the class probabilities (sigmoid outputs; for a softmax model the
+        softmax of its foreground channels) over each query's voxels."""
         sizes = []
         for f in self.features:
             f = f.to(next(self.tail.parameters()).device)
-            sizes.append(torch.sigmoid(self.tail(f)).sum(dim=(0, *range(2, f.ndim))))
+            logits = self.tail(f)
+            probs = torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, 1)[:, 1:]
+            sizes.append(probs.sum(dim=(0, *range(2, f.ndim))))
         return torch.stack(sizes)
 
     def __call__(self, model: nn.Module, batch: dict, outputs) -> torch.Tensor:

@@ -304,8 +304,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         updated_per_step = strategy.updated_per_step(net)
         timing = {"median_iteration_seconds": None, "median_sampling_seconds": None, "final_epoch_loss": None}
         if strategy.trains:
-            terms = [transductive.term(net, [by_id[q] for q in ids], priors, spec.patch_size)] if transductive \
-                else []
+            terms = [transductive.term(net, [by_id[q] for q in ids], priors, spec.patch_size, folder.activation)] \
+                if transductive else []
             trainer = Trainer(net, strategy, sampler, config, where / "training", progress=progress,
                               loss_terms=terms, description=f"finetune {method} {shots}-shot"
                               + (f" {ids[0]}" if where != out else ""))
