@@ -65,10 +65,12 @@ def _add_postprocess_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_head_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--head", choices=("fresh", "keep"), default="fresh",
+    p.add_argument("--head", choices=("fresh", "keep", "match"), default="fresh",
                    help="segmentation head to start from: fresh (default; new and randomly initialised, as "
                         "nnU-Net's pretrained-weight loading gives every method) or keep (the foundation's own outputs "
-                        "for the dataset's classes, by name; its labels must be classes of the foundation)")
+                        "for the dataset's classes, by name; its labels must be classes of the foundation) or match "
+                        "(fresh, but the outputs of classes the foundation knows start from its own: FSEFT's "
+                        "zero-shot initialisation)")
 
 
 def _method_options(args) -> dict:

@@ -170,3 +170,24 @@ def test_ti_on_a_softmax_model_counts_foreground_probabilities(tiny_unet):
     with torch.no_grad():
         expected = torch.softmax(tail(feats[0]), 1)[:, 1].sum()
     assert torch.allclose(term.predicted_sizes()[0, 0], expected)
+
+
+def test_head_match_starts_known_classes_from_the_foundation(assembly):
+    from medadapt.data.dataset import RawDataset
+    from medadapt.workflows.finetune import head_parameter_names, load_foundation
+
+    folder = load_model_folder(assembly["fm"])
+    dataset = RawDataset.load(assembly["tgt"])
+    foundation = folder.load_network().state_dict()
+    fresh = load_foundation(folder, dataset, seed=3, head="fresh").state_dict()
+    match = load_foundation(folder, dataset, seed=3, head="match").state_dict()
+    known = [n for n in dataset.labels if n in folder.foreground]
+    assert known and len(known) < len(dataset.labels) - 1  # the target knows some classes, not all
+    for key in head_parameter_names(load_foundation(folder, dataset, seed=3)):
+        for name, value in dataset.labels.items():
+            if value == 0:
+                continue
+            expected = foundation[key][folder.labels[name] - 1] if name in known else fresh[key][value - 1]
+            assert torch.equal(match[key][value - 1], expected), (key, name)
+    assert all(torch.equal(match[k], fresh[k]) for k in fresh if k not in head_parameter_names(
+        load_foundation(folder, dataset, seed=3)))

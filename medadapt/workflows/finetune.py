@@ -68,7 +68,7 @@ from medadapt.workflows.common import (dataset_cache_dir, environment, model_fin
 DEFAULT_RECIPE = "dgst-paper"  # for a model folder that recommends none
 #: the layout of a run's identity record; bump it when what identity.json holds changes
 RUN_FORMAT = "medadapt-run/2"
-HEAD_POLICIES = ("fresh", "keep")
+HEAD_POLICIES = ("fresh", "keep", "match")
 
 
 def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: str = "fresh",
@@ -80,7 +80,10 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
     nnU-Net initialises a network (seeded by ``seed``). ``keep``: the foundation's heads for the dataset's
     classes, selected by name: every foreground label of the dataset must be a class of the foundation (a
     subset is fine: a sigmoid model keeps those classes' outputs, a softmax model the background output and
-    theirs). ``foundation``: the folder's state dict if the caller has loaded it already.
+    theirs). ``match``: a fresh head whose outputs for the classes the foundation knows (by name; and a softmax
+    model's background) start from the foundation's ("zero-shot initialisation", as FSEFT's released code
+    initialises the classifier of every method but scratch); the others are new. ``foundation``: the folder's
+    state dict if the caller has loaded it already.
     """
     if head not in HEAD_POLICIES:
         raise MedadaptError(f"--head {head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
@@ -99,6 +102,11 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
                 f"in {folder.path} ({', '.join(folder.foreground)}), so no head of it predicts them; use --head "
                 "fresh")
         rows = kept_head_rows(folder, dataset.labels)
+    matched: dict[int, int] = {}  # match: dataset output channel -> foundation output channel
+    if head == "match":
+        known = {n: v for n, v in dataset.labels.items() if n in folder.labels}
+        offset = 1 if folder.activation == "sigmoid" else 0
+        matched = {v - offset: folder.labels[n] - offset for n, v in known.items() if v - offset >= 0}
     spec = folder.network.with_classes(output_channels(dataset.labels, folder.activation))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -119,6 +127,12 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
     if rows is not None:  # the foundation's head outputs for the dataset's classes, in the dataset's order
         index = torch.tensor(rows)
         take.update({k: foundation[k].index_select(0, index) for k in heads})
+    if matched:
+        for k in heads:
+            fresh = own[k].clone()
+            for mine, theirs in matched.items():
+                fresh[mine] = foundation[k][theirs]
+            take[k] = fresh
     network.load_state_dict(take, strict=False)
     return network
 
