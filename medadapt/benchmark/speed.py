@@ -151,6 +151,7 @@ def _memory_child(spec: dict, weights: str | None, method: str, options: dict, p
         foundation.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     channels, classes = spec["input_channels"], spec["num_classes"]
     batches = make_batches(iterations, batch, channels, classes, patch)
+    make_strategy(method, **options)  # the method's modules imported before the window (e.g. MONAI's blocks)
     gc.collect()
     with _RssSampler() as rss:  # from before the strategy's copy of the model (and SGST's calibration pass)
         run = _Run(method, foundation, options, batches[:1], lambda: None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from monai.networks.blocks.dynunet_block import UnetResBlock
 from torch import nn
 
 from medadapt.errors import MedadaptError
@@ -51,8 +52,6 @@ class SpatialAdapterHead(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, config: SpatialAdapterConfig, dims: int = 3):
         super().__init__()
-        from monai.networks.blocks.dynunet_block import UnetResBlock
-
         width = config.width or in_channels
         self.adapter = UnetResBlock(dims, in_channels, width, kernel_size=config.kernel_size, stride=1,
                                     norm_name="batch",
