@@ -203,7 +203,7 @@ class _Check:
 
 
 def load_config(config: str | Path) -> GridConfig:
-    """A built-in config name (default, quick, paper) or a YAML file; validated, with datasets resolved."""
+    """A built-in config name (BUILTIN_CONFIGS) or a YAML file; validated, with datasets resolved."""
     text = str(config)
     path = builtin_config_path(text) if text in BUILTIN_CONFIGS else Path(text).expanduser()
     if not path.is_file():
