@@ -52,7 +52,7 @@ def test_fseft_grid_counts():
     assert all(c.key["postprocess"] == "lcc" for c in cells)
     assert {c.key["recipe"]["name"] for c in cells if "recipe" in c.key} == {"fseft-paper-cpu"}
     assert {json.dumps(c.key["training"]) for c in cells if c.method == "scratch"} == \
-        {json.dumps({"epochs": 60, "iterations_per_epoch": 10, "lr": 0.001})}
+        {json.dumps({"epochs": 48, "iterations_per_epoch": 10, "lr": 0.001})}
     assert "domains" in cells[0].key["foundation"] and "domain" not in cells[0].key["foundation"]
 
 
