@@ -329,17 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="few-shot benchmark grid: the DGST paper's Tables 1-2 and Fig. 3 (resumable)",
+    p = sub.add_parser("bench", help="few-shot benchmark grid: the DGST paper's Tables 1-2 and Fig. 3, or FSEFT's "
+                                     "Table 1 and Fig. 2 (resumable)",
                        description="Run a grid of few-shot fine-tuning cells (datasets x shots x methods x "
                                    "seeds, fresh heads, a zero-shot row) and write Table 1/Table 2-style "
                                    "Markdown and CSV tables (mean over seeds, spreads, marks only where a "
                                    "paired test separates methods), DGST's paired differences, a gamma plot, "
                                    "loss curves and a contour figure. Finished cells are stored and never "
-                                   "re-run; a changed config re-runs only the cells it changes "
-                                   "(docs/benchmark.md).")
+                                   "re-run; a changed config re-runs only the cells it changes. An fseft "
+                                   "config (e.g. the built-in fseft) writes FSEFT's Table 1 (structures x "
+                                   "methods per k), Fig. 2a, Fig. 2b and a with/without-TI contour figure "
+                                   "instead (docs/benchmark.md).")
     p.add_argument("config", help="built-in grid (default: 236 cells, 3 seeds, within 2 h on 2 idle CPU cores "
                                   "with --ray local; quick: ~1 min; paper: the paper's sizes, for a GPU "
-                                  "cluster) or a YAML grid config")
+                                  "cluster; fseft: the FSEFT paper's Table 1 and Fig. 2a/2b, 360 cells; "
+                                  "fseft-quick: seconds) or a YAML grid config")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where data, cells and the report go (default medadapt_runs/bench/<config name>)")
     p.add_argument("--report", action="store_true",

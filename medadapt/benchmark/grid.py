@@ -8,6 +8,13 @@ their shot counts, seeds, the fine-tuning budget, and three experiments from the
 * ``table2`` — the sparsification ablations at the smallest and largest shot count of each dataset;
 * ``gamma``  — DGST's γ at the largest shot count of each dataset, with ``full`` as the reference (Fig. 3).
 
+Or, instead of the three, an ``fseft`` section: the FSEFT paper's Table 1 (methods x shots, the all-shot rows,
+Generalization, the spatial adapter with transductive inference), Fig. 2a (spatial vs 1x1 adapter) and Fig. 2b
+(TI margin sweep); see :func:`_fseft` and docs/benchmark.md. Generic settings any grid may use: a foundation
+pretrained on several partially labelled sources (``foundation.domains``), a task cut to some structures of a
+domain (a dataset's ``labels``), a training ``recipe``, ``postprocess``, ``head: match`` and per-method
+``heads``; each enters a cell's key only when set, so grids without them keep their cells.
+
 A *cell* is one fine-tuning run: (dataset, shots, method, method options, seed). Its key holds everything that
 can change its result — the dataset recipe, split seed, training budget (``training``, or the row's entry in
 ``budgets``: from scratch and all-shot get a schedule of their own), head policy, method options and the
@@ -29,8 +36,12 @@ from medadapt.utils.yamlfile import read_yaml
 
 CELL_FORMAT = "medadapt-bench-cell/2"
 ZERO_SHOT = "zero-shot"  # the reference row: the foundation model with its own heads, no fine-tuning
-HEAD_POLICIES = ("fresh", "keep")
-BUILTIN_CONFIGS = ("default", "quick", "paper")
+HEAD_POLICIES = ("fresh", "keep", "match")
+POSTPROCESS = ("none", "lcc")
+GENERALIZATION = "generalization"  # FSEFT's no-adaptation row: like zero-shot, one cell per dataset
+NO_TRAINING = (ZERO_SHOT, GENERALIZATION)
+TI_PREFIX = "ti_"  # transductive options in a cell's options: ti_mode, ti_margin, ti_weight
+BUILTIN_CONFIGS = ("default", "quick", "paper", "fseft", "fseft-quick")
 
 
 def builtin_config_path(name: str) -> Path:
@@ -44,6 +55,7 @@ class DatasetConfig:
     cases: int
     shots: tuple[int, ...]
     train_cases: int                  # size of the 80% train split: the all-shot row's shot count
+    labels: tuple[str, ...] = ()      # the task's structures (foreground label names, ids 1..N in this order)
 
     def key(self, data_seed: int) -> dict[str, Any]:
         from medadapt.synth import GENERATOR_VERSION
@@ -63,7 +75,7 @@ class GridConfig:
     data_seed: int
     split_seed: int
     training: dict[str, Any]
-    table1: dict[str, Any]
+    table1: dict[str, Any] | None
     budgets: dict[str, dict[str, Any]] = field(default_factory=dict)
     head: str = "fresh"
     table2: dict[str, Any] | None = None
@@ -71,6 +83,18 @@ class GridConfig:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     ray: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] | None = None        # resolved training recipe (Recipe.to_dict, no description)
+    postprocess: str = "none"
+    heads: dict[str, str] = field(default_factory=dict)   # per-method head policy, overriding ``head``
+    fseft: dict[str, Any] | None = None
+    foundation_classes: tuple[str, ...] = ()    # the structures the foundation's sources label
+
+    def head_for(self, method: str) -> str:
+        return self.heads.get(method, self.head)
+
+    def knows(self, ds: "DatasetConfig") -> bool:
+        """Whether the foundation labels every structure of ``ds`` (so it can segment it without training)."""
+        return set(ds.labels) <= set(self.foundation_classes)
 
     @property
     def cli_argument(self) -> str:
@@ -91,7 +115,8 @@ class GridConfig:
         from medadapt.synth import GENERATOR_VERSION
 
         f = self.foundation
-        return {"domain": f["domain"], "cases": f["cases"], "data_seed": self.data_seed,
+        domain = {"domains": f["domains"]} if "domains" in f else {"domain": f["domain"]}
+        return {**domain, "cases": f["cases"], "data_seed": self.data_seed,
                 "generator": GENERATOR_VERSION, "preset": f["preset"], "epochs": f["epochs"],
                 "iterations_per_epoch": f["iterations_per_epoch"], "seed": f["seed"]}
 
@@ -113,7 +138,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        opts = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()))
+        opts = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()) if v is not None)
         shots = f"all{self.shots}" if self.all_shot else str(self.shots)
         return f"{self.method}{opts}-{shots}shot-seed{self.seed}"
 
@@ -143,7 +168,7 @@ class _Check:
 
     def mapping(self, v: Any, key: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
         if not isinstance(v, dict):
-            self.fail(key, f"expected a mapping, got {type(v).__name__}", f"write it as 'key: value' lines")
+            self.fail(key, f"expected a mapping, got {type(v).__name__}", "write it as 'key: value' lines")
         unknown = sorted(set(v) - set(allowed))
         if unknown:
             self.fail(key, f"unknown key(s) {unknown}", f"use only {list(allowed)}")
@@ -178,7 +203,7 @@ class _Check:
 
 
 def load_config(config: str | Path) -> GridConfig:
-    """A built-in config name (default, quick, paper) or a YAML file; validated, with datasets resolved."""
+    """A built-in config name (BUILTIN_CONFIGS) or a YAML file; validated, with datasets resolved."""
     text = str(config)
     path = builtin_config_path(text) if text in BUILTIN_CONFIGS else Path(text).expanduser()
     if not path.is_file():
@@ -188,17 +213,56 @@ def load_config(config: str | Path) -> GridConfig:
     return parse_config(raw, source=str(path), base_dir=path.parent)
 
 
-def _resolve_domain(c: _Check, entry: dict, key: str, base_dir: Path) -> dict[str, Any]:
+def _resolve_domain(c: _Check, entry: dict, key: str, base_dir: Path, domain: Any = None,
+                    labels: Any = None) -> dict[str, Any]:
+    """A domain (``entry["domain"]``, or ``domain``) as a spec dict: downsampled by ``entry["downsample"]`` and,
+    with ``labels``, cut to those structures (ids 1..N in their order)."""
     from medadapt.synth import load_domain
+    from medadapt.synth.tasks import with_labels
 
-    domain = entry["domain"]
+    domain = entry["domain"] if domain is None else domain
     if not isinstance(domain, str):
         c.fail(f"{key}.domain", f"{domain!r} is not a name or path", "give a built-in domain or a spec file")
     candidate = base_dir / domain
     spec = load_domain(str(candidate) if candidate.is_file() else domain)
+    if labels is not None:
+        available = [n for n, i in spec.dataset_labels.items() if i]
+        if not isinstance(labels, list) or not labels:
+            c.fail(f"{key}.labels", f"{labels!r} is not a non-empty list of structures",
+                   f"write e.g. [{available[0]}]")
+        for i, name in enumerate(labels):
+            if name not in available:
+                c.fail(f"{key}.labels[{i}]", f"{name!r} is not a label of domain {spec.name!r}",
+                       f"choose from {available}")
+            if labels.count(name) > 1:
+                c.fail(f"{key}.labels", f"{name!r} is listed twice", "list each structure once")
+        spec = with_labels(spec, labels)
     factors = _downsample_factors(c, entry.get("downsample", 1), f"{key}.downsample")
     spec = spec.downsampled(factors)  # same field of view, fewer voxels (quick runs, CPU-sized benchmarks)
     return spec.to_dict()
+
+
+def _foreground(domain: dict[str, Any]) -> list[str]:
+    from medadapt.synth import DomainSpec
+
+    return [n for n, i in DomainSpec.from_dict(domain).dataset_labels.items() if i]
+
+
+def _recipe(c: _Check, value: Any, base_dir: Path) -> dict[str, Any]:
+    """``recipe``: a built-in name, a file (relative to the config) or a mapping; resolved and validated."""
+    from medadapt.engine.recipe import builtin_recipe_names, load_recipe
+
+    if isinstance(value, str) and value not in builtin_recipe_names() and (base_dir / value).is_file():
+        value = str(base_dir / value)
+    if not isinstance(value, (str, dict)):
+        c.fail("recipe", f"{value!r} is not a recipe", "give a built-in name, a file or a mapping (docs/recipes.md)")
+    try:
+        recipe = load_recipe(value)
+    except MedadaptError as exc:
+        c.fail("recipe", str(exc).replace("--recipe ", ""), "see docs/recipes.md")
+    data = recipe.to_dict()
+    data.pop("description")
+    return data
 
 
 def _method_names() -> list[str]:
@@ -240,32 +304,55 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     c = _Check(source)
     base_dir = base_dir or Path.cwd()
     top = c.mapping(raw, "config", ("name", "description", "foundation", "datasets", "seeds", "data_seed",
-                                    "split_seed", "training", "budgets", "head", "table1", "table2", "gamma",
-                                    "method_options", "ray"),
-                    required=("name", "foundation", "datasets", "training", "table1"))
+                                    "split_seed", "training", "budgets", "head", "heads", "table1", "table2",
+                                    "gamma", "fseft", "method_options", "recipe", "postprocess", "ray"),
+                    required=("name", "foundation", "datasets"))
+    if ("table1" in top) == ("fseft" in top):
+        c.fail("config", "needs exactly one of table1 (the DGST experiments) and fseft (the FSEFT experiments)",
+               "keep one of them (docs/benchmark.md)")
+    for key in ("table2", "gamma"):
+        if "fseft" in top and top.get(key) is not None:
+            c.fail(key, "belongs to the DGST experiments (table1), not to an fseft grid", f"remove {key}")
     name = str(top["name"])
     split_seed = c.integer(top.get("split_seed", 0), "split_seed")
     data_seed = c.integer(top.get("data_seed", 0), "data_seed")
     seeds = c.int_list(top.get("seeds", [0]), "seeds")
 
     f = c.mapping(top["foundation"], "foundation",
-                  ("domain", "cases", "preset", "epochs", "iterations_per_epoch", "seed", "downsample"),
-                  required=("domain", "cases", "preset", "epochs", "iterations_per_epoch"))
+                  ("domain", "domains", "cases", "preset", "epochs", "iterations_per_epoch", "seed", "downsample"),
+                  required=("cases", "preset", "epochs", "iterations_per_epoch"))
+    if ("domain" in f) == ("domains" in f):
+        c.fail("foundation", "needs exactly one of domain (one source) and domains (several partially labelled "
+               "sources, pretrained together)", "keep one of them")
     if f["preset"] not in PRESETS:
         c.fail("foundation.preset", f"unknown preset {f['preset']!r}", f"choose from {list(PRESETS)}")
-    foundation = {"domain": _resolve_domain(c, f, "foundation", base_dir),
-                  "cases": c.integer(f["cases"], "foundation.cases", 2), "preset": f["preset"],
-                  "epochs": c.integer(f["epochs"], "foundation.epochs", 1),
-                  "iterations_per_epoch": c.integer(f["iterations_per_epoch"], "foundation.iterations_per_epoch", 1),
-                  "seed": c.integer(f.get("seed", 0), "foundation.seed")}
+    foundation: dict[str, Any] = {}
+    if "domain" in f:
+        foundation["domain"] = _resolve_domain(c, f, "foundation", base_dir)
+        classes = _foreground(foundation["domain"])
+    else:
+        if not isinstance(f["domains"], list) or len(f["domains"]) < 1:
+            c.fail("foundation.domains", f"{f['domains']!r} is not a non-empty list", "write e.g. [src-a-hn, src-b-chest]")
+        foundation["domains"] = [_resolve_domain(c, f, f"foundation.domains[{i}]", base_dir, domain=d)
+                                 for i, d in enumerate(f["domains"])]
+        names = [d["name"] for d in foundation["domains"]]
+        if len(set(names)) != len(names):
+            c.fail("foundation.domains", f"{names} names a domain twice", "list each source once")
+        classes = [n for d in foundation["domains"] for n in _foreground(d)]
+    foundation.update({"cases": c.integer(f["cases"], "foundation.cases", 2), "preset": f["preset"],
+                       "epochs": c.integer(f["epochs"], "foundation.epochs", 1),
+                       "iterations_per_epoch": c.integer(f["iterations_per_epoch"],
+                                                         "foundation.iterations_per_epoch", 1),
+                       "seed": c.integer(f.get("seed", 0), "foundation.seed")})
 
     if not isinstance(top["datasets"], dict) or not top["datasets"]:
         c.fail("datasets", "expected a mapping of dataset names", "write e.g. 'hn-center-b: {domain: ..., ...}'")
     datasets = []
     for dname, entry in top["datasets"].items():
         key = f"datasets.{dname}"
-        c.mapping(entry, key, ("domain", "cases", "shots", "downsample"), required=("domain", "cases", "shots"))
-        domain = _resolve_domain(c, entry, key, base_dir)
+        c.mapping(entry, key, ("domain", "cases", "shots", "downsample", "labels"),
+                  required=("domain", "cases", "shots"))
+        domain = _resolve_domain(c, entry, key, base_dir, labels=entry.get("labels"))
         cases = c.integer(entry["cases"], f"{key}.cases", 2)
         spec = DomainSpec.from_dict(domain)
         train, _ = train_test_split([spec.case_id(i) for i in range(cases)], 0.2, split_seed)
@@ -273,26 +360,44 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
         if max(shots) > len(train):
             c.fail(f"{key}.shots", f"{max(shots)} shots but the 80% train split has {len(train)} of {cases} cases",
                    "raise cases or lower the shot counts")
-        datasets.append(DatasetConfig(str(dname), domain, cases, tuple(sorted(shots)), len(train)))
+        datasets.append(DatasetConfig(str(dname), domain, cases, tuple(sorted(shots)), len(train),
+                                      tuple(_foreground(domain))))
 
-    training = _training(c, top["training"], "training")
+    recipe = _recipe(c, top["recipe"], base_dir) if top.get("recipe") is not None else None
+    if top.get("training") is not None:
+        training = _training(c, top["training"], "training")
+    elif recipe is not None:  # the recipe's own budget
+        training = {"epochs": recipe["epochs"], "iterations_per_epoch": recipe["iterations_per_epoch"]}
+    else:
+        c.fail("config", "missing ['training']", "add training: {epochs: ..., iterations_per_epoch: ...} or a recipe")
     budgets = {}
     for row, entry in (c.mapping(top.get("budgets") or {}, "budgets", (*_method_names(), "all_shot"))).items():
         budgets[row] = _training(c, entry, f"budgets.{row}")
     head = str(top.get("head", "fresh"))
     if head not in HEAD_POLICIES:
         c.fail("head", f"unknown head policy {head!r}", f"use one of {list(HEAD_POLICIES)}")
+    heads = {}
+    for m, policy in (c.mapping(top.get("heads") or {}, "heads", tuple(_method_names()))).items():
+        if policy not in HEAD_POLICIES:
+            c.fail(f"heads.{m}", f"unknown head policy {policy!r}", f"use one of {list(HEAD_POLICIES)}")
+        heads[m] = str(policy)
+    postprocess = str(top.get("postprocess", "none"))
+    if postprocess not in POSTPROCESS:
+        c.fail("postprocess", f"unknown {postprocess!r}", f"use one of {list(POSTPROCESS)}")
 
     method_options = {}
     for m, opts in (top.get("method_options") or {}).items():
         c.methods([m], "method_options")
-        method_options[m] = dict(c.mapping(opts, f"method_options.{m}", ("gamma", "rank", "alpha", "reduction")))
+        allowed = tuple(type(make_strategy(m)).options)
+        method_options[m] = dict(c.mapping(opts, f"method_options.{m}", allowed))
 
-    t1 = c.mapping(top["table1"], "table1", ("methods", "all_shot", "zero_shot"), required=("methods",))
-    table1 = {"methods": c.methods(t1["methods"], "table1.methods"), "all_shot": t1.get("all_shot"),
-              "zero_shot": bool(t1.get("zero_shot", True))}
-    if table1["all_shot"] is not None:
-        c.methods([table1["all_shot"]], "table1.all_shot")
+    table1 = None
+    if top.get("table1") is not None:
+        t1 = c.mapping(top["table1"], "table1", ("methods", "all_shot", "zero_shot"), required=("methods",))
+        table1 = {"methods": c.methods(t1["methods"], "table1.methods"), "all_shot": t1.get("all_shot"),
+                  "zero_shot": bool(t1.get("zero_shot", True))}
+        if table1["all_shot"] is not None:
+            c.methods([table1["all_shot"]], "table1.all_shot")
     table2 = None
     if top.get("table2") is not None:
         t2 = c.mapping(top["table2"], "table2", ("methods", "reference"), required=("methods",))
@@ -306,24 +411,95 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
         c.methods([gamma["method"], gamma["reference"]], "gamma")
         if "gamma" not in type(make_strategy(gamma["method"])).options:
             c.fail("gamma.method", f"{gamma['method']!r} has no γ", "use dgst, sgst or drst")
+    fseft = _fseft(c, top["fseft"], datasets) if top.get("fseft") is not None else None
     ray = c.mapping(top.get("ray") or {}, "ray", ("cpus_per_cell", "gpus_per_cell"))
     ray = {"cpus_per_cell": c.integer(ray.get("cpus_per_cell", 1), "ray.cpus_per_cell", 1),
            "gpus_per_cell": float(ray.get("gpus_per_cell", 0))}
     config = GridConfig(name=name, description=str(top.get("description", "")).strip(), source=source,
                         foundation=foundation, datasets=datasets, seeds=seeds, data_seed=data_seed,
-                        split_seed=split_seed, training=training, budgets=budgets, head=head, table1=table1, table2=table2, gamma=gamma,
-                        method_options=method_options, ray=ray, raw=copy.deepcopy(raw))
+                        split_seed=split_seed, training=training, budgets=budgets, head=head, table1=table1,
+                        table2=table2, gamma=gamma, method_options=method_options, ray=ray, raw=copy.deepcopy(raw),
+                        recipe=recipe, postprocess=postprocess, heads=heads, fseft=fseft,
+                        foundation_classes=tuple(dict.fromkeys(classes)))
     enumerate_cells(config)  # validates method options
     return config
 
 
+def _fseft(c: _Check, value: Any, datasets: list[DatasetConfig]) -> dict[str, Any]:
+    """The ``fseft`` section (FSEFT, Sec. 4): Table 1, Fig. 2a and Fig. 2b as lists of cells.
+
+    ``methods`` run at every shot count of every dataset (``generalization``: once per dataset whose structures
+    the foundation knows); ``adapter`` (default spatial-adapter) is the proposed method, with ``transductive``
+    (mode, margin, weight) its "+ TI" row; ``all_shot`` methods run on the whole train split; ``fig2a`` runs
+    the adapter inductively with each kernel size at every shot count; ``fig2b`` runs the adapter with TI at
+    each margin at one shot count on some datasets (the no-TI line: the inductive adapter there)."""
+    from medadapt.tuning import make_strategy
+    from medadapt.tuning.transductive import Transductive
+
+    fs = c.mapping(value, "fseft", ("methods", "adapter", "transductive", "all_shot", "fig2a", "fig2b"),
+                   required=("methods",))
+    out: dict[str, Any] = {"methods": c.methods(fs["methods"], "fseft.methods"),
+                           "adapter": str(fs.get("adapter", "spatial-adapter")), "transductive": None,
+                           "all_shot": [], "fig2a": None, "fig2b": None}
+    c.methods([out["adapter"]], "fseft.adapter")
+    if fs.get("transductive") is not None:
+        t = c.mapping(fs["transductive"], "fseft.transductive", ("mode", "margin", "weight"))
+        ti = Transductive(mode=str(t.get("mode", "query")), margin=t.get("margin", 0.1), weight=t.get("weight", 1.0))
+        try:
+            ti.margin, ti.weight = float(ti.margin), float(ti.weight)
+            ti.check()
+        except (TypeError, ValueError, MedadaptError) as exc:
+            c.fail("fseft.transductive", str(exc), "mode query|batch, margin in [0, 1), weight > 0")
+        out["transductive"] = {"mode": ti.mode, "margin": ti.margin, "weight": ti.weight}
+    if fs.get("all_shot") is not None:
+        out["all_shot"] = c.methods(fs["all_shot"], "fseft.all_shot")
+        for m in out["all_shot"]:
+            if not make_strategy(m).trains:
+                c.fail("fseft.all_shot", f"{m!r} trains nothing, so it has no all-shot row",
+                       "list methods that train")
+    if fs.get("fig2a") is not None:
+        a = c.mapping(fs["fig2a"], "fseft.fig2a", ("kernel_sizes",), required=("kernel_sizes",))
+        if "kernel_size" not in type(make_strategy(out["adapter"])).options:
+            c.fail("fseft.fig2a", f"{out['adapter']!r} has no kernel size", "use adapter: spatial-adapter")
+        out["fig2a"] = {"kernel_sizes": c.int_list(a["kernel_sizes"], "fseft.fig2a.kernel_sizes", 1)}
+    if fs.get("fig2b") is not None:
+        if out["transductive"] is None:
+            c.fail("fseft.fig2b", "sweeps the transductive margin, but fseft.transductive is not set",
+                   "add transductive: {mode: query, margin: 0.1}")
+        b = c.mapping(fs["fig2b"], "fseft.fig2b", ("margins", "shots", "datasets"), required=("margins", "shots"))
+        margins = b["margins"]
+        if not isinstance(margins, list) or not margins:
+            c.fail("fseft.fig2b.margins", f"{margins!r} is not a non-empty list", "write e.g. [0.05, 0.1, 0.2, 0.3]")
+        for i, m in enumerate(margins):
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+                c.fail(f"fseft.fig2b.margins[{i}]", f"{m!r} is not a number in [0, 1)", "give e.g. 0.1")
+        if len(set(margins)) != len(margins):
+            c.fail("fseft.fig2b.margins", f"{margins} has repeated values", "list each margin once")
+        shots = c.integer(b["shots"], "fseft.fig2b.shots", 1)
+        names = [d.name for d in datasets]
+        chosen = b.get("datasets", names)
+        if not isinstance(chosen, list) or not chosen:
+            c.fail("fseft.fig2b.datasets", f"{chosen!r} is not a non-empty list", f"choose from {names}")
+        for i, d in enumerate(chosen):
+            if d not in names:
+                c.fail(f"fseft.fig2b.datasets[{i}]", f"unknown dataset {d!r}", f"choose from {names}")
+            ds = next(x for x in datasets if x.name == d)
+            if shots > ds.train_cases:
+                c.fail("fseft.fig2b.shots", f"{shots} shots but {d}'s train split has {ds.train_cases} cases",
+                       "lower the shot count")
+        out["fig2b"] = {"margins": [float(m) for m in margins], "shots": shots, "datasets": list(chosen)}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- cells
 
-def method_options(config: GridConfig, method: str, gamma: int | None = None) -> dict[str, Any]:
-    """The canonical options of ``method`` as the strategy records them (defaults filled in), seed excluded."""
+def method_options(config: GridConfig, method: str, gamma: int | None = None,
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The canonical options of ``method`` as the strategy records them (defaults filled in), seed excluded;
+    ``overrides`` replace the config's ``method_options`` (e.g. Fig. 2a's kernel sizes)."""
     from medadapt.tuning import make_strategy
 
-    opts = dict(config.method_options.get(method, {}))
+    opts = {**config.method_options.get(method, {}), **(overrides or {})}
     if gamma is not None:
         opts["gamma"] = gamma
     try:
@@ -333,29 +509,51 @@ def method_options(config: GridConfig, method: str, gamma: int | None = None) ->
     return {k: v for k, v in strategy.config().items() if k not in ("name", "seed")}
 
 
+def ti_options(transductive: dict[str, Any], margin: float | None = None) -> dict[str, Any]:
+    """A cell's transductive options (``ti_mode``, ``ti_margin``, ``ti_weight``), ``margin`` replacing the
+    section's."""
+    t = {**transductive, **({"margin": float(margin)} if margin is not None else {})}
+    return {f"{TI_PREFIX}{k}": t[k] for k in ("mode", "margin", "weight")}
+
+
 def enumerate_cells(config: GridConfig) -> list[Cell]:
     """Every unique cell of the grid, in a stable order (dataset, experiment, shots, method, seed)."""
     foundation = config.foundation_key()
     cells: dict[str, Cell] = {}
 
     def add(ds: DatasetConfig, shots: int, method: str, experiment: str, gamma: int | None = None,
-            all_shot: bool = False) -> None:
-        opts = method_options(config, method, gamma)
+            all_shot: bool = False, overrides: dict[str, Any] | None = None,
+            extra: dict[str, Any] | None = None) -> None:
+        opts = {**method_options(config, method, gamma, overrides), **(extra or {})}
         for seed in config.seeds:
             key = {"format": CELL_FORMAT, "dataset": ds.key(config.data_seed), "split_seed": config.split_seed,
                    "shots": shots, "method": method, "options": opts, "seed": seed,
-                   "training": config.budget(method, all_shot), "head": config.head, "foundation": foundation}
+                   "training": config.budget(method, all_shot), "head": config.head_for(method),
+                   "foundation": foundation}
+            if config.recipe is not None:  # generic settings enter the key only when set
+                key["recipe"] = config.recipe
+            if config.postprocess != "none":
+                key["postprocess"] = config.postprocess
             cell = Cell(ds.name, shots, method, opts, seed, all_shot, key)
             cell = cells.setdefault(cell.cell_id, cell)
             if experiment not in cell.experiments:
                 cell.experiments.append(experiment)
 
+    def untrained(ds: DatasetConfig, method: str, experiment: str) -> None:
+        """No training: one cell per dataset, whatever the seeds and shot counts."""
+        key = {"format": CELL_FORMAT, "dataset": ds.key(config.data_seed), "split_seed": config.split_seed,
+               "method": method, "foundation": foundation}
+        if config.postprocess != "none":
+            key["postprocess"] = config.postprocess
+        cell = Cell(ds.name, 0, method, {}, 0, False, key, [experiment])
+        cells[cell.cell_id] = cell
+
     for ds in config.datasets:
-        if config.table1.get("zero_shot"):  # no training: one cell per dataset, whatever the seeds
-            key = {"format": CELL_FORMAT, "dataset": ds.key(config.data_seed), "split_seed": config.split_seed,
-                   "method": ZERO_SHOT, "foundation": foundation}
-            cell = Cell(ds.name, 0, ZERO_SHOT, {}, 0, False, key, ["table1"])
-            cells[cell.cell_id] = cell
+        if config.fseft:
+            _fseft_cells(config, ds, add, untrained)
+            continue
+        if config.table1.get("zero_shot"):
+            untrained(ds, ZERO_SHOT, "table1")
         for shots in ds.shots:
             for method in config.table1["methods"]:
                 add(ds, shots, method, "table1")
@@ -370,3 +568,27 @@ def enumerate_cells(config: GridConfig) -> list[Cell]:
             for g in config.gamma["values"]:
                 add(ds, max(ds.shots), config.gamma["method"], "gamma", gamma=g)
     return list(cells.values())
+
+
+def _fseft_cells(config: GridConfig, ds: DatasetConfig, add, untrained) -> None:
+    fs = config.fseft
+    adapter, ti = fs["adapter"], fs["transductive"]
+    if GENERALIZATION in fs["methods"] and config.knows(ds):  # a new structure: no foundation output to show
+        untrained(ds, GENERALIZATION, "table1")
+    for shots in ds.shots:
+        for method in fs["methods"]:
+            if method != GENERALIZATION:
+                add(ds, shots, method, "table1")
+        if ti:
+            add(ds, shots, adapter, "table1", extra=ti_options(ti))
+    for method in fs["all_shot"]:
+        add(ds, ds.train_cases, method, "all_shot", all_shot=True)
+    if fs["fig2a"]:
+        for shots in ds.shots:
+            for k in fs["fig2a"]["kernel_sizes"]:
+                add(ds, shots, adapter, "fig2a", overrides={"kernel_size": k})
+    if fs["fig2b"] and ds.name in fs["fig2b"]["datasets"]:
+        shots = fs["fig2b"]["shots"]
+        add(ds, shots, adapter, "fig2b")  # the dashed no-TI line
+        for margin in fs["fig2b"]["margins"]:
+            add(ds, shots, adapter, "fig2b", extra=ti_options(ti, margin))

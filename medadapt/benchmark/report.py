@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from medadapt.benchmark import stats
-from medadapt.benchmark.grid import ZERO_SHOT, Cell, GridConfig, enumerate_cells, method_options
+from medadapt.benchmark.grid import NO_TRAINING, ZERO_SHOT, Cell, GridConfig, enumerate_cells, method_options
 from medadapt.benchmark.runner import grid_paths, load_cell_record
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_text
@@ -37,7 +37,8 @@ from medadapt.utils.tables import markdown_table
 DISPLAY = {"scratch": "From scratch", "full": "Full", "linear-probe": "LinearProb", "bias": "Bias",
            "adapter": "Adapter", "lora": "LoRA", "affine-norm": "Affine-IN", "dgst": "DGST",
            "encoder-only": "Encoder Only", "decoder-only": "Decoder Only", "bias-norm": "Bias+Norm",
-           "drst": "DRST", "sgst": "SGST", "ft-last": "FT-last", ZERO_SHOT: "Foundation, no fine-tuning"}
+           "drst": "DRST", "sgst": "SGST", "ft-last": "FT-last", ZERO_SHOT: "Foundation, no fine-tuning",
+           "generalization": "Generalization", "spatial-adapter": "Spatial adapter"}
 MISSING = "–"
 HEADLINE = "dgst"  # the method every other is compared with in the paired table
 
@@ -80,9 +81,10 @@ class CellIndex:
 
 
 def _values(records: list[dict], cls: str, metric: str) -> dict:
-    """(seed, case) -> value; the zero-shot cell has no seed (None), so that it pairs with every seed."""
+    """(seed, case) -> value; a cell without training (zero-shot, generalization) has no seed (None), so that
+    it pairs with every seed."""
     values = stats.case_values(records, cls, metric)
-    if records and records[0]["method"] == ZERO_SHOT:
+    if records and records[0]["method"] in NO_TRAINING:
         values = {(None, case): v for (_, case), v in values.items()}
     return values
 
@@ -103,7 +105,7 @@ def aggregate(records: list[dict], cls: str) -> dict[str, Any] | None:
     out.update({
         "n_cases": len({case for rec in records for case in (r["case"] for r in rec["per_case"])}),
         "n_values": len(_values(records, cls, "dsc")),
-        "seeds": sorted(r["seed"] for r in records) if records[0]["method"] != ZERO_SHOT else [],
+        "seeds": sorted(r["seed"] for r in records) if records[0]["method"] not in NO_TRAINING else [],
         "seconds_per_iteration": float(np.median(times)) if times else None,
         "trainable": records[0]["parameters"]["trainable"],
         "updated_per_step": records[0]["parameters"]["updated_per_step"],
@@ -439,7 +441,12 @@ def _cell_rows(cells: list[Cell], records: dict[str, dict | None]) -> tuple[list
 
 
 def write_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Build every table and figure of ``config`` from the cells stored in ``workdir``."""
+    """Build every table and figure of ``config`` from the cells stored in ``workdir`` (an ``fseft`` grid:
+    :func:`medadapt.benchmark.report_fseft.write_report`)."""
+    if config.fseft is not None:
+        from medadapt.benchmark import report_fseft
+
+        return report_fseft.write_report(config, workdir, progress=progress)
     paths = grid_paths(config, workdir)
     cells = enumerate_cells(config)
     records = {c.cell_id: load_cell_record(paths, c) for c in cells}

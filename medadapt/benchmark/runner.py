@@ -28,7 +28,8 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from medadapt.benchmark.grid import CELL_FORMAT, ZERO_SHOT, Cell, GridConfig, enumerate_cells, stable_hash
+from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, Cell, GridConfig,
+                                     enumerate_cells, stable_hash)
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_json
 
@@ -87,38 +88,52 @@ def prepare_inputs(config: GridConfig, paths: GridPaths, progress: bool = True) 
     if (foundation / "plans.json").is_file():
         return
     f = config.foundation
-    spec = DomainSpec.from_dict(f["domain"])
-    source_key = {k: v for k, v in config.foundation_key().items() if k in ("domain", "data_seed", "generator")}
-    source_dir = workdir / "data" / f"{spec.name}-{stable_hash(source_key, 8)}"
-    write_dataset(spec, source_dir, num_cases=f["cases"], seed=config.data_seed, progress=progress)
+    key = config.foundation_key()
+    sources = []  # one source (domain), or several partially labelled ones pretrained together (domains)
+    for domain in f.get("domains", [f.get("domain")]):
+        spec = DomainSpec.from_dict(domain)
+        source_key = {"domain": domain, "data_seed": key["data_seed"], "generator": key["generator"]}
+        source_dir = workdir / "data" / f"{spec.name}-{stable_hash(source_key, 8)}"
+        write_dataset(spec, source_dir, num_cases=f["cases"], seed=config.data_seed, progress=progress)
+        sources.append((spec.name, source_dir))
     if progress:
-        tqdm.write(f"pretraining the foundation model on {f['cases']} {spec.name} cases -> {foundation}")
-    pretrain(source_dir, foundation, preset_name=f["preset"], epochs=f["epochs"],
-             iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"], resume=True, progress=progress)
+        tqdm.write(f"pretraining the foundation model on {f['cases']} cases of "
+                   f"{', '.join(n for n, _ in sources)} -> {foundation}")
+    pretrain([d for _, d in sources] if "domains" in f else sources[0][1], foundation, preset_name=f["preset"],
+             epochs=f["epochs"], iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"], resume=True,
+             progress=progress)
 
 
 def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Fine-tune and evaluate one cell; store its record atomically in ``cell.json`` and return it."""
+    from medadapt.engine.recipe import load_recipe
+    from medadapt.tuning.transductive import Transductive
     from medadapt.workflows.finetune import finetune, zero_shot
 
     started = time.perf_counter()
     out = paths.cell_dir(cell)
-    if cell.method == ZERO_SHOT:
+    postprocess = cell.key.get("postprocess", "none")
+    if cell.method in NO_TRAINING:  # zero-shot / generalization: the foundation's own outputs, by name
         try:
             run = zero_shot(paths.foundation, paths.datasets[cell.dataset], out / "run",
-                            split_seed=cell.key["split_seed"], resume=True, progress=progress)
+                            split_seed=cell.key["split_seed"], resume=True, progress=progress,
+                            postprocess=postprocess)
         except MedadaptError as exc:
             raise MedadaptError(f"{exc} (grid cell {cell.cell_id}; set table1.zero_shot: false for datasets "
                                 "whose labels are not the foundation's)") from None
     else:
         training = cell.key["training"]
-        options = {k: v for k, v in cell.options.items() if k != "gamma"}
+        options = {k: v for k, v in cell.options.items() if k != "gamma" and not k.startswith(TI_PREFIX)}
+        ti = {k[len(TI_PREFIX):]: v for k, v in cell.options.items() if k.startswith(TI_PREFIX)}
+        recipe = cell.key.get("recipe")
         run = finetune(paths.foundation, paths.datasets[cell.dataset], out / "run", method=cell.method,
                        shots=cell.shots, seed=cell.seed, gamma=cell.options.get("gamma"),
                        split_seed=cell.key["split_seed"], epochs=training["epochs"],
                        iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"),
-                       resume=True, progress=progress, method_options=options, head=cell.key["head"])
+                       resume=True, progress=progress, method_options=options, head=cell.key["head"],
+                       recipe=load_recipe(recipe) if recipe is not None else None, postprocess=postprocess,
+                       transductive=Transductive(**ti) if ti else None)
     qualitative = _store_qualitative_slice(run, out)
     record = {
         "format": CELL_FORMAT,
@@ -139,11 +154,24 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
         "cell_seconds": time.perf_counter() - started,
     }
     # the resume checkpoint (weights + optimizer state) is no longer needed once the cell is stored
-    if cell.method != ZERO_SHOT:
-        record["loss_curve"] = _epoch_losses(out / "run" / "training" / "history.json")
+    if cell.method not in NO_TRAINING:
+        record["loss_curve"] = _epoch_losses(_history_file(out / "run"))
     atomic_write_json(cell_file(paths, cell), record)
-    (out / "run" / "training" / "checkpoint_latest.pt").unlink(missing_ok=True)
+    for checkpoint in (out / "run").glob("**/training/checkpoint_latest.pt"):  # per-query TI runs: one per query
+        checkpoint.unlink(missing_ok=True)
     return record
+
+
+def _history_file(run: Path) -> Path:
+    """The training history of a run; a per-query transductive run trains one model per test volume
+    (``queries/<case>/training``): the first query's curve stands for them."""
+    path = run / "training" / "history.json"
+    if path.is_file():
+        return path
+    histories = sorted(run.glob("queries/*/training/history.json"))
+    if not histories:
+        raise MedadaptError(f"{run}: no training history; the run is incomplete")
+    return histories[0]
 
 
 def _epoch_losses(path: Path) -> list[float]:
@@ -276,7 +304,7 @@ def run_grid(config: GridConfig, workdir: str | Path, ray_address: str | None = 
     result = {"cells": len(cells), "ran": len(todo), "seconds": time.perf_counter() - started,
               "workdir": paths.workdir}
     if report:
-        from medadapt.benchmark.report import write_report
+        from medadapt.benchmark.report import write_report  # dispatches to the FSEFT report for fseft grids
 
         result["report"] = write_report(config, workdir, progress=progress)
     return result

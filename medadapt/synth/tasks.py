@@ -39,14 +39,21 @@ class Task:
     def spec(self) -> DomainSpec:
         """The domain's spec with its label map cut down to this task's labels, renumbered 1..N in the task's
         order (same name, hence the same patients and images; only the label map differs)."""
-        spec = load_domain(self.domain)
-        by_name = {lab.name: lab for lab in spec.labels or ()}
-        if spec.labels is None:  # a lymph-node-only domain: its one label
-            return spec
-        if tuple(lab.name for lab in spec.labels) == self.labels:
-            return spec
-        return spec.replace(labels={n: {"id": i, "structures": list(by_name[n].structures)}
-                                    for i, n in enumerate(self.labels, 1)})
+        return with_labels(load_domain(self.domain), self.labels)
+
+
+def with_labels(spec: DomainSpec, labels: "tuple[str, ...] | list[str]") -> DomainSpec:
+    """``spec`` with its label map cut down to ``labels`` (names of its labels), renumbered 1..N in that order:
+    same name, hence the same patients and images; only the label map differs. The caller checks the names
+    (every one a label of ``spec``)."""
+    labels = tuple(labels)
+    by_name = {lab.name: lab for lab in spec.labels or ()}
+    if spec.labels is None:  # a lymph-node-only domain: its one label
+        return spec
+    if tuple(lab.name for lab in spec.labels) == labels:
+        return spec
+    return spec.replace(labels={n: {"id": i, "structures": list(by_name[n].structures)}
+                                for i, n in enumerate(labels, 1)})
 
 
 @dataclass(frozen=True)
