@@ -316,6 +316,21 @@ def gamma_figure(config: GridConfig, csv_rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def contour_panel(ax, rec: dict, paths) -> tuple[str, int]:
+    """Draw a cell's stored qualitative slice on ``ax``: the image (radiological view, CT window) with the
+    ground truth and prediction contours. Returns the slice's case id and z."""
+    from medadapt.viz import GT_COLOR, PRED_COLOR, _window, radiological_view
+
+    npz = np.load(Path(paths.workdir) / "cells" / rec["id"] / rec["qualitative"])
+    spacing = npz["spacing"]
+    ax.imshow(_window(radiological_view(npz["image"])), cmap="gray", aspect=float(spacing[1] / spacing[2]),
+              interpolation="nearest")
+    for mask, color in ((npz["gt"], GT_COLOR), (npz["prediction"], PRED_COLOR)):
+        if (mask > 0).any():
+            ax.contour(radiological_view(mask > 0), levels=[0.5], colors=color, linewidths=0.9)
+    return str(npz["case"]), int(npz["z"])
+
+
 def qualitative_figure(index: CellIndex, paths, cls: str, path: Path) -> Path | None:
     """Rows: datasets (largest shot count, first seed); columns: Table 1 methods; GT green, prediction yellow."""
     import matplotlib
@@ -323,7 +338,7 @@ def qualitative_figure(index: CellIndex, paths, cls: str, path: Path) -> Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medadapt.viz import GT_COLOR, PRED_COLOR, _window, radiological_view
+    from medadapt.viz import GT_COLOR, PRED_COLOR
 
     config = index.config
     methods = ([ZERO_SHOT] if config.table1.get("zero_shot") else []) + list(config.table1["methods"])
@@ -347,21 +362,13 @@ def qualitative_figure(index: CellIndex, paths, cls: str, path: Path) -> Path | 
             if rec is None:
                 ax.set_title(f"{display_name(m)}\n(missing)", fontsize=8)
                 continue
-            npz = np.load(Path(paths.workdir) / "cells" / rec["id"] / rec["qualitative"])
-            spacing = npz["spacing"]
-            aspect = float(spacing[1] / spacing[2])
-            ax.imshow(_window(radiological_view(npz["image"])), cmap="gray", aspect=aspect,
-                      interpolation="nearest")
-            for mask, color in ((npz["gt"], GT_COLOR), (npz["prediction"], PRED_COLOR)):
-                if (mask > 0).any():
-                    ax.contour(radiological_view(mask > 0), levels=[0.5], colors=color, linewidths=0.9)
-            case = str(npz["case"])
+            case, z = contour_panel(ax, rec, paths)
             dsc = next((x["dsc"] for x in rec["per_case"] if x["case"] == case and x["class"] == cls), None)
             score = "n/a" if dsc is None else f"{100 * dsc:.1f}%"
             name = "Foundation (zero-shot)" if m == ZERO_SHOT else display_name(m)
             ax.set_title(f"{name}\nDSC {score}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"{ds.name}\n{max(ds.shots)}-shot, {case} z={int(npz['z'])}", fontsize=7)
+                ax.set_ylabel(f"{ds.name}\n{max(ds.shots)}-shot, {case} z={z}", fontsize=7)
     fig.suptitle(f"Test-case contours (ground truth {GT_COLOR}, prediction {PRED_COLOR})", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
@@ -447,13 +454,7 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
         from medadapt.benchmark import report_fseft
 
         return report_fseft.write_report(config, workdir, progress=progress)
-    paths = grid_paths(config, workdir)
-    cells = enumerate_cells(config)
-    records = {c.cell_id: load_cell_record(paths, c) for c in cells}
-    done = [r for r in records.values() if r]
-    if not done:
-        raise MedadaptError(f"{paths.workdir}: no finished cells of grid {config.name!r}; run "
-                            f"'medadapt bench {config.cli_argument}' first (same --workdir)")
+    paths, cells, records, done = finished_cells(config, workdir)
     index = CellIndex(config, cells, records)
     out = Path(paths.workdir) / "report"
     classes = list(done[0]["metrics"]["classes"])
@@ -495,6 +496,26 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
     if qual:
         files["qualitative.png"] = qual
         sections.append("\n## Fig. 2: qualitative comparison\n\n![qualitative](qualitative.png)")
+    return finish_report(out, cells, records, sections, files, "\n\n".join(t1_md), progress)
+
+
+def finished_cells(config: GridConfig, workdir: str | Path):
+    """``(paths, cells, records by cell id, finished records)`` of a grid; an error if none has finished."""
+    paths = grid_paths(config, workdir)
+    cells = enumerate_cells(config)
+    records = {c.cell_id: load_cell_record(paths, c) for c in cells}
+    done = [r for r in records.values() if r]
+    if not done:
+        raise MedadaptError(f"{paths.workdir}: no finished cells of grid {config.name!r}; run "
+                            f"'medadapt bench {config.cli_argument}' first (same --workdir)")
+    return paths, cells, records, done
+
+
+def finish_report(out: Path, cells: list[Cell], records: dict[str, dict | None], sections: list[str],
+                  files: dict[str, Path], headline: str, progress: bool) -> dict[str, Any]:
+    """What every grid report ends with: the list of missing cells, ``cells.csv``, ``per_case.csv`` and
+    ``report.md``; prints ``headline`` (the main table) when ``progress``."""
+    done = [r for r in records.values() if r]
     missing = [c.cell_id for c in cells if not records.get(c.cell_id)]
     if missing:
         sections.append(f"\n## Missing cells ({len(missing)})\n\n" + "\n".join(f"- `{m}`" for m in missing))
@@ -503,7 +524,7 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
     files["per_case.csv"] = _write(out / "per_case.csv", _csv(per_case_rows))
     files["report.md"] = _write(out / "report.md", "\n".join(sections) + "\n")
     if progress:
-        print("\n\n".join(t1_md))
+        print(headline)
         print(f"report: {out / 'report.md'} ({len(done)}/{len(cells)} cells)")
     return {"dir": str(out), "files": {k: str(v) for k, v in files.items()}, "finished": len(done),
             "cells": len(cells), "missing": missing}

@@ -25,12 +25,9 @@ from typing import Any
 import numpy as np
 
 from medadapt.benchmark import stats
-from medadapt.benchmark.grid import GENERALIZATION, Cell, DatasetConfig, GridConfig, enumerate_cells, method_options, \
-    ti_options
-from medadapt.benchmark.report import (MISSING, _agg_csv, _cell_rows, _csv, _fmt, _mark, _save, _values, _write,
-                                       aggregate, display_name)
-from medadapt.benchmark.runner import grid_paths, load_cell_record
-from medadapt.errors import MedadaptError
+from medadapt.benchmark.grid import GENERALIZATION, Cell, DatasetConfig, GridConfig, method_options, ti_options
+from medadapt.benchmark.report import (MISSING, _agg_csv, _csv, _fmt, _mark, _save, _values, _write, aggregate,
+                                       contour_panel, display_name, finish_report, finished_cells)
 from medadapt.utils.tables import markdown_table
 
 FOOTNOTE = (
@@ -330,7 +327,7 @@ def qualitative_figure(index: FseftIndex, paths, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medadapt.viz import GT_COLOR, PRED_COLOR, _window, radiological_view
+    from medadapt.viz import GT_COLOR, PRED_COLOR
 
     config = index.config
     _, few = _rows(config)
@@ -355,19 +352,12 @@ def qualitative_figure(index: FseftIndex, paths, path: Path) -> Path | None:
             if rec is None:
                 ax.set_title(f"{r.label}\n(missing)", fontsize=8)
                 continue
-            npz = np.load(Path(paths.workdir) / "cells" / rec["id"] / rec["qualitative"])
-            spacing = npz["spacing"]
-            ax.imshow(_window(radiological_view(npz["image"])), cmap="gray", aspect=float(spacing[1] / spacing[2]),
-                      interpolation="nearest")
-            for mask, color in ((npz["gt"], GT_COLOR), (npz["prediction"], PRED_COLOR)):
-                if (mask > 0).any():
-                    ax.contour(radiological_view(mask > 0), levels=[0.5], colors=color, linewidths=0.9)
-            case = str(npz["case"])
+            case, z = contour_panel(ax, rec, paths)
             dsc = [x["dsc"] for x in rec["per_case"] if x["case"] == case and x.get("dsc") is not None]
             score = f"{100 * float(np.mean(dsc)):.1f}%" if dsc else "n/a"
             ax.set_title(f"{r.label}\nDSC {score}", fontsize=8)
             if j == 0:
-                ax.set_ylabel(f"{ds.name}\n{k}-shot, {case} z={int(npz['z'])}", fontsize=7)
+                ax.set_ylabel(f"{ds.name}\n{k}-shot, {case} z={z}", fontsize=7)
     fig.suptitle(f"Without and with TI (ground truth {GT_COLOR}, prediction {PRED_COLOR})", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
@@ -375,13 +365,7 @@ def qualitative_figure(index: FseftIndex, paths, path: Path) -> Path | None:
 
 def write_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Build the FSEFT tables and figures of ``config`` from the cells stored in ``workdir``."""
-    paths = grid_paths(config, workdir)
-    cells = enumerate_cells(config)
-    records = {c.cell_id: load_cell_record(paths, c) for c in cells}
-    done = [r for r in records.values() if r]
-    if not done:
-        raise MedadaptError(f"{paths.workdir}: no finished cells of grid {config.name!r}; run "
-                            f"'medadapt bench {config.cli_argument}' first (same --workdir)")
+    paths, cells, records, done = finished_cells(config, workdir)
     index = FseftIndex(config, cells, records)
     out = Path(paths.workdir) / "report"
     files: dict[str, Path] = {}
@@ -425,15 +409,4 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
     if qual:
         files["qualitative.png"] = qual
         sections.append("\n## Qualitative: without and with transductive inference\n\n![qualitative](qualitative.png)")
-    missing = [c.cell_id for c in cells if not records.get(c.cell_id)]
-    if missing:
-        sections.append(f"\n## Missing cells ({len(missing)})\n\n" + "\n".join(f"- `{m}`" for m in missing))
-    summary_rows, per_case_rows = _cell_rows(cells, records)
-    files["cells.csv"] = _write(out / "cells.csv", _csv(summary_rows))
-    files["per_case.csv"] = _write(out / "per_case.csv", _csv(per_case_rows))
-    files["report.md"] = _write(out / "report.md", "\n".join(sections) + "\n")
-    if progress:
-        print(t1_md)
-        print(f"report: {out / 'report.md'} ({len(done)}/{len(cells)} cells)")
-    return {"dir": str(out), "files": {k: str(v) for k, v in files.items()}, "finished": len(done),
-            "cells": len(cells), "missing": missing}
+    return finish_report(out, cells, records, sections, files, t1_md, progress)

@@ -116,12 +116,7 @@ class TransductiveTerm:
     def __init__(self, tail: nn.Module, features: Sequence[torch.Tensor], priors: Sequence[float],
                  margin: float = 0.1, weight: float = 1.0, active_fraction: float = 0.5,
                  activation: str = "sigmoid"):
-        if not 0 <= margin < 1:
-            raise MedadaptError(f"--ti-margin {margin}: must be in [0, 1)")
-        if not weight > 0:
-            raise MedadaptError(f"--ti-lambda {weight}: must be positive")
-        if not 0 < active_fraction <= 1:
-            raise MedadaptError(f"TI active fraction {active_fraction}: must be in (0, 1]")
+        Transductive(weight=weight, margin=margin, active_fraction=active_fraction).check()
         if not features:
             raise MedadaptError("--transductive: no query volumes to constrain")
         if any(not p > 0 for p in priors):
