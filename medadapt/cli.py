@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downsample", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="the same field of view with this many times fewer voxels per axis, e.g. 1 2 2 (what the "
                         "demo and the default benchmark grid use)")
+    p.add_argument("--stream", default=None, metavar="NAME",
+                   help="instead of one DOMAIN: every task of a built-in task stream (e.g. ct-stream, MedSeqFT's "
+                        "five tasks and two unseen ones), one dataset each under --out, and --out/stream.yaml "
+                        "for 'medadapt seqft'")
     p.add_argument("--list", action="store_true",
                    help="list the built-in domains (name, region, labels) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -329,6 +333,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("seqft", help="fine-tune task after task over a stream of datasets (MedSeqFT)",
+                       description="Sequential fine-tuning (MedSeqFT, docs/sequential.md): every task of STREAM, in "
+                                   "order, each from the previous task's model (seq-ft, medseqft) or each from "
+                                   "the foundation (any finetune method: the parallel baselines). Every task gets "
+                                   "its own model folder and test-split metrics (Dice, NSD, HD95); a killed run "
+                                   "resumes at the task in progress (--resume), and a stream extended by new "
+                                   "tasks continues where it stopped.")
+    p.add_argument("stream", type=Path, help="stream file: YAML listing the tasks' nnU-Net raw datasets in order "
+                                             "('medadapt synth --stream ct-stream --out DIR' writes one)")
+    p.add_argument("--model", type=Path, required=True, help="foundation model folder M0")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--method", default="medseqft",
+                   help="medseqft (default: MDS buffer + K&G RFT), seq-ft (vanilla sequential; ablations with "
+                        "--buffer/--retention), or a finetune method run on each task from M0 (full = FFT, "
+                        "scratch = TFS, linear-probe = head fine-tuning, lora, adapter, ...)")
+    p.add_argument("--buffer", choices=("none", "random", "mds"), default=None,
+                   help="seq-ft: the replay buffer the encoder distillation runs on (default none; medseqft: mds)")
+    p.add_argument("--retention", choices=("none", "lora-kd"), default=None,
+                   help="seq-ft: LoRA-based KD of each task's encoder into the previous one, then merge "
+                        "(default none; medseqft: lora-kd)")
+    p.add_argument("--buffer-size", type=_positive_int, default=4,
+                   help="K: cases of each task added to the buffer (default 4; the paper does not say)")
+    p.add_argument("--mds-repeats", type=_positive_int, default=16,
+                   help="R: random maskings averaged per case for MDS (default 16 on CPU; the paper: 1000)")
+    p.add_argument("--kd-rank", type=_positive_int, default=2, help="LoRA rank of the LoRA-based KD (default 2)")
+    p.add_argument("--kd-recipe", default=None,
+                   help="recipe of the LoRA-based KD stage (default: the fine-tuning recipe with a fifth of its "
+                        "epochs and a tenth of its learning rate, the paper's ratios)")
+    _add_method_options(p)
+    p.add_argument("--shots", type=_shots, default="all",
+                   help="training cases per task: K, or all (default: every case of the 80%% train split)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of each task's 80/20 split (default 0)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
+    _add_postprocess_option(p)
+    _add_training_options(p, "the one the model folder recommends, else dgst-paper")
+    p.set_defaults(func=cmd_seqft)
+
     p = sub.add_parser("bench", help="few-shot benchmark grid: the DGST paper's Tables 1-2 and Fig. 3, or FSEFT's "
                                      "Table 1 and Fig. 2 (resumable)",
                        description="Run a grid of few-shot fine-tuning cells (datasets x shots x methods x "
@@ -385,6 +426,16 @@ def cmd_synth(args) -> int:
         for name in builtin_domains():
             spec = load_domain(name)
             print(f"{name:<20} {spec.region:<12} {', '.join(n for n, i in spec.dataset_labels.items() if i)}")
+        return 0
+    if args.stream is not None:
+        if args.domain or args.out is None:
+            raise MedadaptError("synth --stream NAME needs --out and no DOMAIN (see 'medadapt synth --help')")
+        from medadapt.sequential.stream import write_synthetic_stream
+
+        path = write_synthetic_stream(args.stream, args.out, cases=args.cases, seed=args.seed,
+                                      downsample=tuple(args.downsample) if args.downsample else None,
+                                      progress=not args.quiet)
+        print(f"wrote the {args.stream!r} stream's datasets ({args.cases} cases each) and {path}")
         return 0
     if not args.domain or args.out is None:
         raise MedadaptError("synth needs a DOMAIN and --out (see 'medadapt synth --help'; "
@@ -587,6 +638,21 @@ def cmd_demo(args) -> int:
     from medadapt.workflows.demo import run_demo
 
     run_demo(args.workdir, shots=args.shots, seed=args.seed, fresh=args.fresh, progress=not args.quiet)
+    return 0
+
+
+def cmd_seqft(args) -> int:
+    from medadapt.workflows.seqft import seqft
+
+    summary = seqft(args.stream, args.model, args.out, method=args.method, buffer=args.buffer,
+                    retention=args.retention, buffer_size=args.buffer_size, mds_repeats=args.mds_repeats,
+                    kd_rank=args.kd_rank, shots=args.shots, seed=args.seed, split_seed=args.split_seed,
+                    recipe=args.recipe, kd_recipe=args.kd_recipe, epochs=args.epochs,
+                    iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
+                    method_options=_method_options(args), postprocess=args.postprocess, resume=args.resume,
+                    progress=not args.quiet)
+    print((args.out / "results.md").read_text(), end="")
+    print(f"{len(summary['tasks'])} task(s); results in {args.out}")
     return 0
 
 

@@ -64,6 +64,28 @@ def model_parts(model: nn.Module) -> ModelParts:
     )
 
 
+def encoder_features(model: nn.Module, x) -> list:
+    """The encoder's outputs for input ``x``: every feature map the encoder hands the decoder (nnU-Net's skips,
+    shallow to deep; a SwinUNETR's encoder blocks and Swin stages), as a list.
+
+    A network says how it encodes with a ``medadapt_encode(x)`` method (SwinUNETR, :mod:`medadapt.models.swin`);
+    an nnU-Net network's ``encoder`` returns its skips itself. Knowledge distillation between encoders (MedSeqFT)
+    compares these maps."""
+    hook = getattr(model, "medadapt_encode", None)
+    if callable(hook):
+        return list(hook(x))
+    encoder = model_parts(model).encoder
+    if encoder is None:
+        raise MedadaptError(f"{type(model).__name__} declares no encoder; give it a medadapt_encode(x) method")
+    out = encoder(x)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The encoder's parameters (nnU-Net's decoder references the encoder; these are the encoder's own)."""
+    return module_parameters([model_parts(model).encoder])
+
+
 def head_parameter_ids(model: nn.Module) -> set[int]:
     return {id(p) for head in model_parts(model).heads for p in head.parameters()}
 

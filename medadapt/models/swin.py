@@ -75,6 +75,16 @@ class SwinUNETR(MonaiSwinUNETR):
             with torch.no_grad():
                 trunc_normal_(table, std=0.02)
 
+    def medadapt_encode(self, x_in: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's outputs, as MONAI's forward computes them: the five conv encoder blocks' maps and the
+        Swin stage the decoder takes directly (``hidden_states_out[3]``), shallow to deep (axes as given)."""
+        if self.axis_order == "xyz":
+            x_in = x_in.permute(0, 1, *range(x_in.ndim - 1, 1, -1))
+        self._check_input_size(x_in.shape[2:])
+        hidden = self.swinViT(x_in, self.normalize)
+        return [self.encoder1(x_in), self.encoder2(hidden[0]), self.encoder3(hidden[1]), self.encoder4(hidden[2]),
+                hidden[3], self.encoder10(hidden[4])]
+
     # -- forward ------------------------------------------------------------------------------------------
     def _check_input_size(self, spatial_shape) -> None:
         shape = [int(s) for s in spatial_shape]

@@ -1,0 +1,210 @@
+"""Encoder knowledge distillation as strategies: MedSeqFT's K&G RFT (Ye et al., Sec. III-D).
+
+Two training stages of a sequential fine-tuning step are strategies here, so the engine runs them like any
+method and names neither:
+
+* :class:`KDFineTuning` ("KD-based FFT"): full fine-tuning on the task's data with the recipe's segmentation
+  loss, plus an MSE distillation loss between the trainable encoder's outputs and a frozen teacher encoder's
+  (the previous task's, E_{t-1}) on *buffer* samples (earlier tasks' cases). The paper: "both losses are
+  computed independently to avoid optimization conflicts, with each updating only its corresponding
+  parameters". Implemented exactly so, and recorded in docs/methods.md:
+
+  - the segmentation loss updates every trainable parameter (encoder, decoder, head) through the engine's
+    optimiser, with the recipe's clipping;
+  - the distillation loss updates the encoder only, through an optimiser of its own (same class and learning
+    rate as the engine's, following its schedule; no weight decay, so the encoder is not decayed twice per
+    step), with the same clipping applied to the distillation gradient alone;
+  - both gradients are taken at the same weights (the distillation gradient first, by ``autograd.grad``,
+    which leaves ``.grad`` untouched), then the two steps are applied one after the other. Adam-type
+    optimisers thus normalise each loss's gradient by its own moments: neither loss's scale drowns the other,
+    which is what "independently" buys over summing the two losses.
+
+* :class:`EncoderLoRADistillation` ("LoRA-based KD" and "Reparameterization"): a copy of E_{t-1} gets LoRA
+  (rank 2 in the paper, W' = W + BA, i.e. alpha = rank) on every convolution and Linear layer of its encoder;
+  everything else is frozen; the LoRA factors are trained to reproduce a frozen teacher encoder's (E_{t-mid},
+  the KD-FFT result) outputs on the task's data (MSE, L_refine); :meth:`finalize` merges them into the weights
+  (the plain architecture back). Its training step runs the two encoders only (no decoder forward).
+
+The encoders' "outputs" are every feature map the encoder hands the decoder
+(:func:`medadapt.models.parts.encoder_features`); the distillation loss is the mean over those maps of each
+map's mean squared error (each scale counts equally, whatever its voxel count).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medadapt.errors import MedadaptError
+from medadapt.models.lora import LoRAConfig, inject_lora, lora_parameters, merge_lora, merged_state_dict
+from medadapt.models.parts import encoder_features, encoder_parameters, model_parts
+from medadapt.tuning.base import StepContext, Strategy
+
+
+def feature_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the feature maps of each map's mean squared error."""
+    if len(student) != len(teacher):
+        raise ValueError(f"{len(student)} student feature maps against {len(teacher)} teacher maps")
+    return torch.stack([torch.mean((s - t.detach()) ** 2) for s, t in zip(student, teacher)]).mean()
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with no trainable parameter (a teacher)."""
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+class FeatureDistillation:
+    """Loss term ``(model, batch, outputs)``: MSE between ``model``'s encoder outputs on ``batch["image"]``
+    and the frozen ``teacher``'s (a network with the same encoder architecture). ``outputs`` are not used: the
+    term runs the student's encoder itself."""
+
+    def __init__(self, teacher: nn.Module):
+        self.teacher = teacher
+
+    def __call__(self, model: nn.Module, batch: dict, outputs: Any = None) -> torch.Tensor:
+        image = batch["image"]
+        with torch.no_grad():
+            target = encoder_features(self.teacher, image)
+        return feature_mse(encoder_features(model, image), target)
+
+
+class KDFineTuning(Strategy):
+    """Full fine-tuning with encoder distillation towards ``teacher`` on batches from ``buffer`` (a sampler
+    with ``sample(rng)``; None or empty: plain full fine-tuning), each loss stepping its own parameters (module
+    docstring). ``seed`` seeds the buffer's batch draws: iteration i of a run draws from (seed, i), so a resumed
+    run sees the same buffer batches."""
+
+    name = "kd-fft"
+    summary = "full fine-tuning + encoder distillation on buffer samples (MedSeqFT's KD-based FFT)"
+    options = ()
+
+    def __init__(self, teacher: nn.Module, buffer=None, seed: int = 0):
+        self.teacher = teacher
+        self.buffer = buffer
+        self.seed = int(seed)
+        self.step = 0
+        self.kd_optimizer: torch.optim.Optimizer | None = None
+        self._kd_state: dict | None = None
+        self.last_kd_loss: float | None = None
+
+    def _encoder_params(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in encoder_parameters(model) if p.requires_grad]
+
+    def attach(self, optimizer) -> None:
+        self.optimizer_ = optimizer
+
+    def _make_kd_optimizer(self, ctx: StepContext) -> torch.optim.Optimizer:
+        defaults = dict(ctx.optimizer.defaults)
+        if "weight_decay" in defaults:
+            defaults["weight_decay"] = 0.0
+        opt = type(ctx.optimizer)(self._encoder_params(ctx.model), **defaults)
+        if self._kd_state is not None:
+            opt.load_state_dict(self._kd_state)
+            self._kd_state = None
+        return opt
+
+    def train_step(self, ctx: StepContext, batch: dict) -> torch.Tensor:
+        device = batch["image"].device
+        kd_grads = None
+        if self.buffer is not None:
+            rng = np.random.default_rng([self.seed, 0x6B64, self.step])
+            buffered = self.buffer.sample(rng)
+            image = buffered["image"].to(device, non_blocking=True)
+            enc = self._encoder_params(ctx.model)
+            kd = FeatureDistillation(self.teacher.to(device))(ctx.model, {"image": image})
+            if not torch.isfinite(kd):
+                raise FloatingPointError(f"non-finite distillation loss {kd.item()} (learning rate too high?)")
+            kd_grads = torch.autograd.grad(kd, enc, allow_unused=True)
+            self.last_kd_loss = float(kd.detach())
+        # the segmentation loss: every trainable parameter, the engine's optimiser
+        ctx.optimizer.zero_grad(set_to_none=True)
+        outputs = ctx.forward(batch["image"])
+        loss = ctx.loss(ctx.model, batch, outputs)
+        for term in ctx.loss_terms:
+            loss = loss + term(ctx.model, batch, outputs)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} (learning rate too high?)")
+        loss.backward()
+        if ctx.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.grad_clip)
+        ctx.optimizer.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
+        # the distillation loss: the encoder only, its own optimiser, the gradient taken before the step above
+        if kd_grads is not None:
+            if self.kd_optimizer is None:
+                self.kd_optimizer = self._make_kd_optimizer(ctx)
+            for group in self.kd_optimizer.param_groups:
+                group["lr"] = ctx.optimizer.param_groups[0]["lr"]
+            for p, g in zip(self._encoder_params(ctx.model), kd_grads):
+                p.grad = None if g is None else g.detach()
+            if ctx.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self._encoder_params(ctx.model), ctx.grad_clip)
+            self.kd_optimizer.step()
+            self.kd_optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.detach()
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "buffer": self.buffer is not None}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step,
+                "kd_optimizer": self.kd_optimizer.state_dict() if self.kd_optimizer is not None else self._kd_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state.get("step", 0))
+        self._kd_state = state.get("kd_optimizer")
+        self.kd_optimizer = None
+
+
+class EncoderLoRADistillation(Strategy):
+    """LoRA factors on every conv / Linear layer of the encoder, everything else frozen, trained by the loss
+    term the engine is given (a :class:`FeatureDistillation` towards the fine-tuned encoder); merged by
+    :meth:`finalize`. ``rank`` 2 and ``alpha = rank`` (scale 1: W' = W + BA, MedSeqFT's Eq. 1) by default."""
+
+    name = "lora-kd"
+    summary = "encoder LoRA (rank r) distilled from a fine-tuned encoder, then merged (MedSeqFT's LoRA-based KD)"
+    options = ("rank", "alpha")
+
+    def __init__(self, rank: int = 2, alpha: float | None = None):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise MedadaptError(f"--kd-lora-rank {rank!r}: must be a positive integer")
+        alpha = float(rank if alpha is None else alpha)
+        if not alpha > 0:
+            raise MedadaptError(f"--kd-lora-alpha {alpha!r}: must be positive")
+        self.config_ = LoRAConfig(rank=rank, alpha=alpha)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        encoder = model_parts(model).encoder
+        inject_lora(encoder, self.config_)
+        keep = {id(p) for p in lora_parameters(model)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+        return model
+
+    def train_step(self, ctx: StepContext, batch: dict) -> torch.Tensor:
+        """The engine's loss term on the encoders alone (no decoder forward), backward, clip, step."""
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss = ctx.loss(ctx.model, batch, None)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} (learning rate too high?)")
+        loss.backward()
+        if ctx.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters(ctx.model), ctx.grad_clip)
+        ctx.optimizer.step()
+        return loss.detach()
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return merge_lora(model)
+
+    def finalized_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return merged_state_dict(model)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "rank": self.config_.rank, "alpha": self.config_.alpha}

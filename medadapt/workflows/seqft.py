@@ -1,0 +1,411 @@
+"""Sequential fine-tuning over a stream of tasks (MedSeqFT, Ye et al., Sec. III), and its parallel baselines.
+
+``seqft(stream, model, out, method)`` runs every task of a stream (:mod:`medadapt.sequential.stream`) in order.
+Each task t gets its own model folder M_t (encoder, decoder, a fresh head for its labels) and its test-split
+metrics. Methods:
+
+* a **parallel** baseline: any ``finetune`` method (``full`` = the paper's FFT, ``scratch`` = TFS,
+  ``linear-probe`` = head fine-tuning, ``lora``, ``adapter``, ...): each task is fine-tuned from M_0 alone,
+  exactly as ``medadapt finetune`` does it (``tasks/<NN>-<name>/`` is that command's run folder).
+* ``seq-ft``: vanilla sequential fine-tuning: task t starts from M_{t-1}'s encoder and decoder with a fresh
+  head, full fine-tuning. Its two ablation switches (MedSeqFT's Table III):
+
+  - ``buffer`` (``none``, ``random``, ``mds``): after each task, K of its training cases join a buffer
+    (:mod:`medadapt.sequential.buffer`); from task 2 on, fine-tuning is the *KD-based FFT*
+    (:class:`medadapt.tuning.distill.KDFineTuning`): the encoder is also distilled towards the frozen
+    E_{t-1} on buffer samples. The buffer is what this distillation runs on, so "Seq. FT + MDS" and
+    "Seq. FT + Random" are this stage with that buffer;
+  - ``retention`` (``none``, ``lora-kd``): after fine-tuning, the *LoRA-based KD* and *reparameterisation*:
+    a copy of E_{t-1} with rank-r LoRA on every conv / Linear layer of its encoder learns to reproduce the
+    fine-tuned encoder E_{t-mid} on the task's data, and the merged encoder with M_{t-mid}'s decoder and head
+    is M_t. "Seq. FT + K&G RFT" without a buffer is this stage alone (its KD-based FFT has no buffer to run on).
+* ``medseqft``: ``seq-ft`` with ``buffer=mds`` and ``retention=lora-kd`` (task 1: full fine-tuning, LoRA-based
+  KD and merge, as Sec. III-B says).
+
+Run folder (a killed run resumes at the task in progress; finished tasks are never recomputed; a run folder
+is never reused for other settings, but a stream that *extends* the recorded one continues it)::
+
+    <out>/seqft.json                    identity: stream, method and options, foundation, recipes, seeds
+    <out>/buffer.json                   the buffer so far: every case's task, id and MDS score; R, K, the rule
+    <out>/tasks/<NN>-<name>/
+        stage1/training/                KD-based FFT (or full fine-tuning): checkpoint + history.json
+        stage1/model/                   M_{t-mid} (only with retention)
+        stage2/training/                LoRA-based KD
+        model/                          M_t (the plain architecture)
+        mds.json                        this task's cases' pretext scores (buffer mds)
+        predictions/, metrics_per_case.csv, summary.json
+        task.json                       written last: the task is finished
+    <out>/results.csv, <out>/results.md Dice, NSD, HD95 per task; time per stage
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medadapt.data.augmentation import Augmentation
+from medadapt.data.cache import preprocess_dataset
+from medadapt.data.dataset import RawDataset
+from medadapt.data.sampling import PatchSampler
+from medadapt.data.splits import draw_shots, train_test_split
+from medadapt.engine import Trainer, TrainingConfig
+from medadapt.engine.recipe import Recipe, load_recipe
+from medadapt.errors import MedadaptError
+from medadapt.inference.predictor import POSTPROCESSING
+from medadapt.models import ModelFolder, load_model_folder, save_model_folder
+from medadapt.models.model_folder import output_channels
+from medadapt.models.parts import model_parts
+from medadapt.sequential.buffer import (SELECTIONS, BufferEntry, buffer_record, check_buffer_size, lowest,
+                                        mds_scores, random_pick)
+from medadapt.sequential.stream import Stream, StreamTask, load_stream
+from medadapt.tuning import FullFineTuning, make_strategy, method_names
+from medadapt.tuning.distill import EncoderLoRADistillation, FeatureDistillation, KDFineTuning, frozen_copy
+from medadapt.utils.atomic import atomic_write_json, atomic_write_text
+from medadapt.utils.hashing import stable_hash
+from medadapt.workflows.common import dataset_cache_dir, environment, model_fingerprint
+from medadapt.workflows.finetune import (DEFAULT_RECIPE, first_difference, load_foundation, predict_and_evaluate)
+
+FORMAT = "medadapt-seqft/1"
+SEQUENTIAL = {"seq-ft": ("none", "none"), "medseqft": ("mds", "lora-kd")}
+RETENTIONS = ("none", "lora-kd")
+#: LoRA-based KD budget relative to fine-tuning when no --kd-recipe is given: MedSeqFT (VoCo, CT) distils
+#: for 5,000 iterations at lr 3e-5 after 25,000 at 3e-4
+KD_BUDGET_FRACTION = 0.2
+KD_LR_FRACTION = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqSettings:
+    """A sequential method's settings (validated by :func:`resolve_method`)."""
+
+    method: str
+    buffer: str = "none"
+    retention: str = "none"
+    buffer_size: int = 4
+    mds_repeats: int = 16
+    kd_rank: int = 2
+
+    @property
+    def sequential(self) -> bool:
+        return self.method in SEQUENTIAL
+
+    def record(self) -> dict[str, Any]:
+        if not self.sequential:
+            return {"method": self.method}
+        out: dict[str, Any] = {"method": self.method, "buffer": self.buffer, "retention": self.retention}
+        if self.buffer != "none":
+            out["buffer_size"] = self.buffer_size
+        if self.buffer == "mds":
+            out["mds_repeats"] = self.mds_repeats
+        if self.retention == "lora-kd":
+            out["kd_rank"] = self.kd_rank
+        return out
+
+
+def resolve_method(method: str, buffer: str | None = None, retention: str | None = None, buffer_size: int = 4,
+                   mds_repeats: int = 16, kd_rank: int = 2) -> SeqSettings:
+    """Check ``method`` and its switches: one line per mistake."""
+    parallel = method_names(training_only=True)
+    if method not in SEQUENTIAL and method not in parallel:
+        raise MedadaptError(f"--method {method!r}: choose seq-ft, medseqft or a parallel fine-tuning method "
+                            f"({', '.join(parallel)})")
+    if method not in SEQUENTIAL:
+        if buffer not in (None, "none") or retention not in (None, "none"):
+            raise MedadaptError(f"--buffer/--retention: only for the sequential methods (seq-ft, medseqft), not "
+                                f"--method {method}")
+        return SeqSettings(method=method)
+    default_buffer, default_retention = SEQUENTIAL[method]
+    if method == "medseqft" and (buffer not in (None, "mds") or retention not in (None, "lora-kd")):
+        raise MedadaptError("--buffer/--retention: medseqft is seq-ft with --buffer mds --retention lora-kd; for "
+                            "another combination use --method seq-ft with the switches")
+    buffer = buffer or default_buffer
+    retention = retention or default_retention
+    if buffer not in SELECTIONS:
+        raise MedadaptError(f"--buffer {buffer!r}: choose one of {', '.join(SELECTIONS)}")
+    if retention not in RETENTIONS:
+        raise MedadaptError(f"--retention {retention!r}: choose one of {', '.join(RETENTIONS)}")
+    if buffer != "none" and (isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1):
+        raise MedadaptError(f"--buffer-size {buffer_size!r}: must be a positive integer")
+    if buffer == "mds" and (isinstance(mds_repeats, bool) or not isinstance(mds_repeats, int) or mds_repeats < 1):
+        raise MedadaptError(f"--mds-repeats {mds_repeats!r}: must be a positive integer")
+    if retention == "lora-kd":
+        EncoderLoRADistillation(rank=kd_rank)  # validates the rank
+    return SeqSettings(method=method, buffer=buffer, retention=retention, buffer_size=buffer_size,
+                       mds_repeats=mds_repeats, kd_rank=kd_rank)
+
+
+def kd_recipe_from(recipe: Recipe) -> Recipe:
+    """The LoRA-based KD recipe derived from the fine-tuning recipe by the paper's ratios (module constants):
+    the same optimiser, schedule, batch and patch, a fifth of the epochs, a tenth of the learning rate."""
+    return recipe.with_overrides(name=f"{recipe.name}-lora-kd",
+                                 epochs=max(1, round(recipe.epochs * KD_BUDGET_FRACTION)),
+                                 lr=recipe.lr * KD_LR_FRACTION, method_lr={})
+
+
+def task_folder(out: Path, index: int, task: StreamTask) -> Path:
+    return out / "tasks" / f"{index:02d}-{task.name}"
+
+
+def check_stream_identity(out: Path, identity: dict[str, Any]) -> None:
+    """Refuse a run folder made for other settings; a stream that extends the recorded one is accepted."""
+    path = out / "seqft.json"
+    if not path.is_file():
+        return
+    stored = json.loads(path.read_text())
+    current = json.loads(json.dumps(identity))
+    old_tasks, new_tasks = stored.get("tasks", []), current.get("tasks", [])
+    if new_tasks[:len(old_tasks)] != old_tasks:
+        i = next(i for i, (a, b) in enumerate(zip(old_tasks, new_tasks + [None] * len(old_tasks))) if a != b)
+        raise MedadaptError(f"{out}: was run on a stream whose task {i + 1} is {json.dumps(old_tasks[i])}; this "
+                            "stream differs there (a stream may only be extended by new tasks at its end); use "
+                            "a new --out folder")
+    diff = first_difference({k: v for k, v in stored.items() if k != "tasks"},
+                            {k: v for k, v in current.items() if k != "tasks"})
+    if diff is not None:
+        key, old, new = diff
+        raise MedadaptError(f"{out}: holds a run with {key} = {json.dumps(old)}, this one has {json.dumps(new)}; "
+                            "use a new --out folder or the run's own settings")
+
+
+def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, method: str = "medseqft",
+          buffer: str | None = None, retention: str | None = None, buffer_size: int = 4, mds_repeats: int = 16,
+          kd_rank: int = 2, shots: "int | str" = "all", seed: int = 0, split_seed: int = 0,
+          recipe: "str | Path | Recipe | None" = None, kd_recipe: "str | Path | Recipe | None" = None,
+          epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
+          method_options: dict[str, Any] | None = None, postprocess: str = "none", resume: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Run ``stream`` from the foundation ``model`` with ``method`` into ``out`` (module docstring); returns
+    the run's results record (also ``out/results.json``)."""
+    out = Path(out)
+    settings = resolve_method(method, buffer, retention, buffer_size, mds_repeats, kd_rank)
+    if postprocess not in POSTPROCESSING:
+        raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
+    stream = stream if isinstance(stream, Stream) else load_stream(stream)
+    folder0 = load_model_folder(model)
+    foundation = folder0.load_network().state_dict()
+    if not settings.sequential:
+        make_strategy(method, seed=seed, **(method_options or {}))  # validates the method's options
+    resolved = load_recipe(recipe or folder0.recipe or DEFAULT_RECIPE).with_overrides(
+        epochs=epochs, iterations_per_epoch=iterations_per_epoch)
+    config = TrainingConfig.from_recipe(resolved, "full" if settings.sequential else method, seed,
+                                        activation=folder0.activation)
+    if lr is not None:
+        config = dataclasses.replace(config, initial_lr=lr)
+    kd_resolved = kd_config = None
+    if settings.retention == "lora-kd":
+        kd_resolved = load_recipe(kd_recipe) if kd_recipe is not None else kd_recipe_from(resolved)
+        kd_config = dataclasses.replace(TrainingConfig.from_recipe(kd_resolved, "lora-kd", seed,
+                                                                   activation=folder0.activation),
+                                        loss={"name": "encoder-feature-mse"})
+    elif kd_recipe is not None:
+        raise MedadaptError("--kd-recipe: only with --retention lora-kd (or --method medseqft)")
+    pretext = None
+    if settings.buffer == "mds":
+        from medadapt.ssl import load_pretext
+
+        pretext = load_pretext(folder0)  # one line if the foundation has no pretext head
+    # every task is checked before anything is written
+    datasets, splits = [], []
+    for i, task in enumerate(stream.tasks, 1):
+        ds = task.dataset()
+        if ds.num_channels != folder0.network.input_channels:
+            raise MedadaptError(f"{task.data / 'dataset.json'}: has {ds.num_channels} input channel(s), the model "
+                                f"in {folder0.path} expects {folder0.network.input_channels}")
+        train_ids, test_ids = train_test_split(ds.case_ids, test_fraction=0.2, seed=split_seed)
+        if not train_ids or not test_ids:
+            raise MedadaptError(f"{task.data}: {len(ds.case_ids)} case(s) give no train/test split; a task needs "
+                                "at least 2 cases (5 or more for a meaningful test split)")
+        k = len(train_ids) if shots == "all" else int(shots)
+        if k > len(train_ids) or k < 1:
+            raise MedadaptError(f"--shots {shots}: task {task.name!r} has {len(train_ids)} training case(s); use "
+                                f"--shots {len(train_ids)} or fewer (or all)")
+        shot_ids = draw_shots(train_ids, k, seed)
+        if settings.buffer != "none":
+            check_buffer_size(settings.buffer_size, len(shot_ids), task.name)
+        datasets.append(ds)
+        splits.append((shot_ids, test_ids))
+    identity = {
+        "format": FORMAT, "stream": stream.name,
+        "tasks": [{"name": t.name, "data": str(t.data), "labels": ds.labels, "cases": stable_hash(ds.case_ids, 16)}
+                  for t, ds in zip(stream.tasks, datasets)],
+        **settings.record(), "method_options": dict(sorted((method_options or {}).items())),
+        "shots": shots, "seed": seed, "split_seed": split_seed, "postprocess": postprocess,
+        "foundation": {"path": str(Path(folder0.path).resolve()), "weights": model_fingerprint(folder0, foundation)},
+        "training": config.to_dict(), "kd_training": kd_config.to_dict() if kd_config else None,
+    }
+    if (out / "seqft.json").is_file() and not resume:
+        raise MedadaptError(f"{out}: holds a sequential run; pass --resume to continue it or choose another --out")
+    check_stream_identity(out, identity)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "seqft.json", identity)
+
+    results = []
+    entries: list[BufferEntry] = []
+    previous: ModelFolder = folder0
+    for i, (task, ds, (shot_ids, test_ids)) in enumerate(zip(stream.tasks, datasets, splits), 1):
+        where = task_folder(out, i, task)
+        if settings.sequential:
+            record = _sequential_task(i, task, ds, shot_ids, test_ids, where, previous, folder0, settings, config,
+                                      kd_config, resolved, entries, datasets, stream, pretext, seed, postprocess,
+                                      progress)
+            previous = load_model_folder(where / "model")
+            entries = [BufferEntry(**e) for e in record["buffer_after"]]
+            atomic_write_json(out / "buffer.json", buffer_record(
+                entries, settings.buffer, settings.buffer_size,
+                settings.mds_repeats if settings.buffer == "mds" else None, seed))
+        else:
+            from medadapt.workflows.finetune import finetune
+
+            run = finetune(model, task.data, where, method=method, shots=len(shot_ids), seed=seed,
+                           split_seed=split_seed, epochs=epochs, iterations_per_epoch=iterations_per_epoch, lr=lr,
+                           resume=True, progress=progress, method_options=method_options, head="fresh",
+                           recipe=resolved, postprocess=postprocess)
+            record = {"task": task.name, "index": i, "metrics": run["metrics"],
+                      "seconds": {"finetune": _train_seconds(where / "training" / "history.json")}}
+        results.append(record)
+    summary = {"stream": stream.record(), "identity": identity, "tasks": results, "environment": environment()}
+    _write_results(out, summary)
+    return summary
+
+
+def _train_seconds(history_file: Path) -> float | None:
+    """Training time of a stage: the sum of its iterations' compute and sampling time (survives resumption)."""
+    if not history_file.is_file():
+        return None
+    h = json.loads(history_file.read_text())
+    return float(sum(h.get("iteration_seconds", [])) + sum(h.get("sampling_seconds", [])))
+
+
+def _cases(ds: RawDataset, ids, folder: ModelFolder, progress: bool):
+    return preprocess_dataset(ds, ids, folder.plan(), dataset_cache_dir(ds.root), progress=progress)
+
+
+def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: ModelFolder, folder0: ModelFolder,
+                     settings: SeqSettings, config: TrainingConfig, kd_config, resolved: Recipe,
+                     entries: list[BufferEntry], datasets, stream: Stream, pretext, seed: int, postprocess: str,
+                     progress: bool) -> dict[str, Any]:
+    done = where / "task.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cases = _cases(ds, shot_ids, folder0, progress)
+    spec = folder0.network.with_classes(output_channels(ds.labels, folder0.activation))
+    spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
+                               batch_size=resolved.batch_size or spec.batch_size)
+    sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
+                           augmentation=Augmentation(spec.patch_size), patches_per_case=resolved.patches_per_case)
+    seconds: dict[str, float | None] = {}
+
+    # stage 1: KD-based FFT (plain full fine-tuning without a buffer), from M_{t-1} with a fresh head
+    mid_dir = where / "stage1" / "model"
+    if settings.retention == "lora-kd" and (mid_dir / "plans.json").is_file():
+        mid_folder = load_model_folder(mid_dir)
+        mid = mid_folder.load_network()
+    else:
+        net = load_foundation(previous, ds, seed, head="fresh")
+        buffer_sampler = None
+        if settings.buffer != "none" and entries:
+            by_task = {t.name: d for t, d in zip(stream.tasks, datasets)}
+            buffered = []
+            for name in dict.fromkeys(e.task for e in entries):
+                ids = [e.case for e in entries if e.task == name]
+                buffered += _cases(by_task[name], ids, folder0, progress)
+            buffer_sampler = PatchSampler(buffered, spec.patch_size, spec.batch_size, oversample_foreground=0.0,
+                                          augmentation=Augmentation(spec.patch_size),
+                                          patches_per_case=resolved.patches_per_case)
+        torch.manual_seed(seed)
+        strategy = (KDFineTuning(frozen_copy(net), buffer_sampler, seed=seed) if buffer_sampler is not None
+                    else FullFineTuning())
+        net = strategy.prepare(net)
+        trainer = Trainer(net, strategy, sampler, config, where / "stage1" / "training", progress=progress,
+                          description=f"task {i} {task.name}: {'KD-based FFT' if buffer_sampler else 'fine-tune'}")
+        atomic_write_json(where / "stage1" / "training" / "history.json", trainer.fit(resume=True))
+        mid = strategy.finalize(net)
+        mid_folder = _folder(spec, folder0, ds, {"kind": "seqft-stage1", "task": task.name, "index": i,
+                                                 "strategy": strategy.config()})
+        if settings.retention == "lora-kd":
+            save_model_folder(mid_dir, mid, mid_folder)
+    seconds["stage1"] = _train_seconds(where / "stage1" / "training" / "history.json")
+
+    final = mid
+    # stages 2-3: LoRA-based KD of E_{t-mid} into a copy of E_{t-1}, then the merge
+    if settings.retention == "lora-kd":
+        student = load_foundation(previous, ds, seed, head="fresh")
+        kd = EncoderLoRADistillation(rank=settings.kd_rank)
+        torch.manual_seed(seed)
+        student = kd.prepare(student)
+        trainer = Trainer(student, kd, sampler, kd_config, where / "stage2" / "training", progress=progress,
+                          loss=FeatureDistillation(frozen_copy(mid)),
+                          description=f"task {i} {task.name}: LoRA-based KD")
+        atomic_write_json(where / "stage2" / "training" / "history.json", trainer.fit(resume=True))
+        merged = kd.finalize(student)
+        model_parts(final).encoder.load_state_dict(model_parts(merged).encoder.state_dict())
+        seconds["stage2"] = _train_seconds(where / "stage2" / "training" / "history.json")
+
+    tuned = _folder(spec, folder0, ds, {"kind": "seqft", "task": task.name, "index": i, **settings.record()})
+    save_model_folder(where / "model", final, tuned)
+    metrics = predict_and_evaluate(tuned, final, ds, test_ids, where, progress, postprocess)
+
+    # the buffer grows by this task's K cases
+    new_entries = list(entries)
+    if settings.buffer != "none":
+        t0 = time.perf_counter()
+        if settings.buffer == "mds":
+            scores = mds_scores(pretext, cases, task.name, folder0.network.patch_size, settings.mds_repeats,
+                                seed=seed, progress=progress)
+            picked = lowest(scores, settings.buffer_size)
+            atomic_write_json(where / "mds.json", {"repeats": settings.mds_repeats, "scores": scores,
+                                                   "picked": picked})
+            new_entries += [BufferEntry(task.name, c, scores[c]) for c in picked]
+        else:
+            picked = random_pick(shot_ids, settings.buffer_size, seed, i)
+            new_entries += [BufferEntry(task.name, c, None) for c in picked]
+        seconds["buffer"] = time.perf_counter() - t0
+    record = {"task": task.name, "index": i, "metrics": metrics, "seconds": seconds,
+              "buffer_after": [dataclasses.asdict(e) for e in new_entries], "shot_cases": shot_ids,
+              "test_cases": test_ids}
+    atomic_write_json(done, record)
+    return record
+
+
+def _folder(spec, folder0: ModelFolder, ds: RawDataset, provenance: dict[str, Any]) -> ModelFolder:
+    return ModelFolder(network=spec, preprocessing=folder0.preprocessing, labels=ds.labels,
+                       channel_names=ds.channel_names, file_ending=ds.file_ending,
+                       provenance={**provenance, "foundation": str(folder0.path)}, recipe=folder0.recipe,
+                       activation=folder0.activation,
+                       thresholds={n: t for n, t in folder0.thresholds.items() if n in ds.labels})
+
+
+def _write_results(out: Path, summary: dict[str, Any]) -> None:
+    rows = []
+    for r in summary["tasks"]:
+        m = r["metrics"]
+        fm = m.get("foreground_mean", {})
+        rows.append({"index": r["index"], "task": r["task"],
+                     "dsc": _pct(fm.get("dsc")), "nsd": _pct(fm.get("nsd")), "hd95": fm.get("hd95"),
+                     **{f"seconds_{k}": v for k, v in (r.get("seconds") or {}).items()}})
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    csv = [",".join(keys)] + [",".join("" if row.get(k) is None else
+                                       (f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k]))
+                                       for k in keys) for row in rows]
+    atomic_write_text(out / "results.csv", "\n".join(csv) + "\n")
+    md = ["| # | task | Dice (%) | NSD@1mm (%) | HD95 (mm) |", "|---|---|---|---|---|"]
+    for row in rows:
+        md.append(f"| {row['index']} | {row['task']} | {_fmt(row['dsc'])} | {_fmt(row['nsd'])} | "
+                  f"{_fmt(row['hd95'])} |")
+    dsc = [r["dsc"] for r in rows if r["dsc"] is not None]
+    if dsc:
+        md.append(f"| | **average** | {_fmt(sum(dsc) / len(dsc))} | | |")
+    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
+    atomic_write_json(out / "results.json", summary)
+
+
+def _pct(v):
+    return None if v is None else 100.0 * float(v)
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.1f}"
