@@ -232,7 +232,8 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
         "format": FORMAT, "stream": stream.name,
         "tasks": [{"name": t.name, "data": str(t.data), "labels": ds.labels, "cases": stable_hash(ds.case_ids, 16)}
                   for t, ds in zip(stream.tasks, datasets)],
-        **settings.record(), "method_options": dict(sorted((method_options or {}).items())),
+        **settings.record(), "method_options": {} if settings.sequential else
+        {k: v for k, v in sorted((method_options or {}).items()) if v is not None},
         "shots": shots, "seed": seed, "split_seed": split_seed, "postprocess": postprocess,
         "foundation": {"path": str(Path(folder0.path).resolve()), "weights": model_fingerprint(folder0, foundation)},
         "training": config.to_dict(), "kd_training": kd_config.to_dict() if kd_config else None,

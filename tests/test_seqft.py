@@ -1,0 +1,288 @@
+"""MedSeqFT: the distillation stages' parameter routing, LoRA-based KD and merge, buffers, the stream runner."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medadapt.cli import main
+from medadapt.models.parts import encoder_features, encoder_parameters
+from medadapt.tuning.base import StepContext
+from medadapt.tuning.distill import EncoderLoRADistillation, FeatureDistillation, KDFineTuning, frozen_copy
+
+
+class FixedSampler:
+    """A stand-in sampler: the same image batch every time (the routing test needs known inputs)."""
+
+    def __init__(self, image):
+        self.image = image
+
+    def sample(self, rng):
+        return {"image": self.image.clone()}
+
+
+def _seg_loss(model, batch, outputs):
+    out = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+    return (out ** 2).mean()
+
+
+def test_kd_fft_updates_each_parameter_with_its_own_loss(tiny_unet):
+    """Segmentation loss -> every parameter; distillation loss -> the encoder only; both at the same weights."""
+    torch.manual_seed(0)
+    model = tiny_unet(seed=1)
+    teacher = frozen_copy(tiny_unet(seed=2))  # a different encoder, so the distillation gradient is not zero
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    task_image = torch.randn(2, 1, 16, 32, 32)
+    buffer_image = torch.randn(2, 1, 16, 32, 32)
+    lr = 0.1
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # the expected update, by hand: plain SGD, so each step moves a weight by -lr * its gradient
+    ref = copy.deepcopy(model)
+    g_seg = torch.autograd.grad(_seg_loss(ref, None, ref(task_image)), list(ref.parameters()), allow_unused=True)
+    g_seg = [torch.zeros_like(p) if g is None else g for p, g in zip(ref.parameters(), g_seg)]
+    enc_ids = {id(p) for p in encoder_parameters(ref)}
+    enc_params = [p for p in ref.parameters() if id(p) in enc_ids]
+    g_kd = torch.autograd.grad(FeatureDistillation(teacher)(ref, {"image": buffer_image}), enc_params)
+    kd_by_id = {id(p): g for p, g in zip(enc_params, g_kd)}
+    expected = {}
+    for (name, p), g in zip(ref.named_parameters(), g_seg):
+        expected[name] = w0[name] - lr * g - lr * kd_by_id.get(id(p), torch.zeros_like(g))
+    assert any(kd_by_id[id(p)].abs().max() > 0 for p in enc_params)
+
+    strategy = KDFineTuning(teacher, FixedSampler(buffer_image), seed=0)
+    model = strategy.prepare(model)
+    opt = torch.optim.SGD(strategy.parameters(model), lr=lr)
+    strategy.attach(opt)
+    ctx = StepContext(model=model, forward=model, optimizer=opt, loss=_seg_loss)
+    strategy.train_step(ctx, {"image": task_image})
+    enc_names = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in encoder_parameters(model)}}
+    assert enc_names and len(enc_names) < len(expected)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the decoder and head moved by the segmentation gradient alone: no distillation term reached them
+    for name in set(expected) - enc_names:
+        torch.testing.assert_close(model.get_parameter(name).detach(), w0[name] - lr * dict(
+            zip([n for n, _ in ref.named_parameters()], g_seg))[name], rtol=1e-5, atol=1e-6)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k])
+    # the distillation optimiser takes no weight decay (the encoder is not decayed twice per step)
+    assert strategy.kd_optimizer.defaults.get("weight_decay", 0) == 0
+    state = strategy.state_dict()
+    assert state["step"] == 1 and state["kd_optimizer"] is not None
+
+
+def test_lora_kd_leaves_both_encoders_and_merges_exactly(tiny_unet, tmp_path):
+    from medadapt.engine import Trainer, TrainingConfig
+    from medadapt.models.lora import lora_modules
+
+    previous = tiny_unet(seed=1)  # E_{t-1}
+    mid = frozen_copy(tiny_unet(seed=2))  # E_{t-mid}, the fine-tuned encoder
+    prev_state = copy.deepcopy(previous.state_dict())
+    mid_state = copy.deepcopy(mid.state_dict())
+    student = copy.deepcopy(previous)
+    kd = EncoderLoRADistillation(rank=2)
+    torch.manual_seed(0)
+    student = kd.prepare(student)
+    assert lora_modules(student) and all(
+        any(m is e for e in student.encoder.modules()) for m in lora_modules(student))
+    trainable = {id(p) for p in student.parameters() if p.requires_grad}
+    assert trainable and trainable <= {id(p) for p in kd.parameters(student)}
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 1, 16, 32, 32, generator=g)
+
+    class Sampler:
+        def sample(self, rng):
+            return {"image": images + 0.1 * torch.from_numpy(rng.standard_normal(images.shape).astype("float32"))}
+
+    config = TrainingConfig(epochs=2, iterations_per_epoch=3, initial_lr=1e-2, grad_clip=None,
+                            optimizer={"name": "adamw", "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8},
+                            schedule={"name": "constant"}, loss={"name": "encoder-feature-mse"})
+    term = FeatureDistillation(mid)
+    with torch.no_grad():
+        before = float(term(student, {"image": images}))
+    Trainer(student, kd, Sampler(), config, tmp_path / "kd", loss=term, progress=False).fit()
+    with torch.no_grad():
+        after = float(term(student, {"image": images}))
+    assert after < before  # the LoRA factors learnt to move E_{t-1} towards E_{t-mid}
+    for k, v in mid.state_dict().items():
+        assert torch.equal(v, mid_state[k]), k
+    for k, v in previous.state_dict().items():  # the model folder's E_{t-1} itself
+        assert torch.equal(v, prev_state[k]), k
+    for name, p in student.named_parameters():  # the copy's base weights stay E_{t-1}'s too
+        if name.endswith("parametrizations.weight.original"):
+            key = name.replace(".parametrizations.weight.original", ".weight")
+            assert torch.equal(p.detach(), prev_state[key]), key
+    student.eval()
+    with torch.no_grad():
+        unmerged = [f.clone() for f in encoder_features(student, images)]
+        out_unmerged = student(images)[0].clone()
+    merged = kd.finalize(student)
+    assert not lora_modules(merged)
+    assert set(merged.state_dict()) == set(prev_state)  # the plain architecture back
+    with torch.no_grad():
+        for a, b in zip(unmerged, encoder_features(merged, images)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(images)[0], out_unmerged, rtol=1e-5, atol=1e-5)
+
+
+class FakePretext:
+    """A pretext model whose loss of a tile is the tile's mean intensity plus masking noise: a known ranking."""
+
+    def sample_losses(self, images, generator):
+        noise = torch.rand(images.shape[0], generator=generator) * 1e-3
+        return images.mean(dim=(1, 2, 3, 4)) + noise
+
+
+class FakeCase:
+    def __init__(self, case_id, level, shape=(12, 20, 20)):
+        self.case_id = case_id
+        self.data = np.full((1, *shape), level, dtype=np.float32)
+        self.channel_min = [level]
+
+
+def test_mds_picks_the_lowest_pretext_losses():
+    from medadapt.sequential.buffer import lowest, mds_scores, random_pick, tile_starts
+
+    levels = {"a": 3.0, "b": -1.0, "c": 0.5, "d": 2.0, "e": -0.2}
+    cases = [FakeCase(c, v) for c, v in levels.items()]
+    scores = mds_scores(FakePretext(), cases, "task", (8, 16, 16), repeats=5, seed=0, progress=False)
+    assert lowest(scores, 2) == ["b", "e"]
+    assert lowest(scores, 3) == ["b", "e", "c"]
+    for c, v in levels.items():
+        assert scores[c] == pytest.approx(v, abs=2e-3)
+    again = mds_scores(FakePretext(), list(reversed(cases)), "task", (8, 16, 16), repeats=5, seed=0, progress=False)
+    assert again == scores  # reproducible, whatever order the cases come in
+    # tiles cover the volume; a short axis gets one centred tile
+    assert tile_starts((12, 20, 5), (8, 16, 8)) == [(0, 0, -2), (0, 4, -2), (4, 0, -2), (4, 4, -2)]
+    pick = random_pick(list(levels), 2, seed=0, task_index=1)
+    assert len(pick) == 2 and pick == random_pick(list(levels), 2, seed=0, task_index=1)
+
+
+def _stream(world, tmp_path, tasks=("tgt", "src")):
+    f = tmp_path / f"stream-{len(tasks)}.yaml"
+    f.write_text("name: tiny\ntasks:\n" + "".join(f"  - data: {world[t]}\n" for t in tasks))
+    return f
+
+
+SEQ = ["--method", "seq-ft", "--buffer", "random", "--retention", "lora-kd", "--buffer-size", "2",
+       "--epochs", "2", "--iterations-per-epoch", "2", "--recipe", "cpu-finetune", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def seq_run(world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seq")
+    out = tmp / "run"
+    assert main(["seqft", str(_stream(world, tmp)), "--model", str(world["fm"]), "--out", str(out), *SEQ]) == 0
+    return out
+
+
+def test_two_task_stream_end_to_end(world, seq_run):
+    from medadapt.models import load_model_folder
+
+    out = seq_run
+    results = json.loads((out / "results.json").read_text())
+    assert [t["task"] for t in results["tasks"]] == ["tgt", "src"]
+    buffer = json.loads((out / "buffer.json").read_text())
+    assert [e["task"] for e in buffer["entries"]] == ["tgt", "tgt", "src", "src"]
+    m1 = load_model_folder(out / "tasks" / "01-tgt" / "model")
+    m2 = load_model_folder(out / "tasks" / "02-src" / "model")
+    fm = load_model_folder(world["fm"])
+    assert m1.labels == json.loads((world["tgt"] / "dataset.json").read_text())["labels"]
+    n1, n2, n0 = m1.load_network(), m2.load_network(), fm.load_network()
+    # each task's encoder moved away from the previous one (fine-tuned, distilled, merged)
+    e0, e1, e2 = (dict(n.encoder.named_parameters()) for n in (n0, n1, n2))
+    assert any(not torch.equal(e1[k], e0[k]) for k in e0)
+    assert any(not torch.equal(e2[k], e1[k]) for k in e1)
+    # M_t = the merged encoder + M_{t-mid}'s decoder and head
+    mid = load_model_folder(out / "tasks" / "02-src" / "stage1" / "model").load_network()
+    for (k, a), (_, b) in zip(mid.decoder.stages.named_parameters(), n2.decoder.stages.named_parameters()):
+        assert torch.equal(a, b), k
+    assert any(not torch.equal(mid.encoder.state_dict()[k], v) for k, v in n2.encoder.state_dict().items())
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("index,task,dsc,nsd,hd95") and len(rows) == 3
+    task2 = json.loads((out / "tasks" / "02-src" / "task.json").read_text())
+    assert set(task2["seconds"]) == {"stage1", "stage2", "buffer"}
+
+
+def test_killed_task_resumes_and_a_stream_extends(world, seq_run, tmp_path, monkeypatch, capsys):
+    import medadapt.workflows.seqft as seqft_mod
+
+    out = tmp_path / "run"
+    one = _stream(world, tmp_path, ("tgt",))
+    assert main(["seqft", str(one), "--model", str(world["fm"]), "--out", str(out), *SEQ]) == 0
+    first = (out / "tasks" / "01-tgt" / "task.json").stat().st_mtime_ns
+    # a longer stream: refused without --resume, then task 2 is killed during its evaluation
+    two = _stream(world, tmp_path)
+    assert main(["seqft", str(two), "--model", str(world["fm"]), "--out", str(out), *SEQ]) == 2
+    assert "--resume" in capsys.readouterr().err
+    real = seqft_mod.predict_and_evaluate
+    monkeypatch.setattr(seqft_mod, "predict_and_evaluate",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        seqft_mod.seqft(two, world["fm"], out, method="seq-ft", buffer="random", retention="lora-kd",
+                        buffer_size=2, epochs=2, iterations_per_epoch=2, recipe="cpu-finetune", resume=True,
+                        progress=False)
+    assert not (out / "tasks" / "02-src" / "task.json").exists()
+    monkeypatch.setattr(seqft_mod, "predict_and_evaluate", real)
+    assert main(["seqft", str(two), "--model", str(world["fm"]), "--out", str(out), *SEQ, "--resume"]) == 0
+    assert (out / "tasks" / "01-tgt" / "task.json").stat().st_mtime_ns == first  # never recomputed
+    # the resumed run ends where the uninterrupted one did, bit for bit
+    a = torch.load(out / "tasks" / "02-src" / "model" / "weights.pt")
+    b = torch.load(seq_run / "tasks" / "02-src" / "model" / "weights.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # other settings into the same folder: one line naming the difference
+    assert main(["seqft", str(two), "--model", str(world["fm"]), "--out", str(out), *SEQ[:-1], "--seed", "1",
+                 "--quiet", "--resume"]) == 2
+    assert "seed" in capsys.readouterr().err
+    # a stream that changes a finished task is not an extension
+    swapped = _stream(world, tmp_path, ("src", "tgt"))
+    assert main(["seqft", str(swapped), "--model", str(world["fm"]), "--out", str(out), *SEQ, "--resume"]) == 2
+    assert "task 1" in capsys.readouterr().err
+
+
+def test_parallel_baseline_runs_finetune_per_task(world, tmp_path):
+    out = tmp_path / "fft"
+    assert main(["seqft", str(_stream(world, tmp_path)), "--model", str(world["fm"]), "--out", str(out),
+                 "--method", "full", "--epochs", "1", "--iterations-per-epoch", "2", "--recipe", "cpu-finetune",
+                 "--quiet"]) == 0
+    for name in ("01-tgt", "02-src"):
+        run = json.loads((out / "tasks" / name / "run.json").read_text())
+        assert run["method"]["name"] == "full" and run["head"] == "fresh"
+        assert run["foundation"] == str(world["fm"].resolve())  # every task from M0
+    assert len((out / "results.csv").read_text().splitlines()) == 3
+
+
+def _err(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs(world, tmp_path, capsys):
+    fm, stream = str(world["fm"]), str(_stream(world, tmp_path))
+    run = ["--model", fm, "--out", str(tmp_path / "r"), "--quiet"]
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert "empty.yaml" in _err(capsys, ["seqft", str(empty), *run])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [unclosed\n")
+    assert "not readable YAML" in _err(capsys, ["seqft", str(bad), *run])
+    assert "no such stream file" in _err(capsys, ["seqft", str(tmp_path / "missing.yaml"), *run])
+    nolabels = tmp_path / "nolabels"
+    nolabels.mkdir()
+    (nolabels / "imagesTr").mkdir()
+    (nolabels / "labelsTr").mkdir()
+    meta = json.loads((world["tgt"] / "dataset.json").read_text())
+    (nolabels / "dataset.json").write_text(json.dumps({**meta, "labels": {"background": 0}, "numTraining": 0}))
+    f = tmp_path / "nolabels.yaml"
+    f.write_text(f"tasks:\n  - data: {nolabels}\n")
+    err = _err(capsys, ["seqft", str(f), *run])
+    assert "tasks[0]" in err
+    assert "--buffer-size 50" in _err(capsys, ["seqft", stream, *run, "--method", "seq-ft", "--buffer", "random",
+                                               "--buffer-size", "50"])
+    assert "--buffer/--retention" in _err(capsys, ["seqft", stream, *run, "--method", "full", "--buffer", "mds"])
+    assert "--method 'nope'" in _err(capsys, ["seqft", stream, *run, "--method", "nope"])
+    assert "--shots 40" in _err(capsys, ["seqft", stream, *run, "--method", "seq-ft", "--shots", "40"])
+    assert not (tmp_path / "r").exists()  # nothing written for a refused run
