@@ -141,6 +141,21 @@ class FakeCase:
         self.channel_min = [level]
 
 
+def test_encoder_change_and_backward_transfer(tiny_unet):
+    from medadapt.sequential.transfer import backward_transfer, encoder_change
+
+    a, b = tiny_unet(seed=0), tiny_unet(seed=0)
+    with torch.no_grad():
+        first = next(m for m in b.encoder.modules() if isinstance(m, torch.nn.Conv3d))
+        first.weight.add_(0.5)
+    rows = encoder_change(a, b)
+    n_params = first.weight.numel() + (first.bias.numel() if first.bias is not None else 0)
+    assert rows[0][1] == pytest.approx(0.5 * first.weight.numel() / n_params)
+    assert all(v == 0 for _, v in rows[1:])
+    assert backward_transfer([80.0, 60.0], [70.0, 65.0]) == pytest.approx(-2.5)
+    assert backward_transfer([], []) is None
+
+
 def test_mds_picks_the_lowest_pretext_losses():
     from medadapt.sequential.buffer import lowest, mds_scores, random_pick, tile_starts
 
@@ -203,6 +218,17 @@ def test_two_task_stream_end_to_end(world, seq_run):
     assert rows[0].startswith("index,task,dsc,nsd,hd95") and len(rows) == 3
     task2 = json.loads((out / "tasks" / "02-src" / "task.json").read_text())
     assert set(task2["seconds"]) == {"stage1", "stage2", "buffer"}
+    # forgetting: task 1's decoder and head on the final encoder, and the per-layer encoder change (Fig. 4)
+    transfer = json.loads((out / "transfer.json").read_text())
+    assert transfer["after_task"] == 2 and [r["task"] for r in transfer["tasks"]] == ["tgt"]
+    r = transfer["tasks"][0]
+    assert r["dsc_just_after"] == pytest.approx(100 * results["tasks"][0]["metrics"]["foreground_mean"]["dsc"])
+    assert transfer["bwt"] == pytest.approx(r["dsc_after_stream"] - r["dsc_just_after"])
+    assert (out / "transfer" / "after-02" / "01-tgt" / "summary.json").is_file()
+    change = (out / "encoder_change.csv").read_text().splitlines()
+    assert change[0] == "layer,index,mean_abs_change" and len(change) > 3
+    assert all(float(line.split(",")[2]) >= 0 for line in change[1:])
+    assert (out / "encoder_change.png").stat().st_size > 1000
 
 
 def test_killed_task_resumes_and_a_stream_extends(world, seq_run, tmp_path, monkeypatch, capsys):

@@ -269,8 +269,40 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
                       "seconds": {"finetune": _train_seconds(where / "training" / "history.json")}}
         results.append(record)
     summary = {"stream": stream.record(), "identity": identity, "tasks": results, "environment": environment()}
+    if settings.sequential:
+        summary["transfer"] = _after_stream(out, stream, datasets, splits, folder0, results, postprocess, progress)
     _write_results(out, summary)
     return summary
+
+
+def _after_stream(out: Path, stream: Stream, datasets, splits, folder0: ModelFolder, results, postprocess: str,
+                  progress: bool) -> dict[str, Any]:
+    """Forgetting and the encoder's change after the whole stream (:mod:`medadapt.sequential.transfer`)."""
+    from medadapt.sequential.transfer import backward_transfer, encoder_change, with_encoder, write_encoder_change
+
+    n = len(stream.tasks)
+    final = load_model_folder(task_folder(out, n, stream.tasks[-1]) / "model").load_network()
+    write_encoder_change(encoder_change(folder0.load_network(), final), out / "encoder_change",
+                         f"{stream.name}: encoder change M0 -> M{n}")
+    rows = []
+    for j, (task, ds, (_, test_ids)) in enumerate(zip(stream.tasks[:-1], datasets, splits), 1):
+        where = out / "transfer" / f"after-{n:02d}" / f"{j:02d}-{task.name}"
+        summary_file = where / "summary.json"
+        if summary_file.is_file():
+            metrics = json.loads(summary_file.read_text())
+        else:
+            folder_j = load_model_folder(task_folder(out, j, task) / "model")
+            net = with_encoder(folder_j.load_network(), final)
+            metrics = predict_and_evaluate(folder_j, net, ds, test_ids, where, progress, postprocess)
+        just_after = _pct(results[j - 1]["metrics"]["foreground_mean"].get("dsc"))
+        after = _pct(metrics["foreground_mean"].get("dsc"))
+        rows.append({"task": task.name, "index": j, "dsc_just_after": just_after, "dsc_after_stream": after,
+                     "change": None if just_after is None or after is None else after - just_after})
+    record = {"after_task": n, "tasks": rows,
+              "bwt": backward_transfer([r["dsc_just_after"] for r in rows], [r["dsc_after_stream"] for r in rows]),
+              "encoder_change": str(out / "encoder_change.csv")}
+    atomic_write_json(out / "transfer.json", record)
+    return record
 
 
 def _train_seconds(history_file: Path) -> float | None:
@@ -400,6 +432,14 @@ def _write_results(out: Path, summary: dict[str, Any]) -> None:
     dsc = [r["dsc"] for r in rows if r["dsc"] is not None]
     if dsc:
         md.append(f"| | **average** | {_fmt(sum(dsc) / len(dsc))} | | |")
+    transfer = summary.get("transfer")
+    if transfer and transfer["tasks"]:
+        md += ["", f"Forgetting: each earlier task's decoder and head on the final encoder (after task "
+                   f"{transfer['after_task']})", "", "| # | task | Dice just after (%) | Dice after the stream (%) | change |",
+               "|---|---|---|---|---|"]
+        md += [f"| {r['index']} | {r['task']} | {_fmt(r['dsc_just_after'])} | {_fmt(r['dsc_after_stream'])} | "
+               f"{_fmt(r['change'])} |" for r in transfer["tasks"]]
+        md.append(f"\nBackward transfer (BWT, mean change): {_fmt(transfer['bwt'])} Dice points")
     atomic_write_text(out / "results.md", "\n".join(md) + "\n")
     atomic_write_json(out / "results.json", summary)
 
