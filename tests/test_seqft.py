@@ -279,6 +279,40 @@ def test_parallel_baseline_runs_finetune_per_task(world, tmp_path):
     assert len((out / "results.csv").read_text().splitlines()) == 3
 
 
+def test_joint_training_shares_the_network_and_keeps_a_head_per_task(world, tmp_path, tiny_unet):
+    from medadapt.models.multihead import TaskHeads
+    from medadapt.models.parts import model_parts
+
+    a, b = tiny_unet(seed=0, num_classes=2), tiny_unet(seed=1, num_classes=3)
+    model = TaskHeads(a, [model_parts(a).heads, model_parts(b).heads])
+    x = torch.randn(1, 1, 16, 32, 32)
+    model.activate(1)
+    assert model(x)[0].shape[1] == 3
+    model.activate(0)
+    assert model(x)[0].shape[1] == 2
+    # the state dict holds every task's heads once, whichever task is active; a copy restores exactly
+    keys = set(model.state_dict())
+    assert sum(k.startswith("task_heads.1.") for k in keys) == sum(1 for _ in b.decoder.seg_layers.state_dict())
+    twin = copy.deepcopy(model)
+    twin.activate(1)
+    torch.testing.assert_close(twin(x)[0], (model.activate(1), model(x))[1][0])
+    plain = model.task_network(1)
+    assert set(plain.state_dict()) == set(b.state_dict())
+    torch.testing.assert_close(plain(x)[0], model(x)[0])
+
+    out = tmp_path / "joint"
+    assert main(["seqft", str(_stream(world, tmp_path)), "--model", str(world["fm"]), "--out", str(out),
+                 "--method", "joint", "--epochs", "1", "--iterations-per-epoch", "3", "--recipe", "cpu-finetune",
+                 "--quiet"]) == 0
+    history = json.loads((out / "joint" / "training" / "history.json").read_text())
+    assert len(history["iteration_loss"]) == 2 * 3  # n tasks x the recipe's budget
+    from medadapt.models import load_model_folder
+
+    n1 = load_model_folder(out / "tasks" / "01-tgt" / "model").load_network()
+    n2 = load_model_folder(out / "tasks" / "02-src" / "model").load_network()
+    assert all(torch.equal(v, n2.encoder.state_dict()[k]) for k, v in n1.encoder.state_dict().items())
+
+
 def _err(capsys, argv):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -184,6 +184,26 @@ class PatchSampler:
         return batch
 
 
+class TaskMixSampler:
+    """Batches from several tasks' samplers: each batch comes from one task, drawn with probabilities
+    ``weights`` (default uniform) from the same generator, and says which (``batch["task"]``, its index)."""
+
+    def __init__(self, samplers: Sequence[Any], weights: Sequence[float] | None = None):
+        if not samplers:
+            raise MedadaptError("joint training needs at least one task")
+        self.samplers = list(samplers)
+        w = np.ones(len(self.samplers)) if weights is None else np.asarray(weights, dtype=float)
+        if w.shape != (len(self.samplers),) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights {weights!r}: one non-negative weight per task, not all zero")
+        self.weights = w / w.sum()
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        task = int(rng.choice(len(self.samplers), p=self.weights))
+        batch = self.samplers[task].sample(rng)
+        batch["task"] = task
+        return batch
+
+
 # -- one-time calibration (SGST) ---------------------------------------------------------------------------------
 # The one definition both training loops use (medadapt's engine, nnU-Net's trainer in medadapt.nnunet): every
 # training case gives exactly one patch, centred on a foreground voxel that the calibration's own seeded stream

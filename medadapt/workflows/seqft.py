@@ -72,6 +72,8 @@ from medadapt.workflows.finetune import (DEFAULT_RECIPE, first_difference, load_
 FORMAT = "medadapt-seqft/1"
 SEQUENTIAL = {"seq-ft": ("none", "none"), "medseqft": ("mds", "lora-kd")}
 RETENTIONS = ("none", "lora-kd")
+#: joint multi-task training on every task at once (task-specific heads): the upper reference
+JOINT = "joint"
 #: LoRA-based KD budget relative to fine-tuning when no --kd-recipe is given: MedSeqFT (VoCo, CT) distils
 #: for 5,000 iterations at lr 3e-5 after 25,000 at 3e-4
 KD_BUDGET_FRACTION = 0.2
@@ -110,8 +112,8 @@ def resolve_method(method: str, buffer: str | None = None, retention: str | None
                    mds_repeats: int = 16, kd_rank: int = 2) -> SeqSettings:
     """Check ``method`` and its switches: one line per mistake."""
     parallel = method_names(training_only=True)
-    if method not in SEQUENTIAL and method not in parallel:
-        raise MedadaptError(f"--method {method!r}: choose seq-ft, medseqft or a parallel fine-tuning method "
+    if method not in SEQUENTIAL and method not in parallel and method != JOINT:
+        raise MedadaptError(f"--method {method!r}: choose seq-ft, medseqft, joint or a parallel fine-tuning method "
                             f"({', '.join(parallel)})")
     if method not in SEQUENTIAL:
         if buffer not in (None, "none") or retention not in (None, "none"):
@@ -187,12 +189,14 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
     stream = stream if isinstance(stream, Stream) else load_stream(stream)
     folder0 = load_model_folder(model)
     foundation = folder0.load_network().state_dict()
-    if not settings.sequential:
+    if not settings.sequential and method != JOINT:
         make_strategy(method, seed=seed, **(method_options or {}))  # validates the method's options
     resolved = load_recipe(recipe or folder0.recipe or DEFAULT_RECIPE).with_overrides(
         epochs=epochs, iterations_per_epoch=iterations_per_epoch)
-    config = TrainingConfig.from_recipe(resolved, "full" if settings.sequential else method, seed,
-                                        activation=folder0.activation)
+    config = TrainingConfig.from_recipe(resolved, "full" if settings.sequential or method == JOINT else method,
+                                        seed, activation=folder0.activation)
+    if method == JOINT:  # the budget of the parallel runs together: n tasks x the recipe's epochs
+        config = dataclasses.replace(config, epochs=config.epochs * len(stream.tasks))
     if lr is not None:
         config = dataclasses.replace(config, initial_lr=lr)
     kd_resolved = kd_config = None
@@ -244,6 +248,11 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "seqft.json", identity)
 
+    if method == JOINT:
+        results = _joint(out, stream, datasets, splits, folder0, config, resolved, seed, postprocess, progress)
+        summary = {"stream": stream.record(), "identity": identity, "tasks": results, "environment": environment()}
+        _write_results(out, summary)
+        return summary
     results = []
     entries: list[BufferEntry] = []
     previous: ModelFolder = folder0
@@ -303,6 +312,49 @@ def _after_stream(out: Path, stream: Stream, datasets, splits, folder0: ModelFol
               "encoder_change": str(out / "encoder_change.csv")}
     atomic_write_json(out / "transfer.json", record)
     return record
+
+
+def _joint(out: Path, stream: Stream, datasets, splits, folder0: ModelFolder, config: TrainingConfig,
+           resolved: Recipe, seed: int, postprocess: str, progress: bool) -> list[dict[str, Any]]:
+    """Joint multi-task training: M_0's encoder and decoder shared, a fresh head per task, each batch from one
+    task drawn uniformly; then every task's network (shared weights + its head) is saved and evaluated."""
+    from medadapt.data.sampling import TaskMixSampler
+    from medadapt.models.multihead import TaskHeads
+    from medadapt.tuning.multitask import JointTraining
+
+    nets, samplers, specs = [], [], []
+    for ds, (shot_ids, _) in zip(datasets, splits):
+        spec = folder0.network.with_classes(output_channels(ds.labels, folder0.activation))
+        spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
+                                   batch_size=resolved.batch_size or spec.batch_size)
+        specs.append(spec)
+        nets.append(load_foundation(folder0, ds, seed, head="fresh"))
+        samplers.append(PatchSampler(_cases(ds, shot_ids, folder0, progress), spec.patch_size, spec.batch_size,
+                                     oversample_foreground=0.33, augmentation=Augmentation(spec.patch_size),
+                                     patches_per_case=resolved.patches_per_case))
+    model = TaskHeads(nets[0], [model_parts(n).heads for n in nets])
+    strategy = JointTraining()
+    done = all((task_folder(out, i, t) / "task.json").is_file() for i, t in enumerate(stream.tasks, 1))
+    if not done:
+        trainer = Trainer(strategy.prepare(model), strategy, TaskMixSampler(samplers), config,
+                          out / "joint" / "training", progress=progress, description="joint training")
+        atomic_write_json(out / "joint" / "training" / "history.json", trainer.fit(resume=True))
+    seconds = _train_seconds(out / "joint" / "training" / "history.json")
+    results = []
+    for i, (task, ds, (shot_ids, test_ids), spec) in enumerate(zip(stream.tasks, datasets, splits, specs), 1):
+        where = task_folder(out, i, task)
+        if (where / "task.json").is_file():
+            results.append(json.loads((where / "task.json").read_text()))
+            continue
+        net = model.task_network(i - 1)
+        tuned = _folder(spec, folder0, ds, {"kind": "seqft-joint", "task": task.name, "index": i})
+        save_model_folder(where / "model", net, tuned)
+        metrics = predict_and_evaluate(tuned, net, ds, test_ids, where, progress, postprocess)
+        record = {"task": task.name, "index": i, "metrics": metrics, "seconds": {"joint": seconds},
+                  "shot_cases": shot_ids, "test_cases": test_ids}
+        atomic_write_json(where / "task.json", record)
+        results.append(record)
+    return results
 
 
 def _train_seconds(history_file: Path) -> float | None:
