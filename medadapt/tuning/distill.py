@@ -32,6 +32,7 @@ map's mean squared error (each scale counts equally, whatever its voxel count).
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import numpy as np
@@ -100,7 +101,10 @@ class KDFineTuning(Strategy):
         self.optimizer_ = optimizer
 
     def _make_kd_optimizer(self, ctx: StepContext) -> torch.optim.Optimizer:
-        defaults = dict(ctx.optimizer.defaults)
+        # the defaults the optimiser's constructor takes (torch's AdamW records decoupled_weight_decay, which its
+        # constructor does not accept)
+        accepted = inspect.signature(type(ctx.optimizer).__init__).parameters
+        defaults = {k: v for k, v in ctx.optimizer.defaults.items() if k in accepted}
         if "weight_decay" in defaults:
             defaults["weight_decay"] = 0.0
         opt = type(ctx.optimizer)(self._encoder_params(ctx.model), **defaults)
