@@ -15,6 +15,7 @@ not even all of that: the cell's fine-tuning resumes from its last epoch checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -240,8 +241,10 @@ def _import_ray():
     return ray
 
 
-def _run_on_ray(cells: list[Cell], paths: GridPaths, config: GridConfig, address: str,
-                on_done: Callable[[Cell, dict], None]) -> None:
+@contextlib.contextmanager
+def ray_session(address: str):
+    """The ``ray`` module, connected to ``address`` ('local': a private instance here; 'auto' or an address: a
+    cluster) unless already initialised; shut down on exit if started here."""
     ray = _import_ray()
     started_here = False
     if not ray.is_initialized():
@@ -256,19 +259,27 @@ def _run_on_ray(cells: list[Cell], paths: GridPaths, config: GridConfig, address
             raise MedadaptError(f"--ray {address}: cannot connect ({str(exc).splitlines()[0]}); start a cluster "
                                 "with 'ray start --head', pass its address, or use --ray local") from None
         started_here = True
-    cpus, gpus = config.ray["cpus_per_cell"], config.ray["gpus_per_cell"]
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_ray_cell)
-    pending = {task.remote(cell.to_dict(), paths, cpus): cell for cell in cells}
     try:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            cell = pending.pop(done[0])
-            on_done(cell, ray.get(done[0]))
+        yield ray
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
         if started_here:
             ray.shutdown()
+
+
+def _run_on_ray(cells: list[Cell], paths: GridPaths, config: GridConfig, address: str,
+                on_done: Callable[[Cell, dict], None]) -> None:
+    with ray_session(address) as ray:
+        cpus, gpus = config.ray["cpus_per_cell"], config.ray["gpus_per_cell"]
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_ray_cell)
+        pending = {task.remote(cell.to_dict(), paths, cpus): cell for cell in cells}
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                cell = pending.pop(done[0])
+                on_done(cell, ray.get(done[0]))
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
 
 
 def run_grid(config: GridConfig, workdir: str | Path, ray_address: str | None = None, progress: bool = True,
