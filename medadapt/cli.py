@@ -370,21 +370,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(p, "the one the model folder recommends, else dgst-paper")
     p.set_defaults(func=cmd_seqft)
 
-    p = sub.add_parser("bench", help="few-shot benchmark grid: the DGST paper's Tables 1-2 and Fig. 3, or FSEFT's "
-                                     "Table 1 and Fig. 2 (resumable)",
-                       description="Run a grid of few-shot fine-tuning cells (datasets x shots x methods x "
-                                   "seeds, fresh heads, a zero-shot row) and write Table 1/Table 2-style "
-                                   "Markdown and CSV tables (mean over seeds, spreads, marks only where a "
-                                   "paired test separates methods), DGST's paired differences, a gamma plot, "
-                                   "loss curves and a contour figure. Finished cells are stored and never "
-                                   "re-run; a changed config re-runs only the cells it changes. An fseft "
-                                   "config (e.g. the built-in fseft) writes FSEFT's Table 1 (structures x "
-                                   "methods per k), Fig. 2a, Fig. 2b and a with/without-TI contour figure "
-                                   "instead (docs/benchmark.md).")
+    p = sub.add_parser("bench", help="benchmark grids: the DGST paper's Tables 1-2 and Fig. 3, FSEFT's Table 1 and "
+                                     "Fig. 2, or MedSeqFT's Tables II, III, VI, VII and Fig. 4 (resumable)",
+                       description="Run a grid of fine-tuning cells and write the paper's tables as Markdown and "
+                                   "CSV (mean over seeds, spreads, marks only where a paired test separates "
+                                   "methods) and its figures. Finished cells are stored and never re-run; a "
+                                   "changed config re-runs only the cells it changes. A DGST config (default, "
+                                   "quick, paper): datasets x shots x methods x seeds, DGST's paired "
+                                   "differences, a gamma plot, loss curves, contours. An fseft config (fseft, "
+                                   "fseft-quick): FSEFT's Table 1, Fig. 2a, Fig. 2b, contours. A medseqft config "
+                                   "(medseqft, medseqft-quick): one cell per (row, seed) runs 'medadapt seqft' "
+                                   "over a task stream (TFS, FFT, head fine-tuning, LoRA r = 2..32, adapters, "
+                                   "joint training, Seq. FT, + Random, + MDS, + K&G RFT, MedSeqFT) and one per "
+                                   "(unseen task, row, seed) fine-tunes from M0 or from MedSeqFT's refined M_n; "
+                                   "the report has Table II (methods x tasks, Dice and HD95), Table III "
+                                   "(ablation), Table VI (unseen tasks), Table VII (time per stage), Fig. 4 "
+                                   "(encoder change), forgetting and forward transfer, and MedSeqFT's paired "
+                                   "differences (docs/benchmark.md).")
     p.add_argument("config", help="built-in grid (default: 236 cells, 3 seeds, within 2 h on 2 idle CPU cores "
                                   "with --ray local; quick: ~1 min; paper: the paper's sizes, for a GPU "
                                   "cluster; fseft: the FSEFT paper's Table 1 and Fig. 2a/2b, 360 cells; "
-                                  "fseft-quick: seconds) or a YAML grid config")
+                                  "fseft-quick: seconds; medseqft: MedSeqFT's tables on the synthetic CT "
+                                  "stream, 69 cells, an estimated 1 h 45 min with --ray local; medseqft-quick: "
+                                  "seconds) or a YAML grid config")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where data, cells and the report go (default medadapt_runs/bench/<config name>)")
     p.add_argument("--report", action="store_true",
@@ -657,9 +665,15 @@ def cmd_seqft(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from medadapt.benchmark.grid import enumerate_cells, load_config
-    from medadapt.benchmark.report import write_report
-    from medadapt.benchmark.runner import default_workdir, grid_paths, load_cell_record, run_grid
+    from medadapt.benchmark.medseqft import is_medseqft_config
+
+    if is_medseqft_config(args.config):  # a medseqft section: the MedSeqFT grid's own cells, runner and report
+        from medadapt.benchmark import medseqft as grid, report_medseqft as report, runner_medseqft as runner
+    else:
+        from medadapt.benchmark import grid, report, runner
+    enumerate_cells, load_config, write_report = grid.enumerate_cells, grid.load_config, report.write_report
+    default_workdir, grid_paths = runner.default_workdir, runner.grid_paths
+    load_cell_record, run_grid = runner.load_cell_record, runner.run_grid
 
     config = load_config(args.config)
     workdir = args.workdir or default_workdir(config)

@@ -1,0 +1,486 @@
+"""The MedSeqFT benchmark grid as data: a validated config and the cells it asks for.
+
+A config (YAML; built-ins ``medseqft`` and ``medseqft-quick`` in ``medadapt/benchmark/configs``) has a
+``medseqft`` section instead of the DGST grid's ``table1`` or the FSEFT grid's ``fseft``; ``medadapt bench``
+dispatches on it (:func:`is_medseqft_config`). It names a synthetic task stream, a self-supervised foundation,
+the fine-tuning recipe, seeds, and the rows of MedSeqFT's tables (Ye et al., Sec. IV-V):
+
+* ``parallel``: fine-tuning methods run on every task from the foundation M_0 alone (Table II: TFS = ``scratch``,
+  FFT = ``full``, head fine-tuning = ``linear-probe``, ``lora`` with each ``rank``, ``adapter`` with each
+  ``reduction``);
+* ``joint``: joint multi-task training with a head per task (the upper reference);
+* ``sequential``: the ablation ladder of Table III, ``seq-ft`` (vanilla sequential fine-tuning),
+  ``seq-ft-random`` / ``seq-ft-mds`` (KD-based FFT on a random / MDS buffer), ``seq-ft-kgrft`` (LoRA-based KD
+  and merge, no buffer) and ``medseqft`` (MDS + K&G RFT);
+* ``unseen``: Table VI on the stream's unseen tasks, ``tfs`` (from scratch), ``fft-m0`` (FFT from M_0) and
+  ``fft-mn`` (FFT from the encoder and decoder of the refined M_n that the ``refined_by`` row left after the
+  last task, with a fresh head).
+
+Two kinds of cell: a **stream cell** is one :func:`medadapt.workflows.seqft.seqft` run (row, seed) over the
+whole stream; an **unseen cell** is one :func:`medadapt.workflows.finetune.finetune` run (unseen task, row,
+seed). An ``fft-mn`` cell depends on the ``refined_by`` stream cell of its seed. A cell's key holds everything
+that can change its result (the stream's domain specs, cases, data and split seeds, the row's settings, the seed,
+the recipe(s), post-processing and the foundation's recipe; an ``fft-mn`` cell also the key hash of the cell it
+starts from), and its folder name ends in a hash of that key, so an edited config re-runs exactly the cells it
+changes. Only settings a row uses enter its key (the buffer size only where there is a buffer, the MDS
+repeats only with MDS, the KD rank and recipe only with LoRA-based KD).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medadapt.benchmark.grid import _Check, _downsample_factors, _recipe, _resolve_domain, builtin_config_path
+from medadapt.errors import MedadaptError
+from medadapt.utils.hashing import stable_hash
+from medadapt.utils.yamlfile import read_yaml
+
+CELL_FORMAT = "medadapt-bench-medseqft-cell/1"
+BUILTIN_CONFIGS = ("medseqft", "medseqft-quick")
+OBJECTIVES = ("mae", "supervised")
+POSTPROCESS = ("none", "lcc")
+#: the sequential rows: (seqft method, buffer, retention), in Table III's order
+SEQUENTIAL = {
+    "seq-ft": ("seq-ft", "none", "none"),
+    "seq-ft-random": ("seq-ft", "random", "none"),
+    "seq-ft-mds": ("seq-ft", "mds", "none"),
+    "seq-ft-kgrft": ("seq-ft", "none", "lora-kd"),
+    "medseqft": ("medseqft", "mds", "lora-kd"),
+}
+#: Table III's check-mark columns per row
+ABLATION_MARKS = {  # FFT, Seq. FT, MDS, Random, K&G RFT
+    "full": (True, False, False, False, False),
+    "seq-ft": (False, True, False, False, False),
+    "seq-ft-random": (False, True, False, True, False),
+    "seq-ft-mds": (False, True, True, False, False),
+    "seq-ft-kgrft": (False, True, False, False, True),
+    "medseqft": (False, True, True, False, True),
+}
+UNSEEN_ROWS = {"tfs": ("scratch", "foundation"), "fft-m0": ("full", "foundation"), "fft-mn": ("full", "refined")}
+PARALLEL_OPTION_LISTS = {"lora": "rank", "adapter": "reduction"}  # the option a parallel entry may list values of
+JOINT = "joint"
+#: names in the tables (the paper's where it has one)
+DISPLAY = {"scratch": "TFS", "full": "FFT", "linear-probe": "Head fine-tuning", "lora": "LoRA", "adapter": "Adapter",
+           JOINT: "Joint multi-task (task heads)", "seq-ft": "Seq. FT", "seq-ft-random": "Seq. FT + Random",
+           "seq-ft-mds": "Seq. FT + MDS", "seq-ft-kgrft": "Seq. FT + K&G RFT", "medseqft": "MedSeqFT",
+           "tfs": "TFS", "fft-m0": "FFT (from M0)", "fft-mn": "FFT w/ {refined} (from its M_n)"}
+OPTION_SYMBOLS = {"rank": "r", "reduction": "γ"}
+
+
+def display_name(name: str, options: dict[str, Any] | None = None) -> str:
+    """A row's name in the tables, e.g. ``LoRA (r=4)``, ``Adapter (γ=2)``, ``Seq. FT + MDS``."""
+    text = DISPLAY.get(name, name)
+    opts = ", ".join(f"{OPTION_SYMBOLS.get(k, k)}={v}" for k, v in sorted((options or {}).items()))
+    return f"{text} ({opts})" if opts else text
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task of the stream (or an unseen task): its name, domain spec (cut to its labels, downsampled) and
+    the size of its 80% train split."""
+
+    name: str
+    domain: dict[str, Any]
+    labels: tuple[str, ...]
+    train_cases: int
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of the stream tables: one seqft method with its settings."""
+
+    name: str                         # folder label, e.g. lora-rank4, seq-ft-mds
+    kind: str                         # parallel | joint | sequential
+    method: str                       # the seqft method
+    options: tuple[tuple[str, Any], ...] = ()   # a parallel method's options as the strategy records them
+    buffer: str = "none"
+    retention: str = "none"
+    display: str = ""
+
+
+@dataclass
+class MedseqftConfig:
+    name: str
+    description: str
+    source: str
+    stream: dict[str, Any]            # name, cases, downsample (the resolved task lists are below)
+    tasks: list[TaskData]
+    unseen: list[TaskData]
+    foundation: dict[str, Any]
+    seeds: tuple[int, ...]
+    data_seed: int
+    split_seed: int
+    shots: "int | str"
+    recipe: dict[str, Any]            # resolved fine-tuning recipe (Recipe.to_dict, no description)
+    kd_recipe: dict[str, Any]         # resolved LoRA-based KD recipe
+    postprocess: str
+    rows: list[Row]
+    unseen_rows: list[str]
+    refined_by: str | None
+    buffer_size: int
+    mds_repeats: int
+    kd_rank: int
+    ray: dict[str, Any]
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cli_argument(self) -> str:
+        builtin = self.name in BUILTIN_CONFIGS and Path(self.source) == builtin_config_path(self.name)
+        return self.name if builtin else self.source
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
+
+    def stream_key(self) -> dict[str, Any]:
+        from medadapt.synth import GENERATOR_VERSION
+
+        return {"stream": self.stream["name"], "tasks": [t.domain for t in self.tasks],
+                "unseen": [t.domain for t in self.unseen], "cases": self.stream["cases"],
+                "data_seed": self.data_seed, "generator": GENERATOR_VERSION}
+
+    def foundation_key(self) -> dict[str, Any]:
+        from medadapt.synth import GENERATOR_VERSION
+
+        f = self.foundation
+        return {"domains": f["domains"], "cases": f["cases"], "data_seed": self.data_seed,
+                "generator": GENERATOR_VERSION, "objective": f["objective"], "preset": f["preset"],
+                "epochs": f["epochs"], "iterations_per_epoch": f["iterations_per_epoch"], "seed": f["seed"]}
+
+
+@dataclass
+class Cell:
+    kind: str                         # stream | unseen
+    row: str
+    seed: int
+    key: dict[str, Any]
+    task: str | None = None           # the unseen task
+    depends: str | None = None        # cell id of the stream cell an fft-mn cell starts from
+    experiments: list[str] = field(default_factory=list)   # the tables and figures it serves
+
+    @property
+    def hash(self) -> str:
+        return stable_hash(self.key)
+
+    @property
+    def cell_id(self) -> str:
+        where = "stream" if self.kind == "stream" else f"unseen/{self.task}"
+        return f"{where}/{self.row}-seed{self.seed}-{self.hash}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.cell_id, "kind": self.kind, "row": self.row, "seed": self.seed, "task": self.task,
+                "depends": self.depends, "key": self.key, "experiments": self.experiments}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Cell":
+        return cls(kind=d["kind"], row=d["row"], seed=d["seed"], key=d["key"], task=d["task"], depends=d["depends"],
+                   experiments=list(d["experiments"]))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _raw(config: str | Path) -> tuple[Path, Any]:
+    text = str(config)
+    path = builtin_config_path(text) if text in BUILTIN_CONFIGS else Path(text).expanduser()
+    return path, (read_yaml(path) if path.is_file() else None)
+
+
+def is_medseqft_config(config: str | Path) -> bool:
+    """Whether ``config`` (a built-in name or a file) is a MedSeqFT grid: a built-in of this module, or a YAML
+    mapping with a ``medseqft`` section. Anything else goes to the DGST/FSEFT grid's loader."""
+    if str(config) in BUILTIN_CONFIGS:
+        return True
+    path, raw = _raw(config)
+    return isinstance(raw, dict) and "medseqft" in raw
+
+
+def load_config(config: str | Path) -> MedseqftConfig:
+    """A built-in MedSeqFT config name or a YAML file; validated."""
+    path, raw = _raw(config)
+    if raw is None and not path.is_file():
+        raise MedadaptError(f"config {str(config)!r}: no such file; pass a built-in name "
+                            f"({', '.join(BUILTIN_CONFIGS)}) or a YAML grid config (docs/benchmark.md)")
+    return parse_config(raw, source=str(path), base_dir=path.parent)
+
+
+def _stream(c: _Check, value: Any, split_seed: int) -> tuple[dict[str, Any], list[TaskData], list[TaskData]]:
+    from medadapt.data.splits import train_test_split
+    from medadapt.synth import DomainSpec
+    from medadapt.synth.tasks import load_task_stream
+
+    s = c.mapping(value, "stream", ("name", "tasks", "unseen", "cases", "downsample"), required=("name", "cases"))
+    if not isinstance(s["name"], str):
+        c.fail("stream.name", f"{s['name']!r} is not a name", "give a built-in stream (ct-stream) or a task-set file")
+    try:
+        stream = load_task_stream(s["name"])
+    except MedadaptError as exc:
+        c.fail("stream.name", str(exc), "see docs/domains.md")
+    cases = c.integer(s["cases"], "stream.cases", 5)
+    factors = _downsample_factors(c, s.get("downsample", 1), "stream.downsample")
+
+    def pick(key: str, available: tuple) -> list:
+        names = [t.name for t in available]
+        chosen = s.get(key, names)
+        if not isinstance(chosen, list) or (key == "tasks" and not chosen):
+            c.fail(f"stream.{key}", f"{chosen!r} is not a {'non-empty ' if key == 'tasks' else ''}list of task "
+                   "names", f"choose from {names}")
+        for i, n in enumerate(chosen):
+            if n not in names:
+                c.fail(f"stream.{key}[{i}]", f"{n!r} is not a {key[:-1] if key == 'tasks' else 'unseen'} task of "
+                       f"stream {stream.name!r}", f"choose from {names}")
+        if len(set(chosen)) != len(chosen):
+            c.fail(f"stream.{key}", f"{chosen} names a task twice", "list each task once, in training order")
+        return [next(t for t in available if t.name == n) for n in chosen]
+
+    out = []
+    for group in (pick("tasks", stream.tasks), pick("unseen", stream.unseen)):
+        resolved = []
+        for task in group:
+            spec = task.spec().downsampled(factors)
+            train, _ = train_test_split([spec.case_id(i) for i in range(cases)], 0.2, split_seed)
+            resolved.append(TaskData(task.name, spec.to_dict(), tuple(task.labels), len(train)))
+        out.append(resolved)
+    return {"name": stream.name, "cases": cases, "downsample": list(factors)}, out[0], out[1]
+
+
+def _foundation(c: _Check, value: Any, base_dir: Path) -> dict[str, Any]:
+    from medadapt.models.network import PRESETS
+
+    f = c.mapping(value, "foundation", ("domains", "objective", "cases", "preset", "epochs", "iterations_per_epoch",
+                                        "seed", "downsample"),
+                  required=("domains", "objective", "cases", "preset", "epochs", "iterations_per_epoch"))
+    if not isinstance(f["domains"], list) or not f["domains"]:
+        c.fail("foundation.domains", f"{f['domains']!r} is not a non-empty list", "write e.g. [src-a-hn, src-b-chest]")
+    domains = [_resolve_domain(c, f, f"foundation.domains[{i}]", base_dir, domain=d) for i, d in enumerate(f["domains"])]
+    names = [d["name"] for d in domains]
+    if len(set(names)) != len(names):
+        c.fail("foundation.domains", f"{names} names a domain twice", "list each source once")
+    objective = f["objective"]
+    if objective not in OBJECTIVES:
+        c.fail("foundation.objective", f"unknown objective {objective!r}", f"choose from {list(OBJECTIVES)}")
+    if objective != "supervised":
+        from medadapt.workflows.pretrain import pretrain
+
+        if "objective" not in inspect.signature(pretrain).parameters:
+            c.fail("foundation.objective", f"{objective!r} needs self-supervised pretraining (medadapt pretrain "
+                   "--objective), which this medadapt does not have", "update medadapt or use objective: supervised "
+                   "(without the MDS rows)")
+    if f["preset"] not in PRESETS:
+        c.fail("foundation.preset", f"unknown preset {f['preset']!r}", f"choose from {list(PRESETS)}")
+    return {"domains": domains, "objective": objective, "cases": c.integer(f["cases"], "foundation.cases", 2),
+            "preset": f["preset"], "epochs": c.integer(f["epochs"], "foundation.epochs", 1),
+            "iterations_per_epoch": c.integer(f["iterations_per_epoch"], "foundation.iterations_per_epoch", 1),
+            "seed": c.integer(f.get("seed", 0), "foundation.seed")}
+
+
+def _parallel_rows(c: _Check, value: Any) -> list[Row]:
+    from medadapt.tuning import make_strategy, method_names
+
+    names = method_names(training_only=True)
+    if not isinstance(value, list):
+        c.fail("medseqft.parallel", f"{value!r} is not a list", "write e.g. [scratch, full, {method: lora, rank: [2, 4]}]")
+    rows: list[Row] = []
+    for i, entry in enumerate(value):
+        key = f"medseqft.parallel[{i}]"
+        if isinstance(entry, str):
+            entry = {"method": entry}
+        if not isinstance(entry, dict) or "method" not in entry:
+            c.fail(key, f"{entry!r} is not a method", "write a method name or {method: lora, rank: [2, 4]}")
+        method = entry["method"]
+        if method not in names:
+            c.fail(f"{key}.method", f"unknown or untrained method {method!r}", f"choose from {names}")
+        options = {k: v for k, v in entry.items() if k != "method"}
+        allowed = type(make_strategy(method)).options
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            c.fail(key, f"unknown option(s) {unknown} of {method}", f"use only {list(allowed)}")
+        listed = PARALLEL_OPTION_LISTS.get(method)
+        variants = [options]
+        if listed and isinstance(options.get(listed), list):
+            values = options[listed]
+            if not values or len(set(map(str, values))) != len(values):
+                c.fail(f"{key}.{listed}", f"{values!r} is empty or repeats a value", "list each value once")
+            variants = [{**options, listed: v} for v in values]
+        for opts in variants:
+            try:
+                strategy = make_strategy(method, seed=0, **opts)
+            except MedadaptError as exc:
+                c.fail(key, str(exc), "fix the option")
+            canonical = tuple(sorted((k, v) for k, v in strategy.config().items() if k not in ("name", "seed")))
+            label = method + "".join(f"-{k}{v}" for k, v in sorted(opts.items()))
+            if any(r.name == label for r in rows):
+                c.fail(key, f"{label} is listed twice", "list each method and option once")
+            rows.append(Row(label, "parallel", method, canonical, display=display_name(method, dict(opts))))
+    return rows
+
+
+def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> MedseqftConfig:
+    from medadapt.engine.recipe import load_recipe
+    from medadapt.workflows.seqft import kd_recipe_from
+
+    c = _Check(source)
+    base_dir = base_dir or Path.cwd()
+    top = c.mapping(raw, "config", ("name", "description", "stream", "foundation", "seeds", "data_seed", "split_seed",
+                                    "shots", "recipe", "kd_recipe", "postprocess", "medseqft", "ray"),
+                    required=("name", "stream", "foundation", "recipe", "medseqft"))
+    name = str(top["name"])
+    split_seed = c.integer(top.get("split_seed", 0), "split_seed")
+    data_seed = c.integer(top.get("data_seed", 0), "data_seed")
+    seeds = c.int_list(top.get("seeds", [0]), "seeds")
+    stream, tasks, unseen = _stream(c, top["stream"], split_seed)
+    foundation = _foundation(c, top["foundation"], base_dir)
+    shots = top.get("shots", "all")
+    if shots != "all":
+        shots = c.integer(shots, "shots", 1)
+        small = min(tasks + unseen, key=lambda t: t.train_cases)
+        if shots > small.train_cases:
+            c.fail("shots", f"{shots} but task {small.name!r} has {small.train_cases} training cases",
+                   f"use all or at most {small.train_cases}")
+    recipe = _recipe(c, top["recipe"], base_dir)
+    if top.get("kd_recipe") is not None:
+        kd_recipe = _recipe(c, top["kd_recipe"], base_dir)
+    else:  # the paper's ratios: a fifth of the iterations, a tenth of the learning rate
+        try:
+            kd = kd_recipe_from(load_recipe(recipe))
+        except MedadaptError as exc:
+            c.fail("recipe", f"the LoRA-based KD recipe derived from it is invalid ({exc})",
+                   "give kd_recipe explicitly or more epochs")
+        kd_recipe = kd.to_dict()
+        kd_recipe.pop("description")
+    postprocess = str(top.get("postprocess", "none"))
+    if postprocess not in POSTPROCESS:
+        c.fail("postprocess", f"unknown {postprocess!r}", f"use one of {list(POSTPROCESS)}")
+
+    m = c.mapping(top["medseqft"], "medseqft", ("parallel", "joint", "sequential", "unseen", "refined_by",
+                                                "buffer_size", "mds_repeats", "kd_rank"))
+    rows = _parallel_rows(c, m.get("parallel", []))
+    if m.get("joint", False):
+        rows.append(Row(JOINT, "joint", JOINT, display=display_name(JOINT)))
+    sequential = m.get("sequential", [])
+    if not isinstance(sequential, list):
+        c.fail("medseqft.sequential", f"{sequential!r} is not a list", f"choose from {list(SEQUENTIAL)}")
+    for i, s in enumerate(sequential):
+        if s not in SEQUENTIAL:
+            c.fail(f"medseqft.sequential[{i}]", f"unknown sequential row {s!r}", f"choose from {list(SEQUENTIAL)}")
+        if sequential.count(s) > 1:
+            c.fail("medseqft.sequential", f"{s!r} is listed twice", "list each row once")
+    for s in SEQUENTIAL:  # Table III's order
+        if s in sequential:
+            method, buffer, retention = SEQUENTIAL[s]
+            rows.append(Row(s, "sequential", method, buffer=buffer, retention=retention, display=display_name(s)))
+    if not rows:
+        c.fail("medseqft", "no rows", "list parallel, joint or sequential rows")
+    if foundation["objective"] == "supervised":
+        mds = [r.name for r in rows if r.buffer == "mds"]
+        if mds:
+            c.fail("medseqft.sequential", f"{mds} select the buffer by MDS, which needs the foundation's pretext head",
+                   "use foundation.objective: mae or drop those rows")
+    buffer_size = c.integer(m.get("buffer_size", 4), "medseqft.buffer_size", 1)
+    if any(r.buffer != "none" for r in rows):
+        small = min(tasks, key=lambda t: t.train_cases)
+        k = small.train_cases if shots == "all" else shots
+        if buffer_size > k:
+            c.fail("medseqft.buffer_size", f"{buffer_size} but task {small.name!r} trains on {k} cases",
+                   f"use at most {k}")
+    mds_repeats = c.integer(m.get("mds_repeats", 16), "medseqft.mds_repeats", 1)
+    kd_rank = c.integer(m.get("kd_rank", 2), "medseqft.kd_rank", 1)
+
+    unseen_rows = m.get("unseen", [])
+    if not isinstance(unseen_rows, list):
+        c.fail("medseqft.unseen", f"{unseen_rows!r} is not a list", f"choose from {list(UNSEEN_ROWS)}")
+    for i, u in enumerate(unseen_rows):
+        if u not in UNSEEN_ROWS:
+            c.fail(f"medseqft.unseen[{i}]", f"unknown unseen row {u!r}", f"choose from {list(UNSEEN_ROWS)}")
+        if unseen_rows.count(u) > 1:
+            c.fail("medseqft.unseen", f"{u!r} is listed twice", "list each row once")
+    if unseen_rows and not unseen:
+        c.fail("medseqft.unseen", "rows for unseen tasks, but stream.unseen selects none",
+               "list unseen tasks in stream.unseen or drop medseqft.unseen")
+    refined_by = None
+    if "fft-mn" in unseen_rows:
+        refined_by = m.get("refined_by", "medseqft")
+        seq_rows = [r.name for r in rows if r.kind == "sequential"]
+        if refined_by not in seq_rows:
+            c.fail("medseqft.refined_by", f"{refined_by!r} is not a sequential row of this grid",
+                   f"choose from {seq_rows} (fft-mn fine-tunes the model that row leaves after the last task)")
+    elif m.get("refined_by") is not None:
+        c.fail("medseqft.refined_by", "is set but medseqft.unseen has no fft-mn row", "remove it or add fft-mn")
+    ray = c.mapping(top.get("ray") or {}, "ray", ("cpus_per_cell", "gpus_per_cell"))
+    ray = {"cpus_per_cell": c.integer(ray.get("cpus_per_cell", 1), "ray.cpus_per_cell", 1),
+           "gpus_per_cell": float(ray.get("gpus_per_cell", 0))}
+    return MedseqftConfig(name=name, description=str(top.get("description", "")).strip(), source=source,
+                          stream=stream, tasks=tasks, unseen=unseen, foundation=foundation, seeds=seeds,
+                          data_seed=data_seed, split_seed=split_seed, shots=shots, recipe=recipe, kd_recipe=kd_recipe,
+                          postprocess=postprocess, rows=rows, unseen_rows=list(unseen_rows), refined_by=refined_by,
+                          buffer_size=buffer_size, mds_repeats=mds_repeats, kd_rank=kd_rank, ray=ray,
+                          raw=copy.deepcopy(raw))
+
+
+# ---------------------------------------------------------------------------------------------- cells
+
+def row_settings(config: MedseqftConfig, row: Row) -> dict[str, Any]:
+    """What of ``row`` can change its result: the seqft method and only the settings it uses."""
+    if row.kind == "parallel":
+        return {"method": row.method, "options": dict(row.options)}
+    if row.kind == "joint":
+        return {"method": JOINT}
+    out: dict[str, Any] = {"method": row.method, "buffer": row.buffer, "retention": row.retention}
+    if row.buffer != "none":
+        out["buffer_size"] = config.buffer_size
+    if row.buffer == "mds":
+        out["mds_repeats"] = config.mds_repeats
+    if row.retention == "lora-kd":
+        out["kd_rank"] = config.kd_rank
+        out["kd_recipe"] = config.kd_recipe
+    return out
+
+
+def experiments(config: MedseqftConfig, row: Row) -> list[str]:
+    """The report parts a stream row's cells serve."""
+    out = []
+    if row.kind in ("parallel", "joint") or row.name == "medseqft":
+        out.append("table2")
+    if row.name in ABLATION_MARKS:
+        out.append("table3")
+    if row.name == config.refined_by:
+        out.append("table6")
+    if row.name == "full" or row.kind in ("joint", "sequential"):
+        out.append("table7")
+    if row.kind == "sequential":
+        out += ["fig4", "transfer"]
+    elif row.name == "full":
+        out.append("transfer")
+    return out
+
+
+def enumerate_cells(config: MedseqftConfig) -> list[Cell]:
+    """Every cell: the stream cells (row, seed) in row order, then the unseen cells (task, row, seed)."""
+    common = {"format": CELL_FORMAT, "split_seed": config.split_seed, "shots": config.shots,
+              "recipe": config.recipe, "postprocess": config.postprocess, "foundation": config.foundation_key()}
+    stream_key = config.stream_key()
+    cells: list[Cell] = []
+    by_row_seed: dict[tuple[str, int], Cell] = {}
+    for row in config.rows:
+        for seed in config.seeds:
+            key = {**common, "kind": "stream", "stream": stream_key, "row": row_settings(config, row), "seed": seed}
+            cell = Cell("stream", row.name, seed, key, experiments=experiments(config, row))
+            cells.append(cell)
+            by_row_seed[(row.name, seed)] = cell
+    from medadapt.synth import GENERATOR_VERSION
+
+    for task in config.unseen:
+        dataset = {"domain": task.domain, "cases": config.stream["cases"], "data_seed": config.data_seed,
+                   "generator": GENERATOR_VERSION}
+        for name in config.unseen_rows:
+            method, start = UNSEEN_ROWS[name]
+            for seed in config.seeds:
+                key = {**common, "kind": "unseen", "dataset": dataset, "method": method, "seed": seed}
+                depends = None
+                if start == "refined":
+                    source = by_row_seed[(config.refined_by, seed)]
+                    key["refined_from"] = {"row": config.refined_by, "cell": source.hash}
+                    depends = source.cell_id
+                cells.append(Cell("unseen", name, seed, key, task=task.name, depends=depends, experiments=["table6"]))
+    return cells

@@ -1,0 +1,561 @@
+"""Tables and figures of a MedSeqFT grid (Ye et al., Sec. IV-V), built from the stored cells alone.
+
+Writes to ``<workdir>/report/``:
+
+* ``table2.md/.csv`` — Table II: the parallel rows (TFS, FFT, head fine-tuning, LoRA, adapters), joint multi-task
+  training and MedSeqFT × the stream's tasks, Dice (%) and HD95 (mm) per task and their average;
+* ``table3.md/.csv`` — Table III: FFT, Seq. FT, + Random, + MDS, + K&G RFT and MedSeqFT with the paper's
+  check-mark columns;
+* ``table6.md/.csv`` — Table VI: on each unseen task, TFS, FFT from M_0 and FFT from the refined M_n, per class
+  (a multi-class task also gets its class mean);
+* ``table7.md/.csv`` — Table VII: training seconds per stage (FFT over the whole stream; each sequential row's
+  first-task fine-tuning, its (KD-based) FFT on tasks 2..n, LoRA-based KD, buffer selection), their sum and
+  its ratio to FFT;
+* ``fig4.png/.csv`` — Fig. 4: each encoder layer's mean |Δθ| from M_0 to M_n, per sequential row (mean over seeds);
+* ``transfer.md/.csv`` — forgetting (each earlier task's Dice after the whole stream minus just after its own
+  training, and BWT, their mean) and forward transfer (a sequential row's Dice on a task minus FFT's);
+* ``paired.md/.csv`` — MedSeqFT against every other row over (seed, task, test case) pairs, and on the unseen
+  tasks FFT from M_n against FFT from M_0 and TFS over (seed, test case): mean paired difference, bootstrap 95%
+  interval, Wilcoxon p (:func:`medadapt.benchmark.stats.paired_comparison`);
+* ``cells.csv`` (one row per cell and task), ``per_case.csv`` (per cell, task, test case and class) and
+  ``report.md`` (everything, with the cells still missing).
+
+Numbers: a test case's score on a task is the mean over the task's classes of its per-class value (HD95 over
+the classes where it is defined); a task's score in one seed is the mean over its test cases; a table entry is
+the mean over seeds ± the spread over seeds (sample std of the per-seed scores; no spread with one seed). The
+average over tasks is taken per seed, then mean ± spread. Bold: a column's best row and every row the paired
+test does not separate from it (two-sided Wilcoxon on (seed, test case) pairs, p < 0.05; the average column
+pairs (seed, task, test case)); underlined: the best of the rest and the rows not separated from it.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medadapt.benchmark import stats
+from medadapt.benchmark.medseqft import (ABLATION_MARKS, DISPLAY, Cell, MedseqftConfig, Row, display_name,
+                                         enumerate_cells)
+from medadapt.benchmark.report import _csv, _mark, _save, _write
+from medadapt.benchmark.runner_medseqft import grid_paths, load_cell_record
+from medadapt.errors import MedadaptError
+from medadapt.utils.tables import markdown_table
+
+MISSING = "–"
+METRICS = (("dsc", "Dice", True), ("hd95", "HD95", False))   # (per-case column, header, higher is better)
+FOOTNOTE = (
+    "Dice (%) and HD95 (mm): a test case's value is the mean over the task's classes (HD95 over the classes where "
+    "it is defined); a task's value in one seed is the mean over its test cases; entries are the mean over seeds "
+    "± the spread over seeds (sample std; no spread with one seed). Average: per seed the mean over the tasks, "
+    "then mean ± spread. Bold: the column's best row and every row not distinguishable from it; underlined: the "
+    "best of the rest and the rows not distinguishable from that one. Distinguishable: two-sided Wilcoxon "
+    f"signed-rank test on paired (seed, test case) differences (average: (seed, task, test case)), p < "
+    f"{stats.ALPHA}, no multiple-comparison correction; pairs share test cases across seeds, so the test is a "
+    "screen, not a proof. HD95: lower is better.")
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+def case_scores(rows: list[dict], metric: str, classes: list[str] | None = None) -> dict[str, float]:
+    """``{case: value}``: per test case, the mean of ``metric`` over its classes (``classes``: only those) where
+    defined; NaN where no class has a value."""
+    by_case: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if classes is not None and r["class"] not in classes:
+            continue
+        by_case.setdefault(str(r["case"]), [])
+        v = r.get(metric)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            by_case[str(r["case"])].append(float(v))
+    return {c: (float(np.mean(v)) if v else math.nan) for c, v in by_case.items()}
+
+
+def _scale(metric: str) -> float:
+    return 100.0 if metric in ("dsc", "nsd") else 1.0
+
+
+class Index:
+    """The finished records of a grid, by stream row and by (unseen task, unseen row)."""
+
+    def __init__(self, config: MedseqftConfig, cells: list[Cell], records: dict[str, dict | None]):
+        self.config = config
+        self.stream: dict[str, list[dict]] = defaultdict(list)
+        self.unseen: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        for cell in cells:
+            rec = records.get(cell.cell_id)
+            if rec is None:
+                continue
+            if cell.kind == "stream":
+                self.stream[cell.row].append(rec)
+            else:
+                self.unseen[(cell.task, cell.row)].append(rec)
+
+    def task_values(self, row: str, task: str, metric: str) -> dict[tuple[int, str], float]:
+        """``{(seed, case): value}`` of a stream row on one task (scaled: Dice in %)."""
+        out = {}
+        for rec in self.stream.get(row, []):
+            entry = next((t for t in rec["tasks"] if t["task"] == task), None)
+            if entry is not None:
+                for case, v in case_scores(entry["per_case"], metric).items():
+                    out[(rec["seed"], case)] = v * _scale(metric)
+        return out
+
+    def stream_values(self, row: str, metric: str) -> dict[tuple[int, str], float]:
+        """``{(seed, "task/case"): value}`` of a stream row over every task."""
+        return {(seed, f"{t.name}/{case}"): v for t in self.config.tasks
+                for (seed, case), v in self.task_values(row, t.name, metric).items()}
+
+    def unseen_values(self, task: str, row: str, metric: str, classes: list[str] | None = None) -> dict:
+        out = {}
+        for rec in self.unseen.get((task, row), []):
+            for case, v in case_scores(rec["per_case"], metric, classes).items():
+                out[(rec["seed"], case)] = v * _scale(metric)
+        return out
+
+    def cells_of(self, row: str) -> list[str]:
+        return [r["id"] for r in self.stream.get(row, [])]
+
+
+def per_seed_means(values: dict[tuple[int, str], float]) -> dict[int, float]:
+    """Per seed, the mean over its defined values."""
+    by_seed: dict[int, list[float]] = defaultdict(list)
+    for (seed, _), v in values.items():
+        if not math.isnan(v):
+            by_seed[seed].append(v)
+    return {s: float(np.mean(v)) for s, v in by_seed.items() if v}
+
+
+def mean_spread(per_seed: dict[int, float]) -> tuple[float | None, float | None, int]:
+    """(mean over seeds, sample std over seeds or 0 with one seed, number of seeds)."""
+    if not per_seed:
+        return None, None, 0
+    v = np.asarray(list(per_seed.values()), dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else 0.0), len(v)
+
+
+def task_average(index: Index, row: str, metric: str) -> dict[int, float]:
+    """Per seed, the mean over the stream's tasks of that seed's task means (seeds with every task only)."""
+    per_task = [per_seed_means(index.task_values(row, t.name, metric)) for t in index.config.tasks]
+    seeds = set.intersection(*(set(p) for p in per_task)) if per_task else set()
+    return {s: float(np.mean([p[s] for p in per_task])) for s in sorted(seeds)}
+
+
+UNDEFINED = "undefined"  # finished cells, but the metric exists for none of their test cases (HD95: an empty mask)
+
+
+def _fmt(mean: float | None, spread: float | None, n: int, digits: int = 1, values: dict | None = None) -> str:
+    if mean is None:
+        return UNDEFINED if values else MISSING
+    return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if n > 1 else "")
+
+
+def _marks(means: dict[str, float | None], values: dict[str, dict], higher: bool) -> dict[str, str]:
+    """Bold / underline for one column, ranked by the shown means, grouped by the paired test."""
+    sign = -1.0 if higher else 1.0
+    remaining = sorted((n for n, m in means.items() if m is not None), key=lambda n: sign * means[n])
+    marks = {n: "" for n in means}
+
+    def tied(a: str, b: str) -> bool:
+        comp = stats.paired_comparison(values[a], values[b])
+        return a == b or comp is None or not comp.significant
+
+    for mark in ("bold", "underline"):
+        if not remaining:
+            break
+        group = [n for n in remaining if tied(remaining[0], n)]
+        for n in group:
+            marks[n] = mark
+        remaining = [n for n in remaining if n not in group]
+    return marks
+
+
+# ---------------------------------------------------------------------------------------------- tables II, III
+
+def stream_table(index: Index, rows: list[Row], table: str, prefix_columns: dict[str, list[str]] | None = None
+                 ) -> tuple[str, list[dict]]:
+    """Rows × (each task's Dice and HD95, then their averages), marked per column."""
+    tasks = [t.name for t in index.config.tasks]
+    names = [r.name for r in rows]
+    columns: list[list[str]] = []
+    csv_rows: list[dict] = []
+    for task in tasks + [None]:
+        for metric, _, higher in METRICS:
+            if task is None:
+                per_seed = {n: task_average(index, n, metric) for n in names}
+                values = {n: index.stream_values(n, metric) for n in names}
+            else:
+                values = {n: index.task_values(n, task, metric) for n in names}
+                per_seed = {n: per_seed_means(values[n]) for n in names}
+            summary = {n: mean_spread(per_seed[n]) for n in names}
+            marks = _marks({n: summary[n][0] for n in names}, values, higher)
+            columns.append([_mark(_fmt(*summary[n], values=values[n]), marks[n]) for n in names])
+            for n, row in zip(names, rows):
+                mean, spread, k = summary[n]
+                undefined = sum(1 for v in values[n].values() if math.isnan(v))
+                csv_rows.append({"table": table, "row": n, "method": row.display, "task": task or "average",
+                                 "metric": metric, "mean": mean, "seed_std": spread, "n_seeds": k,
+                                 "n_values": len(values[n]) - undefined, "n_undefined": undefined,
+                                 "mark": marks[n], "cells": index.cells_of(n)})
+    prefix_columns = prefix_columns or {}
+    header = ["Method", *prefix_columns, *[f"{t} {h}" for t in tasks for _, h, _ in METRICS],
+              "Average Dice ↑", "Average HD95 ↓"]
+    body = [[row.display, *[prefix_columns[c][i] for c in prefix_columns], *[col[i] for col in columns]]
+            for i, row in enumerate(rows)]
+    return markdown_table(header, body), csv_rows
+
+
+def table2_rows(config: MedseqftConfig) -> list[Row]:
+    """Table II: the parallel rows, joint training, and MedSeqFT (the ablations are Table III's)."""
+    return [r for r in config.rows if r.kind in ("parallel", "joint") or r.name == "medseqft"]
+
+
+def table3_rows(config: MedseqftConfig) -> list[Row]:
+    return [r for r in config.rows if r.name in ABLATION_MARKS]
+
+
+def table3(index: Index) -> tuple[str, list[dict]]:
+    rows = table3_rows(index.config)
+    marks = {h: ["✓" if ABLATION_MARKS[r.name][i] else "" for r in rows]
+             for i, h in enumerate(("FFT", "Seq. FT", "MDS", "Random", "K&G RFT"))}
+    md, csv_rows = stream_table(index, rows, "table3", marks)
+    by_name = {r.name: r for r in rows}
+    for c in csv_rows:
+        c.update({h: bool(ABLATION_MARKS[by_name[c["row"]].name][i])
+                  for i, h in enumerate(("fft", "seq_ft", "mds", "random", "kg_rft"))})
+    return md, csv_rows
+
+
+# ---------------------------------------------------------------------------------------------- table VI
+
+def unseen_row_name(config: MedseqftConfig, row: str) -> str:
+    return DISPLAY[row].format(refined=display_name(config.refined_by)) if row == "fft-mn" else DISPLAY[row]
+
+
+def table6(index: Index) -> tuple[str, list[dict]]:
+    config = index.config
+    parts, csv_rows = [], []
+    for task in config.unseen:
+        groups = [([c], c) for c in task.labels] + ([(list(task.labels), "mean")] if len(task.labels) > 1 else [])
+        columns, header = [], ["Method"]
+        for classes, label in groups:
+            for metric, h, higher in METRICS:
+                values = {r: index.unseen_values(task.name, r, metric, classes) for r in config.unseen_rows}
+                summary = {r: mean_spread(per_seed_means(v)) for r, v in values.items()}
+                marks = _marks({r: s[0] for r, s in summary.items()}, values, higher)
+                columns.append([_mark(_fmt(*summary[r], values=values[r]), marks[r]) for r in config.unseen_rows])
+                header.append(f"{label} {h}")
+                for r in config.unseen_rows:
+                    mean, spread, k = summary[r]
+                    csv_rows.append({"task": task.name, "class": label, "row": r,
+                                     "method": unseen_row_name(config, r), "metric": metric, "mean": mean,
+                                     "seed_std": spread, "n_seeds": k, "mark": marks[r],
+                                     "cells": [x["id"] for x in index.unseen.get((task.name, r), [])]})
+        body = [[unseen_row_name(config, r)] + [col[i] for col in columns] for i, r in enumerate(config.unseen_rows)]
+        parts.append(f"**{task.name}** ({', '.join(task.labels)})\n\n" + markdown_table(header, body))
+    return "\n\n".join(parts), csv_rows
+
+
+# ---------------------------------------------------------------------------------------------- table VII
+
+STAGES = (("first", "First-task FFT"), ("later", "(KD-based) FFT, tasks 2–n"), ("lora_kd", "LoRA-based KD"),
+          ("buffer", "Buffer selection (MDS / random)"))
+
+
+def stage_seconds(record: dict, kind: str) -> dict[str, float]:
+    """One stream cell's training seconds by stage (``total``: their sum)."""
+    tasks = record["tasks"]
+    if kind == "parallel":
+        return {"total": sum(t["seconds"]["finetune"] or 0.0 for t in tasks)}
+    if kind == "joint":
+        return {"total": float(tasks[0]["seconds"]["joint"] or 0.0)}
+    out = {"first": tasks[0]["seconds"].get("stage1") or 0.0,
+           "later": sum(t["seconds"].get("stage1") or 0.0 for t in tasks[1:])}
+    for key, stage in (("lora_kd", "stage2"), ("buffer", "buffer")):  # only the stages the row has
+        if any(stage in t["seconds"] for t in tasks):
+            out[key] = sum(t["seconds"].get(stage) or 0.0 for t in tasks)
+    out["total"] = sum(out.values())
+    return out
+
+
+def table7(index: Index) -> tuple[str, list[dict], dict[str, Any]]:
+    config = index.config
+    rows = [r for r in config.rows if r.name == "full" or r.kind in ("joint", "sequential")]
+    fft = {rec["seed"]: stage_seconds(rec, "parallel")["total"] for rec in index.stream.get("full", [])}
+    body, csv_rows, ratios = [], [], {}
+    for row in rows:
+        per_seed = {rec["seed"]: stage_seconds(rec, row.kind) for rec in index.stream.get(row.name, [])}
+        line = [row.display]
+        entry: dict[str, Any] = {"row": row.name, "method": row.display, "n_seeds": len(per_seed)}
+        for key, _ in STAGES:
+            vals = {s: v[key] for s, v in per_seed.items() if key in v}
+            mean, spread, k = mean_spread(vals)
+            line.append(_fmt(mean, spread, k))
+            entry.update({f"{key}_seconds": mean, f"{key}_seed_std": spread})
+        mean, spread, k = mean_spread({s: v["total"] for s, v in per_seed.items()})
+        ratio = mean_spread({s: v["total"] / fft[s] for s, v in per_seed.items() if fft.get(s)})
+        ratios[row.name] = ratio
+        line += [_fmt(mean, spread, k), _fmt(*ratio, 2)]
+        entry.update({"total_seconds": mean, "total_seed_std": spread, "ratio_to_fft": ratio[0],
+                      "ratio_seed_std": ratio[1], "cells": index.cells_of(row.name)})
+        body.append(line)
+        csv_rows.append(entry)
+    header = ["Method", *[h + " (s)" for _, h in STAGES], "Sum (s)", "× FFT"]
+    return markdown_table(header, body), csv_rows, ratios
+
+
+# ---------------------------------------------------------------------------------------------- Fig. 4
+
+def fig4(index: Index, path: Path) -> tuple[list[dict], Path | None]:
+    """Per sequential row, each encoder layer's mean |Δθ| (M_0 -> M_n), mean over seeds: CSV rows and PNG."""
+    rows, series = [], []
+    for row in (r for r in index.config.rows if r.kind == "sequential"):
+        recs = [r for r in index.stream.get(row.name, []) if r.get("encoder_change")]
+        if not recs:
+            continue
+        layers = [name for name, _ in recs[0]["encoder_change"]]
+        values = np.asarray([[v for _, v in r["encoder_change"]] for r in recs], dtype=np.float64)
+        mean = values.mean(axis=0)
+        spread = values.std(axis=0, ddof=1) if len(recs) > 1 else np.zeros_like(mean)
+        for i, layer in enumerate(layers):
+            rows.append({"row": row.name, "method": row.display, "index": i + 1, "layer": layer,
+                         "mean_abs_change": float(mean[i]), "seed_std": float(spread[i]), "n_seeds": len(recs)})
+        series.append((row, mean, spread, len(recs)))
+    if not series:
+        return rows, None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(series[0][1])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * n + 2.5), 3.6))
+    for row, mean, spread, k in series:
+        x = np.arange(1, len(mean) + 1)
+        ax.errorbar(x, mean, yerr=spread if k > 1 else None, marker="o", ms=3, capsize=2,
+                    linewidth=2.0 if row.name == "medseqft" else 1.0, label=row.display)
+    ax.set_xlabel("encoder layer n (input to bottleneck)")
+    ax.set_ylabel("mean |Δθ|, M0 → Mn")
+    ax.set_title(f"Encoder parameter change after the stream (mean over seeds; bars: spread over seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return rows, _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- transfer
+
+def transfer(index: Index) -> tuple[str, list[dict]]:
+    config = index.config
+    seq = [r for r in config.rows if r.kind == "sequential"]
+    earlier = [t.name for t in config.tasks[:-1]]
+    csv_rows, body = [], []
+    for row in seq:
+        recs = [r for r in index.stream.get(row.name, []) if r.get("transfer")]
+        line = [row.display]
+        for j, task in enumerate(earlier):
+            vals = {r["seed"]: r["transfer"]["tasks"][j]["change"] for r in recs
+                    if r["transfer"]["tasks"][j]["change"] is not None}
+            summary = mean_spread(vals)
+            line.append(_fmt(*summary))
+            csv_rows.append({"kind": "forgetting", "row": row.name, "method": row.display, "task": task,
+                             "mean": summary[0], "seed_std": summary[1], "n_seeds": summary[2]})
+        bwt = mean_spread({r["seed"]: r["transfer"]["bwt"] for r in recs if r["transfer"]["bwt"] is not None})
+        line.append(_fmt(*bwt))
+        csv_rows.append({"kind": "bwt", "row": row.name, "method": row.display, "task": "mean",
+                         "mean": bwt[0], "seed_std": bwt[1], "n_seeds": bwt[2]})
+        body.append(line)
+    forgetting = markdown_table(["Method", *[f"{t} Δ Dice" for t in earlier], "BWT"], body)
+    tasks = [t.name for t in config.tasks]
+    body = []
+    for row in seq:
+        line = [row.display]
+        per_task = []
+        for task in tasks:
+            mine = per_seed_means(index.task_values(row.name, task, "dsc"))
+            ref = per_seed_means(index.task_values("full", task, "dsc"))
+            diff = {s: mine[s] - ref[s] for s in mine if s in ref}
+            per_task.append(diff)
+            summary = mean_spread(diff)
+            line.append(_fmt(*summary))
+            csv_rows.append({"kind": "forward", "row": row.name, "method": row.display, "task": task,
+                             "mean": summary[0], "seed_std": summary[1], "n_seeds": summary[2]})
+        seeds = set.intersection(*(set(d) for d in per_task)) if per_task else set()
+        avg = mean_spread({s: float(np.mean([d[s] for d in per_task])) for s in seeds})
+        line.append(_fmt(*avg))
+        csv_rows.append({"kind": "forward", "row": row.name, "method": row.display, "task": "average",
+                         "mean": avg[0], "seed_std": avg[1], "n_seeds": avg[2]})
+        body.append(line)
+    forward = markdown_table(["Method", *tasks, "Average"], body)
+    md = ("### Forgetting\n\nEach earlier task's Dice (points) with its own decoder and head on the encoder the "
+          "stream ends with, minus its Dice right after its own training; BWT: their mean (negative: "
+          "forgetting). Mean over seeds ± spread.\n\n" + forgetting +
+          "\n\n### Forward transfer\n\nA sequential row's Dice on each task minus FFT's (parallel fine-tuning "
+          "from M0, same seed), in points; mean over seeds ± spread.\n\n" + forward)
+    return md, csv_rows
+
+
+# ---------------------------------------------------------------------------------------------- paired
+
+def headline(config: MedseqftConfig) -> Row:
+    """The row every other is compared with: MedSeqFT, else the grid's last row."""
+    return next((r for r in config.rows if r.name == "medseqft"), config.rows[-1])
+
+
+def paired(index: Index) -> tuple[str, list[dict]]:
+    config = index.config
+    top = headline(config)
+    body, csv_rows = [], []
+    for row in (r for r in config.rows if r.name != top.name):
+        line = [row.display]
+        for metric, h, _ in METRICS:
+            comp = stats.paired_comparison(index.stream_values(top.name, metric), index.stream_values(row.name, metric))
+            line += _paired_cells(comp)
+            csv_rows.append({"comparison": "stream", "a": top.name, "b": row.name, "task": "all", "metric": metric,
+                             **_paired_csv(comp)})
+        body.append(line)
+    header = ["Against", "Δ Dice (points)", "95% CI", "p", "pairs", "Δ HD95 (mm)", "95% CI", "p", "pairs"]
+    md = (f"{top.display} minus each other row over (seed, task, test case) pairs (Dice: positive = "
+          f"{top.display} better; HD95: negative = {top.display} better).\n\n" + markdown_table(header, body))
+    if "fft-mn" in config.unseen_rows:
+        body = []
+        for task in config.unseen:
+            for other in (r for r in config.unseen_rows if r != "fft-mn"):
+                line = [task.name, unseen_row_name(config, other)]
+                for metric, _, _ in METRICS:
+                    comp = stats.paired_comparison(index.unseen_values(task.name, "fft-mn", metric),
+                                                   index.unseen_values(task.name, other, metric))
+                    line += _paired_cells(comp)
+                    csv_rows.append({"comparison": "unseen", "a": "fft-mn", "b": other, "task": task.name,
+                                     "metric": metric, **_paired_csv(comp)})
+                body.append(line)
+        md += (f"\n\nUnseen tasks: {unseen_row_name(config, 'fft-mn')} minus each other Table VI row over (seed, "
+               "test case) pairs (a case's value: the mean over the task's classes).\n\n"
+               + markdown_table(["Task", "Against", *header[1:]], body))
+    return md, csv_rows
+
+
+def _paired_cells(comp) -> list[str]:
+    if comp is None:
+        return [MISSING] * 4
+    return [f"{comp.mean_difference:+.2f}", f"[{comp.ci_low:+.2f}, {comp.ci_high:+.2f}]", f"{comp.p_value:.3g}",
+            str(comp.n_pairs)]
+
+
+def _paired_csv(comp) -> dict[str, Any]:
+    if comp is None:
+        return {"mean_difference": None, "ci_low": None, "ci_high": None, "p_value": None, "n_pairs": 0}
+    return {"mean_difference": comp.mean_difference, "ci_low": comp.ci_low, "ci_high": comp.ci_high,
+            "p_value": comp.p_value, "n_pairs": comp.n_pairs}
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+def finished_cells(config: MedseqftConfig, workdir: str | Path):
+    paths = grid_paths(config, workdir)
+    cells = enumerate_cells(config)
+    records = {c.cell_id: load_cell_record(paths, c) for c in cells}
+    if not any(records.values()):
+        raise MedadaptError(f"{paths.workdir}: no finished cells of grid {config.name!r}; run "
+                            f"'medadapt bench {config.cli_argument}' first (same --workdir)")
+    return paths, cells, records
+
+
+def _cell_rows(cells: list[Cell], records: dict[str, dict | None]) -> tuple[list[dict], list[dict]]:
+    summary, per_case = [], []
+    for cell in cells:
+        rec = records.get(cell.cell_id)
+        if rec is None:
+            continue
+        entries = rec["tasks"] if cell.kind == "stream" else [{"task": cell.task, **rec}]
+        for t in entries:
+            fm = t["metrics"]["foreground_mean"]
+            summary.append({"cell": cell.cell_id, "kind": cell.kind, "row": cell.row, "seed": cell.seed,
+                            "task": t["task"], "dsc": None if fm.get("dsc") is None else 100 * fm["dsc"],
+                            "hd95": fm.get("hd95"),
+                            "seconds": " ".join(f"{k}={v:.1f}" for k, v in (t.get("seconds") or {}).items()
+                                                if v is not None),
+                            "cell_seconds": rec["cell_seconds"], "executor": rec["executor"]["kind"],
+                            "host": rec["executor"]["host"]})
+            per_case += [{"cell": cell.cell_id, "task": t["task"], **r} for r in t["per_case"]]
+    return summary, per_case
+
+
+def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Build every table and figure of a MedSeqFT grid from the cells stored in ``workdir``."""
+    paths, cells, records = finished_cells(config, workdir)
+    index = Index(config, cells, records)
+    out = Path(paths.workdir) / "report"
+    files: dict[str, Path] = {}
+    done = sum(1 for r in records.values() if r)
+    f = config.foundation
+    sections = [f"# Benchmark report: MedSeqFT grid `{config.name}`\n",
+                f"{done} of {len(cells)} cells finished. Config: `{config.source}`. Seeds: "
+                f"{', '.join(map(str, config.seeds))}. Stream `{config.stream['name']}`: "
+                f"{', '.join(t.name for t in config.tasks)} (in this order); unseen: "
+                f"{', '.join(t.name for t in config.unseen) or 'none'}; {config.stream['cases']} cases per task "
+                f"(80/20 split), shots: {config.shots}. Foundation: {f['preset']}, {f['objective']} pretraining on "
+                f"{', '.join(d['name'] for d in f['domains'])}. Recipe `{config.recipe['name']}`: "
+                f"{config.recipe['epochs']} × {config.recipe['iterations_per_epoch']} iterations per task; LoRA-based "
+                f"KD `{config.kd_recipe['name']}`: {config.kd_recipe['epochs']} × "
+                f"{config.kd_recipe['iterations_per_epoch']}.\n", FOOTNOTE + "\n"]
+
+    t2_md, t2_csv = stream_table(index, table2_rows(config), "table2")
+    files["table2.md"] = _write(out / "table2.md", t2_md + "\n\n" + FOOTNOTE + "\n")
+    files["table2.csv"] = _write(out / "table2.csv", _csv(t2_csv))
+    sections += ["## Table II: fine-tuning strategies on the stream's tasks ([md](table2.md), [csv](table2.csv))\n",
+                 t2_md]
+    if table3_rows(config):
+        t3_md, t3_csv = table3(index)
+        files["table3.md"] = _write(out / "table3.md", t3_md + "\n\n" + FOOTNOTE + "\n")
+        files["table3.csv"] = _write(out / "table3.csv", _csv(t3_csv))
+        sections += ["\n## Table III: ablation of MDS and K&G RFT ([md](table3.md), [csv](table3.csv))\n", t3_md]
+    if config.unseen_rows:
+        t6_md, t6_csv = table6(index)
+        files["table6.md"] = _write(out / "table6.md", t6_md + "\n\n" + FOOTNOTE + "\n")
+        files["table6.csv"] = _write(out / "table6.csv", _csv(t6_csv))
+        sections += ["\n## Table VI: unseen tasks, from M0 and from the refined M_n ([md](table6.md), "
+                     "[csv](table6.csv))\n", t6_md]
+    t7_md, t7_csv, ratios = table7(index)
+    target = ""
+    if "medseqft" in ratios and ratios["medseqft"][0] is not None:
+        r = ratios["medseqft"][0]
+        target = (f"\n\nMedSeqFT's training time is {r:.2f}× FFT's (the issue's target: at most 1.3×, "
+                  f"{'met' if r <= 1.3 else 'not met'}; the paper: 27.0 h / 21.1 h = 1.28×).")
+    t7_note = ("Training seconds (iterations and batch sampling; no evaluation) summed over the stream's tasks, "
+               "mean over seeds ± spread; × FFT: per seed the row's sum over FFT's sum (parallel fine-tuning of "
+               "every task from M0). Cells ran two at a time on a shared machine, so times carry its noise." + target)
+    files["table7.md"] = _write(out / "table7.md", t7_md + "\n\n" + t7_note + "\n")
+    files["table7.csv"] = _write(out / "table7.csv", _csv(t7_csv))
+    sections += ["\n## Table VII: training time per stage ([md](table7.md), [csv](table7.csv))\n", t7_md, "",
+                 t7_note]
+    f4_csv, f4_png = fig4(index, out / "fig4.png")
+    files["fig4.csv"] = _write(out / "fig4.csv", _csv(f4_csv))
+    sections.append("\n## Fig. 4: encoder change M0 → Mn ([csv](fig4.csv))\n")
+    if f4_png:
+        files["fig4.png"] = f4_png
+        sections.append("![fig4](fig4.png)")
+    else:
+        sections.append("No finished sequential cell yet.")
+    tr_md, tr_csv = transfer(index)
+    files["transfer.md"] = _write(out / "transfer.md", tr_md + "\n")
+    files["transfer.csv"] = _write(out / "transfer.csv", _csv(tr_csv))
+    sections += ["\n## Forgetting and forward transfer ([md](transfer.md), [csv](transfer.csv))\n", tr_md]
+    p_md, p_csv = paired(index)
+    files["paired.md"] = _write(out / "paired.md", p_md + "\n")
+    files["paired.csv"] = _write(out / "paired.csv", _csv(p_csv))
+    sections += [f"\n## Paired comparisons ([md](paired.md), [csv](paired.csv))\n", p_md]
+    missing = [c.cell_id for c in cells if not records.get(c.cell_id)]
+    if missing:
+        sections.append(f"\n## Missing cells ({len(missing)})\n\n" + "\n".join(f"- `{m}`" for m in missing))
+    summary_rows, per_case_rows = _cell_rows(cells, records)
+    files["cells.csv"] = _write(out / "cells.csv", _csv(summary_rows))
+    files["per_case.csv"] = _write(out / "per_case.csv", _csv(per_case_rows))
+    files["report.md"] = _write(out / "report.md", "\n".join(sections) + "\n")
+    if progress:
+        print(t2_md)
+        print(f"report: {out / 'report.md'} ({done}/{len(cells)} cells)")
+    return {"dir": str(out), "files": {k: str(v) for k, v in files.items()}, "finished": done, "cells": len(cells),
+            "missing": missing}

@@ -1,0 +1,308 @@
+"""Run a MedSeqFT grid: the stream's data and the foundation once, then every unfinished cell, locally or on Ray.
+
+Work folder::
+
+    <workdir>/grid.json                                   the config as last run (for the record)
+    <workdir>/data/<stream>-<hash>/                       the stream's task datasets and stream.yaml
+    <workdir>/data/<source>-<hash>/                       the foundation's pretraining cohorts
+    <workdir>/foundation-<hash>/                          the foundation model folder (pretrained once)
+    <workdir>/cells/stream/<row>-seed<S>-<hash>/cell.json a finished stream cell (written last, atomically)
+    <workdir>/cells/stream/<row>-seed<S>-<hash>/run/      its seqft run folder (medadapt.workflows.seqft)
+    <workdir>/cells/unseen/<task>/<row>-seed<S>-<hash>/   an unseen-task cell: cell.json and run/ (finetune)
+    <workdir>/report/                                     tables and figures (report_medseqft)
+
+A cell is finished exactly when its ``cell.json`` exists (and holds the cell's key). A killed run loses at most
+the cells in progress, and not all of those: a seqft run resumes at its task in progress, which resumes from
+its last epoch checkpoint. An ``fft-mn`` cell starts from the model its ``refined_by`` stream cell left after
+the last task, so it runs after that cell; on Ray it is submitted as soon as that cell has finished.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from tqdm.auto import tqdm
+
+from medadapt.benchmark.medseqft import CELL_FORMAT, UNSEEN_ROWS, Cell, MedseqftConfig, enumerate_cells
+from medadapt.benchmark.runner import _epoch_losses, _read_rows, ray_session
+from medadapt.errors import MedadaptError
+from medadapt.utils.atomic import atomic_write_json, atomic_write_text
+from medadapt.utils.hashing import stable_hash
+
+
+@dataclass(frozen=True)
+class GridPaths:
+    """Where a grid's shared inputs live; plain strings so it travels to Ray workers."""
+
+    workdir: str
+    foundation: str
+    stream_dir: str
+    sources: tuple[tuple[str, str], ...]   # (domain name, dataset folder) of the foundation's cohorts
+
+    @property
+    def stream_file(self) -> Path:
+        return Path(self.stream_dir) / "stream.yaml"
+
+    def cell_dir(self, cell_id: str) -> Path:
+        return Path(self.workdir) / "cells" / cell_id
+
+
+def default_workdir(config: MedseqftConfig) -> Path:
+    return Path("medadapt_runs") / "bench" / config.name
+
+
+def grid_paths(config: MedseqftConfig, workdir: str | Path) -> GridPaths:
+    from medadapt.synth import GENERATOR_VERSION
+
+    workdir = Path(workdir).resolve()
+    key = config.foundation_key()
+    sources = tuple((d["name"], str(workdir / "data" / (f"{d['name']}-" + stable_hash(
+        {"domain": d, "cases": key["cases"], "data_seed": key["data_seed"], "generator": GENERATOR_VERSION}, 8))))
+        for d in key["domains"])
+    return GridPaths(str(workdir), str(workdir / f"foundation-{stable_hash(key, 8)}"),
+                     str(workdir / "data" / f"{config.stream['name']}-{stable_hash(config.stream_key(), 8)}"),
+                     sources)
+
+
+def cell_file(paths: GridPaths, cell: Cell) -> Path:
+    return paths.cell_dir(cell.cell_id) / "cell.json"
+
+
+def load_cell_record(paths: GridPaths, cell: Cell) -> dict[str, Any] | None:
+    """The stored record of ``cell``, or None if it has not finished (or was written for another key)."""
+    path = cell_file(paths, cell)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if record.get("key") == cell.key else None
+
+
+def prepare_inputs(config: MedseqftConfig, paths: GridPaths, progress: bool = True) -> None:
+    """Write the stream's datasets (and ``stream.yaml``) and pretrain the foundation, unless already there."""
+    from medadapt.synth import DomainSpec, write_dataset
+    from medadapt.workflows.pretrain import pretrain
+
+    workdir = Path(paths.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(workdir / "grid.json", {"source": config.source, "config": config.raw})
+    stream_dir = Path(paths.stream_dir)
+    for task in config.tasks + config.unseen:  # write_dataset resumes a partly written cohort
+        write_dataset(DomainSpec.from_dict(task.domain), stream_dir / task.name, num_cases=config.stream["cases"],
+                      seed=config.data_seed, progress=progress)
+    doc = {"name": config.stream["name"], "tasks": [{"name": t.name, "data": t.name} for t in config.tasks],
+           "unseen": [{"name": t.name, "data": t.name} for t in config.unseen]}
+    atomic_write_text(paths.stream_file, yaml.safe_dump(doc, sort_keys=False))
+    foundation = Path(paths.foundation)
+    if (foundation / "plans.json").is_file():
+        return
+    f = config.foundation
+    for domain, (_, folder) in zip(f["domains"], paths.sources):
+        write_dataset(DomainSpec.from_dict(domain), folder, num_cases=f["cases"], seed=config.data_seed,
+                      progress=progress)
+    if progress:
+        tqdm.write(f"pretraining the foundation ({f['objective']}) on {f['cases']} cases of "
+                   f"{', '.join(n for n, _ in paths.sources)} -> {foundation}")
+    objective = {} if f["objective"] == "supervised" else {"objective": f["objective"]}
+    pretrain([d for _, d in paths.sources], foundation, preset_name=f["preset"], epochs=f["epochs"],
+             iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"], resume=True, progress=progress,
+             **objective)
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+
+def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Run one cell (everything it needs is in its key); store its record atomically in ``cell.json``."""
+    import torch
+
+    started = time.perf_counter()
+    out = paths.cell_dir(cell.cell_id)
+    record = _stream_cell(cell, paths, out, progress) if cell.kind == "stream" else \
+        _unseen_cell(cell, paths, out, progress)
+    env = record["environment"]
+    record.update({
+        "format": CELL_FORMAT, **cell.to_dict(),
+        "executor": {**(executor or {"kind": "local"}), "host": socket.gethostname(), "machine": platform.machine(),
+                     "threads": torch.get_num_threads(), "cuda": env.get("cuda")},
+        "cell_seconds": time.perf_counter() - started})
+    atomic_write_json(out / "cell.json", record)
+    for checkpoint in (out / "run").glob("**/checkpoint_latest.pt"):  # resume state, not needed once stored
+        checkpoint.unlink(missing_ok=True)
+    return record
+
+
+def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dict[str, Any]:
+    from medadapt.engine.recipe import load_recipe
+    from medadapt.sequential.stream import load_stream
+    from medadapt.workflows.seqft import seqft, task_folder
+
+    key, row = cell.key, cell.key["row"]
+    kwargs: dict[str, Any] = {"method": row["method"], "shots": key["shots"], "seed": cell.seed,
+                              "split_seed": key["split_seed"], "recipe": load_recipe(key["recipe"]),
+                              "postprocess": key["postprocess"], "resume": True, "progress": progress}
+    if "options" in row:
+        kwargs["method_options"] = row["options"]
+    if "buffer" in row:
+        kwargs.update(buffer=row["buffer"], retention=row["retention"])
+    for name in ("buffer_size", "mds_repeats", "kd_rank"):
+        if name in row:
+            kwargs[name] = row[name]
+    if "kd_recipe" in row:
+        kwargs["kd_recipe"] = load_recipe(row["kd_recipe"])
+    stream = load_stream(paths.stream_file)
+    summary = seqft(stream, paths.foundation, out / "run", **kwargs)
+    tasks = []
+    for t, task in zip(summary["tasks"], stream.tasks):
+        folder = task_folder(out / "run", t["index"], task)
+        entry = {"task": t["task"], "index": t["index"], "metrics": t["metrics"], "seconds": t["seconds"],
+                 "per_case": _read_rows(folder / "metrics_per_case.csv")}
+        if (folder / "run.json").is_file():  # a parallel method's finetune run
+            run = json.loads((folder / "run.json").read_text())
+            entry.update(parameters=run["parameters"], timing=run["timing"],
+                         loss_curve=_epoch_losses(folder / "training" / "history.json"))
+        tasks.append(entry)
+    record: dict[str, Any] = {"tasks": tasks, "environment": summary["environment"]}
+    if "transfer" in summary:
+        n = len(stream.tasks)
+        change = out / "run" / "encoder_change.csv"
+        record["transfer"] = {k: v for k, v in summary["transfer"].items() if k != "encoder_change"}
+        record["encoder_change"] = [[r["layer"], float(r["mean_abs_change"])] for r in _read_rows(change)]
+        record["final_model"] = str((task_folder(out / "run", n, stream.tasks[-1]) / "model").relative_to(out))
+    return record
+
+
+def _unseen_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dict[str, Any]:
+    from medadapt.engine.recipe import load_recipe
+    from medadapt.workflows.finetune import finetune
+
+    key = cell.key
+    model = Path(paths.foundation)
+    if UNSEEN_ROWS[cell.row][1] == "refined":
+        source = paths.cell_dir(cell.depends) / "cell.json"
+        if not source.is_file():
+            raise MedadaptError(f"cell {cell.cell_id}: starts from the model of stream cell {cell.depends}, which has "
+                                "not finished; run the grid (stream cells first)")
+        model = source.parent / json.loads(source.read_text())["final_model"]
+    run = finetune(model, Path(paths.stream_dir) / cell.task, out / "run", method=key["method"], shots=key["shots"],
+                   seed=cell.seed, split_seed=key["split_seed"], resume=True, progress=progress, head="fresh",
+                   recipe=load_recipe(key["recipe"]), postprocess=key["postprocess"])
+    return {"start": str(model), "per_case": _read_rows(out / "run" / "metrics_per_case.csv"),
+            "metrics": run["metrics"], "parameters": run["parameters"], "timing": run["timing"],
+            "split": run["split"], "shot_cases": run["shot_cases"], "training": run["training"],
+            "loss_curve": _epoch_losses(out / "run" / "training" / "history.json"),
+            "seconds": {"finetune": _train_seconds(out / "run" / "training" / "history.json")},
+            "environment": run["environment"]}
+
+
+def _train_seconds(history_file: Path) -> float:
+    """Training time: the iterations' compute and sampling time (as seqft counts its stages)."""
+    h = json.loads(history_file.read_text())
+    return float(sum(h.get("iteration_seconds", [])) + sum(h.get("sampling_seconds", [])))
+
+
+# ---------------------------------------------------------------------------------------------- scheduling
+
+#: run order: the cells others wait for and the longest first (two at a time, the long tail shrinks)
+_PRIORITY = {"sequential": 0, "joint": 1, "parallel": 2}
+
+
+def schedule(cells: list[Cell], config: MedseqftConfig) -> list[Cell]:
+    """``cells`` in run order: the ``refined_by`` row's stream cells, the other sequential rows, joint, the
+    parallel rows (head fine-tuning, the cheapest, last), then the unseen cells (those with a dependency last)."""
+    kinds = {r.name: r.kind for r in config.rows}
+
+    def rank(cell: Cell) -> tuple:
+        if cell.kind == "stream":
+            return (0, cell.row != config.refined_by, _PRIORITY[kinds[cell.row]], cell.row == "linear-probe")
+        return (1, cell.depends is not None)
+
+    return sorted(cells, key=rank)  # stable: ties keep the config's order
+
+
+def _ray_cell(cell_dict: dict, paths: GridPaths, threads: int) -> dict:
+    import torch
+
+    from medadapt.utils.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    return run_cell(Cell.from_dict(cell_dict), paths, executor={"kind": "ray"})
+
+
+def _run_on_ray(cells: list[Cell], paths: GridPaths, config: MedseqftConfig, address: str,
+                on_done: Callable[[Cell, dict], None]) -> None:
+    """Every cell as a Ray task, a dependent cell submitted once the cell it starts from has finished."""
+    waiting = list(cells)
+    todo_ids = {c.cell_id for c in cells}
+    with ray_session(address) as ray:
+        cpus, gpus = config.ray["cpus_per_cell"], config.ray["gpus_per_cell"]
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_ray_cell)
+        pending: dict[Any, Cell] = {}
+        finished: set[str] = set()
+
+        def submit_ready() -> None:
+            for cell in list(waiting):
+                if cell.depends is None or cell.depends not in todo_ids or cell.depends in finished:
+                    waiting.remove(cell)
+                    pending[task.remote(cell.to_dict(), paths, cpus)] = cell
+
+        try:
+            submit_ready()
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                cell = pending.pop(done[0])
+                on_done(cell, ray.get(done[0]))
+                finished.add(cell.cell_id)
+                submit_ready()
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+
+def run_grid(config: MedseqftConfig, workdir: str | Path, ray_address: str | None = None, progress: bool = True,
+             report: bool = True) -> dict[str, Any]:
+    """Run every unfinished cell of ``config`` in ``workdir``, then write the report. Returns a summary."""
+    paths = grid_paths(config, workdir)
+    cells = enumerate_cells(config)
+    todo = schedule([c for c in cells if load_cell_record(paths, c) is None], config)
+    if progress:
+        print(f"grid {config.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
+              f"{len(todo)} to run -> {paths.workdir}", flush=True)
+    started = time.perf_counter()
+    if todo:
+        prepare_inputs(config, paths, progress=progress)
+    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
+
+    def on_done(cell: Cell, record: dict) -> None:
+        bar.update(1)
+        if progress:
+            metrics = [t["metrics"] for t in record["tasks"]] if cell.kind == "stream" else [record["metrics"]]
+            dsc = [m["foreground_mean"].get("dsc") for m in metrics]
+            mean = sum(d for d in dsc if d is not None) / max(1, sum(d is not None for d in dsc))
+            tqdm.write(f"  {cell.cell_id}: mean Dice {100 * mean:.1f}% ({record['cell_seconds']:.0f} s)")
+
+    try:
+        if ray_address:
+            _run_on_ray(todo, paths, config, ray_address, on_done)
+        else:
+            for cell in todo:
+                bar.set_postfix_str(cell.cell_id, refresh=True)
+                on_done(cell, run_cell(cell, paths, progress=False))
+    finally:
+        bar.close()
+    result = {"cells": len(cells), "ran": len(todo), "seconds": time.perf_counter() - started,
+              "workdir": paths.workdir}
+    if report:
+        from medadapt.benchmark.report_medseqft import write_report
+
+        result["report"] = write_report(config, workdir, progress=progress)
+    return result
