@@ -134,12 +134,16 @@ class MedseqftConfig:
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
 
-    def stream_key(self) -> dict[str, Any]:
+    def dataset_key(self, task: TaskData) -> dict[str, Any]:
+        """What a task's synthetic cohort is made of (its folder name ends in a hash of it)."""
         from medadapt.synth import GENERATOR_VERSION
 
-        return {"stream": self.stream["name"], "tasks": [t.domain for t in self.tasks],
-                "unseen": [t.domain for t in self.unseen], "cases": self.stream["cases"],
-                "data_seed": self.data_seed, "generator": GENERATOR_VERSION}
+        return {"domain": task.domain, "cases": self.stream["cases"], "data_seed": self.data_seed,
+                "generator": GENERATOR_VERSION}
+
+    def stream_key(self) -> dict[str, Any]:
+        """The stream a stream cell runs: its tasks' cohorts, in order (the unseen tasks are not part of it)."""
+        return {"stream": self.stream["name"], "tasks": [self.dataset_key(t) for t in self.tasks]}
 
     def foundation_key(self) -> dict[str, Any]:
         from medadapt.synth import GENERATOR_VERSION
@@ -468,11 +472,8 @@ def enumerate_cells(config: MedseqftConfig) -> list[Cell]:
             cell = Cell("stream", row.name, seed, key, experiments=experiments(config, row))
             cells.append(cell)
             by_row_seed[(row.name, seed)] = cell
-    from medadapt.synth import GENERATOR_VERSION
-
     for task in config.unseen:
-        dataset = {"domain": task.domain, "cases": config.stream["cases"], "data_seed": config.data_seed,
-                   "generator": GENERATOR_VERSION}
+        dataset = config.dataset_key(task)
         for name in config.unseen_rows:
             method, start = UNSEEN_ROWS[name]
             for seed in config.seeds:

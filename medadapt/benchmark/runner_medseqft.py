@@ -3,7 +3,8 @@
 Work folder::
 
     <workdir>/grid.json                                   the config as last run (for the record)
-    <workdir>/data/<stream>-<hash>/                       the stream's task datasets and stream.yaml
+    <workdir>/data/<task>-<hash>/                         each task's (and unseen task's) dataset
+    <workdir>/data/<stream>-<hash>/stream.yaml            the stream: its tasks' datasets, in order
     <workdir>/data/<source>-<hash>/                       the foundation's pretraining cohorts
     <workdir>/foundation-<hash>/                          the foundation model folder (pretrained once)
     <workdir>/cells/stream/<row>-seed<S>-<hash>/cell.json a finished stream cell (written last, atomically)
@@ -42,7 +43,8 @@ class GridPaths:
 
     workdir: str
     foundation: str
-    stream_dir: str
+    stream_dir: str                        # holds stream.yaml
+    datasets: dict[str, str]               # task name -> dataset folder (stream and unseen tasks)
     sources: tuple[tuple[str, str], ...]   # (domain name, dataset folder) of the foundation's cohorts
 
     @property
@@ -61,13 +63,15 @@ def grid_paths(config: MedseqftConfig, workdir: str | Path) -> GridPaths:
     from medadapt.synth import GENERATOR_VERSION
 
     workdir = Path(workdir).resolve()
+    data = workdir / "data"
     key = config.foundation_key()
-    sources = tuple((d["name"], str(workdir / "data" / (f"{d['name']}-" + stable_hash(
+    sources = tuple((d["name"], str(data / (f"{d['name']}-" + stable_hash(
         {"domain": d, "cases": key["cases"], "data_seed": key["data_seed"], "generator": GENERATOR_VERSION}, 8))))
         for d in key["domains"])
+    datasets = {t.name: str(data / f"{t.name}-{stable_hash(config.dataset_key(t), 8)}")
+                for t in config.tasks + config.unseen}
     return GridPaths(str(workdir), str(workdir / f"foundation-{stable_hash(key, 8)}"),
-                     str(workdir / "data" / f"{config.stream['name']}-{stable_hash(config.stream_key(), 8)}"),
-                     sources)
+                     str(data / f"{config.stream['name']}-{stable_hash(config.stream_key(), 8)}"), datasets, sources)
 
 
 def cell_file(paths: GridPaths, cell: Cell) -> Path:
@@ -94,12 +98,12 @@ def prepare_inputs(config: MedseqftConfig, paths: GridPaths, progress: bool = Tr
     workdir = Path(paths.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(workdir / "grid.json", {"source": config.source, "config": config.raw})
-    stream_dir = Path(paths.stream_dir)
     for task in config.tasks + config.unseen:  # write_dataset resumes a partly written cohort
-        write_dataset(DomainSpec.from_dict(task.domain), stream_dir / task.name, num_cases=config.stream["cases"],
+        write_dataset(DomainSpec.from_dict(task.domain), paths.datasets[task.name], num_cases=config.stream["cases"],
                       seed=config.data_seed, progress=progress)
-    doc = {"name": config.stream["name"], "tasks": [{"name": t.name, "data": t.name} for t in config.tasks],
-           "unseen": [{"name": t.name, "data": t.name} for t in config.unseen]}
+    doc = {"name": config.stream["name"],
+           "tasks": [{"name": t.name, "data": f"../{Path(paths.datasets[t.name]).name}"} for t in config.tasks]}
+    Path(paths.stream_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.stream_file, yaml.safe_dump(doc, sort_keys=False))
     foundation = Path(paths.foundation)
     if (foundation / "plans.json").is_file():
@@ -192,7 +196,7 @@ def _unseen_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
             raise MedadaptError(f"cell {cell.cell_id}: starts from the model of stream cell {cell.depends}, which has "
                                 "not finished; run the grid (stream cells first)")
         model = source.parent / json.loads(source.read_text())["final_model"]
-    run = finetune(model, Path(paths.stream_dir) / cell.task, out / "run", method=key["method"], shots=key["shots"],
+    run = finetune(model, paths.datasets[cell.task], out / "run", method=key["method"], shots=key["shots"],
                    seed=cell.seed, split_seed=key["split_seed"], resume=True, progress=progress, head="fresh",
                    recipe=load_recipe(key["recipe"]), postprocess=key["postprocess"])
     return {"start": str(model), "per_case": _read_rows(out / "run" / "metrics_per_case.csv"),
