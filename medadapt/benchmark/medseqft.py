@@ -312,6 +312,8 @@ def _parallel_rows(c: _Check, value: Any) -> list[Row]:
                 strategy = make_strategy(method, seed=0, **opts)
             except MedadaptError as exc:
                 c.fail(key, str(exc), "fix the option")
+            except (TypeError, ValueError) as exc:  # e.g. a list where a number belongs
+                c.fail(key, f"bad option value(s) {opts} ({exc})", "give numbers")
             canonical = tuple(sorted((k, v) for k, v in strategy.config().items() if k not in ("name", "seed")))
             label = method + "".join(f"-{k}{v}" for k, v in sorted(opts.items()))
             if any(r.name == label for r in rows):
