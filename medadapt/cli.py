@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=_positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
                    help="patch size (default: the network's)")
     p.add_argument("--batch", type=_positive_int, default=None, help="batch size (default: the network's)")
-    p.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: all); also MedSeqFT's stages kd-fft (KD-based FFT) and "
+                        "lora-kd (LoRA-based KD), timed through their own steps")
     p.add_argument("--iterations", type=_positive_int, default=5, help="timed iterations per method (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
