@@ -1,5 +1,6 @@
 """Self-supervised foundations: nnssl's block masking and masked-voxel MSE, the masked sampler, the mae recipes,
 pretrain --objective mae, pretrain-ssl-head, load_pretext and the errors around them."""
+import dataclasses
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from medadapt.errors import MedadaptError
 from medadapt.models import load_model_folder
 from medadapt.ssl import (MaskConfig, MaskedReconstructionLoss, MaskedSampler, apply_mask, load_pretext, mae_loss,
                           random_block_mask)
-from medadapt.ssl.pretext import PRETEXT_FILE, build_pretext_network, encoder_state_keys
+from medadapt.ssl.pretext import PRETEXT_FILE, encoder_state_keys
 
 
 def _one_error_line(capsys, command):
@@ -182,7 +183,10 @@ def test_mae_foundation_finetunes_with_a_fresh_head_only(world, mae_fm, tmp_path
     assert main(["zero-shot", "--model", str(mae_fm), "--data", str(world["tgt"]), "--out", str(tmp_path / "zs"),
                  "--quiet"]) == 2
     assert "without a segmentation head" in _one_error_line(capsys, "zero-shot")
-    assert not (tmp_path / "keep").exists() and not (tmp_path / "zs").exists()
+    assert main(["predict", "--model", str(mae_fm), "--input", str(world["tgt"] / "imagesTr"), "--out",
+                 str(tmp_path / "pred"), "--quiet"]) == 2
+    assert "fine-tune it first" in _one_error_line(capsys, "predict")
+    assert not any((tmp_path / d).exists() for d in ("keep", "zs", "pred"))
 
 
 def test_pretrain_ssl_head_keeps_the_encoder(world, tmp_path, capsys):
@@ -250,13 +254,39 @@ def test_pretrain_ssl_head_bad_input(world, mae_fm, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------------- SwinUNETR
-def test_swin_pretext_network_and_head(tmp_path):
-    """MONAI's SwinUNETR: its ``out`` conv becomes the reconstruction head, its encoder is shared by identity."""
-    from medadapt.models import preset
+def _swin_recipe(name):
+    """A built-in recipe at the smallest trainable SwinUNETR patch and budget (one iteration)."""
+    return {**load_recipe(name).to_dict(), "name": f"{name}-test", "epochs": 1, "iterations_per_epoch": 1,
+            "batch_size": 1, "patch_size": [32, 32, 64], "schedule": {"name": "constant"}}
 
-    spec = preset("cpu-swin", input_channels=1, num_classes=1)
-    network = build_pretext_network(spec)
-    encoder = encoder_state_keys(network)
-    assert any(k.startswith("swinViT.") for k in encoder) and any(k.startswith("encoder1.") for k in encoder)
-    assert not any(k.startswith(("decoder", "out.")) for k in encoder)
-    assert network.out.conv.conv.out_channels == 1
+
+def test_swin_foundations(world, tmp_path):
+    """MONAI's SwinUNETR: pretrained by masked reconstruction, and given a pathway (``out`` is its head)."""
+    from medadapt.models import preset, save_model_folder
+    from medadapt.models.network import seeded_network
+    from medadapt.workflows.pretrain import pretrain
+    from medadapt.workflows.ssl import pretrain_ssl_head
+
+    mae = _swin_recipe("cpu-swin-mae-pretrain")
+    pretrain(world["src"], tmp_path / "mae", preset_name="cpu-swin", recipe=mae, progress=False, objective="mae")
+    images = torch.randn(2, 1, 32, 32, 64, generator=torch.Generator().manual_seed(0))
+    pretext = load_pretext(tmp_path / "mae")
+    losses = pretext.sample_losses(images, torch.Generator().manual_seed(3))
+    assert losses.shape == (2,) and torch.equal(losses, pretext.sample_losses(images, torch.Generator().manual_seed(3)))
+
+    # a supervised SwinUNETR foundation (untrained: the pathway's training is what is tested) on the world's plan
+    fm = load_model_folder(world["fm"])
+    spec = preset("cpu-swin", input_channels=1, num_classes=fm.network.num_classes)
+    save_model_folder(tmp_path / "fm", seeded_network(spec, 0),
+                      dataclasses.replace(fm, network=spec, provenance={}, path=None))
+    pretrain_ssl_head(tmp_path / "fm", world["src"], tmp_path / "fm-ssl", recipe=mae, progress=False)
+    own = torch.load(tmp_path / "fm-ssl" / PRETEXT_FILE, weights_only=True)
+    assert own["out.conv.conv.weight"].shape == (1, 12, 1, 1, 1)  # the reconstruction head: one output channel
+    assert not any(k.startswith(("swinViT.", "encoder")) for k in own)
+    foundation = torch.load(tmp_path / "fm" / "weights.pt", weights_only=True)
+    pretext = load_pretext(tmp_path / "fm-ssl")
+    state = pretext.network.state_dict()
+    encoder = encoder_state_keys(pretext.network)
+    assert any(k.startswith("swinViT.") for k in encoder) and not any(k.startswith(("decoder", "out.")) for k in encoder)
+    assert all(torch.equal(state[k], foundation[k]) for k in encoder)
+    assert pretext.sample_losses(images, torch.Generator().manual_seed(3)).shape == (2,)
