@@ -215,6 +215,13 @@ def test_pretrain_ssl_head_keeps_the_encoder(world, tmp_path, capsys):
     assert main(args) == 2
     assert "--resume" in _one_error_line(capsys, "pretrain-ssl-head")
     assert main(args + ["--resume"]) == 0  # the finished folder is reused
+    for name in ("plans.json", PRETEXT_FILE, "weights.pt"):  # killed after its last checkpoint, before the folder
+        (out / name).unlink()
+    assert main(args + ["--seed", "1", "--resume"]) == 2
+    assert "seed" in _one_error_line(capsys, "pretrain-ssl-head")
+    assert main(args + ["--resume"]) == 0
+    resumed = torch.load(out / PRETEXT_FILE, weights_only=True)
+    assert resumed.keys() == own.keys() and all(torch.equal(resumed[k], own[k]) for k in own)
 
 
 def test_folder_without_pretext(world):

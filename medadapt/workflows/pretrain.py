@@ -76,6 +76,13 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
         raise MedadaptError("--activation softmax: these datasets are partially labelled (their label sets differ "
                             "or annotated_classes.json gives per-case records), and a softmax output would count "
                             "every unannotated structure as background; use --activation sigmoid")
+    recipes = preset_recipes(preset_name)
+    resolved = load_recipe(recipe or recipes["pretrain"]).with_overrides(
+        epochs=epochs, iterations_per_epoch=iterations_per_epoch, lr=lr)
+    if resolved.loss["name"] not in SEGMENTATION_LOSSES:
+        raise MedadaptError(f"--recipe {resolved.name}: trains with loss {resolved.loss['name']}, which is not a "
+                            "segmentation loss; use it with --objective mae, or a recipe such as "
+                            f"{recipes['pretrain']} for supervised pretraining")
     distributed.init_from_env()
     progress = progress and distributed.is_main()
     use_template = len(datasets) > 1 or activation == "sigmoid"  # else nnU-Net's case: the dataset's own labels
@@ -88,13 +95,6 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
             cases.extend(template_cases(ds, cached, template, records[ds.name][0]) if use_template else cached)
     spec = preset(preset_name, input_channels=datasets[0].num_channels,
                   num_classes=output_channels(labels, activation))
-    recipes = preset_recipes(preset_name)
-    resolved = load_recipe(recipe or recipes["pretrain"]).with_overrides(
-        epochs=epochs, iterations_per_epoch=iterations_per_epoch, lr=lr)
-    if resolved.loss["name"] not in SEGMENTATION_LOSSES:
-        raise MedadaptError(f"--recipe {resolved.name}: trains with loss {resolved.loss['name']}, which is not a "
-                            "segmentation loss; use it with --objective mae, or a recipe such as "
-                            f"{recipes['pretrain']} for supervised pretraining")
     spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
                                batch_size=resolved.batch_size or spec.batch_size)
     network = seeded_network(spec, seed)
