@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(docs/partial-labels.md).")
     p.add_argument("--data", type=Path, required=True, action="append",
                    help="nnU-Net v2 raw dataset folder; repeat for several datasets")
+    p.add_argument("--objective", choices=("supervised", "mae"), default="supervised",
+                   help="supervised (default): segment the datasets' labels; mae: masked-volume reconstruction "
+                        "(labels unused; nnssl's CNN masked autoencoder), a foundation without a segmentation "
+                        "head that keeps its reconstruction head for case scoring (docs/ssl.md)")
     p.add_argument("--activation", choices=("softmax", "sigmoid"), default=None,
                    help="output activation (default: softmax for one fully labelled dataset, else sigmoid)")
     p.add_argument("--sampling", choices=("cases", "datasets"), default="cases",
@@ -123,8 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--preset", default="cpu-small", help="network preset (default cpu-small; see docs)")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
-    _add_training_options(p, "the preset's pretraining recipe: cpu-pretrain for cpu-*, else nnunet")
+    _add_training_options(p, "the preset's pretraining recipe: cpu-pretrain for cpu-*, else nnunet; with "
+                             "--objective mae cpu-mae-pretrain, cpu-swin-mae-pretrain or mae-nnssl")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("pretrain-ssl-head", help="give a supervised foundation a masked-reconstruction pathway",
+                       description="Train a masked-volume reconstruction pathway for a supervised foundation "
+                                   "model: a copy of its decoder and a new 1x1x1 reconstruction head on its "
+                                   "encoder, which stays frozen (bit-identical). Writes the foundation's model "
+                                   "folder (same weights.pt; plans.json with a pretext record) plus pretext.pt to "
+                                   "--out, so that cases can be scored by the foundation's self-supervised loss "
+                                   "(docs/ssl.md).")
+    p.add_argument("--model", type=Path, required=True, help="supervised foundation model folder")
+    p.add_argument("--data", type=Path, required=True, action="append",
+                   help="nnU-Net v2 raw dataset folder to train the pathway on (labels unused); repeat for several")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write (not --model)")
+    p.add_argument("--sampling", choices=("cases", "datasets"), default="cases",
+                   help="with several datasets: draw cases uniformly over all cases (default) or uniformly "
+                        "over datasets, then over the dataset's cases")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
+    _add_training_options(p, "the masked-reconstruction recipe of the foundation's preset (cpu-mae-pretrain for "
+                             "cpu-*), else mae-nnssl")
+    p.set_defaults(func=cmd_pretrain_ssl_head)
 
     p = sub.add_parser("recipes", help="list the built-in training recipes",
                        description="Print every built-in training recipe (optimiser, schedule, loss, budget, "
@@ -189,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=_positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
                    help="patch size (default: the network's)")
     p.add_argument("--batch", type=_positive_int, default=None, help="batch size (default: the network's)")
-    p.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: all); also MedSeqFT's stages kd-fft (KD-based FFT) and "
+                        "lora-kd (LoRA-based KD), timed through their own steps")
     p.add_argument("--iterations", type=_positive_int, default=5, help="timed iterations per method (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -461,11 +487,27 @@ def cmd_pretrain(args) -> int:
 
     pretrain(args.data, args.out, preset_name=args.preset, epochs=args.epochs,
              iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed, resume=args.resume,
-             progress=not args.quiet, recipe=args.recipe, activation=args.activation, sampling=args.sampling)
+             progress=not args.quiet, recipe=args.recipe, activation=args.activation, sampling=args.sampling,
+             objective=args.objective)
     from medadapt.engine.distributed import is_main
 
     if is_main():
         print(f"model folder written to {args.out}")
+    return 0
+
+
+def cmd_pretrain_ssl_head(args) -> int:
+    from medadapt.engine.distributed import is_main
+    from medadapt.workflows.ssl import pretrain_ssl_head
+
+    folder = pretrain_ssl_head(args.model, args.data, args.out, epochs=args.epochs,
+                               iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed,
+                               resume=args.resume, progress=not args.quiet, recipe=args.recipe,
+                               sampling=args.sampling)
+    if is_main():
+        mask = folder.pretext["mask"]
+        print(f"model folder with a masked-reconstruction pathway ({'x'.join(map(str, mask['block_size']))} blocks, "
+              f"{mask['mask_ratio']:g} masked) written to {args.out}")
     return 0
 
 

@@ -30,3 +30,13 @@ def test_bench_speed_json_with_memory(capsys):
 def test_bench_speed_rejects_unknown_method(capsys):
     assert main(["bench-speed", "--preset", "cpu-tiny", "--methods", "nope", "--quiet"]) == 2
     assert "--methods" in capsys.readouterr().err
+
+
+def test_bench_speed_times_the_medseqft_stages_through_their_own_steps(tiny_unet):
+    from medadapt.benchmark.speed import time_methods
+
+    results = time_methods(tiny_unet(), ["full", "kd-fft", "lora-kd"], (16, 32, 32), 2, iterations=2, warmup=1,
+                           progress=False)
+    for stage in ("kd-fft", "lora-kd"):
+        assert results[stage]["total"] > 0
+        assert results[stage]["forward"] != results[stage]["forward"]  # not split into phases: NaN

@@ -29,6 +29,22 @@ from medadapt.tuning import make_strategy
 from medadapt.utils.tables import markdown_table
 
 PHASES = ("forward", "backward", "selection", "step")
+#: MedSeqFT's K&G RFT stages (medadapt.tuning.distill), timed through their own training steps: the KD-based
+#: FFT (full fine-tuning + encoder distillation on a buffer batch, two optimisers) and the LoRA-based KD
+#: (rank-2 encoder LoRA distilled from a frozen encoder, no decoder forward); only their totals are split out
+STAGES = ("kd-fft", "lora-kd")
+
+
+class _Cycle:
+    """A sampler over fixed batches (the KD stage's buffer batches), in turn."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def sample(self, rng):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return {"image": b["image"]}
 
 
 def make_batches(n: int, batch: int, channels: int, classes: int, patch: Sequence[int], seed: int = 0,
@@ -63,7 +79,19 @@ class _Run:
     def __init__(self, method: str, foundation: torch.nn.Module, options: dict, calibration: list[dict], sync):
         torch.manual_seed(0)
         self.method = method
-        self.strategy = make_strategy(method, **options)
+        self.stage_loss = None
+        if method in STAGES:
+            from medadapt.tuning.distill import (EncoderLoRADistillation, FeatureDistillation, KDFineTuning,
+                                                 frozen_copy)
+
+            teacher = frozen_copy(foundation)
+            if method == "kd-fft":
+                self.strategy = KDFineTuning(teacher, _Cycle(calibration), seed=0)
+            else:
+                self.strategy = EncoderLoRADistillation(rank=2)
+                self.stage_loss = FeatureDistillation(teacher)
+        else:
+            self.strategy = make_strategy(method, **options)
         self.model = self.strategy.prepare(copy.deepcopy(foundation))
         self.model.train()
         self.loss = DeepSupervisedDiceCE()
@@ -82,6 +110,21 @@ class _Run:
         self.times: dict[str, list[float]] = {p: [] for p in (*PHASES, "total")}
 
     def step(self, batch: dict, record: bool) -> None:
+        if self.method in STAGES:  # the stage's own training step, timed as a whole
+            from medadapt.tuning.base import StepContext
+
+            loss = self.stage_loss or (lambda m, b, o: self.loss(o, b["label"]))
+            ctx = StepContext(model=self.model, forward=self.model, optimizer=self.optimizer, loss=loss,
+                              grad_clip=12.0)
+            self.sync()
+            t0 = time.perf_counter()
+            self.strategy.train_step(ctx, batch)
+            self.sync()
+            if record:
+                for key in PHASES:
+                    self.times[key].append(float("nan"))
+                self.times["total"].append(time.perf_counter() - t0)
+            return
         sync = self.sync
         self.optimizer.zero_grad(set_to_none=True)
         sync()
@@ -151,7 +194,8 @@ def _memory_child(spec: dict, weights: str | None, method: str, options: dict, p
         foundation.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     channels, classes = spec["input_channels"], spec["num_classes"]
     batches = make_batches(iterations, batch, channels, classes, patch)
-    make_strategy(method, **options)  # the method's modules imported before the window (e.g. MONAI's blocks)
+    if method not in STAGES:
+        make_strategy(method, **options)  # the method's modules imported before the window (e.g. MONAI's blocks)
     gc.collect()
     with _RssSampler() as rss:  # from before the strategy's copy of the model (and SGST's calibration pass)
         run = _Run(method, foundation, options, batches[:1], lambda: None)
@@ -224,7 +268,7 @@ def speed_table(results: dict[str, dict[str, float]], memory: dict[str, int] | N
     full_mem = (memory or {}).get("full")
     rows = []
     for method, t in results.items():
-        row = [method, f"{t['total']:.3f}", *(f"{t[p]:.3f}" for p in PHASES),
+        row = [method, f"{t['total']:.3f}", *(f"{t[p]:.3f}" if t[p] == t[p] else "-" for p in PHASES),
                f"{t['total'] / full:.3f}" if full else "-"]
         if memory is not None:
             m = memory[method]
@@ -262,8 +306,8 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
         label = f"preset {preset_name or 'cpu-small'}"
     patch = tuple(patch or spec.patch_size)
     batch = int(batch or spec.batch_size)
-    known = method_names(training_only=True)
-    methods = list(methods or known)
+    known = method_names(training_only=True) + list(STAGES)
+    methods = list(methods or method_names(training_only=True))
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise MedadaptError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known)}")

@@ -192,11 +192,16 @@ class LabelLoss:
         return self.criterion(outputs, batch["label"], batch.get("annotated"))
 
 
-def build_loss(spec: dict, activation: str = "softmax") -> LabelLoss:
-    """The loss a recipe names (``{"name": ..., options}``; see medadapt.engine.recipe.LOSSES) in the form of
-    the model's output ``activation``."""
+def build_loss(spec: dict, activation: str = "softmax"):
+    """The loss term a recipe names (``{"name": ..., options}``; see medadapt.engine.recipe.LOSSES): a label loss
+    in the form of the model's output ``activation``, or (``mae``) masked-volume reconstruction, which has no
+    activation and reads the masked batch (:class:`medadapt.ssl.mae.MaskedReconstructionLoss`)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"output activation {activation!r}: not one of {ACTIVATIONS}")
+    if spec["name"] == "mae":
+        from medadapt.ssl.mae import MaskedReconstructionLoss
+
+        return MaskedReconstructionLoss()
     dice_only = {"dice_ce": False, "dice": True}[spec["name"]]
     terms = _softmax_terms if activation == "softmax" else _sigmoid_terms
     return LabelLoss(DeepSupervised(terms(dice_only, bool(spec.get("batch_dice", True)))), spec["name"], activation)

@@ -44,10 +44,13 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 # name -> default options; builders in medadapt.engine.losses.build_loss. The terms take the form of the model's
 # output activation: softmax -> soft Dice + categorical CE; sigmoid -> soft Dice + binary CE, masked per case to
 # the classes it annotates (partially labelled data). batch_dice: Dice sums over the batch (nnU-Net's 3d_fullres
-# default) or per sample (FSEFT's Eq. 1).
+# default) or per sample (FSEFT's Eq. 1). mae: masked-volume reconstruction (a masked autoencoder's MSE over the
+# masked voxels, medadapt.ssl.mae); its options are the masking (blocks of block_size voxels, the fraction
+# mask_ratio of them masked), which the workflow's sampler applies; defaults: nnssl's BaseMAETrainer.
 LOSSES: dict[str, dict[str, Any]] = {
     "dice_ce": {"batch_dice": True},   # nnU-Net's Dice + CE (sigmoid: Dice + BCE) with deep supervision
     "dice": {"batch_dice": True},      # soft Dice alone, deep-supervised
+    "mae": {"block_size": [16, 16, 16], "mask_ratio": 0.75},
 }
 
 
@@ -210,6 +213,13 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     if recipe.batch_size is not None and recipe.batch_size % recipe.patches_per_case:
         _fail(source, "patches_per_case", f"{recipe.patches_per_case} does not divide batch_size {recipe.batch_size}",
               "make the batch a whole number of cases")
+    if recipe.loss["name"] == "mae":  # the masking is checked here, so a bad value is one line naming the file
+        from medadapt.ssl.mae import MaskConfig
+
+        try:
+            MaskConfig.from_dict(recipe.loss)
+        except MedadaptError as exc:
+            _fail(source, "loss", str(exc), "see docs/ssl.md")
     if recipe.schedule["name"] == "cosine" and recipe.schedule["warmup_epochs"] >= recipe.epochs:
         _fail(source, "schedule.warmup_epochs", f"{recipe.schedule['warmup_epochs']} warm-up epochs leave none of "
               f"the {recipe.epochs} epochs to decay", "use fewer warm-up epochs")

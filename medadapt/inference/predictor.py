@@ -96,6 +96,7 @@ class Predictor:
         if postprocess not in POSTPROCESSING:
             raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
         self.postprocess = postprocess
+        folder.require_segmentation_head("predict", "fine-tune it first (medadapt finetune --head fresh)")
         self.classes = select_classes(folder, classes)
 
         self.folder = folder

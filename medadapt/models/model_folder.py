@@ -8,8 +8,15 @@ Layout::
                          partially labelled model (which datasets annotate which classes), provenance, and
                          the recipe its author recommends for fine-tuning it
     <model>/weights.pt   the network's state dict (plain architecture: adapters/LoRA are merged first)
+    <model>/pretext.pt   optional: a self-supervised pretext pathway added to a supervised foundation (its
+                         decoder copy and reconstruction head; medadapt.ssl.pretext)
 
-``weights.pt`` is written before ``plans.json`` and both atomically, so a folder with a ``plans.json`` is
+``plans.json`` may carry a ``pretext`` record (absent or null in older folders): the self-supervised objective
+the foundation's pretext network was trained with, its masking, the pretext network's spec and which weights
+file holds it: ``weights.pt`` itself for a self-supervised foundation (which then has no segmentation head), or
+``pretext.pt`` (:mod:`medadapt.ssl.pretext`).
+
+The weight files are written before ``plans.json`` and all atomically, so a folder with a ``plans.json`` is
 complete.
 """
 from __future__ import annotations
@@ -56,11 +63,28 @@ class ModelFolder:
     thresholds: dict[str, float] = field(default_factory=dict)
     #: partially labelled models: the label template (medadapt.data.partial.LabelTemplate.to_dict())
     template: dict[str, Any] | None = None
+    #: the self-supervised pretext record (medadapt.ssl.pretext.PretextRecord.to_dict()); None: none
+    pretext: dict[str, Any] | None = None
     path: Path | None = None
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise MedadaptError(f"plans.json: output activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.pretext is not None and not isinstance(self.pretext, dict):
+            raise MedadaptError(f"plans.json: pretext {self.pretext!r} is not a record")
+
+    @property
+    def self_supervised_only(self) -> bool:
+        """Whether the network in ``weights.pt`` is a pretext network (a masked-volume reconstruction foundation):
+        its outputs reconstruct the input, and it has no segmentation head."""
+        return self.pretext is not None and self.pretext.get("weights") == "weights.pt"
+
+    def require_segmentation_head(self, what: str, fix: str) -> None:
+        """A :class:`MedadaptError` if the model has no segmentation head (``what`` needs one; ``fix`` says
+        what to do instead)."""
+        if self.self_supervised_only:
+            raise MedadaptError(f"{what}: the model in {self.path} is a self-supervised foundation "
+                                f"({self.pretext.get('objective')} pretraining) without a segmentation head; {fix}")
 
     @property
     def foreground(self) -> dict[str, int]:
@@ -111,6 +135,7 @@ def save_model_folder(path: str | Path, network: nn.Module, folder: ModelFolder)
         "activation": folder.activation,
         "thresholds": folder.thresholds,
         "template": folder.template,
+        "pretext": folder.pretext,
     })
     folder.path = path
     return path
@@ -146,6 +171,7 @@ def load_model_folder(path: str | Path) -> ModelFolder:
             activation=plans.get("activation", "softmax"),
             thresholds={str(k): float(v) for k, v in (plans.get("thresholds") or {}).items()},
             template=plans.get("template"),
+            pretext=plans.get("pretext"),
             path=path,
         )
     except MedadaptError as exc:

@@ -162,7 +162,7 @@ def _swin_unetr_kwargs(feature_size: int, depths, num_heads, window_size: int) -
 
 
 # name -> description, spec without channel/class counts, and the recipes its network is trained with
-# (pretraining; the fine-tuning recipe a pretrained model folder recommends)
+# (pretraining; the fine-tuning recipe a pretrained model folder recommends; masked-volume reconstruction)
 PRESETS: dict[str, dict] = {
     "cpu-small": {
         "description": "PlainConvUNet, 4 stages 8-16-32-64 features, patch 32x64x64, batch 2: "
@@ -171,7 +171,7 @@ PRESETS: dict[str, dict] = {
         "arch_kwargs": _plain_unet_kwargs([8, 16, 32, 64], [1, 2, 2, 2]),
         "patch_size": (32, 64, 64),
         "batch_size": 2,
-        "recipes": {"pretrain": "cpu-pretrain", "finetune": "cpu-finetune"},
+        "recipes": {"pretrain": "cpu-pretrain", "finetune": "cpu-finetune", "mae": "cpu-mae-pretrain"},
     },
     "cpu-bench": {
         "description": "cpu-small's network (PlainConvUNet 8-16-32-64) at patch 16x32x32, batch 2: ~0.04 s per "
@@ -180,7 +180,7 @@ PRESETS: dict[str, dict] = {
         "arch_kwargs": _plain_unet_kwargs([8, 16, 32, 64], [1, 2, 2, 2]),
         "patch_size": (16, 32, 32),
         "batch_size": 2,
-        "recipes": {"pretrain": "cpu-pretrain", "finetune": "cpu-finetune"},
+        "recipes": {"pretrain": "cpu-pretrain", "finetune": "cpu-finetune", "mae": "cpu-mae-pretrain"},
     },
     "cpu-tiny": {
         "description": "PlainConvUNet, 3 stages 4-8-16 features, patch 16x32x32, batch 2: for tests",
@@ -188,7 +188,7 @@ PRESETS: dict[str, dict] = {
         "arch_kwargs": _plain_unet_kwargs([4, 8, 16], [1, 2, 2]),
         "patch_size": (16, 32, 32),
         "batch_size": 2,
-        "recipes": {"pretrain": "cpu-pretrain", "finetune": "cpu-finetune"},
+        "recipes": {"pretrain": "cpu-pretrain", "finetune": "cpu-finetune", "mae": "cpu-mae-pretrain"},
     },
     "cpu-swin": {
         "description": "MONAI SwinUNETR, feature size 12, depths 2-2-2-2, heads 3-6-12-24, window 4, patch "
@@ -198,7 +198,7 @@ PRESETS: dict[str, dict] = {
         "arch_kwargs": _swin_unetr_kwargs(12, (2, 2, 2, 2), (3, 6, 12, 24), 4),
         "patch_size": (32, 64, 64),
         "batch_size": 2,
-        "recipes": {"pretrain": "cpu-swin-pretrain", "finetune": "cpu-swin-finetune"},
+        "recipes": {"pretrain": "cpu-swin-pretrain", "finetune": "cpu-swin-finetune", "mae": "cpu-swin-mae-pretrain"},
     },
     "nnunet-3d-fullres": {
         "description": "nnU-Net v2's default 3d_fullres PlainConvUNet: 6 stages 32-64-128-256-320-320 "
@@ -207,7 +207,7 @@ PRESETS: dict[str, dict] = {
         "arch_kwargs": _plain_unet_kwargs([32, 64, 128, 256, 320, 320], [1, 2, 2, 2, 2, 2]),
         "patch_size": (128, 128, 128),
         "batch_size": 2,
-        "recipes": {"pretrain": "nnunet", "finetune": "dgst-paper"},
+        "recipes": {"pretrain": "nnunet", "finetune": "dgst-paper", "mae": "mae-nnssl"},
     },
 }
 
@@ -227,10 +227,11 @@ def preset(name: str, input_channels: int, num_classes: int) -> NetworkSpec:
 
 
 def preset_recipes(name: str) -> dict[str, str]:
-    """The recipes a preset's network is trained with: ``{"pretrain": ..., "finetune": ...}`` (built-in names)."""
+    """The recipes a preset's network is trained with: ``{"pretrain": ..., "finetune": ..., "mae": ...}``
+    (built-in names; ``mae``: masked-volume reconstruction)."""
     if name not in PRESETS:
         raise MedadaptError(f"--preset {name!r} is unknown; choose one of: {', '.join(PRESETS)}")
-    return dict(PRESETS[name].get("recipes", {"pretrain": "nnunet", "finetune": "dgst-paper"}))
+    return {"pretrain": "nnunet", "finetune": "dgst-paper", "mae": "mae-nnssl", **PRESETS[name].get("recipes", {})}
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -137,6 +137,7 @@ def export_model(model: str | Path | ModelFolder, out: str | Path, zip_path: str
         raise MedadaptError(f"{model}: no such model folder; pass <finetune run>/model or another model folder")
     folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
     where = folder.path or Path(str(model))
+    folder.require_segmentation_head("export-nnunet", "export a model fine-tuned from it")
     network_class = folder.network.network_class_name
     if not network_class.startswith(NNUNET_NETWORK_PACKAGE):
         raise MedadaptError(f"{where}: its network is {network_class}, not an nnU-Net network "

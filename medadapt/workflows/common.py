@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import medadapt
+from medadapt.errors import MedadaptError
 
 
 def cache_root() -> Path:
@@ -81,3 +82,23 @@ def trainable_parameter_count(model: torch.nn.Module) -> int:
 
 def total_parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_datasets(data) -> list:
+    """The datasets a pretraining run reads (one path or several): loaded and validated, each given once, with
+    distinct names (model folders record which dataset is which by name)."""
+    from medadapt.data.dataset import RawDataset
+
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    if not paths:
+        raise MedadaptError("--data: give at least one dataset")
+    datasets = [RawDataset.load(p) for p in paths]
+    roots = [ds.root.resolve() for ds in datasets]
+    if len(set(roots)) != len(roots):
+        raise MedadaptError(f"--data: a dataset is given twice ({[str(p) for p in paths]}); give each once")
+    names = [ds.name for ds in datasets]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise MedadaptError(f"--data: several datasets are named {dup} in their dataset.json; give them distinct "
+                            "\"name\"s (the model folder records which dataset annotates what by name)")
+    return datasets

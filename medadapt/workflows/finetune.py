@@ -87,6 +87,8 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
     """
     if head not in HEAD_POLICIES:
         raise MedadaptError(f"--head {head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
+    if head != "fresh":
+        folder.require_segmentation_head(f"--head {head}", "fine-tune it with --head fresh")
     if dataset.num_channels != folder.network.input_channels:
         raise MedadaptError(
             f"{dataset.root / 'dataset.json'}: has {dataset.num_channels} input channel(s) but the model in "
@@ -241,6 +243,10 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     distributed.init_from_env()
     progress = progress and distributed.is_main()
     folder = load_model_folder(model)
+    if head != "fresh":  # a self-supervised foundation has no segmentation head to keep or evaluate
+        if strategy.trains:
+            folder.require_segmentation_head(f"--head {head}", "fine-tune it with --head fresh")
+        folder.require_segmentation_head(f"--method {method}", "fine-tune it with a method that trains")
     dataset = RawDataset.load(data)
     resolved = load_recipe(recipe or folder.recipe or DEFAULT_RECIPE).with_overrides(
         epochs=epochs, iterations_per_epoch=iterations_per_epoch)
@@ -423,6 +429,7 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
     folder = load_model_folder(model)
+    folder.require_segmentation_head("zero-shot", "fine-tune it first (medadapt finetune --head fresh)")
     dataset = RawDataset.load(data)
     missing = [n for n, v in dataset.labels.items() if v != 0 and n not in folder.foreground]
     if missing:

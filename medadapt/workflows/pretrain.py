@@ -16,7 +16,6 @@ from pathlib import Path
 
 from medadapt.data.augmentation import Augmentation
 from medadapt.data.cache import preprocess_dataset
-from medadapt.data.dataset import RawDataset
 from medadapt.data.partial import annotation_records, build_template, sampling_weights, template_cases
 from medadapt.data.preprocessing import plan_from_datasets
 from medadapt.data.sampling import PatchSampler
@@ -28,15 +27,23 @@ from medadapt.models.model_folder import ACTIVATIONS, output_channels
 from medadapt.models.network import preset_recipes, seeded_network
 from medadapt.tuning import FullFineTuning
 from medadapt.utils.atomic import atomic_write_json
-from medadapt.workflows.common import dataset_cache_dir, environment, total_parameter_count
+from medadapt.workflows.common import dataset_cache_dir, environment, load_datasets, total_parameter_count
+
+
+#: what a foundation is pretrained for: segmentation (the datasets' labels) or masked-volume reconstruction
+OBJECTIVES = ("supervised", "mae")
+SEGMENTATION_LOSSES = ("dice_ce", "dice")
 
 
 def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_name: str = "cpu-small",
              epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
              seed: int = 0, resume: bool = False, progress: bool = True,
              recipe: "str | Path | Recipe | None" = None, activation: str | None = None,
-             sampling: str = "cases") -> ModelFolder:
+             sampling: str = "cases", objective: str = "supervised") -> ModelFolder:
     """Train a new network on every case of ``data`` (one dataset or several); writes a model folder to ``out``.
+
+    ``objective``: ``supervised`` (segmentation of the datasets' labels; below) or ``mae`` (masked-volume
+    reconstruction, the labels unused: :func:`medadapt.workflows.ssl.pretrain_mae`).
 
     ``activation``: ``softmax`` or ``sigmoid``; default softmax for one fully labelled dataset, sigmoid when
     the datasets' labels differ or cases annotate different classes (which softmax cannot learn from).
@@ -44,21 +51,21 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
     (default: the preset's pretraining recipe, e.g. ``cpu-pretrain`` for the CPU presets, ``nnunet``
     otherwise), with ``epochs``, ``iterations_per_epoch`` and ``lr`` overriding it where given. The model
     folder recommends the preset's fine-tuning recipe to whoever fine-tunes it."""
+    if objective not in OBJECTIVES:
+        raise MedadaptError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if objective == "mae":
+        if activation is not None:
+            raise MedadaptError("--activation: a masked-reconstruction foundation has no segmentation output; "
+                                "leave --activation out with --objective mae")
+        from medadapt.workflows.ssl import pretrain_mae
+
+        return pretrain_mae(data, out, preset_name=preset_name, epochs=epochs,
+                            iterations_per_epoch=iterations_per_epoch, lr=lr, seed=seed, resume=resume,
+                            progress=progress, recipe=recipe, sampling=sampling)
     out = Path(out)
-    paths = [data] if isinstance(data, (str, Path)) else list(data)
-    if not paths:
-        raise MedadaptError("--data: give at least one dataset")
     if activation is not None and activation not in ACTIVATIONS:
         raise MedadaptError(f"--activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
-    datasets = [RawDataset.load(p) for p in paths]
-    roots = [ds.root.resolve() for ds in datasets]
-    if len(set(roots)) != len(roots):
-        raise MedadaptError(f"--data: a dataset is given twice ({[str(p) for p in paths]}); give each once")
-    names = [ds.name for ds in datasets]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise MedadaptError(f"--data: several datasets are named {dup} in their dataset.json; give them distinct "
-                            "\"name\"s (the model folder records which dataset annotates what by name)")
+    datasets = load_datasets(data)
     template = build_template(datasets)
     records = {ds.name: annotation_records(ds) for ds in datasets}
     partial = (any(per_case for _, per_case in records.values())
@@ -69,6 +76,13 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
         raise MedadaptError("--activation softmax: these datasets are partially labelled (their label sets differ "
                             "or annotated_classes.json gives per-case records), and a softmax output would count "
                             "every unannotated structure as background; use --activation sigmoid")
+    recipes = preset_recipes(preset_name)
+    resolved = load_recipe(recipe or recipes["pretrain"]).with_overrides(
+        epochs=epochs, iterations_per_epoch=iterations_per_epoch, lr=lr)
+    if resolved.loss["name"] not in SEGMENTATION_LOSSES:
+        raise MedadaptError(f"--recipe {resolved.name}: trains with loss {resolved.loss['name']}, which is not a "
+                            "segmentation loss; use it with --objective mae, or a recipe such as "
+                            f"{recipes['pretrain']} for supervised pretraining")
     distributed.init_from_env()
     progress = progress and distributed.is_main()
     use_template = len(datasets) > 1 or activation == "sigmoid"  # else nnU-Net's case: the dataset's own labels
@@ -81,9 +95,6 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
             cases.extend(template_cases(ds, cached, template, records[ds.name][0]) if use_template else cached)
     spec = preset(preset_name, input_channels=datasets[0].num_channels,
                   num_classes=output_channels(labels, activation))
-    recipes = preset_recipes(preset_name)
-    resolved = load_recipe(recipe or recipes["pretrain"]).with_overrides(
-        epochs=epochs, iterations_per_epoch=iterations_per_epoch, lr=lr)
     spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
                                batch_size=resolved.batch_size or spec.batch_size)
     network = seeded_network(spec, seed)

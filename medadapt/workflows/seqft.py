@@ -160,6 +160,9 @@ def check_stream_identity(out: Path, identity: dict[str, Any]) -> None:
     stored = json.loads(path.read_text())
     current = json.loads(json.dumps(identity))
     old_tasks, new_tasks = stored.get("tasks", []), current.get("tasks", [])
+    if len(new_tasks) < len(old_tasks) and new_tasks == old_tasks[:len(new_tasks)]:
+        raise MedadaptError(f"{out}: holds a run over {len(old_tasks)} tasks and this stream has {len(new_tasks)}; "
+                            "give the whole stream (a stream may only be extended) or use a new --out folder")
     if new_tasks[:len(old_tasks)] != old_tasks:
         i = next(i for i, (a, b) in enumerate(zip(old_tasks, new_tasks + [None] * len(old_tasks))) if a != b)
         raise MedadaptError(f"{out}: was run on a stream whose task {i + 1} is {json.dumps(old_tasks[i])}; this "
