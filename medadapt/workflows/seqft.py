@@ -442,7 +442,7 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
     if settings.buffer != "none":
         t0 = time.perf_counter()
         if settings.buffer == "mds":
-            scores = mds_scores(pretext, cases, task.name, folder0.network.patch_size, settings.mds_repeats,
+            scores = mds_scores(pretext, cases, task.name, pretext.patch_size, settings.mds_repeats,
                                 seed=seed, progress=progress)
             picked = lowest(scores, settings.buffer_size)
             atomic_write_json(where / "mds.json", {"repeats": settings.mds_repeats, "scores": scores,
