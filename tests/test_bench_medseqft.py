@@ -256,8 +256,10 @@ def test_medseqft_quick_end_to_end(quick_grid):
     header, rows = _table(report / "table3.md")
     assert header == ["Method", "FFT", "Seq. FT", "MDS", "Random", "K&G RFT", *metric_columns]
     assert [r[:6] for r in rows] == [["FFT", "✓", "", "", "", ""], ["Seq. FT", "", "✓", "", "", ""],
-                                     ["Seq. FT + Random", "", "✓", "", "✓", ""], ["Seq. FT + MDS", "", "✓", "✓", "", ""],
-                                     ["Seq. FT + K&G RFT", "", "✓", "", "", "✓"], ["MedSeqFT", "", "✓", "✓", "", "✓"]]
+                                     ["Seq. FT + Random", "", "✓", "", "✓", ""],
+                                     ["Seq. FT + MDS", "", "✓", "✓", "", ""],
+                                     ["Seq. FT + K&G RFT", "", "✓", "", "", "✓"],
+                                     ["MedSeqFT", "", "✓", "✓", "", "✓"]]
     header, rows = _table(report / "table6.md")
     assert header == ["Method"] + [f"{c} {m}" for c in ("vertebrae", "intervertebral_disc", "spinal_cord", "mean")
                                    for m in ("Dice", "HD95")]

@@ -211,7 +211,6 @@ def load_config(config: str | Path) -> MedseqftConfig:
 
 def _stream(c: _Check, value: Any, split_seed: int) -> tuple[dict[str, Any], list[TaskData], list[TaskData]]:
     from medadapt.data.splits import train_test_split
-    from medadapt.synth import DomainSpec
     from medadapt.synth.tasks import load_task_stream
 
     s = c.mapping(value, "stream", ("name", "tasks", "unseen", "cases", "downsample"), required=("name", "cases"))
@@ -257,7 +256,8 @@ def _foundation(c: _Check, value: Any, base_dir: Path) -> dict[str, Any]:
                   required=("domains", "objective", "cases", "preset", "epochs", "iterations_per_epoch"))
     if not isinstance(f["domains"], list) or not f["domains"]:
         c.fail("foundation.domains", f"{f['domains']!r} is not a non-empty list", "write e.g. [src-a-hn, src-b-chest]")
-    domains = [_resolve_domain(c, f, f"foundation.domains[{i}]", base_dir, domain=d) for i, d in enumerate(f["domains"])]
+    domains = [_resolve_domain(c, f, f"foundation.domains[{i}]", base_dir, domain=d)
+               for i, d in enumerate(f["domains"])]
     names = [d["name"] for d in domains]
     if len(set(names)) != len(names):
         c.fail("foundation.domains", f"{names} names a domain twice", "list each source once")
@@ -284,7 +284,8 @@ def _parallel_rows(c: _Check, value: Any) -> list[Row]:
 
     names = method_names(training_only=True)
     if not isinstance(value, list):
-        c.fail("medseqft.parallel", f"{value!r} is not a list", "write e.g. [scratch, full, {method: lora, rank: [2, 4]}]")
+        c.fail("medseqft.parallel", f"{value!r} is not a list",
+               "write e.g. [scratch, full, {method: lora, rank: [2, 4]}]")
     rows: list[Row] = []
     for i, entry in enumerate(value):
         key = f"medseqft.parallel[{i}]"

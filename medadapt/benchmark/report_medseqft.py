@@ -338,7 +338,7 @@ def fig4(index: Index, path: Path) -> tuple[list[dict], Path | None]:
                     linewidth=2.0 if row.name == "medseqft" else 1.0, label=row.display)
     ax.set_xlabel("encoder layer n (input to bottleneck)")
     ax.set_ylabel("mean |Δθ|, M0 → Mn")
-    ax.set_title(f"Encoder parameter change after the stream (mean over seeds; bars: spread over seeds)", fontsize=9)
+    ax.set_title("Encoder parameter change after the stream (mean over seeds; bars: spread over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -546,7 +546,7 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
     p_md, p_csv = paired(index)
     files["paired.md"] = _write(out / "paired.md", p_md + "\n")
     files["paired.csv"] = _write(out / "paired.csv", _csv(p_csv))
-    sections += [f"\n## Paired comparisons ([md](paired.md), [csv](paired.csv))\n", p_md]
+    sections += ["\n## Paired comparisons ([md](paired.md), [csv](paired.csv))\n", p_md]
     missing = [c.cell_id for c in cells if not records.get(c.cell_id)]
     if missing:
         sections.append(f"\n## Missing cells ({len(missing)})\n\n" + "\n".join(f"- `{m}`" for m in missing))
