@@ -141,6 +141,17 @@ class FakeCase:
         self.channel_min = [level]
 
 
+def test_kd_recipe_by_the_papers_ratios():
+    from medadapt.engine.recipe import load_recipe
+    from medadapt.workflows.seqft import kd_recipe_from
+
+    kd = kd_recipe_from(load_recipe("medseqft-paper"))
+    assert (kd.epochs, kd.iterations_per_epoch, kd.lr) == (20, 250, pytest.approx(3e-5))  # 5,000 its at 3e-5
+    assert kd.schedule["warmup_epochs"] == 1 and kd.optimizer == load_recipe("medseqft-paper").optimizer
+    short = load_recipe("medseqft-paper").with_overrides(epochs=5)
+    assert kd_recipe_from(short).epochs == 1 and kd_recipe_from(short).schedule["warmup_epochs"] == 0
+
+
 def test_encoder_change_and_backward_transfer(tiny_unet):
     from medadapt.sequential.transfer import backward_transfer, encoder_change
 
@@ -200,23 +211,30 @@ def test_two_task_stream_end_to_end(world, seq_run):
     assert [t["task"] for t in results["tasks"]] == ["tgt", "src"]
     buffer = json.loads((out / "buffer.json").read_text())
     assert [e["task"] for e in buffer["entries"]] == ["tgt", "tgt", "src", "src"]
-    m1 = load_model_folder(out / "tasks" / "01-tgt" / "model")
-    m2 = load_model_folder(out / "tasks" / "02-src" / "model")
+    m1 = load_model_folder(out / "tasks" / "01-tgt" / "refined" / "model")
+    m2 = load_model_folder(out / "tasks" / "02-src" / "refined" / "model")
     fm = load_model_folder(world["fm"])
     assert m1.labels == json.loads((world["tgt"] / "dataset.json").read_text())["labels"]
     n1, n2, n0 = m1.load_network(), m2.load_network(), fm.load_network()
-    # each task's encoder moved away from the previous one (fine-tuned, distilled, merged)
+    # each task's refined encoder moved away from the previous one (fine-tuned, distilled, merged)
     e0, e1, e2 = (dict(n.encoder.named_parameters()) for n in (n0, n1, n2))
     assert any(not torch.equal(e1[k], e0[k]) for k in e0)
     assert any(not torch.equal(e2[k], e1[k]) for k in e1)
-    # M_t = the merged encoder + M_{t-mid}'s decoder and head
-    mid = load_model_folder(out / "tasks" / "02-src" / "stage1" / "model").load_network()
+    # M_t = the merged encoder + the task model M_{t-mid}'s decoder and head; the task is scored with M_{t-mid}
+    mid = load_model_folder(out / "tasks" / "02-src" / "model").load_network()
     for (k, a), (_, b) in zip(mid.decoder.stages.named_parameters(), n2.decoder.stages.named_parameters()):
         assert torch.equal(a, b), k
     assert any(not torch.equal(mid.encoder.state_dict()[k], v) for k, v in n2.encoder.state_dict().items())
-    rows = (out / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("index,task,dsc,nsd,hd95") and len(rows) == 3
     task2 = json.loads((out / "tasks" / "02-src" / "task.json").read_text())
+    assert task2["carried_model"] == "refined/model"
+    assert task2["metrics"] == json.loads((out / "tasks" / "02-src" / "summary.json").read_text())
+    assert task2["refined_metrics"] == json.loads((out / "tasks" / "02-src" / "refined" / "summary.json").read_text())
+    # task 2 started from task 1's refined model (its encoder), with a fresh head
+    stage1 = torch.load(out / "tasks" / "02-src" / "stage1" / "training" / "checkpoint_latest.pt",
+                        weights_only=False)
+    assert stage1["epoch_done"] == 2
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("index,task,dsc,nsd,hd95,dsc_refined") and len(rows) == 3
     assert set(task2["seconds"]) == {"stage1", "stage2", "buffer"}
     # forgetting: task 1's decoder and head on the final encoder, and the per-layer encoder change (Fig. 4)
     transfer = json.loads((out / "transfer.json").read_text())
@@ -254,9 +272,10 @@ def test_killed_task_resumes_and_a_stream_extends(world, seq_run, tmp_path, monk
     assert main(["seqft", str(two), "--model", str(world["fm"]), "--out", str(out), *SEQ, "--resume"]) == 0
     assert (out / "tasks" / "01-tgt" / "task.json").stat().st_mtime_ns == first  # never recomputed
     # the resumed run ends where the uninterrupted one did, bit for bit
-    a = torch.load(out / "tasks" / "02-src" / "model" / "weights.pt")
-    b = torch.load(seq_run / "tasks" / "02-src" / "model" / "weights.pt")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for sub in ("model", "refined/model"):
+        a = torch.load(out / "tasks" / "02-src" / sub / "weights.pt")
+        b = torch.load(seq_run / "tasks" / "02-src" / sub / "weights.pt")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # other settings into the same folder: one line naming the difference
     assert main(["seqft", str(two), "--model", str(world["fm"]), "--out", str(out), *SEQ[:-1], "--seed", "1",
                  "--quiet", "--resume"]) == 2

@@ -147,7 +147,7 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
 def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dict[str, Any]:
     from medadapt.engine.recipe import load_recipe
     from medadapt.sequential.stream import load_stream
-    from medadapt.workflows.seqft import seqft, task_folder
+    from medadapt.workflows.seqft import carried_model, seqft, task_folder
 
     key, row = cell.key, cell.key["row"]
     kwargs: dict[str, Any] = {"method": row["method"], "shots": key["shots"], "seed": cell.seed,
@@ -180,7 +180,7 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
         change = out / "run" / "encoder_change.csv"
         record["transfer"] = {k: v for k, v in summary["transfer"].items() if k != "encoder_change"}
         record["encoder_change"] = [[r["layer"], float(r["mean_abs_change"])] for r in _read_rows(change)]
-        record["final_model"] = str((task_folder(out / "run", n, stream.tasks[-1]) / "model").relative_to(out))
+        record["final_model"] = str(carried_model(task_folder(out / "run", n, stream.tasks[-1])).relative_to(out))
     return record
 
 

@@ -1,8 +1,12 @@
 """Sequential fine-tuning over a stream of tasks (MedSeqFT, Ye et al., Sec. III), and its parallel baselines.
 
 ``seqft(stream, model, out, method)`` runs every task of a stream (:mod:`medadapt.sequential.stream`) in order.
-Each task t gets its own model folder M_t (encoder, decoder, a fresh head for its labels) and its test-split
-metrics. Methods:
+Each task t gets its own model folder (encoder, decoder, a fresh head for its labels) and its test-split
+metrics. Which model is "task t's" (decided from the paper's Table III, where every variant's first task equals
+FFT's although MedSeqFT's task 1 is "FFT, then LoRA-based KD and merge"): the task is scored with the model its
+fine-tuning gives, M_{t-mid} (``model/``); the refined model M_t after the LoRA-based KD and merge
+(``refined/model/``) is what the stream carries on — the next task's starting point and, after the last task,
+the refined foundation for unseen tasks (Table VI) — and is scored too, for the record. Methods:
 
 * a **parallel** baseline: any ``finetune`` method (``full`` = the paper's FFT, ``scratch`` = TFS,
   ``linear-probe`` = head fine-tuning, ``lora``, ``adapter``, ...): each task is fine-tuned from M_0 alone,
@@ -21,6 +25,7 @@ metrics. Methods:
     is M_t. "Seq. FT + K&G RFT" without a buffer is this stage alone (its KD-based FFT has no buffer to run on).
 * ``medseqft``: ``seq-ft`` with ``buffer=mds`` and ``retention=lora-kd`` (task 1: full fine-tuning, LoRA-based
   KD and merge, as Sec. III-B says).
+* ``joint``: every task at once (shared network, one head per task), the reference that sees all data.
 
 Run folder (a killed run resumes at the task in progress; finished tasks are never recomputed; a run folder
 is never reused for other settings, but a stream that *extends* the recorded one continues it)::
@@ -29,9 +34,10 @@ is never reused for other settings, but a stream that *extends* the recorded one
     <out>/buffer.json                   the buffer so far: every case's task, id and MDS score; R, K, the rule
     <out>/tasks/<NN>-<name>/
         stage1/training/                KD-based FFT (or full fine-tuning): checkpoint + history.json
-        stage1/model/                   M_{t-mid} (only with retention)
+        model/                          the task's model M_{t-mid}: evaluated as the task's result
         stage2/training/                LoRA-based KD
-        model/                          M_t (the plain architecture)
+        refined/model/                  M_t = merged encoder + M_{t-mid}'s decoder and head (plain architecture):
+                                        the next task's starting point; refined/summary.json its own scores
         mds.json                        this task's cases' pretext scores (buffer mds)
         predictions/, metrics_per_case.csv, summary.json
         task.json                       written last: the task is finished
@@ -39,6 +45,7 @@ is never reused for other settings, but a stream that *extends* the recorded one
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -142,14 +149,25 @@ def resolve_method(method: str, buffer: str | None = None, retention: str | None
 
 def kd_recipe_from(recipe: Recipe) -> Recipe:
     """The LoRA-based KD recipe derived from the fine-tuning recipe by the paper's ratios (module constants):
-    the same optimiser, schedule, batch and patch, a fifth of the epochs, a tenth of the learning rate."""
-    return recipe.with_overrides(name=f"{recipe.name}-lora-kd",
-                                 epochs=max(1, round(recipe.epochs * KD_BUDGET_FRACTION)),
-                                 lr=recipe.lr * KD_LR_FRACTION, method_lr={})
+    the same optimiser, schedule, batch and patch, a fifth of the epochs (and of any warm-up), a tenth of the
+    learning rate."""
+    epochs = max(1, round(recipe.epochs * KD_BUDGET_FRACTION))
+    schedule = dict(recipe.schedule)
+    if schedule.get("warmup_epochs"):  # the warm-up shrinks with the budget (and leaves at least one epoch)
+        schedule["warmup_epochs"] = min(epochs - 1, round(schedule["warmup_epochs"] * KD_BUDGET_FRACTION))
+    return recipe.with_overrides(name=f"{recipe.name}-lora-kd", epochs=epochs, lr=recipe.lr * KD_LR_FRACTION,
+                                 method_lr={}, schedule=schedule)
 
 
 def task_folder(out: Path, index: int, task: StreamTask) -> Path:
     return out / "tasks" / f"{index:02d}-{task.name}"
+
+
+def carried_model(where: Path) -> Path:
+    """The model a sequential task hands on (the next task's starting point, the stream's final model): the
+    refined M_t (``refined/model``) after LoRA-based KD and merge, else the task's model itself."""
+    refined = where / "refined" / "model"
+    return refined if (refined / "plans.json").is_file() else where / "model"
 
 
 def check_stream_identity(out: Path, identity: dict[str, Any]) -> None:
@@ -265,7 +283,7 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
             record = _sequential_task(i, task, ds, shot_ids, test_ids, where, previous, folder0, settings, config,
                                       kd_config, resolved, entries, datasets, stream, pretext, seed, postprocess,
                                       progress)
-            previous = load_model_folder(where / "model")
+            previous = load_model_folder(carried_model(where))
             entries = [BufferEntry(**e) for e in record["buffer_after"]]
             atomic_write_json(out / "buffer.json", buffer_record(
                 entries, settings.buffer, settings.buffer_size,
@@ -293,7 +311,7 @@ def _after_stream(out: Path, stream: Stream, datasets, splits, folder0: ModelFol
     from medadapt.sequential.transfer import backward_transfer, encoder_change, with_encoder, write_encoder_change
 
     n = len(stream.tasks)
-    final = load_model_folder(task_folder(out, n, stream.tasks[-1]) / "model").load_network()
+    final = load_model_folder(carried_model(task_folder(out, n, stream.tasks[-1]))).load_network()
     write_encoder_change(encoder_change(folder0.load_network(), final), out / "encoder_change",
                          f"{stream.name}: encoder change M0 -> M{n}")
     rows = []
@@ -387,11 +405,12 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
                            augmentation=Augmentation(spec.patch_size), patches_per_case=resolved.patches_per_case)
     seconds: dict[str, float | None] = {}
 
-    # stage 1: KD-based FFT (plain full fine-tuning without a buffer), from M_{t-1} with a fresh head
-    mid_dir = where / "stage1" / "model"
-    if settings.retention == "lora-kd" and (mid_dir / "plans.json").is_file():
-        mid_folder = load_model_folder(mid_dir)
-        mid = mid_folder.load_network()
+    # stage 1: KD-based FFT (plain full fine-tuning without a buffer), from M_{t-1} with a fresh head; the
+    # result is the task's model (M_{t-mid}), written before stage 2 so a killed run does not train it again
+    model_dir = where / "model"
+    if (model_dir / "plans.json").is_file():
+        tuned = load_model_folder(model_dir)
+        mid = tuned.load_network()
     else:
         net = load_foundation(previous, ds, seed, head="fresh")
         buffer_sampler = None
@@ -412,14 +431,15 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
                           description=f"task {i} {task.name}: {'KD-based FFT' if buffer_sampler else 'fine-tune'}")
         atomic_write_json(where / "stage1" / "training" / "history.json", trainer.fit(resume=True))
         mid = strategy.finalize(net)
-        mid_folder = _folder(spec, folder0, ds, {"kind": "seqft-stage1", "task": task.name, "index": i,
-                                                 "strategy": strategy.config()})
-        if settings.retention == "lora-kd":
-            save_model_folder(mid_dir, mid, mid_folder)
+        tuned = _folder(spec, folder0, ds, {"kind": "seqft-task-model", "task": task.name, "index": i,
+                                            "strategy": strategy.config(), **settings.record()})
+        save_model_folder(model_dir, mid, tuned)
     seconds["stage1"] = _train_seconds(where / "stage1" / "training" / "history.json")
+    metrics = predict_and_evaluate(tuned, mid, ds, test_ids, where, progress, postprocess)
 
-    final = mid
-    # stages 2-3: LoRA-based KD of E_{t-mid} into a copy of E_{t-1}, then the merge
+    # stages 2-3: LoRA-based KD of E_{t-mid} into a copy of E_{t-1}, then the merge: M_t, the refined model the
+    # next task starts from (the merged encoder + M_{t-mid}'s decoder and head)
+    refined_metrics = None
     if settings.retention == "lora-kd":
         student = load_foundation(previous, ds, seed, head="fresh")
         kd = EncoderLoRADistillation(rank=settings.kd_rank)
@@ -430,12 +450,14 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
                           description=f"task {i} {task.name}: LoRA-based KD")
         atomic_write_json(where / "stage2" / "training" / "history.json", trainer.fit(resume=True))
         merged = kd.finalize(student)
-        model_parts(final).encoder.load_state_dict(model_parts(merged).encoder.state_dict())
+        refined = copy.deepcopy(mid)
+        model_parts(refined).encoder.load_state_dict(model_parts(merged).encoder.state_dict())
         seconds["stage2"] = _train_seconds(where / "stage2" / "training" / "history.json")
-
-    tuned = _folder(spec, folder0, ds, {"kind": "seqft", "task": task.name, "index": i, **settings.record()})
-    save_model_folder(where / "model", final, tuned)
-    metrics = predict_and_evaluate(tuned, final, ds, test_ids, where, progress, postprocess)
+        refined_folder = _folder(spec, folder0, ds, {"kind": "seqft-refined", "task": task.name, "index": i,
+                                                     **settings.record()})
+        save_model_folder(where / "refined" / "model", refined, refined_folder)
+        refined_metrics = predict_and_evaluate(refined_folder, refined, ds, test_ids, where / "refined", progress,
+                                               postprocess)
 
     # the buffer grows by this task's K cases
     new_entries = list(entries)
@@ -452,7 +474,8 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
             picked = random_pick(shot_ids, settings.buffer_size, seed, i)
             new_entries += [BufferEntry(task.name, c, None) for c in picked]
         seconds["buffer"] = time.perf_counter() - t0
-    record = {"task": task.name, "index": i, "metrics": metrics, "seconds": seconds,
+    record = {"task": task.name, "index": i, "metrics": metrics, "refined_metrics": refined_metrics,
+              "carried_model": str(carried_model(where).relative_to(where)), "seconds": seconds,
               "buffer_after": [dataclasses.asdict(e) for e in new_entries], "shot_cases": shot_ids,
               "test_cases": test_ids}
     atomic_write_json(done, record)
@@ -472,21 +495,25 @@ def _write_results(out: Path, summary: dict[str, Any]) -> None:
     for r in summary["tasks"]:
         m = r["metrics"]
         fm = m.get("foreground_mean", {})
+        refined = (r.get("refined_metrics") or {}).get("foreground_mean", {})
         rows.append({"index": r["index"], "task": r["task"],
                      "dsc": _pct(fm.get("dsc")), "nsd": _pct(fm.get("nsd")), "hd95": fm.get("hd95"),
+                     **({"dsc_refined": _pct(refined.get("dsc"))} if refined else {}),
                      **{f"seconds_{k}": v for k, v in (r.get("seconds") or {}).items()}})
     keys = list(dict.fromkeys(k for row in rows for k in row))
     csv = [",".join(keys)] + [",".join("" if row.get(k) is None else
                                        (f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k]))
                                        for k in keys) for row in rows]
     atomic_write_text(out / "results.csv", "\n".join(csv) + "\n")
-    md = ["| # | task | Dice (%) | NSD@1mm (%) | HD95 (mm) |", "|---|---|---|---|---|"]
+    has_refined = any("dsc_refined" in row for row in rows)
+    md = ["| # | task | Dice (%) | NSD@1mm (%) | HD95 (mm) |" + (" refined M_t Dice (%) |" if has_refined else ""),
+          "|---|---|---|---|---|" + ("---|" if has_refined else "")]
     for row in rows:
         md.append(f"| {row['index']} | {row['task']} | {_fmt(row['dsc'])} | {_fmt(row['nsd'])} | "
-                  f"{_fmt(row['hd95'])} |")
+                  f"{_fmt(row['hd95'])} |" + (f" {_fmt(row.get('dsc_refined'))} |" if has_refined else ""))
     dsc = [r["dsc"] for r in rows if r["dsc"] is not None]
     if dsc:
-        md.append(f"| | **average** | {_fmt(sum(dsc) / len(dsc))} | | |")
+        md.append(f"| | **average** | {_fmt(sum(dsc) / len(dsc))} | | |" + (" |" if has_refined else ""))
     transfer = summary.get("transfer")
     if transfer and transfer["tasks"]:
         md += ["", f"Forgetting: each earlier task's decoder and head on the final encoder (after task "
