@@ -387,6 +387,9 @@ def test_bad_inputs(world, tmp_path, capsys):
     f.write_text(f"tasks:\n  - data: {nolabels}\n")
     err = _err(capsys, ["seqft", str(f), *run])
     assert "tasks[0]" in err
+    (nolabels / "dataset.json").write_text(json.dumps({**meta, "numTraining": 0}))  # labels, but no cases
+    err = _err(capsys, ["seqft", str(f), *run])
+    assert "tasks[0]" in err and "no training images" in err
     assert "--buffer-size 50" in _err(capsys, ["seqft", stream, *run, "--method", "seq-ft", "--buffer", "random",
                                                "--buffer-size", "50"])
     assert "--buffer/--retention" in _err(capsys, ["seqft", stream, *run, "--method", "full", "--buffer", "mds"])
