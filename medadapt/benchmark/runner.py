@@ -64,14 +64,18 @@ def cell_file(paths: GridPaths, cell: Cell) -> Path:
 
 def load_cell_record(paths: GridPaths, cell: Cell) -> dict[str, Any] | None:
     """The stored record of ``cell``, or None if it has not finished (or was written by a different key)."""
-    path = cell_file(paths, cell)
+    return read_cell_record(cell_file(paths, cell), cell.key)
+
+
+def read_cell_record(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The record at ``path`` if it exists and was written for ``key`` (any grid's cells), else None."""
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None  # cannot happen with atomic writes, but an unreadable record is simply not finished
-    return record if record.get("key") == cell.key else None
+    return record if record.get("key") == key else None
 
 
 def prepare_inputs(config: GridConfig, paths: GridPaths, progress: bool = True) -> None:

@@ -31,7 +31,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from medadapt.benchmark.medseqft import CELL_FORMAT, UNSEEN_ROWS, Cell, MedseqftConfig, enumerate_cells
-from medadapt.benchmark.runner import _epoch_losses, _read_rows, ray_session
+from medadapt.benchmark.runner import _epoch_losses, _read_rows, ray_session, read_cell_record
+from medadapt.workflows.seqft import train_seconds
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_write_json, atomic_write_text
 from medadapt.utils.hashing import stable_hash
@@ -80,14 +81,7 @@ def cell_file(paths: GridPaths, cell: Cell) -> Path:
 
 def load_cell_record(paths: GridPaths, cell: Cell) -> dict[str, Any] | None:
     """The stored record of ``cell``, or None if it has not finished (or was written for another key)."""
-    path = cell_file(paths, cell)
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return record if record.get("key") == cell.key else None
+    return read_cell_record(cell_file(paths, cell), cell.key)
 
 
 def prepare_inputs(config: MedseqftConfig, paths: GridPaths, progress: bool = True) -> None:
@@ -203,14 +197,8 @@ def _unseen_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
             "metrics": run["metrics"], "parameters": run["parameters"], "timing": run["timing"],
             "split": run["split"], "shot_cases": run["shot_cases"], "training": run["training"],
             "loss_curve": _epoch_losses(out / "run" / "training" / "history.json"),
-            "seconds": {"finetune": _train_seconds(out / "run" / "training" / "history.json")},
+            "seconds": {"finetune": train_seconds(out / "run" / "training" / "history.json")},
             "environment": run["environment"]}
-
-
-def _train_seconds(history_file: Path) -> float:
-    """Training time: the iterations' compute and sampling time (as seqft counts its stages)."""
-    h = json.loads(history_file.read_text())
-    return float(sum(h.get("iteration_seconds", [])) + sum(h.get("sampling_seconds", [])))
 
 
 # ---------------------------------------------------------------------------------------------- scheduling

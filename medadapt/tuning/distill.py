@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from medadapt.errors import MedadaptError
-from medadapt.models.lora import LoRAConfig, inject_lora, lora_parameters, merge_lora, merged_state_dict
+from medadapt.models.lora import inject_lora, lora_parameters
 from medadapt.models.parts import encoder_features, encoder_parameters, model_parts
-from medadapt.tuning.base import StepContext, Strategy
+from medadapt.tuning.base import StepContext, Strategy, default_train_step
+from medadapt.tuning.lowrank import LoRA
 
 
 def feature_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
@@ -92,13 +92,10 @@ class KDFineTuning(Strategy):
         self.step = 0
         self.kd_optimizer: torch.optim.Optimizer | None = None
         self._kd_state: dict | None = None
-        self.last_kd_loss: float | None = None
+        self.last_kd_loss: float | None = None  #: the latest step's distillation loss, for inspection
 
     def _encoder_params(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in encoder_parameters(model) if p.requires_grad]
-
-    def attach(self, optimizer) -> None:
-        self.optimizer_ = optimizer
 
     def _make_kd_optimizer(self, ctx: StepContext) -> torch.optim.Optimizer:
         # the defaults the optimiser's constructor takes (torch's AdamW records decoupled_weight_decay, which its
@@ -126,19 +123,8 @@ class KDFineTuning(Strategy):
                 raise FloatingPointError(f"non-finite distillation loss {kd.item()} (learning rate too high?)")
             kd_grads = torch.autograd.grad(kd, enc, allow_unused=True)
             self.last_kd_loss = float(kd.detach())
-        # the segmentation loss: every trainable parameter, the engine's optimiser
-        ctx.optimizer.zero_grad(set_to_none=True)
-        outputs = ctx.forward(batch["image"])
-        loss = ctx.loss(ctx.model, batch, outputs)
-        for term in ctx.loss_terms:
-            loss = loss + term(ctx.model, batch, outputs)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} (learning rate too high?)")
-        loss.backward()
-        if ctx.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.grad_clip)
-        ctx.optimizer.step()
-        ctx.optimizer.zero_grad(set_to_none=True)
+        # the segmentation loss: every trainable parameter, the engine's optimiser (the default step)
+        loss = default_train_step(ctx, batch)
         # the distillation loss: the encoder only, its own optimiser, the gradient taken before the step above
         if kd_grads is not None:
             if self.kd_optimizer is None:
@@ -152,7 +138,7 @@ class KDFineTuning(Strategy):
             self.kd_optimizer.step()
             self.kd_optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss.detach()
+        return loss
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "buffer": self.buffer is not None}
@@ -167,26 +153,21 @@ class KDFineTuning(Strategy):
         self.kd_optimizer = None
 
 
-class EncoderLoRADistillation(Strategy):
+class EncoderLoRADistillation(LoRA):
     """LoRA factors on every conv / Linear layer of the encoder, everything else frozen, trained by the loss
     term the engine is given (a :class:`FeatureDistillation` towards the fine-tuned encoder); merged by
-    :meth:`finalize`. ``rank`` 2 and ``alpha = rank`` (scale 1: W' = W + BA, MedSeqFT's Eq. 1) by default."""
+    :meth:`finalize` (as :class:`~medadapt.tuning.lowrank.LoRA`). ``rank`` 2 and ``alpha = rank`` (scale 1:
+    W' = W + BA, MedSeqFT's Eq. 1) by default."""
 
     name = "lora-kd"
     summary = "encoder LoRA (rank r) distilled from a fine-tuned encoder, then merged (MedSeqFT's LoRA-based KD)"
-    options = ("rank", "alpha")
+    rank_option = "--kd-rank"
 
     def __init__(self, rank: int = 2, alpha: float | None = None):
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise MedadaptError(f"--kd-lora-rank {rank!r}: must be a positive integer")
-        alpha = float(rank if alpha is None else alpha)
-        if not alpha > 0:
-            raise MedadaptError(f"--kd-lora-alpha {alpha!r}: must be positive")
-        self.config_ = LoRAConfig(rank=rank, alpha=alpha)
+        super().__init__(rank=rank, alpha=alpha)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        encoder = model_parts(model).encoder
-        inject_lora(encoder, self.config_)
+        inject_lora(model_parts(model).encoder, self.config_)
         keep = {id(p) for p in lora_parameters(model)}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
@@ -203,12 +184,3 @@ class EncoderLoRADistillation(Strategy):
             torch.nn.utils.clip_grad_norm_(self.parameters(ctx.model), ctx.grad_clip)
         ctx.optimizer.step()
         return loss.detach()
-
-    def finalize(self, model: nn.Module) -> nn.Module:
-        return merge_lora(model)
-
-    def finalized_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return merged_state_dict(model)
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "rank": self.config_.rank, "alpha": self.config_.alpha}

@@ -26,10 +26,11 @@ class LoRA(Strategy):
     name = "lora"
     summary = "low-rank update of every conv and Linear weight (rank r, alpha) + heads; merged after training"
     options = ("rank", "alpha")
+    rank_option = "--lora-rank"  #: the option that sets the rank, for error messages
 
     def __init__(self, rank: int = 4, alpha: float | None = None):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise MedadaptError(f"--lora-rank {rank!r}: must be a positive integer")
+            raise MedadaptError(f"{self.rank_option} {rank!r}: must be a positive integer")
         alpha = float(rank if alpha is None else alpha)
         if not alpha > 0:
             raise MedadaptError(f"--lora-alpha {alpha!r}: must be positive")

@@ -121,11 +121,7 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
     if foundation is None:
         foundation = folder.load_network().state_dict()
     own = network.state_dict()
-    take = {k: v for k, v in foundation.items() if k not in heads and k in own}
-    misfit = [k for k in own if k not in heads and (k not in take or take[k].shape != own[k].shape)]
-    if misfit:
-        raise MedadaptError(f"{folder.path}: the foundation's weights do not fit its own network without the "
-                            f"heads (first: {misfit[0]}); the model folder is inconsistent")
+    take = weights_without_heads(folder, foundation, network)
     if rows is not None:  # the foundation's head outputs for the dataset's classes, in the dataset's order
         index = torch.tensor(rows)
         take.update({k: foundation[k].index_select(0, index) for k in heads})
@@ -137,6 +133,20 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
             take[k] = fresh
     network.load_state_dict(take, strict=False)
     return network
+
+
+def weights_without_heads(folder: ModelFolder, foundation: dict[str, torch.Tensor],
+                          network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of ``foundation`` (``folder``'s state dict) that ``network`` has outside its heads; one line
+    if some non-head tensor of ``network`` is missing or shaped differently (an inconsistent model folder)."""
+    heads = head_parameter_names(network)
+    own = network.state_dict()
+    take = {k: v for k, v in foundation.items() if k not in heads and k in own}
+    misfit = [k for k in own if k not in heads and (k not in take or take[k].shape != own[k].shape)]
+    if misfit:
+        raise MedadaptError(f"{folder.path}: the foundation's weights do not fit its own network without the "
+                            f"heads (first: {misfit[0]}); the model folder is inconsistent")
+    return take
 
 
 def kept_head_rows(folder: ModelFolder, labels: dict[str, int]) -> list[int]:

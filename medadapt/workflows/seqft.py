@@ -296,7 +296,7 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
                            resume=True, progress=progress, method_options=method_options, head="fresh",
                            recipe=resolved, postprocess=postprocess)
             record = {"task": task.name, "index": i, "metrics": run["metrics"],
-                      "seconds": {"finetune": _train_seconds(where / "training" / "history.json")}}
+                      "seconds": {"finetune": train_seconds(where / "training" / "history.json")}}
         results.append(record)
     summary = {"stream": stream.record(), "identity": identity, "tasks": results, "environment": environment()}
     if settings.sequential:
@@ -360,7 +360,7 @@ def _joint(out: Path, stream: Stream, datasets, splits, folder0: ModelFolder, co
         trainer = Trainer(strategy.prepare(model), strategy, TaskMixSampler(samplers), config,
                           out / "joint" / "training", progress=progress, description="joint training")
         atomic_write_json(out / "joint" / "training" / "history.json", trainer.fit(resume=True))
-    seconds = _train_seconds(out / "joint" / "training" / "history.json")
+    seconds = train_seconds(out / "joint" / "training" / "history.json")
     results = []
     for i, (task, ds, (shot_ids, test_ids), spec) in enumerate(zip(stream.tasks, datasets, splits, specs), 1):
         where = task_folder(out, i, task)
@@ -378,7 +378,7 @@ def _joint(out: Path, stream: Stream, datasets, splits, folder0: ModelFolder, co
     return results
 
 
-def _train_seconds(history_file: Path) -> float | None:
+def train_seconds(history_file: Path) -> float | None:
     """Training time of a stage: the sum of its iterations' compute and sampling time (survives resumption)."""
     if not history_file.is_file():
         return None
@@ -434,7 +434,7 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
         tuned = _folder(spec, folder0, ds, {"kind": "seqft-task-model", "task": task.name, "index": i,
                                             "strategy": strategy.config(), **settings.record()})
         save_model_folder(model_dir, mid, tuned)
-    seconds["stage1"] = _train_seconds(where / "stage1" / "training" / "history.json")
+    seconds["stage1"] = train_seconds(where / "stage1" / "training" / "history.json")
     metrics = predict_and_evaluate(tuned, mid, ds, test_ids, where, progress, postprocess)
 
     # stages 2-3: LoRA-based KD of E_{t-mid} into a copy of E_{t-1}, then the merge: M_t, the refined model the
@@ -452,7 +452,7 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
         merged = kd.finalize(student)
         refined = copy.deepcopy(mid)
         model_parts(refined).encoder.load_state_dict(model_parts(merged).encoder.state_dict())
-        seconds["stage2"] = _train_seconds(where / "stage2" / "training" / "history.json")
+        seconds["stage2"] = train_seconds(where / "stage2" / "training" / "history.json")
         refined_folder = _folder(spec, folder0, ds, {"kind": "seqft-refined", "task": task.name, "index": i,
                                                      **settings.record()})
         save_model_folder(where / "refined" / "model", refined, refined_folder)

@@ -159,18 +159,11 @@ def pretext_network_from(folder: ModelFolder, foundation: dict[str, torch.Tensor
     """The pretext network of a supervised foundation: ``spec``'s architecture (the foundation's, one output per
     input channel, no deep supervision) with every foundation weight but the heads (encoder, and decoder as the
     copy to train) and new heads, initialised as a new network of its kind (seeded by ``seed``)."""
-    from medadapt.workflows.finetune import head_parameter_names
+    from medadapt.workflows.finetune import weights_without_heads
 
     network = seeded_network(spec, seed)
     set_deep_supervision(network, False)
-    heads = head_parameter_names(network)
-    own = network.state_dict()
-    take = {k: v for k, v in foundation.items() if k not in heads and k in own}
-    misfit = [k for k in own if k not in heads and (k not in take or take[k].shape != own[k].shape)]
-    if misfit:
-        raise MedadaptError(f"{folder.path}: the foundation's weights do not fit its own network without the heads "
-                            f"(first: {misfit[0]}); the model folder is inconsistent")
-    network.load_state_dict(take, strict=False)
+    network.load_state_dict(weights_without_heads(folder, foundation, network), strict=False)
     return network
 
 
