@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "with --ray local; quick: ~1 min; paper: the paper's sizes, for a GPU "
                                   "cluster; fseft: the FSEFT paper's Table 1 and Fig. 2a/2b, 360 cells; "
                                   "fseft-quick: seconds; medseqft: MedSeqFT's tables on the synthetic CT "
-                                  "stream, 69 cells, an estimated 1 h 50 min with --ray local; medseqft-quick: "
+                                  "stream, 46 cells, an estimated 1 h 55 min with --ray local; medseqft-quick: "
                                   "seconds) or a YAML grid config")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where data, cells and the report go (default medadapt_runs/bench/<config name>)")
