@@ -35,6 +35,37 @@ def _add_training_options(p: argparse.ArgumentParser, default_recipe: str) -> No
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); recorded with the results")
     p.add_argument("--resume", action="store_true", help="continue a killed run in the same --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="mixed precision of the training steps: auto (default; fp16 autocast with a gradient "
+                        "scaler on a GPU, as nnU-Net, fp32 on the CPU), fp32, fp16 (autocast + gradient scaler) or "
+                        "bf16 (autocast); recorded with the run, which resumes only in the same precision")
+    p.add_argument("--workers", type=_workers, default="auto",
+                   help="background processes that sample and augment batches (default auto: one per CPU core "
+                        "but one, at most 8; 0: in the training process); any number gives the same batches")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network's forward pass (as nnU-Net's nnUNet_compile; the first "
+                        "iterations are slow while it compiles)")
+
+
+def _workers(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers (an integer >= 0, or auto)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 or more (or auto)")
+    return value
+
+
+def _engine(args):
+    """The engine options of a training command (--precision, --workers, --compile)."""
+    from medadapt.engine import EngineOptions
+    from medadapt.engine.batches import default_workers
+
+    workers = default_workers() if args.workers == "auto" else args.workers
+    return EngineOptions(precision=args.precision, workers=workers, compile=bool(args.compile))
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
@@ -488,7 +519,7 @@ def cmd_pretrain(args) -> int:
     pretrain(args.data, args.out, preset_name=args.preset, epochs=args.epochs,
              iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed, resume=args.resume,
              progress=not args.quiet, recipe=args.recipe, activation=args.activation, sampling=args.sampling,
-             objective=args.objective)
+             objective=args.objective, engine=_engine(args))
     from medadapt.engine.distributed import is_main
 
     if is_main():
@@ -503,7 +534,7 @@ def cmd_pretrain_ssl_head(args) -> int:
     folder = pretrain_ssl_head(args.model, args.data, args.out, epochs=args.epochs,
                                iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed,
                                resume=args.resume, progress=not args.quiet, recipe=args.recipe,
-                               sampling=args.sampling)
+                               sampling=args.sampling, engine=_engine(args))
     if is_main():
         mask = folder.pretext["mask"]
         print(f"model folder with a masked-reconstruction pathway ({'x'.join(map(str, mask['block_size']))} blocks, "
@@ -528,7 +559,8 @@ def cmd_finetune(args) -> int:
                       gamma=args.gamma, split_seed=args.split_seed, epochs=args.epochs,
                       iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
                       progress=not args.quiet, method_options=_method_options(args), head=args.head,
-                      recipe=args.recipe, postprocess=args.postprocess, transductive=_transductive(args))
+                      recipe=args.recipe, postprocess=args.postprocess, transductive=_transductive(args),
+                      engine=_engine(args))
     if not record:  # a torchrun rank other than 0: rank 0 reports
         return 0
     _print_metrics(record["metrics"], "test cases")
@@ -700,7 +732,7 @@ def cmd_seqft(args) -> int:
                     recipe=args.recipe, kd_recipe=args.kd_recipe, epochs=args.epochs,
                     iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
                     method_options=_method_options(args), postprocess=args.postprocess, resume=args.resume,
-                    progress=not args.quiet)
+                    progress=not args.quiet, engine=_engine(args))
     print((args.out / "results.md").read_text(), end="")
     print(f"{len(summary['tasks'])} task(s); results in {args.out}")
     return 0

@@ -11,11 +11,19 @@ activation), plus any extra ones (knowledge distillation, transductive terms on 
 training step belongs to the strategy (default: forward, every loss term, backward, clip, step), so a method
 that routes losses to different parameters needs no engine of its own.
 
-A checkpoint is written atomically after every epoch. Each epoch draws its randomness from (seed, epoch)
-alone, so a run resumed after being killed continues exactly as the uninterrupted run would have.
+A checkpoint is written atomically after every epoch. Each batch draws its randomness from (seed, epoch,
+iteration) alone (:mod:`medadapt.engine.batches`), whether it is drawn here or in background workers
+(:class:`EngineOptions`: ``workers``), so a run resumed after being killed continues exactly as the
+uninterrupted run would have, whatever the number of workers.
+
+How the steps run is the :class:`EngineOptions`, not the recipe: mixed precision (``precision``: autocast and
+a gradient scaler, :mod:`medadapt.engine.precision`; the resolved precision is part of the training settings,
+so a run resumes in the precision it started in), background batches (``workers``) and ``torch.compile``
+(``compile``: the forward module is compiled; the strategies' hooks live on the optimiser, so they are
+untouched).
 
 Under ``torchrun`` the model is wrapped in DistributedDataParallel: each rank samples its own patches (its
-randomness is drawn from (seed, epoch, rank)), gradients are averaged over ranks in the backward pass, and
+randomness is drawn from (seed, epoch, iteration, rank)), gradients are averaged over ranks in the backward pass, and
 everything after that — clipping, the strategy's selection (DGST picks from the all-reduced gradient), the
 optimizer step — sees the same numbers on every rank, so all ranks keep identical weights. Rank 0 writes the
 checkpoints.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -35,7 +44,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medadapt.engine import distributed as dist_utils
+from medadapt.engine.batches import batch_stream, check_workers
 from medadapt.engine.losses import ACTIVATIONS, build_loss
+from medadapt.engine.precision import PRECISIONS, MixedPrecision, resolve_precision
 from medadapt.engine.recipe import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor
 from medadapt.errors import MedadaptError
 from medadapt.tuning.base import LossTerm, StepContext, Strategy
@@ -67,6 +78,8 @@ class TrainingConfig:
     recipe: str | None = None  # the recipe these settings were resolved from, for the record
     #: the model's output activation, which gives the loss its form (medadapt.engine.losses)
     activation: str = "softmax"
+    #: fp32, fp16 or bf16 (medadapt.engine.precision); "auto" is resolved by EngineOptions.configure
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -77,6 +90,8 @@ class TrainingConfig:
             raise MedadaptError(f"--lr {self.initial_lr}: must be positive")
         if self.activation not in ACTIVATIONS:
             raise MedadaptError(f"output activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if self.precision not in PRECISIONS:
+            raise MedadaptError(f"--precision {self.precision!r}: unknown; choose one of {', '.join(PRECISIONS)}")
 
     @classmethod
     def from_recipe(cls, recipe, method: str, seed: int = 0, activation: str = "softmax") -> "TrainingConfig":
@@ -91,7 +106,39 @@ class TrainingConfig:
         return self.initial_lr * lr_factor(self.schedule, epoch, self.epochs)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as data; ``precision`` only when it is not fp32, so that the records (run identities,
+        checkpoints) of fp32 runs are those written before mixed precision existed."""
+        data = dataclasses.asdict(self)
+        if data["precision"] == "fp32":
+            del data["precision"]
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs the steps (``--precision``, ``--workers``, ``--compile``); see the module docstring.
+
+    ``precision``: auto (fp16 + GradScaler on CUDA, fp32 on the CPU), fp32, fp16 or bf16. ``workers``: processes
+    that draw batches in the background (0: the training process draws them). ``compile``: False, True (torch's
+    default backend, inductor) or a ``torch.compile`` backend name."""
+
+    precision: str = "auto"
+    workers: int = 0
+    compile: bool | str = False
+
+    def __post_init__(self) -> None:
+        resolve_precision(self.precision, "cpu")  # validates the name
+        check_workers(self.workers)
+
+    def configure(self, config: TrainingConfig, device: str | torch.device | None = None) -> TrainingConfig:
+        """``config`` with this precision, resolved for ``device`` (default: this process's device)."""
+        device = device if device is not None else dist_utils.default_device()
+        return dataclasses.replace(config, precision=resolve_precision(self.precision, device))
+
+    def record(self) -> dict:
+        """What a run records about how it ran (not part of its identity: workers and compilation do not
+        change which batches it sees or what it computes, up to floating-point reassociation)."""
+        return {"workers": self.workers, "compile": self.compile}
 
 
 class Trainer:
@@ -100,8 +147,10 @@ class Trainer:
     def __init__(self, model: nn.Module, strategy: Strategy, sampler, config: TrainingConfig,
                  checkpoint_dir: str | Path, loss: LossTerm | None = None,
                  loss_terms: Sequence[LossTerm] = (), progress: bool = True, description: str = "train",
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, engine: EngineOptions | None = None,
+                 scaler=None):
         self.device = torch.device(device) if device is not None else dist_utils.default_device()
+        self.engine = engine or EngineOptions(precision=config.precision)
         self.model = model.to(self.device)  # in place: strategies keep their references to the parameters
         # what forward/backward runs through: the model itself, or its DDP wrapper under torchrun
         self.train_model = model
@@ -110,6 +159,14 @@ class Trainer:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
+        self.calibration_model = self.train_model  # SGST's one-time pass: fp32, not compiled
+        if self.engine.compile:
+            backend = self.engine.compile if isinstance(self.engine.compile, str) else "inductor"
+            self.train_model = torch.compile(self.train_model, backend=backend)
+        if config.precision == "auto":
+            config = dataclasses.replace(config, precision=resolve_precision("auto", self.device))
+        #: autocast and loss scaling (``scaler``: a GradScaler to use instead of the precision's default)
+        self.precision = MixedPrecision(config.precision, self.device, scaler=scaler)
         self.strategy = strategy
         self.sampler = sampler
         self.config = config
@@ -121,7 +178,7 @@ class Trainer:
         self.optimizer = build_optimizer(config.optimizer, strategy.parameters(model), config.initial_lr)
         strategy.attach(self.optimizer)
         self.history: dict[str, list] = {"epoch_loss": [], "iteration_loss": [], "lr": [],
-                                         "iteration_seconds": [], "sampling_seconds": []}
+                                         "iteration_seconds": [], "sampling_seconds": [], "skipped_steps": []}
         self.start_epoch = 0
 
     # -- checkpoints ---------------------------------------------------------------------------------------
@@ -134,6 +191,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "strategy": self.strategy.state_dict(),
+            "precision": self.precision.state_dict(),
             "history": self.history,
             "config": self.config.to_dict(),
         })
@@ -148,7 +206,10 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.strategy.load_state_dict(ckpt["strategy"])
+        if "precision" in ckpt:
+            self.precision.load_state_dict(ckpt["precision"])
         self.history = ckpt["history"]
+        self.history.setdefault("skipped_steps", [])
         self.start_epoch = ckpt["epoch_done"]
 
     # -- training ------------------------------------------------------------------------------------------
@@ -167,12 +228,18 @@ class Trainer:
         bar = tqdm(total=total, desc=self.description, disable=not (self.progress and dist_utils.is_main()),
                    unit="it", leave=False,
                    dynamic_ncols=True)
+        ipe = cfg.iterations_per_epoch
+        batches = batch_stream(self.sampler, cfg.seed, ipe, self.start_epoch * ipe, cfg.epochs * ipe,
+                               workers=self.engine.workers,
+                               rank=dist_utils.rank() if dist_utils.is_distributed() else None,
+                               pin_memory=self.device.type == "cuda")
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
-                self._run_epoch(epoch, bar)
+                self._run_epoch(epoch, bar, batches)
                 self._save(epoch + 1)
         finally:
             bar.close()
+            del batches  # stops the workers
         return self.history
 
     def _calibrate(self) -> None:
@@ -192,14 +259,15 @@ class Trainer:
             batch = self._to_device(batch)
             return self.loss(model, batch, model(batch["image"]))
 
-        self.strategy.calibrate(self.train_model, loss_fn, batches)
+        self.strategy.calibrate(self.calibration_model, loss_fn, batches)
 
     def _stream(self, key: int) -> list[int]:
         """Seed sequence of one random stream: (seed, key), plus the rank when several processes train."""
         return [self.config.seed, key] + ([dist_utils.rank()] if dist_utils.is_distributed() else [])
 
-    def _run_epoch(self, epoch: int, bar) -> None:
+    def _run_epoch(self, epoch: int, bar, batches) -> None:
         cfg = self.config
+        # torch's own generator (dropout, strategies that draw in their step) restarts from (seed, epoch)
         rng = np.random.default_rng(self._stream(epoch))
         torch.manual_seed(int(rng.integers(2 ** 62)))
         lr = cfg.lr_at(epoch)
@@ -208,7 +276,7 @@ class Trainer:
         losses = []
         for _ in range(cfg.iterations_per_epoch):
             t0 = time.perf_counter()
-            batch = self.sampler.sample(rng)
+            batch = next(batches)  # drawn here (workers=0) or waited for (background workers)
             batch["epoch"], batch["epochs"] = epoch, cfg.epochs  # for loss terms with a schedule of their own
             t1 = time.perf_counter()
             loss = dist_utils.mean_over_ranks(self.train_step(batch))
@@ -217,6 +285,8 @@ class Trainer:
             self.history["iteration_loss"].append(loss)
             self.history["iteration_seconds"].append(t2 - t1)
             self.history["sampling_seconds"].append(t1 - t0)
+            if self.precision.last_step_skipped:
+                self.history["skipped_steps"].append(len(self.history["iteration_loss"]) - 1)
             bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss:.3f}", refresh=False)
             bar.update(1)
         self.history["epoch_loss"].append(float(np.mean(losses)))
@@ -229,13 +299,23 @@ class Trainer:
         """One iteration, as the strategy takes it (by default forward, loss, backward, clip, step; see
         :meth:`medadapt.tuning.Strategy.train_step`). Returns the loss value."""
         ctx = StepContext(model=self.model, forward=self.train_model, optimizer=self.optimizer, loss=self.loss,
-                          loss_terms=self.loss_terms, grad_clip=self.config.grad_clip)
-        return float(self.strategy.train_step(ctx, self._to_device(batch)))
+                          loss_terms=self.loss_terms, grad_clip=self.config.grad_clip, precision=self.precision)
+        loss = self.strategy.train_step(ctx, self._to_device(batch))
+        self.precision.update()
+        value = float(loss)  # the iteration's one host synchronisation
+        if not math.isfinite(value) and self.precision.scaler is None:
+            # with a gradient scaler a non-finite loss is a skipped step (its gradients are not finite), as in
+            # nnU-Net's and torch.amp's loops; without one it would have put NaNs into the weights
+            raise FloatingPointError(f"non-finite loss {value} (learning rate too high?)")
+        return value
 
     def summary(self) -> dict[str, float]:
         it = self.history["iteration_seconds"]
         return {
             "median_iteration_seconds": statistics.median(it) if it else float("nan"),
             "median_sampling_seconds": statistics.median(self.history["sampling_seconds"]) if it else float("nan"),
+            # the share of the loop's time spent drawing or waiting for batches
+            "data_wait_share": (sum(self.history["sampling_seconds"]) / (sum(self.history["sampling_seconds"])
+                                                                          + sum(it))) if it else float("nan"),
             "final_epoch_loss": self.history["epoch_loss"][-1] if self.history["epoch_loss"] else float("nan"),
         }

@@ -39,27 +39,37 @@ class StepContext:
     """What one training step works with, as the engine gives it to :meth:`Strategy.train_step`."""
 
     model: nn.Module  #: the network (the object the strategy prepared; its parameters)
-    forward: nn.Module  #: what the forward pass runs through: the model, or its DistributedDataParallel wrapper
+    forward: nn.Module  #: what the forward pass runs through: the model, its DDP wrapper or its compiled form
     optimizer: torch.optim.Optimizer
     loss: LossTerm  #: the recipe's loss
     loss_terms: Sequence[LossTerm] = ()  #: further terms (distillation, unlabelled volumes, ...)
     grad_clip: float | None = None  #: gradient-norm clipping of the model's parameters (None: none)
+    #: autocast and loss scaling (:class:`medadapt.engine.precision.MixedPrecision`; None: plain fp32). A step
+    #: runs its forward pass and losses under ``precision.autocast()``, calls ``precision.backward(loss)`` (or
+    #: ``precision.grad``) and steps every optimiser with ``precision.step(optimizer, params, clip)``, which
+    #: unscales and clips before the optimiser's hooks see the gradients and skips the step on inf/NaN; the
+    #: engine calls ``precision.update()`` after the step.
+    precision: Any = None
+
+    def __post_init__(self) -> None:
+        if self.precision is None:
+            from medadapt.engine.precision import MixedPrecision
+
+            self.precision = MixedPrecision("fp32")
 
 
 def default_train_step(ctx: StepContext, batch: dict) -> torch.Tensor:
-    """One iteration: forward, the recipe's loss plus every extra term, backward, clip, step. Returns the
-    (detached) loss."""
+    """One iteration: forward and the recipe's loss plus every extra term (under autocast), backward (of the
+    scaled loss), unscale, clip, step (skipped by the scaler on inf/NaN gradients). Returns the (detached)
+    loss; the engine checks it is finite once the step is queued (one host synchronisation per iteration)."""
     ctx.optimizer.zero_grad(set_to_none=True)
-    outputs = ctx.forward(batch["image"])
-    loss = ctx.loss(ctx.model, batch, outputs)
-    for term in ctx.loss_terms:
-        loss = loss + term(ctx.model, batch, outputs)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()} (learning rate too high?)")
-    loss.backward()
-    if ctx.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.grad_clip)
-    ctx.optimizer.step()
+    with ctx.precision.autocast():
+        outputs = ctx.forward(batch["image"])
+        loss = ctx.loss(ctx.model, batch, outputs)
+        for term in ctx.loss_terms:
+            loss = loss + term(ctx.model, batch, outputs)
+    ctx.precision.backward(loss)
+    ctx.precision.step(ctx.optimizer, ctx.model.parameters(), ctx.grad_clip)
     return loss.detach()
 
 

@@ -49,7 +49,8 @@ def feature_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> tor
     """Mean over the feature maps of each map's mean squared error."""
     if len(student) != len(teacher):
         raise ValueError(f"{len(student)} student feature maps against {len(teacher)} teacher maps")
-    return torch.stack([torch.mean((s - t.detach()) ** 2) for s, t in zip(student, teacher)]).mean()
+    # in fp32 whatever the autocast: squared differences of fp16 features can overflow
+    return torch.stack([torch.mean((s.float() - t.detach().float()) ** 2) for s, t in zip(student, teacher)]).mean()
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -92,7 +93,7 @@ class KDFineTuning(Strategy):
         self.step = 0
         self.kd_optimizer: torch.optim.Optimizer | None = None
         self._kd_state: dict | None = None
-        self.last_kd_loss: float | None = None  #: the latest step's distillation loss, for inspection
+        self.last_kd_loss: torch.Tensor | None = None  #: the latest step's distillation loss (detached), for inspection
 
     def _encoder_params(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in encoder_parameters(model) if p.requires_grad]
@@ -113,16 +114,16 @@ class KDFineTuning(Strategy):
     def train_step(self, ctx: StepContext, batch: dict) -> torch.Tensor:
         device = batch["image"].device
         kd_grads = None
+        amp = ctx.precision
         if self.buffer is not None:
             rng = np.random.default_rng([self.seed, 0x6B64, self.step])
             buffered = self.buffer.sample(rng)
             image = buffered["image"].to(device, non_blocking=True)
             enc = self._encoder_params(ctx.model)
-            kd = FeatureDistillation(self.teacher.to(device))(ctx.model, {"image": image})
-            if not torch.isfinite(kd):
-                raise FloatingPointError(f"non-finite distillation loss {kd.item()} (learning rate too high?)")
-            kd_grads = torch.autograd.grad(kd, enc, allow_unused=True)
-            self.last_kd_loss = float(kd.detach())
+            with amp.autocast():
+                kd = FeatureDistillation(self.teacher.to(device))(ctx.model, {"image": image})
+            kd_grads = amp.grad(kd, enc, allow_unused=True)  # of the scaled loss; amp.step unscales them
+            self.last_kd_loss = kd.detach()
         # the segmentation loss: every trainable parameter, the engine's optimiser (the default step)
         loss = default_train_step(ctx, batch)
         # the distillation loss: the encoder only, its own optimiser, the gradient taken before the step above
@@ -133,9 +134,9 @@ class KDFineTuning(Strategy):
                 group["lr"] = ctx.optimizer.param_groups[0]["lr"]
             for p, g in zip(self._encoder_params(ctx.model), kd_grads):
                 p.grad = None if g is None else g.detach()
-            if ctx.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self._encoder_params(ctx.model), ctx.grad_clip)
-            self.kd_optimizer.step()
+            # unscale, clip the distillation gradient alone, step (or skip on inf/NaN, independently of the
+            # segmentation step: each optimiser's gradients are checked on their own)
+            amp.step(self.kd_optimizer, self._encoder_params(ctx.model), ctx.grad_clip)
             self.kd_optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss
@@ -176,11 +177,8 @@ class EncoderLoRADistillation(LoRA):
     def train_step(self, ctx: StepContext, batch: dict) -> torch.Tensor:
         """The engine's loss term on the encoders alone (no decoder forward), backward, clip, step."""
         ctx.optimizer.zero_grad(set_to_none=True)
-        loss = ctx.loss(ctx.model, batch, None)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} (learning rate too high?)")
-        loss.backward()
-        if ctx.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.parameters(ctx.model), ctx.grad_clip)
-        ctx.optimizer.step()
+        with ctx.precision.autocast():
+            loss = ctx.loss(ctx.model, batch, None)
+        ctx.precision.backward(loss)
+        ctx.precision.step(ctx.optimizer, self.parameters(ctx.model), ctx.grad_clip)
         return loss.detach()

@@ -187,7 +187,11 @@ class DGST(SparseUpdateStrategy):
 
 class DRST(SparseUpdateStrategy):
     """Dynamic Random Sparsification Training (the paper's ablation): gamma random entries per kernel, re-drawn
-    every step, from a seeded generator (its state is checkpointed, so a resumed run draws the same entries)."""
+    every step, from a seeded generator (its state is checkpointed, so a resumed run draws the same entries).
+
+    The scores are drawn where the weights are (a generator on the weights' device, created at the first step
+    and seeded with ``seed``): no host round trip per step. CPU and CUDA generators give different streams for
+    one seed, so a run is resumed on the device type it was started on (refused otherwise)."""
 
     name = "drst"
     summary = "gamma random entries per kernel each step + biases, norms, heads"
@@ -196,21 +200,38 @@ class DRST(SparseUpdateStrategy):
     def __init__(self, gamma: int = 1, seed: int = 0):
         super().__init__(gamma)
         self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator: torch.Generator | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if self._generator is None:
+            generator = torch.Generator(device=device).manual_seed(self.seed)
+            if self._pending_state is not None:
+                saved = self._pending_state.get("device", "cpu")
+                if saved != device.type:
+                    raise MedadaptError(f"DRST: this run's random selection was drawn on {saved}; resume it on "
+                                        f"{saved} (now: {device.type}), or start a new run")
+                generator.set_state(self._pending_state["generator"])
+                self._pending_state = None
+            self._generator = generator
+        return self._generator
 
     def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor | None:
-        scores = torch.rand(weight.shape, generator=self._generator).to(weight.device)
+        scores = torch.rand(weight.shape, generator=self._generator_for(weight.device), device=weight.device)
         return kernel_topk_indices(scores, self.gamma, out_dim)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "seed": self.seed}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self._generator.get_state()}
+        if self._generator is None:  # no step yet: the state is the seed's (or the one waiting to be loaded)
+            return dict(self._pending_state) if self._pending_state is not None else {}
+        return {"generator": self._generator.get_state(), "device": self._generator.device.type}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "generator" in state:
-            self._generator.set_state(state["generator"])
+            self._pending_state = {"generator": state["generator"], "device": state.get("device", "cpu")}
+            self._generator = None
 
 
 class SGST(SparseUpdateStrategy):

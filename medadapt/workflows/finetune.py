@@ -47,7 +47,7 @@ from medadapt.data.io import read_label
 from medadapt.data.cache import preprocess_dataset
 from medadapt.data.sampling import PatchSampler
 from medadapt.data.splits import draw_shots, train_test_split
-from medadapt.engine import Trainer, TrainingConfig, distributed
+from medadapt.engine import EngineOptions, Trainer, TrainingConfig, distributed
 from medadapt.engine.recipe import Recipe, load_recipe
 from medadapt.errors import MedadaptError
 from medadapt.inference import Predictor
@@ -223,7 +223,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
              iterations_per_epoch: int | None = None, lr: float | None = None, resume: bool = False,
              progress: bool = True, method_options: dict[str, Any] | None = None, head: str = "fresh",
              recipe: "str | Path | Recipe | None" = None, postprocess: str = "none",
-             transductive: "Transductive | None" = None) -> dict[str, Any]:
+             transductive: "Transductive | None" = None, engine: EngineOptions | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` on ``shots`` cases of ``data`` with ``method``; evaluate on the test split.
     ``shots="all"``: every case of the train split (the "all samples" rows), recorded as their number.
 
@@ -234,7 +234,10 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     ``postprocess`` (``none`` or ``lcc``) is applied to the test predictions (medadapt.inference.predictor).
     ``transductive``: FSEFT's transductive inference on the test volumes (:class:`Transductive`); a method that
     does not train (``generalization``) evaluates the foundation's own outputs for the dataset's classes.
+    ``engine``: how the steps run (mixed precision, background workers, ``torch.compile``; default: auto
+    precision, batches drawn in this process); the resolved precision is part of the run's identity.
     """
+    engine = engine or EngineOptions()
     out = Path(out)
     run_file = out / "run.json"
     if head not in HEAD_POLICIES:
@@ -260,7 +263,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     dataset = RawDataset.load(data)
     resolved = load_recipe(recipe or folder.recipe or DEFAULT_RECIPE).with_overrides(
         epochs=epochs, iterations_per_epoch=iterations_per_epoch)
-    config = TrainingConfig.from_recipe(resolved, method, seed, activation=folder.activation)
+    config = engine.configure(TrainingConfig.from_recipe(resolved, method, seed, activation=folder.activation))
     if lr is not None:
         config = dataclasses.replace(config, initial_lr=lr)
     if postprocess not in POSTPROCESSING:
@@ -338,7 +341,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
                 if transductive else []
             trainer = Trainer(net, strategy, sampler, config, where / "training", progress=progress,
                               loss_terms=terms, description=f"finetune {method} {shots}-shot"
-                              + (f" {ids[0]}" if where != out else ""))
+                              + (f" {ids[0]}" if where != out else ""), engine=engine)
             history = trainer.fit(resume=resume)
             timing = trainer.summary()
             if distributed.is_main():

@@ -19,7 +19,7 @@ from medadapt.data.cache import preprocess_dataset
 from medadapt.data.partial import annotation_records, build_template, sampling_weights, template_cases
 from medadapt.data.preprocessing import plan_from_datasets
 from medadapt.data.sampling import PatchSampler
-from medadapt.engine import Trainer, TrainingConfig, distributed
+from medadapt.engine import EngineOptions, Trainer, TrainingConfig, distributed
 from medadapt.engine.recipe import Recipe, load_recipe
 from medadapt.errors import MedadaptError
 from medadapt.models import ModelFolder, preset, save_model_folder
@@ -39,7 +39,8 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
              epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
              seed: int = 0, resume: bool = False, progress: bool = True,
              recipe: "str | Path | Recipe | None" = None, activation: str | None = None,
-             sampling: str = "cases", objective: str = "supervised") -> ModelFolder:
+             sampling: str = "cases", objective: str = "supervised",
+             engine: EngineOptions | None = None) -> ModelFolder:
     """Train a new network on every case of ``data`` (one dataset or several); writes a model folder to ``out``.
 
     ``objective``: ``supervised`` (segmentation of the datasets' labels; below) or ``mae`` (masked-volume
@@ -61,7 +62,7 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
 
         return pretrain_mae(data, out, preset_name=preset_name, epochs=epochs,
                             iterations_per_epoch=iterations_per_epoch, lr=lr, seed=seed, resume=resume,
-                            progress=progress, recipe=recipe, sampling=sampling)
+                            progress=progress, recipe=recipe, sampling=sampling, engine=engine)
     out = Path(out)
     if activation is not None and activation not in ACTIVATIONS:
         raise MedadaptError(f"--activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
@@ -104,9 +105,10 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
     sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
                            augmentation=Augmentation(spec.patch_size), case_weights=weights,
                            patches_per_case=resolved.patches_per_case)
-    config = TrainingConfig.from_recipe(resolved, strategy.name, seed, activation=activation)
+    engine = engine or EngineOptions()
+    config = engine.configure(TrainingConfig.from_recipe(resolved, strategy.name, seed, activation=activation))
     trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
-                      description="pretrain")
+                      description="pretrain", engine=engine)
     history = trainer.fit(resume=resume)
     template_record = None
     if use_template:

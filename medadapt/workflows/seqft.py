@@ -59,7 +59,7 @@ from medadapt.data.cache import preprocess_dataset
 from medadapt.data.dataset import RawDataset
 from medadapt.data.sampling import PatchSampler
 from medadapt.data.splits import draw_shots, train_test_split
-from medadapt.engine import Trainer, TrainingConfig
+from medadapt.engine import EngineOptions, Trainer, TrainingConfig
 from medadapt.engine.recipe import Recipe, load_recipe
 from medadapt.errors import MedadaptError
 from medadapt.inference.predictor import POSTPROCESSING
@@ -200,9 +200,11 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
           recipe: "str | Path | Recipe | None" = None, kd_recipe: "str | Path | Recipe | None" = None,
           epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
           method_options: dict[str, Any] | None = None, postprocess: str = "none", resume: bool = False,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, engine: EngineOptions | None = None) -> dict[str, Any]:
     """Run ``stream`` from the foundation ``model`` with ``method`` into ``out`` (module docstring); returns
-    the run's results record (also ``out/results.json``)."""
+    the run's results record (also ``out/results.json``). ``engine``: how every training step runs (mixed
+    precision, background workers, ``torch.compile``)."""
+    engine = engine or EngineOptions()
     out = Path(out)
     settings = resolve_method(method, buffer, retention, buffer_size, mds_repeats, kd_rank)
     if postprocess not in POSTPROCESSING:
@@ -214,8 +216,8 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
         make_strategy(method, seed=seed, **(method_options or {}))  # validates the method's options
     resolved = load_recipe(recipe or folder0.recipe or DEFAULT_RECIPE).with_overrides(
         epochs=epochs, iterations_per_epoch=iterations_per_epoch)
-    config = TrainingConfig.from_recipe(resolved, "full" if settings.sequential or method == JOINT else method,
-                                        seed, activation=folder0.activation)
+    config = engine.configure(TrainingConfig.from_recipe(
+        resolved, "full" if settings.sequential or method == JOINT else method, seed, activation=folder0.activation))
     if method == JOINT:  # the budget of the parallel runs together: n tasks x the recipe's epochs
         config = dataclasses.replace(config, epochs=config.epochs * len(stream.tasks))
     if lr is not None:
@@ -223,9 +225,8 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
     kd_resolved = kd_config = None
     if settings.retention == "lora-kd":
         kd_resolved = load_recipe(kd_recipe) if kd_recipe is not None else kd_recipe_from(resolved)
-        kd_config = dataclasses.replace(TrainingConfig.from_recipe(kd_resolved, "lora-kd", seed,
-                                                                   activation=folder0.activation),
-                                        loss={"name": "encoder-feature-mse"})
+        kd_config = dataclasses.replace(engine.configure(TrainingConfig.from_recipe(
+            kd_resolved, "lora-kd", seed, activation=folder0.activation)), loss={"name": "encoder-feature-mse"})
     elif kd_recipe is not None:
         raise MedadaptError("--kd-recipe: only with --retention lora-kd (or --method medseqft)")
     pretext = None
@@ -270,7 +271,8 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
     atomic_write_json(out / "seqft.json", identity)
 
     if method == JOINT:
-        results = _joint(out, stream, datasets, splits, folder0, config, resolved, seed, postprocess, progress)
+        results = _joint(out, stream, datasets, splits, folder0, config, resolved, seed, postprocess, progress,
+                         engine)
         summary = {"stream": stream.record(), "identity": identity, "tasks": results, "environment": environment()}
         _write_results(out, summary)
         return summary
@@ -282,7 +284,7 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
         if settings.sequential:
             record = _sequential_task(i, task, ds, shot_ids, test_ids, where, previous, folder0, settings, config,
                                       kd_config, resolved, entries, datasets, stream, pretext, seed, postprocess,
-                                      progress)
+                                      progress, engine)
             previous = load_model_folder(carried_model(where))
             entries = [BufferEntry(**e) for e in record["buffer_after"]]
             atomic_write_json(out / "buffer.json", buffer_record(
@@ -294,7 +296,7 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
             run = finetune(model, task.data, where, method=method, shots=len(shot_ids), seed=seed,
                            split_seed=split_seed, epochs=epochs, iterations_per_epoch=iterations_per_epoch, lr=lr,
                            resume=True, progress=progress, method_options=method_options, head="fresh",
-                           recipe=resolved, postprocess=postprocess)
+                           recipe=resolved, postprocess=postprocess, engine=engine)
             record = {"task": task.name, "index": i, "metrics": run["metrics"],
                       "seconds": {"finetune": train_seconds(where / "training" / "history.json")}}
         results.append(record)
@@ -336,7 +338,8 @@ def _after_stream(out: Path, stream: Stream, datasets, splits, folder0: ModelFol
 
 
 def _joint(out: Path, stream: Stream, datasets, splits, folder0: ModelFolder, config: TrainingConfig,
-           resolved: Recipe, seed: int, postprocess: str, progress: bool) -> list[dict[str, Any]]:
+           resolved: Recipe, seed: int, postprocess: str, progress: bool,
+           engine: EngineOptions | None = None) -> list[dict[str, Any]]:
     """Joint multi-task training: M_0's encoder and decoder shared, a fresh head per task, each batch from one
     task drawn uniformly; then every task's network (shared weights + its head) is saved and evaluated."""
     from medadapt.data.sampling import TaskMixSampler
@@ -358,7 +361,8 @@ def _joint(out: Path, stream: Stream, datasets, splits, folder0: ModelFolder, co
     done = all((task_folder(out, i, t) / "task.json").is_file() for i, t in enumerate(stream.tasks, 1))
     if not done:
         trainer = Trainer(strategy.prepare(model), strategy, TaskMixSampler(samplers), config,
-                          out / "joint" / "training", progress=progress, description="joint training")
+                          out / "joint" / "training", progress=progress, description="joint training",
+                          engine=engine)
         atomic_write_json(out / "joint" / "training" / "history.json", trainer.fit(resume=True))
     seconds = train_seconds(out / "joint" / "training" / "history.json")
     results = []
@@ -393,7 +397,7 @@ def _cases(ds: RawDataset, ids, folder: ModelFolder, progress: bool):
 def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: ModelFolder, folder0: ModelFolder,
                      settings: SeqSettings, config: TrainingConfig, kd_config, resolved: Recipe,
                      entries: list[BufferEntry], datasets, stream: Stream, pretext, seed: int, postprocess: str,
-                     progress: bool) -> dict[str, Any]:
+                     progress: bool, engine: EngineOptions | None = None) -> dict[str, Any]:
     done = where / "task.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -428,7 +432,8 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
                     else FullFineTuning())
         net = strategy.prepare(net)
         trainer = Trainer(net, strategy, sampler, config, where / "stage1" / "training", progress=progress,
-                          description=f"task {i} {task.name}: {'KD-based FFT' if buffer_sampler else 'fine-tune'}")
+                          description=f"task {i} {task.name}: {'KD-based FFT' if buffer_sampler else 'fine-tune'}",
+                          engine=engine)
         atomic_write_json(where / "stage1" / "training" / "history.json", trainer.fit(resume=True))
         mid = strategy.finalize(net)
         tuned = _folder(spec, folder0, ds, {"kind": "seqft-task-model", "task": task.name, "index": i,
@@ -447,7 +452,7 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
         student = kd.prepare(student)
         trainer = Trainer(student, kd, sampler, kd_config, where / "stage2" / "training", progress=progress,
                           loss=FeatureDistillation(frozen_copy(mid)),
-                          description=f"task {i} {task.name}: LoRA-based KD")
+                          description=f"task {i} {task.name}: LoRA-based KD", engine=engine)
         atomic_write_json(where / "stage2" / "training" / "history.json", trainer.fit(resume=True))
         merged = kd.finalize(student)
         refined = copy.deepcopy(mid)

@@ -32,7 +32,7 @@ from medadapt.data.cache import preprocess_dataset
 from medadapt.data.partial import SAMPLING
 from medadapt.data.preprocessing import plan_from_datasets
 from medadapt.data.sampling import PatchSampler
-from medadapt.engine import Trainer, TrainingConfig, distributed
+from medadapt.engine import EngineOptions, Trainer, TrainingConfig, distributed
 from medadapt.engine.recipe import Recipe, load_recipe
 from medadapt.errors import MedadaptError
 from medadapt.models import ModelFolder, load_model_folder, preset, save_model_folder
@@ -93,7 +93,8 @@ def _datasets_record(datasets) -> list[dict]:
 def pretrain_mae(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_name: str = "cpu-small",
                  epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
                  seed: int = 0, resume: bool = False, progress: bool = True,
-                 recipe: "str | Path | Recipe | None" = None, sampling: str = "cases") -> ModelFolder:
+                 recipe: "str | Path | Recipe | None" = None, sampling: str = "cases",
+                 engine: EngineOptions | None = None) -> ModelFolder:
     """Train a new ``preset_name`` network by masked-volume reconstruction on every case of ``data`` (one
     dataset or several; labels unused); writes a model folder to ``out`` (module docstring). The training
     settings and the masking come from ``recipe`` (default: the preset's, e.g. ``cpu-mae-pretrain``; its loss
@@ -118,9 +119,10 @@ def pretrain_mae(data: "str | Path | Sequence[str | Path]", out: str | Path, pre
     strategy = FullFineTuning()
     network = strategy.prepare(network)
     sampler = _sampler(cases, [len(ds.case_ids) for ds in datasets], spec, resolved, sampling)
-    config = TrainingConfig.from_recipe(resolved, strategy.name, seed)
+    engine = engine or EngineOptions()
+    config = engine.configure(TrainingConfig.from_recipe(resolved, strategy.name, seed))
     trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
-                      description="pretrain mae")
+                      description="pretrain mae", engine=engine)
     history = trainer.fit(resume=resume)
     first = datasets[0]
     record = PretextRecord(objective="mae", mask=mask, network=spec, weights=WEIGHTS_FILE,
@@ -170,7 +172,8 @@ def pretext_network_from(folder: ModelFolder, foundation: dict[str, torch.Tensor
 def pretrain_ssl_head(model: str | Path, data: "str | Path | Sequence[str | Path]", out: str | Path,
                       epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
                       seed: int = 0, resume: bool = False, progress: bool = True,
-                      recipe: "str | Path | Recipe | None" = None, sampling: str = "cases") -> ModelFolder:
+                      recipe: "str | Path | Recipe | None" = None, sampling: str = "cases",
+                      engine: EngineOptions | None = None) -> ModelFolder:
     """Add a masked-volume reconstruction pathway to the supervised foundation ``model``, trained on the cases
     of ``data`` with the foundation's encoder frozen; writes the foundation's model folder plus ``pretext.pt``
     to ``out`` (module docstring). The settings come from ``recipe`` (default: the masked-reconstruction recipe
@@ -216,7 +219,8 @@ def pretrain_ssl_head(model: str | Path, data: "str | Path | Sequence[str | Path
     foundation_network = folder.load_network()
     foundation = foundation_network.state_dict()
     strategy = FrozenEncoder()
-    config = TrainingConfig.from_recipe(resolved, strategy.name, seed)
+    engine = engine or EngineOptions()
+    config = engine.configure(TrainingConfig.from_recipe(resolved, strategy.name, seed))
     identity = {"foundation": {"path": str(Path(folder.path).resolve()) if folder.path else None,
                                "weights": model_fingerprint(folder, foundation)},
                 "datasets": [{"path": str(ds.root.resolve()), "name": ds.name, "cases": ds.case_ids}
@@ -234,7 +238,7 @@ def pretrain_ssl_head(model: str | Path, data: "str | Path | Sequence[str | Path
     if distributed.is_main():
         record_identity(out / HEAD_TRAINING, identity)
     trainer = Trainer(network, strategy, sampler, config, out / HEAD_TRAINING, progress=progress,
-                      description="pretrain-ssl-head")
+                      description="pretrain-ssl-head", engine=engine)
     history = trainer.fit(resume=resume)
     final = strategy.finalize(network)
     state = {k: v.detach().cpu() for k, v in final.state_dict().items()}
