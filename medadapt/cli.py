@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-speed", help="seconds per training iteration of every method, side by side",
                        description="Time every fine-tuning method on the same batches in one process "
                                    "(interleaved), split into forward, backward, selection and optimizer step; "
-                                   "ratio to full; peak memory.")
+                                   "ratio to full; peak memory. With --against-nnunet: medadapt's training step "
+                                   "against nnU-Net's on the same network, weights and batches.")
     net = p.add_mutually_exclusive_group()
     net.add_argument("--model", type=Path, help="a model folder to time")
     net.add_argument("--preset", default=None, help="a network preset (default cpu-small)")
@@ -252,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--against-nnunet", action="store_true",
+                   help="time medadapt's training step (Trainer.train_step) against nnU-Net's "
+                        "(nnUNetTrainer.train_step) for full and dgst: the same network (an nnU-Net network: "
+                        "PlainConvUNet presets or an nnU-Net model), weights, batches, patch, loss and device, "
+                        "interleaved; prints both medians and the ratios (no memory measurement; needs nnunetv2)")
     _add_method_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench_speed)
@@ -625,7 +631,7 @@ def cmd_bench_speed(args) -> int:
     run_bench_speed(model=args.model, preset_name=args.preset, patch=args.patch, batch=args.batch, methods=methods,
                     iterations=args.iterations, warmup=args.warmup, memory=not args.no_memory, device=args.device,
                     as_json=args.json, options={k: v for k, v in options.items() if v is not None},
-                    progress=not args.quiet)
+                    progress=not args.quiet, against_nnunet=args.against_nnunet)
     return 0
 
 

@@ -283,8 +283,10 @@ def speed_table(results: dict[str, dict[str, float]], memory: dict[str, int] | N
 def run_bench_speed(model: Path | None = None, preset_name: str | None = None, patch=None, batch=None,
                     methods: Sequence[str] | None = None, iterations: int = 5, warmup: int = 2, memory: bool = True,
                     device: str | None = None, as_json: bool = False, options: dict | None = None,
-                    progress: bool = True) -> dict:
-    """The ``bench-speed`` command: time, measure memory, print a table (or JSON), return the results."""
+                    progress: bool = True, against_nnunet: bool = False) -> dict:
+    """The ``bench-speed`` command: time, measure memory, print a table (or JSON), return the results.
+    ``against_nnunet``: time medadapt's training step against nnU-Net's instead
+    (:mod:`medadapt.benchmark.speed_nnunet`; full and dgst, no memory measurement)."""
     import json
     import platform
 
@@ -293,14 +295,25 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
     from medadapt.tuning import method_names
 
     options = options or {}
+    if against_nnunet and methods:
+        raise MedadaptError("--methods: --against-nnunet times full and dgst; leave --methods out")
     if model is not None:
         folder = load_model_folder(model)
         spec, weights = folder.network, folder.path / "weights.pt"
+        if against_nnunet:
+            from medadapt.benchmark.speed_nnunet import check_network
+
+            check_network(spec, folder)  # before loading the weights: one line for a network nnU-Net cannot train
         foundation = folder.load_network()
         label = str(model)
     else:
+        folder = None
         spec = preset(preset_name or "cpu-small", input_channels=1, num_classes=2)
         weights = None
+        if against_nnunet:
+            from medadapt.benchmark.speed_nnunet import check_network
+
+            check_network(spec)
         torch.manual_seed(0)
         foundation = build_network(spec)
         label = f"preset {preset_name or 'cpu-small'}"
@@ -318,6 +331,11 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
         raise MedadaptError(f"--device {device}: use cpu, or cuda on a machine with a GPU")
     if warmup < 0:
         raise MedadaptError(f"--warmup {warmup}: must be >= 0")
+    if against_nnunet:
+        from medadapt.benchmark.speed_nnunet import run_against_nnunet
+
+        return run_against_nnunet(foundation, spec, label, patch, batch, iterations, warmup, device, as_json, options,
+                                  folder, progress)
     results = time_methods(foundation, methods, patch, batch, iterations, warmup, options, device, progress)
     peaks = None
     if memory:
