@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(nnUNetTrainer.train_step) for full and dgst: the same network (an nnU-Net network: "
                         "PlainConvUNet presets or an nnU-Net model), weights, batches, patch, loss and device, "
                         "interleaved; prints both medians and the ratios (no memory measurement; needs nnunetv2)")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="the engine's mixed precision for medadapt's steps (default auto: fp16 autocast + gradient "
+                        "scaler on a GPU, as nnU-Net's trainer; fp32 on the CPU)")
     _add_method_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench_speed)
@@ -631,7 +634,7 @@ def cmd_bench_speed(args) -> int:
     run_bench_speed(model=args.model, preset_name=args.preset, patch=args.patch, batch=args.batch, methods=methods,
                     iterations=args.iterations, warmup=args.warmup, memory=not args.no_memory, device=args.device,
                     as_json=args.json, options={k: v for k, v in options.items() if v is not None},
-                    progress=not args.quiet, against_nnunet=args.against_nnunet)
+                    progress=not args.quiet, precision=args.precision, against_nnunet=args.against_nnunet)
     return 0
 
 

@@ -226,3 +226,42 @@ def test_compiled_forward_keeps_the_strategy_exact(tiny_unet, tmp_path):
     # the checkpoint holds the plain network's keys (no torch.compile wrapper prefix)
     ckpt = torch.load(tmp_path / "b" / "checkpoint_latest.pt", weights_only=False)
     assert set(ckpt["model"]) == set(plain.model.state_dict())
+
+
+def test_kd_fine_tuning_under_bf16_with_a_scaler(tiny_unet):
+    """MedSeqFT's KD-based FFT (two optimisers) under autocast + scaler: both steps see unscaled gradients;
+    when the segmentation gradient overflows, its step is skipped (decoder and head untouched) while the
+    distillation step, checked on its own gradients, goes ahead."""
+    from medadapt.models.parts import encoder_parameters
+    from medadapt.tuning.distill import KDFineTuning, frozen_copy
+
+    class Buffer:
+        def sample(self, rng):
+            return {"image": torch.from_numpy(rng.standard_normal((2, 1, 16, 32, 32)).astype(np.float32))}
+
+    model = tiny_unet(seed=1)
+    strategy = KDFineTuning(frozen_copy(tiny_unet(seed=2)), Buffer(), seed=0)
+    model = strategy.prepare(model)
+    opt = torch.optim.SGD(strategy.parameters(model), lr=1e-2, momentum=0.99, nesterov=True)
+    strategy.attach(opt)
+    amp = MixedPrecision("bf16", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))
+    loss = build_loss({"name": "dice_ce", "batch_dice": True}, "softmax")
+    ctx = StepContext(model=model, forward=model, optimizer=opt, loss=loss, grad_clip=12.0, precision=amp)
+    before = copy.deepcopy(model.state_dict())
+    strategy.train_step(ctx, _batch(0))
+    amp.update()
+    assert not amp.last_step_skipped and torch.isfinite(strategy.last_kd_loss)
+    names = {id(p): n for n, p in model.named_parameters()}
+    encoder = {names[id(p)] for p in encoder_parameters(model)}
+    assert all(not torch.equal(before[n], model.state_dict()[n]) for n in list(encoder)[:3])
+    # the segmentation gradient overflows on a decoder-side weight: that step is skipped, the KD step is not
+    state = copy.deepcopy(model.state_dict())
+    decoder_weight = next(p for p in model.parameters() if names[id(p)] not in encoder)
+    ctx.loss_terms = [lambda m, b, o: InfGrad.apply(decoder_weight)]
+    strategy.train_step(ctx, _batch(1))
+    amp.update()
+    for name, value in model.state_dict().items():
+        if name in names.values() and name not in encoder:
+            assert torch.equal(value, state[name]), name  # only the segmentation step moves these
+    assert any(not torch.equal(model.state_dict()[n], state[n]) for n in encoder)  # the KD step went ahead
+    assert amp.scaler.get_scale() == 2.0 ** 11

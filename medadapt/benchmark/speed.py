@@ -76,9 +76,14 @@ class _Timer:
 
 
 class _Run:
-    def __init__(self, method: str, foundation: torch.nn.Module, options: dict, calibration: list[dict], sync):
+    def __init__(self, method: str, foundation: torch.nn.Module, options: dict, calibration: list[dict], sync,
+                 precision: str = "fp32"):
+        from medadapt.engine.precision import MixedPrecision
+
         torch.manual_seed(0)
         self.method = method
+        device = next(foundation.parameters()).device
+        self.amp = MixedPrecision(precision, device)  # the engine's autocast and gradient scaler
         self.stage_loss = None
         if method in STAGES:
             from medadapt.tuning.distill import (EncoderLoRADistillation, FeatureDistillation, KDFineTuning,
@@ -115,10 +120,11 @@ class _Run:
 
             loss = self.stage_loss or (lambda m, b, o: self.loss(o, b["label"]))
             ctx = StepContext(model=self.model, forward=self.model, optimizer=self.optimizer, loss=loss,
-                              grad_clip=12.0)
+                              grad_clip=12.0, precision=self.amp)
             self.sync()
             t0 = time.perf_counter()
             self.strategy.train_step(ctx, batch)
+            self.amp.update()
             self.sync()
             if record:
                 for key in PHASES:
@@ -129,14 +135,15 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         sync()
         t0 = time.perf_counter()
-        loss = self.loss(self.model(batch["image"]), batch["label"])
+        with self.amp.autocast():
+            loss = self.loss(self.model(batch["image"]), batch["label"])
         sync()
         t1 = time.perf_counter()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
+        self.amp.backward(loss)
         sync()
         t2 = time.perf_counter()
-        self.optimizer.step()
+        self.amp.step(self.optimizer, self.model.parameters(), 12.0)  # unscale, clip, step (as the engine)
+        self.amp.update()
         sync()
         t3 = time.perf_counter()
         if record:
@@ -163,14 +170,14 @@ def io_channels(network: torch.nn.Module) -> tuple[int, int]:
 
 def time_methods(foundation: torch.nn.Module, methods: Sequence[str], patch: Sequence[int], batch: int,
                  iterations: int = 5, warmup: int = 2, options: dict | None = None, device: str = "cpu",
-                 progress: bool = True) -> dict[str, dict[str, float]]:
+                 progress: bool = True, precision: str = "fp32") -> dict[str, dict[str, float]]:
     """Median seconds per phase for each method, interleaved round-robin on identical batches."""
     device_t = torch.device(device)
     foundation = foundation.to(device_t)
     channels, classes = io_channels(foundation)
     batches = make_batches(warmup + iterations, batch, channels, classes, patch, device=device)
     sync = _sync_for(device_t)
-    runs = [_Run(m, foundation, options or {}, batches[:1], sync) for m in methods]
+    runs = [_Run(m, foundation, options or {}, batches[:1], sync, precision) for m in methods]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=(warmup + iterations) * len(runs), desc="bench-speed", unit="it", disable=not progress,
@@ -185,7 +192,7 @@ def time_methods(foundation: torch.nn.Module, methods: Sequence[str], patch: Seq
 
 
 def _memory_child(spec: dict, weights: str | None, method: str, options: dict, patch, batch: int,
-                  iterations: int, queue) -> None:
+                  iterations: int, queue, precision: str = "fp32") -> None:
     from medadapt.utils.allocator import keep_freed_memory
 
     keep_freed_memory()  # as in the parent (the CLI): the same allocator behaviour in both measurements
@@ -198,7 +205,7 @@ def _memory_child(spec: dict, weights: str | None, method: str, options: dict, p
         make_strategy(method, **options)  # the method's modules imported before the window (e.g. MONAI's blocks)
     gc.collect()
     with _RssSampler() as rss:  # from before the strategy's copy of the model (and SGST's calibration pass)
-        run = _Run(method, foundation, options, batches[:1], lambda: None)
+        run = _Run(method, foundation, options, batches[:1], lambda: None, precision)
         for b in batches:
             run.step(b, record=False)
     queue.put(rss.peak - rss.start)
@@ -235,12 +242,12 @@ class _RssSampler:
 
 
 def cpu_peak_memory(spec: NetworkSpec, weights: Path | None, method: str, options: dict, patch, batch: int,
-                    iterations: int = 2) -> int:
+                    iterations: int = 2, precision: str = "fp32") -> int:
     """Bytes by which training ``iterations`` steps raises a fresh process's peak resident memory."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_memory_child, args=(spec.to_dict(), str(weights) if weights else None, method,
-                                                   options, tuple(patch), batch, iterations, queue))
+                                                   options, tuple(patch), batch, iterations, queue, precision))
     proc.start()
     value = queue.get()
     proc.join()
@@ -248,11 +255,11 @@ def cpu_peak_memory(spec: NetworkSpec, weights: Path | None, method: str, option
 
 
 def gpu_peak_memory(foundation: torch.nn.Module, method: str, options: dict, patch, batch: int,
-                    iterations: int = 2) -> int:
+                    iterations: int = 2, precision: str = "fp32") -> int:
     device = torch.device("cuda")
     channels, classes = io_channels(foundation)
     batches = make_batches(iterations, batch, channels, classes, patch, device="cuda")
-    run = _Run(method, foundation.to(device), options, batches[:1], torch.cuda.synchronize)
+    run = _Run(method, foundation.to(device), options, batches[:1], torch.cuda.synchronize, precision)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     for b in batches:
@@ -283,10 +290,13 @@ def speed_table(results: dict[str, dict[str, float]], memory: dict[str, int] | N
 def run_bench_speed(model: Path | None = None, preset_name: str | None = None, patch=None, batch=None,
                     methods: Sequence[str] | None = None, iterations: int = 5, warmup: int = 2, memory: bool = True,
                     device: str | None = None, as_json: bool = False, options: dict | None = None,
-                    progress: bool = True, against_nnunet: bool = False) -> dict:
+                    progress: bool = True, against_nnunet: bool = False, precision: str = "auto") -> dict:
     """The ``bench-speed`` command: time, measure memory, print a table (or JSON), return the results.
     ``against_nnunet``: time medadapt's training step against nnU-Net's instead
-    (:mod:`medadapt.benchmark.speed_nnunet`; full and dgst, no memory measurement)."""
+    (:mod:`medadapt.benchmark.speed_nnunet`; full and dgst, no memory measurement). ``precision``: the
+    engine's (auto: fp16 autocast + gradient scaler on CUDA, as nnU-Net's trainer; fp32 on the CPU)."""
+    from medadapt.engine.precision import resolve_precision
+
     import json
     import platform
 
@@ -331,29 +341,32 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
         raise MedadaptError(f"--device {device}: use cpu, or cuda on a machine with a GPU")
     if warmup < 0:
         raise MedadaptError(f"--warmup {warmup}: must be >= 0")
+    precision = resolve_precision(precision, device)
     if against_nnunet:
         from medadapt.benchmark.speed_nnunet import run_against_nnunet
 
         return run_against_nnunet(foundation, spec, label, patch, batch, iterations, warmup, device, as_json, options,
-                                  folder, progress)
-    results = time_methods(foundation, methods, patch, batch, iterations, warmup, options, device, progress)
+                                  folder, progress, precision=precision)
+    results = time_methods(foundation, methods, patch, batch, iterations, warmup, options, device, progress,
+                           precision)
     peaks = None
     if memory:
         peaks = {}
         for m in methods:
-            peaks[m] = (gpu_peak_memory(foundation, m, options, patch, batch) if device == "cuda" else
-                        cpu_peak_memory(spec, weights, m, options, patch, batch))
+            peaks[m] = (gpu_peak_memory(foundation, m, options, patch, batch, precision=precision)
+                        if device == "cuda" else
+                        cpu_peak_memory(spec, weights, m, options, patch, batch, precision=precision))
     params = sum(p.numel() for p in foundation.parameters())
     report = {"network": label, "parameters": params, "patch": list(patch), "batch": batch, "device": device,
               "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
               "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
-              "iterations": iterations, "warmup": warmup, "options": options,
+              "iterations": iterations, "warmup": warmup, "options": options, "precision": precision,
               "date": time.strftime("%Y-%m-%d"), "seconds": results, "peak_memory_bytes": peaks}
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         print(f"{label}: {params:,} parameters, patch {'x'.join(map(str, patch))}, batch {batch}, {device}"
               f"{' (' + report['gpu'] + ')' if report['gpu'] else ''}, {report['cpu_threads']} CPU threads; "
-              f"median of {iterations} iterations after {warmup} warm-up, methods interleaved")
+              f"median of {iterations} iterations after {warmup} warm-up, methods interleaved, {precision}")
         print(speed_table(results, peaks))
     return report

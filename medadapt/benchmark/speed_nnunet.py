@@ -130,7 +130,8 @@ class _MedadaptRun:
 
     framework = "medadapt"
 
-    def __init__(self, method, foundation, batches, options, lr, batch_dice, device, workdir: Path):
+    def __init__(self, method, foundation, batches, options, lr, batch_dice, device, workdir: Path,
+                 precision: str = "fp32"):
         from medadapt.engine.trainer import Trainer, TrainingConfig
         from medadapt.tuning import make_strategy
 
@@ -140,7 +141,7 @@ class _MedadaptRun:
         model = strategy.prepare(copy.deepcopy(foundation))
         # the engine's defaults are nnU-Net's: SGD (Nesterov 0.99, weight decay 3e-5), poly schedule, clip 12
         config = TrainingConfig(epochs=1, iterations_per_epoch=1, initial_lr=lr,
-                                loss={"name": "dice_ce", "batch_dice": batch_dice})
+                                loss={"name": "dice_ce", "batch_dice": batch_dice}, precision=precision)
         self.trainer = Trainer(model, strategy, _Batches(batches), config, workdir / f"medadapt_{method}",
                                progress=False, description=f"medadapt {method}", device=device)
         self.trainer.model.train()
@@ -220,7 +221,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def time_against_nnunet(foundation: torch.nn.Module, spec, patch, batch: int, iterations: int = 5,
                         warmup: int = 2, options: dict | None = None, device: str = "cpu", folder=None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, precision: str = "auto") -> dict:
     """Median seconds per training step of medadapt's engine and nnU-Net's trainer, for full and dgst,
     interleaved on identical batches from identical weights. Returns the measurement as data."""
     from medadapt.benchmark.speed import _sync_for, make_batches
@@ -233,6 +234,9 @@ def time_against_nnunet(foundation: torch.nn.Module, spec, patch, batch: int, it
     check_network(spec, folder)
     options = dict(options or {})
     device_t = torch.device(device)
+    from medadapt.engine.precision import resolve_precision
+
+    precision = resolve_precision(precision, device_t)  # auto: fp16 + scaler on CUDA, as nnU-Net's train_step
     foundation = foundation.to(device_t)
     plans, configuration, dataset_json, batch_dice = nnunet_plans(spec, patch, batch, folder)
     data = make_batches(warmup + iterations, batch, spec.input_channels, spec.num_classes, patch, device=device)
@@ -250,7 +254,7 @@ def time_against_nnunet(foundation: torch.nn.Module, spec, patch, batch: int, it
         with _environment(env):
             runs = []
             for m in METHODS:
-                runs.append(_MedadaptRun(m, foundation, data, options, lrs[m], batch_dice, device, root))
+                runs.append(_MedadaptRun(m, foundation, data, options, lrs[m], batch_dice, device, root, precision))
                 runs.append(_NNUNetRun(m, foundation, plans, configuration, dataset_json, options, lrs[m], device))
         nn_data = nnunet_batches(runs[1].trainer, data, device)
         for run in runs:
@@ -299,6 +303,7 @@ def time_against_nnunet(foundation: torch.nn.Module, spec, patch, batch: int, it
         "lr": lrs,
         "batch_dice": batch_dice,
         "nnunet_autocast": device_t.type == "cuda",
+        "medadapt_precision": precision,
         "cudnn_benchmark": device_t.type == "cuda",
     }
 
@@ -311,14 +316,15 @@ def against_nnunet_table(result: dict) -> str:
 
 
 def run_against_nnunet(foundation, spec, label: str, patch, batch: int, iterations: int, warmup: int,
-                       device: str, as_json: bool, options: dict, folder=None, progress: bool = True) -> dict:
+                       device: str, as_json: bool, options: dict, folder=None, progress: bool = True,
+                       precision: str = "auto") -> dict:
     """``bench-speed --against-nnunet``: measure, print a table (or JSON), return the report."""
     import json
     import platform
     from importlib.metadata import version
 
     result = time_against_nnunet(foundation, spec, patch, batch, iterations, warmup, options, device, folder,
-                                 progress)
+                                 progress, precision)
     params = sum(p.numel() for p in foundation.parameters())
     report = {"network": label, "parameters": params, "patch": list(patch), "batch": batch, "device": device,
               "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
@@ -332,7 +338,8 @@ def run_against_nnunet(foundation, spec, label: str, patch, batch: int, iteratio
               f"{' (' + report['gpu'] + ')' if report['gpu'] else ''}, {report['cpu_threads']} CPU threads; "
               f"medadapt's Trainer.train_step against nnU-Net {report['nnunetv2']}'s nnUNetTrainer.train_step, "
               f"median of {iterations} steps after {warmup} warm-up, interleaved, same weights and batches"
-              f"{'; nnU-Net under autocast (its CUDA default)' if result['nnunet_autocast'] else ''}")
+              f"{'; nnU-Net under fp16 autocast (its CUDA default)' if result['nnunet_autocast'] else ''}; "
+              f"medadapt {result['medadapt_precision']}")
         print(f"losses: medadapt's = nnU-Net's + 1 (its Dice term is 1 - Dice, nnU-Net's -Dice) at every step, "
               f"to within {result['max_loss_gap']:.1e} (the deep-supervision targets: nnU-Net downsamples with "
               "nearest-exact, medadapt with nearest)")

@@ -151,6 +151,8 @@ class Trainer:
                  scaler=None):
         self.device = torch.device(device) if device is not None else dist_utils.default_device()
         self.engine = engine or EngineOptions(precision=config.precision)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training: fixed patch sizes, tuned kernels
         self.model = model.to(self.device)  # in place: strategies keep their references to the parameters
         # what forward/backward runs through: the model itself, or its DDP wrapper under torchrun
         self.train_model = model
