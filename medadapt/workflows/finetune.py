@@ -335,7 +335,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         net = prepared()
         trainable = trainable_parameter_count(net)
         updated_per_step = strategy.updated_per_step(net)
-        timing = {"median_iteration_seconds": None, "median_sampling_seconds": None, "final_epoch_loss": None}
+        timing = {"median_iteration_seconds": None, "median_sampling_seconds": None, "data_wait_share": None,
+                  "final_epoch_loss": None}
         if strategy.trains:
             terms = [transductive.term(net, [by_id[q] for q in ids], priors, spec.patch_size, folder.activation)] \
                 if transductive else []
@@ -474,7 +475,8 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
         "split": {"train": train_ids, "test": test_ids}, "shot_cases": [], "head": "keep",
         "identity": identity, "training": None,
         "parameters": {"trainable": 0, "updated_per_step": 0, "total": total_parameter_count(network)},
-        "timing": {"median_iteration_seconds": None, "median_sampling_seconds": None, "final_epoch_loss": None},
+        "timing": {"median_iteration_seconds": None, "median_sampling_seconds": None, "data_wait_share": None,
+                   "final_epoch_loss": None},
         "sizes": {}, "metrics": summary, "environment": environment(),
     }
     atomic_write_json(run_file, record)
