@@ -114,3 +114,14 @@ def test_missing_dataset_json(tmp_path, capsys):
     assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "m"), "--quiet"]) == 2
     assert "dataset.json" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--workers", "-1"), ("--workers", "two"), ("--precision", "fp8")])
+def test_bad_engine_options_are_one_line(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+              "--method", "full", "--shots", "1", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert option in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "o").exists()
