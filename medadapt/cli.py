@@ -15,14 +15,18 @@ def _shots(text: str) -> "int | str":
     return "all" if text == "all" else _positive_int(text)
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, what: str = "an integer") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
 
 
 def _add_training_options(p: argparse.ArgumentParser, default_recipe: str) -> None:
@@ -48,15 +52,7 @@ def _add_training_options(p: argparse.ArgumentParser, default_recipe: str) -> No
 
 
 def _workers(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers (an integer >= 0, or auto)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be 0 or more (or auto)")
-    return value
+    return text if text == "auto" else _int_at_least(text, 0, "a number of workers (an integer >= 0, or auto)")
 
 
 def _engine(args):

@@ -1,4 +1,3 @@
-import contextlib
 import os
 
 import pytest
@@ -89,19 +88,3 @@ def segmentation_loss(model, batch):
     return DeepSupervisedDiceCE()(model(batch["image"]), batch["label"])
 
 
-@contextlib.contextmanager
-def temporary_environment(env: dict[str, str]):
-    """Set environment variables (nnU-Net's path variables) for a fixture; restore them, and torch's thread
-    count (nnU-Net's planner changes it), afterwards."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

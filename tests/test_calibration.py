@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import temporary_environment
+from medadapt.nnunet.env import temporary_environment
 
 from medadapt.data.augmentation import Augmentation
 from medadapt.data.cache import sample_class_locations

@@ -16,6 +16,7 @@ from medadapt.errors import MedadaptError
 from medadapt.tuning import make_strategy
 from medadapt.tuning.base import StepContext, default_train_step
 from medadapt.tuning.sparse import kernel_topk_indices
+from tests.test_engine import RandomPatches
 
 
 def _batch(seed=0):
@@ -126,19 +127,6 @@ def test_precision_resolution_and_records():
     assert EngineOptions().configure(base, "cpu").precision == "fp32"
     with pytest.raises(MedadaptError, match="--workers"):
         EngineOptions(workers=-1)
-
-
-class RandomPatches:
-    def __init__(self, fail_after=None):
-        self.calls, self.fail_after = 0, fail_after
-
-    def sample(self, rng):
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise KeyboardInterrupt  # a killed run
-        x = torch.from_numpy(rng.standard_normal((2, 1, 16, 32, 32)).astype(np.float32))
-        y = torch.from_numpy((rng.random((2, 1, 16, 32, 32)) > 0.8).astype(np.int64))
-        return {"image": x, "label": y}
 
 
 def _trainer(tiny_unet, out, method="dgst", engine=None, epochs=2, sampler=None):

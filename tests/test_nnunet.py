@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import temporary_environment
+from medadapt.nnunet.env import temporary_environment
 import yaml
 
 pytest.importorskip("nnunetv2")

@@ -36,15 +36,16 @@ STAGES = ("kd-fft", "lora-kd")
 
 
 class _Cycle:
-    """A sampler over fixed batches (the KD stage's buffer batches), in turn."""
+    """A sampler over fixed batches, in turn (the KD stage's buffer batches: ``keys=("image",)``; the engine's
+    sampler in ``--against-nnunet``, whose timed steps are handed their batch directly)."""
 
-    def __init__(self, batches):
-        self.batches, self.i = batches, 0
+    def __init__(self, batches, keys=None):
+        self.batches, self.keys, self.i = batches, keys, 0
 
     def sample(self, rng):
         b = self.batches[self.i % len(self.batches)]
         self.i += 1
-        return {"image": b["image"]}
+        return {k: b[k] for k in (self.keys or b)}
 
 
 def make_batches(n: int, batch: int, channels: int, classes: int, patch: Sequence[int], seed: int = 0,
@@ -91,7 +92,7 @@ class _Run:
 
             teacher = frozen_copy(foundation)
             if method == "kd-fft":
-                self.strategy = KDFineTuning(teacher, _Cycle(calibration), seed=0)
+                self.strategy = KDFineTuning(teacher, _Cycle(calibration, keys=("image",)), seed=0)
             else:
                 self.strategy = EncoderLoRADistillation(rank=2)
                 self.stage_loss = FeatureDistillation(teacher)

@@ -27,9 +27,7 @@ step runs at the engine's precision. On CUDA cuDNN's autotuner is on for all run
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import statistics
 import tempfile
 import time
@@ -45,23 +43,6 @@ FRAMEWORKS = ("medadapt", "nnunet")
 #: the network classes nnU-Net's trainer builds from plans (PlainConvUNet, the residual-encoder U-Nets)
 NNUNET_NETWORK_PACKAGE = "dynamic_network_architectures."
 DATASET_NAME = "Dataset999_medadaptspeed"  # the temporary plans' dataset (nothing is read from it)
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    """Set environment variables (nnU-Net's path variables) and torch's thread count back afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
-    threads = torch.get_num_threads()
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def check_network(spec, folder=None) -> None:
@@ -113,18 +94,6 @@ def nnunet_plans(spec, patch, batch: int, folder=None) -> tuple[dict, str, dict,
     return plans, configuration, dataset_json, batch_dice
 
 
-class _Batches:
-    """The engine's sampler: the fixed batches in turn (the timed steps are handed their batch directly)."""
-
-    def __init__(self, batches):
-        self.batches, self.i = batches, 0
-
-    def sample(self, rng):
-        b = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        return dict(b)
-
-
 class _MedadaptRun:
     """medadapt's engine, one strategy: the timed call is ``Trainer.train_step(batch)``."""
 
@@ -132,6 +101,7 @@ class _MedadaptRun:
 
     def __init__(self, method, foundation, batches, options, lr, batch_dice, device, workdir: Path,
                  precision: str = "fp32"):
+        from medadapt.benchmark.speed import _Cycle
         from medadapt.engine.trainer import Trainer, TrainingConfig
         from medadapt.tuning import make_strategy
 
@@ -142,7 +112,7 @@ class _MedadaptRun:
         # the engine's defaults are nnU-Net's: SGD (Nesterov 0.99, weight decay 3e-5), poly schedule, clip 12
         config = TrainingConfig(epochs=1, iterations_per_epoch=1, initial_lr=lr,
                                 loss={"name": "dice_ce", "batch_dice": batch_dice}, precision=precision)
-        self.trainer = Trainer(model, strategy, _Batches(batches), config, workdir / f"medadapt_{method}",
+        self.trainer = Trainer(model, strategy, _Cycle(batches), config, workdir / f"medadapt_{method}",
                                progress=False, description=f"medadapt {method}", device=device)
         self.trainer.model.train()
         self.batches = batches
@@ -225,7 +195,7 @@ def time_against_nnunet(foundation: torch.nn.Module, spec, patch, batch: int, it
     """Median seconds per training step of medadapt's engine and nnU-Net's trainer, for full and dgst,
     interleaved on identical batches from identical weights. Returns the measurement as data."""
     from medadapt.benchmark.speed import _sync_for, make_batches
-    from medadapt.nnunet.env import import_nnunet
+    from medadapt.nnunet.env import import_nnunet, temporary_environment
 
     import_nnunet("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")  # one line if nnunetv2 is not installed
     from medadapt.nnunet.trainer import FINETUNE_LR
@@ -251,7 +221,7 @@ def time_against_nnunet(foundation: torch.nn.Module, spec, patch, batch: int, it
         (pre / "placeholder.b2nd").touch()  # initialize() infers the dataset class from the file endings only
         env = {"nnUNet_preprocessed": str(root / "nnUNet_preprocessed"), "nnUNet_results": str(root / "nnUNet_results"),
                "nnUNet_raw": str(root / "nnUNet_raw")}
-        with _environment(env):
+        with temporary_environment(env):
             runs = []
             for m in METHODS:
                 runs.append(_MedadaptRun(m, foundation, data, options, lrs[m], batch_dice, device, root, precision))

@@ -16,6 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 from medadapt.errors import MedadaptError
 
 #: environment variable -> medadapt option that sets it
@@ -65,3 +67,21 @@ def require_paths(*names: str) -> dict[str, Path]:
         raise MedadaptError(f"nnU-Net needs {what}: the folder nnU-Net "
                             f"{'reads and writes' if len(missing) > 1 else 'uses'} for this step")
     return {n: Path(os.environ[n]) for n in names}
+
+
+@contextlib.contextmanager
+def temporary_environment(values: dict[str, str]):
+    """Set environment variables (nnU-Net's path variables) for the block; restore them, and torch's thread
+    count (nnU-Net's planner and trainer change it), afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    threads = torch.get_num_threads()
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
