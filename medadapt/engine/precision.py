@@ -60,10 +60,6 @@ class MixedPrecision:
         #: whether the last :meth:`step` call left the optimizer unstepped (inf/NaN gradients)
         self.last_step_skipped = False
 
-    @property
-    def enabled(self) -> bool:
-        return self.dtype is not None
-
     def autocast(self):
         """The context for the forward pass and the loss (a no-op in fp32)."""
         if self.dtype is None:
@@ -82,16 +78,16 @@ class MixedPrecision:
         return torch.autograd.grad(self.scale(loss), inputs, **kwargs)
 
     def step(self, optimizer: torch.optim.Optimizer, clip_parameters: Iterable[torch.Tensor] | None = None,
-             grad_clip: float | None = None) -> bool:
-        """Unscale ``optimizer``'s gradients, clip ``clip_parameters`` to norm ``grad_clip`` (if given), step.
-        Returns whether the optimizer stepped (False: the scaler skipped it)."""
+             grad_clip: float | None = None) -> None:
+        """Unscale ``optimizer``'s gradients, clip ``clip_parameters`` to norm ``grad_clip`` (if given), step;
+        :attr:`last_step_skipped` says whether the scaler skipped the step (inf/NaN gradients)."""
         self._stepped = True
         if self.scaler is None:
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(list(clip_parameters), grad_clip)
             optimizer.step()
             self.last_step_skipped = False
-            return True
+            return
         self.scaler.unscale_(optimizer)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(list(clip_parameters), grad_clip)
@@ -106,7 +102,6 @@ class MixedPrecision:
         finally:
             handle.remove()
         self.last_step_skipped = not stepped[0]
-        return stepped[0]
 
     def update(self) -> None:
         """Once per iteration, after the step's optimizers: adjust the loss scale."""
@@ -121,4 +116,3 @@ class MixedPrecision:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-

@@ -135,11 +135,6 @@ class EngineOptions:
         device = device if device is not None else dist_utils.default_device()
         return dataclasses.replace(config, precision=resolve_precision(self.precision, device))
 
-    def record(self) -> dict:
-        """What a run records about how it ran (not part of its identity: workers and compilation do not
-        change which batches it sees or what it computes, up to floating-point reassociation)."""
-        return {"workers": self.workers, "compile": self.compile}
-
 
 class Trainer:
     """Train ``model`` with ``strategy`` on batches from ``sampler`` (an object with ``sample(rng)``)."""
@@ -150,7 +145,9 @@ class Trainer:
                  device: str | torch.device | None = None, engine: EngineOptions | None = None,
                  scaler=None):
         self.device = torch.device(device) if device is not None else dist_utils.default_device()
-        self.engine = engine or EngineOptions(precision=config.precision)
+        # the precision is config.precision (EngineOptions.configure put it there); the engine options give the
+        # workers and the compilation
+        self.engine = engine or EngineOptions()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training: fixed patch sizes, tuned kernels
         self.model = model.to(self.device)  # in place: strategies keep their references to the parameters
