@@ -75,6 +75,9 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                    help="spatial-adapter: kernel size of its convolutions (default 3; 1: FSEFT's MLP comparison)")
     p.add_argument("--adapter-width", type=_positive_int, default=None,
                    help="spatial-adapter: its output channels (default: the feature map's)")
+    p.add_argument("--adapter-norm", choices=("instance", "batch"), default=None,
+                   help="spatial-adapter: its normalisation (default instance without affine parameters, as the "
+                        "authors' code; batch: the text's batch normalisation)")
 
 
 def _add_run_inputs(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -102,7 +105,7 @@ def _add_head_option(p: argparse.ArgumentParser) -> None:
 
 def _method_options(args) -> dict:
     return {"rank": args.lora_rank, "alpha": args.lora_alpha, "reduction": args.adapter_reduction,
-            "kernel_size": args.adapter_kernel_size, "width": args.adapter_width}
+            "kernel_size": args.adapter_kernel_size, "width": args.adapter_width, "norm": args.adapter_norm}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,9 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FSEFT's transductive inference: the test volumes' predicted sizes are kept within a "
                         "margin of the support's (spatial-adapter); query: an adapter per test volume (the "
                         "paper's), batch: one for all")
-    p.add_argument("--ti-lambda", type=float, default=1.0, help="weight of the size constraint (default 1)")
-    p.add_argument("--ti-margin", type=float, default=0.1,
-                   help="margin gamma of the size constraint, in [0, 1) (default 0.1)")
+    p.add_argument("--ti-lambda", type=float, default=None,
+                   help="weight lambda of the size constraint (default 0.1, the authors' TI commands; the text: 1)")
+    p.add_argument("--ti-margin", type=float, default=None,
+                   help="margin gamma of the size constraint, in [0, 1) (default 0.3, the authors' TI commands)")
+    p.add_argument("--ti-error", choices=("max", "prior", "proportion"), default=None,
+                   help="how the size error is normalised: max (default, the authors' code: (S - S^)/max(S^, S), "
+                        "bounded), prior (divided by the prior S), proportion (the text's Eq. 2 in proportions "
+                        "of the query)")
+    p.add_argument("--ti-step", choices=("epoch", "every"), default=None,
+                   help="epoch (default, the authors' code: its own optimiser step once per epoch) or every "
+                        "(the text's Eq. 3: summed into the loss of every support step)")
+    p.add_argument("--feature-cache", action="store_true",
+                   help="linear-probe / spatial-adapter: compute each support volume's backbone features once "
+                        "(sliding window) and train the head on patches of them; no input-space augmentation "
+                        "(beyond the paper; docs/methods.md)")
     _add_training_options(p, "the one the model folder recommends, else dgst-paper")
     p.set_defaults(func=cmd_finetune)
 
@@ -551,10 +566,11 @@ def _transductive(args):
     from medadapt.tuning.transductive import Transductive
 
     if args.transductive is None:
-        if args.ti_lambda != 1.0 or args.ti_margin != 0.1:
-            raise MedadaptError("--ti-lambda/--ti-margin: only with --transductive query|batch")
+        if any(v is not None for v in (args.ti_lambda, args.ti_margin, args.ti_error, args.ti_step)):
+            raise MedadaptError("--ti-lambda/--ti-margin/--ti-error/--ti-step: only with --transductive query|batch")
         return None
-    return Transductive(mode=args.transductive, weight=args.ti_lambda, margin=args.ti_margin)
+    given = {"weight": args.ti_lambda, "margin": args.ti_margin, "error": args.ti_error, "step": args.ti_step}
+    return Transductive(mode=args.transductive, **{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_finetune(args) -> int:
@@ -565,7 +581,7 @@ def cmd_finetune(args) -> int:
                       iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
                       progress=not args.quiet, method_options=_method_options(args), head=args.head,
                       recipe=args.recipe, postprocess=args.postprocess, transductive=_transductive(args),
-                      engine=_engine(args))
+                      engine=_engine(args), feature_cache=args.feature_cache)
     if not record:  # a torchrun rank other than 0: rank 0 reports
         return 0
     _print_metrics(record["metrics"], "test cases")

@@ -12,7 +12,8 @@ from medadapt.errors import MedadaptError
 from medadapt.models import load_model_folder
 from medadapt.models.spatial_adapter import SpatialAdapterHead, spatial_adapter_of
 from medadapt.tuning import make_strategy
-from medadapt.tuning.transductive import (Transductive, TransductiveTerm, size_constraint, size_prior,
+from medadapt.tuning.transductive import (Transductive, TransductiveEpochStep, TransductiveTerm,
+                                          largest_component_size, size_constraint, size_penalty, size_prior,
                                           transductive_tail)
 
 
@@ -32,8 +33,18 @@ def test_spatial_adapter_architecture(tiny_unet):
     assert isinstance(head, SpatialAdapterHead) and model.decoder.seg_layers[-1] is head
     convs = [m for m in head.adapter.modules() if isinstance(m, torch.nn.Conv3d)]
     assert [c.kernel_size for c in convs] == [(3, 3, 3), (3, 3, 3)]  # in = out: MONAI's skip is the identity
-    assert all(isinstance(m, torch.nn.BatchNorm3d) for m in (head.adapter.norm1, head.adapter.norm2))
+    # the authors' code: MONAI's instance norm without affine parameters (and no running statistics)
+    for m in (head.adapter.norm1, head.adapter.norm2):
+        assert isinstance(m, torch.nn.InstanceNorm3d) and not m.affine and not m.track_running_stats
     assert head.classifier.in_channels == features and head.classifier.out_channels == 3
+    # the classifier keeps PyTorch's default initialisation (uniform within 1/sqrt(fan_in)), not He-normal
+    bound = 1 / np.sqrt(features)
+    assert head.classifier.weight.abs().max() <= bound and head.classifier.bias.abs().max() <= bound
+    assert head.classifier.bias.abs().sum() > 0
+    batch = make_strategy("spatial-adapter", norm="batch").prepare(tiny_unet(num_classes=3))
+    assert isinstance(spatial_adapter_of(batch).adapter.norm1, torch.nn.BatchNorm3d)  # the text's reading
+    with pytest.raises(MedadaptError, match="--adapter-norm 'group'"):
+        make_strategy("spatial-adapter", norm="group")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     last = len(model.decoder.seg_layers) - 1
     assert trainable and all(n.startswith(f"decoder.seg_layers.{last}.") for n in trainable)
@@ -51,7 +62,7 @@ def test_spatial_adapter_run_keeps_the_backbone(assembly, tmp_path):
     assert _finetune(assembly, run) == 0
     foundation = load_model_folder(assembly["fm"]).load_network().state_dict()
     folder = load_model_folder(run / "model")
-    assert folder.extensions == [{"type": "spatial-adapter", "kernel_size": 3, "width": None}]
+    assert folder.extensions == [{"type": "spatial-adapter", "kernel_size": 3, "width": None, "norm": "instance"}]
     tuned = folder.load_network()  # the adapter is rebuilt from the extension record and reloads
     state = tuned.state_dict()
     backbone = [k for k in foundation if not k.startswith("decoder.seg_layers.") and k in state]
@@ -89,6 +100,45 @@ def test_size_constraint_hand_computed():
     assert size_constraint(torch.tensor(0.0), S, 0.0).item() == pytest.approx(1.0)
 
 
+def test_code_size_penalty_hand_computed():
+    """The authors' TI_modules.py: e = (S - S^) / max(S^, S); |e| - g above the band (under-segmentation),
+    |e| + g below it (over-segmentation), 0 inside."""
+    S, g = 1000.0, 0.3
+    cases = ((1000.0, 0.0), (800.0, 0.0), (1300.0, 0.0),                  # inside: |e| <= 0.3
+             (500.0, 0.5 - 0.3),                                         # e = 500/1000 = 0.5 > g
+             (100.0, 0.9 - 0.3),                                         # e = 0.9
+             (2000.0, 0.5 + 0.3),                                        # e = -1000/2000 = -0.5 < -g
+             (10000.0, 0.9 + 0.3))                                       # 10x the prior: e = -0.9
+    for pred, expected in cases:
+        assert size_penalty(torch.tensor(pred), S, g).item() == pytest.approx(expected)
+    # bounded: however far the head over-segments, the error stays in [-1, 1] and the penalty below 1 + g
+    for pred in (1e4, 1e6, 1e9):
+        assert size_penalty(torch.tensor(pred), S, g).item() < 1 + g
+    assert size_penalty(torch.tensor(10 * S), S, g, error="prior").item() == pytest.approx(10 - 1 - g)  # unbounded
+    # the text's Eq. 2 in proportions of a query of 1e6 voxels
+    assert size_penalty(torch.tensor(2000.0), S, g, error="proportion", voxels=1e6).item() == \
+        pytest.approx((2000 - 1300) / 1e6)
+    # the maximum is detached: the gradient is that of (S - S^) / max, not of the ratio's denominator
+    x = torch.tensor(2000.0, requires_grad=True)
+    size_penalty(x, S, g).backward()
+    assert x.grad.item() == pytest.approx(1 / 2000)
+
+
+def test_size_prior_uses_the_largest_component():
+    class Case:
+        def __init__(self, seg):
+            self.seg = seg
+    seg = np.zeros((10, 10, 10), np.int16)
+    seg[1:4, 1:4, 1:4] = 1     # 27 voxels
+    seg[6:8, 6:8, 6:8] = 1     # 8 voxels, a separate island
+    seg[5, 5, 5] = 2
+    assert largest_component_size(seg == 1) == 27
+    corner = np.zeros((4, 4, 4), bool)
+    corner[0, 0, 0] = corner[1, 1, 1] = True  # touching by a corner: one component in 26-connectivity
+    assert largest_component_size(corner) == 2
+    assert Transductive().priors([Case(seg), Case(seg)], {"background": 0, "a": 1, "b": 2}) == [27.0, 1.0]
+
+
 def test_size_prior_is_robust_from_five_scans():
     assert size_prior([100, 200]) == 150
     assert size_prior([100, 110, 90, 105, 1000]) == pytest.approx(np.mean([100, 110, 90, 105]))
@@ -102,11 +152,30 @@ def test_ti_gradient_reaches_only_the_adapter(tiny_unet):
     term = TransductiveTerm(tail, feats, priors=[5.0, 5.0], margin=0.1)
     loss = term(model, {"epoch": 9, "epochs": 10}, None)
     assert loss.item() > 0  # sigmoid sums of ~2,000 voxels are far above a prior of 5
+    assert loss.item() <= 0.1 * 2 * (1 + 0.1)  # bounded: λ · classes · (1 + γ)
     loss.backward()
     inside = {id(p) for p in tail.parameters()}
     assert all(p.grad is not None for p in tail.parameters())
     assert all(p.grad is None for p in model.parameters() if id(p) not in inside)
     assert term(model, {"epoch": 4, "epochs": 10}, None).item() == 0  # the first half of training: off
+    # the code's schedule: its own step once per epoch, on the adapter and classifier only
+    model.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step = TransductiveEpochStep(tail, feats, priors=[5.0, 5.0], margin=0.1, tile=(4, 8, 8))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert step.on_epoch_end(optimizer, 4, 10) is None  # off in the first half
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    record = step.on_epoch_end(optimizer, 9, 10)
+    assert record["ti_penalty"] > 0
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(id(dict(model.named_parameters())[n]) in inside for n in moved)
+    assert all(p.grad is None for p in model.parameters())  # nothing left for the next support step
+    # tiles of the training patch give the same sizes as the whole volume for a per-voxel head
+    mlp = make_strategy("spatial-adapter", kernel_size=1, norm="batch").prepare(tiny_unet(num_classes=2)).eval()
+    mtail = transductive_tail(mlp)
+    whole = TransductiveTerm(mtail, feats, priors=[5.0, 5.0]).predicted_sizes()
+    tiled = TransductiveTerm(mtail, feats, priors=[5.0, 5.0], tile=(3, 5, 7)).predicted_sizes()
+    assert torch.allclose(whole, tiled, rtol=1e-5)
     full = make_strategy("full").prepare(tiny_unet())
     with pytest.raises(MedadaptError, match="--transductive: the method trains .* use --method spatial-adapter"):
         transductive_tail(full)
@@ -115,9 +184,14 @@ def test_ti_gradient_reaches_only_the_adapter(tiny_unet):
 @pytest.mark.parametrize("mode", ["query", "batch"])
 def test_transductive_modes(assembly, tmp_path, mode):
     run = tmp_path / mode
-    assert _finetune(assembly, run, "--transductive", mode, "--ti-margin", "0.2") == 0
+    step = "epoch" if mode == "query" else "every"
+    assert _finetune(assembly, run, "--transductive", mode, "--ti-margin", "0.2", "--ti-step", step) == 0
     record = json.loads((run / "run.json").read_text())
-    assert record["transductive"] == {"mode": mode, "weight": 1.0, "margin": 0.2, "active_fraction": 0.5}
+    assert record["transductive"] == {"mode": mode, "weight": 0.1, "margin": 0.2, "active_fraction": 0.5,
+                                      "error": "max", "step": step}
+    if step == "epoch":  # the code's once-per-epoch step, recorded in the history (epochs 2: on in the last one)
+        history = json.loads(next((run / "queries").glob("*/training/history.json")).read_text())
+        assert [e for e, _ in history["ti_penalty"]] == [1]
     test = record["split"]["test"]
     assert sorted(p.name for p in (run / "predictions").iterdir()) == sorted(f"{c}.nii.gz" for c in test)
     if mode == "query":  # one adapter per test volume
@@ -132,6 +206,7 @@ def test_transductive_bad_inputs(assembly, tmp_path, capsys):
     cases = [(["--transductive", "batch", "--ti-margin", "1.5"], "--ti-margin 1.5: must be in [0, 1)"),
              (["--transductive", "batch", "--ti-lambda", "-1"], "--ti-lambda -1.0: must be a positive"),
              (["--ti-margin", "0.3"], "only with --transductive"),
+             (["--ti-error", "max"], "only with --transductive"),
              (["--transductive", "query", "--method", "full"], "use --method spatial-adapter")]
     for i, (extra, message) in enumerate(cases):
         args = list(extra)
@@ -143,7 +218,7 @@ def test_transductive_bad_inputs(assembly, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / f"bad{i}").exists()
-    with pytest.raises(MedadaptError, match="no support scan holds 'aorta'"):
+    with pytest.raises(MedadaptError, match="no support scan holds 'aorta' \\(the largest connected component"):
         class Empty:
             seg = np.zeros((4, 4, 4), np.int16)
         Transductive().priors([Empty(), Empty()], {"background": 0, "aorta": 1})

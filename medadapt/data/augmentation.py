@@ -327,3 +327,58 @@ class Augmentation:
         S = image.shape[1:]
         center = [(s - p) // 2 + (p - 1) / 2.0 for s, p in zip(S, self.patch_size)]
         return self.apply(image, label, self.draw_spatial(rng), center, rng)
+
+
+class IntensityShift(Augmentation):
+    """FSEFT's released code's only training augmentation: MONAI's ``RandShiftIntensityd(offsets=0.1,
+    prob=0.2)``, one offset drawn from U(−0.1, 0.1) added to the whole patch with probability 0.2; nothing
+    spatial, no mirroring. The offset is in the model's input units (the authors' inputs are CT windowed to
+    [−175, 250] HU and scaled to [0, 1], so 0.1 is 42.5 HU there; medadapt's CT normalisation is nnU-Net's
+    z-score, where 0.1 is a tenth of the foreground's standard deviation)."""
+
+    def __init__(self, patch_size: Sequence[int], offset: float = 0.1, p: float = 0.2):
+        super().__init__(patch_size, p_rotation=0, p_scaling=0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0,
+                         p_lowres=0, p_gamma=0, p_inverted_gamma=0, p_mirror=0)
+        if not offset >= 0 or not 0 <= p <= 1:
+            raise MedadaptError(f"intensity shift: offset {offset} must be >= 0 and p {p} within [0, 1]")
+        self.offset, self.p_shift = float(offset), float(p)
+
+    def __repr__(self) -> str:
+        return f"IntensityShift(patch_size={self.patch_size}, offset={self.offset}, p={self.p_shift})"
+
+    def draw_spatial(self, rng: np.random.Generator) -> None:
+        return None
+
+    def _intensity(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if rng.random() < self.p_shift:
+            img += float(rng.uniform(-self.offset, self.offset))
+        return img
+
+    def apply(self, image, label, matrix, center, rng):
+        squeeze = label is not None and label.ndim == 3
+        if squeeze:
+            label = label[None]
+        if not image.is_floating_point():
+            image = image.float()
+        img, lab = self._spatial(image, label, None, center)
+        img = self._intensity(img, rng)
+        if squeeze:
+            lab = lab[0]
+        return img.contiguous(), (lab.contiguous() if lab is not None else None)
+
+
+#: a recipe's ``augmentation`` -> (the augmentation, the sampler's crop policy). ``nnunet``: nnU-Net v2's
+#: pipeline with its foreground oversampling (a third of each batch forced onto foreground); ``fseft``: the
+#: authors' code of FSEFT, an intensity shift and MONAI's ``RandCropByPosNegLabeld(pos=1, neg=1)``: each patch
+#: centred on a foreground voxel with probability 1/2, else on a background voxel.
+AUGMENTATION_PRESETS = ("nnunet", "fseft")
+
+
+def augmentation_preset(name: str, patch_size: Sequence[int]) -> tuple[Augmentation, dict]:
+    """The augmentation of preset ``name`` and the keyword arguments it gives the patch sampler."""
+    if name == "nnunet":
+        return Augmentation(patch_size), {"oversample_foreground": 0.33}
+    if name == "fseft":
+        return IntensityShift(patch_size), {"positive_fraction": 0.5}
+    raise MedadaptError(f"augmentation {name!r}: unknown; choose one of {', '.join(AUGMENTATION_PRESETS)}")
+

@@ -60,7 +60,8 @@ class PatchSampler:
 
     def __init__(self, cases: Sequence[Any], patch_size: Sequence[int], batch_size: int,
                  oversample_foreground: float = 0.33, augmentation: Augmentation | None = None,
-                 case_weights: Sequence[float] | None = None, patches_per_case: int = 1):
+                 case_weights: Sequence[float] | None = None, patches_per_case: int = 1,
+                 positive_fraction: float | None = None):
         self.cases = list(cases)
         if not self.cases:
             raise MedadaptError("PatchSampler: no training cases; the few-shot training set is empty")
@@ -78,6 +79,11 @@ class PatchSampler:
         if not 0.0 <= float(oversample_foreground) <= 1.0:
             raise MedadaptError(f"oversample_foreground: {oversample_foreground} must be within [0, 1]")
         self.oversample_foreground = float(oversample_foreground)
+        if positive_fraction is not None and not 0.0 <= float(positive_fraction) <= 1.0:
+            raise MedadaptError(f"positive_fraction: {positive_fraction} must be within [0, 1]")
+        #: MONAI's RandCropByPosNegLabel instead of nnU-Net's rule: each patch is centred on a foreground voxel
+        #: with this probability, else on a background voxel (FSEFT's code: pos = neg = 1, i.e. 1/2)
+        self.positive_fraction = None if positive_fraction is None else float(positive_fraction)
         if augmentation is not None and tuple(augmentation.patch_size) != self.patch_size:
             raise MedadaptError(f"augmentation patch_size {augmentation.patch_size} differs from the sampler's "
                                 f"{self.patch_size}; build both with the same patch size")
@@ -125,10 +131,22 @@ class PatchSampler:
             self._mins[i] = m
         return self._mins[i]
 
-    def _lower_bound(self, shape: Sequence[int], force_fg: bool, class_locations, rng: np.random.Generator) -> list[int]:
+    def _lower_bound(self, shape: Sequence[int], force_fg: bool, class_locations, rng: np.random.Generator,
+                     seg=None) -> list[int]:
         P = self.patch_size
         lo = [0 if s >= p else (s - p) // 2 for s, p in zip(shape, P)]
         hi = [s - p if s >= p else (s - p) // 2 for s, p in zip(shape, P)]
+        if self.positive_fraction is not None:  # MONAI's positive/negative centres (see __init__)
+            force_fg = bool(rng.random() < self.positive_fraction)
+            if not force_fg and seg is not None:
+                voxel = None
+                for _ in range(32):  # a uniformly drawn voxel of label 0 (rejection; background dominates CT)
+                    v = [int(rng.integers(s)) for s in shape]
+                    if seg[tuple(v)] == 0:
+                        voxel = v
+                        break
+                if voxel is not None:
+                    return [int(min(max(v - p // 2, l), h)) for v, p, l, h in zip(voxel, P, lo, hi)]
         if force_fg and class_locations:
             eligible = [k for k in sorted(class_locations) if len(class_locations[k]) > 0]
             if eligible:
@@ -156,7 +174,7 @@ class PatchSampler:
             i = int(picks[j])
             case = self.cases[i]
             data = case.data
-            lb = self._lower_bound(data.shape[1:], self.force_foreground(j), case.class_locations, rng)
+            lb = self._lower_bound(data.shape[1:], self.force_foreground(j), case.class_locations, rng, case.seg)
             mins = self._channel_min(i)
             aug = self.augmentation
             matrix = aug.draw_spatial(rng) if aug is not None else None

@@ -7,7 +7,8 @@ activation decides their form, as nnU-Net's trainer picks ``DC_and_CE_loss`` or 
 label manager: softmax → soft Dice over the foreground classes + categorical CE; sigmoid → soft Dice over
 every class channel + binary CE (BCE with logits, weights 1:1).
 
-The soft Dice is nnU-Net's ``MemoryEfficientSoftDiceLoss`` (smooth 1e-5): with ``batch_dice`` (nnU-Net's
+The soft Dice is nnU-Net's ``MemoryEfficientSoftDiceLoss`` (smooth 1e-5, or the recipe's ``loss.smooth``:
+FSEFT's code uses 1, which keeps a patch without foreground from rewarding an empty prediction): with ``batch_dice`` (nnU-Net's
 default for 3d_fullres) the intersection and sizes of a class are summed over the batch and the patch, else
 per sample (then averaged). Under DistributedDataParallel the batch sums are also summed over ranks (as
 nnU-Net does), so that training on N ranks with batches of B equals training on one process with the global
@@ -56,12 +57,13 @@ def class_targets(target: torch.Tensor, channels: int, activation: str) -> torch
     return target.long() == ids
 
 
-def _dice_from_stats(stats: torch.Tensor) -> torch.Tensor:
+def _dice_from_stats(stats: torch.Tensor, smooth: float = SMOOTH) -> torch.Tensor:
     intersection, pred, gt = stats
-    return (2 * intersection + SMOOTH) / torch.clamp(pred + gt + SMOOTH, min=1e-8)
+    return (2 * intersection + smooth) / torch.clamp(pred + gt + smooth, min=1e-8)
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = True) -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = True,
+                   smooth: float = SMOOTH) -> torch.Tensor:
     """1 − mean over foreground classes of the softmax soft Dice (batch sums over ranks when distributed)."""
     probs = torch.softmax(logits, 1)[:, 1:]
     onehot = class_targets(target, logits.shape[1], "softmax")[:, 1:].to(probs.dtype)
@@ -69,18 +71,19 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool 
     stats = torch.stack([(probs * onehot).sum(axes), probs.sum(axes), onehot.sum(axes)])
     if batch_dice:
         stats = all_reduce_sum(stats)
-    return 1 - _dice_from_stats(stats).mean()
+    return 1 - _dice_from_stats(stats, smooth).mean()
 
 
-def dice_ce(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = True) -> torch.Tensor:
+def dice_ce(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = True,
+            smooth: float = SMOOTH) -> torch.Tensor:
     """CE + soft Dice (weights 1:1) of one output. DDP averages gradients over ranks: the per-rank CE mean then
     gives the global-batch CE; the Dice is computed on statistics summed over ranks, and that sum's backward
     sums the identical losses' gradients over ranks (a factor of N) which DDP's averaging cancels."""
-    return F.cross_entropy(logits, target[:, 0].long()) + soft_dice_loss(logits, target, batch_dice)
+    return F.cross_entropy(logits, target[:, 0].long()) + soft_dice_loss(logits, target, batch_dice, smooth)
 
 
 def sigmoid_dice_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor | None = None,
-                      batch_dice: bool = True) -> torch.Tensor:
+                      batch_dice: bool = True, smooth: float = SMOOTH) -> torch.Tensor:
     """1 − soft Dice of independent sigmoid channels, over the annotated (sample, class) pairs only."""
     probs = torch.sigmoid(logits)
     onehot = class_targets(target, logits.shape[1], "sigmoid").to(probs.dtype)
@@ -94,12 +97,12 @@ def sigmoid_dice_loss(logits: torch.Tensor, target: torch.Tensor, annotated: tor
         labelled = counts > 0
         if not labelled.any():
             return logits.sum() * 0.0
-        return 1 - _dice_from_stats(stats)[labelled].mean()
+        return 1 - _dice_from_stats(stats, smooth)[labelled].mean()
     per_case = w.sum(1)
     labelled = per_case > 0
     if not labelled.any():
         return logits.sum() * 0.0
-    loss = ((1 - _dice_from_stats(stats)) * w).sum(1)[labelled] / per_case[labelled]
+    loss = ((1 - _dice_from_stats(stats, smooth)) * w).sum(1)[labelled] / per_case[labelled]
     return loss.mean()
 
 
@@ -143,7 +146,7 @@ class DeepSupervised(nn.Module):
         return total
 
 
-def _softmax_terms(dice_only: bool, batch_dice: bool):
+def _softmax_terms(dice_only: bool, batch_dice: bool, smooth: float = SMOOTH):
     def per_output(logits, target, annotated):
         if annotated is not None and not bool(annotated.all()):
             from medadapt.errors import MedadaptError
@@ -151,14 +154,14 @@ def _softmax_terms(dice_only: bool, batch_dice: bool):
             raise MedadaptError("a softmax output cannot learn from partially annotated cases (a class a case "
                                 "does not annotate would count as background); train a sigmoid model")
         if dice_only:
-            return soft_dice_loss(logits, target, batch_dice)
-        return dice_ce(logits, target, batch_dice)
+            return soft_dice_loss(logits, target, batch_dice, smooth)
+        return dice_ce(logits, target, batch_dice, smooth)
     return per_output
 
 
-def _sigmoid_terms(dice_only: bool, batch_dice: bool):
+def _sigmoid_terms(dice_only: bool, batch_dice: bool, smooth: float = SMOOTH):
     def per_output(logits, target, annotated):
-        loss = sigmoid_dice_loss(logits, target, annotated, batch_dice)
+        loss = sigmoid_dice_loss(logits, target, annotated, batch_dice, smooth)
         return loss if dice_only else loss + masked_bce(logits, target, annotated)
     return per_output
 
@@ -204,4 +207,6 @@ def build_loss(spec: dict, activation: str = "softmax"):
         return MaskedReconstructionLoss()
     dice_only = {"dice_ce": False, "dice": True}[spec["name"]]
     terms = _softmax_terms if activation == "softmax" else _sigmoid_terms
-    return LabelLoss(DeepSupervised(terms(dice_only, bool(spec.get("batch_dice", True)))), spec["name"], activation)
+    smooth = float(spec.get("smooth", SMOOTH))  # the soft Dice's smoothing: nnU-Net's 1e-5 unless a recipe names it
+    return LabelLoss(DeepSupervised(terms(dice_only, bool(spec.get("batch_dice", True)), smooth)), spec["name"],
+                     activation)

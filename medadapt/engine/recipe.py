@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclasses_replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -52,6 +53,20 @@ LOSSES: dict[str, dict[str, Any]] = {
     "dice": {"batch_dice": True},      # soft Dice alone, deep-supervised
     "mae": {"block_size": [16, 16, 16], "mask_ratio": 0.75},
 }
+#: options a loss may name beyond its defaults, recorded only when given (so recipes without them keep their
+#: records and hashes): the soft Dice's smoothing (nnU-Net's 1e-5 when absent; FSEFT's code uses 1)
+OPTIONAL_LOSS_OPTIONS: dict[str, tuple[str, ...]] = {"dice_ce": ("smooth",), "dice": ("smooth",), "mae": ()}
+
+#: a recipe's augmentation presets (medadapt.data.augmentation.augmentation_preset builds them)
+AUGMENTATIONS = ("nnunet", "fseft")
+#: how a fresh segmentation head is initialised: nnU-Net's He-normal (slope 1e-2, zero bias), or PyTorch's
+#: default for a new convolution (FSEFT's code: a new ``nn.Conv3d`` classifier)
+HEAD_INITS = ("nnunet", "torch")
+#: per-method settings a recipe's ``methods`` entry may replace
+METHOD_KEYS = ("lr", "epochs", "iterations_per_epoch", "batch_size", "patches_per_case")
+#: ``iterations_per_epoch: cases``: an epoch is one pass over the training cases (FSEFT's code: a DataLoader
+#: over the k support volumes, ``drop_last``), i.e. k // (cases per batch) iterations, at least one
+EPOCH_OF_CASES = "cases"
 
 
 def lr_factor(schedule: Mapping[str, Any], epoch: int, epochs: int) -> float:
@@ -78,7 +93,7 @@ class Recipe:
     schedule: dict[str, Any]
     loss: dict[str, Any]
     epochs: int
-    iterations_per_epoch: int
+    iterations_per_epoch: "int | str"  #: or "cases" (EPOCH_OF_CASES), resolved by :meth:`for_cases`
     lr: float
     method_lr: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = 12.0
@@ -88,10 +103,40 @@ class Recipe:
     patch_size: tuple[int, int, int] | None = None
     description: str = ""
     source: str = ""
+    #: the training augmentation preset (AUGMENTATIONS): nnU-Net's pipeline, or FSEFT's code's
+    augmentation: str = "nnunet"
+    #: a fresh head's initialisation (HEAD_INITS)
+    head_init: str = "nnunet"
+    #: False: train without deep supervision (the loss on the full-resolution output only); None: the network's
+    deep_supervision: bool | None = None
+    #: per-method replacements of lr, epochs, iterations_per_epoch, batch_size, patches_per_case
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def lr_for(self, method: str) -> float:
-        """The initial learning rate of ``method``: its entry in ``method_lr``, else ``lr``."""
-        return float(self.method_lr.get(method, self.lr))
+        """The initial learning rate of ``method``: its ``methods`` entry, else ``method_lr``, else ``lr``."""
+        entry = self.methods.get(method, {})
+        return float(entry.get("lr", self.method_lr.get(method, self.lr)))
+
+    def for_method(self, method: str) -> "Recipe":
+        """This recipe with ``method``'s entry of ``methods`` applied (budget, batch and learning rate); the
+        recipe itself where it has none, so the records of recipes without ``methods`` are unchanged."""
+        entry = self.methods.get(method)
+        if not entry:
+            return self
+        data = self.to_dict()
+        data.update({k: v for k, v in entry.items() if k != "lr"})
+        data["lr"] = self.lr_for(method)
+        data["method_lr"] = {}
+        data["methods"] = {}
+        return parse_recipe(data, source=f"{self.source or self.name} (method {method})")
+
+    def for_cases(self, cases: int) -> "Recipe":
+        """This recipe with ``iterations_per_epoch: cases`` resolved for ``cases`` training cases (one pass:
+        ``cases // (batch_size / patches_per_case)`` iterations, at least one); itself otherwise."""
+        if self.iterations_per_epoch != EPOCH_OF_CASES:
+            return self
+        per_batch = (self.batch_size or self.patches_per_case) // self.patches_per_case
+        return dataclasses_replace(self, iterations_per_epoch=max(1, int(cases) // max(1, per_batch)))
 
     def lr_factor(self, epoch: int) -> float:
         return lr_factor(self.schedule, epoch, self.epochs)
@@ -111,7 +156,12 @@ class Recipe:
                 "epochs": self.epochs, "iterations_per_epoch": self.iterations_per_epoch, "lr": self.lr,
                 "method_lr": dict(self.method_lr), "grad_clip": self.grad_clip, "batch_size": self.batch_size,
                 "patches_per_case": self.patches_per_case,
-                "patch_size": list(self.patch_size) if self.patch_size else None}
+                "patch_size": list(self.patch_size) if self.patch_size else None,
+                # the newer settings only when they are not the defaults: older recipes keep their records
+                **({"augmentation": self.augmentation} if self.augmentation != "nnunet" else {}),
+                **({"head_init": self.head_init} if self.head_init != "nnunet" else {}),
+                **({"deep_supervision": self.deep_supervision} if self.deep_supervision is not None else {}),
+                **({"methods": copy.deepcopy(self.methods)} if self.methods else {})}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -143,7 +193,8 @@ def _fail(source: str, key: str, problem: str, fix: str) -> None:
     raise MedadaptError(f"{source}: {key}: {problem}; {fix}")
 
 
-def _component(source: str, raw: Any, key: str, registry: Mapping[str, Any], defaults_of) -> dict[str, Any]:
+def _component(source: str, raw: Any, key: str, registry: Mapping[str, Any], defaults_of,
+               optional: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
     if isinstance(raw, str):
         raw = {"name": raw}
     if not isinstance(raw, Mapping) or "name" not in raw:
@@ -152,9 +203,10 @@ def _component(source: str, raw: Any, key: str, registry: Mapping[str, Any], def
     if name not in registry:
         _fail(source, f"{key}.name", f"unknown {key} {raw['name']!r}", f"choose one of {sorted(registry)}")
     defaults = defaults_of(registry[name])
-    unknown = sorted(set(raw) - {"name"} - set(defaults))
+    extra = set((optional or {}).get(name, ()))
+    unknown = sorted(set(raw) - {"name"} - set(defaults) - extra)
     if unknown:
-        _fail(source, key, f"unknown option(s) {unknown} for {name}", f"use only {sorted(defaults)}")
+        _fail(source, key, f"unknown option(s) {unknown} for {name}", f"use only {sorted(set(defaults) | extra)}")
     return {"name": name, **copy.deepcopy(defaults), **{k: copy.deepcopy(v) for k, v in raw.items() if k != "name"}}
 
 
@@ -177,7 +229,8 @@ def _positive(source: str, value: Any, key: str, kind=float, allow_none: bool = 
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     """Validate a recipe mapping; every mistake is one error line naming ``source`` and the key."""
     allowed = {"name", "description", "optimizer", "schedule", "loss", "epochs", "iterations_per_epoch", "lr",
-               "method_lr", "grad_clip", "batch_size", "patch_size", "patches_per_case"}
+               "method_lr", "grad_clip", "batch_size", "patch_size", "patches_per_case", "augmentation",
+               "head_init", "deep_supervision", "methods"}
     if not isinstance(raw, Mapping):
         _fail(source, "recipe", f"expected a mapping, got {type(raw).__name__}", "write it as 'key: value' lines")
     unknown = sorted(set(raw) - allowed)
@@ -199,9 +252,9 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         description=str(raw.get("description") or "").strip(),
         optimizer=_component(source, raw["optimizer"], "optimizer", OPTIMIZERS, lambda entry: entry[1]),
         schedule=_component(source, raw["schedule"], "schedule", SCHEDULES, lambda entry: entry),
-        loss=_component(source, raw["loss"], "loss", LOSSES, lambda entry: entry),
+        loss=_component(source, raw["loss"], "loss", LOSSES, lambda entry: entry, OPTIONAL_LOSS_OPTIONS),
         epochs=_positive(source, raw["epochs"], "epochs", int),
-        iterations_per_epoch=_positive(source, raw["iterations_per_epoch"], "iterations_per_epoch", int),
+        iterations_per_epoch=_iterations(source, raw["iterations_per_epoch"], "iterations_per_epoch"),
         lr=_positive(source, raw["lr"], "lr"),
         method_lr={str(k): _positive(source, v, f"method_lr.{k}") for k, v in method_lr.items()},
         grad_clip=_positive(source, raw.get("grad_clip", 12.0), "grad_clip", allow_none=True),
@@ -209,7 +262,13 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         patches_per_case=_positive(source, raw.get("patches_per_case", 1), "patches_per_case", int),
         patch_size=patch,
         source=source,
+        augmentation=_choice(source, raw.get("augmentation", "nnunet"), "augmentation", AUGMENTATIONS),
+        head_init=_choice(source, raw.get("head_init", "nnunet"), "head_init", HEAD_INITS),
+        deep_supervision=_flag(source, raw.get("deep_supervision"), "deep_supervision"),
+        methods=_methods(source, raw.get("methods") or {}),
     )
+    if "smooth" in recipe.loss:
+        recipe.loss["smooth"] = _positive(source, recipe.loss["smooth"], "loss.smooth")
     if recipe.batch_size is not None and recipe.batch_size % recipe.patches_per_case:
         _fail(source, "patches_per_case", f"{recipe.patches_per_case} does not divide batch_size {recipe.batch_size}",
               "make the batch a whole number of cases")
@@ -224,6 +283,51 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         _fail(source, "schedule.warmup_epochs", f"{recipe.schedule['warmup_epochs']} warm-up epochs leave none of "
               f"the {recipe.epochs} epochs to decay", "use fewer warm-up epochs")
     return recipe
+
+
+def _iterations(source: str, value: Any, key: str) -> "int | str":
+    if value == EPOCH_OF_CASES:
+        return EPOCH_OF_CASES
+    if isinstance(value, str):
+        _fail(source, key, f"{value!r} is neither a number nor {EPOCH_OF_CASES!r}",
+              f"give a positive integer or '{EPOCH_OF_CASES}' (one pass over the training cases)")
+    return _positive(source, value, key, int)
+
+
+def _choice(source: str, value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        _fail(source, key, f"unknown {key} {value!r}", f"choose one of {list(choices)}")
+    return str(value)
+
+
+def _flag(source: str, value: Any, key: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        _fail(source, key, f"{value!r} is not true or false", "write true or false (or leave it out)")
+    return value
+
+
+def _methods(source: str, raw: Any) -> dict[str, dict[str, Any]]:
+    """``methods: {name: {lr, epochs, iterations_per_epoch, batch_size, patches_per_case}}``, validated."""
+    if not isinstance(raw, Mapping):
+        _fail(source, "methods", f"{raw!r} is not a mapping", "write e.g. 'methods: {linear-probe: {lr: 0.1}}'")
+    out = {}
+    for method, entry in raw.items():
+        key = f"methods.{method}"
+        if not isinstance(entry, Mapping):
+            _fail(source, key, f"{entry!r} is not a mapping", f"give some of {list(METHOD_KEYS)}")
+        unknown = sorted(set(entry) - set(METHOD_KEYS))
+        if unknown:
+            _fail(source, key, f"unknown key(s) {unknown}", f"use only {list(METHOD_KEYS)}")
+        checked = {}
+        for k, v in entry.items():
+            if k == "lr":
+                checked[k] = _positive(source, v, f"{key}.lr")
+            elif k == "iterations_per_epoch":
+                checked[k] = _iterations(source, v, f"{key}.{k}")
+            else:
+                checked[k] = _positive(source, v, f"{key}.{k}", int)
+        out[str(method)] = checked
+    return out
 
 
 def build_optimizer(optimizer: Mapping[str, Any], params, lr: float) -> torch.optim.Optimizer:

@@ -143,7 +143,7 @@ class Trainer:
                  checkpoint_dir: str | Path, loss: LossTerm | None = None,
                  loss_terms: Sequence[LossTerm] = (), progress: bool = True, description: str = "train",
                  device: str | torch.device | None = None, engine: EngineOptions | None = None,
-                 scaler=None):
+                 scaler=None, epoch_hooks: Sequence = ()):
         self.device = torch.device(device) if device is not None else dist_utils.default_device()
         # the precision is config.precision (EngineOptions.configure put it there); the engine options give the
         # workers and the compilation
@@ -172,6 +172,10 @@ class Trainer:
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT
         self.loss = loss or build_loss(config.loss, config.activation)  # a loss term: (model, batch, outputs) -> tensor
         self.loss_terms = list(loss_terms)
+        #: objects with ``on_epoch_end(optimizer, epoch, epochs) -> {name: value} | None``, called after each
+        #: epoch's iterations and before its checkpoint (e.g. FSEFT's transductive step, which its authors' code
+        #: takes once per epoch); what they return is appended to the history as ``[epoch, value]``
+        self.epoch_hooks = list(epoch_hooks)
         self.progress = progress
         self.description = description
         self.optimizer = build_optimizer(config.optimizer, strategy.parameters(model), config.initial_lr)
@@ -290,6 +294,9 @@ class Trainer:
             bar.update(1)
         self.history["epoch_loss"].append(float(np.mean(losses)))
         self.history["lr"].append(lr)
+        for hook in self.epoch_hooks:
+            for key, value in (hook.on_epoch_end(self.optimizer, epoch, cfg.epochs) or {}).items():
+                self.history.setdefault(key, []).append([epoch, value])
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -9,8 +9,10 @@ The foundation's classifier (its full-resolution segmentation head) is replaced 
 LeakyReLU → conv k³ → norm, plus a 1×1×1 conv → norm on the skip path when the width changes (always present
 in MONAI's block when in ≠ out; with in = out the skip is the identity), summed and passed through LeakyReLU
 (negative slope 0.01). "Three stacked convolutions and one skip connection": conv1, conv2 and the skip conv.
-The paper says batch normalisation (the authors' code defaults to instance normalisation); medadapt follows
-the paper. ``kernel_size=1`` gives the paper's Fig. 2a comparison, an "MLP" adapter (per-voxel, no spatial
+The paper says batch normalisation; the authors' code (``fseft/models/adapters.py``: MONAI's ``UnetResBlock``
+with ``norm_name="instance"``) uses instance normalisation without affine parameters, which is medadapt's
+default (``norm="instance"``; ``norm="batch"`` is the text's reading). The classifier is a new 1×1×1
+convolution with PyTorch's default initialisation, as the code's ``LinearProbe``. ``kernel_size=1`` gives the paper's Fig. 2a comparison, an "MLP" adapter (per-voxel, no spatial
 context). The classifier gives one output per target class (sigmoid for a sigmoid model).
 
 The adapter replaces the head *module* wherever the network keeps it (``model_parts(model).heads[-1]``, the
@@ -30,12 +32,16 @@ from medadapt.errors import MedadaptError
 from medadapt.models.parts import model_parts
 
 EXTENSION = "spatial-adapter"
+#: the adapter's normalisation -> MONAI's norm_name (instance: InstanceNorm, affine False, no running stats)
+NORMS = {"instance": "instance", "batch": "batch"}
 
 
 @dataclass(frozen=True)
 class SpatialAdapterConfig:
     kernel_size: int = 3
     width: int | None = None  #: the adapter's output channels; None: the feature map's channels (the paper's)
+    #: instance (the authors' code: instance norm without affine parameters) or batch (the text)
+    norm: str = "instance"
 
     def __post_init__(self):
         if isinstance(self.kernel_size, bool) or not isinstance(self.kernel_size, int) or self.kernel_size < 1 \
@@ -45,6 +51,8 @@ class SpatialAdapterConfig:
         if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int)
                                        or self.width < 1):
             raise MedadaptError(f"--adapter-width {self.width!r}: must be a positive integer")
+        if self.norm not in NORMS:
+            raise MedadaptError(f"--adapter-norm {self.norm!r}: choose one of {', '.join(NORMS)}")
 
 
 class SpatialAdapterHead(nn.Module):
@@ -54,7 +62,7 @@ class SpatialAdapterHead(nn.Module):
         super().__init__()
         width = config.width or in_channels
         self.adapter = UnetResBlock(dims, in_channels, width, kernel_size=config.kernel_size, stride=1,
-                                    norm_name="batch",
+                                    norm_name=NORMS[config.norm],
                                     act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}))
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
         self.classifier = conv(width, out_channels, kernel_size=1)
@@ -82,8 +90,8 @@ def _parent_of(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
 
 def inject_spatial_adapter(model: nn.Module, config: SpatialAdapterConfig) -> SpatialAdapterHead:
     """Replace the full-resolution head of ``model`` by a :class:`SpatialAdapterHead` with the head's input and
-    output channels (its weights new: the adapter as MONAI initialises it, the classifier as nnU-Net does,
-    He-normal with negative slope 1e-2 and zero bias, from torch's global generator). Deep supervision off."""
+    output channels (its weights new, from torch's global generator: the adapter as MONAI initialises it, the
+    classifier as PyTorch initialises a new convolution, as the authors' code does). Deep supervision off."""
     from medadapt.models.network import set_deep_supervision
 
     if has_spatial_adapter(model):
@@ -92,8 +100,6 @@ def inject_spatial_adapter(model: nn.Module, config: SpatialAdapterConfig) -> Sp
     conv = _head_conv(head)
     weight = conv.weight
     new = SpatialAdapterHead(conv.in_channels, conv.out_channels, config, dims=weight.dim() - 2)
-    nn.init.kaiming_normal_(new.classifier.weight, a=1e-2)
-    nn.init.zeros_(new.classifier.bias)
     new.to(device=weight.device, dtype=weight.dtype)
     parent, name = _parent_of(model, head)
     if isinstance(parent, (nn.ModuleList, nn.Sequential)):
@@ -115,10 +121,12 @@ def has_spatial_adapter(model: nn.Module) -> bool:
 def extension_record(model: nn.Module) -> dict:
     head = spatial_adapter_of(model)
     return {"type": EXTENSION, "kernel_size": head.config.kernel_size,
-            "width": head.config.width}
+            "width": head.config.width, "norm": head.config.norm}
 
 
 def apply_extension_record(model: nn.Module, record: dict) -> None:
     inject_spatial_adapter(model, SpatialAdapterConfig(kernel_size=int(record["kernel_size"]),
                                                        width=None if record.get("width") is None
-                                                       else int(record["width"])))
+                                                       else int(record["width"]),
+                                                       # folders written before the option had batch norm
+                                                       norm=str(record.get("norm", "batch"))))

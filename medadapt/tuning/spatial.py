@@ -18,10 +18,10 @@ from medadapt.tuning.base import Strategy
 class SpatialAdapter(Strategy):
     name = "spatial-adapter"
     summary = "frozen foundation; a SwinUNETR decoder block + new classifier on its last feature map (FSEFT)"
-    options = ("kernel_size", "width")
+    options = ("kernel_size", "width", "norm")
 
-    def __init__(self, kernel_size: int = 3, width: int | None = None):
-        self.config_ = SpatialAdapterConfig(kernel_size=kernel_size, width=width)
+    def __init__(self, kernel_size: int = 3, width: int | None = None, norm: str = "instance"):
+        self.config_ = SpatialAdapterConfig(kernel_size=kernel_size, width=width, norm=norm)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():
@@ -35,4 +35,5 @@ class SpatialAdapter(Strategy):
         return [extension_record(model)]
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "kernel_size": self.config_.kernel_size, "width": self.config_.width}
+        return {"name": self.name, "kernel_size": self.config_.kernel_size, "width": self.config_.width,
+                "norm": self.config_.norm}

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from medadapt.data.augmentation import Augmentation
+from medadapt.data.augmentation import augmentation_preset
 from medadapt.data.dataset import RawDataset
 from medadapt.data.io import read_label
 from medadapt.data.cache import preprocess_dataset
@@ -135,6 +135,28 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
     return network
 
 
+def reset_heads(network: torch.nn.Module, seed: int) -> None:
+    """Re-initialise the segmentation heads as PyTorch initialises a new convolution (a recipe's ``head_init:
+    torch``; FSEFT's code: a new ``nn.Conv3d`` classifier), from a generator seeded by ``seed``."""
+    from medadapt.models.parts import model_parts
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for head in model_parts(network).heads:
+            for m in head.modules():
+                if hasattr(m, "reset_parameters") and isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
+                    m.reset_parameters()
+
+
+def _case_spacing(case) -> list[float] | None:
+    try:
+        props = case.properties
+    except (AttributeError, OSError, ValueError):
+        return None
+    sp = props.get("spacing_after_resampling") or props.get("spacing")
+    return [float(v) for v in sp] if sp is not None else None
+
+
 def weights_without_heads(folder: ModelFolder, foundation: dict[str, torch.Tensor],
                           network: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of ``foundation`` (``folder``'s state dict) that ``network`` has outside its heads; one line
@@ -223,7 +245,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
              iterations_per_epoch: int | None = None, lr: float | None = None, resume: bool = False,
              progress: bool = True, method_options: dict[str, Any] | None = None, head: str = "fresh",
              recipe: "str | Path | Recipe | None" = None, postprocess: str = "none",
-             transductive: "Transductive | None" = None, engine: EngineOptions | None = None) -> dict[str, Any]:
+             transductive: "Transductive | None" = None, engine: EngineOptions | None = None,
+             feature_cache: bool = False) -> dict[str, Any]:
     """Fine-tune ``model`` on ``shots`` cases of ``data`` with ``method``; evaluate on the test split.
     ``shots="all"``: every case of the train split (the "all samples" rows), recorded as their number.
 
@@ -261,23 +284,35 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
             folder.require_segmentation_head(f"--head {head}", "fine-tune it with --head fresh")
         folder.require_segmentation_head(f"--method {method}", "fine-tune it with a method that trains")
     dataset = RawDataset.load(data)
-    resolved = load_recipe(recipe or folder.recipe or DEFAULT_RECIPE).with_overrides(
-        epochs=epochs, iterations_per_epoch=iterations_per_epoch)
-    config = engine.configure(TrainingConfig.from_recipe(resolved, method, seed, activation=folder.activation))
-    if lr is not None:
-        config = dataclasses.replace(config, initial_lr=lr)
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
     if shots == "all":
         shots = len(train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)[0])
+    # the recipe, with the method's own settings (budget, batch, lr), the command line's budget, and an epoch
+    # of "cases" resolved for the number of training cases
+    resolved = load_recipe(recipe or folder.recipe or DEFAULT_RECIPE).for_method(method).with_overrides(
+        epochs=epochs, iterations_per_epoch=iterations_per_epoch).for_cases(shots)
+    config = engine.configure(TrainingConfig.from_recipe(resolved, method, seed, activation=folder.activation))
+    if lr is not None:
+        config = dataclasses.replace(config, initial_lr=lr)
+    if feature_cache and not strategy.trains:
+        raise MedadaptError(f"--feature-cache: --method {method} trains nothing; use linear-probe or "
+                            "spatial-adapter")
     foundation = folder.load_network().state_dict()  # loaded once: identity, head transfer and delta use it
     identity = run_identity(strategy.config(), shots, seed, split_seed, dataset, folder, foundation, head,
                             config.to_dict())
     identity["postprocess"] = postprocess
     if transductive is not None:  # recorded only when used: identities of inductive runs stay as they were
-        identity["transductive"] = dataclasses.asdict(transductive)
+        identity["transductive"] = transductive.record()
     if resolved.patches_per_case != 1:  # likewise
         identity["patches_per_case"] = resolved.patches_per_case
+    for key, default in (("augmentation", "nnunet"), ("head_init", "nnunet"), ("deep_supervision", None)):
+        if getattr(resolved, key) != default:  # likewise: the recipe's newer settings, only when set
+            identity[key] = getattr(resolved, key)
+    if resolved.batch_size is not None and resolved.batch_size != folder.network.batch_size:
+        identity["batch_size"] = resolved.batch_size
+    if feature_cache:
+        identity["feature_cache"] = True
     if distributed.is_main():
         check_identity(out, identity)
     if run_file.is_file():
@@ -298,7 +333,17 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         if missing:
             raise MedadaptError(f"--method {method}: the foundation in {folder.path} does not know {missing} (its "
                                 f"classes: {', '.join(folder.foreground)}); fine-tune with a method that trains")
-    network = load_foundation(folder, dataset, seed, head, foundation)
+    def foundation_network() -> torch.nn.Module:
+        net = load_foundation(folder, dataset, seed, head, foundation)
+        if head == "fresh" and resolved.head_init == "torch":
+            reset_heads(net, seed)
+        if resolved.deep_supervision is False:
+            from medadapt.models.network import set_deep_supervision
+
+            set_deep_supervision(net, False)
+        return net
+
+    network = foundation_network()
     spec = folder.network.with_classes(output_channels(dataset.labels, folder.activation))
     # a recipe's patch and batch replace the network's (the tuned model then predicts with that patch)
     spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
@@ -308,25 +353,25 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         if not test_ids:
             raise MedadaptError(f"--transductive: {dataset.root} has no test volumes to constrain; use a dataset "
                                 "with at least 5 cases")
-        priors = transductive.priors(cases, dataset.labels)
+        with distributed.main_first():
+            queries = preprocess_dataset(dataset, test_ids, plan, cache, progress=progress)
+        priors = transductive.priors(cases, dataset.labels, query_spacing=_case_spacing(queries[0]))
         with torch.random.fork_rng(devices=[]):  # the method must train the classifier head only: check first
             from medadapt.tuning.transductive import transductive_tail
 
             transductive_tail(make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
                               .prepare(copy.deepcopy(network)))
-        with distributed.main_first():
-            queries = preprocess_dataset(dataset, test_ids, plan, cache, progress=progress)
     if distributed.is_main():  # every input is checked: from here on the folder is this run's
         record_identity(out, identity)
 
     def prepared() -> torch.nn.Module:  # a fresh start for every query of the per-query mode
-        net = network if transductive is None or transductive.mode == "batch" else \
-            load_foundation(folder, dataset, seed, head, foundation)
+        net = network if transductive is None or transductive.mode == "batch" else foundation_network()
         torch.manual_seed(seed)  # strategies that initialise weights (scratch, adapters, LoRA) draw from here
         return strategy.prepare(net)
 
-    sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
-                           augmentation=Augmentation(spec.patch_size), patches_per_case=resolved.patches_per_case)
+    augmentation, crop_policy = augmentation_preset(resolved.augmentation, spec.patch_size)
+    sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, augmentation=augmentation,
+                           patches_per_case=resolved.patches_per_case, **crop_policy)
     # batch mode (and inductive runs): one model for every test volume; per-query mode: one for each
     groups = ([(q, [q], out / "queries" / q) for q in test_ids]
               if transductive is not None and transductive.mode == "query" else [(None, test_ids, out)])
@@ -338,10 +383,12 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         timing = {"median_iteration_seconds": None, "median_sampling_seconds": None, "data_wait_share": None,
                   "final_epoch_loss": None}
         if strategy.trains:
-            terms = [transductive.term(net, [by_id[q] for q in ids], priors, spec.patch_size, folder.activation)] \
-                if transductive else []
+            ti = transductive.term(net, [by_id[q] for q in ids], priors, spec.patch_size, folder.activation) \
+                if transductive else None
+            hooks = [ti] if ti is not None and transductive.step == "epoch" else []
+            terms = [ti] if ti is not None and transductive.step == "every" else []
             trainer = Trainer(net, strategy, sampler, config, where / "training", progress=progress,
-                              loss_terms=terms, description=f"finetune {method} {shots}-shot"
+                              loss_terms=terms, epoch_hooks=hooks, description=f"finetune {method} {shots}-shot"
                               + (f" {ids[0]}" if where != out else ""), engine=engine)
             history = trainer.fit(resume=resume)
             timing = trainer.summary()
@@ -384,7 +431,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         "shot_cases": shot_ids,
         "head": head,
         "postprocess": postprocess,
-        "transductive": dataclasses.asdict(transductive) if transductive is not None else None,
+        "transductive": transductive.record() if transductive is not None else None,
         "identity": identity,
         "training": config.to_dict(),
         "recipe": resolved.to_dict(),
