@@ -40,7 +40,8 @@ HEAD_POLICIES = ("fresh", "keep", "match")
 POSTPROCESS = ("none", "lcc")
 GENERALIZATION = "generalization"  # FSEFT's no-adaptation row: like zero-shot, one cell per dataset
 NO_TRAINING = (ZERO_SHOT, GENERALIZATION)
-TI_PREFIX = "ti_"  # transductive options in a cell's options: ti_mode, ti_margin, ti_weight
+TI_PREFIX = "ti_"  # transductive options in a cell's options: ti_mode, ti_margin, ti_weight, ti_error, ti_step
+VARIANT = "variant"  # a cell option naming an extra row of an fseft grid (fseft.variants), not a method option
 BUILTIN_CONFIGS = ("default", "quick", "paper", "fseft", "fseft-quick")
 
 
@@ -88,6 +89,7 @@ class GridConfig:
     heads: dict[str, str] = field(default_factory=dict)   # per-method head policy, overriding ``head``
     fseft: dict[str, Any] | None = None
     foundation_classes: tuple[str, ...] = ()    # the structures the foundation's sources label
+    training_from_recipe: bool = False          # no ``training`` section: the recipe's budgets per method
 
     def head_for(self, method: str) -> str:
         return self.heads.get(method, self.head)
@@ -103,10 +105,16 @@ class GridConfig:
         return self.name if builtin else self.source
 
     def budget(self, method: str, all_shot: bool = False) -> dict[str, Any]:
-        """The training settings of a cell: the all-shot row's, else the method's, else ``training``."""
+        """The training settings of a cell: the all-shot row's, else the method's, else ``training`` (where the
+        config gives none, the recipe's budget for the method: its ``methods`` entry, else its own)."""
         if all_shot and "all_shot" in self.budgets:
             return self.budgets["all_shot"]
-        return self.budgets.get(method, self.training)
+        if method in self.budgets:
+            return self.budgets[method]
+        entry = (self.recipe or {}).get("methods", {}).get(method, {})
+        if self.training_from_recipe and entry:
+            return {k: entry.get(k, self.training[k]) for k in ("epochs", "iterations_per_epoch")}
+        return self.training
 
     def dataset(self, name: str) -> DatasetConfig:
         return next(d for d in self.datasets if d.name == name)
@@ -272,9 +280,13 @@ def _method_names() -> list[str]:
 
 
 def _training(c: _Check, value: Any, key: str) -> dict[str, Any]:
+    from medadapt.engine.recipe import EPOCH_OF_CASES
+
     t = c.mapping(value, key, ("epochs", "iterations_per_epoch", "lr"), required=("epochs", "iterations_per_epoch"))
+    ipe = t["iterations_per_epoch"]
     training = {"epochs": c.integer(t["epochs"], f"{key}.epochs", 1),
-                "iterations_per_epoch": c.integer(t["iterations_per_epoch"], f"{key}.iterations_per_epoch", 1)}
+                "iterations_per_epoch": ipe if ipe == EPOCH_OF_CASES
+                else c.integer(ipe, f"{key}.iterations_per_epoch", 1)}
     if t.get("lr") is not None:
         try:
             training["lr"] = float(t["lr"])
@@ -420,7 +432,8 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                         split_seed=split_seed, training=training, budgets=budgets, head=head, table1=table1,
                         table2=table2, gamma=gamma, method_options=method_options, ray=ray, raw=copy.deepcopy(raw),
                         recipe=recipe, postprocess=postprocess, heads=heads, fseft=fseft,
-                        foundation_classes=tuple(dict.fromkeys(classes)))
+                        foundation_classes=tuple(dict.fromkeys(classes)),
+                        training_from_recipe=top.get("training") is None and recipe is not None)
     enumerate_cells(config)  # validates method options
     return config
 
@@ -436,21 +449,31 @@ def _fseft(c: _Check, value: Any, datasets: list[DatasetConfig]) -> dict[str, An
     from medadapt.tuning import make_strategy
     from medadapt.tuning.transductive import Transductive
 
-    fs = c.mapping(value, "fseft", ("methods", "adapter", "transductive", "all_shot", "fig2a", "fig2b"),
+    fs = c.mapping(value, "fseft", ("methods", "adapter", "transductive", "all_shot", "fig2a", "fig2b", "variants"),
                    required=("methods",))
     out: dict[str, Any] = {"methods": c.methods(fs["methods"], "fseft.methods"),
                            "adapter": str(fs.get("adapter", "spatial-adapter")), "transductive": None,
-                           "all_shot": [], "fig2a": None, "fig2b": None}
+                           "all_shot": [], "fig2a": None, "fig2b": None, "variants": []}
     c.methods([out["adapter"]], "fseft.adapter")
-    if fs.get("transductive") is not None:
-        t = c.mapping(fs["transductive"], "fseft.transductive", ("mode", "margin", "weight"))
-        ti = Transductive(mode=str(t.get("mode", "query")), margin=t.get("margin", 0.1), weight=t.get("weight", 1.0))
+    def transductive(value: Any, key: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+        t = c.mapping(value, key, ("mode", "margin", "weight", "error", "step"))
+        d = Transductive()
+        t = {**(base or {}), **t}
+        ti = Transductive(mode=str(t.get("mode", d.mode)), margin=t.get("margin", d.margin),
+                          weight=t.get("weight", d.weight), error=str(t.get("error", d.error)),
+                          step=str(t.get("step", d.step)))
         try:
+            if isinstance(ti.margin, bool) or isinstance(ti.weight, bool):
+                raise TypeError("not a number")
             ti.margin, ti.weight = float(ti.margin), float(ti.weight)
             ti.check()
         except (TypeError, ValueError, MedadaptError) as exc:
-            c.fail("fseft.transductive", str(exc), "mode query|batch, margin in [0, 1), weight > 0")
-        out["transductive"] = {"mode": ti.mode, "margin": ti.margin, "weight": ti.weight}
+            c.fail(key, str(exc), "mode query|batch, margin in [0, 1), weight > 0, error max|prior|proportion, "
+                                  "step epoch|every")
+        return {"mode": ti.mode, "margin": ti.margin, "weight": ti.weight, "error": ti.error, "step": ti.step}
+
+    if fs.get("transductive") is not None:
+        out["transductive"] = transductive(fs["transductive"], "fseft.transductive")
     if fs.get("all_shot") is not None:
         out["all_shot"] = c.methods(fs["all_shot"], "fseft.all_shot")
         for m in out["all_shot"]:
@@ -488,6 +511,31 @@ def _fseft(c: _Check, value: Any, datasets: list[DatasetConfig]) -> dict[str, An
                 c.fail("fseft.fig2b.shots", f"{shots} shots but {d}'s train split has {ds.train_cases} cases",
                        "lower the shot count")
         out["fig2b"] = {"margins": [float(m) for m in margins], "shots": shots, "datasets": list(chosen)}
+    variants = fs.get("variants") or []
+    if not isinstance(variants, list):
+        c.fail("fseft.variants", f"{variants!r} is not a list", "write e.g. [{name: text-lr, method: ..., lr: 0.5}]")
+    names = set()
+    for i, v in enumerate(variants):
+        key = f"fseft.variants[{i}]"
+        v = c.mapping(v, key, ("name", "label", "method", "options", "transductive", "lr", "epochs", "shots",
+                               "all_shot", "feature_cache"), required=("name", "method"))
+        name = str(v["name"])
+        if name in names:
+            c.fail(f"{key}.name", f"{name!r} is used twice", "give every variant its own name")
+        names.add(name)
+        c.methods([v["method"]], f"{key}.method")
+        opts = c.mapping(v.get("options") or {}, f"{key}.options", tuple(type(make_strategy(v["method"])).options))
+        entry = {"name": name, "label": str(v.get("label", name)), "method": v["method"], "options": dict(opts),
+                 "transductive": None, "budget": {}, "shots": None, "all_shot": bool(v.get("all_shot", False)),
+                 "feature_cache": bool(v.get("feature_cache", False))}
+        if v.get("transductive") is not None:
+            entry["transductive"] = transductive(v["transductive"], f"{key}.transductive", out["transductive"])
+        for b in ("lr", "epochs"):
+            if v.get(b) is not None:
+                entry["budget"][b] = float(v[b]) if b == "lr" else c.integer(v[b], f"{key}.{b}", 1)
+        if v.get("shots") is not None:
+            entry["shots"] = list(c.int_list(v["shots"], f"{key}.shots", 1))
+        out["variants"].append(entry)
     return out
 
 
@@ -513,7 +561,7 @@ def ti_options(transductive: dict[str, Any], margin: float | None = None) -> dic
     """A cell's transductive options (``ti_mode``, ``ti_margin``, ``ti_weight``), ``margin`` replacing the
     section's."""
     t = {**transductive, **({"margin": float(margin)} if margin is not None else {})}
-    return {f"{TI_PREFIX}{k}": t[k] for k in ("mode", "margin", "weight")}
+    return {f"{TI_PREFIX}{k}": t[k] for k in ("mode", "margin", "weight", "error", "step") if k in t}
 
 
 def enumerate_cells(config: GridConfig) -> list[Cell]:
@@ -523,13 +571,13 @@ def enumerate_cells(config: GridConfig) -> list[Cell]:
 
     def add(ds: DatasetConfig, shots: int, method: str, experiment: str, gamma: int | None = None,
             all_shot: bool = False, overrides: dict[str, Any] | None = None,
-            extra: dict[str, Any] | None = None) -> None:
+            extra: dict[str, Any] | None = None, budget: dict[str, Any] | None = None) -> None:
         opts = {**method_options(config, method, gamma, overrides), **(extra or {})}
         for seed in config.seeds:
             key = {"format": CELL_FORMAT, "dataset": ds.key(config.data_seed), "split_seed": config.split_seed,
                    "shots": shots, "method": method, "options": opts, "seed": seed,
-                   "training": config.budget(method, all_shot), "head": config.head_for(method),
-                   "foundation": foundation}
+                   "training": {**config.budget(method, all_shot), **(budget or {})},
+                   "head": config.head_for(method), "foundation": foundation}
             if config.recipe is not None:  # generic settings enter the key only when set
                 key["recipe"] = config.recipe
             if config.postprocess != "none":
@@ -592,3 +640,13 @@ def _fseft_cells(config: GridConfig, ds: DatasetConfig, add, untrained) -> None:
         add(ds, shots, adapter, "fig2b")  # the dashed no-TI line
         for margin in fs["fig2b"]["margins"]:
             add(ds, shots, adapter, "fig2b", extra=ti_options(ti, margin))
+    for v in fs.get("variants", []):  # extra rows: the text's readings, longer budgets, cached features
+        extra = {VARIANT: v["name"], **(ti_options(v["transductive"]) if v["transductive"] else {}),
+                 **({"feature_cache": True} if v["feature_cache"] else {})}
+        if v["all_shot"]:
+            add(ds, ds.train_cases, v["method"], "variants", all_shot=True, overrides=v["options"], extra=extra,
+                budget=v["budget"])
+            continue
+        for shots in ds.shots:
+            if v["shots"] is None or shots in v["shots"]:
+                add(ds, shots, v["method"], "variants", overrides=v["options"], extra=extra, budget=v["budget"])

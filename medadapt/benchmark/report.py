@@ -80,6 +80,19 @@ class CellIndex:
         return [self.records[c.cell_id] for c in cells if self.records.get(c.cell_id)]
 
 
+CONVERGENCE_LEGEND = (
+    "†: the training loss of at least one of the cell's seeds had not levelled off by the end of its budget "
+    "(medadapt.engine.convergence: the mean of the last tenth of the epoch losses differs from the tenth before "
+    "by more than 1% of the smoothed curve's range plus twice its noise); such a row measures the budget as much "
+    "as the method.")
+
+
+def convergence_mark(records: list[dict]) -> str:
+    """`` †`` when some record's training had not levelled off (records without a verdict: no mark)."""
+    verdicts = [(r.get("convergence") or {}).get("levelled_off") for r in records]
+    return " †" if any(v is False for v in verdicts) else ""
+
+
 def _values(records: list[dict], cls: str, metric: str) -> dict:
     """(seed, case) -> value; a cell without training (zero-shot, generalization) has no seed (None), so that
     it pairs with every seed."""

@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 
 from medadapt.benchmark import stats
-from medadapt.benchmark.grid import GENERALIZATION, Cell, DatasetConfig, GridConfig, method_options, ti_options
-from medadapt.benchmark.report import (MISSING, _agg_csv, _csv, _fmt, _mark, _save, _values, _write, aggregate,
-                                       contour_panel, display_name, finish_report, finished_cells)
+from medadapt.benchmark.grid import (GENERALIZATION, VARIANT, Cell, DatasetConfig, GridConfig, method_options,
+                                     ti_options)
+from medadapt.benchmark.report import (CONVERGENCE_LEGEND, MISSING, _agg_csv, _csv, _fmt, _mark, _save, _values,
+                                       _write, aggregate, contour_panel, convergence_mark, display_name,
+                                       finish_report, finished_cells)
 from medadapt.utils.tables import markdown_table
 
 FOOTNOTE = (
@@ -84,6 +86,11 @@ def _rows(config: GridConfig) -> tuple[list[Row], list[Row]]:
     if fs["transductive"]:
         few.append(Row(f"{display_name(adapter)} + TI", adapter,
                        {**method_options(config, adapter), **ti_options(fs["transductive"])}))
+    for v in fs.get("variants", []):  # the text's readings, longer budgets, cached features: extra rows
+        options = {**method_options(config, v["method"], overrides=v["options"]), VARIANT: v["name"],
+                   **(ti_options(v["transductive"]) if v["transductive"] else {}),
+                   **({"feature_cache": True} if v["feature_cache"] else {})}
+        (top if v["all_shot"] else few).append(Row(v["label"], v["method"], options, all_shot=v["all_shot"]))
     return top, few
 
 
@@ -155,7 +162,7 @@ def table1(index: FseftIndex) -> tuple[str, list[dict]]:
                 text = _fmt(agg, "dsc")
                 if r.method == GENERALIZATION and not config.knows(ds):
                     text = "n/a"
-                texts[r.key].append(_mark(text, marks.get(r.key, "")))
+                texts[r.key].append(_mark(text, marks.get(r.key, "")) + convergence_mark(records[r.key]))
                 per_row_records[r.key].append(records[r.key])
                 shots = 0 if r.method == GENERALIZATION else (ds.train_cases if r.all_shot else k)
                 csv_rows.append({"group": "all" if k is None else k, "row": r.label, "method": r.method,
@@ -175,7 +182,7 @@ def table1(index: FseftIndex) -> tuple[str, list[dict]]:
         note = (f"\n\nGeneralization: n/a for {', '.join(unknown)}: the foundation's sources do not label "
                 "these structures, so it has no output for them (no cell is run); Avg of that row is therefore "
                 "not given.")
-    return markdown_table(header, lines) + note, csv_rows
+    return markdown_table(header, lines) + note + "\n\n" + CONVERGENCE_LEGEND, csv_rows
 
 
 def paired_table(index: FseftIndex) -> tuple[str, list[dict]]:

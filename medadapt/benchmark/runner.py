@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, Cell, GridConfig,
+from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, VARIANT, Cell, GridConfig,
                                      enumerate_cells, stable_hash)
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_json
@@ -129,7 +129,8 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
                                 "whose labels are not the foundation's)") from None
     else:
         training = cell.key["training"]
-        options = {k: v for k, v in cell.options.items() if k != "gamma" and not k.startswith(TI_PREFIX)}
+        options = {k: v for k, v in cell.options.items()
+                   if k not in ("gamma", VARIANT, "feature_cache") and not k.startswith(TI_PREFIX)}
         ti = {k[len(TI_PREFIX):]: v for k, v in cell.options.items() if k.startswith(TI_PREFIX)}
         recipe = cell.key.get("recipe")
         run = finetune(paths.foundation, paths.datasets[cell.dataset], out / "run", method=cell.method,
@@ -138,7 +139,8 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
                        iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"),
                        resume=True, progress=progress, method_options=options, head=cell.key["head"],
                        recipe=load_recipe(recipe) if recipe is not None else None, postprocess=postprocess,
-                       transductive=Transductive(**ti) if ti else None)
+                       transductive=Transductive(**ti) if ti else None,
+                       feature_cache=bool(cell.options.get("feature_cache", False)))
     qualitative = _store_qualitative_slice(run, out)
     record = {
         "format": CELL_FORMAT,
@@ -160,7 +162,10 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
     }
     # the resume checkpoint (weights + optimizer state) is no longer needed once the cell is stored
     if cell.method not in NO_TRAINING:
+        from medadapt.engine.convergence import levelled_off
+
         record["loss_curve"] = _epoch_losses(_history_file(out / "run"))
+        record["convergence"] = levelled_off(record["loss_curve"])
     atomic_write_json(cell_file(paths, cell), record)
     for checkpoint in (out / "run").glob("**/training/checkpoint_latest.pt"):  # per-query TI runs: one per query
         checkpoint.unlink(missing_ok=True)

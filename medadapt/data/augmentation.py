@@ -350,8 +350,10 @@ class IntensityShift(Augmentation):
         return None
 
     def _intensity(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        if rng.random() < self.p_shift:
-            img += float(rng.uniform(-self.offset, self.offset))
+        shift = rng.random() < self.p_shift
+        offset = float(rng.uniform(-self.offset, self.offset))  # drawn either way: crops do not depend on p
+        if shift:
+            img += offset
         return img
 
     def apply(self, image, label, matrix, center, rng):

@@ -361,6 +361,12 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
 
             transductive_tail(make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
                               .prepare(copy.deepcopy(network)))
+    if feature_cache:  # the method must train nothing below the last feature map: check before any output
+        from medadapt.tuning.features import trainable_tail
+
+        with torch.random.fork_rng(devices=[]):
+            trainable_tail(make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
+                           .prepare(copy.deepcopy(network)))
     if distributed.is_main():  # every input is checked: from here on the folder is this run's
         record_identity(out, identity)
 
@@ -387,7 +393,16 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
                 if transductive else None
             hooks = [ti] if ti is not None and transductive.step == "epoch" else []
             terms = [ti] if ti is not None and transductive.step == "every" else []
-            trainer = Trainer(net, strategy, sampler, config, where / "training", progress=progress,
+            trained, batches = net, sampler
+            if feature_cache:  # the head alone, on patches of each support volume's cached features
+                from medadapt.tuning.features import feature_cases, trainable_tail
+
+                trained = trainable_tail(net)
+                fcases = feature_cases(net, trained, cases, spec.patch_size, cache,
+                                       model_fingerprint(folder, foundation), progress=progress)
+                batches = PatchSampler(fcases, spec.patch_size, spec.batch_size, augmentation=None,
+                                       patches_per_case=resolved.patches_per_case, **crop_policy)
+            trainer = Trainer(trained, strategy, batches, config, where / "training", progress=progress,
                               loss_terms=terms, epoch_hooks=hooks, description=f"finetune {method} {shots}-shot"
                               + (f" {ids[0]}" if where != out else ""), engine=engine)
             history = trainer.fit(resume=resume)
