@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=None, help="batch size (default: the network's)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods (default: all); also MedSeqFT's stages kd-fft (KD-based FFT) and "
-                        "lora-kd (LoRA-based KD), timed through their own steps")
+                        "lora-kd (LoRA-based KD), timed through their own steps, and linear-probe+cache / "
+                        "spatial-adapter+cache: the head's step on cached backbone features (finetune "
+                        "--feature-cache)")
     p.add_argument("--iterations", type=_positive_int, default=5, help="timed iterations per method (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -455,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "changed config re-runs only the cells it changes. A DGST config (default, "
                                    "quick, paper): datasets x shots x methods x seeds, DGST's paired "
                                    "differences, a gamma plot, loss curves, contours. An fseft config (fseft, "
-                                   "fseft-quick): FSEFT's Table 1, Fig. 2a, Fig. 2b, contours. A medseqft config "
+                                   "fseft-cpu, fseft-quick): FSEFT's Table 1, Fig. 2a, Fig. 2b, contours. A medseqft config "
                                    "(medseqft, medseqft-quick): one cell per (row, seed) runs 'medadapt seqft' "
                                    "over a task stream (TFS, FFT, head fine-tuning, LoRA r = 2..32, adapters, "
                                    "joint training, Seq. FT, + Random, + MDS, + K&G RFT, MedSeqFT) and one per "
@@ -466,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "differences (docs/benchmark.md).")
     p.add_argument("config", help="built-in grid (default: 236 cells, 3 seeds, within 2 h on 2 idle CPU cores "
                                   "with --ray local; quick: ~1 min; paper: the paper's sizes, for a GPU "
-                                  "cluster; fseft: the FSEFT paper's Table 1 and Fig. 2a/2b, 360 cells; "
-                                  "fseft-quick: seconds; medseqft: MedSeqFT's tables on the synthetic CT "
+                                  "cluster; fseft: the FSEFT paper's Table 1 and Fig. 2a/2b as its authors ran them, 420 cells, ~5.5 h; "
+                                  "fseft-cpu: the same on 3 tasks and 2 seeds, 164 cells, ~2 h; fseft-quick: seconds; medseqft: MedSeqFT's tables on the synthetic CT "
                                   "stream, 46 cells, an estimated 1 h 55 min with --ray local; medseqft-quick: "
                                   "seconds) or a YAML grid config")
     p.add_argument("--workdir", type=Path, default=None,

@@ -92,3 +92,16 @@ def test_bench_speed_against_nnunet_without_nnunetv2_is_one_line(capsys, monkeyp
     assert main(["bench-speed", "--preset", "cpu-tiny", "--against-nnunet", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "nnU-Net v2 is not installed" in err and "Traceback" not in err
+
+
+def test_bench_speed_times_heads_on_cached_features(capsys):
+    """``spatial-adapter+cache`` times the head alone on the batch's features (finetune --feature-cache): no
+    backbone forward in the timed step, so it is cheaper than the uncached adapter on the same batches."""
+    assert main(["bench-speed", "--preset", "cpu-tiny", "--methods", "spatial-adapter,spatial-adapter+cache,"
+                 "linear-probe+cache", "--iterations", "3", "--warmup", "1", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["seconds"]) == {"full", "spatial-adapter", "spatial-adapter+cache", "linear-probe+cache"}
+    assert report["peak_memory_bytes"]["spatial-adapter+cache"] is None  # not measured: the step is the head's
+    s = report["seconds"]
+    assert s["spatial-adapter+cache"]["forward"] < s["spatial-adapter"]["forward"]
+    assert main(["bench-speed", "--preset", "cpu-tiny", "--methods", "full+cache", "--quiet"]) == 2

@@ -42,7 +42,7 @@ GENERALIZATION = "generalization"  # FSEFT's no-adaptation row: like zero-shot, 
 NO_TRAINING = (ZERO_SHOT, GENERALIZATION)
 TI_PREFIX = "ti_"  # transductive options in a cell's options: ti_mode, ti_margin, ti_weight, ti_error, ti_step
 VARIANT = "variant"  # a cell option naming an extra row of an fseft grid (fseft.variants), not a method option
-BUILTIN_CONFIGS = ("default", "quick", "paper", "fseft", "fseft-quick")
+BUILTIN_CONFIGS = ("default", "quick", "paper", "fseft", "fseft-cpu", "fseft-quick")
 
 
 def builtin_config_path(name: str) -> Path:

@@ -33,6 +33,10 @@ PHASES = ("forward", "backward", "selection", "step")
 #: FFT (full fine-tuning + encoder distillation on a buffer batch, two optimisers) and the LoRA-based KD
 #: (rank-2 encoder LoRA distilled from a frozen encoder, no decoder forward); only their totals are split out
 STAGES = ("kd-fft", "lora-kd")
+#: a method name with this suffix is timed on cached backbone features (finetune --feature-cache): the head's
+#: forward, backward and step on the features of the batch's patches, computed once beforehand (not timed)
+CACHED = "+cache"
+CACHEABLE = ("linear-probe", "spatial-adapter")
 
 
 class _Cycle:
@@ -97,9 +101,14 @@ class _Run:
                 self.strategy = EncoderLoRADistillation(rank=2)
                 self.stage_loss = FeatureDistillation(teacher)
         else:
-            self.strategy = make_strategy(method, **options)
+            self.strategy = make_strategy(method.removesuffix(CACHED), **options)
         self.model = self.strategy.prepare(copy.deepcopy(foundation))
         self.model.train()
+        self.tail, self.features = None, {}
+        if method.endswith(CACHED):
+            from medadapt.tuning.features import trainable_tail
+
+            self.tail = trainable_tail(self.model)
         self.loss = DeepSupervisedDiceCE()
         self.optimizer = torch.optim.SGD(self.strategy.parameters(self.model), lr=1e-3, momentum=0.99,
                                          nesterov=True, weight_decay=3e-5)
@@ -133,11 +142,14 @@ class _Run:
                 self.times["total"].append(time.perf_counter() - t0)
             return
         sync = self.sync
+        forward, inputs = self.model, batch["image"]
+        if self.tail is not None:  # the head alone, on the patches' features computed once (untimed)
+            forward, inputs = self.tail, self._features(batch)
         self.optimizer.zero_grad(set_to_none=True)
         sync()
         t0 = time.perf_counter()
         with self.amp.autocast():
-            loss = self.loss(self.model(batch["image"]), batch["label"])
+            loss = self.loss(forward(inputs), batch["label"])
         sync()
         t1 = time.perf_counter()
         self.amp.backward(loss)
@@ -153,6 +165,20 @@ class _Run:
                                ("selection", (t["b"] - t["a"]) + (t["d"] - t["c"])), ("step", t["c"] - t["b"]),
                                ("total", t3 - t0)):
                 self.times[key].append(value)
+
+
+    def _features(self, batch: dict) -> torch.Tensor:
+        key = id(batch["image"])
+        if key not in self.features:
+            captured = {}
+            handle = self.tail.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].detach()))
+            try:
+                with torch.no_grad():
+                    self.model(batch["image"])
+            finally:
+                handle.remove()
+            self.features[key] = captured["x"]
+        return self.features[key]
 
 
 def _sync_for(device: torch.device):
@@ -280,7 +306,7 @@ def speed_table(results: dict[str, dict[str, float]], memory: dict[str, int] | N
                f"{t['total'] / full:.3f}" if full else "-"]
         if memory is not None:
             m = memory[method]
-            row += [f"{m / 2 ** 20:.0f}", f"{m / full_mem:.2f}" if full_mem else "-"]
+            row += ["-", "-"] if m is None else [f"{m / 2 ** 20:.0f}", f"{m / full_mem:.2f}" if full_mem else "-"]
         rows.append(row)
     header = ["method", "s/iter", *(f"{p} s" for p in PHASES), "ratio to full"]
     if memory is not None:
@@ -330,7 +356,7 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
         label = f"preset {preset_name or 'cpu-small'}"
     patch = tuple(patch or spec.patch_size)
     batch = int(batch or spec.batch_size)
-    known = method_names(training_only=True) + list(STAGES)
+    known = method_names(training_only=True) + list(STAGES) + [m + CACHED for m in CACHEABLE]
     methods = list(methods or method_names(training_only=True))
     unknown = [m for m in methods if m not in known]
     if unknown:
@@ -354,6 +380,9 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
     if memory:
         peaks = {}
         for m in methods:
+            if m.endswith(CACHED):  # the features live in the cache, the step is the head's
+                peaks[m] = None
+                continue
             peaks[m] = (gpu_peak_memory(foundation, m, options, patch, batch, precision=precision)
                         if device == "cuda" else
                         cpu_peak_memory(spec, weights, m, options, patch, batch, precision=precision))
