@@ -489,7 +489,8 @@ def _fseft(c: _Check, value: Any, datasets: list[DatasetConfig]) -> dict[str, An
         if out["transductive"] is None:
             c.fail("fseft.fig2b", "sweeps the transductive margin, but fseft.transductive is not set",
                    "add transductive: {mode: query, margin: 0.1}")
-        b = c.mapping(fs["fig2b"], "fseft.fig2b", ("margins", "shots", "datasets"), required=("margins", "shots"))
+        b = c.mapping(fs["fig2b"], "fseft.fig2b", ("margins", "shots", "datasets", "weights"),
+                      required=("margins", "shots"))
         margins = b["margins"]
         if not isinstance(margins, list) or not margins:
             c.fail("fseft.fig2b.margins", f"{margins!r} is not a non-empty list", "write e.g. [0.05, 0.1, 0.2, 0.3]")
@@ -510,7 +511,13 @@ def _fseft(c: _Check, value: Any, datasets: list[DatasetConfig]) -> dict[str, An
             if shots > ds.train_cases:
                 c.fail("fseft.fig2b.shots", f"{shots} shots but {d}'s train split has {ds.train_cases} cases",
                        "lower the shot count")
-        out["fig2b"] = {"margins": [float(m) for m in margins], "shots": shots, "datasets": list(chosen)}
+        weights = b.get("weights") or [out["transductive"]["weight"]]
+        if not isinstance(weights, list) or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0
+                                                for w in weights) or len(set(weights)) != len(weights):
+            c.fail("fseft.fig2b.weights", f"{weights!r} is not a list of distinct positive numbers",
+                   "write e.g. [0.1, 1.0] (the commands' λ and the text's)")
+        out["fig2b"] = {"margins": [float(m) for m in margins], "shots": shots, "datasets": list(chosen),
+                        **({"weights": [float(w) for w in weights]} if b.get("weights") else {})}
     variants = fs.get("variants") or []
     if not isinstance(variants, list):
         c.fail("fseft.variants", f"{variants!r} is not a list", "write e.g. [{name: text-lr, method: ..., lr: 0.5}]")
@@ -638,8 +645,9 @@ def _fseft_cells(config: GridConfig, ds: DatasetConfig, add, untrained) -> None:
     if fs["fig2b"] and ds.name in fs["fig2b"]["datasets"]:
         shots = fs["fig2b"]["shots"]
         add(ds, shots, adapter, "fig2b")  # the dashed no-TI line
-        for margin in fs["fig2b"]["margins"]:
-            add(ds, shots, adapter, "fig2b", extra=ti_options(ti, margin))
+        for weight in fs["fig2b"].get("weights", [ti["weight"]]):  # a line per λ (the commands' and the text's)
+            for margin in fs["fig2b"]["margins"]:
+                add(ds, shots, adapter, "fig2b", extra=ti_options({**ti, "weight": float(weight)}, margin))
     for v in fs.get("variants", []):  # extra rows: the text's readings, longer budgets, cached features
         extra = {VARIANT: v["name"], **(ti_options(v["transductive"]) if v["transductive"] else {}),
                  **({"feature_cache": True} if v["feature_cache"] else {})}

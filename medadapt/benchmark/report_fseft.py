@@ -288,16 +288,20 @@ def fig2b(index: FseftIndex, path: Path) -> tuple[list[dict], Path | None]:
     config = index.config
     fs = config.fseft
     adapter, k, margins = fs["adapter"], fs["fig2b"]["shots"], fs["fig2b"]["margins"]
+    weights = fs["fig2b"].get("weights")  # several λ: one line each (the weight column); one: as before
     base = method_options(config, adapter)
     rows = []
     for name in fs["fig2b"]["datasets"]:
         ds = config.dataset(name)
         for cls in ds.labels:
-            for margin in [None] + list(margins):
-                opts = base if margin is None else {**base, **ti_options(fs["transductive"], margin)}
-                agg = aggregate(index.finished(ds, Row("", adapter, opts), k), cls)
-                rows.append({"dataset": ds.name, "class": cls, "shots": k, "margin": "" if margin is None else margin,
-                             **_agg_csv(agg)})
+            for weight in (weights or [None]):
+                ti = fs["transductive"] if weight is None else {**fs["transductive"], "weight": weight}
+                for margin in ([None] if weight in (None, (weights or [None])[0]) else []) + list(margins):
+                    opts = base if margin is None else {**base, **ti_options(ti, margin)}
+                    agg = aggregate(index.finished(ds, Row("", adapter, opts), k), cls)
+                    rows.append({"dataset": ds.name, "class": cls, "shots": k,
+                                 **({"weight": "" if margin is None else weight} if weights else {}),
+                                 "margin": "" if margin is None else margin, **_agg_csv(agg)})
     if not any(r["dsc_mean"] != "" for r in rows):
         return rows, None
     matplotlib.use("Agg")
@@ -306,14 +310,18 @@ def fig2b(index: FseftIndex, path: Path) -> tuple[list[dict], Path | None]:
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     series = list(dict.fromkeys((r["dataset"], r["class"]) for r in rows))
+    styles = ["o-", "s:", "^-."]
     for i, (d, cls) in enumerate(series):
         color = colors[i % len(colors)]
         mine = [r for r in rows if (r["dataset"], r["class"]) == (d, cls)]
-        pts = [next((r for r in mine if r["margin"] == m), None) for m in margins]
-        ys = [100 * r["dsc_mean"] if r and r["dsc_mean"] != "" else np.nan for r in pts]
-        es = [100 * r["dsc_seed_std"] if r and r["dsc_seed_std"] != "" else 0 for r in pts]
-        label = d if d == cls else f"{d} ({cls})"
-        ax.errorbar(range(len(margins)), ys, yerr=es, fmt="o-", color=color, capsize=3, label=label)
+        for j, weight in enumerate(weights or [None]):
+            line = [r for r in mine if weight is None or r.get("weight") == weight]
+            pts = [next((r for r in line if r["margin"] == m), None) for m in margins]
+            ys = [100 * r["dsc_mean"] if r and r["dsc_mean"] != "" else np.nan for r in pts]
+            es = [100 * r["dsc_seed_std"] if r and r["dsc_seed_std"] != "" else 0 for r in pts]
+            label = (d if d == cls else f"{d} ({cls})") + ("" if weight is None else f", λ = {weight:g}")
+            ax.errorbar(np.arange(len(margins)) + 0.06 * j, ys, yerr=es, fmt=styles[j % len(styles)], color=color,
+                        capsize=3, label=label)
         ref = next((r["dsc_mean"] for r in mine if r["margin"] == ""), "")
         if ref != "":
             ax.axhline(100 * ref, color=color, linestyle="--", linewidth=1)
