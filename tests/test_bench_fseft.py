@@ -29,13 +29,14 @@ def ids(raw: dict) -> set[str]:
 def test_fseft_grid_counts():
     config = load_config("fseft")
     cells = enumerate_cells(config)
-    assert len(cells) == len({c.cell_id for c in cells}) == 420
+    assert len(cells) == len({c.cell_id for c in cells}) == 456
     by = Counter(e for c in cells for e in c.experiments)
     # the text's readings (BN at lr 0.5, FT-Last at 1e-4, TI with λ = 1) and cached features at k = 5
     assert by["variants"] == 4 * 5 * 3
     # Table 1: 3 Generalization (known tasks only) + 4 methods x 3 k x 5 tasks x 3 seeds + TI 3 x 5 x 3
     assert by["table1"] == 3 + 180 + 45 and by["all_shot"] == 4 * 5 * 3
-    assert by["fig2a"] == 2 * 3 * 5 * 3 and by["fig2b"] == 4 * 3 * 3 + 3 * 3   # margins + the no-TI reference
+    # Fig. 2b: 4 margins x both λ (the commands' 0.1, the text's 1) + the no-TI reference, 3 tasks x 3 seeds
+    assert by["fig2a"] == 2 * 3 * 5 * 3 and by["fig2b"] == (4 * 2 + 1) * 3 * 3
     gen = [c for c in cells if c.method == "generalization"]
     assert sorted(c.dataset for c in gen) == ["aorta", "esophagus", "thyroid"]  # azygos, parotid: new structures
     assert config.foundation_classes and "azygos_vein" not in config.foundation_classes
@@ -45,7 +46,7 @@ def test_fseft_grid_counts():
           and c.options == {"kernel_size": 3, "width": None, "norm": "instance"}]
     assert len(k3) == 3 and all(set(c.experiments) == {"table1", "fig2a", "fig2b"} for c in k3)
     ti = [c for c in cells if c.options.get("ti_margin") == 0.3 and c.shots == 10 and c.dataset == "aorta"
-          and "variant" not in c.options]
+          and "variant" not in c.options and c.options["ti_weight"] == 0.1]
     assert len(ti) == 3 and all(set(c.experiments) == {"table1", "fig2b"} for c in ti)
     assert ti[0].options == {"kernel_size": 3, "width": None, "norm": "instance", "ti_mode": "query",
                              "ti_margin": 0.3, "ti_weight": 0.1, "ti_error": "max", "ti_step": "epoch"}
@@ -77,7 +78,7 @@ def test_edits_rerun_exactly_the_affected_cells():
     base = ids(raw)
     more = copy.deepcopy(raw)
     more["fseft"]["fig2b"]["margins"] = [0.1, 0.3, 0.2]
-    assert base < ids(more) and len(ids(more) - base) == 1                  # one new margin on one task, one seed
+    assert base < ids(more) and len(ids(more) - base) == 2       # one new margin on one task, one seed, both λ
     recipe = copy.deepcopy(raw)
     recipe["recipe"]["epochs"] = 3
     changed = ids(recipe)
@@ -159,7 +160,7 @@ def fseft_grid(tmp_path_factory):
 def test_fseft_quick_end_to_end(fseft_grid):
     config, workdir, result = fseft_grid
     cells = enumerate_cells(config)
-    assert result["ran"] == len(cells) == 20 and result["report"]["missing"] == []
+    assert result["ran"] == len(cells) == 22 and result["report"]["missing"] == []
     report = Path(result["report"]["dir"])
     for name in ("table1.md", "table1.csv", "paired.md", "paired.csv", "fig2a.png", "fig2a.csv", "fig2b.png",
                  "fig2b.csv", "qualitative.png", "cells.csv", "per_case.csv", "report.md"):
@@ -180,7 +181,8 @@ def test_fseft_quick_end_to_end(fseft_grid):
     assert {r["dataset"] for r in rows} == {"aorta", "parotid", "Avg"}
     assert "Spatial adapter + TI − Spatial adapter" in (report / "paired.md").read_text()
     fig2b = list(csv.DictReader(open(report / "fig2b.csv")))
-    assert [r["margin"] for r in fig2b] == ["", "0.1", "0.3"] and all(r["dsc_mean"] for r in fig2b)
+    assert [(r["weight"], r["margin"]) for r in fig2b] == [("", ""), ("0.1", "0.1"), ("0.1", "0.3"), ("1.0", "0.1"),
+                                                          ("1.0", "0.3")] and all(r["dsc_mean"] for r in fig2b)
     # the foundation: one sigmoid model over the three sources' structures
     plans = json.loads(next(workdir.glob("foundation-*/plans.json")).read_text())
     assert plans["activation"] == "sigmoid"
@@ -207,7 +209,7 @@ def test_fseft_resume_and_cli(fseft_grid, capsys):
     again = runner.run_grid(config, workdir, progress=False, report=False)
     assert again["ran"] == 0
     assert main(["bench", "fseft-quick", "--list", "--workdir", str(workdir)]) == 0
-    assert "20/20 cells finished" in capsys.readouterr().out
+    assert "22/22 cells finished" in capsys.readouterr().out
     assert main(["bench", "fseft-quick", "--report", "--quiet", "--workdir", str(workdir)]) == 0
     assert main(["bench", "fseft", "--list", "--workdir", str(workdir / "none")]) == 0
-    assert "0/420 cells finished" in capsys.readouterr().out
+    assert "0/456 cells finished" in capsys.readouterr().out
