@@ -80,9 +80,10 @@ def parse_labels(text: str | None, where: str = "--labels") -> dict[int, str] | 
 
 def label_names_for(labelmap: np.ndarray, names: dict[int, str] | None, source) -> dict[int, str]:
     """id -> name for every label in the map (named ones first as given, others ``label_<id>``)."""
-    present = [int(v) for v in np.unique(labelmap) if v != 0]
-    if any(v < 0 for v in present):
+    if labelmap.size and labelmap.min() < 0:
         raise MedadaptError(f"{source}: label map has negative values; labels must be 0 (background) and 1..N")
+    counts = np.bincount(labelmap.ravel().astype(np.int64, copy=False)) if labelmap.size else np.zeros(1)
+    present = [int(v) for v in np.flatnonzero(counts) if v != 0]
     out = dict(names or {})
     for v in present:
         out.setdefault(v, f"label_{v}")

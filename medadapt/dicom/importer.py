@@ -180,11 +180,25 @@ def _prepare_out(out: Path) -> None:
         raise MedadaptError(f"--out {out}: exists and is not empty; choose a new dataset folder (or remove it)")
 
 
+def write_nifti(array_zyx: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """medadapt.data.io.write_volume's file (same header), without its C-order copy: the (z, y, x) array's
+    transpose is already the Fortran-ordered (x, y, z) block NIfTI stores (seconds saved on a 512^2 x 300 CT)."""
+    import nibabel as nib
+
+    from medadapt.utils.atomic import atomic_path
+
+    img = nib.Nifti1Image(np.asarray(array_zyx).transpose(2, 1, 0), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
 def import_dicom(source: str | Path, out: str | Path, roi: list[str], series_uids: list[str] | None = None,
                  progress: Callable[[str], None] | None = None) -> ImportResult:
     """Import every CT series (with its structure sets) under ``source`` into the raw dataset ``out``."""
     from medadapt import __version__
-    from medadapt.data.io import write_volume
 
     source, out = Path(source), Path(out)
     rules = parse_roi_options(roi)
@@ -217,7 +231,7 @@ def import_dicom(source: str | Path, out: str | Path, roi: list[str], series_uid
                       "series_description": s.description, "folder": str(s.folder), "slices": s.shape[0],
                       "spacing_zyx_mm": list(s.spacing), "structure_sets": [], "rois": [], "overlaps": [],
                       "warnings": []}
-            masks: dict[int, np.ndarray] = {}
+            masks: dict[int, list] = {}  # label id -> its ROIs' rasters (boxes of the volume)
             for ss, warnings in attached[s.uid]:
                 record["structure_sets"].append(str(ss.path))
                 record["warnings"] += warnings
@@ -230,14 +244,14 @@ def import_dicom(source: str | Path, out: str | Path, roi: list[str], series_uid
                         row.update(label=None, reason="no contours")
                     else:
                         raster = rasterise(r, s, ss.path)
-                        n = int(raster.mask.sum())
+                        n = raster.voxels
                         if n == 0:
                             why = ("only " + ", ".join(f"{c} {t}" for t, c in raster.left_out.items()) +
                                    " contours (not areas)") if raster.left_out else "its contours enclose no voxel centre"
                             row.update(label=None, reason=why)
                         else:
                             label_id = idx + 1
-                            masks[label_id] = masks[label_id] | raster.mask if label_id in masks else raster.mask
+                            masks.setdefault(label_id, []).append(raster)
                             row.update(label=rules[idx].label, voxels=n, matched_by=how)
                             notes = []
                             if also:
@@ -250,23 +264,24 @@ def import_dicom(source: str | Path, out: str | Path, roi: list[str], series_uid
                     record["rois"].append({k: v for k, v in row.items() if k not in ("case",)})
                     rows.append(row)
             label_map = np.zeros(s.shape, np.uint8)
-            claimed = np.zeros(s.shape, bool)
-            for label_id in sorted(masks):  # first --roi first: it keeps contested voxels
-                m = masks[label_id]
-                contested = m & claimed
-                if contested.any():
-                    owners = sorted({int(v) for v in np.unique(label_map[contested])})
-                    names = [rules[o - 1].label for o in owners]
-                    record["overlaps"].append({"label": rules[label_id - 1].label, "voxels": int(contested.sum()),
-                                               "kept_by": names})
-                label_map[m & ~claimed] = label_id
-                claimed |= m
+            for label_id in sorted(masks, reverse=True):  # the first --roi is painted last: it keeps overlaps
+                for raster in masks[label_id]:
+                    label_map[raster.box][raster.cropped] = label_id
+            for label_id in sorted(masks):
+                lost = {}
+                for raster in masks[label_id]:
+                    owners = label_map[raster.box][raster.cropped]
+                    for v, n in zip(*np.unique(owners[owners != label_id], return_counts=True)):
+                        lost[int(v)] = lost.get(int(v), 0) + int(n)
+                if lost:
+                    record["overlaps"].append({"label": rules[label_id - 1].label, "voxels": sum(lost.values()),
+                                               "kept_by": [rules[o - 1].label for o in sorted(lost)]})
             hu = s.read_hu()
             split = "imagesTr" if masks else "imagesTs"
             (tmp / split).mkdir(exist_ok=True)
-            write_volume(hu, s.affine, tmp / split / f"{case}_0000.nii.gz", dtype=hu.dtype)
+            write_nifti(hu, s.affine, tmp / split / f"{case}_0000.nii.gz")
             if masks:
-                write_volume(label_map, s.affine, tmp / "labelsTr" / f"{case}.nii.gz", dtype=np.uint8)
+                write_nifti(label_map, s.affine, tmp / "labelsTr" / f"{case}.nii.gz")
                 training.append(case)
             else:
                 test.append(case)
@@ -278,7 +293,7 @@ def import_dicom(source: str | Path, out: str | Path, roi: list[str], series_uid
                 record["warnings"].append("no RTSTRUCT references this series")
             all_warnings += [f"{case}: {w}" for w in record["warnings"]]
             cases.append(record)
-            del hu, label_map, masks, claimed
+            del hu, label_map, masks
 
         if not training:
             raise MedadaptError(f"{source}: no case has an ROI that matches --roi with contours; check the patterns "

@@ -108,7 +108,11 @@ class RoiRule:
         return None
 
     def pattern_matches(self, pattern: str, roi_name: str) -> bool:
-        return fnmatch.fnmatchcase(normalise(roi_name), normalise(pattern))
+        """Whether ``pattern`` (with its TG-263 spellings, if it is a literal name) matches ``roi_name``."""
+        n = normalise(roi_name)
+        if fnmatch.fnmatchcase(n, normalise(pattern)):
+            return True
+        return not _GLOB.search(pattern) and n in {normalise(a) for a in tg263_names(pattern)}
 
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")

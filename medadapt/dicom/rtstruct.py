@@ -145,20 +145,66 @@ def read_rtstruct(path: str | Path, ds=None) -> StructureSet:
 # ---------------------------------------------------------------------------------------------------- rasterising
 @dataclass
 class Raster:
-    mask: np.ndarray  # bool (z, y, x)
+    """An ROI's mask as a box of the volume (``box``: z, y, x slices) and the mask inside it."""
+
+    shape: tuple[int, int, int]
+    box: tuple[slice, slice, slice] = (slice(0, 0), slice(0, 0), slice(0, 0))
+    cropped: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), bool))
     contours: int = 0
     left_out: dict[str, int] = field(default_factory=dict)  # geometric type -> count
+
+    @property
+    def voxels(self) -> int:
+        return int(self.cropped.sum())
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The whole (z, y, x) boolean mask."""
+        out = np.zeros(self.shape, bool)
+        out[self.box] = self.cropped
+        return out
+
+
+def fill_even_odd(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Pixels (rows, columns) whose centre is inside an odd number of ``polygons`` ((n, 2) arrays of column i,
+    row j vertex coordinates): the even-odd rule over all of them at once, so holes and islands need no
+    bookkeeping.
+
+    A scanline fill: each edge crossing pixel row j (half-open in y, so a vertex on the row counts once) at x
+    toggles the parity of every pixel at or right of x; the cumulative parity along the row is the mask."""
+    ny, nx = shape
+    rows, xs = [], []
+    for poly in polygons:
+        x0, y0 = poly[:, 0], poly[:, 1]
+        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+        lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
+        j0 = np.maximum(np.ceil(lo), 0).astype(np.int64)  # rows j with lo <= j < hi
+        j1 = np.minimum(np.ceil(hi), ny).astype(np.int64)
+        n = np.maximum(j1 - j0, 0)
+        if not n.any():
+            continue
+        edge = np.repeat(np.arange(len(n)), n)
+        j = j0[edge] + (np.arange(edge.size) - np.repeat(np.cumsum(n) - n, n))
+        t = (j - y0[edge]) / (y1[edge] - y0[edge])
+        rows.append(j)
+        xs.append(x0[edge] + t * (x1[edge] - x0[edge]))
+    if not rows:
+        return np.zeros(shape, bool)
+    j = np.concatenate(rows)
+    col = np.clip(np.ceil(np.concatenate(xs)), 0, nx).astype(np.int64)  # pixels i >= x
+    r0, r1 = int(j.min()), int(j.max()) + 1
+    toggles = np.bincount((j - r0) * (nx + 1) + col, minlength=(r1 - r0) * (nx + 1)).reshape(r1 - r0, nx + 1)
+    out = np.zeros(shape, bool)
+    out[r0:r1] = (np.cumsum(toggles[:, :nx], axis=1) & 1).astype(bool)
+    return out
 
 
 def rasterise(roi: Roi, series: CTSeries, source: Path | str = "") -> Raster:
     """The ROI's mask in the series' geometry: voxel centres inside by the even-odd rule, per slice."""
-    from skimage.draw import polygon
-
     nz, ny, nx = series.shape
-    mask = np.zeros(series.shape, bool)
-    out = Raster(mask=mask)
-    scratch = np.zeros((ny, nx), bool)
+    out = Raster(shape=series.shape)
     margin = 0.5 + OUTSIDE_TOLERANCE_VOXELS
+    by_slice: dict[int, list[np.ndarray]] = {}
     for contour in roi.contours:
         if contour.geometric_type != "CLOSED_PLANAR":
             out.left_out[contour.geometric_type] = out.left_out.get(contour.geometric_type, 0) + 1
@@ -175,14 +221,20 @@ def rasterise(roi: Roi, series: CTSeries, source: Path | str = "") -> Raster:
                 f"{nx} x {ny} x {nz}) of {series.label()}; export the structure set with the CT it was drawn on")
         if len(ijk) < 3:
             continue
-        rr, cc = polygon(ijk[:, 1], ijk[:, 0], shape=(ny, nx))
-        if rr.size == 0:
-            continue
-        kk = int(np.clip(round(k), 0, nz - 1))
-        scratch[:] = False
-        scratch[rr, cc] = True
-        mask[kk] ^= scratch
+        by_slice.setdefault(int(np.clip(round(k), 0, nz - 1)), []).append(ijk[:, :2])
         out.contours += 1
+    if not by_slice:
+        return out
+    allpts = np.concatenate([p for polys in by_slice.values() for p in polys])
+    x0, y0 = (max(0, int(np.floor(v))) for v in allpts.min(axis=0))
+    x1, y1 = (int(np.ceil(v)) + 1 for v in allpts.max(axis=0))
+    x1, y1 = min(max(x1, x0), nx), min(max(y1, y0), ny)
+    z0, z1 = min(by_slice), max(by_slice) + 1
+    out.box = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
+    out.cropped = np.zeros((z1 - z0, y1 - y0, x1 - x0), bool)
+    offset = np.array([x0, y0], float)
+    for kk, polys in by_slice.items():
+        out.cropped[kk - z0] = fill_even_odd([p - offset for p in polys], (y1 - y0, x1 - x0))
     return out
 
 
@@ -222,15 +274,10 @@ def mask_contours(mask2d: np.ndarray) -> list[np.ndarray]:
 # ---------------------------------------------------------------------------------------------------- writing
 def _ds_bytes(values: np.ndarray) -> bytes:
     """DS values (at most 16 characters each) joined by backslashes, padded to an even length."""
-    text = "\\".join(_fmt(v) for v in values)
+    text = "\\".join(map(repr, np.round(np.asarray(values, np.float64), 3).tolist()))
     if len(text) % 2:
         text += " "
     return text.encode("ascii")
-
-
-def _fmt(v: float) -> str:
-    s = f"{v:.3f}".rstrip("0").rstrip(".")
-    return "0" if s in ("-0", "") else s
 
 
 def new_uid() -> str:
@@ -252,19 +299,47 @@ def copy_patient_study(src, dst) -> None:
             setattr(dst, kw, "")
 
 
-def build_rtstruct(labelmap: np.ndarray, series: CTSeries, labels: dict[int, str], *,
-                   series_description: str = "medadapt", structure_set_label: str = "medadapt",
-                   software_version: str = "", model_name: str = "", interpreted_type: str = "ORGAN"):
+def build_rtstruct(labelmap: np.ndarray, series: CTSeries, labels: dict[int, str], **kwargs):
     """An RTSTRUCT dataset with one ROI per entry of ``labels`` (id -> name) from a (z, y, x) label map in the
-    series' geometry."""
+    series' geometry (ROI colours by label id)."""
+    if tuple(labelmap.shape) != tuple(series.shape):
+        raise ValueError(f"label map shape {labelmap.shape} != series shape {series.shape}")
+    order = sorted(labels)
+    present = set(np.flatnonzero(labelmap.reshape(labelmap.shape[0], -1).max(axis=1) > 0).tolist())
+
+    def slice_masks(k: int):
+        if k in present:
+            sl = labelmap[k]
+            here = np.bincount(sl.ravel()) if sl.dtype.kind == "u" else None
+            for n, v in enumerate(order):
+                if here is None or (v < len(here) and here[v]):
+                    yield n, sl == v
+
+    return _build(series, [str(labels[v]) for v in order], slice_masks,
+                  colors=[PALETTE[(v - 1) % len(PALETTE)] for v in order], **kwargs)
+
+
+def build_rtstruct_from_masks(masks: dict[str, np.ndarray], series: CTSeries, **kwargs):
+    """An RTSTRUCT with one ROI per (name, boolean (z, y, x) mask): ROIs may overlap."""
+    names = list(masks)
+
+    def slice_masks(k: int):
+        for n, name in enumerate(names):
+            yield n, masks[name][k]
+
+    return _build(series, names, slice_masks, colors=[PALETTE[n % len(PALETTE)] for n in range(len(names))],
+                  **kwargs)
+
+
+def _build(series: CTSeries, names: list[str], slice_masks, *, colors, series_description: str = "medadapt",
+           structure_set_label: str = "medadapt", software_version: str = "", model_name: str = "",
+           interpreted_type: str = "ORGAN"):
     from pydicom.dataelem import RawDataElement
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.tag import Tag
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
-    if tuple(labelmap.shape) != tuple(series.shape):
-        raise ValueError(f"label map shape {labelmap.shape} != series shape {series.shape}")
     now = datetime.datetime.now()
     sop_uid = new_uid()
     meta = FileMetaDataset()
@@ -316,36 +391,32 @@ def build_rtstruct(labelmap: np.ndarray, series: CTSeries, labels: dict[int, str
     fr.RTReferencedStudySequence = Sequence([st])
     ds.ReferencedFrameOfReferenceSequence = Sequence([fr])
 
-    # per slice and label: contours
-    order = sorted(labels)
-    per_label: dict[int, list[tuple[int, np.ndarray]]] = {v: [] for v in order}
-    present = np.flatnonzero(np.isin(labelmap, order).reshape(labelmap.shape[0], -1).any(axis=1))
+    # per slice and ROI: contours
+    per_roi: list[list[tuple[int, np.ndarray]]] = [[] for _ in names]
     dy, dx = series.pixel_spacing
-    for k in present:
-        sl = labelmap[k]
-        for v in order:
-            m = sl == v
+    for k in range(series.shape[0]):
+        for n, m in slice_masks(k):
             if not m.any():
                 continue
             for c in mask_contours(m):
                 pts = (series.positions[k][None, :] + c[:, 1:2] * dx * series.row_dir[None, :]
                        + c[:, 0:1] * dy * series.col_dir[None, :])
-                per_label[v].append((int(k), pts))
+                per_roi[n].append((k, pts))
 
     roi_seq, contour_seq, obs_seq = [], [], []
     tag_data = Tag(0x30060050)
-    for n, v in enumerate(order, start=1):
+    for n, name in enumerate(names, start=1):
         r = Dataset()
         r.ROINumber = n
         r.ReferencedFrameOfReferenceUID = for_uid
-        r.ROIName = str(labels[v])[:64]
+        r.ROIName = str(name)[:64]
         r.ROIGenerationAlgorithm = "AUTOMATIC"
         roi_seq.append(r)
         rc = Dataset()
-        rc.ROIDisplayColor = list(PALETTE[(v - 1) % len(PALETTE)])
+        rc.ROIDisplayColor = list(colors[n - 1])
         rc.ReferencedROINumber = n
         items = []
-        for i, (k, pts) in enumerate(per_label[v], start=1):
+        for i, (k, pts) in enumerate(per_roi[n - 1], start=1):
             c = Dataset()
             c.ContourImageSequence = Sequence([image_ref(k)])
             c.ContourGeometricType = "CLOSED_PLANAR"
@@ -353,6 +424,9 @@ def build_rtstruct(labelmap: np.ndarray, series: CTSeries, labels: dict[int, str
             c.ContourNumber = i
             raw = _ds_bytes(pts.ravel())
             c[tag_data] = RawDataElement(tag_data, "DS", len(raw), raw, 0, False, True, True, False)
+            # as if read from explicit little endian: pydicom writes the raw bytes as they are instead of
+            # parsing every number back into a DSfloat (seconds for a large structure set)
+            c.set_original_encoding(False, True, c._character_set)
             items.append(c)
         if items:
             rc.ContourSequence = Sequence(items)

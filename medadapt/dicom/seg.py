@@ -46,6 +46,11 @@ def build_seg(labelmap: np.ndarray, series: CTSeries, labels: dict[int, str], *,
             algorithm_identification=algorithm))
         segment_map[labelmap == v] = number
     source = [pydicom.dcmread(p, stop_before_pixels=False) for p in series.files]
+    for ds in source:  # Type 2 attributes highdicom copies: empty where an export left them out
+        for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                   "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+            if kw not in ds:
+                setattr(ds, kw, "")
     seg = hd.seg.Segmentation(
         source_images=source, pixel_array=segment_map, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=902,

@@ -212,11 +212,11 @@ class CTSeries:
         return pts @ inv[:3, :3].T + inv[:3, 3]
 
     def slice_index(self, sop_uid: str) -> int | None:
-        try:
-            return self._sop_index[sop_uid]
-        except AttributeError:
-            self._sop_index = {u: k for k, u in enumerate(self.sop_uids)}
-            return self._sop_index.get(sop_uid)
+        """The sorted index of the slice with this SOPInstanceUID, None if it is not in the series."""
+        index = self.__dict__.get("_sop_index")
+        if index is None:
+            index = self.__dict__["_sop_index"] = {u: k for k, u in enumerate(self.sop_uids)}
+        return index.get(sop_uid)
 
     # ------------------------------------------------------------------ pixels
     def check_decodable(self) -> None:
