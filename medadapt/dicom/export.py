@@ -21,6 +21,30 @@ GRID_ATOL_MM = 1e-2
 GRID_RTOL = 1e-3
 
 
+def read_labelmap(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI label map as a (z, y, x) view (no copy: the file's Fortran-ordered block transposed) and its
+    affine; the checks of medadapt.data.io.read_label (3D, whole non-negative numbers)."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedadaptError(f"{path}: file not found; check the path")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise MedadaptError(f"{path}: cannot be read as NIfTI ({exc}); re-export it as .nii.gz") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise MedadaptError(f"{path}: label map has shape {data.shape}, expected a 3D volume")
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+            raise MedadaptError(f"{path}: label map has non-integer values; labels must be integers 0..N")
+        data = data.astype(np.int16)
+    return data.transpose(2, 1, 0), img.affine.copy()
+
+
 def labelmap_on_series(array_zyx: np.ndarray, affine: np.ndarray, series: CTSeries, source) -> np.ndarray:
     """The label map on the series' (z, y, x) grid; one line when it is another grid."""
     import nibabel as nib
@@ -29,7 +53,8 @@ def labelmap_on_series(array_zyx: np.ndarray, affine: np.ndarray, series: CTSeri
     current = nib.orientations.io_orientation(affine)
     target = nib.orientations.io_orientation(series.affine)
     transform = nib.orientations.ornt_transform(current, target)
-    data = nib.orientations.apply_orientation(data, transform)
+    if not np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):  # axes permuted or flipped
+        data = nib.orientations.apply_orientation(data, transform)
     aff = affine @ nib.orientations.inv_ornt_aff(transform, np.asarray(array_zyx).shape[::-1])
     shape_xyz = series.shape[::-1]
     if tuple(data.shape) != tuple(shape_xyz):
@@ -45,7 +70,7 @@ def labelmap_on_series(array_zyx: np.ndarray, affine: np.ndarray, series: CTSeri
                             f"{series.label()} (origin {np.round(ref[:3, 3], 3).tolist()}, spacing "
                             f"{np.round(np.linalg.norm(ref[:3, :3], axis=0), 4).tolist()}); write the label map on "
                             "the series' grid (medadapt predict --input SERIES does) or resample it")
-    return np.ascontiguousarray(data.transpose(2, 1, 0))
+    return data.transpose(2, 1, 0)
 
 
 def parse_labels(text: str | None, where: str = "--labels") -> dict[int, str] | None:
@@ -82,8 +107,10 @@ def label_names_for(labelmap: np.ndarray, names: dict[int, str] | None, source) 
     """id -> name for every label in the map (named ones first as given, others ``label_<id>``)."""
     if labelmap.size and labelmap.min() < 0:
         raise MedadaptError(f"{source}: label map has negative values; labels must be 0 (background) and 1..N")
-    counts = np.bincount(labelmap.ravel().astype(np.int64, copy=False)) if labelmap.size else np.zeros(1)
-    present = [int(v) for v in np.flatnonzero(counts) if v != 0]
+    seen: set[int] = set()
+    for sl in labelmap:  # slice by slice: a whole-volume bincount would cast 78M voxels to int64 at once
+        seen.update(int(v) for v in np.flatnonzero(np.bincount(sl.reshape(-1))))
+    present = sorted(v for v in seen if v != 0)
     out = dict(names or {})
     for v in present:
         out.setdefault(v, f"label_{v}")
@@ -112,18 +139,16 @@ def write_labelmap(labelmap: np.ndarray, series: CTSeries, labels: dict[int, str
 def to_dicom(labelmap_path: str | Path, reference: str | Path, out: str | Path, fmt: str,
              labels: dict[int, str] | None = None, model_name: str = "") -> Path:
     """``medadapt to-dicom``: a NIfTI label map on a CT series -> an RTSTRUCT or DICOM-SEG file."""
-    from medadapt.data.io import read_label
-
     if fmt not in FORMATS:
         raise MedadaptError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out)
     if out.is_dir():
         raise MedadaptError(f"--out {out}: is a folder; give the file to write, e.g. {out / ('rs.dcm' if fmt == 'rtstruct' else 'seg.dcm')}")
-    vol = read_label(labelmap_path)
+    array, affine = read_labelmap(labelmap_path)
     series = load_series(reference)
     if fmt == "seg":
         series.check_decodable()  # highdicom reads the source images' pixel data
-    grid = labelmap_on_series(vol.array, vol.affine, series, labelmap_path)
+    grid = labelmap_on_series(array, affine, series, labelmap_path)
     return write_labelmap(grid, series, label_names_for(grid, labels, labelmap_path), out, fmt, model_name)
 
 
