@@ -103,6 +103,17 @@ def make_data(workdir: Path, size: int, slices: int, seed: int = 0) -> dict:
             "rois": [n for n, _, _ in structures]}
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory: VmHWM (ru_maxrss would include the parent's at fork)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _phase(name: str, workdir: Path) -> dict:
     """Run one timed phase in this process; report seconds and peak RSS."""
     t0 = time.perf_counter()
@@ -132,7 +143,7 @@ def _phase(name: str, workdir: Path) -> dict:
     else:
         raise SystemExit(f"unknown phase {name}")
     seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    rss = _peak_rss_mib()
     return {"phase": name, "seconds": round(seconds, 2), "peak_rss_mib": round(rss, 0), **info}
 
 
