@@ -73,6 +73,7 @@ def test_plastimatch_export_imports_to_the_same_image_and_labels(tmp_path, masks
     assert np.allclose(img.affine, aff, atol=1e-4)
     for v, (name, m) in enumerate(structures.items(), start=1):
         assert dsc(lab == v, m) >= 0.99, name
+        print(f"DSC imported plastimatch {name}: {dsc(lab == v, m):.4f}")
 
 
 def test_plastimatch_rasterises_medadapts_rtstruct_like_the_label_map(tmp_path, masks):
@@ -92,6 +93,7 @@ def test_plastimatch_rasterises_medadapts_rtstruct_like_the_label_map(tmp_path, 
         mask, header = read_mha(tmp_path / "pm" / f"{name}.mha")
         assert np.allclose([float(t) for t in header["Offset"].split()], series.positions[0], atol=1e-3)
         assert dsc(mask > 0, lab == v) >= 0.98, name
+        print(f"DSC plastimatch-rasterised {name}: {dsc(mask > 0, lab == v):.4f}")
         if name == "Ring":  # the hole (radius 4 voxels, inside the ring) is there, not filled
             z, y, x = np.mgrid[0:hu.shape[0], 0:hu.shape[1], 0:hu.shape[2]]
             hole = ((x - 22) ** 2 + (y - 24) ** 2 < 4 ** 2) & (z >= 3) & (z < 15)
