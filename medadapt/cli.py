@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from medadapt import cli_dicom
 from medadapt.errors import MedadaptError
 
 METHODS_HELP = ("fine-tuning method: scratch, full, linear-probe, bias, affine-norm, bias-norm, encoder-only, "
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "case in --input; label maps are written in each input's geometry.")
     p.add_argument("--model", type=Path, required=True, help="model folder")
     p.add_argument("--input", type=Path, required=True,
-                   help="a NIfTI file, or a folder of <case>_0000.nii.gz files")
+                   help="a NIfTI file, a folder of <case>_0000.nii.gz files, or a folder of DICOM CT series (one "
+                        "case per series)")
     p.add_argument("--out", type=Path, required=True, help="output folder for <case>.nii.gz label maps")
     p.add_argument("--overlap", type=float, default=0.5, help="tile overlap (default 0.5)")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring (8x slower)")
@@ -291,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict only these classes of the model, e.g. liver,spleen (written as 1, 2, ...) or "
                         "liver=3,spleen=1 (default: every class, with the model's ids)")
     _add_postprocess_option(p)
+    cli_dicom.add_predict_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
@@ -483,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder every node can read and write")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_bench)
+    cli_dicom.add_parsers(sub)  # import-dicom, to-dicom, dataset-to-dicom
     return parser
 
 
@@ -658,13 +662,17 @@ def cmd_predict(args) -> int:
     from medadapt.models import load_model_folder
 
     folder = load_model_folder(args.model)
-    cases = find_images(args.input, folder.file_ending, num_channels=folder.network.input_channels)
+    series = cli_dicom.find_input_series(args.input, args.format)  # DICOM CT series, or None for NIfTI input
+    if series is None:
+        cases = find_images(args.input, folder.file_ending, num_channels=folder.network.input_channels)
     if not 0 <= args.overlap < 1:
         raise MedadaptError(f"--overlap {args.overlap}: must be in [0, 1)")
     from medadapt.inference.predictor import parse_classes
 
     predictor = Predictor(folder, overlap=args.overlap, mirror=args.mirror, postprocess=args.postprocess,
                           classes=parse_classes(args.classes))
+    if series is not None:
+        return cli_dicom.predict_series(predictor, series, args)
     written = predictor.predict_files(cases, args.out, progress=not args.quiet)
     print(f"wrote {len(written)} label map(s) to {args.out}")
     return 0
