@@ -266,3 +266,26 @@ def test_head_match_starts_known_classes_from_the_foundation(assembly):
             assert torch.equal(match[key][value - 1], expected), (key, name)
     assert all(torch.equal(match[k], fresh[k]) for k in fresh if k not in head_parameter_names(
         load_foundation(folder, dataset, seed=3)))
+
+
+def test_per_query_ti_shares_the_epochs_before_the_constraint(assembly, tmp_path, monkeypatch):
+    """The queries' adapters start alike and see the same batches until TI switches on: those epochs run once
+    (prefix/) and every query continues from there, bit for bit what training each from the start gives."""
+    import medadapt.workflows.finetune as ft
+
+    shared = tmp_path / "shared"
+    assert _finetune(assembly, shared, "--transductive", "query") == 0
+    assert (shared / "prefix" / "training" / "checkpoint_latest.pt").is_file()  # the shared epochs' checkpoint
+    monkeypatch.setattr(ft, "SHARE_TI_PREFIX", False)
+    alone = tmp_path / "alone"
+    assert _finetune(assembly, alone, "--transductive", "query") == 0
+    assert not (alone / "prefix").exists()
+    queries = sorted(p.name for p in (alone / "queries").iterdir())
+    assert queries == sorted(p.name for p in (shared / "queries").iterdir()) and queries
+    for q in queries:
+        a = torch.load(shared / "queries" / q / "model" / "weights.pt", weights_only=True)
+        b = torch.load(alone / "queries" / q / "model" / "weights.pt", weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), q
+        ha = json.loads((shared / "queries" / q / "training" / "history.json").read_text())
+        hb = json.loads((alone / "queries" / q / "training" / "history.json").read_text())
+        assert ha["epoch_loss"] == hb["epoch_loss"] and ha["ti_penalty"] == hb["ti_penalty"]

@@ -216,7 +216,9 @@ class Trainer:
         self.start_epoch = ckpt["epoch_done"]
 
     # -- training ------------------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict[str, list]:
+    def fit(self, resume: bool = False, until: int | None = None) -> dict[str, list]:
+        """Train to the end of the budget (``until``: to that epoch only, checkpointed there, e.g. the epochs
+        several runs share before they part)."""
         if self.checkpoint_path.exists():
             if not resume:
                 raise MedadaptError(
@@ -226,18 +228,19 @@ class Trainer:
         elif self.strategy.needs_calibration:
             self._calibrate()
         cfg = self.config
+        stop = cfg.epochs if until is None else max(self.start_epoch, min(int(until), cfg.epochs))
         self.model.train()
-        total = (cfg.epochs - self.start_epoch) * cfg.iterations_per_epoch
+        total = (stop - self.start_epoch) * cfg.iterations_per_epoch
         bar = tqdm(total=total, desc=self.description, disable=not (self.progress and dist_utils.is_main()),
                    unit="it", leave=False,
                    dynamic_ncols=True)
         ipe = cfg.iterations_per_epoch
-        batches = batch_stream(self.sampler, cfg.seed, ipe, self.start_epoch * ipe, cfg.epochs * ipe,
+        batches = batch_stream(self.sampler, cfg.seed, ipe, self.start_epoch * ipe, stop * ipe,
                                workers=self.engine.workers,
                                rank=dist_utils.rank() if dist_utils.is_distributed() else None,
                                pin_memory=self.device.type == "cuda")
         try:
-            for epoch in range(self.start_epoch, cfg.epochs):
+            for epoch in range(self.start_epoch, stop):
                 self._run_epoch(epoch, bar, batches)
                 self._save(epoch + 1)
         finally:
