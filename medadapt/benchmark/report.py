@@ -162,7 +162,8 @@ def _column(index: CellIndex, dataset: str, shots: int, methods: list[str], cls:
     values = {m: _values(r, cls, metric) for m, r in records.items() if r}
     marks = stats.rank_marks(list(values), values, higher_is_better=metric != "hd95")
     aggs = [aggregate(records[m], cls) for m in methods]
-    return [_mark(_fmt(a, metric), marks.get(m, "")) for m, a in zip(methods, aggs)], aggs
+    return [_mark(_fmt(a, metric), marks.get(m, "")) + convergence_mark(records[m] or [])
+            for m, a in zip(methods, aggs)], aggs
 
 
 def table1(index: CellIndex, cls: str, metrics: tuple[str, ...] = ("dsc", "nsd")) -> tuple[str, list[dict]]:
@@ -184,9 +185,11 @@ def table1(index: CellIndex, cls: str, metrics: tuple[str, ...] = ("dsc", "nsd")
         rows = [[display_name(m)] + [col[i] for col in columns] for i, m in enumerate(methods)]
         all_shot = config.table1["all_shot"]
         if all_shot:
-            agg = aggregate(index.finished(ds.name, all_shot, ds.train_cases), cls)
+            recs = index.finished(ds.name, all_shot, ds.train_cases)
+            agg = aggregate(recs, cls)
             label = f"All-shot ({ds.train_cases}-shot, {display_name(all_shot).lower()})"
-            rows.append([label] + [_fmt(agg, m) for m in metrics] + [""] * (len(metrics) * (len(ds.shots) - 1)))
+            rows.append([label] + [_fmt(agg, m) + convergence_mark(recs or []) for m in metrics]
+                        + [""] * (len(metrics) * (len(ds.shots) - 1)))
             csv_rows.append({"dataset": ds.name, "class": cls, "method": f"all-shot:{all_shot}",
                              "shots": ds.train_cases, **_agg_csv(agg)})
         header = ["Method"] + [f"{s}-shot {names[m]}" for s in ds.shots for m in metrics]
@@ -478,7 +481,8 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
                 f"({len(config.seeds)}). Head policy: {config.head}. DSC and NSD at 1 mm in %.\n",
                 FOOTNOTE + "\n"]
     t1_md, t1_csv = zip(*(table1(index, cls) for cls in classes))
-    files["table1.md"] = _write(out / "table1.md", "\n\n".join(t1_md) + "\n\n" + FOOTNOTE + "\n")
+    files["table1.md"] = _write(out / "table1.md", "\n\n".join(t1_md) + "\n\n" + FOOTNOTE + "\n\n"
+                                + CONVERGENCE_LEGEND + "\n")
     files["table1.csv"] = _write(out / "table1.csv", _csv(sum(t1_csv, [])))
     sections += ["## Table 1: few-shot fine-tuning methods\n", *t1_md]
     hd_md = [table1(index, cls, metrics=("hd95",))[0] for cls in classes]
@@ -488,7 +492,8 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
                  "exactly one of prediction and ground truth is empty (no surface distance exists).\n", *hd_md]
     if config.table2:
         t2_md, t2_csv = zip(*(table2(index, cls) for cls in classes))
-        files["table2.md"] = _write(out / "table2.md", "\n\n".join(t2_md) + "\n\n" + FOOTNOTE + "\n")
+        files["table2.md"] = _write(out / "table2.md", "\n\n".join(t2_md) + "\n\n" + FOOTNOTE + "\n\n"
+                                + CONVERGENCE_LEGEND + "\n")
         files["table2.csv"] = _write(out / "table2.csv", _csv(sum(t2_csv, [])))
         sections += ["\n## Table 2: sparsification ablations\n", *t2_md]
     p_md, p_csv = zip(*(paired_table(index, cls) for cls in classes))
