@@ -292,11 +292,15 @@ def _run_on_ray(cells: list[Cell], paths: GridPaths, config: GridConfig, address
 
 
 def run_grid(config: GridConfig, workdir: str | Path, ray_address: str | None = None, progress: bool = True,
-             report: bool = True) -> dict[str, Any]:
-    """Run every unfinished cell of ``config`` in ``workdir``; then write the report. Returns a summary."""
+             report: bool = True, first_shots: int | None = None) -> dict[str, Any]:
+    """Run every unfinished cell of ``config`` in ``workdir``; then write the report. Returns a summary.
+    ``first_shots``: the cells at that shot count run before the others (an order only: a grid that may not
+    finish in the time at hand gives one complete group of Table 1 first)."""
     paths = grid_paths(config, workdir)
     cells = enumerate_cells(config)
     todo = [c for c in cells if load_cell_record(paths, c) is None]
+    if first_shots is not None:
+        todo.sort(key=lambda c: c.shots != first_shots or c.all_shot)  # stable: the config's order otherwise
     if progress:
         print(f"grid {config.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
               f"{len(todo)} to run -> {paths.workdir}", flush=True)
