@@ -106,15 +106,30 @@ def test_fseft_preset_shifts_intensity_only_and_balances_crops():
 
 
 def test_levelled_off_criterion():
+    import math
+
+    from medadapt.engine.recipe import lr_factor
+
     rng = np.random.default_rng(0)
-    falling = np.linspace(1.0, 0.2, 100)
+    falling = np.linspace(1.0, 0.2, 100)  # a steady decline: half its improvement in the second half
     assert levelled_off(falling)["levelled_off"] is False
     flat = np.concatenate([np.linspace(1.0, 0.2, 50), np.full(50, 0.2)]) + rng.normal(0, 0.02, 100)
     verdict = levelled_off(flat)
-    assert verdict["levelled_off"] is True and verdict["window"] == 10
-    assert levelled_off([0.5] * 5)["levelled_off"] is None  # too short to tell
-    noisy_fall = np.linspace(1.0, 0.0, 100) + rng.normal(0, 0.01, 100)
+    assert verdict["levelled_off"] is True and verdict["late_improvement"] < 0.05
+    assert levelled_off([0.5] * 5)["levelled_off"] is None   # too short to tell
+    assert levelled_off(0.5 + rng.normal(0, 0.02, 100))["levelled_off"] is None  # no improvement to speak of
+    noisy_fall = np.linspace(1.0, 0.0, 100) + rng.normal(0, 0.05, 100)
     assert levelled_off(noisy_fall)["levelled_off"] is False
+    # under a cosine schedule a run still learning at a steady rate per unit of learning rate looks flat at
+    # its end on the epoch axis; on the learning-rate axis it is still learning
+    cosine = {"name": "cosine", "warmup_epochs": 0, "warmup_start": 0.0, "min_factor": 0.0}
+    lr = [lr_factor(cosine, e, 100) for e in range(100)]
+    travelled = np.cumsum(lr) / sum(lr)
+    steady = 1.0 - 0.8 * travelled + rng.normal(0, 0.005, 100)
+    assert levelled_off(steady)["levelled_off"] is True and levelled_off(steady, lr=lr)["levelled_off"] is False
+    early = 0.2 + 0.8 * np.exp(-travelled / 0.05) + rng.normal(0, 0.005, 100)  # converged in the first 20%
+    assert levelled_off(early, lr=lr)["levelled_off"] is True
+    assert not math.isnan(levelled_off(early, lr=lr)["noise"])
 
 
 def _ft(assembly, out, *extra, method="spatial-adapter"):

@@ -81,16 +81,33 @@ class CellIndex:
 
 
 CONVERGENCE_LEGEND = (
-    "†: the training loss of at least one of the cell's seeds had not levelled off by the end of its budget "
-    "(medadapt.engine.convergence: the mean of the last tenth of the epoch losses differs from the tenth before "
-    "by more than 1% of the smoothed curve's range plus twice its noise); such a row measures the budget as much "
-    "as the method.")
+    "†: the training loss of at least one of the value's cells had not levelled off by the end of its budget "
+    "(medadapt.engine.convergence: more than a quarter of its smoothed loss's improvement, and more than twice "
+    "its noise, came in the second half of its learning-rate budget, i.e. it was still learning as fast per "
+    "unit of learning rate as before); such a value measures the budget as much as the method.")
 
 
 def convergence_mark(records: list[dict]) -> str:
-    """`` †`` when some record's training had not levelled off (records without a verdict: no mark)."""
-    verdicts = [(r.get("convergence") or {}).get("levelled_off") for r in records]
+    """`` †`` when some record's training had not levelled off, judged from its stored loss curve (the stored
+    verdict for records without one; records with neither: no mark)."""
+    verdicts = [record_levelled_off(r) for r in records]
     return " †" if any(v is False for v in verdicts) else ""
+
+
+def record_levelled_off(record: dict) -> bool | None:
+    """A cell's verdict from its stored loss curve against the learning rate of each epoch, rebuilt from its
+    recorded training settings (medadapt.engine.convergence); the stored verdict where there is no curve."""
+    from medadapt.engine.convergence import levelled_off
+    from medadapt.engine.recipe import lr_factor
+
+    curve = record.get("loss_curve")
+    if not curve:
+        return (record.get("convergence") or {}).get("levelled_off")
+    training = record.get("training") or {}
+    lr = None
+    if training.get("schedule") and training.get("epochs"):
+        lr = [lr_factor(training["schedule"], e, training["epochs"]) for e in range(len(curve))]
+    return levelled_off(curve, lr=lr)["levelled_off"]
 
 
 def _values(records: list[dict], cls: str, metric: str) -> dict:

@@ -164,8 +164,9 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
     if cell.method not in NO_TRAINING:
         from medadapt.engine.convergence import levelled_off
 
-        record["loss_curve"] = _epoch_losses(_history_file(out / "run"))
-        record["convergence"] = levelled_off(record["loss_curve"])
+        history = json.loads(_history_file(out / "run").read_text())
+        record["loss_curve"] = [float(v) for v in history["epoch_loss"]]
+        record["convergence"] = levelled_off(record["loss_curve"], lr=history.get("lr"))
     atomic_write_json(cell_file(paths, cell), record)
     for checkpoint in (out / "run").glob("**/training/checkpoint_latest.pt"):  # per-query TI runs: one per query
         checkpoint.unlink(missing_ok=True)
