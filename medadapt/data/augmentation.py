@@ -338,7 +338,7 @@ class IntensityShift(Augmentation):
 
     def __init__(self, patch_size: Sequence[int], offset: float = 0.1, p: float = 0.2):
         super().__init__(patch_size, p_rotation=0, p_scaling=0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0,
-                         p_lowres=0, p_gamma=0, p_inverted_gamma=0, p_mirror=0)
+                         p_lowres=0, p_gamma=0, p_inverted_gamma=0, p_mirror=0, mirror_axes=())
         if not offset >= 0 or not 0 <= p <= 1:
             raise MedadaptError(f"intensity shift: offset {offset} must be >= 0 and p {p} within [0, 1]")
         self.offset, self.p_shift = float(offset), float(p)
@@ -355,18 +355,6 @@ class IntensityShift(Augmentation):
         if shift:
             img += offset
         return img
-
-    def apply(self, image, label, matrix, center, rng):
-        squeeze = label is not None and label.ndim == 3
-        if squeeze:
-            label = label[None]
-        if not image.is_floating_point():
-            image = image.float()
-        img, lab = self._spatial(image, label, None, center)
-        img = self._intensity(img, rng)
-        if squeeze:
-            lab = lab[0]
-        return img.contiguous(), (lab.contiguous() if lab is not None else None)
 
 
 #: a recipe's ``augmentation`` -> (the augmentation, the sampler's crop policy). ``nnunet``: nnU-Net v2's
