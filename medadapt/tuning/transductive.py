@@ -113,7 +113,7 @@ class Transductive:
 
 
 def _voxel_volume(case) -> float:
-    spacing = _spacing(case)
+    spacing = case_spacing(case)
     return float(np.prod(spacing)) if spacing is not None else 1.0
 
 
@@ -123,7 +123,8 @@ def _volume(spacing, case) -> float:
     return float(np.prod(spacing))
 
 
-def _spacing(case):
+def case_spacing(case) -> list[float] | None:
+    """A preprocessed case's voxel spacing where its properties record one (None: the plan's, shared)."""
     try:
         sp = case.properties.get("spacing_after_resampling") or case.properties.get("spacing")
     except (AttributeError, OSError, KeyError, ValueError):

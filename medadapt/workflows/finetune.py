@@ -60,7 +60,7 @@ from medadapt.models.model_folder import output_channels
 from medadapt.models.network import build_network
 from medadapt.tuning import make_strategy
 from medadapt.tuning.delta import make_delta, save_delta
-from medadapt.tuning.transductive import Transductive
+from medadapt.tuning.transductive import Transductive, case_spacing
 from medadapt.utils.atomic import atomic_path, atomic_write_json
 from medadapt.utils.hashing import stable_hash
 from medadapt.workflows.common import (dataset_cache_dir, environment, model_fingerprint, total_parameter_count,
@@ -148,17 +148,8 @@ def reset_heads(network: torch.nn.Module, seed: int) -> None:
         torch.manual_seed(seed)
         for head in model_parts(network).heads:
             for m in head.modules():
-                if hasattr(m, "reset_parameters") and isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
+                if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
                     m.reset_parameters()
-
-
-def _case_spacing(case) -> list[float] | None:
-    try:
-        props = case.properties
-    except (AttributeError, OSError, ValueError):
-        return None
-    sp = props.get("spacing_after_resampling") or props.get("spacing")
-    return [float(v) for v in sp] if sp is not None else None
 
 
 def weights_without_heads(folder: ModelFolder, foundation: dict[str, torch.Tensor],
@@ -359,7 +350,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
                                 "with at least 5 cases")
         with distributed.main_first():
             queries = preprocess_dataset(dataset, test_ids, plan, cache, progress=progress)
-        priors = transductive.priors(cases, dataset.labels, query_spacing=_case_spacing(queries[0]))
+        priors = transductive.priors(cases, dataset.labels, query_spacing=case_spacing(queries[0]))
         with torch.random.fork_rng(devices=[]):  # the method must train the classifier head only: check first
             from medadapt.tuning.transductive import transductive_tail
 
