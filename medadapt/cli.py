@@ -30,6 +30,11 @@ def _positive_int(text: str) -> int:
     return _int_at_least(text, 1)
 
 
+def _seed(text: str) -> int:
+    """A seed: a non-negative integer (NumPy's seed sequences take no negative words)."""
+    return _int_at_least(text, 0, "an integer seed")
+
+
 def _add_training_options(p: argparse.ArgumentParser, default_recipe: str) -> None:
     p.add_argument("--recipe", default=None,
                    help=f"training recipe: a built-in name or a recipe file (default: {default_recipe}; "
@@ -37,7 +42,7 @@ def _add_training_options(p: argparse.ArgumentParser, default_recipe: str) -> No
     p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the recipe's)")
     p.add_argument("--iterations-per-epoch", type=_positive_int, default=None,
                    help="iterations per epoch (default: the recipe's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); recorded with the results")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0); recorded with the results")
     p.add_argument("--resume", action="store_true", help="continue a killed run in the same --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
@@ -79,6 +84,11 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-norm", choices=("instance", "batch"), default=None,
                    help="spatial-adapter: its normalisation (default instance without affine parameters, as the "
                         "authors' code; batch: the text's batch normalisation)")
+    p.add_argument("--pretext-decoder", choices=("auto", "new", "pretrained"), default="auto",
+                   help="methods that freeze part of the network (linear-probe, lora, adapter, ...): new = the "
+                        "foundation's decoder was trained on a pretext task (an MAE's), so it trains in full like "
+                        "the heads and the method applies to the encoder (MedSeqFT's reading); pretrained = the "
+                        "method applies to it; auto (default): new for a self-supervised foundation")
 
 
 def _add_run_inputs(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -86,7 +96,7 @@ def _add_run_inputs(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", type=Path, required=True, help=model_help)
     p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed 80/20 split (default 0)")
+    p.add_argument("--split-seed", type=_seed, default=0, help="seed of the fixed 80/20 split (default 0)")
 
 
 def _add_postprocess_option(p: argparse.ArgumentParser) -> None:
@@ -124,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain", nargs="?", help="built-in domain name or path to a domain spec file")
     p.add_argument("--out", type=Path, help="output dataset folder")
     p.add_argument("--cases", type=_positive_int, default=50, help="number of cases (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="cohort seed (default 0)")
     p.add_argument("--downsample", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="the same field of view with this many times fewer voxels per axis, e.g. 1 2 2 (what the "
                         "demo and the default benchmark grid use)")
@@ -358,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'{\"downsample\": \"mergingv2\"}' (default: MONAI's: downsample merging, normalize true)")
     p.add_argument("--recipe", default="swinunetr-btcv",
                    help="the fine-tuning recipe the model folder recommends (default swinunetr-btcv)")
-    p.add_argument("--seed", type=int, default=0, help="seed of what --backbone-only initialises (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of what --backbone-only initialises (default 0)")
     p.set_defaults(func=cmd_import_monai)
 
     p = sub.add_parser("nnunet-train", help="nnU-Net's own trainer with a medadapt fine-tuning method",
@@ -375,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help=METHODS_HELP + "; adapter cannot be saved for nnU-Net")
     _add_method_options(p)
     p.add_argument("--shots", type=_positive_int, required=True, help="number of annotated training cases K")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed 80/20 split (default 0)")
+    p.add_argument("--split-seed", type=_seed, default=0, help="seed of the fixed 80/20 split (default 0)")
     p.add_argument("--pretrained", type=Path, default=None,
                    help="foundation weights: an nnU-Net checkpoint (.pth), model folder or zip, or a medadapt "
                         "model folder; the dataset must be preprocessed with the foundation's plans")
@@ -388,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iterations per epoch (default 25; nnU-Net uses 250)")
     p.add_argument("--val-iterations", type=_positive_int, default=5,
                    help="validation iterations per epoch (default 5; nnU-Net uses 50)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); recorded with the results")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0); recorded with the results")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-final-validation", action="store_true",
                    help="skip nnU-Net's final sliding-window validation of the validation cases")
@@ -408,12 +418,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("medadapt_runs/demo"),
                    help="where data, models and results go (default medadapt_runs/demo)")
     p.add_argument("--shots", type=_positive_int, default=5, help="annotated target scans K (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, training and the K-shot draw")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for data, training and the K-shot draw")
     p.add_argument("--fresh", action="store_true",
                    help="re-run the fine-tuning runs even if finished ones exist (the foundation model "
                         "stays cached)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("mds-stability", help="how many maskings R the MDS buffer needs before it stops changing",
+                       description="Score every training case of each task by the foundation's pretext loss at up "
+                                   "to --repeats random maskings (MedSeqFT's MDS, batched), read the K-case buffer "
+                                   "at every power of two R from the same draws, and report where it stops "
+                                   "changing: the R for seqft --mds-repeats. Writes stability.csv/.json/.md/.png "
+                                   "into --out.")
+    p.add_argument("--model", type=Path, required=True, help="the foundation (with a pretext network: an MAE "
+                                                             "foundation, or one with pretrain-ssl-head's pathway)")
+    p.add_argument("--data", type=Path, action="append", required=True,
+                   help="a task's nnU-Net raw dataset (repeat for several tasks); its 80%% train split is scored")
+    p.add_argument("--out", type=Path, required=True, help="folder for the measurement")
+    p.add_argument("--repeats", type=_positive_int, default=1000,
+                   help="the largest R measured (default 1000, the paper's)")
+    p.add_argument("--buffer-size", type=_positive_int, default=4, help="K, the buffer's cases per task (default 4)")
+    p.add_argument("--seed", type=_seed, default=0, help="mask seed (default 0)")
+    p.add_argument("--split-seed", type=_seed, default=0, help="seed of each task's 80/20 split (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_mds_stability)
 
     p = sub.add_parser("seqft", help="fine-tune task after task over a stream of datasets (MedSeqFT)",
                        description="Sequential fine-tuning (MedSeqFT, docs/sequential.md): every task of STREAM, in "
@@ -440,13 +469,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mds-repeats", type=_positive_int, default=16,
                    help="R: random maskings averaged per case for MDS (default 16 on CPU; the paper: 1000)")
     p.add_argument("--kd-rank", type=_positive_int, default=2, help="LoRA rank of the LoRA-based KD (default 2)")
+    p.add_argument("--kd-until", choices=("levelled", "budget"), default="levelled",
+                   help="LoRA-based KD: levelled (default) = until L_refine has levelled off, at a constant tenth of "
+                        "the fine-tuning lr, at most --kd-max-epochs; budget = a fifth of the fine-tuning epochs on "
+                        "its schedule (the paper's VoCo CT ratio)")
+    p.add_argument("--kd-max-epochs", type=_positive_int, default=None,
+                   help="--kd-until levelled: the stage's ceiling in epochs (default: the fine-tuning epochs; at "
+                        "least 10, what the convergence check needs)")
     p.add_argument("--kd-recipe", default=None,
-                   help="recipe of the LoRA-based KD stage (default: the fine-tuning recipe with a fifth of its "
-                        "epochs and a tenth of its learning rate, the paper's ratios)")
+                   help="recipe of the LoRA-based KD stage (default: derived from the fine-tuning recipe, see "
+                        "--kd-until); with --kd-until levelled its epochs are the ceiling")
     _add_method_options(p)
     p.add_argument("--shots", type=_shots, default="all",
                    help="training cases per task: K, or all (default: every case of the 80%% train split)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of each task's 80/20 split (default 0)")
+    p.add_argument("--split-seed", type=_seed, default=0, help="seed of each task's 80/20 split (default 0)")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
     _add_postprocess_option(p)
     _add_training_options(p, "the one the model folder recommends, else dgst-paper")
@@ -591,7 +627,8 @@ def cmd_finetune(args) -> int:
                       iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
                       progress=not args.quiet, method_options=_method_options(args), head=args.head,
                       recipe=args.recipe, postprocess=args.postprocess, transductive=_transductive(args),
-                      engine=_engine(args), feature_cache=args.feature_cache)
+                      engine=_engine(args), feature_cache=args.feature_cache,
+                      pretext_decoder=args.pretext_decoder)
     if not record:  # a torchrun rank other than 0: rank 0 reports
         return 0
     _print_metrics(record["metrics"], "test cases")
@@ -758,16 +795,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_mds_stability(args) -> int:
+    from medadapt.workflows.mds_stability import mds_stability, summary_line
+
+    record = mds_stability(args.model, args.data, args.out, repeats=args.repeats, buffer_size=args.buffer_size,
+                           seed=args.seed, split_seed=args.split_seed, progress=not args.quiet)
+    print((args.out / "stability.md").read_text(), end="")
+    print(summary_line(record))
+    return 0
+
+
 def cmd_seqft(args) -> int:
     from medadapt.workflows.seqft import seqft
 
     summary = seqft(args.stream, args.model, args.out, method=args.method, buffer=args.buffer,
                     retention=args.retention, buffer_size=args.buffer_size, mds_repeats=args.mds_repeats,
-                    kd_rank=args.kd_rank, shots=args.shots, seed=args.seed, split_seed=args.split_seed,
+                    kd_rank=args.kd_rank, kd_until=args.kd_until, kd_max_epochs=args.kd_max_epochs,
+                    shots=args.shots, seed=args.seed, split_seed=args.split_seed,
                     recipe=args.recipe, kd_recipe=args.kd_recipe, epochs=args.epochs,
                     iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
                     method_options=_method_options(args), postprocess=args.postprocess, resume=args.resume,
-                    progress=not args.quiet, engine=_engine(args))
+                    progress=not args.quiet, engine=_engine(args), pretext_decoder=args.pretext_decoder)
     print((args.out / "results.md").read_text(), end="")
     print(f"{len(summary['tasks'])} task(s); results in {args.out}")
     return 0

@@ -185,6 +185,60 @@ def test_mds_picks_the_lowest_pretext_losses():
     assert len(pick) == 2 and pick == random_pick(list(levels), 2, seed=0, task_index=1)
 
 
+class PerSamplePretext:
+    """Like the real pretext model, one masking draw per sample, in order: a loss of mean intensity + noise."""
+
+    def sample_losses(self, images, generator):
+        noise = torch.cat([torch.rand(1, generator=generator) for _ in range(images.shape[0])])
+        return images.mean(dim=(1, 2, 3, 4)) + 0.05 * noise
+
+
+def test_batched_mds_scoring_draws_what_one_masking_at_a_time_draws():
+    """Many maskings share one forward pass; the draws (and so the scores) do not depend on the batch, and
+    the first R maskings of a run at R' > R are exactly the run at R."""
+    from medadapt.sequential.buffer import case_tiles, mds_losses, mds_scores
+    from medadapt.utils import seeds
+
+    cases = [FakeCase(c, v, shape=(12, 40, 20)) for c, v in {"a": 0.3, "b": 0.1, "c": 0.2}.items()]
+    patch = (8, 16, 16)
+    n_tiles = len(case_tiles(cases[0], patch))
+    assert n_tiles > 1
+    runs = [mds_losses(PerSamplePretext(), cases, "t", patch, 7, seed=3, batch=b, progress=False)
+            for b in (1, 3, n_tiles, 64)]
+    for other in runs[1:]:
+        for c in runs[0]:
+            np.testing.assert_allclose(other[c], runs[0][c], rtol=0, atol=1e-12)
+    # by hand: masking r of case c is the mean over its tiles of the draws r*n .. r*n+n-1 of c's own stream
+    g = seeds.torch_generator(3, "mds", "t/b")
+    draws = torch.cat([torch.rand(1, generator=g) for _ in range(7 * n_tiles)])
+    expected = 0.1 + 0.05 * draws.double().view(7, n_tiles).mean(dim=1)
+    np.testing.assert_allclose(runs[0]["b"], expected.numpy(), rtol=1e-6)
+    short = mds_losses(PerSamplePretext(), cases, "t", patch, 3, seed=3, progress=False)
+    for c in short:
+        np.testing.assert_allclose(short[c], runs[0][c][:3], rtol=0, atol=1e-12)
+    scores = mds_scores(PerSamplePretext(), cases, "t", patch, 7, seed=3, progress=False)
+    assert scores == pytest.approx({c: float(v.mean()) for c, v in runs[0].items()})
+
+
+def test_buffer_stability_finds_where_the_buffer_stops_changing():
+    from medadapt.sequential.buffer import buffer_stability, settled_repeats
+
+    rng = np.random.default_rng(0)
+    # five cases, means 0..4, unit noise: the 2 lowest (c0, c1) win once enough maskings are averaged
+    losses = {f"c{i}": i + rng.standard_normal(256) * 3.0 for i in range(5)}
+    rows = buffer_stability(losses, 2)
+    assert [r["repeats"] for r in rows] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert set(rows[-1]["buffer"]) == {"c0", "c1"} and rows[-1]["shared_with_final"] == 2 and rows[-1]["settled"]
+    r_star = settled_repeats(rows)
+    assert r_star is not None and all(r["settled"] for r in rows if r["repeats"] >= r_star)
+    assert all(set(r["buffer"]) == {"c0", "c1"} for r in rows if r["repeats"] >= r_star)
+    before = [r for r in rows if r["repeats"] < r_star]
+    assert before and not before[-1]["settled"]
+    # a buffer that changes at the last R measured has not settled within the measurement
+    flip = {"a": np.array([0.0, 0.0, 0.0, 9.0]), "b": np.array([1.0, 1.0, 1.0, 1.0])}
+    assert settled_repeats(buffer_stability(flip, 1)) is None
+
+
 def _stream(world, tmp_path, tasks=("tgt", "src")):
     f = tmp_path / f"stream-{len(tasks)}.yaml"
     f.write_text("name: tiny\ntasks:\n" + "".join(f"  - data: {world[t]}\n" for t in tasks))
@@ -192,7 +246,7 @@ def _stream(world, tmp_path, tasks=("tgt", "src")):
 
 
 SEQ = ["--method", "seq-ft", "--buffer", "random", "--retention", "lora-kd", "--buffer-size", "2",
-       "--epochs", "2", "--iterations-per-epoch", "2", "--recipe", "cpu-finetune", "--quiet"]
+       "--epochs", "2", "--iterations-per-epoch", "2", "--kd-max-epochs", "12", "--recipe", "cpu-finetune", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +290,17 @@ def test_two_task_stream_end_to_end(world, seq_run):
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0].startswith("index,task,dsc,nsd,hd95,dsc_refined") and len(rows) == 3
     assert set(task2["seconds"]) == {"stage1", "stage2", "buffer"}
+    # the LoRA-based KD ran until L_refine levelled off, at most its ceiling, and says which
+    kd = task2["refinement"]
+    history = json.loads((out / "tasks" / "02-src" / "stage2" / "training" / "history.json").read_text())
+    assert kd["ceiling_epochs"] == 12 and kd["curve"] == history["epoch_loss"] and kd["epochs"] == len(kd["curve"])
+    assert kd["iterations"] == 2 * kd["epochs"] and history["lr"] == [history["lr"][0]] * kd["epochs"]  # constant
+    assert history["lr"][0] == pytest.approx(0.1 * json.loads((out / "seqft.json").read_text())
+                                             ["training"]["initial_lr"])
+    if kd["stopped_at"] is not None:  # stopped early: because the curve had levelled off there
+        assert kd["stopped_at"] == kd["epochs"] < 12 and kd["levelled_off"] is True
+    else:
+        assert kd["epochs"] == 12
     # forgetting: task 1's decoder and head on the final encoder, and the per-layer encoder change (Fig. 4)
     transfer = json.loads((out / "transfer.json").read_text())
     assert transfer["after_task"] == 2 and [r["task"] for r in transfer["tasks"]] == ["tgt"]
@@ -265,8 +330,8 @@ def test_killed_task_resumes_and_a_stream_extends(world, seq_run, tmp_path, monk
                         lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         seqft_mod.seqft(two, world["fm"], out, method="seq-ft", buffer="random", retention="lora-kd",
-                        buffer_size=2, epochs=2, iterations_per_epoch=2, recipe="cpu-finetune", resume=True,
-                        progress=False)
+                        buffer_size=2, epochs=2, iterations_per_epoch=2, kd_max_epochs=12, recipe="cpu-finetune",
+                        resume=True, progress=False)
     assert not (out / "tasks" / "02-src" / "task.json").exists()
     monkeypatch.setattr(seqft_mod, "predict_and_evaluate", real)
     assert main(["seqft", str(two), "--model", str(world["fm"]), "--out", str(out), *SEQ, "--resume"]) == 0
@@ -341,7 +406,7 @@ def test_medseqft_with_an_mae_foundation(world, tmp_path, capsys):
     out = tmp_path / "medseqft"
     assert main(["seqft", str(_stream(world, tmp_path)), "--model", str(fm), "--out", str(out), "--method", "medseqft",
                  "--buffer-size", "2", "--mds-repeats", "3", "--epochs", "2", "--iterations-per-epoch", "2",
-                 "--recipe", "cpu-finetune", "--quiet"]) == 0
+                 "--kd-max-epochs", "10", "--recipe", "cpu-finetune", "--quiet"]) == 0
     mds = json.loads((out / "tasks" / "01-tgt" / "mds.json").read_text())
     assert mds["repeats"] == 3 and len(mds["scores"]) == 8  # every training case of the task scored
     assert mds["picked"] == sorted(mds["scores"], key=lambda c: (mds["scores"][c], c))[:2]
@@ -358,6 +423,15 @@ def test_medseqft_with_an_mae_foundation(world, tmp_path, capsys):
                         str(tmp_path / "x"), "--method", "medseqft", "--quiet"])
     assert "pretrain-ssl-head" in err
     assert not (tmp_path / "x").exists()
+    # a ceiling the convergence check cannot decide within, a rank no encoder layer of the foundation holds
+    stream = str(_stream(world, tmp_path))
+    for extra, message in ((["--kd-max-epochs", "5"], "at least 10 epochs"),
+                           (["--kd-rank", "100000"], "rank is at most"),
+                           (["--kd-until", "budget", "--kd-max-epochs", "20"], "only with --kd-until levelled")):
+        err = _err(capsys, ["seqft", stream, "--model", str(fm), "--out", str(tmp_path / "y"), "--method",
+                            "medseqft", "--epochs", "2", "--quiet", *extra])
+        assert message in err, err
+        assert not (tmp_path / "y").exists()
 
 
 def _err(capsys, argv):
@@ -396,3 +470,32 @@ def test_bad_inputs(world, tmp_path, capsys):
     assert "--method 'nope'" in _err(capsys, ["seqft", stream, *run, "--method", "nope"])
     assert "--shots 40" in _err(capsys, ["seqft", stream, *run, "--method", "seq-ft", "--shots", "40"])
     assert not (tmp_path / "r").exists()  # nothing written for a refused run
+
+
+def test_mds_stability_command(world, tmp_path, capsys):
+    fm = world["root"] / "mae-fm-seqft"
+    if not (fm / "plans.json").is_file():
+        assert main(["pretrain", "--data", str(world["src"]), "--out", str(fm), "--preset", "cpu-tiny",
+                     "--objective", "mae", "--epochs", "1", "--iterations-per-epoch", "2", "--quiet"]) == 0
+    out = tmp_path / "stab"
+    assert main(["mds-stability", "--model", str(fm), "--data", str(world["tgt"]), "--out", str(out),
+                 "--repeats", "4", "--buffer-size", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "Buffer settled at R" in printed and ("settles by R" in printed or "had not settled" in printed)
+    record = json.loads((out / "stability.json").read_text())
+    task = record["tasks"][0]
+    assert [r["repeats"] for r in task["rows"]] == [1, 2, 4] and task["cases"] == 8
+    assert task["rows"][-1]["shared_with_final"] == 2 and task["rows"][-1]["settled"]
+    # the buffer at R = 4 is what MDS itself picks at R = 4
+    from medadapt.sequential.buffer import lowest
+
+    assert sorted(task["rows"][-1]["buffer"]) == sorted(lowest(task["scores"], 2))
+    assert (out / "stability.png").stat().st_size > 1000 and (out / "stability.csv").read_text().count("\n") == 4
+    for argv, message in ((["--repeats", "1"], "at least 2"), (["--buffer-size", "50"], "--buffer-size 50")):
+        err = _err(capsys, ["mds-stability", "--model", str(fm), "--data", str(world["tgt"]), "--out",
+                            str(tmp_path / "bad"), "--quiet", *argv])
+        assert message in err
+    assert not (tmp_path / "bad").exists()
+    err = _err(capsys, ["mds-stability", "--model", str(world["fm"]), "--data", str(world["tgt"]), "--out",
+                        str(tmp_path / "bad"), "--quiet"])
+    assert "pretrain-ssl-head" in err

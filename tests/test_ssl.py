@@ -189,6 +189,43 @@ def test_mae_foundation_finetunes_with_a_fresh_head_only(world, mae_fm, tmp_path
     assert not any((tmp_path / d).exists() for d in ("keep", "zs", "pred"))
 
 
+@pytest.mark.parametrize("method, extra", [("linear-probe", []), ("lora", ["--lora-rank", "2"])])
+def test_peft_on_an_mae_foundation_trains_decoder_and_head(world, mae_fm, tmp_path, method, extra):
+    """MedSeqFT's reading (docs/methods.md): on a self-supervised foundation the decoder (trained on the pretext
+    task) is new for segmentation, so a PEFT row trains it and the head in full and leaves the encoder as the
+    method says: bit-identical for the linear probe, base weights unchanged (and a low-rank change merged in)
+    for LoRA. --pretext-decoder pretrained gives the other reading: the decoder frozen as well."""
+    from medadapt.models.parts import decoder_parameters, encoder_parameters
+    from medadapt.workflows.finetune import head_parameter_names
+
+    start = load_model_folder(mae_fm).load_network()
+    enc_ids = {id(p) for p in encoder_parameters(start)}
+    enc = {n for n, p in start.named_parameters() if id(p) in enc_ids}
+    dec_ids = {id(p) for p in decoder_parameters(start)}
+    heads = set(head_parameter_names(start))
+    dec = {n for n, p in start.named_parameters() if id(p) in dec_ids} - heads
+    assert enc and dec and heads
+    base = ["finetune", "--model", str(mae_fm), "--data", str(world["tgt"]), "--method", method, "--shots", "2",
+            "--epochs", "1", "--iterations-per-epoch", "2", "--lr", "0.05", "--quiet", *extra]
+    runs = {}
+    for policy in ("auto", "pretrained"):
+        out = tmp_path / policy
+        assert main(base + ["--out", str(out), "--pretext-decoder", policy]) == 0
+        runs[policy] = (load_model_folder(out / "model").load_network().state_dict(),
+                        json.loads((out / "run.json").read_text()))
+    s0 = start.state_dict()
+    tuned, run = runs["auto"]
+    assert run["method"]["decoder"] == "new"
+    if method == "linear-probe":
+        assert all(torch.equal(tuned[k], s0[k]) for k in enc)  # the encoder bit-identical
+    assert sum(not torch.equal(tuned[k], s0[k]) for k in dec) > len(dec) // 2  # the decoder trained
+    frozen, run = runs["pretrained"]
+    assert "decoder" not in run["method"]
+    if method == "linear-probe":  # the text-minimal reading: everything but the head frozen
+        assert all(torch.equal(frozen[k], s0[k]) for k in enc | dec)
+    assert run["parameters"]["trainable"] < runs["auto"][1]["parameters"]["trainable"]
+
+
 def test_pretrain_ssl_head_keeps_the_encoder(world, tmp_path, capsys):
     out = tmp_path / "fm-ssl"
     args = ["pretrain-ssl-head", "--model", str(world["fm"]), "--data", str(world["src"]), "--out", str(out),

@@ -38,6 +38,12 @@ def test_finetune_dgst_end_to_end(world, capsys):
     assert (len(train), len(test)) == (8, 2) and not set(train) & set(test)
     assert len(run["shot_cases"]) == 3 and set(run["shot_cases"]) <= set(train)
     assert run["method"] == {"name": "dgst", "gamma": 2} and run["seed"] == 4
+    # every random stream of the run is recorded by purpose: the seed, the purpose's code, what it draws
+    streams = run["seeds"]["streams"]
+    assert run["seeds"]["scheme"] == run["identity"]["seeds"] and run["seeds"]["seed"] == 4
+    assert {"head", "shots", "split", "batches", "epoch", "drst"} <= set(streams)
+    assert streams["split"]["sequence"][0] == 0 and streams["head"]["sequence"][0] == 4  # split seed vs seed
+    assert len({tuple(s["sequence"]) for s in streams.values()}) == len(streams)  # no two share a stream
     assert run["parameters"]["updated_per_step"] < run["parameters"]["total"]
     assert run["training"]["initial_lr"] == 1e-3 and run["training"]["optimizer"]["momentum"] == 0.99
     assert run["recipe"]["name"] == "cpu-finetune"  # what the cpu-tiny foundation recommends
@@ -195,7 +201,7 @@ def test_fresh_head_by_default_keep_on_request(world, tmp_path, capsys):
     kept = load_foundation(folder, dataset, seed=3, head="keep").state_dict()
     heads = head_parameter_names(folder.load_network())
     assert heads and all(".seg_layers." in k for k in heads)  # found from the structure, named as nnU-Net does
-    reference = seeded_network(folder.network, 3).state_dict()  # nnU-Net's initialisation, same seed
+    reference = seeded_network(folder.network, 3, purpose="head").state_dict()  # nnU-Net's initialisation
     for key, value in foundation.items():
         assert torch.equal(kept[key], value), key
         if key in heads:

@@ -31,6 +31,7 @@ from typing import Any
 
 
 from medadapt.errors import MedadaptError
+from medadapt.utils import seeds
 from medadapt.utils.hashing import stable_hash
 from medadapt.utils.yamlfile import read_yaml
 
@@ -126,7 +127,7 @@ class GridConfig:
         domain = {"domains": f["domains"]} if "domains" in f else {"domain": f["domain"]}
         return {**domain, "cases": f["cases"], "data_seed": self.data_seed,
                 "generator": GENERATOR_VERSION, "preset": f["preset"], "epochs": f["epochs"],
-                "iterations_per_epoch": f["iterations_per_epoch"], "seed": f["seed"]}
+                "iterations_per_epoch": f["iterations_per_epoch"], "seed": f["seed"], "seeds": seeds.SCHEME}
 
 
 @dataclass

@@ -35,6 +35,7 @@ from typing import Any
 
 from medadapt.benchmark.grid import _Check, _downsample_factors, _recipe, _resolve_domain, builtin_config_path
 from medadapt.errors import MedadaptError
+from medadapt.utils import seeds
 from medadapt.utils.hashing import stable_hash
 from medadapt.utils.yamlfile import read_yaml
 
@@ -124,6 +125,7 @@ class MedseqftConfig:
     mds_repeats: int
     kd_rank: int
     ray: dict[str, Any]
+    kd_until: str = "levelled"
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -151,7 +153,8 @@ class MedseqftConfig:
         f = self.foundation
         return {"domains": f["domains"], "cases": f["cases"], "data_seed": self.data_seed,
                 "generator": GENERATOR_VERSION, "objective": f["objective"], "preset": f["preset"],
-                "epochs": f["epochs"], "iterations_per_epoch": f["iterations_per_epoch"], "seed": f["seed"]}
+                "epochs": f["epochs"], "iterations_per_epoch": f["iterations_per_epoch"], "seed": f["seed"],
+                "seeds": seeds.SCHEME}
 
 
 @dataclass
@@ -279,8 +282,12 @@ def _foundation(c: _Check, value: Any, base_dir: Path) -> dict[str, Any]:
             "seed": c.integer(f.get("seed", 0), "foundation.seed")}
 
 
-def _parallel_rows(c: _Check, value: Any) -> list[Row]:
+def _parallel_rows(c: _Check, value: Any, decoder: str = "pretrained") -> list[Row]:
+    """The parallel rows; ``decoder``: the decoder policy of the methods that freeze part of the network
+    (``new`` on a self-supervised foundation, MedSeqFT's reading; an entry's ``decoder`` overrides it: the other
+    reading as an extra row)."""
     from medadapt.tuning import make_strategy, method_names
+    from medadapt.tuning.base import DECODER_POLICIES
 
     names = method_names(training_only=True)
     if not isinstance(value, list):
@@ -296,7 +303,10 @@ def _parallel_rows(c: _Check, value: Any) -> list[Row]:
         method = entry["method"]
         if method not in names:
             c.fail(f"{key}.method", f"unknown or untrained method {method!r}", f"choose from {names}")
-        options = {k: v for k, v in entry.items() if k != "method"}
+        options = {k: v for k, v in entry.items() if k not in ("method", "decoder")}
+        policy = entry.get("decoder", decoder)
+        if policy not in DECODER_POLICIES:
+            c.fail(f"{key}.decoder", f"unknown decoder policy {policy!r}", f"choose from {list(DECODER_POLICIES)}")
         allowed = type(make_strategy(method)).options
         unknown = sorted(set(options) - set(allowed))
         if unknown:
@@ -310,22 +320,24 @@ def _parallel_rows(c: _Check, value: Any) -> list[Row]:
             variants = [{**options, listed: v} for v in values]
         for opts in variants:
             try:
-                strategy = make_strategy(method, seed=0, **opts)
+                strategy = make_strategy(method, seed=0, decoder=policy, **opts)
             except MedadaptError as exc:
                 c.fail(key, str(exc), "fix the option")
             except (TypeError, ValueError) as exc:  # e.g. a list where a number belongs
                 c.fail(key, f"bad option value(s) {opts} ({exc})", "give numbers")
             canonical = tuple(sorted((k, v) for k, v in strategy.config().items() if k not in ("name", "seed")))
-            label = method + "".join(f"-{k}{v}" for k, v in sorted(opts.items()))
+            label = method + "".join(f"-{k}{v}" for k, v in sorted(opts.items())) + \
+                (f"-decoder{policy}" if "decoder" in entry else "")
             if any(r.name == label for r in rows):
                 c.fail(key, f"{label} is listed twice", "list each method and option once")
-            rows.append(Row(label, "parallel", method, canonical, display=display_name(method, dict(opts))))
+            display = display_name(method, dict(opts)) + (f" (decoder {policy})" if "decoder" in entry else "")
+            rows.append(Row(label, "parallel", method, canonical, display=display))
     return rows
 
 
 def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> MedseqftConfig:
     from medadapt.engine.recipe import load_recipe
-    from medadapt.workflows.seqft import kd_recipe_from
+    from medadapt.workflows.seqft import KD_UNTIL, check_kd_ceiling, kd_recipe_from
 
     c = _Check(source)
     base_dir = base_dir or Path.cwd()
@@ -346,14 +358,29 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
             c.fail("shots", f"{shots} but task {small.name!r} has {small.train_cases} training cases",
                    f"use all or at most {small.train_cases}")
     recipe = _recipe(c, top["recipe"], base_dir)
+    m_raw = top["medseqft"] if isinstance(top.get("medseqft"), dict) else {}
+    kd_until = str(m_raw.get("kd_until", "levelled"))
+    if kd_until not in KD_UNTIL:
+        c.fail("medseqft.kd_until", f"unknown {kd_until!r}", f"use one of {list(KD_UNTIL)}")
+    kd_max_epochs = m_raw.get("kd_max_epochs")
+    if kd_max_epochs is not None:
+        kd_max_epochs = c.integer(kd_max_epochs, "medseqft.kd_max_epochs", 1)
     if top.get("kd_recipe") is not None:
         kd_recipe = _recipe(c, top["kd_recipe"], base_dir)
-    else:  # the paper's ratios: a fifth of the iterations, a tenth of the learning rate
+        if kd_max_epochs is not None:
+            kd_recipe["epochs"] = kd_max_epochs
+        if kd_until == "levelled":
+            try:
+                check_kd_ceiling(int(kd_recipe["epochs"]), "kd_recipe.epochs")
+            except MedadaptError as exc:
+                c.fail("kd_recipe", str(exc), "give it at least 10 epochs")
+    else:  # a tenth of the learning rate; until L_refine levels off (or the paper's fifth of the iterations)
         try:
-            kd = kd_recipe_from(load_recipe(recipe))
+            kd = kd_recipe_from(load_recipe(recipe), kd_until, kd_max_epochs)
         except MedadaptError as exc:
-            c.fail("recipe", f"the LoRA-based KD recipe derived from it is invalid ({exc})",
-                   "give kd_recipe explicitly or more epochs")
+            c.fail("medseqft.kd_max_epochs" if kd_max_epochs is not None else "recipe",
+                   f"the LoRA-based KD recipe derived from it is invalid ({exc})",
+                   "give medseqft.kd_max_epochs, kd_recipe, or more epochs")
         kd_recipe = kd.to_dict()
         kd_recipe.pop("description")
     postprocess = str(top.get("postprocess", "none"))
@@ -361,8 +388,9 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
         c.fail("postprocess", f"unknown {postprocess!r}", f"use one of {list(POSTPROCESS)}")
 
     m = c.mapping(top["medseqft"], "medseqft", ("parallel", "joint", "sequential", "unseen", "refined_by",
-                                                "buffer_size", "mds_repeats", "kd_rank"))
-    rows = _parallel_rows(c, m.get("parallel", []))
+                                                "buffer_size", "mds_repeats", "kd_rank", "kd_until",
+                                                "kd_max_epochs"))
+    rows = _parallel_rows(c, m.get("parallel", []), "new" if foundation["objective"] != "supervised" else "pretrained")
     if m.get("joint", False):
         rows.append(Row(JOINT, "joint", JOINT, display=display_name(JOINT)))
     sequential = m.get("sequential", [])
@@ -421,7 +449,7 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                           stream=stream, tasks=tasks, unseen=unseen, foundation=foundation, seeds=seeds,
                           data_seed=data_seed, split_seed=split_seed, shots=shots, recipe=recipe, kd_recipe=kd_recipe,
                           postprocess=postprocess, rows=rows, unseen_rows=list(unseen_rows), refined_by=refined_by,
-                          buffer_size=buffer_size, mds_repeats=mds_repeats, kd_rank=kd_rank, ray=ray,
+                          buffer_size=buffer_size, mds_repeats=mds_repeats, kd_rank=kd_rank, kd_until=kd_until, ray=ray,
                           raw=copy.deepcopy(raw))
 
 
@@ -441,6 +469,7 @@ def row_settings(config: MedseqftConfig, row: Row) -> dict[str, Any]:
     if row.retention == "lora-kd":
         out["kd_rank"] = config.kd_rank
         out["kd_recipe"] = config.kd_recipe
+        out["kd_until"] = config.kd_until
     return out
 
 

@@ -39,12 +39,20 @@ import numpy as np
 from medadapt.benchmark import stats
 from medadapt.benchmark.medseqft import (ABLATION_MARKS, DISPLAY, Cell, MedseqftConfig, Row, display_name,
                                          enumerate_cells)
-from medadapt.benchmark.report import _csv, _mark, _save, _write
+from medadapt.benchmark.report import CONVERGENCE_LEGEND, _csv, _mark, _save, _write, record_levelled_off
 from medadapt.benchmark.runner_medseqft import grid_paths, load_cell_record
 from medadapt.errors import MedadaptError
 from medadapt.utils.tables import markdown_table
 
 MISSING = "–"
+#: a row name with this suffix is the view of a K&G RFT row's refined models M_t (the merged encoder with
+#: M_{t-mid}'s decoder and head) instead of its task models M_{t-mid}
+REFINED = "@refined"
+REFINED_LEGEND = ("refined M_t: the same cells' models after the LoRA-based KD and merge (the merged encoder with "
+                  "the task model's decoder and head), the model the stream carries on; the row above it scores "
+                  "the task model M_{t-mid}, as the paper's Table III implies (docs/methods.md, MedSeqFT). ‡: the "
+                  "LoRA-based KD of at least one of the value's cells stopped at its ceiling without L_refine "
+                  "having levelled off.")
 METRICS = (("dsc", "Dice", True), ("hd95", "HD95", False))   # (per-case column, header, higher is better)
 FOOTNOTE = (
     "Dice (%) and HD95 (mm): a test case's value is the mean over the task's classes (HD95 over the classes where "
@@ -93,15 +101,35 @@ class Index:
             else:
                 self.unseen[(cell.task, cell.row)].append(rec)
 
-    def task_values(self, row: str, task: str, metric: str) -> dict[tuple[int, str], float]:
-        """``{(seed, case): value}`` of a stream row on one task (scaled: Dice in %)."""
-        out = {}
-        for rec in self.stream.get(row, []):
+    def entries(self, row: str, task: str) -> list[tuple[int, dict]]:
+        """(seed, task entry) of a stream row's finished cells on one task (a refined view: its base row's)."""
+        out = []
+        for rec in self.stream.get(row.removesuffix(REFINED), []):
             entry = next((t for t in rec["tasks"] if t["task"] == task), None)
             if entry is not None:
-                for case, v in case_scores(entry["per_case"], metric).items():
-                    out[(rec["seed"], case)] = v * _scale(metric)
+                out.append((rec["seed"], entry))
         return out
+
+    def task_values(self, row: str, task: str, metric: str) -> dict[tuple[int, str], float]:
+        """``{(seed, case): value}`` of a stream row on one task (scaled: Dice in %); a refined view
+        (:data:`REFINED`) scores the refined models."""
+        key = "refined_per_case" if row.endswith(REFINED) else "per_case"
+        out = {}
+        for seed, entry in self.entries(row, task):
+            for case, v in case_scores(entry.get(key) or [], metric).items():
+                out[(seed, case)] = v * _scale(metric)
+        return out
+
+    def mark(self, row: str, task: str | None) -> str:
+        """`` †`` when the training of some cell of ``row`` on ``task`` (None: any task) had not levelled off
+        (medadapt.engine.convergence, from the stored curve and schedule); on a refined view `` ‡`` when some
+        LoRA-based KD stopped at its ceiling without L_refine levelling off."""
+        tasks = [t.name for t in self.config.tasks] if task is None else [task]
+        entries = [e for t in tasks for _, e in self.entries(row, t)]
+        if row.endswith(REFINED):
+            return " ‡" if any((e.get("refinement") or {}).get("levelled_off") is False for e in entries) else ""
+        verdicts = [record_levelled_off(e) for e in entries if e.get("loss_curve")]
+        return " †" if any(v is False for v in verdicts) else ""
 
     def stream_values(self, row: str, metric: str) -> dict[tuple[int, str], float]:
         """``{(seed, "task/case"): value}`` of a stream row over every task."""
@@ -116,7 +144,7 @@ class Index:
         return out
 
     def cells_of(self, row: str) -> list[str]:
-        return [r["id"] for r in self.stream.get(row, [])]
+        return [r["id"] for r in self.stream.get(row.removesuffix(REFINED), [])]
 
 
 def per_seed_means(values: dict[tuple[int, str], float]) -> dict[int, float]:
@@ -191,14 +219,16 @@ def stream_table(index: Index, rows: list[Row], table: str, prefix_columns: dict
                 per_seed = {n: per_seed_means(values[n]) for n in names}
             summary = {n: mean_spread(per_seed[n]) for n in names}
             marks = _marks({n: summary[n][0] for n in names}, values, higher)
-            columns.append([_mark(_fmt(*summary[n], values=values[n]), marks[n]) for n in names])
+            converged = {n: index.mark(n, task) for n in names}
+            columns.append([_mark(_fmt(*summary[n], values=values[n]), marks[n]) + converged[n] for n in names])
             for n, row in zip(names, rows):
                 mean, spread, k = summary[n]
                 undefined = sum(1 for v in values[n].values() if math.isnan(v))
                 csv_rows.append({"table": table, "row": n, "method": row.display, "task": task or "average",
                                  "metric": metric, "mean": mean, "seed_std": spread, "n_seeds": k,
                                  "n_values": len(values[n]) - undefined, "n_undefined": undefined,
-                                 "mark": marks[n], "cells": index.cells_of(n)})
+                                 "mark": marks[n], "cells": index.cells_of(n),
+                                 "levelled_off": not converged[n]})
     prefix_columns = prefix_columns or {}
     header = ["Method", *prefix_columns, *[f"{t} {h}" for t in tasks for _, h, _ in METRICS],
               "Average Dice ↑", "Average HD95 ↓"]
@@ -207,23 +237,35 @@ def stream_table(index: Index, rows: list[Row], table: str, prefix_columns: dict
     return markdown_table(header, body), csv_rows
 
 
+def refined_view(row: Row) -> Row:
+    """The view of a K&G RFT row's refined models M_t, as a row of its own."""
+    return Row(row.name + REFINED, row.kind, row.method, row.options, row.buffer, row.retention,
+               display=f"{row.display} (refined M_t)")
+
+
+def with_refined(rows: list[Row]) -> list[Row]:
+    """``rows``, each row with a LoRA-based KD followed by its refined view."""
+    return [v for r in rows for v in ([r, refined_view(r)] if r.retention == "lora-kd" else [r])]
+
+
 def table2_rows(config: MedseqftConfig) -> list[Row]:
-    """Table II: the parallel rows, joint training, and MedSeqFT (the ablations are Table III's)."""
-    return [r for r in config.rows if r.kind in ("parallel", "joint") or r.name == "medseqft"]
+    """Table II: the parallel rows, joint training, and MedSeqFT with its refined M_t (the ablations are Table
+    III's)."""
+    return with_refined([r for r in config.rows if r.kind in ("parallel", "joint") or r.name == "medseqft"])
 
 
 def table3_rows(config: MedseqftConfig) -> list[Row]:
-    return [r for r in config.rows if r.name in ABLATION_MARKS]
+    return with_refined([r for r in config.rows if r.name in ABLATION_MARKS])
 
 
 def table3(index: Index) -> tuple[str, list[dict]]:
     rows = table3_rows(index.config)
-    marks = {h: ["✓" if ABLATION_MARKS[r.name][i] else "" for r in rows]
+    marks = {h: ["✓" if ABLATION_MARKS[r.name.removesuffix(REFINED)][i] else "" for r in rows]
              for i, h in enumerate(("FFT", "Seq. FT", "MDS", "Random", "K&G RFT"))}
     md, csv_rows = stream_table(index, rows, "table3", marks)
     by_name = {r.name: r for r in rows}
     for c in csv_rows:
-        c.update({h: bool(ABLATION_MARKS[by_name[c["row"]].name][i])
+        c.update({h: bool(ABLATION_MARKS[by_name[c["row"]].name.removesuffix(REFINED)][i])
                   for i, h in enumerate(("fft", "seq_ft", "mds", "random", "kg_rft"))})
     return md, csv_rows
 
@@ -277,6 +319,8 @@ def stage_seconds(record: dict, kind: str) -> dict[str, float]:
         if any(stage in t["seconds"] for t in tasks):
             out[key] = sum(t["seconds"].get(stage) or 0.0 for t in tasks)
     out["total"] = sum(out.values())
+    if "buffer" in out:  # the buffer's cost per task (MDS: R maskings of every training case)
+        out["buffer_per_task"] = out["buffer"] / max(1, sum("buffer" in t["seconds"] for t in tasks))
     return out
 
 
@@ -294,6 +338,9 @@ def table7(index: Index) -> tuple[str, list[dict], dict[str, Any]]:
             mean, spread, k = mean_spread(vals)
             line.append(_fmt(mean, spread, k))
             entry.update({f"{key}_seconds": mean, f"{key}_seed_std": spread})
+        per_task = mean_spread({s: v["buffer_per_task"] for s, v in per_seed.items() if "buffer_per_task" in v})
+        line.append(_fmt(*per_task))
+        entry.update({"buffer_per_task_seconds": per_task[0], "buffer_per_task_seed_std": per_task[1]})
         mean, spread, k = mean_spread({s: v["total"] for s, v in per_seed.items()})
         ratio = mean_spread({s: v["total"] / fft[s] for s, v in per_seed.items() if fft.get(s)})
         ratios[row.name] = ratio
@@ -302,7 +349,7 @@ def table7(index: Index) -> tuple[str, list[dict], dict[str, Any]]:
                       "ratio_seed_std": ratio[1], "cells": index.cells_of(row.name)})
         body.append(line)
         csv_rows.append(entry)
-    header = ["Method", *[h + " (s)" for _, h in STAGES], "Sum (s)", "× FFT"]
+    header = ["Method", *[h + " (s)" for _, h in STAGES], "Buffer selection per task (s)", "Sum (s)", "× FFT"]
     return markdown_table(header, body), csv_rows, ratios
 
 
@@ -370,7 +417,7 @@ def transfer(index: Index) -> tuple[str, list[dict]]:
     forgetting = markdown_table(["Method", *[f"{t} Δ Dice" for t in earlier], "BWT"], body)
     tasks = [t.name for t in config.tasks]
     body = []
-    for row in seq:
+    for row in with_refined(seq):
         line = [row.display]
         per_task = []
         for task in tasks:
@@ -397,6 +444,63 @@ def transfer(index: Index) -> tuple[str, list[dict]]:
     return md, csv_rows
 
 
+# ---------------------------------------------------------------------------------------------- L_refine
+
+def refinement(index: Index, path: Path) -> tuple[str, list[dict], Path | None]:
+    """The LoRA-based KD of every K&G RFT row, per task: the epochs (and iterations) it took against its
+    ceiling, how many seeds' L_refine levelled off (and how many stopped early because it had), the final
+    L_refine; and the curves (PNG: one panel per row, a line per task and seed)."""
+    config = index.config
+    rows = [r for r in config.rows if r.retention == "lora-kd"]
+    body, csv_rows, series = [], [], []
+    for row in rows:
+        curves = []
+        for task in config.tasks:
+            kd = [(seed, e["refinement"]) for seed, e in index.entries(row.name, task.name) if e.get("refinement")]
+            if not kd:
+                continue
+            epochs = mean_spread({s: float(k["epochs"]) for s, k in kd})
+            its = mean_spread({s: float(k["iterations"]) for s, k in kd})
+            final = mean_spread({s: float(k["curve"][-1]) for s, k in kd if k["curve"]})
+            levelled = sum(k["levelled_off"] is True for _, k in kd)
+            early = sum(k.get("stopped_at") is not None for _, k in kd)
+            ceiling = sorted({k["ceiling_epochs"] for _, k in kd})
+            body.append([row.display, task.name, _fmt(*epochs), _fmt(*its, digits=0),
+                         "/".join(map(str, ceiling)), f"{levelled} / {len(kd)}", f"{early} / {len(kd)}",
+                         _fmt(*final, digits=4)])
+            csv_rows.append({"row": row.name, "method": row.display, "task": task.name, "epochs": epochs[0],
+                             "epochs_seed_std": epochs[1], "iterations": its[0], "ceiling_epochs": ceiling,
+                             "levelled_off": levelled, "stopped_early": early, "n_seeds": len(kd),
+                             "final_l_refine": final[0], "cells": index.cells_of(row.name)})
+            curves += [(task.name, s, k["curve"]) for s, k in kd]
+        if curves:
+            series.append((row, curves))
+    md = markdown_table(["Method", "Task", "Epochs", "Iterations", "Ceiling (epochs)", "Levelled off",
+                         "Stopped early", "Final L_refine"], body) if body else "No K&G RFT cell has finished."
+    if not series:
+        return md, csv_rows, None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
+    colours = {t.name: f"C{i}" for i, t in enumerate(config.tasks)}
+    for ax, (row, curves) in zip(axes[0], series):
+        for task, seed, curve in curves:
+            ax.plot(np.arange(1, len(curve) + 1), curve, color=colours[task], alpha=0.8,
+                    linestyle="-" if seed == min(s for _, s, _ in curves) else "--",
+                    label=task if seed == min(s for _, s, _ in curves) else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch of the LoRA-based KD")
+        ax.set_ylabel("L_refine (encoder feature MSE)")
+        ax.set_title(row.display, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return md, csv_rows, _save(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------- paired
 
 def headline(config: MedseqftConfig) -> Row:
@@ -408,7 +512,7 @@ def paired(index: Index) -> tuple[str, list[dict]]:
     config = index.config
     top = headline(config)
     body, csv_rows = [], []
-    for row in (r for r in config.rows if r.name != top.name):
+    for row in (r for r in with_refined(config.rows) if r.name != top.name):
         line = [row.display]
         for metric, h, _ in METRICS:
             comp = stats.paired_comparison(index.stream_values(top.name, metric), index.stream_values(row.name, metric))
@@ -503,15 +607,30 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
                 f"{config.kd_recipe['iterations_per_epoch']}.\n", FOOTNOTE + "\n"]
 
     t2_md, t2_csv = stream_table(index, table2_rows(config), "table2")
+    t2_md += "\n\n" + CONVERGENCE_LEGEND + " " + REFINED_LEGEND
     files["table2.md"] = _write(out / "table2.md", t2_md + "\n\n" + FOOTNOTE + "\n")
     files["table2.csv"] = _write(out / "table2.csv", _csv(t2_csv))
     sections += ["## Table II: fine-tuning strategies on the stream's tasks ([md](table2.md), [csv](table2.csv))\n",
                  t2_md]
     if table3_rows(config):
         t3_md, t3_csv = table3(index)
+        t3_md += "\n\n" + CONVERGENCE_LEGEND + " " + REFINED_LEGEND
         files["table3.md"] = _write(out / "table3.md", t3_md + "\n\n" + FOOTNOTE + "\n")
         files["table3.csv"] = _write(out / "table3.csv", _csv(t3_csv))
         sections += ["\n## Table III: ablation of MDS and K&G RFT ([md](table3.md), [csv](table3.csv))\n", t3_md]
+    if any(r.retention == "lora-kd" for r in config.rows):
+        kd_md, kd_csv, kd_png = refinement(index, out / "refinement.png")
+        kd_note = (f"LoRA-based KD `{config.kd_recipe['name']}` (until: {config.kd_until}): the stage runs until "
+                   "L_refine (the epoch mean of the encoder feature MSE) has levelled off by "
+                   "medadapt.engine.convergence, checked after every epoch, at most its ceiling; mean over seeds "
+                   "± spread.")
+        files["refinement.md"] = _write(out / "refinement.md", kd_note + "\n\n" + kd_md + "\n")
+        files["refinement.csv"] = _write(out / "refinement.csv", _csv(kd_csv))
+        sections += ["\n## L_refine: the LoRA-based KD's convergence ([md](refinement.md), [csv](refinement.csv))\n",
+                     kd_note, "", kd_md]
+        if kd_png:
+            files["refinement.png"] = kd_png
+            sections.append("\n![L_refine](refinement.png)")
     if config.unseen_rows:
         t6_md, t6_csv = table6(index)
         files["table6.md"] = _write(out / "table6.md", t6_md + "\n\n" + FOOTNOTE + "\n")

@@ -147,11 +147,13 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
     kwargs: dict[str, Any] = {"method": row["method"], "shots": key["shots"], "seed": cell.seed,
                               "split_seed": key["split_seed"], "recipe": load_recipe(key["recipe"]),
                               "postprocess": key["postprocess"], "resume": True, "progress": progress}
-    if "options" in row:
-        kwargs["method_options"] = row["options"]
+    if "options" in row:  # the strategy's record: its options, and the decoder policy when it is not the default
+        options = dict(row["options"])
+        kwargs["pretext_decoder"] = options.pop("decoder", "pretrained")
+        kwargs["method_options"] = options
     if "buffer" in row:
         kwargs.update(buffer=row["buffer"], retention=row["retention"])
-    for name in ("buffer_size", "mds_repeats", "kd_rank"):
+    for name in ("buffer_size", "mds_repeats", "kd_rank", "kd_until"):
         if name in row:
             kwargs[name] = row[name]
     if "kd_recipe" in row:
@@ -163,10 +165,21 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
         folder = task_folder(out / "run", t["index"], task)
         entry = {"task": t["task"], "index": t["index"], "metrics": t["metrics"], "seconds": t["seconds"],
                  "per_case": _read_rows(folder / "metrics_per_case.csv")}
+        if t.get("refined_metrics") is not None:  # the refined M_t (merged encoder), scored beside M_{t-mid}
+            entry.update(refined_metrics=t["refined_metrics"],
+                         refined_per_case=_read_rows(folder / "refined" / "metrics_per_case.csv"))
+        if t.get("refinement") is not None:  # L_refine: its curve, its epochs, whether it levelled off
+            entry["refinement"] = t["refinement"]
         if (folder / "run.json").is_file():  # a parallel method's finetune run
             run = json.loads((folder / "run.json").read_text())
-            entry.update(parameters=run["parameters"], timing=run["timing"],
+            entry.update(parameters=run["parameters"], timing=run["timing"], training=run["training"],
                          loss_curve=_epoch_losses(folder / "training" / "history.json"))
+        elif (folder / "stage1" / "training" / "history.json").is_file():  # a sequential task's fine-tuning
+            entry.update(training=summary["identity"]["training"],
+                         loss_curve=_epoch_losses(folder / "stage1" / "training" / "history.json"))
+        elif (out / "run" / "joint" / "training" / "history.json").is_file():  # joint training: one curve (n x)
+            entry.update(training=summary["identity"]["training"],
+                         loss_curve=_epoch_losses(out / "run" / "joint" / "training" / "history.json"))
         tasks.append(entry)
     record: dict[str, Any] = {"tasks": tasks, "environment": summary["environment"]}
     if "transfer" in summary:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 
 from medadapt.data.augmentation import Augmentation
 from medadapt.errors import MedadaptError
+from medadapt.utils import seeds
 
 
 def crop_with_padding(array: np.ndarray, start: Sequence[int], size: Sequence[int], pad_value) -> np.ndarray:
@@ -227,11 +227,11 @@ class TaskMixSampler:
 # training case gives exactly one patch, centred on a foreground voxel that the calibration's own seeded stream
 # picks (a foreground class of the case uniformly, then one of its stored voxels uniformly), with no augmentation,
 # in batches of the loop's batch size, cases in sorted case-id order. Each case draws from its own stream
-# (seed, CALIBRATION_STREAM, crc32(case id)), so a case's patch does not depend on which other cases are in
-# the set, nor on the order the loop holds them in, nor on anything training draws.
+# (the ``calibration`` stream of medadapt.utils.seeds, keyed by the case id), so a case's patch does not depend on
+# which other cases are in the set, nor on the order the loop holds them in, nor on anything training draws.
 
-#: second word of the calibration's seed sequence (seed, CALIBRATION_STREAM, case): apart from every training stream
-CALIBRATION_STREAM = 0x5C_A11B
+#: second word of the calibration's seed sequence (seed, CALIBRATION_STREAM, crc32(case id))
+CALIBRATION_STREAM = seeds.PURPOSES["calibration"][0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +300,7 @@ def calibration_plan(cases: Iterable[tuple[str, Sequence[int], Mapping]], patch_
         classes = _foreground_classes(locs or {})
         if not classes:
             continue  # nothing to centre a patch on: the case holds no annotated structure
-        rng = np.random.default_rng([int(seed), CALIBRATION_STREAM, zlib.crc32(cid.encode("utf-8"))])
+        rng = seeds.numpy_rng(int(seed), "calibration", cid)
         label = classes[int(rng.integers(len(classes)))]
         coords = np.asarray(locs[label])
         voxel = tuple(int(v) for v in coords[int(rng.integers(len(coords)))][-3:])

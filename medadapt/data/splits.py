@@ -1,7 +1,9 @@
 """Deterministic train/test splits and nested few-shot draws.
 
 Both depend only on the *sorted* case ids and the seed, never on file-system order, so a run can be
-reproduced anywhere from its seed.
+reproduced anywhere from its seed. Each has its own random stream (:mod:`medadapt.utils.seeds`: ``split`` from
+the split seed, ``shots`` from the run's seed), so a split seed and a run seed of the same value do not draw
+the same permutation.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from medadapt.errors import MedadaptError
+from medadapt.utils import seeds
 
 
 def _sorted_unique(case_ids: Sequence[str], what: str) -> list[str]:
@@ -36,7 +39,7 @@ def train_test_split(case_ids: Sequence[str], test_fraction: float = 0.2, seed: 
         n_test = min(max(n_test, 1), n - 1)
     else:
         n_test = 0
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = seeds.numpy_rng(seed, "split").permutation(n)
     test_idx = set(int(i) for i in perm[:n_test])
     train = [c for i, c in enumerate(ids) if i not in test_idx]
     test = [c for i, c in enumerate(ids) if i in test_idx]
@@ -57,5 +60,5 @@ def draw_shots(train_ids: Sequence[str], k: int, seed: int) -> list[str]:
             raise MedadaptError(f"--shots: {k} requested but the train split is empty; add labelled cases")
         raise MedadaptError(f"--shots: {k} is outside 1..{len(ids)} (the train split has {len(ids)} cases); "
                             f"choose --shots between 1 and {len(ids)} or add labelled cases")
-    perm = np.random.default_rng(seed).permutation(len(ids))
+    perm = seeds.numpy_rng(seed, "shots").permutation(len(ids))
     return [ids[int(i)] for i in perm[:k]]

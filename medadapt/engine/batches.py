@@ -1,7 +1,8 @@
 """Training batches, drawn in the training process or in background worker processes.
 
 Batch ``i`` of a run (``i = epoch * iterations_per_epoch + iteration``) is ``sampler.sample(rng_i)`` with
-``rng_i`` a NumPy generator seeded by (seed, epoch, iteration[, rank]) alone (:func:`batch_seed`). So a
+``rng_i`` a NumPy generator on the ``batches`` stream of (seed, epoch, iteration[, rank]) alone
+(:func:`batch_seed`, :mod:`medadapt.utils.seeds`). So a
 batch's randomness depends only on the seed, the rank and the iteration: the same run sees the same batches
 with 0, 1 or 8 workers, and a run resumed at an epoch boundary sees the batches the uninterrupted run would
 have seen. A sampler must draw all its randomness from the generator it is given (medadapt's samplers do).
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 
 from medadapt.errors import MedadaptError
+from medadapt.utils import seeds
 
 
 def batch_seed(seed: int, epoch: int, iteration: int, rank: int | None = None) -> list[int]:
-    """The seed sequence of one batch's generator."""
-    return [int(seed), int(epoch), int(iteration)] + ([int(rank)] if rank is not None else [])
+    """The seed sequence of one batch's generator (the ``batches`` stream)."""
+    return seeds.sequence(seed, "batches", int(epoch), int(iteration), *([int(rank)] if rank is not None else []))
 
 
 def default_workers() -> int:

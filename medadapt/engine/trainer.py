@@ -50,6 +50,7 @@ from medadapt.engine.precision import PRECISIONS, MixedPrecision, resolve_precis
 from medadapt.engine.recipe import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor
 from medadapt.errors import MedadaptError
 from medadapt.tuning.base import LossTerm, StepContext, Strategy
+from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_torch_save
 
 CHECKPOINT = "checkpoint_latest.pt"
@@ -143,7 +144,7 @@ class Trainer:
                  checkpoint_dir: str | Path, loss: LossTerm | None = None,
                  loss_terms: Sequence[LossTerm] = (), progress: bool = True, description: str = "train",
                  device: str | torch.device | None = None, engine: EngineOptions | None = None,
-                 scaler=None, epoch_hooks: Sequence = ()):
+                 scaler=None, epoch_hooks: Sequence = (), stop_when=None):
         self.device = torch.device(device) if device is not None else dist_utils.default_device()
         # the precision is config.precision (EngineOptions.configure put it there); the engine options give the
         # workers and the compilation
@@ -176,6 +177,10 @@ class Trainer:
         #: epoch's iterations and before its checkpoint (e.g. FSEFT's transductive step, which its authors' code
         #: takes once per epoch); what they return is appended to the history as ``[epoch, value]``
         self.epoch_hooks = list(epoch_hooks)
+        #: ``stop_when(history) -> bool``, asked after each epoch: True ends the run there (a stage trained "until
+        #: convergence" up to its budget, the ceiling); the epoch is recorded as ``history["stopped_at"]`` and
+        #: checkpointed, so a resumed run that had stopped stays stopped
+        self.stop_when = stop_when
         self.progress = progress
         self.description = description
         self.optimizer = build_optimizer(config.optimizer, strategy.parameters(model), config.initial_lr)
@@ -229,6 +234,8 @@ class Trainer:
             self._calibrate()
         cfg = self.config
         stop = cfg.epochs if until is None else max(self.start_epoch, min(int(until), cfg.epochs))
+        if self.history.get("stopped_at") is not None:
+            stop = self.start_epoch  # it stopped before its budget: nothing left to train
         self.model.train()
         total = (stop - self.start_epoch) * cfg.iterations_per_epoch
         bar = tqdm(total=total, desc=self.description, disable=not (self.progress and dist_utils.is_main()),
@@ -242,7 +249,12 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, stop):
                 self._run_epoch(epoch, bar, batches)
+                done = self.stop_when is not None and epoch + 1 < cfg.epochs and bool(self.stop_when(self.history))
+                if done:
+                    self.history["stopped_at"] = epoch + 1
                 self._save(epoch + 1)
+                if done:
+                    break
         finally:
             bar.close()
             del batches  # stops the workers
@@ -259,7 +271,7 @@ class Trainer:
         if getattr(self.sampler, "cases", None) is not None:
             batches = calibration_batches(self.sampler, self.config.seed)
         else:  # a sampler that does not expose its cases (test stand-ins): one batch of its own, own stream
-            batches = [self.sampler.sample(np.random.default_rng(self._stream(2 ** 32 - 1)))]
+            batches = [self.sampler.sample(seeds.numpy_rng(self.config.seed, "calibration"))]
 
         def loss_fn(model, batch):
             batch = self._to_device(batch)
@@ -268,12 +280,13 @@ class Trainer:
         self.strategy.calibrate(self.calibration_model, loss_fn, batches)
 
     def _stream(self, key: int) -> list[int]:
-        """Seed sequence of one random stream: (seed, key), plus the rank when several processes train."""
-        return [self.config.seed, key] + ([dist_utils.rank()] if dist_utils.is_distributed() else [])
+        """Seed sequence of the ``epoch`` stream at ``key``, plus the rank when several processes train."""
+        return seeds.sequence(self.config.seed, "epoch", key,
+                              *([dist_utils.rank()] if dist_utils.is_distributed() else []))
 
     def _run_epoch(self, epoch: int, bar, batches) -> None:
         cfg = self.config
-        # torch's own generator (dropout, strategies that draw in their step) restarts from (seed, epoch)
+        # torch's own generator (dropout, strategies that draw in their step) restarts from the epoch stream
         rng = np.random.default_rng(self._stream(epoch))
         torch.manual_seed(int(rng.integers(2 ** 62)))
         lr = cfg.lr_at(epoch)

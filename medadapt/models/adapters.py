@@ -27,6 +27,7 @@ with :func:`load_base_state`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,9 +121,9 @@ def _stages(model: nn.Module) -> list[nn.Module]:
     return stages
 
 
-def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[nn.Module]:
+def inject_adapters(model: nn.Module, config: AdapterConfig, skip: Sequence[nn.Module] = ()) -> list[nn.Module]:
     """Add a residual adapter after every encoder and decoder stage (or declared adapter site) of ``model``, in
-    place.
+    place; not after a stage inside a module of ``skip`` (a decoder that trains in full needs none).
 
     The base parameters keep their ``requires_grad`` (the strategy freezes them); the adapters' are trainable.
     Returns the adapters, encoder stages first, on the device and dtype of the stage they follow.
@@ -131,7 +132,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[nn.Module]:
         raise TypeError("inject_adapters needs a medadapt.models.adapters.AdapterConfig")
     if has_adapters(model):
         raise MedadaptError("this network already has adapters; remove_adapters() it before injecting again")
-    blocks = [_output_module(stage) for stage in _stages(model)]
+    skipped = {id(m) for s in skip for m in s.modules()}
+    blocks = [_output_module(stage) for stage in _stages(model) if id(stage) not in skipped]
     adapters = []
     for block in blocks:
         conv = _last_conv(block)

@@ -111,6 +111,13 @@ def _adapter_module_ids(model: nn.Module) -> set[int]:
     return {id(m) for a in model.modules() if isinstance(a, ConvAdapter) for m in a.modules()}
 
 
+def lora_targets(model: nn.Module, skip: Iterable[nn.Module] = ()) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs :func:`inject_lora` would give a LoRA update: every conv / transposed conv /
+    Linear layer outside ``skip`` and outside medadapt adapters."""
+    skipped = {id(m) for s in skip for m in s.modules()} | _adapter_module_ids(model)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _TARGET_TYPES) and id(m) not in skipped]
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig, skip: Iterable[nn.Module] = ()) -> list[nn.Module]:
     """Add a LoRA update to the weight of every ConvNd/ConvTransposeNd/Linear layer of ``model``, in place.
 
@@ -122,8 +129,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, skip: Iterable[nn.Module] 
         raise TypeError("inject_lora needs a medadapt.models.lora.LoRAConfig")
     if has_lora(model):
         raise MedadaptError("this network already has LoRA layers; merge_lora() it before injecting again")
-    skipped = {id(m) for s in skip for m in s.modules()} | _adapter_module_ids(model)
-    targets = [m for m in model.modules() if isinstance(m, _TARGET_TYPES) and id(m) not in skipped]
+    targets = [m for _, m in lora_targets(model, skip)]
     for m in targets:
         if parametrize.is_parametrized(m, "weight"):
             raise MedadaptError(f"cannot add LoRA to {m}: its weight is already parametrised")

@@ -238,8 +238,11 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def seeded_network(spec: NetworkSpec, seed: int) -> nn.Module:
-    """Build with a seeded, isolated RNG so that random initialisation is reproducible."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+def seeded_network(spec: NetworkSpec, seed: int, purpose: str = "network") -> nn.Module:
+    """Build with an isolated RNG on the ``purpose`` stream of ``seed`` (:mod:`medadapt.utils.seeds`: a new
+    network's weights by default; ``head`` where only its heads are kept), so that initialisation is
+    reproducible and apart from every other draw of the run."""
+    from medadapt.utils import seeds
+
+    with seeds.torch_stream(seed, purpose):
         return build_network(spec)

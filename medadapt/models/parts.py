@@ -132,6 +132,25 @@ def module_parameters(modules) -> list[nn.Parameter]:
     return _unique(p for m in modules if m is not None for p in m.parameters())
 
 
+def decoder_modules(model: nn.Module) -> list[nn.Module]:
+    """The decoder's own top-level modules (its children that hold no part of the encoder; nnU-Net's decoder keeps
+    a reference to the encoder, which is left out), heads included: what covers every decoder layer without
+    reaching into the encoder."""
+    parts = model_parts(model)
+    if parts.decoder is None:
+        return []
+    encoder = {id(m) for m in parts.encoder.modules()} if parts.encoder is not None else set()
+
+    def own(module: nn.Module) -> list[nn.Module]:
+        if id(module) in encoder:
+            return []
+        if not any(id(m) in encoder for m in module.modules()):
+            return [module]
+        return [m for child in module.children() for m in own(child)]
+
+    return own(parts.decoder)
+
+
 def decoder_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The decoder's own parameters: nnU-Net's decoder keeps a reference to the encoder, which is excluded."""
     parts = model_parts(model)

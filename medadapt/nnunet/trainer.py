@@ -41,6 +41,7 @@ from torch._dynamo import OptimizedModule
 from medadapt.data.splits import draw_shots, train_test_split
 from medadapt.errors import MedadaptError
 from medadapt.tuning import Strategy, make_strategy
+from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_torch_save, atomic_write_json
 
 FINETUNE_LR = 1e-3  # DGST paper, Sec. 3.1; as medadapt finetune
@@ -128,7 +129,7 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
         if self.medadapt_pretrained is not None:
             self._load_pretrained()
             self.medadapt_pretrained = None  # loaded: not kept (nor dumped into nnU-Net's debug.json)
-        torch.manual_seed(self.medadapt_seed)  # strategies that initialise weights (scratch, LoRA) draw here
+        seeds.seed_global(self.medadapt_seed, "extension")  # strategies that initialise weights (scratch, LoRA)
         self.network = self.strategy.prepare(self.network).to(self.device)
         optimizer = torch.optim.SGD(self.strategy.parameters(self.network), self.initial_lr,
                                     weight_decay=self.weight_decay, momentum=0.99, nesterov=True)
@@ -321,7 +322,8 @@ def build_trainer(dataset: str, configuration: str, fold: int | str, method: str
               "pretrained": str(pretrained) if pretrained is not None else None, "head": head}
     trainer.medadapt_setup(strategy, shot_ids, test_ids, pretrained=weights, pretrained_labels=labels,
                            pretrained_source=str(pretrained), seed=seed, initial_lr=lr, record=record, head=head)
-    torch.manual_seed(seed)  # nnU-Net's network initialisation (the new heads) is reproducible
+    # nnU-Net's network initialisation is reproducible: the new heads' stream (a network from scratch: the network's)
+    seeds.seed_global(seed, "head" if pretrained is not None else "network")
     return trainer
 
 

@@ -6,7 +6,7 @@ and README's "Python API" for a plain PyTorch loop.
 from __future__ import annotations
 
 from medadapt.errors import MedadaptError
-from medadapt.tuning.base import Strategy
+from medadapt.tuning.base import DECODER_POLICIES, Strategy
 from medadapt.tuning.dense import FromScratch, FullFineTuning
 from medadapt.tuning.sparse import DGST, DRST, SGST, SparseUpdateStrategy, kernel_topk_indices
 from medadapt.tuning.subset import (AffineNorm, BiasNorm, BiasOnly, DecoderOnly, EncoderOnly, FineTuneLast,
@@ -30,14 +30,21 @@ def method_names(training_only: bool = False) -> list[str]:
     return [name for name, cls in _registry().items() if cls.trains or not training_only]
 
 
-def make_strategy(name: str, **options) -> Strategy:
+def make_strategy(name: str, decoder: str | None = None, **options) -> Strategy:
     """Create a strategy by name. Options it does not take (e.g. ``gamma`` for ``full``) or that are None are
-    ignored, so one set of CLI options serves every method."""
+    ignored, so one set of CLI options serves every method. ``decoder``: the decoder policy
+    (:data:`medadapt.tuning.base.DECODER_POLICIES`) of a method that freezes part of the network; ignored by
+    the others (full fine-tuning trains the decoder anyway)."""
     registry = _registry()
     if name not in registry:
         raise MedadaptError(f"--method {name!r} is unknown; choose one of: {', '.join(registry)}")
+    if decoder is not None and decoder not in DECODER_POLICIES:
+        raise MedadaptError(f"--pretext-decoder {decoder!r}: choose one of {', '.join(DECODER_POLICIES)}")
     cls = registry[name]
-    return cls(**{k: v for k, v in options.items() if k in cls.options and v is not None})
+    strategy = cls(**{k: v for k, v in options.items() if k in cls.options and v is not None})
+    if decoder is not None and cls.freezes and cls.trains:
+        strategy.decoder = decoder
+    return strategy
 
 
 __all__ = ["Strategy", "make_strategy", "method_names", "FromScratch", "FullFineTuning", "DGST", "DRST", "SGST",

@@ -33,6 +33,13 @@ from torch import nn
 #: a loss term: ``term(model, batch, outputs) -> scalar tensor``
 LossTerm = Callable[[nn.Module, dict, Any], torch.Tensor]
 
+#: how a method that freezes part of the network treats the foundation's decoder: ``pretrained`` (as the
+#: encoder: the method applies to it) or ``new`` (a decoder trained on a pretext task, e.g. an MAE's
+#: reconstruction decoder, is a new module for segmentation: it trains in full, like the heads, and the method
+#: applies to the encoder; MedSeqFT, Sec. II-B: every strategy updates "newly added modules (e.g., decoders or
+#: segmentation heads)")
+DECODER_POLICIES = ("pretrained", "new")
+
 
 @dataclasses.dataclass
 class StepContext:
@@ -85,6 +92,37 @@ class Strategy:
     options: ClassVar[tuple[str, ...]] = ()
     #: False for a method that evaluates the foundation as it is (its own heads, no training step)
     trains: ClassVar[bool] = True
+    #: True for a method that freezes part of the network (the only ones a ``decoder`` policy concerns)
+    freezes: ClassVar[bool] = False
+    #: the decoder policy (:data:`DECODER_POLICIES`), set by :func:`medadapt.tuning.make_strategy`
+    decoder: str = "pretrained"
+
+    def dense_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules the method trains in full whatever it does elsewhere: the heads, and with the ``new``
+        decoder policy every module of the decoder (not reaching into the encoder)."""
+        from medadapt.models.parts import decoder_modules, model_parts
+
+        heads = list(model_parts(model).heads)
+        if self.decoder != "new":
+            return heads
+        own = decoder_modules(model)
+        inside = {id(m) for d in own for m in d.modules()}
+        return own + [h for h in heads if id(h) not in inside]
+
+    def dense_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters of :meth:`dense_modules`, each once."""
+        seen, out = set(), []
+        for module in self.dense_modules(model):
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def decoder_record(self) -> dict[str, Any]:
+        """What :meth:`config` records of the decoder policy: nothing for the default (so the records of runs
+        written before the policy existed are unchanged)."""
+        return {} if self.decoder == "pretrained" else {"decoder": self.decoder}
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Make ``model`` ready for training with this strategy; returns the model to train."""
@@ -131,7 +169,7 @@ class Strategy:
 
     def config(self) -> dict[str, Any]:
         """Hyper-parameters, recorded with results."""
-        return {"name": self.name}
+        return {"name": self.name, **self.decoder_record()}
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy state that must survive a resumed run."""

@@ -35,14 +35,15 @@ import copy
 import inspect
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from medadapt.errors import MedadaptError
 from medadapt.models.lora import inject_lora, lora_parameters
 from medadapt.models.parts import encoder_features, encoder_parameters, model_parts
 from medadapt.tuning.base import StepContext, Strategy, default_train_step
 from medadapt.tuning.lowrank import LoRA
+from medadapt.utils import seeds
 
 
 def feature_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
@@ -116,7 +117,7 @@ class KDFineTuning(Strategy):
         kd_grads = None
         amp = ctx.precision
         if self.buffer is not None:
-            rng = np.random.default_rng([self.seed, 0x6B64, self.step])
+            rng = seeds.numpy_rng(self.seed, "kd-buffer", self.step)
             buffered = self.buffer.sample(rng)
             image = buffered["image"].to(device, non_blocking=True)
             enc = self._encoder_params(ctx.model)
@@ -166,6 +167,18 @@ class EncoderLoRADistillation(LoRA):
 
     def __init__(self, rank: int = 2, alpha: float | None = None):
         super().__init__(rank=rank, alpha=alpha)
+
+    def check_fits(self, model: nn.Module, where: str = "the foundation") -> None:
+        """One line if a layer of ``model``'s encoder is too small for the rank (W is d x k: rank at most
+        min(d, k)); :func:`inject_lora` would silently lower it there, and the paper's rank is a setting."""
+        from medadapt.models.lora import lora_targets
+
+        for name, module in lora_targets(model_parts(model).encoder):
+            rows, cols = module.weight.shape[0], module.weight[0].numel()
+            if self.config_.rank > min(rows, cols):
+                raise MedadaptError(f"{self.rank_option} {self.config_.rank}: layer {name} of {where}'s encoder has "
+                                    f"a {rows} x {cols} weight, so its rank is at most {min(rows, cols)}; use "
+                                    f"{self.rank_option} {min(rows, cols)} or less")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         inject_lora(model_parts(model).encoder, self.config_)

@@ -9,7 +9,6 @@ from torch import nn
 from medadapt.errors import MedadaptError
 from medadapt.models.adapters import AdapterConfig, adapter_parameters, inject_adapters
 from medadapt.models.lora import LoRAConfig, inject_lora, lora_parameters, merge_lora, merged_state_dict
-from medadapt.models.parts import head_parameters, model_parts
 from medadapt.tuning.base import Strategy
 
 
@@ -27,6 +26,7 @@ class LoRA(Strategy):
     summary = "low-rank update of every conv and Linear weight (rank r, alpha) + heads; merged after training"
     options = ("rank", "alpha")
     rank_option = "--lora-rank"  #: the option that sets the rank, for error messages
+    freezes = True
 
     def __init__(self, rank: int = 4, alpha: float | None = None):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -37,8 +37,8 @@ class LoRA(Strategy):
         self.config_ = LoRAConfig(rank=rank, alpha=alpha)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        inject_lora(model, self.config_, skip=model_parts(model).heads)
-        _freeze_all_but(model, lora_parameters(model) + head_parameters(model))
+        inject_lora(model, self.config_, skip=self.dense_modules(model))
+        _freeze_all_but(model, lora_parameters(model) + self.dense_parameters(model))
         return model
 
     def finalize(self, model: nn.Module) -> nn.Module:
@@ -48,7 +48,7 @@ class LoRA(Strategy):
         return merged_state_dict(model)
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "rank": self.config_.rank, "alpha": self.config_.alpha}
+        return {"name": self.name, "rank": self.config_.rank, "alpha": self.config_.alpha, **self.decoder_record()}
 
 
 class Adapter(Strategy):
@@ -58,6 +58,7 @@ class Adapter(Strategy):
     name = "adapter"
     summary = "residual bottleneck conv adapters after each stage (zero-init) + heads"
     options = ("reduction",)
+    freezes = True
 
     def __init__(self, reduction: int = 4):
         if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
@@ -65,12 +66,12 @@ class Adapter(Strategy):
         self.config_ = AdapterConfig(reduction=reduction)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        inject_adapters(model, self.config_)
-        _freeze_all_but(model, adapter_parameters(model) + head_parameters(model))
+        inject_adapters(model, self.config_, skip=self.dense_modules(model))
+        _freeze_all_but(model, adapter_parameters(model) + self.dense_parameters(model))
         return model
 
     def architecture(self, model: nn.Module) -> list[dict[str, Any]]:
         return [{"type": "adapter", "reduction": self.config_.reduction}]
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "reduction": self.config_.reduction}
+        return {"name": self.name, "reduction": self.config_.reduction, **self.decoder_record()}

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from medadapt.errors import MedadaptError
-from medadapt.models.parts import head_parameter_ids, is_conv, is_linear
+from medadapt.models.parts import is_conv, is_linear
 from medadapt.tuning.base import Strategy
+from medadapt.utils import seeds
 
 
 def kernel_topk_indices(scores: torch.Tensor, gamma: int, out_dim: int = 0) -> torch.Tensor | None:
@@ -79,6 +80,7 @@ class SparseUpdateStrategy(Strategy):
 
     name = "sparse"
     options = ("gamma",)
+    freezes = True
 
     def __init__(self, gamma: int = 1):
         if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
@@ -91,7 +93,7 @@ class SparseUpdateStrategy(Strategy):
     # -- interface -------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
         model = super().prepare(model)
-        heads = head_parameter_ids(model)
+        heads = {id(p) for p in self.dense_parameters(model)}  # the heads (and a new decoder) train densely
         self._sparse = [
             (m.weight, output_channel_dim(m))
             for m in model.modules()
@@ -110,7 +112,7 @@ class SparseUpdateStrategy(Strategy):
         optimizer.register_step_post_hook(self._after_step)
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "gamma": self.gamma}
+        return {"name": self.name, "gamma": self.gamma, **self.decoder_record()}
 
     def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor | None:
         """Flat indices of the entries of ``weight`` to update in this step (None: all of them)."""
@@ -190,7 +192,7 @@ class DRST(SparseUpdateStrategy):
     every step, from a seeded generator (its state is checkpointed, so a resumed run draws the same entries).
 
     The scores are drawn where the weights are (a generator on the weights' device, created at the first step
-    and seeded with ``seed``): no host round trip per step. CPU and CUDA generators give different streams for
+    and seeded on the ``drst`` stream of ``seed``, :mod:`medadapt.utils.seeds`): no host round trip per step. CPU and CUDA generators give different streams for
     one seed, so a run is resumed on the device type it was started on (refused otherwise)."""
 
     name = "drst"
@@ -205,7 +207,7 @@ class DRST(SparseUpdateStrategy):
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         if self._generator is None:
-            generator = torch.Generator(device=device).manual_seed(self.seed)
+            generator = seeds.torch_generator(self.seed, "drst", device=device)
             if self._pending_state is not None:
                 saved = self._pending_state.get("device", "cpu")
                 if saved != device.type:

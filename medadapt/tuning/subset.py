@@ -52,13 +52,14 @@ class SubsetStrategy(Strategy):
     """Train only ``trainable_subset(model)`` and the heads; freeze everything else."""
 
     name: ClassVar[str] = "subset"
+    freezes: ClassVar[bool] = True
 
     def trainable_subset(self, model: nn.Module) -> list[nn.Parameter]:
         """The method's parameters besides the heads (which every method trains)."""
         raise NotImplementedError
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        keep = {id(p) for p in self.trainable_subset(model) + head_parameters(model)}
+        keep = {id(p) for p in self.trainable_subset(model) + self.dense_parameters(model)}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
         for m in model.modules():  # (a Linear layer's backward computes no gradient for a frozen weight)

@@ -61,6 +61,7 @@ from medadapt.models.network import build_network
 from medadapt.tuning import make_strategy
 from medadapt.tuning.delta import make_delta, save_delta
 from medadapt.tuning.transductive import Transductive, case_spacing
+from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_path, atomic_write_json
 from medadapt.utils.hashing import stable_hash
 from medadapt.workflows.common import (dataset_cache_dir, environment, model_fingerprint, total_parameter_count,
@@ -70,9 +71,30 @@ DEFAULT_RECIPE = "dgst-paper"  # for a model folder that recommends none
 #: the layout of a run's identity record; bump it when what identity.json holds changes
 RUN_FORMAT = "medadapt-run/2"
 HEAD_POLICIES = ("fresh", "keep", "match")
+#: --pretext-decoder: auto, or one of medadapt.tuning.base.DECODER_POLICIES
+PRETEXT_DECODER_CHOICES = ("auto", "new", "pretrained")
 #: per-query TI trains the epochs before the constraint once for all queries (exact; the tests switch it off
 #: to check that)
 SHARE_TI_PREFIX = True
+
+
+def pretext_decoder(folder: ModelFolder) -> bool:
+    """Whether ``folder``'s decoder was trained on a pretext task: a self-supervised foundation (``medadapt
+    pretrain --objective mae``), whose network is the pretext network itself (medadapt.ssl.pretext)."""
+    from medadapt.ssl.pretext import WEIGHTS_FILE
+
+    return (folder.pretext or {}).get("weights") == WEIGHTS_FILE
+
+
+def decoder_policy(folder: ModelFolder, requested: str = "auto") -> str:
+    """The decoder policy of a method that freezes part of the network (medadapt.tuning.base.DECODER_POLICIES):
+    ``auto`` gives ``new`` when the decoder was trained on a pretext task (:func:`pretext_decoder`: MedSeqFT's
+    reading, docs/methods.md) and ``pretrained`` otherwise."""
+    if requested not in PRETEXT_DECODER_CHOICES:
+        raise MedadaptError(f"--pretext-decoder {requested!r}: choose one of {', '.join(PRETEXT_DECODER_CHOICES)}")
+    if requested != "auto":
+        return requested
+    return "new" if pretext_decoder(folder) else "pretrained"
 
 
 def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: str = "fresh",
@@ -114,9 +136,8 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
         offset = 1 if folder.activation == "sigmoid" else 0
         matched = {v - offset: folder.labels[n] - offset for n, v in known.items() if v - offset >= 0}
     spec = folder.network.with_classes(output_channels(dataset.labels, folder.activation))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = build_network(spec)  # a new network's initialisation (nnU-Net's He; a SwinUNETR's own, MONAI's)
+    with seeds.torch_stream(seed, "head"):  # its heads: a new network's initialisation (nnU-Net's He; MONAI's)
+        network = build_network(spec)
     for ext in folder.extensions:  # a fine-tuned model with adapters as the starting point
         from medadapt.models.model_folder import apply_extension
 
@@ -144,8 +165,7 @@ def reset_heads(network: torch.nn.Module, seed: int) -> None:
     torch``; FSEFT's code: a new ``nn.Conv3d`` classifier), from a generator seeded by ``seed``."""
     from medadapt.models.parts import model_parts
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeds.torch_stream(seed, "head"):
         for head in model_parts(network).heads:
             for m in head.modules():
                 if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
@@ -192,7 +212,7 @@ def run_identity(strategy_config: dict, shots: int, seed: int, split_seed: int, 
     """What makes a run this run: compared on every re-run or resume into the same folder (``foundation``:
     the folder's loaded state dict)."""
     return {"format": RUN_FORMAT, "method": strategy_config, "shots": shots, "seed": seed, "split_seed": split_seed,
-            "dataset": {"path": str(Path(dataset.root).resolve()), "name": dataset.name,
+            "seeds": seeds.SCHEME, "dataset": {"path": str(Path(dataset.root).resolve()), "name": dataset.name,
                         "labels": dataset.labels, "cases": stable_hash(dataset.case_ids, 16)},
             "foundation": {"path": str(Path(folder.path).resolve()) if folder.path else None,
                            "weights": model_fingerprint(folder, foundation)},
@@ -241,7 +261,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
              progress: bool = True, method_options: dict[str, Any] | None = None, head: str = "fresh",
              recipe: "str | Path | Recipe | None" = None, postprocess: str = "none",
              transductive: "Transductive | None" = None, engine: EngineOptions | None = None,
-             feature_cache: bool = False) -> dict[str, Any]:
+             feature_cache: bool = False, pretext_decoder: str = "auto") -> dict[str, Any]:
     """Fine-tune ``model`` on ``shots`` cases of ``data`` with ``method``; evaluate on the test split.
     ``shots="all"``: every case of the train split (the "all samples" rows), recorded as their number.
 
@@ -254,6 +274,9 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     does not train (``generalization``) evaluates the foundation's own outputs for the dataset's classes.
     ``engine``: how the steps run (mixed precision, background workers, ``torch.compile``; default: auto
     precision, batches drawn in this process); the resolved precision is part of the run's identity.
+    ``pretext_decoder``: what a method that freezes part of the network does with a decoder trained on a
+    pretext task (:func:`decoder_policy`; ``auto``: ``new`` for a self-supervised foundation, else
+    ``pretrained``).
     """
     engine = engine or EngineOptions()
     out = Path(out)
@@ -263,6 +286,9 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     if run_file.is_file() and not resume:
         raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
     # validates --method and its options before any work
+    if pretext_decoder not in PRETEXT_DECODER_CHOICES:
+        raise MedadaptError(f"--pretext-decoder {pretext_decoder!r}: choose one of "
+                            f"{', '.join(PRETEXT_DECODER_CHOICES)}")
     strategy = make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
     if not strategy.trains:
         if transductive is not None:
@@ -274,6 +300,12 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     distributed.init_from_env()
     progress = progress and distributed.is_main()
     folder = load_model_folder(model)
+    policy = decoder_policy(folder, pretext_decoder)
+
+    def new_strategy():
+        return make_strategy(method, decoder=policy, gamma=gamma, seed=seed, **(method_options or {}))
+
+    strategy = new_strategy()
     if head != "fresh":  # a self-supervised foundation has no segmentation head to keep or evaluate
         if strategy.trains:
             folder.require_segmentation_head(f"--head {head}", "fine-tune it with --head fresh")
@@ -354,20 +386,18 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         with torch.random.fork_rng(devices=[]):  # the method must train the classifier head only: check first
             from medadapt.tuning.transductive import transductive_tail
 
-            transductive_tail(make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
-                              .prepare(copy.deepcopy(network)))
+            transductive_tail(new_strategy().prepare(copy.deepcopy(network)))
     if feature_cache:  # the method must train nothing below the last feature map: check before any output
         from medadapt.tuning.features import trainable_tail
 
         with torch.random.fork_rng(devices=[]):
-            trainable_tail(make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
-                           .prepare(copy.deepcopy(network)))
+            trainable_tail(new_strategy().prepare(copy.deepcopy(network)))
     if distributed.is_main():  # every input is checked: from here on the folder is this run's
         record_identity(out, identity)
 
     def prepared() -> torch.nn.Module:  # a fresh start for every query of the per-query mode
         net = network if transductive is None or transductive.mode == "batch" else foundation_network()
-        torch.manual_seed(seed)  # strategies that initialise weights (scratch, adapters, LoRA) draw from here
+        seeds.seed_global(seed, "extension")  # strategies that initialise weights (scratch, adapters, LoRA)
         return strategy.prepare(net)
 
     augmentation, crop_policy = augmentation_preset(resolved.augmentation, spec.patch_size)
@@ -452,6 +482,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         "shots": shots,
         "seed": seed,
         "split_seed": split_seed,
+        "seeds": seeds.record(seed, split_seed),
         "foundation": str(Path(model).resolve()),
         "dataset": str(dataset.root),
         "dataset_name": dataset.name,

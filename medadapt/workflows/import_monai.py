@@ -45,6 +45,7 @@ from medadapt.data.preprocessing import IntensityRange, PreprocessingPlan
 from medadapt.errors import MedadaptError
 from medadapt.models.model_folder import ModelFolder, save_model_folder
 from medadapt.models.network import SWIN_UNETR, NetworkSpec, build_network
+from medadapt.utils import seeds
 from medadapt.workflows.common import environment, total_parameter_count
 
 #: the wrappers a MONAI checkpoint's state dict comes in, tried in this order
@@ -333,8 +334,7 @@ def import_monai(checkpoint: str | Path, out: str | Path, labels: Sequence[str],
     spec = NetworkSpec(network_class_name=SWIN_UNETR, arch_kwargs=arch, input_channels=in_channels,
                        num_classes=len(labels), patch_size=tuple(reversed(roi)), batch_size=2)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeds.torch_stream(seed, "network"):
             network = build_network(spec, deep_supervision=False)
     except (TypeError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

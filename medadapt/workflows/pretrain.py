@@ -26,6 +26,7 @@ from medadapt.models import ModelFolder, preset, save_model_folder
 from medadapt.models.model_folder import ACTIVATIONS, output_channels
 from medadapt.models.network import preset_recipes, seeded_network
 from medadapt.tuning import FullFineTuning
+from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_write_json
 from medadapt.workflows.common import dataset_cache_dir, environment, load_datasets, total_parameter_count
 
@@ -128,7 +129,7 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
                     "annotations": {ds.name: records[ds.name][0] for ds in datasets if records[ds.name][1]},
                     "sampling": sampling if len(datasets) > 1 else "cases",
                     "preset": preset_name, "training": config.to_dict(), "recipe": resolved.to_dict(),
-                    "parameters": total_parameter_count(network), **trainer.summary(),
+                    "seeds": seeds.record(seed), "parameters": total_parameter_count(network), **trainer.summary(),
                     "environment": environment()},
     )
     if distributed.is_main():

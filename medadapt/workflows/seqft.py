@@ -72,19 +72,26 @@ from medadapt.sequential.stream import Stream, StreamTask, load_stream
 from medadapt.tuning import FullFineTuning, make_strategy, method_names
 from medadapt.tuning.distill import EncoderLoRADistillation, FeatureDistillation, KDFineTuning, frozen_copy
 from medadapt.utils.atomic import atomic_write_json, atomic_write_text
+from medadapt.utils import seeds
 from medadapt.utils.hashing import stable_hash
 from medadapt.workflows.common import dataset_cache_dir, environment, model_fingerprint
-from medadapt.workflows.finetune import (DEFAULT_RECIPE, first_difference, load_foundation, predict_and_evaluate)
+from medadapt.workflows.finetune import (DEFAULT_RECIPE, decoder_policy, first_difference, load_foundation,
+                                         predict_and_evaluate)
 
 FORMAT = "medadapt-seqft/1"
 SEQUENTIAL = {"seq-ft": ("none", "none"), "medseqft": ("mds", "lora-kd")}
 RETENTIONS = ("none", "lora-kd")
 #: joint multi-task training on every task at once (task-specific heads): the upper reference
 JOINT = "joint"
-#: LoRA-based KD budget relative to fine-tuning when no --kd-recipe is given: MedSeqFT (VoCo, CT) distils
-#: for 5,000 iterations at lr 3e-5 after 25,000 at 3e-4
+#: LoRA-based KD budget relative to fine-tuning with --kd-until budget: MedSeqFT (VoCo, CT) distils for 5,000
+#: iterations at lr 3e-5 after 25,000 at 3e-4
 KD_BUDGET_FRACTION = 0.2
 KD_LR_FRACTION = 0.1
+#: --kd-until levelled (default): the stage runs at a constant lr (a tenth of fine-tuning's) until L_refine has
+#: levelled off (medadapt.engine.convergence), at most this fraction of the fine-tuning epochs (the ceiling;
+#: the paper's stages take 1/5 (VoCo CT), 4/5 (VoCo MRI) and 1/2 (UniMiSS+) of its fine-tuning iterations)
+KD_CEILING_FRACTION = 1.0
+KD_UNTIL = ("levelled", "budget")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +104,7 @@ class SeqSettings:
     buffer_size: int = 4
     mds_repeats: int = 16
     kd_rank: int = 2
+    kd_until: str = "levelled"
 
     @property
     def sequential(self) -> bool:
@@ -112,11 +120,12 @@ class SeqSettings:
             out["mds_repeats"] = self.mds_repeats
         if self.retention == "lora-kd":
             out["kd_rank"] = self.kd_rank
+            out["kd_until"] = self.kd_until
         return out
 
 
 def resolve_method(method: str, buffer: str | None = None, retention: str | None = None, buffer_size: int = 4,
-                   mds_repeats: int = 16, kd_rank: int = 2) -> SeqSettings:
+                   mds_repeats: int = 16, kd_rank: int = 2, kd_until: str = "levelled") -> SeqSettings:
     """Check ``method`` and its switches: one line per mistake."""
     parallel = method_names(training_only=True)
     if method not in SEQUENTIAL and method not in parallel and method != JOINT:
@@ -143,20 +152,72 @@ def resolve_method(method: str, buffer: str | None = None, retention: str | None
         raise MedadaptError(f"--mds-repeats {mds_repeats!r}: must be a positive integer")
     if retention == "lora-kd":
         EncoderLoRADistillation(rank=kd_rank)  # validates the rank
+        if kd_until not in KD_UNTIL:
+            raise MedadaptError(f"--kd-until {kd_until!r}: choose one of {', '.join(KD_UNTIL)}")
     return SeqSettings(method=method, buffer=buffer, retention=retention, buffer_size=buffer_size,
-                       mds_repeats=mds_repeats, kd_rank=kd_rank)
+                       mds_repeats=mds_repeats, kd_rank=kd_rank, kd_until=kd_until)
 
 
-def kd_recipe_from(recipe: Recipe) -> Recipe:
-    """The LoRA-based KD recipe derived from the fine-tuning recipe by the paper's ratios (module constants):
-    the same optimiser, schedule, batch and patch, a fifth of the epochs (and of any warm-up), a tenth of the
-    learning rate."""
+def kd_recipe_from(recipe: Recipe, until: str = "budget", max_epochs: int | None = None) -> Recipe:
+    """The LoRA-based KD recipe derived from the fine-tuning recipe (module constants), with a tenth of its
+    learning rate (the paper's ratio) and its optimiser, batch and patch.
+
+    ``until="budget"``: the paper's budget ratio, a fifth of the epochs (and of any warm-up) on the recipe's
+    schedule. ``until="levelled"``: a constant learning rate (a stage whose length is decided while it runs
+    cannot follow a schedule over its length) and ``max_epochs`` (default: the fine-tuning epochs times
+    :data:`KD_CEILING_FRACTION`) as the ceiling; the stage stops when L_refine has levelled off."""
+    if until not in KD_UNTIL:
+        raise MedadaptError(f"--kd-until {until!r}: choose one of {', '.join(KD_UNTIL)}")
+    if until == "levelled":
+        if max_epochs is not None:
+            check_kd_ceiling(max_epochs)
+            ceiling = max_epochs
+        else:
+            ceiling = max(1, round(recipe.epochs * KD_CEILING_FRACTION))
+            check_kd_ceiling(ceiling, "the fine-tuning epochs (the default ceiling)")
+        return recipe.with_overrides(name=f"{recipe.name}-lora-kd", epochs=ceiling, lr=recipe.lr * KD_LR_FRACTION,
+                                     method_lr={}, schedule={"name": "constant"})
+    if max_epochs is not None:
+        raise MedadaptError("--kd-max-epochs: only with --kd-until levelled (the budget is the paper's ratio)")
     epochs = max(1, round(recipe.epochs * KD_BUDGET_FRACTION))
     schedule = dict(recipe.schedule)
     if schedule.get("warmup_epochs"):  # the warm-up shrinks with the budget (and leaves at least one epoch)
         schedule["warmup_epochs"] = min(epochs - 1, round(schedule["warmup_epochs"] * KD_BUDGET_FRACTION))
     return recipe.with_overrides(name=f"{recipe.name}-lora-kd", epochs=epochs, lr=recipe.lr * KD_LR_FRACTION,
                                  method_lr={}, schedule=schedule)
+
+
+def check_kd_ceiling(epochs: int, source: str = "--kd-max-epochs") -> None:
+    """The LoRA-based KD stage's ceiling must leave the convergence check enough epochs to decide."""
+    from medadapt.engine.convergence import MIN_POINTS
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < MIN_POINTS:
+        raise MedadaptError(f"{source} is {epochs!r}: the LoRA-based KD's ceiling must be at least {MIN_POINTS} epochs, "
+                            f"what the convergence check of L_refine needs; give --kd-max-epochs {MIN_POINTS} or "
+                            "more (or --kd-until budget)")
+
+
+def kd_levelled(history: dict) -> bool:
+    """Whether L_refine's curve (the stage's epoch losses) has levelled off: the engine's stop rule for
+    ``--kd-until levelled`` (medadapt.engine.convergence, constant lr: the epochs axis)."""
+    from medadapt.engine.convergence import levelled_off
+
+    return levelled_off(history.get("epoch_loss") or [])["levelled_off"] is True
+
+
+def refinement_record(history: dict, config: TrainingConfig) -> dict[str, Any]:
+    """The LoRA-based KD stage as the task record keeps it: L_refine's curve (epoch means), the epochs and
+    iterations it took, its ceiling, whether it stopped because the curve levelled off, and the verdict of
+    medadapt.engine.convergence on the whole curve."""
+    from medadapt.engine.convergence import levelled_off
+    from medadapt.engine.recipe import lr_factor
+
+    curve = [float(v) for v in history.get("epoch_loss", [])]
+    lr = [lr_factor(config.schedule, e, config.epochs) for e in range(len(curve))]
+    verdict = levelled_off(curve, lr=None if config.schedule.get("name") == "constant" else lr)
+    return {"curve": curve, "epochs": len(curve), "iterations": len(history.get("iteration_loss", [])),
+            "ceiling_epochs": config.epochs, "stopped_at": history.get("stopped_at"),
+            "levelled_off": verdict["levelled_off"], "convergence": verdict}
 
 
 def task_folder(out: Path, index: int, task: StreamTask) -> Path:
@@ -196,24 +257,32 @@ def check_stream_identity(out: Path, identity: dict[str, Any]) -> None:
 
 def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, method: str = "medseqft",
           buffer: str | None = None, retention: str | None = None, buffer_size: int = 4, mds_repeats: int = 16,
-          kd_rank: int = 2, shots: "int | str" = "all", seed: int = 0, split_seed: int = 0,
+          kd_rank: int = 2, kd_until: str = "levelled", kd_max_epochs: int | None = None,
+          shots: "int | str" = "all", seed: int = 0, split_seed: int = 0,
           recipe: "str | Path | Recipe | None" = None, kd_recipe: "str | Path | Recipe | None" = None,
           epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
           method_options: dict[str, Any] | None = None, postprocess: str = "none", resume: bool = False,
-          progress: bool = True, engine: EngineOptions | None = None) -> dict[str, Any]:
+          progress: bool = True, engine: EngineOptions | None = None, pretext_decoder: str = "auto"
+          ) -> dict[str, Any]:
     """Run ``stream`` from the foundation ``model`` with ``method`` into ``out`` (module docstring); returns
     the run's results record (also ``out/results.json``). ``engine``: how every training step runs (mixed
     precision, background workers, ``torch.compile``)."""
     engine = engine or EngineOptions()
     out = Path(out)
-    settings = resolve_method(method, buffer, retention, buffer_size, mds_repeats, kd_rank)
+    settings = resolve_method(method, buffer, retention, buffer_size, mds_repeats, kd_rank, kd_until)
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
     stream = stream if isinstance(stream, Stream) else load_stream(stream)
     folder0 = load_model_folder(model)
-    foundation = folder0.load_network().state_dict()
+    network0 = folder0.load_network()
+    foundation = network0.state_dict()
+    if settings.retention == "lora-kd":  # the rank must fit every encoder layer (checked before any training)
+        EncoderLoRADistillation(rank=settings.kd_rank).check_fits(network0, str(folder0.path))
+    decoder = None  # a parallel method that freezes part of the network: its decoder policy (recorded)
     if not settings.sequential and method != JOINT:
-        make_strategy(method, seed=seed, **(method_options or {}))  # validates the method's options
+        policy = decoder_policy(folder0, pretext_decoder)
+        if make_strategy(method, decoder=policy, seed=seed, **(method_options or {})).decoder != "pretrained":
+            decoder = policy
     resolved = load_recipe(recipe or folder0.recipe or DEFAULT_RECIPE).with_overrides(
         epochs=epochs, iterations_per_epoch=iterations_per_epoch)
     config = engine.configure(TrainingConfig.from_recipe(
@@ -224,11 +293,16 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
         config = dataclasses.replace(config, initial_lr=lr)
     kd_resolved = kd_config = None
     if settings.retention == "lora-kd":
-        kd_resolved = load_recipe(kd_recipe) if kd_recipe is not None else kd_recipe_from(resolved)
+        if kd_recipe is not None:
+            kd_resolved = load_recipe(kd_recipe).with_overrides(epochs=kd_max_epochs)
+            if settings.kd_until == "levelled":
+                check_kd_ceiling(kd_resolved.epochs, "--kd-max-epochs" if kd_max_epochs else "--kd-recipe's epochs")
+        else:
+            kd_resolved = kd_recipe_from(resolved, settings.kd_until, kd_max_epochs)
         kd_config = dataclasses.replace(engine.configure(TrainingConfig.from_recipe(
             kd_resolved, "lora-kd", seed, activation=folder0.activation)), loss={"name": "encoder-feature-mse"})
-    elif kd_recipe is not None:
-        raise MedadaptError("--kd-recipe: only with --retention lora-kd (or --method medseqft)")
+    elif kd_recipe is not None or kd_max_epochs is not None:
+        raise MedadaptError("--kd-recipe/--kd-max-epochs: only with --retention lora-kd (or --method medseqft)")
     pretext = None
     if settings.buffer == "mds":
         from medadapt.ssl import load_pretext
@@ -260,7 +334,8 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
                   for t, ds in zip(stream.tasks, datasets)],
         **settings.record(), "method_options": {} if settings.sequential else
         {k: v for k, v in sorted((method_options or {}).items()) if v is not None},
-        "shots": shots, "seed": seed, "split_seed": split_seed, "postprocess": postprocess,
+        **({"decoder": decoder} if decoder is not None else {}),
+        "shots": shots, "seed": seed, "split_seed": split_seed, "seeds": seeds.SCHEME, "postprocess": postprocess,
         "foundation": {"path": str(Path(folder0.path).resolve()), "weights": model_fingerprint(folder0, foundation)},
         "training": config.to_dict(), "kd_training": kd_config.to_dict() if kd_config else None,
     }
@@ -273,7 +348,8 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
     if method == JOINT:
         results = _joint(out, stream, datasets, splits, folder0, config, resolved, seed, postprocess, progress,
                          engine)
-        summary = {"stream": stream.record(), "identity": identity, "tasks": results, "environment": environment()}
+        summary = {"stream": stream.record(), "identity": identity, "tasks": results,
+                   "seeds": seeds.record(seed, split_seed), "environment": environment()}
         _write_results(out, summary)
         return summary
     results = []
@@ -296,11 +372,13 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
             run = finetune(model, task.data, where, method=method, shots=len(shot_ids), seed=seed,
                            split_seed=split_seed, epochs=epochs, iterations_per_epoch=iterations_per_epoch, lr=lr,
                            resume=True, progress=progress, method_options=method_options, head="fresh",
-                           recipe=resolved, postprocess=postprocess, engine=engine)
+                           recipe=resolved, postprocess=postprocess, engine=engine,
+                           pretext_decoder=pretext_decoder)
             record = {"task": task.name, "index": i, "metrics": run["metrics"],
                       "seconds": {"finetune": train_seconds(where / "training" / "history.json")}}
         results.append(record)
-    summary = {"stream": stream.record(), "identity": identity, "tasks": results, "environment": environment()}
+    summary = {"stream": stream.record(), "identity": identity, "tasks": results,
+               "seeds": seeds.record(seed, split_seed), "environment": environment()}
     if settings.sequential:
         summary["transfer"] = _after_stream(out, stream, datasets, splits, folder0, results, postprocess, progress)
     _write_results(out, summary)
@@ -427,7 +505,7 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
             buffer_sampler = PatchSampler(buffered, spec.patch_size, spec.batch_size, oversample_foreground=0.0,
                                           augmentation=Augmentation(spec.patch_size),
                                           patches_per_case=resolved.patches_per_case)
-        torch.manual_seed(seed)
+        seeds.seed_global(seed, "extension")
         strategy = (KDFineTuning(frozen_copy(net), buffer_sampler, seed=seed) if buffer_sampler is not None
                     else FullFineTuning())
         net = strategy.prepare(net)
@@ -444,16 +522,19 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
 
     # stages 2-3: LoRA-based KD of E_{t-mid} into a copy of E_{t-1}, then the merge: M_t, the refined model the
     # next task starts from (the merged encoder + M_{t-mid}'s decoder and head)
-    refined_metrics = None
+    refined_metrics = kd_record = None
     if settings.retention == "lora-kd":
         student = load_foundation(previous, ds, seed, head="fresh")
         kd = EncoderLoRADistillation(rank=settings.kd_rank)
-        torch.manual_seed(seed)
+        seeds.seed_global(seed, "extension")  # the LoRA factors' initialisation
         student = kd.prepare(student)
         trainer = Trainer(student, kd, sampler, kd_config, where / "stage2" / "training", progress=progress,
                           loss=FeatureDistillation(frozen_copy(mid)),
-                          description=f"task {i} {task.name}: LoRA-based KD", engine=engine)
-        atomic_write_json(where / "stage2" / "training" / "history.json", trainer.fit(resume=True))
+                          description=f"task {i} {task.name}: LoRA-based KD", engine=engine,
+                          stop_when=kd_levelled if settings.kd_until == "levelled" else None)
+        kd_history = trainer.fit(resume=True)
+        atomic_write_json(where / "stage2" / "training" / "history.json", kd_history)
+        kd_record = refinement_record(kd_history, kd_config)
         merged = kd.finalize(student)
         refined = copy.deepcopy(mid)
         model_parts(refined).encoder.load_state_dict(model_parts(merged).encoder.state_dict())
@@ -480,6 +561,7 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
             new_entries += [BufferEntry(task.name, c, None) for c in picked]
         seconds["buffer"] = time.perf_counter() - t0
     record = {"task": task.name, "index": i, "metrics": metrics, "refined_metrics": refined_metrics,
+              **({"refinement": kd_record} if kd_record is not None else {}),
               "carried_model": str(carried_model(where).relative_to(where)), "seconds": seconds,
               "buffer_after": [dataclasses.asdict(e) for e in new_entries], "shot_cases": shot_ids,
               "test_cases": test_ids}

@@ -43,6 +43,7 @@ from medadapt.ssl.pretext import PRETEXT_FILE, WEIGHTS_FILE, PretextRecord, enco
 from medadapt.tuning import FullFineTuning
 from medadapt.tuning.base import StepContext, default_train_step
 from medadapt.tuning.subset import DecoderOnly
+from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_torch_save, atomic_write_json
 from medadapt.workflows.common import (dataset_cache_dir, environment, load_datasets, model_fingerprint,
                                        total_parameter_count, trainable_parameter_count)
@@ -134,7 +135,7 @@ def pretrain_mae(data: "str | Path | Sequence[str | Path]", out: str | Path, pre
                     "datasets": [{"path": str(ds.root), "name": ds.name} for ds in datasets],
                     "cases": first.case_ids if len(datasets) == 1 else {ds.name: ds.case_ids for ds in datasets},
                     "sampling": sampling if len(datasets) > 1 else "cases", "preset": preset_name,
-                    "training": config.to_dict(), "recipe": resolved.to_dict(),
+                    "training": config.to_dict(), "recipe": resolved.to_dict(), "seeds": seeds.record(seed),
                     "parameters": total_parameter_count(network), **trainer.summary(),
                     "environment": environment()},
     )
@@ -163,7 +164,7 @@ def pretext_network_from(folder: ModelFolder, foundation: dict[str, torch.Tensor
     copy to train) and new heads, initialised as a new network of its kind (seeded by ``seed``)."""
     from medadapt.workflows.finetune import weights_without_heads
 
-    network = seeded_network(spec, seed)
+    network = seeded_network(spec, seed, purpose="head")  # only its heads keep these initial weights
     set_deep_supervision(network, False)
     network.load_state_dict(weights_without_heads(folder, foundation, network), strict=False)
     return network
@@ -225,7 +226,7 @@ def pretrain_ssl_head(model: str | Path, data: "str | Path | Sequence[str | Path
                                "weights": model_fingerprint(folder, foundation)},
                 "datasets": [{"path": str(ds.root.resolve()), "name": ds.name, "cases": ds.case_ids}
                              for ds in datasets],
-                "sampling": sampling, "seed": seed, "training": config.to_dict()}
+                "sampling": sampling, "seed": seed, "seeds": seeds.SCHEME, "training": config.to_dict()}
     if distributed.is_main():
         check_identity(out / HEAD_TRAINING, identity)
     plan = folder.plan()  # the foundation's preprocessing: the pretext network sees the data as the foundation does
