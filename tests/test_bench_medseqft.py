@@ -15,8 +15,8 @@ from medadapt.benchmark.medseqft import enumerate_cells, is_medseqft_config, loa
 from medadapt.cli import main
 from medadapt.errors import MedadaptError
 
-STREAM_ROWS = ["scratch", "full", "linear-probe", "lora-rank2", "lora-rank4", "adapter-reduction2", "joint",
-               "seq-ft", "seq-ft-random", "seq-ft-mds", "seq-ft-kgrft", "medseqft"]
+STREAM_ROWS = ["scratch", "full", "linear-probe", "linear-probe-decoderpretrained", "lora-rank2", "lora-rank4",
+               "adapter-reduction2", "joint", "seq-ft", "seq-ft-random", "seq-ft-mds", "seq-ft-kgrft", "medseqft"]
 
 
 def raw_config(name: str = "medseqft-quick") -> dict:
@@ -32,9 +32,9 @@ def ids(raw: dict) -> set[str]:
 def test_medseqft_grid_cells():
     config = load_config("medseqft")
     cells = enumerate_cells(config)
-    assert len(cells) == len({c.cell_id for c in cells}) == 46
+    assert len(cells) == len({c.cell_id for c in cells}) == 48
     stream = [c for c in cells if c.kind == "stream"]
-    assert Counter(c.row for c in stream) == {r.name: 2 for r in config.rows} and len(config.rows) == 17
+    assert Counter(c.row for c in stream) == {r.name: 2 for r in config.rows} and len(config.rows) == 18
     assert [r.display for r in config.rows if r.method == "lora"] == [f"LoRA (r={r})" for r in (2, 4, 8, 16, 32)]
     assert [r.display for r in config.rows if r.method == "adapter"] == [f"Adapter (γ={g})" for g in (2, 4, 8)]
     unseen = [c for c in cells if c.kind == "unseen"]
@@ -50,14 +50,19 @@ def test_medseqft_grid_cells():
     # only what a row uses enters its key
     rows = {c.row: c.key["row"] for c in stream}
     assert rows["full"] == {"method": "full", "options": {}}
-    assert rows["lora-rank8"] == {"method": "lora", "options": {"rank": 8, "alpha": 8.0}}
+    # on the MAE foundation the PEFT rows train the decoder (docs/methods.md); one row keeps the other reading
+    assert rows["lora-rank8"] == {"method": "lora", "options": {"rank": 8, "alpha": 8.0, "decoder": "new"}}
+    assert rows["linear-probe"] == {"method": "linear-probe", "options": {"decoder": "new"}}
+    assert rows["linear-probe-decoderpretrained"] == {"method": "linear-probe", "options": {}}
     assert rows["seq-ft"] == {"method": "seq-ft", "buffer": "none", "retention": "none"}
     assert set(rows["seq-ft-random"]) == {"method", "buffer", "retention", "buffer_size"}
     assert set(rows["medseqft"]) == {"method", "buffer", "retention", "buffer_size", "mds_repeats", "kd_rank",
-                                     "kd_recipe"}
-    # the recipe: AdamW + cosine + Dice/CE scaled for the CPU, the KD stage by the paper's ratios
+                                     "kd_recipe", "kd_until"}
+    # the recipe: AdamW + cosine + Dice/CE scaled for the CPU; the KD stage at a tenth of its lr, constant, until
+    # L_refine levels off, at most the fine-tuning epochs
     assert config.recipe["optimizer"]["name"] == "adamw" and config.recipe["loss"]["name"] == "dice_ce"
-    assert config.kd_recipe["epochs"] == round(0.2 * config.recipe["epochs"])
+    assert config.kd_until == rows["medseqft"]["kd_until"] == "levelled"
+    assert config.kd_recipe["epochs"] == config.recipe["epochs"] and config.kd_recipe["schedule"]["name"] == "constant"
     assert config.kd_recipe["lr"] == pytest.approx(0.1 * config.recipe["lr"])
     assert config.foundation["objective"] == "mae" and config.stream["downsample"] == [1, 2, 2]
     assert config.seeds == (0, 1)
@@ -81,7 +86,11 @@ def test_edits_rerun_exactly_the_affected_cells():
     assert {c.split("/")[-1].rsplit("-", 2)[0] for c in base - ids(edited)} == {
         "seq-ft-random", "seq-ft-mds", "medseqft", "fft-mn"}
     edited = copy.deepcopy(raw)
-    edited["medseqft"]["parallel"][3]["rank"] = [2, 4, 8]
+    edited["medseqft"]["kd_until"] = "budget"
+    edited["medseqft"].pop("kd_max_epochs")
+    assert {c.split("/")[-1].rsplit("-", 2)[0] for c in base - ids(edited)} == {"seq-ft-kgrft", "medseqft", "fft-mn"}
+    edited = copy.deepcopy(raw)
+    edited["medseqft"]["parallel"][4]["rank"] = [2, 4, 8]
     assert base < ids(edited) and len(ids(edited) - base) == 1             # one new LoRA rank, one seed
     edited = copy.deepcopy(raw)
     edited["recipe"]["epochs"] = 4
@@ -105,6 +114,10 @@ def test_edits_rerun_exactly_the_affected_cells():
     (lambda r: r["medseqft"].update(unseen=["fft-m7"]), "medseqft.unseen[0]: unknown unseen row 'fft-m7'"),
     (lambda r: r["medseqft"].update(refined_by="full"), "medseqft.refined_by: 'full' is not a sequential row"),
     (lambda r: r["medseqft"].update(buffer_size=50), "medseqft.buffer_size: 50 but task 'neck-glands' trains on"),
+    (lambda r: r["medseqft"].update(kd_max_epochs=5), "at least 10 epochs"),
+    (lambda r: r["medseqft"].update(kd_until="forever"), "medseqft.kd_until: unknown 'forever'"),
+    (lambda r: r["medseqft"].update(parallel=[{"method": "lora", "decoder": "frozen"}]),
+     "medseqft.parallel[0].decoder: unknown decoder policy 'frozen'"),
     (lambda r: r["foundation"].update(objective="supervised"),
      "medseqft.sequential: ['seq-ft-mds', 'medseqft'] select the buffer by MDS"),
     (lambda r: r["foundation"].update(objective="contrastive"), "foundation.objective: unknown objective"),
@@ -236,35 +249,40 @@ def _table(path: Path) -> tuple[list[str], list[list[str]]]:
 def test_medseqft_quick_end_to_end(quick_grid):
     config, workdir, result = quick_grid
     cells = enumerate_cells(config)
-    assert result["ran"] == len(cells) == 15 and result["report"]["missing"] == []
+    assert result["ran"] == len(cells) == 16 and result["report"]["missing"] == []
     assert [r.name for r in config.rows] == STREAM_ROWS
     report = Path(result["report"]["dir"])
-    for name in ("table2", "table3", "table6", "table7", "transfer", "paired"):
+    for name in ("table2", "table3", "table6", "table7", "transfer", "paired", "refinement"):
         for ext in ("md", "csv"):
             assert (report / f"{name}.{ext}").stat().st_size > 0, f"{name}.{ext}"
-    for name in ("fig4.png", "fig4.csv", "cells.csv", "per_case.csv", "report.md"):
+    for name in ("fig4.png", "fig4.csv", "refinement.png", "cells.csv", "per_case.csv", "report.md"):
         assert (report / name).stat().st_size > 0, name
     tasks = ["neck-glands", "thoracic-arteries"]
     metric_columns = [f"{t} {m}" for t in tasks for m in ("Dice", "HD95")] + ["Average Dice ↑", "Average HD95 ↓"]
     header, rows = _table(report / "table2.md")
     assert header == ["Method", *metric_columns]
-    assert [r[0] for r in rows] == ["TFS", "FFT", "Head fine-tuning", "LoRA (r=2)", "LoRA (r=4)", "Adapter (γ=2)",
-                                    "Joint multi-task (task heads)", "MedSeqFT"]
+    assert [r[0] for r in rows] == ["TFS", "FFT", "Head fine-tuning", "Head fine-tuning (decoder pretrained)",
+                                    "LoRA (r=2)", "LoRA (r=4)", "Adapter (γ=2)", "Joint multi-task (task heads)",
+                                    "MedSeqFT", "MedSeqFT (refined M_t)"]
     assert all(v.strip("*") not in ("", "–") for r in rows for v in r[1:3] + r[5:6])   # Dice everywhere
+    assert "†: the training loss" in (report / "table2.md").read_text()
+    assert "refined M_t: the same cells' models" in (report / "table2.md").read_text()
     header, rows = _table(report / "table3.md")
     assert header == ["Method", "FFT", "Seq. FT", "MDS", "Random", "K&G RFT", *metric_columns]
     assert [r[:6] for r in rows] == [["FFT", "✓", "", "", "", ""], ["Seq. FT", "", "✓", "", "", ""],
                                      ["Seq. FT + Random", "", "✓", "", "✓", ""],
                                      ["Seq. FT + MDS", "", "✓", "✓", "", ""],
                                      ["Seq. FT + K&G RFT", "", "✓", "", "", "✓"],
-                                     ["MedSeqFT", "", "✓", "✓", "", "✓"]]
+                                     ["Seq. FT + K&G RFT (refined M_t)", "", "✓", "", "", "✓"],
+                                     ["MedSeqFT", "", "✓", "✓", "", "✓"],
+                                     ["MedSeqFT (refined M_t)", "", "✓", "✓", "", "✓"]]
     header, rows = _table(report / "table6.md")
     assert header == ["Method"] + [f"{c} {m}" for c in ("vertebrae", "intervertebral_disc", "spinal_cord", "mean")
                                    for m in ("Dice", "HD95")]
     assert [r[0] for r in rows] == ["TFS", "FFT (from M0)", "FFT w/ MedSeqFT (from its M_n)"]
     header, rows = _table(report / "table7.md")
     assert header == ["Method", "First-task FFT (s)", "(KD-based) FFT, tasks 2–n (s)", "LoRA-based KD (s)",
-                      "Buffer selection (MDS / random) (s)", "Sum (s)", "× FFT"]
+                      "Buffer selection (MDS / random) (s)", "Buffer selection per task (s)", "Sum (s)", "× FFT"]
     assert [r[0] for r in rows] == ["FFT", "Joint multi-task (task heads)", "Seq. FT", "Seq. FT + Random",
                                     "Seq. FT + MDS", "Seq. FT + K&G RFT", "MedSeqFT"]
     assert rows[0][-1] == "1.00" and rows[-1][3] != "–" and rows[-1][4] != "–" and rows[2][3] == rows[2][4] == "–"
@@ -276,9 +294,16 @@ def test_medseqft_quick_end_to_end(quick_grid):
     assert {(r["kind"], r["task"]) for r in transfer if r["row"] == "medseqft"} == {
         ("forgetting", "neck-glands"), ("bwt", "mean"), ("forward", "neck-glands"),
         ("forward", "thoracic-arteries"), ("forward", "average")}
+    assert {(r["kind"], r["task"]) for r in transfer if r["row"] == "medseqft@refined"} == {
+        ("forward", "neck-glands"), ("forward", "thoracic-arteries"), ("forward", "average")}
+    # L_refine: every K&G RFT row's LoRA-based KD per task, at most its ceiling (10 epochs in the quick config)
+    kd = list(csv.DictReader(open(report / "refinement.csv")))
+    assert {(r["row"], r["task"]) for r in kd} == {(row, t) for row in ("seq-ft-kgrft", "medseqft") for t in tasks}
+    assert all(1 <= float(r["epochs"]) <= 10 and r["ceiling_epochs"] == "[10]" for r in kd)
     paired = list(csv.DictReader(open(report / "paired.csv")))
     stream_pairs = [r for r in paired if r["comparison"] == "stream"]
-    assert {r["b"] for r in stream_pairs} == set(STREAM_ROWS) - {"medseqft"}
+    assert {r["b"] for r in stream_pairs} == (set(STREAM_ROWS) - {"medseqft"}) | {"seq-ft-kgrft@refined",
+                                                                                "medseqft@refined"}
     assert all(r["a"] == "medseqft" for r in stream_pairs)
     # pairs: (seed, task, test case) on the stream, (seed, test case) on an unseen task; one seed here
     med = json.loads(next((workdir / "cells" / "stream").glob("medseqft-seed0-*/cell.json")).read_text())
@@ -296,6 +321,8 @@ def test_medseqft_quick_end_to_end(quick_grid):
     med = record("medseqft")
     assert [t["task"] for t in med["tasks"]] == tasks and all(t["per_case"] for t in med["tasks"])
     assert set(med["tasks"][1]["seconds"]) == {"stage1", "stage2", "buffer"}
+    assert med["tasks"][1]["refined_per_case"] and med["tasks"][1]["refinement"]["ceiling_epochs"] == 10
+    assert med["tasks"][1]["loss_curve"] and med["tasks"][1]["training"]["epochs"] == config.recipe["epochs"]
     assert med["encoder_change"] and med["transfer"]["bwt"] is not None
     final = workdir / "cells" / med["id"] / med["final_model"]
     assert (final / "plans.json").is_file()
@@ -316,7 +343,7 @@ def test_resume_reruns_only_the_deleted_cell(quick_grid, capsys):
     deleted.unlink()
     assert main(["bench", "medseqft-quick", "--list", "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
-    assert "14/15 cells finished" in out and f"todo  {deleted.parent.relative_to(workdir / 'cells')}" in out
+    assert "15/16 cells finished" in out and f"todo  {deleted.parent.relative_to(workdir / 'cells')}" in out
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -327,7 +354,7 @@ def test_resume_reruns_only_the_deleted_cell(quick_grid, capsys):
     assert deleted.is_file()
     assert all(p.stat().st_mtime_ns == t for p, t in files.items() if p != deleted)   # nothing else re-ran
     assert main(["bench", "medseqft-quick", "--list", "--workdir", str(workdir)]) == 0
-    assert "15/15 cells finished" in capsys.readouterr().out
+    assert "16/16 cells finished" in capsys.readouterr().out
     assert main(["bench", "medseqft-quick", "--report", "--quiet", "--workdir", str(workdir)]) == 0
     assert main(["bench", "medseqft", "--list", "--workdir", str(workdir / "none")]) == 0
-    assert "0/46 cells finished" in capsys.readouterr().out
+    assert "0/48 cells finished" in capsys.readouterr().out
