@@ -397,12 +397,19 @@ def test_joint_training_shares_the_network_and_keeps_a_head_per_task(world, tmp_
     assert all(torch.equal(v, n2.encoder.state_dict()[k]) for k, v in n1.encoder.state_dict().items())
 
 
-def test_medseqft_with_an_mae_foundation(world, tmp_path, capsys):
-    """The whole method: MDS buffers scored by the foundation's pretext loss, KD-based FFT, LoRA-KD, merge."""
+@pytest.fixture(scope="module")
+def mae_foundation(world):
+    """A cpu-tiny MAE foundation (its network is its pretext network) on the source cohort."""
     fm = world["root"] / "mae-fm-seqft"
     if not (fm / "plans.json").is_file():
         assert main(["pretrain", "--data", str(world["src"]), "--out", str(fm), "--preset", "cpu-tiny",
                      "--objective", "mae", "--epochs", "1", "--iterations-per-epoch", "2", "--quiet"]) == 0
+    return fm
+
+
+def test_medseqft_with_an_mae_foundation(world, mae_foundation, tmp_path, capsys):
+    """The whole method: MDS buffers scored by the foundation's pretext loss, KD-based FFT, LoRA-KD, merge."""
+    fm = mae_foundation
     out = tmp_path / "medseqft"
     assert main(["seqft", str(_stream(world, tmp_path)), "--model", str(fm), "--out", str(out), "--method", "medseqft",
                  "--buffer-size", "2", "--mds-repeats", "3", "--epochs", "2", "--iterations-per-epoch", "2",
@@ -472,11 +479,8 @@ def test_bad_inputs(world, tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # nothing written for a refused run
 
 
-def test_mds_stability_command(world, tmp_path, capsys):
-    fm = world["root"] / "mae-fm-seqft"
-    if not (fm / "plans.json").is_file():
-        assert main(["pretrain", "--data", str(world["src"]), "--out", str(fm), "--preset", "cpu-tiny",
-                     "--objective", "mae", "--epochs", "1", "--iterations-per-epoch", "2", "--quiet"]) == 0
+def test_mds_stability_command(world, mae_foundation, tmp_path, capsys):
+    fm = mae_foundation
     out = tmp_path / "stab"
     assert main(["mds-stability", "--model", str(fm), "--data", str(world["tgt"]), "--out", str(out),
                  "--repeats", "4", "--buffer-size", "2", "--quiet"]) == 0

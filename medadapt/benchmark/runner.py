@@ -153,6 +153,7 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
         "shot_cases": run["shot_cases"],
         "head": run["head"],
         "training": run["training"],
+        "seeds": run.get("seeds"),
         "qualitative": qualitative,
         "executor": {**(executor or {"kind": "local"}), "host": socket.gethostname(),
                      "machine": platform.machine(), "threads": run["environment"]["cpu_threads"],

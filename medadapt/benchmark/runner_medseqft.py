@@ -181,7 +181,7 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
             entry.update(training=summary["identity"]["training"],
                          loss_curve=_epoch_losses(out / "run" / "joint" / "training" / "history.json"))
         tasks.append(entry)
-    record: dict[str, Any] = {"tasks": tasks, "environment": summary["environment"]}
+    record: dict[str, Any] = {"tasks": tasks, "seeds": summary.get("seeds"), "environment": summary["environment"]}
     if "transfer" in summary:
         n = len(stream.tasks)
         change = out / "run" / "encoder_change.csv"
@@ -209,6 +209,7 @@ def _unseen_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
     return {"start": str(model), "per_case": _read_rows(out / "run" / "metrics_per_case.csv"),
             "metrics": run["metrics"], "parameters": run["parameters"], "timing": run["timing"],
             "split": run["split"], "shot_cases": run["shot_cases"], "training": run["training"],
+            "seeds": run.get("seeds"),
             "loss_curve": _epoch_losses(out / "run" / "training" / "history.json"),
             "seconds": {"finetune": train_seconds(out / "run" / "training" / "history.json")},
             "environment": run["environment"]}

@@ -286,9 +286,6 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     if run_file.is_file() and not resume:
         raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
     # validates --method and its options before any work
-    if pretext_decoder not in PRETEXT_DECODER_CHOICES:
-        raise MedadaptError(f"--pretext-decoder {pretext_decoder!r}: choose one of "
-                            f"{', '.join(PRETEXT_DECODER_CHOICES)}")
     strategy = make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
     if not strategy.trains:
         if transductive is not None:
