@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "with --ray local; quick: ~1 min; paper: the paper's sizes, for a GPU "
                                   "cluster; fseft: the FSEFT paper's Table 1 and Fig. 2a/2b as its authors ran them, 471 cells, ~21 h; "
                                   "fseft-cpu: the same on 3 tasks and 2 seeds, 172 cells, ~6.5 h; fseft-quick: seconds; medseqft: MedSeqFT's tables on the synthetic CT "
-                                  "stream, 46 cells, an estimated 1 h 55 min with --ray local; medseqft-quick: "
+                                  "stream, 48 cells, about 2 h with --ray local; medseqft-quick: "
                                   "seconds) or a YAML grid config")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where data, cells and the report go (default medadapt_runs/bench/<config name>)")

@@ -299,7 +299,13 @@ def test_medseqft_quick_end_to_end(quick_grid):
     # L_refine: every K&G RFT row's LoRA-based KD per task, at most its ceiling (10 epochs in the quick config)
     kd = list(csv.DictReader(open(report / "refinement.csv")))
     assert {(r["row"], r["task"]) for r in kd} == {(row, t) for row in ("seq-ft-kgrft", "medseqft") for t in tasks}
-    assert all(1 <= float(r["epochs"]) <= 10 and r["ceiling_epochs"] == "[10]" for r in kd)
+    assert all(1 <= float(r["epochs"]) <= 10 and r["ceiling_epochs"] == "10" for r in kd)
+    # MDS: every MDS row's buffer per task and seed, with where it settled within R = 2 maskings
+    mds = list(csv.DictReader(open(report / "mds.csv")))
+    assert {r["row"] for r in mds} == {"seq-ft-mds", "medseqft"} and mds
+    assert all(r["repeats"] == "2" and r["settled_repeats"] in ("", "1") and len(r["buffer"].split(";")) == 1
+               for r in mds)
+    assert "## MDS: where each buffer settled" in (report / "report.md").read_text()
     paired = list(csv.DictReader(open(report / "paired.csv")))
     stream_pairs = [r for r in paired if r["comparison"] == "stream"]
     assert {r["b"] for r in stream_pairs} == (set(STREAM_ROWS) - {"medseqft"}) | {"seq-ft-kgrft@refined",

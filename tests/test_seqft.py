@@ -417,6 +417,11 @@ def test_medseqft_with_an_mae_foundation(world, mae_foundation, tmp_path, capsys
     mds = json.loads((out / "tasks" / "01-tgt" / "mds.json").read_text())
     assert mds["repeats"] == 3 and len(mds["scores"]) == 8  # every training case of the task scored
     assert mds["picked"] == sorted(mds["scores"], key=lambda c: (mds["scores"][c], c))[:2]
+    # each case's loss per masking, and the buffer of the first r maskings (r = 1, 2, 3) ending in the chosen one
+    assert all(len(v) == 3 and abs(sum(v) / 3 - mds["scores"][c]) < 1e-9 for c, v in mds["losses"].items())
+    assert [r["repeats"] for r in mds["stability"]] == [1, 2, 3]
+    assert mds["stability"][-1]["buffer"] == mds["picked"] and mds["stability"][-1]["settled"]
+    assert mds["settled_repeats"] in (None, 1, 2)
     buffer = json.loads((out / "buffer.json").read_text())
     assert buffer["selection"] == "mds" and buffer["repeats"] == 3 and buffer["size_per_task"] == 2
     assert [e["case"] for e in buffer["entries"][:2]] == mds["picked"]

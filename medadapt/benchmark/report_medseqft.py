@@ -501,6 +501,42 @@ def refinement(index: Index, path: Path) -> tuple[str, list[dict], Path | None]:
     return md, csv_rows, _save(fig, path)
 
 
+# ---------------------------------------------------------------------------------------------- MDS
+
+def mds_buffers(index: Index) -> tuple[str, list[dict]]:
+    """Where each MDS buffer settled: per MDS row, task and seed, the smallest r from which the buffer of the
+    first r maskings equals every later one up to the run's R (none: it changed at R itself, so R was too
+    small to tell), and how many of the 4 cases the buffer at R/4 and R/2 shares with R's, with the Spearman
+    correlation of the ranking at R/2 with R's."""
+    config = index.config
+    body, csv_rows = [], []
+    for row in (r for r in config.rows if r.buffer == "mds"):
+        for task in config.tasks:
+            found = [(seed, e["mds"]) for seed, e in index.entries(row.name, task.name) if e.get("mds")]
+            if not found:
+                continue
+            for seed, m in sorted(found, key=lambda x: x[0]):
+                by_r = {s["repeats"]: s for s in m["stability"]}
+                quarter, half = by_r.get(m["repeats"] // 4), by_r.get(m["repeats"] // 2)
+                settled = m.get("settled_repeats")
+                body.append([row.display, task.name, str(seed), str(m["repeats"]),
+                             "not within R" if settled is None else str(settled),
+                             "–" if quarter is None else f"{quarter['shared_with_final']} / {len(m['picked'])}",
+                             "–" if half is None else f"{half['shared_with_final']} / {len(m['picked'])}",
+                             "–" if half is None or half["spearman_with_final"] is None
+                             else f"{half['spearman_with_final']:.2f}"])
+                csv_rows.append({"row": row.name, "method": row.display, "task": task.name, "seed": seed,
+                                 "repeats": m["repeats"], "settled_repeats": settled,
+                                 "shared_at_quarter": None if quarter is None else quarter["shared_with_final"],
+                                 "shared_at_half": None if half is None else half["shared_with_final"],
+                                 "spearman_at_half": None if half is None else half["spearman_with_final"],
+                                 "buffer": m["picked"]})
+    if not body:
+        return "No MDS cell has finished.", csv_rows
+    return markdown_table(["Method", "Task", "Seed", "R", "Buffer settled at r", "Shared with R's buffer at R/4",
+                           "at R/2", "Spearman with R's ranking at R/2"], body), csv_rows
+
+
 # ---------------------------------------------------------------------------------------------- paired
 
 def headline(config: MedseqftConfig) -> Row:
@@ -631,6 +667,16 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
         if kd_png:
             files["refinement.png"] = kd_png
             sections.append("\n![L_refine](refinement.png)")
+    if any(r.buffer == "mds" for r in config.rows):
+        mds_md, mds_csv = mds_buffers(index)
+        mds_note = (f"MDS averages each training case's pretext loss over R = {config.mds_repeats} random maskings "
+                    "(the paper: 1000); the buffer of the first r maskings is a run at r, so one run measures how "
+                    "the buffer changes with R (medadapt.sequential.buffer.buffer_stability). \"Buffer settled at "
+                    "r\": the smallest r from which the buffer no longer changes up to R; \"not within R\": R was "
+                    "too small to tell.")
+        files["mds.md"] = _write(out / "mds.md", mds_note + "\n\n" + mds_md + "\n")
+        files["mds.csv"] = _write(out / "mds.csv", _csv(mds_csv))
+        sections += ["\n## MDS: where each buffer settled ([md](mds.md), [csv](mds.csv))\n", mds_note, "", mds_md]
     if config.unseen_rows:
         t6_md, t6_csv = table6(index)
         files["table6.md"] = _write(out / "table6.md", t6_md + "\n\n" + FOOTNOTE + "\n")

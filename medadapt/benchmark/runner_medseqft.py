@@ -170,6 +170,12 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
                          refined_per_case=_read_rows(folder / "refined" / "metrics_per_case.csv"))
         if t.get("refinement") is not None:  # L_refine: its curve, its epochs, whether it levelled off
             entry["refinement"] = t["refinement"]
+        if (folder / "mds.json").is_file():  # the MDS buffer: R, the buffer of the first r maskings, where it settled
+            mds = json.loads((folder / "mds.json").read_text())
+            entry["mds"] = {"repeats": mds["repeats"], "picked": mds["picked"],
+                            "settled_repeats": mds.get("settled_repeats"),
+                            "stability": [{k: r[k] for k in ("repeats", "shared_with_final", "spearman_with_final",
+                                                             "settled")} for r in mds.get("stability", [])]}
         if (folder / "run.json").is_file():  # a parallel method's finetune run
             run = json.loads((folder / "run.json").read_text())
             entry.update(parameters=run["parameters"], timing=run["timing"], training=run["training"],

@@ -38,7 +38,7 @@ is never reused for other settings, but a stream that *extends* the recorded one
         stage2/training/                LoRA-based KD
         refined/model/                  M_t = merged encoder + M_{t-mid}'s decoder and head (plain architecture):
                                         the next task's starting point; refined/summary.json its own scores
-        mds.json                        this task's cases' pretext scores (buffer mds)
+        mds.json                        this task's cases' pretext scores, per masking too, and where the buffer settled (buffer mds)
         predictions/, metrics_per_case.csv, summary.json
         task.json                       written last: the task is finished
     <out>/results.csv, <out>/results.md Dice, NSD, HD95 per task; time per stage
@@ -66,8 +66,8 @@ from medadapt.inference.predictor import POSTPROCESSING
 from medadapt.models import ModelFolder, load_model_folder, save_model_folder
 from medadapt.models.model_folder import output_channels
 from medadapt.models.parts import model_parts
-from medadapt.sequential.buffer import (SELECTIONS, BufferEntry, buffer_record, check_buffer_size, lowest,
-                                        mds_scores, random_pick)
+from medadapt.sequential.buffer import (SELECTIONS, BufferEntry, buffer_record, buffer_stability,
+                                        check_buffer_size, lowest, mds_losses, random_pick, settled_repeats)
 from medadapt.sequential.stream import Stream, StreamTask, load_stream
 from medadapt.tuning import FullFineTuning, make_strategy, method_names
 from medadapt.tuning.distill import EncoderLoRADistillation, FeatureDistillation, KDFineTuning, frozen_copy
@@ -550,11 +550,16 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
     if settings.buffer != "none":
         t0 = time.perf_counter()
         if settings.buffer == "mds":
-            scores = mds_scores(pretext, cases, task.name, pretext.patch_size, settings.mds_repeats,
+            losses = mds_losses(pretext, cases, task.name, pretext.patch_size, settings.mds_repeats,
                                 seed=seed, progress=progress)
+            scores = {c: float(v.mean()) for c, v in losses.items()}
             picked = lowest(scores, settings.buffer_size)
+            # the buffer of the first r maskings for r = 1, 2, 4, ..., R: where this run's buffer settled
+            stability = buffer_stability(losses, settings.buffer_size)
             atomic_write_json(where / "mds.json", {"repeats": settings.mds_repeats, "scores": scores,
-                                                   "picked": picked})
+                                                   "picked": picked, "stability": stability,
+                                                   "settled_repeats": settled_repeats(stability),
+                                                   "losses": {c: v.tolist() for c, v in losses.items()}})
             new_entries += [BufferEntry(task.name, c, scores[c]) for c in picked]
         else:
             picked = random_pick(shot_ids, settings.buffer_size, seed, i)
