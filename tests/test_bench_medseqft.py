@@ -192,8 +192,10 @@ def test_ray_submits_a_dependent_cell_after_the_cell_it_starts_from(monkeypatch)
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(runner, "ray_session", lambda address: Session())
-    runner._run_on_ray(cells, None, config, "local", lambda cell, record: None)
+    from medadapt.benchmark import engine
+
+    monkeypatch.setattr(engine, "ray_session", lambda address: Session())
+    engine.run_on_ray(runner.MEDSEQFT.ray_cell, cells, None, config.ray, "local", lambda cell, record: None)
     assert sorted(submitted) == sorted(finished) == sorted(c.cell_id for c in cells)
     for c in cells:
         if c.depends:

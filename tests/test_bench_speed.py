@@ -69,7 +69,7 @@ def test_bench_speed_against_nnunet_table_and_refusals(capsys, tiny_unet):
     import pytest
 
     pytest.importorskip("nnunetv2")
-    from medadapt.benchmark.speed_nnunet import same_weights
+    from medadapt.nnunet.speed import same_weights
 
     assert same_weights(tiny_unet(0), tiny_unet(0)) and not same_weights(tiny_unet(0), tiny_unet(1))
     assert main(["bench-speed", "--preset", "cpu-tiny", "--against-nnunet", "--iterations", "1", "--warmup", "0",

@@ -17,7 +17,7 @@ def _predict_seg_with(world, series, seg_zyx, out):
     """predict --format seg's writing path (cli_dicom.predict_series) with the network's answer given."""
     import argparse
 
-    from medadapt import cli_dicom
+    from medadapt.cli import dicom as cli_dicom
     from medadapt.models import load_model_folder
 
     class Given:

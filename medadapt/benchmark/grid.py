@@ -659,3 +659,24 @@ def _fseft_cells(config: GridConfig, ds: DatasetConfig, add, untrained) -> None:
         for shots in ds.shots:
             if v["shots"] is None or shots in v["shots"]:
                 add(ds, shots, v["method"], "variants", overrides=v["options"], extra=extra, budget=v["budget"])
+
+
+# ---------------------------------------------------------------------------------------------- work folder
+
+@dataclass(frozen=True)
+class GridPaths:
+    """Where a grid's shared inputs live; plain strings so it travels to Ray workers."""
+    workdir: str
+    foundation: str
+    datasets: dict[str, str]
+
+    def cell_dir(self, cell_id: str) -> Path:
+        return Path(self.workdir) / "cells" / cell_id
+
+
+def grid_paths(config: GridConfig, workdir: str | Path) -> GridPaths:
+    workdir = Path(workdir).resolve()
+    datasets = {d.name: str(workdir / "data" / f"{d.name}-{stable_hash(d.key(config.data_seed), 8)}")
+                for d in config.datasets}
+    foundation = workdir / f"foundation-{stable_hash(config.foundation_key(), 8)}"
+    return GridPaths(str(workdir), str(foundation), datasets)

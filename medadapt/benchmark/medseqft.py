@@ -517,3 +517,38 @@ def enumerate_cells(config: MedseqftConfig) -> list[Cell]:
                     depends = source.cell_id
                 cells.append(Cell("unseen", name, seed, key, task=task.name, depends=depends, experiments=["table6"]))
     return cells
+
+
+# ---------------------------------------------------------------------------------------------- work folder
+
+@dataclass(frozen=True)
+class GridPaths:
+    """Where a grid's shared inputs live; plain strings so it travels to Ray workers."""
+
+    workdir: str
+    foundation: str
+    stream_dir: str                        # holds stream.yaml
+    datasets: dict[str, str]               # task name -> dataset folder (stream and unseen tasks)
+    sources: tuple[tuple[str, str], ...]   # (domain name, dataset folder) of the foundation's cohorts
+
+    @property
+    def stream_file(self) -> Path:
+        return Path(self.stream_dir) / "stream.yaml"
+
+    def cell_dir(self, cell_id: str) -> Path:
+        return Path(self.workdir) / "cells" / cell_id
+
+
+def grid_paths(config: MedseqftConfig, workdir: str | Path) -> GridPaths:
+    from medadapt.synth import GENERATOR_VERSION
+
+    workdir = Path(workdir).resolve()
+    data = workdir / "data"
+    key = config.foundation_key()
+    sources = tuple((d["name"], str(data / (f"{d['name']}-" + stable_hash(
+        {"domain": d, "cases": key["cases"], "data_seed": key["data_seed"], "generator": GENERATOR_VERSION}, 8))))
+        for d in key["domains"])
+    datasets = {t.name: str(data / f"{t.name}-{stable_hash(config.dataset_key(t), 8)}")
+                for t in config.tasks + config.unseen}
+    return GridPaths(str(workdir), str(workdir / f"foundation-{stable_hash(key, 8)}"),
+                     str(data / f"{config.stream['name']}-{stable_hash(config.stream_key(), 8)}"), datasets, sources)

@@ -19,8 +19,6 @@ Writes to ``<workdir>/report/``:
 """
 from __future__ import annotations
 
-import csv
-import io
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -28,10 +26,13 @@ from typing import Any
 import numpy as np
 
 from medadapt.benchmark import stats
-from medadapt.benchmark.grid import NO_TRAINING, ZERO_SHOT, Cell, GridConfig, enumerate_cells, method_options
-from medadapt.benchmark.runner import grid_paths, load_cell_record
+from medadapt.benchmark.engine import stored_records
+from medadapt.benchmark.grid import (NO_TRAINING, ZERO_SHOT, Cell, GridConfig, enumerate_cells, grid_paths,
+                                     method_options)
+from medadapt.benchmark.tables import (CONVERGENCE_LEGEND, MISSING, _csv, _mark, _save, _write, convergence_mark,
+                                       require_finished)
+from medadapt.benchmark.tables import finish_report as tables_finish_report
 from medadapt.errors import MedadaptError
-from medadapt.utils.atomic import atomic_path, atomic_write_text
 from medadapt.utils.tables import markdown_table
 
 DISPLAY = {"scratch": "From scratch", "full": "Full", "linear-probe": "LinearProb", "bias": "Bias",
@@ -39,7 +40,6 @@ DISPLAY = {"scratch": "From scratch", "full": "Full", "linear-probe": "LinearPro
            "encoder-only": "Encoder Only", "decoder-only": "Decoder Only", "bias-norm": "Bias+Norm",
            "drst": "DRST", "sgst": "SGST", "ft-last": "FT-last", ZERO_SHOT: "Foundation, no fine-tuning",
            "generalization": "Generalization", "spatial-adapter": "Spatial adapter"}
-MISSING = "–"
 HEADLINE = "dgst"  # the method every other is compared with in the paired table
 
 FOOTNOTE = (
@@ -78,36 +78,6 @@ class CellIndex:
             opts = method_options(self.config, method, gamma)
         cells = self.by_setting.get(self._setting(dataset, method, opts, shots), [])
         return [self.records[c.cell_id] for c in cells if self.records.get(c.cell_id)]
-
-
-CONVERGENCE_LEGEND = (
-    "†: the training loss of at least one of the value's cells had not levelled off by the end of its budget "
-    "(medadapt.engine.convergence: more than a quarter of its smoothed loss's improvement, and more than twice "
-    "its noise, came in the second half of its learning-rate budget, i.e. it was still learning as fast per "
-    "unit of learning rate as before); such a value measures the budget as much as the method.")
-
-
-def convergence_mark(records: list[dict]) -> str:
-    """`` †`` when some record's training had not levelled off, judged from its stored loss curve (the stored
-    verdict for records without one; records with neither: no mark)."""
-    verdicts = [record_levelled_off(r) for r in records]
-    return " †" if any(v is False for v in verdicts) else ""
-
-
-def record_levelled_off(record: dict) -> bool | None:
-    """A cell's verdict from its stored loss curve against the learning rate of each epoch, rebuilt from its
-    recorded training settings (medadapt.engine.convergence); the stored verdict where there is no curve."""
-    from medadapt.engine.convergence import levelled_off
-    from medadapt.engine.recipe import lr_factor
-
-    curve = record.get("loss_curve")
-    if not curve:
-        return (record.get("convergence") or {}).get("levelled_off")
-    training = record.get("training") or {}
-    lr = None
-    if training.get("schedule") and training.get("epochs"):
-        lr = [lr_factor(training["schedule"], e, training["epochs"]) for e in range(len(curve))]
-    return levelled_off(curve, lr=lr)["levelled_off"]
 
 
 def _values(records: list[dict], cls: str, metric: str) -> dict:
@@ -152,23 +122,6 @@ def _fmt(agg: dict | None, metric: str) -> str:
     if metric == "hd95" and agg.get("hd95_undefined"):
         text += f", {agg['hd95_undefined']}/{agg['n_values']} undefined"
     return text
-
-
-def _mark(text: str, mark: str) -> str:
-    return {"bold": f"**{text}**", "underline": f"<u>{text}</u>"}.get(mark, text)
-
-
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    if rows:
-        fields: list[str] = []
-        for r in rows:
-            fields += [k for k in r if k not in fields]
-        writer = csv.DictWriter(buf, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (";".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()})
-    return buf.getvalue()
 
 
 def _column(index: CellIndex, dataset: str, shots: int, methods: list[str], cls: str, metric: str,
@@ -447,15 +400,6 @@ def curves_figure(index: CellIndex, cls: str, path: Path, window: int = 5) -> Pa
     return _save(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return path
-
-
 def _cell_rows(cells: list[Cell], records: dict[str, dict | None]) -> tuple[list[dict], list[dict]]:
     summary, per_case = [], []
     for cell in cells:
@@ -481,12 +425,12 @@ def _cell_rows(cells: list[Cell], records: dict[str, dict | None]) -> tuple[list
 
 
 def write_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Build every table and figure of ``config`` from the cells stored in ``workdir`` (an ``fseft`` grid:
-    :func:`medadapt.benchmark.report_fseft.write_report`)."""
+    """Build every table and figure of the DGST grid ``config`` from the cells stored in ``workdir`` (an
+    ``fseft`` grid has its own: :func:`medadapt.benchmark.report_fseft.write_report`;
+    :func:`medadapt.benchmark.runner.write_report` picks the one a config needs)."""
     if config.fseft is not None:
-        from medadapt.benchmark import report_fseft
-
-        return report_fseft.write_report(config, workdir, progress=progress)
+        raise MedadaptError(f"grid {config.name!r} is an FSEFT grid: its report is "
+                            "medadapt.benchmark.report_fseft.write_report (or runner.write_report)")
     paths, cells, records, done = finished_cells(config, workdir)
     index = CellIndex(config, cells, records)
     out = Path(paths.workdir) / "report"
@@ -538,33 +482,12 @@ def finished_cells(config: GridConfig, workdir: str | Path):
     """``(paths, cells, records by cell id, finished records)`` of a grid; an error if none has finished."""
     paths = grid_paths(config, workdir)
     cells = enumerate_cells(config)
-    records = {c.cell_id: load_cell_record(paths, c) for c in cells}
-    done = [r for r in records.values() if r]
-    if not done:
-        raise MedadaptError(f"{paths.workdir}: no finished cells of grid {config.name!r}; run "
-                            f"'medadapt bench {config.cli_argument}' first (same --workdir)")
-    return paths, cells, records, done
+    records = stored_records(paths, cells)
+    require_finished(config, paths, records)
+    return paths, cells, records, [r for r in records.values() if r]
 
 
 def finish_report(out: Path, cells: list[Cell], records: dict[str, dict | None], sections: list[str],
                   files: dict[str, Path], headline: str, progress: bool) -> dict[str, Any]:
-    """What every grid report ends with: the list of missing cells, ``cells.csv``, ``per_case.csv`` and
-    ``report.md``; prints ``headline`` (the main table) when ``progress``."""
-    done = [r for r in records.values() if r]
-    missing = [c.cell_id for c in cells if not records.get(c.cell_id)]
-    if missing:
-        sections.append(f"\n## Missing cells ({len(missing)})\n\n" + "\n".join(f"- `{m}`" for m in missing))
-    summary_rows, per_case_rows = _cell_rows(cells, records)
-    files["cells.csv"] = _write(out / "cells.csv", _csv(summary_rows))
-    files["per_case.csv"] = _write(out / "per_case.csv", _csv(per_case_rows))
-    files["report.md"] = _write(out / "report.md", "\n".join(sections) + "\n")
-    if progress:
-        print(headline)
-        print(f"report: {out / 'report.md'} ({len(done)}/{len(cells)} cells)")
-    return {"dir": str(out), "files": {k: str(v) for k, v in files.items()}, "finished": len(done),
-            "cells": len(cells), "missing": missing}
-
-
-def _write(path: Path, text: str) -> Path:
-    atomic_write_text(path, text)
-    return path
+    """:func:`medadapt.benchmark.tables.finish_report` with this grid's ``cells.csv`` / ``per_case.csv`` rows."""
+    return tables_finish_report(out, cells, records, sections, files, headline, progress, _cell_rows)

@@ -27,9 +27,9 @@ import numpy as np
 from medadapt.benchmark import stats
 from medadapt.benchmark.grid import (GENERALIZATION, VARIANT, Cell, DatasetConfig, GridConfig, method_options,
                                      ti_options)
-from medadapt.benchmark.report import (CONVERGENCE_LEGEND, MISSING, _agg_csv, _csv, _fmt, _mark, _save, _values,
-                                       _write, aggregate, contour_panel, convergence_mark, display_name,
+from medadapt.benchmark.report import (_agg_csv, _fmt, _values, aggregate, contour_panel, display_name,
                                        finish_report, finished_cells)
+from medadapt.benchmark.tables import CONVERGENCE_LEGEND, MISSING, _csv, _mark, _save, _write, convergence_mark
 from medadapt.utils.tables import markdown_table
 
 FOOTNOTE = (

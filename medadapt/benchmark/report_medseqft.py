@@ -37,14 +37,13 @@ from typing import Any
 import numpy as np
 
 from medadapt.benchmark import stats
+from medadapt.benchmark.engine import stored_records
 from medadapt.benchmark.medseqft import (ABLATION_MARKS, DISPLAY, Cell, MedseqftConfig, Row, display_name,
-                                         enumerate_cells)
-from medadapt.benchmark.report import CONVERGENCE_LEGEND, _csv, _mark, _save, _write, record_levelled_off
-from medadapt.benchmark.runner_medseqft import grid_paths, load_cell_record
-from medadapt.errors import MedadaptError
+                                         enumerate_cells, grid_paths)
+from medadapt.benchmark.tables import (CONVERGENCE_LEGEND, MISSING, _csv, _mark, _save, _write, finish_report,
+                                       record_levelled_off, require_finished)
 from medadapt.utils.tables import markdown_table
 
-MISSING = "–"
 #: a row name with this suffix is the view of a K&G RFT row's refined models M_t (the merged encoder with
 #: M_{t-mid}'s decoder and head) instead of its task models M_{t-mid}
 REFINED = "@refined"
@@ -596,10 +595,8 @@ def _paired_csv(comp) -> dict[str, Any]:
 def finished_cells(config: MedseqftConfig, workdir: str | Path):
     paths = grid_paths(config, workdir)
     cells = enumerate_cells(config)
-    records = {c.cell_id: load_cell_record(paths, c) for c in cells}
-    if not any(records.values()):
-        raise MedadaptError(f"{paths.workdir}: no finished cells of grid {config.name!r}; run "
-                            f"'medadapt bench {config.cli_argument}' first (same --workdir)")
+    records = stored_records(paths, cells)
+    require_finished(config, paths, records)
     return paths, cells, records
 
 
@@ -712,15 +709,4 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
     files["paired.md"] = _write(out / "paired.md", p_md + "\n")
     files["paired.csv"] = _write(out / "paired.csv", _csv(p_csv))
     sections += ["\n## Paired comparisons ([md](paired.md), [csv](paired.csv))\n", p_md]
-    missing = [c.cell_id for c in cells if not records.get(c.cell_id)]
-    if missing:
-        sections.append(f"\n## Missing cells ({len(missing)})\n\n" + "\n".join(f"- `{m}`" for m in missing))
-    summary_rows, per_case_rows = _cell_rows(cells, records)
-    files["cells.csv"] = _write(out / "cells.csv", _csv(summary_rows))
-    files["per_case.csv"] = _write(out / "per_case.csv", _csv(per_case_rows))
-    files["report.md"] = _write(out / "report.md", "\n".join(sections) + "\n")
-    if progress:
-        print(t2_md)
-        print(f"report: {out / 'report.md'} ({done}/{len(cells)} cells)")
-    return {"dir": str(out), "files": {k: str(v) for k, v in files.items()}, "finished": done, "cells": len(cells),
-            "missing": missing}
+    return finish_report(out, cells, records, sections, files, t2_md, progress, _cell_rows)

@@ -15,67 +15,24 @@ not even all of that: the cell's fine-tuning resumes from its last epoch checkpo
 """
 from __future__ import annotations
 
-import contextlib
 import csv
+import dataclasses
 import json
-import os
 import platform
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, VARIANT, Cell, GridConfig,
-                                     enumerate_cells, stable_hash)
+from medadapt.benchmark.engine import Benchmark, cell_file, prepare_worker
+from medadapt.benchmark.engine import run_grid as engine_run_grid
+from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, VARIANT, Cell, GridConfig, GridPaths,
+                                     enumerate_cells, grid_paths, stable_hash)
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_json
-
-
-@dataclass(frozen=True)
-class GridPaths:
-    """Where a grid's shared inputs live; plain strings so it travels to Ray workers."""
-    workdir: str
-    foundation: str
-    datasets: dict[str, str]
-
-    def cell_dir(self, cell: Cell) -> Path:
-        return Path(self.workdir) / "cells" / cell.cell_id
-
-
-def default_workdir(config: GridConfig) -> Path:
-    return Path("medadapt_runs") / "bench" / config.name
-
-
-def grid_paths(config: GridConfig, workdir: str | Path) -> GridPaths:
-    workdir = Path(workdir).resolve()
-    datasets = {d.name: str(workdir / "data" / f"{d.name}-{stable_hash(d.key(config.data_seed), 8)}")
-                for d in config.datasets}
-    foundation = workdir / f"foundation-{stable_hash(config.foundation_key(), 8)}"
-    return GridPaths(str(workdir), str(foundation), datasets)
-
-
-def cell_file(paths: GridPaths, cell: Cell) -> Path:
-    return paths.cell_dir(cell) / "cell.json"
-
-
-def load_cell_record(paths: GridPaths, cell: Cell) -> dict[str, Any] | None:
-    """The stored record of ``cell``, or None if it has not finished (or was written by a different key)."""
-    return read_cell_record(cell_file(paths, cell), cell.key)
-
-
-def read_cell_record(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The record at ``path`` if it exists and was written for ``key`` (any grid's cells), else None."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # cannot happen with atomic writes, but an unreadable record is simply not finished
-    return record if record.get("key") == key else None
 
 
 def prepare_inputs(config: GridConfig, paths: GridPaths, progress: bool = True) -> None:
@@ -117,7 +74,7 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
     from medadapt.workflows.finetune import finetune, zero_shot
 
     started = time.perf_counter()
-    out = paths.cell_dir(cell)
+    out = paths.cell_dir(cell.cell_id)
     postprocess = cell.key.get("postprocess", "none")
     if cell.method in NO_TRAINING:  # zero-shot / generalization: the foundation's own outputs, by name
         try:
@@ -230,107 +187,61 @@ def _store_qualitative_slice(run: dict[str, Any], out: Path) -> str:
     return "qualitative.npz"
 
 
-# ---------------------------------------------------------------------------------------------- executors
+# ---------------------------------------------------------------------------------------------- the definitions
 
 def _ray_cell(cell_dict: dict, paths: GridPaths, threads: int) -> dict:
     """A Ray task: one cell on whichever node Ray chose (medadapt installed there, the work folder shared)."""
-    import torch
-
-    from medadapt.utils.allocator import keep_freed_memory
-
-    keep_freed_memory()
-    torch.set_num_threads(threads)
+    prepare_worker(threads)
     return run_cell(Cell.from_dict(cell_dict), paths, executor={"kind": "ray"})
 
 
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise MedadaptError("--ray: Ray is not installed; install it with pip install 'medadapt[ray]' or run "
-                            "without --ray") from None
-    return ray
+def _run_cell(cell: Cell, paths: GridPaths, progress: bool = False) -> dict[str, Any]:
+    return run_cell(cell, paths, progress=progress)  # looked up when called: tests replace run_cell
 
 
-@contextlib.contextmanager
-def ray_session(address: str):
-    """The ``ray`` module, connected to ``address`` ('local': a private instance here; 'auto' or an address: a
-    cluster) unless already initialised; shut down on exit if started here."""
-    ray = _import_ray()
-    started_here = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                  "logging_level": "ERROR", "configure_logging": True}
-        try:
-            if address == "local":  # a private instance on this machine
-                ray.init(num_cpus=os.cpu_count(), **kwargs)
-            else:  # "auto" (the cluster this machine belongs to) or "ray://host:port" / "host:port"
-                ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise MedadaptError(f"--ray {address}: cannot connect ({str(exc).splitlines()[0]}); start a cluster "
-                                "with 'ray start --head', pass its address, or use --ray local") from None
-        started_here = True
-    try:
-        yield ray
-    finally:
-        if started_here:
-            ray.shutdown()
+def _describe(cell: Cell, record: dict) -> str:
+    summary = next(iter(record["metrics"]["classes"].values()))
+    return f"DSC {100 * (summary['dsc']['mean'] or 0):.1f}%"
 
 
-def _run_on_ray(cells: list[Cell], paths: GridPaths, config: GridConfig, address: str,
-                on_done: Callable[[Cell, dict], None]) -> None:
-    with ray_session(address) as ray:
-        cpus, gpus = config.ray["cpus_per_cell"], config.ray["gpus_per_cell"]
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_ray_cell)
-        pending = {task.remote(cell.to_dict(), paths, cpus): cell for cell in cells}
-        try:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                cell = pending.pop(done[0])
-                on_done(cell, ray.get(done[0]))
-        finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+def _dgst_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
+    from medadapt.benchmark.report import write_report
+
+    return write_report(config, workdir, progress=progress)
+
+
+def _fseft_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
+    from medadapt.benchmark.report_fseft import write_report
+
+    return write_report(config, workdir, progress=progress)
+
+
+#: the DGST paper's grids (Tables 1-2, Fig. 3) and the FSEFT paper's (a config with an ``fseft`` section):
+#: one config format, one cell runner, two reports
+DGST = Benchmark(name="dgst", paths=grid_paths, cells=enumerate_cells, prepare=prepare_inputs, run_cell=_run_cell,
+                 ray_cell=_ray_cell, report=_dgst_report, describe=_describe)
+FSEFT = dataclasses.replace(DGST, name="fseft", report=_fseft_report)
+
+
+def benchmark_for(config: GridConfig) -> Benchmark:
+    return FSEFT if config.fseft is not None else DGST
+
+
+def write_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """The report of ``config``'s grid (DGST's, or FSEFT's for a config with an ``fseft`` section)."""
+    return benchmark_for(config).report(config, workdir, progress=progress)
+
+
+def shot_group_first(shots: int):
+    """``bench --first-shots``: the cells of Table 1's group at ``shots`` (not the all-samples rows) first."""
+    return lambda cell: cell.shots == shots and not cell.all_shot
 
 
 def run_grid(config: GridConfig, workdir: str | Path, ray_address: str | None = None, progress: bool = True,
              report: bool = True, first_shots: int | None = None) -> dict[str, Any]:
-    """Run every unfinished cell of ``config`` in ``workdir``; then write the report. Returns a summary.
+    """Run every unfinished cell of ``config`` in ``workdir``; then write the report (:func:`engine.run_grid`).
     ``first_shots``: the cells at that shot count run before the others (an order only: a grid that may not
     finish in the time at hand gives one complete group of Table 1 first)."""
-    paths = grid_paths(config, workdir)
-    cells = enumerate_cells(config)
-    todo = [c for c in cells if load_cell_record(paths, c) is None]
-    if first_shots is not None:
-        todo.sort(key=lambda c: c.shots != first_shots or c.all_shot)  # stable: the config's order otherwise
-    if progress:
-        print(f"grid {config.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
-              f"{len(todo)} to run -> {paths.workdir}", flush=True)
-    started = time.perf_counter()
-    if todo:
-        prepare_inputs(config, paths, progress=progress)
-    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
-
-    def on_done(cell: Cell, record: dict) -> None:
-        bar.update(1)
-        if progress:
-            summary = next(iter(record["metrics"]["classes"].values()))
-            tqdm.write(f"  {cell.cell_id}: DSC {100 * (summary['dsc']['mean'] or 0):.1f}% "
-                       f"({record['cell_seconds']:.0f} s)")
-
-    try:
-        if ray_address:
-            _run_on_ray(todo, paths, config, ray_address, on_done)
-        else:
-            for cell in todo:
-                bar.set_postfix_str(cell.cell_id, refresh=True)
-                on_done(cell, run_cell(cell, paths))
-    finally:
-        bar.close()
-    result = {"cells": len(cells), "ran": len(todo), "seconds": time.perf_counter() - started,
-              "workdir": paths.workdir}
-    if report:
-        from medadapt.benchmark.report import write_report  # dispatches to the FSEFT report for fseft grids
-
-        result["report"] = write_report(config, workdir, progress=progress)
-    return result
+    first = None if first_shots is None else shot_group_first(first_shots)
+    return engine_run_grid(benchmark_for(config), config, workdir, ray_address=ray_address, progress=progress,
+                           report=report, first=first)

@@ -23,65 +23,20 @@ import json
 import platform
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from tqdm.auto import tqdm
 
-from medadapt.benchmark.medseqft import CELL_FORMAT, UNSEEN_ROWS, Cell, MedseqftConfig, enumerate_cells
-from medadapt.benchmark.runner import _epoch_losses, _read_rows, ray_session, read_cell_record
-from medadapt.workflows.seqft import train_seconds
+from medadapt.benchmark.engine import Benchmark, prepare_worker
+from medadapt.benchmark.engine import run_grid as engine_run_grid
+from medadapt.benchmark.medseqft import (CELL_FORMAT, UNSEEN_ROWS, Cell, GridPaths, MedseqftConfig, enumerate_cells,
+                                         grid_paths)
+from medadapt.benchmark.runner import _epoch_losses, _read_rows
 from medadapt.errors import MedadaptError
+from medadapt.workflows.seqft import train_seconds
 from medadapt.utils.atomic import atomic_write_json, atomic_write_text
-from medadapt.utils.hashing import stable_hash
-
-
-@dataclass(frozen=True)
-class GridPaths:
-    """Where a grid's shared inputs live; plain strings so it travels to Ray workers."""
-
-    workdir: str
-    foundation: str
-    stream_dir: str                        # holds stream.yaml
-    datasets: dict[str, str]               # task name -> dataset folder (stream and unseen tasks)
-    sources: tuple[tuple[str, str], ...]   # (domain name, dataset folder) of the foundation's cohorts
-
-    @property
-    def stream_file(self) -> Path:
-        return Path(self.stream_dir) / "stream.yaml"
-
-    def cell_dir(self, cell_id: str) -> Path:
-        return Path(self.workdir) / "cells" / cell_id
-
-
-def default_workdir(config: MedseqftConfig) -> Path:
-    return Path("medadapt_runs") / "bench" / config.name
-
-
-def grid_paths(config: MedseqftConfig, workdir: str | Path) -> GridPaths:
-    from medadapt.synth import GENERATOR_VERSION
-
-    workdir = Path(workdir).resolve()
-    data = workdir / "data"
-    key = config.foundation_key()
-    sources = tuple((d["name"], str(data / (f"{d['name']}-" + stable_hash(
-        {"domain": d, "cases": key["cases"], "data_seed": key["data_seed"], "generator": GENERATOR_VERSION}, 8))))
-        for d in key["domains"])
-    datasets = {t.name: str(data / f"{t.name}-{stable_hash(config.dataset_key(t), 8)}")
-                for t in config.tasks + config.unseen}
-    return GridPaths(str(workdir), str(workdir / f"foundation-{stable_hash(key, 8)}"),
-                     str(data / f"{config.stream['name']}-{stable_hash(config.stream_key(), 8)}"), datasets, sources)
-
-
-def cell_file(paths: GridPaths, cell: Cell) -> Path:
-    return paths.cell_dir(cell.cell_id) / "cell.json"
-
-
-def load_cell_record(paths: GridPaths, cell: Cell) -> dict[str, Any] | None:
-    """The stored record of ``cell``, or None if it has not finished (or was written for another key)."""
-    return read_cell_record(cell_file(paths, cell), cell.key)
 
 
 def prepare_inputs(config: MedseqftConfig, paths: GridPaths, progress: bool = True) -> None:
@@ -241,80 +196,35 @@ def schedule(cells: list[Cell], config: MedseqftConfig) -> list[Cell]:
 
 
 def _ray_cell(cell_dict: dict, paths: GridPaths, threads: int) -> dict:
-    import torch
-
-    from medadapt.utils.allocator import keep_freed_memory
-
-    keep_freed_memory()
-    torch.set_num_threads(threads)
+    """A Ray task: one cell on whichever node Ray chose (medadapt installed there, the work folder shared)."""
+    prepare_worker(threads)
     return run_cell(Cell.from_dict(cell_dict), paths, executor={"kind": "ray"})
 
 
-def _run_on_ray(cells: list[Cell], paths: GridPaths, config: MedseqftConfig, address: str,
-                on_done: Callable[[Cell, dict], None]) -> None:
-    """Every cell as a Ray task, a dependent cell submitted once the cell it starts from has finished."""
-    waiting = list(cells)
-    todo_ids = {c.cell_id for c in cells}
-    with ray_session(address) as ray:
-        cpus, gpus = config.ray["cpus_per_cell"], config.ray["gpus_per_cell"]
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_ray_cell)
-        pending: dict[Any, Cell] = {}
-        finished: set[str] = set()
+def _run_cell(cell: Cell, paths: GridPaths, progress: bool = False) -> dict[str, Any]:
+    return run_cell(cell, paths, progress=progress)  # looked up when called: tests replace run_cell
 
-        def submit_ready() -> None:
-            for cell in list(waiting):
-                if cell.depends is None or cell.depends not in todo_ids or cell.depends in finished:
-                    waiting.remove(cell)
-                    pending[task.remote(cell.to_dict(), paths, cpus)] = cell
 
-        try:
-            submit_ready()
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                cell = pending.pop(done[0])
-                on_done(cell, ray.get(done[0]))
-                finished.add(cell.cell_id)
-                submit_ready()
-        finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+def _describe(cell: Cell, record: dict) -> str:
+    metrics = [t["metrics"] for t in record["tasks"]] if cell.kind == "stream" else [record["metrics"]]
+    dsc = [m["foreground_mean"].get("dsc") for m in metrics]
+    mean = sum(d for d in dsc if d is not None) / max(1, sum(d is not None for d in dsc))
+    return f"mean Dice {100 * mean:.1f}%"
+
+
+def _report(config: MedseqftConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
+    from medadapt.benchmark.report_medseqft import write_report
+
+    return write_report(config, workdir, progress=progress)
+
+
+#: the MedSeqFT paper's grid (Tables II, III, VI, VII, Fig. 4): stream cells (a seqft run each) and unseen-task
+#: cells, an fft-mn cell after the stream cell it starts from
+MEDSEQFT = Benchmark(name="medseqft", paths=grid_paths, cells=enumerate_cells, prepare=prepare_inputs,
+                     run_cell=_run_cell, ray_cell=_ray_cell, report=_report, describe=_describe, order=schedule)
 
 
 def run_grid(config: MedseqftConfig, workdir: str | Path, ray_address: str | None = None, progress: bool = True,
              report: bool = True) -> dict[str, Any]:
-    """Run every unfinished cell of ``config`` in ``workdir``, then write the report. Returns a summary."""
-    paths = grid_paths(config, workdir)
-    cells = enumerate_cells(config)
-    todo = schedule([c for c in cells if load_cell_record(paths, c) is None], config)
-    if progress:
-        print(f"grid {config.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
-              f"{len(todo)} to run -> {paths.workdir}", flush=True)
-    started = time.perf_counter()
-    if todo:
-        prepare_inputs(config, paths, progress=progress)
-    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
-
-    def on_done(cell: Cell, record: dict) -> None:
-        bar.update(1)
-        if progress:
-            metrics = [t["metrics"] for t in record["tasks"]] if cell.kind == "stream" else [record["metrics"]]
-            dsc = [m["foreground_mean"].get("dsc") for m in metrics]
-            mean = sum(d for d in dsc if d is not None) / max(1, sum(d is not None for d in dsc))
-            tqdm.write(f"  {cell.cell_id}: mean Dice {100 * mean:.1f}% ({record['cell_seconds']:.0f} s)")
-
-    try:
-        if ray_address:
-            _run_on_ray(todo, paths, config, ray_address, on_done)
-        else:
-            for cell in todo:
-                bar.set_postfix_str(cell.cell_id, refresh=True)
-                on_done(cell, run_cell(cell, paths, progress=False))
-    finally:
-        bar.close()
-    result = {"cells": len(cells), "ran": len(todo), "seconds": time.perf_counter() - started,
-              "workdir": paths.workdir}
-    if report:
-        from medadapt.benchmark.report_medseqft import write_report
-
-        result["report"] = write_report(config, workdir, progress=progress)
-    return result
+    """Run every unfinished cell of ``config`` in ``workdir``, then write the report (:func:`engine.run_grid`)."""
+    return engine_run_grid(MEDSEQFT, config, workdir, ray_address=ray_address, progress=progress, report=report)

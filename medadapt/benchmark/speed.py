@@ -320,7 +320,7 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
                     progress: bool = True, against_nnunet: bool = False, precision: str = "auto") -> dict:
     """The ``bench-speed`` command: time, measure memory, print a table (or JSON), return the results.
     ``against_nnunet``: time medadapt's training step against nnU-Net's instead
-    (:mod:`medadapt.benchmark.speed_nnunet`; full and dgst, no memory measurement). ``precision``: the
+    (the ``nnunet`` speed reference of :mod:`medadapt.plugins`, :mod:`medadapt.nnunet.speed`; full and dgst, no memory measurement). ``precision``: the
     engine's (auto: fp16 autocast + gradient scaler on CUDA, as nnU-Net's trainer; fp32 on the CPU)."""
     from medadapt.engine.precision import resolve_precision
 
@@ -338,9 +338,9 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
         folder = load_model_folder(model)
         spec, weights = folder.network, folder.path / "weights.pt"
         if against_nnunet:
-            from medadapt.benchmark.speed_nnunet import check_network
+            from medadapt.plugins import speed_reference
 
-            check_network(spec, folder)  # before loading the weights: one line for a network nnU-Net cannot train
+            speed_reference("nnunet").check(spec, folder)  # before loading the weights: one line for a network nnU-Net cannot train
         foundation = folder.load_network()
         label = str(model)
     else:
@@ -348,9 +348,9 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
         spec = preset(preset_name or "cpu-small", input_channels=1, num_classes=2)
         weights = None
         if against_nnunet:
-            from medadapt.benchmark.speed_nnunet import check_network
+            from medadapt.plugins import speed_reference
 
-            check_network(spec)
+            speed_reference("nnunet").check(spec)
         torch.manual_seed(0)
         foundation = build_network(spec)
         label = f"preset {preset_name or 'cpu-small'}"
@@ -370,7 +370,9 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
         raise MedadaptError(f"--warmup {warmup}: must be >= 0")
     precision = resolve_precision(precision, device)
     if against_nnunet:
-        from medadapt.benchmark.speed_nnunet import run_against_nnunet
+        from medadapt.plugins import speed_reference
+
+        run_against_nnunet = speed_reference("nnunet").run
 
         return run_against_nnunet(foundation, spec, label, patch, batch, iterations, warmup, device, as_json, options,
                                   folder, progress, precision=precision)

@@ -52,7 +52,11 @@ def _to_3d(img: nib.Nifti1Image, path: Path) -> np.ndarray:
             f"{path}: image has shape {tuple(img.shape)}, expected a 3D volume; "
             "split multi-channel or 4D images into one file per channel (_0000, _0001, ...)"
         )
-    data = np.asanyarray(img.dataobj).reshape(shape)
+    try:
+        data = np.asanyarray(img.dataobj).reshape(shape)
+    except Exception as exc:  # a truncated .nii.gz: EOFError, zlib.error, OSError; a short .nii: ValueError
+        raise MedadaptError(f"{path}: its voxel data cannot be read ({type(exc).__name__}: {exc}); the file is "
+                            "truncated or corrupt: copy or export it again") from None
     return data
 
 

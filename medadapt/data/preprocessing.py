@@ -243,7 +243,8 @@ class PreprocessingPlan:
     intensity_properties: list[IntensityProperties | None]  # one per channel (needed by "CT")
     orientation: str | None = None  # axis codes of the training data, e.g. "RAS"; None = never reorient
     #: an nnU-Net model's plans ({"plans", "configuration", ...}): cases then go through nnunetv2's own
-    #: preprocessor and export code (medadapt.nnunet.preprocessing); the fields above only describe them
+    #: preprocessor and export code (the nnU-Net plugin's case backend, medadapt.plugins); the fields above only
+    #: describe them
     nnunet: dict[str, Any] | None = None
     #: one per channel: the range of a "ScaleIntensityRange" channel, None for the others; None when no
     #: channel uses that scheme (and then absent from to_dict(), so older plans keep their cache key)
@@ -416,10 +417,10 @@ def preprocess_case(images: list[Volume], label: Volume | None, plan: Preprocess
 
     A plan from an nnU-Net model (``plan.nnunet``) runs nnunetv2's own preprocessor instead.
     """
-    if plan.nnunet is not None:
-        from medadapt.nnunet.preprocessing import preprocess_case as nnunet_preprocess_case
+    if plan.nnunet is not None:  # nnunetv2's own preprocessor, from the nnU-Net plugin (medadapt.plugins)
+        from medadapt.plugins import case_backend
 
-        return nnunet_preprocess_case(images, label, plan)
+        return case_backend("nnunet", "a model with nnU-Net plans").preprocess_case(images, label, plan)
     if len(images) != len(plan.normalization):
         where = images[0].path if images and images[0].path is not None else "input"
         raise MedadaptError(f"{where}: {len(images)} channel image(s) but the model's plan expects "

@@ -9,7 +9,7 @@ models (one independent output per class) give a voxel the most probable class a
 thresholds (0.5 unless the model folder says otherwise), else background. (nnU-Net's region-based inference
 instead lets later classes overwrite earlier ones where both pass 0.5; the two agree wherever at most one
 class passes.) A model from nnU-Net (its plan carries nnU-Net plans) is preprocessed and reverted with
-nnunetv2's own code instead (medadapt.nnunet.preprocessing).
+nnunetv2's own code instead (the nnU-Net plugin's case backend: medadapt.plugins).
 
 Classes (``classes``): by default every class of the model, written with the model's label ids. A mapping
 ``{name: id}`` of some of the model's class names predicts only those, written with the given ids (e.g. a
@@ -139,9 +139,10 @@ class Predictor:
         logits = self.predict_logits(case.data)
         names = {v: k for k, v in self.folder.labels.items()}
         if self.plan.nnunet is not None:  # an nnU-Net model: nnU-Net's own export (resample logits, uncrop)
-            from medadapt.nnunet.preprocessing import revert_logits
+            from medadapt.plugins import case_backend
 
-            seg = revert_logits(logits, case.properties, self.plan, self.folder.labels)
+            revert = case_backend("nnunet", "a model with nnU-Net plans").revert_logits
+            seg = revert(logits, case.properties, self.plan, self.folder.labels)
             lut = np.zeros(max(self.folder.labels.values()) + 1, dtype=np.int16)
             for v, name in names.items():
                 lut[v] = self.classes.get(name, 0)

@@ -143,16 +143,18 @@ def save_model_folder(path: str | Path, network: nn.Module, folder: ModelFolder)
 
 def load_model_folder(path: str | Path) -> ModelFolder:
     path = Path(path)
-    from medadapt.nnunet.model import is_nnunet_model  # detection only: nnunetv2 is imported when one is found
+    from medadapt.plugins import PROVIDERS, detect_model
 
-    if is_nnunet_model(path):  # an nnU-Net v2 trained model folder or its exported zip
-        from medadapt.nnunet.model import load_nnunet_model
-
-        return load_nnunet_model(path)
+    loader = detect_model(path)  # a format a plugin adds: an nnU-Net v2 trained model folder or its zip
+    if loader is not None:
+        return loader.load(path)
     plans_file = path / "plans.json"
     if not plans_file.is_file():
+        hint = ""
+        if path.suffix == ".zip" or any(path.glob("*/fold_*")) or any(path.glob("fold_*")):
+            hint = f" (an nnU-Net model needs medadapt's nnU-Net plugin: {PROVIDERS['nnunet']})"
         raise MedadaptError(f"{path}: not a medadapt model folder (no plans.json); pass the folder "
-                            "written by 'medadapt pretrain' or 'medadapt finetune' (its model/ subfolder)")
+                            "written by 'medadapt pretrain' or 'medadapt finetune' (its model/ subfolder)" + hint)
     import json
 
     try:

@@ -13,9 +13,12 @@ nnU-Net initialises them, He-normal with negative slope 1e-2, zero bias, seeded 
 labels must be classes of the foundation; a subset is fine). A sigmoid foundation (partially labelled) gives a
 sigmoid fine-tuned model, trained with the recipe's loss in its sigmoid form.
 
-A run folder belongs to one run: its identity (method and options, shots, seed, split seed, dataset, the
-foundation's weights, head policy, training settings) is written to ``identity.json`` before training, and a
-re-run or ``--resume`` into the folder with any of these different stops with one line naming the difference.
+A run folder belongs to one run: its identity (the whole resolved :class:`FinetuneSettings`: method and
+options, shots, seeds, head policy, the recipe's contents, the training settings, patch, batch, sampling,
+post-processing; the dataset and the foundation's weights) is written to ``identity.json`` before training,
+and a re-run or ``--resume`` into the folder with any of these different stops with one line naming the
+difference (medadapt.workflows.identity). A folder in use by another process is refused
+(medadapt.utils.lock).
 
 :func:`zero_shot` evaluates the foundation model itself, with its own heads, on the same test split (the
 "no fine-tuning" reference row; FSEFT's "Generalization").
@@ -64,12 +67,14 @@ from medadapt.tuning.transductive import Transductive, case_spacing
 from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_path, atomic_write_json
 from medadapt.utils.hashing import stable_hash
+from medadapt.utils.lock import locks_folder
 from medadapt.workflows.common import (dataset_cache_dir, environment, model_fingerprint, total_parameter_count,
                                        trainable_parameter_count)
+from medadapt.workflows.identity import check_identity, record_identity, settings_digest
 
 DEFAULT_RECIPE = "dgst-paper"  # for a model folder that recommends none
 #: the layout of a run's identity record; bump it when what identity.json holds changes
-RUN_FORMAT = "medadapt-run/2"
+RUN_FORMAT = "medadapt-run/3"  # 3: the whole resolved settings (FinetuneSettings)
 HEAD_POLICIES = ("fresh", "keep", "match")
 #: --pretext-decoder: auto, or one of medadapt.tuning.base.DECODER_POLICIES
 PRETEXT_DECODER_CHOICES = ("auto", "new", "pretrained")
@@ -207,54 +212,46 @@ def head_parameter_names(network: torch.nn.Module) -> set[str]:
     return names
 
 
-def run_identity(strategy_config: dict, shots: int, seed: int, split_seed: int, dataset: RawDataset,
-                 folder: ModelFolder, foundation: dict[str, torch.Tensor], head: str, training: dict) -> dict[str, Any]:
-    """What makes a run this run: compared on every re-run or resume into the same folder (``foundation``:
-    the folder's loaded state dict)."""
-    return {"format": RUN_FORMAT, "method": strategy_config, "shots": shots, "seed": seed, "split_seed": split_seed,
-            "seeds": seeds.SCHEME, "dataset": {"path": str(Path(dataset.root).resolve()), "name": dataset.name,
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """Everything that decides a fine-tuning run's result, resolved from the recipe (its contents), the model
+    folder (patch, batch) and the flags; the run's identity is this object as data (:func:`run_identity`)."""
+
+    method: dict                 #: the strategy's record: name, options, decoder policy
+    shots: int
+    seed: int
+    split_seed: int
+    head: str
+    training: dict               #: TrainingConfig.to_dict(): budget, lr, optimiser, schedule, loss, precision
+    recipe: dict                 #: the resolved recipe's contents (not only its name)
+    patch_size: tuple[int, ...]
+    batch_size: int
+    patches_per_case: int | str
+    augmentation: str
+    head_init: str
+    deep_supervision: bool | None
+    postprocess: str
+    transductive: dict | None = None
+    feature_cache: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_identity(settings: dict[str, Any], dataset: RawDataset, folder: ModelFolder,
+                 foundation: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What makes a run this run (medadapt.workflows.identity): the resolved ``settings`` (a
+    :class:`FinetuneSettings` as data), the dataset and the foundation's weights (``foundation``: the folder's
+    loaded state dict), and the settings' digest."""
+    return {"format": RUN_FORMAT, **settings, "seeds": seeds.SCHEME,
+            "dataset": {"path": str(Path(dataset.root).resolve()), "name": dataset.name,
                         "labels": dataset.labels, "cases": stable_hash(dataset.case_ids, 16)},
             "foundation": {"path": str(Path(folder.path).resolve()) if folder.path else None,
                            "weights": model_fingerprint(folder, foundation)},
-            "head": head, "training": training}
+            "settings_digest": settings_digest(settings)}
 
 
-def check_identity(out: Path, identity: dict[str, Any]) -> None:
-    """Refuse a run folder made for another run, with one line naming the first difference."""
-    path = out / "identity.json"
-    if not path.is_file():
-        if (out / "run.json").is_file() or (out / "training" / "checkpoint_latest.pt").is_file():
-            raise MedadaptError(f"{out}: holds a run without an identity record (made by an older medadapt); "
-                                "use a new --out folder")
-        return
-    stored = json.loads(path.read_text())
-    current = json.loads(json.dumps(identity))  # as stored: tuples become lists
-    diff = first_difference(stored, current)
-    if diff is not None:
-        key, old, new = diff
-        raise MedadaptError(f"{out}: holds a run with {key} = {json.dumps(old)}, this one has "
-                            f"{json.dumps(new)}; use a new --out folder or the run's own settings")
-
-
-def record_identity(out: Path, identity: dict[str, Any]) -> None:
-    """Write ``identity.json`` (once every input has been checked, right before the first output)."""
-    if not (out / "identity.json").is_file():
-        atomic_write_json(out / "identity.json", identity)
-
-
-def first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in list(old) + [k for k in new if k not in old]:
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old or key not in new:
-                return name, old.get(key), new.get(key)
-            diff = first_difference(old[key], new[key], name)
-            if diff is not None:
-                return diff
-        return None
-    return None if old == new else (prefix, old, new)
-
-
+@locks_folder("out")
 def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, shots: "int | str", seed: int = 0,
              gamma: int | None = None, split_seed: int = 0, epochs: int | None = None,
              iterations_per_epoch: int | None = None, lr: float | None = None, resume: bool = False,
@@ -323,20 +320,15 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         raise MedadaptError(f"--feature-cache: --method {method} trains nothing; use linear-probe or "
                             "spatial-adapter")
     foundation = folder.load_network().state_dict()  # loaded once: identity, head transfer and delta use it
-    identity = run_identity(strategy.config(), shots, seed, split_seed, dataset, folder, foundation, head,
-                            config.to_dict())
-    identity["postprocess"] = postprocess
-    if transductive is not None:  # recorded only when used: identities of inductive runs stay as they were
-        identity["transductive"] = transductive.record()
-    if resolved.patches_per_case != 1:  # likewise
-        identity["patches_per_case"] = resolved.patches_per_case
-    for key, default in (("augmentation", "nnunet"), ("head_init", "nnunet"), ("deep_supervision", None)):
-        if getattr(resolved, key) != default:  # likewise: the recipe's newer settings, only when set
-            identity[key] = getattr(resolved, key)
-    if resolved.batch_size is not None and resolved.batch_size != folder.network.batch_size:
-        identity["batch_size"] = resolved.batch_size
-    if feature_cache:
-        identity["feature_cache"] = True
+    settings = FinetuneSettings(
+        method=strategy.config(), shots=shots, seed=seed, split_seed=split_seed, head=head,
+        training=config.to_dict(), recipe=resolved.to_dict(),
+        patch_size=tuple(resolved.patch_size or folder.network.patch_size),
+        batch_size=resolved.batch_size or folder.network.batch_size, patches_per_case=resolved.patches_per_case,
+        augmentation=resolved.augmentation, head_init=resolved.head_init,
+        deep_supervision=resolved.deep_supervision, postprocess=postprocess,
+        transductive=transductive.record() if transductive is not None else None, feature_cache=bool(feature_cache))
+    identity = run_identity(settings.to_dict(), dataset, folder, foundation)
     if distributed.is_main():
         check_identity(out, identity)
     if run_file.is_file():
@@ -531,6 +523,7 @@ def predict_and_evaluate(folder: ModelFolder, network: torch.nn.Module, dataset:
     return evaluate_cases(dataset, test_ids, out, progress)
 
 
+@locks_folder("out")
 def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: int = 0, resume: bool = False,
               progress: bool = True, postprocess: str = "none", all_cases: bool = False) -> dict[str, Any]:
     """The foundation model, with its own heads and no fine-tuning, on ``data``'s test split (``all_cases``:
@@ -554,12 +547,9 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
                             f"({', '.join(folder.foreground)}), so the model's own heads cannot be evaluated on "
                             "it zero-shot; fine-tune instead")
     network = folder.load_network()
-    identity = run_identity({"name": "zero-shot"}, 0, 0, split_seed, dataset, folder, network.state_dict(), "keep",
-                            {})
-    if postprocess != "none":  # recorded only when used: the identities of earlier zero-shot runs stay valid
-        identity["postprocess"] = postprocess
-    if all_cases:
-        identity["cases"] = "all"
+    identity = run_identity({"method": {"name": "zero-shot"}, "shots": 0, "seed": 0, "split_seed": split_seed,
+                             "head": "keep", "postprocess": postprocess, "cases": "all" if all_cases else "test"},
+                            dataset, folder, network.state_dict())
     check_identity(out, identity)
     if run_file.is_file():
         return json.loads(run_file.read_text())

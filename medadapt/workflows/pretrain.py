@@ -28,6 +28,7 @@ from medadapt.models.network import preset_recipes, seeded_network
 from medadapt.tuning import FullFineTuning
 from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_write_json
+from medadapt.utils.lock import locks_folder
 from medadapt.workflows.common import dataset_cache_dir, environment, load_datasets, total_parameter_count
 
 
@@ -36,6 +37,7 @@ OBJECTIVES = ("supervised", "mae")
 SEGMENTATION_LOSSES = ("dice_ce", "dice")
 
 
+@locks_folder("out")
 def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_name: str = "cpu-small",
              epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
              seed: int = 0, resume: bool = False, progress: bool = True,

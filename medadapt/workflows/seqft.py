@@ -52,7 +52,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from medadapt.data.augmentation import Augmentation
 from medadapt.data.cache import preprocess_dataset
@@ -74,11 +73,12 @@ from medadapt.tuning.distill import EncoderLoRADistillation, FeatureDistillation
 from medadapt.utils.atomic import atomic_write_json, atomic_write_text
 from medadapt.utils import seeds
 from medadapt.utils.hashing import stable_hash
+from medadapt.utils.lock import locks_folder
 from medadapt.workflows.common import dataset_cache_dir, environment, model_fingerprint
-from medadapt.workflows.finetune import (DEFAULT_RECIPE, decoder_policy, first_difference, load_foundation,
-                                         predict_and_evaluate)
+from medadapt.workflows.finetune import DEFAULT_RECIPE, decoder_policy, load_foundation, predict_and_evaluate
+from medadapt.workflows.identity import first_difference, settings_digest
 
-FORMAT = "medadapt-seqft/1"
+FORMAT = "medadapt-seqft/2"  # 2: the recipes' contents, patch and batch, and the settings' digest
 SEQUENTIAL = {"seq-ft": ("none", "none"), "medseqft": ("mds", "lora-kd")}
 RETENTIONS = ("none", "lora-kd")
 #: joint multi-task training on every task at once (task-specific heads): the upper reference
@@ -237,6 +237,9 @@ def check_stream_identity(out: Path, identity: dict[str, Any]) -> None:
     if not path.is_file():
         return
     stored = json.loads(path.read_text())
+    if stored.get("format") != identity["format"]:
+        raise MedadaptError(f"{out}: holds a sequential run recorded as {stored.get('format') or 'an older format'} "
+                            f"by an older medadapt (this one writes {identity['format']}); use a new --out folder")
     current = json.loads(json.dumps(identity))
     old_tasks, new_tasks = stored.get("tasks", []), current.get("tasks", [])
     if len(new_tasks) < len(old_tasks) and new_tasks == old_tasks[:len(new_tasks)]:
@@ -255,6 +258,7 @@ def check_stream_identity(out: Path, identity: dict[str, Any]) -> None:
                             "use a new --out folder or the run's own settings")
 
 
+@locks_folder("out")
 def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, method: str = "medseqft",
           buffer: str | None = None, retention: str | None = None, buffer_size: int = 4, mds_repeats: int = 16,
           kd_rank: int = 2, kd_until: str = "levelled", kd_max_epochs: int | None = None,
@@ -339,6 +343,10 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
         "foundation": {"path": str(Path(folder0.path).resolve()), "weights": model_fingerprint(folder0, foundation)},
         "training": config.to_dict(), "kd_training": kd_config.to_dict() if kd_config else None,
     }
+    identity.update(recipe=resolved.to_dict(), kd_recipe=kd_resolved.to_dict() if kd_resolved else None,
+                    patch_size=list(resolved.patch_size or folder0.network.patch_size),
+                    batch_size=resolved.batch_size or folder0.network.batch_size)
+    identity["settings_digest"] = settings_digest({k: v for k, v in identity.items() if k != "tasks"})
     if (out / "seqft.json").is_file() and not resume:
         raise MedadaptError(f"{out}: holds a sequential run; pass --resume to continue it or choose another --out")
     check_stream_identity(out, identity)

@@ -181,7 +181,7 @@ def pretrain_ssl_head(model: str | Path, data: "str | Path | Sequence[str | Path
     of the preset the foundation was pretrained with, else ``mae-nnssl``; its loss must be ``mae``), with
     ``epochs``, ``iterations_per_epoch`` and ``lr`` overriding it where given. ``resume`` continues a killed
     run in ``out`` (or returns the finished folder)."""
-    from medadapt.workflows.finetune import check_identity, record_identity
+    from medadapt.workflows.identity import check_identity, record_identity
 
     out = Path(out)
     folder = load_model_folder(model)

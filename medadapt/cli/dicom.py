@@ -1,6 +1,5 @@
-"""The DICOM commands of the ``medadapt`` command line: ``import-dicom``, ``to-dicom``, ``dataset-to-dicom``, and
-``predict``'s DICOM input and ``--format rtstruct|seg`` (docs/dicom.md). ``medadapt.cli`` calls
-:func:`add_parsers` where it builds its subcommands; the handlers here only parse and print."""
+"""The DICOM commands: ``import-dicom``, ``to-dicom``, ``dataset-to-dicom``, and ``predict``'s DICOM input and
+``--format rtstruct|seg`` (docs/dicom.md); each parser beside its handler, which only parses and prints."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +8,24 @@ from pathlib import Path
 
 from medadapt.errors import MedadaptError
 
-PREDICT_FORMATS = ("nifti", "rtstruct", "seg")
+#: each command's one line in 'medadapt --help'
+HELP = {
+    "import-dicom": "CT series + RT Structure Sets (a planning-system export) -> nnU-Net v2 raw dataset",
+    "to-dicom": "a NIfTI label map on a CT series -> RTSTRUCT or DICOM-SEG for the planning system",
+    "dataset-to-dicom": "a raw dataset's cases as DICOM exports (CT series + RTSTRUCT per case)",
+}
 
 
-def add_parsers(sub) -> None:
+def predict_formats() -> tuple[str, ...]:
+    """``predict --format``: NIfTI label maps, or one of the DICOM objects :mod:`medadapt.dicom.export` writes."""
+    from medadapt.dicom.export import FORMATS
+
+    return ("nifti", *FORMATS)
+
+
+def add_import_dicom(sub) -> None:
     p = sub.add_parser(
-        "import-dicom", help="CT series + RT Structure Sets (a planning-system export) -> nnU-Net v2 raw dataset",
+        "import-dicom", help=HELP["import-dicom"],
         description="Walk SOURCE for DICOM files, group CT images by series and RTSTRUCTs by the series they "
                     "reference (else by frame of reference; contours whose images are absent are placed by "
                     "position, with a warning), sort slices along the slice normal, convert to HU, rasterise "
@@ -38,47 +49,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_import_dicom)
 
-    p = sub.add_parser(
-        "to-dicom", help="a NIfTI label map on a CT series -> RTSTRUCT or DICOM-SEG for the planning system",
-        description="Write LABELMAP (a NIfTI label map on the grid of the CT series --reference, e.g. a medadapt "
-                    "prediction) as an RT Structure Set (one ROI per label, a colour each; contours per slice, "
-                    "outer contours and holes, in patient coordinates on the slices' positions, each referencing "
-                    "its image) or as a DICOM-SEG (highdicom; the segmentation algorithm named: medadapt, its "
-                    "version, the model). New series and instance UIDs; patient, study and frame of reference "
-                    "are the reference series'.")
-    p.add_argument("labelmap", type=Path, help="NIfTI label map (.nii.gz) on the reference series' grid")
-    p.add_argument("--reference", type=Path, required=True, help="folder of the CT series the label map belongs to")
-    p.add_argument("--out", type=Path, required=True, help="DICOM file to write, e.g. rs.dcm")
-    p.add_argument("--format", choices=("rtstruct", "seg"), required=True,
-                   help="rtstruct (RT Structure Set, what planning systems import) or seg (DICOM Segmentation)")
-    names = p.add_mutually_exclusive_group()
-    names.add_argument("--labels", default=None, metavar="NAMES",
-                       help="names of the labels: 1=GTVn,2=Parotid_L, or GTVn,Parotid_L (ids 1, 2, ...), or a "
-                            "dataset.json (its labels); default: the model's with --model, else label_<id>")
-    names.add_argument("--model", type=Path, default=None, help="model folder whose label names to use (and "
-                                                                "whose name the DICOM-SEG records)")
-    p.set_defaults(func=cmd_to_dicom)
 
-    p = sub.add_parser(
-        "dataset-to-dicom", help="a raw dataset's cases as DICOM exports (CT series + RTSTRUCT per case)",
-        description="Write each case of an nnU-Net v2 raw dataset as a planning system's export: "
-                    "OUT/<case>/CT/CT.<k>.dcm (axial CT, HU) and OUT/<case>/RS.dcm (one ROI per label). With "
-                    "'medadapt synth' it makes DICOM data to try import-dicom, predict --format and to-dicom on.")
-    p.add_argument("dataset", type=Path, help="nnU-Net v2 raw dataset folder")
-    p.add_argument("--out", type=Path, required=True, help="export folder (one subfolder per case)")
-    p.add_argument("--roi-name", action="append", default=None, metavar="LABEL=ROINAME",
-                   help="the ROI name to write for a label (default: the label's name), e.g. lymph_node=LN_Neck_L; "
-                        "repeat for more labels")
-    p.add_argument("--cases", type=int, default=None, help="only the first N cases (default: all)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=cmd_dataset_to_dicom)
-
-
-def _say(quiet: bool):
-    return None if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
-
-
-# ---------------------------------------------------------------------------------------------------- commands
 def cmd_import_dicom(args) -> int:
     from medadapt.dicom.importer import MAPPING_CSV, MAPPING_JSON, import_dicom
 
@@ -93,17 +64,29 @@ def cmd_import_dicom(args) -> int:
     return 0
 
 
-def _model_labels(model: Path) -> tuple[dict[int, str], str]:
-    from medadapt.models import load_model_folder
+def add_to_dicom(sub) -> None:
+    p = sub.add_parser(
+        "to-dicom", help=HELP["to-dicom"],
+        description="Write LABELMAP (a NIfTI label map on the grid of the CT series --reference, e.g. a medadapt "
+                    "prediction) as an RT Structure Set (one ROI per label, a colour each; contours per slice, "
+                    "outer contours and holes, in patient coordinates on the slices' positions, each referencing "
+                    "its image) or as a DICOM-SEG (highdicom; the segmentation algorithm named: medadapt, its "
+                    "version, the model). New series and instance UIDs; patient, study and frame of reference "
+                    "are the reference series'.")
+    p.add_argument("labelmap", type=Path, help="NIfTI label map (.nii.gz) on the reference series' grid")
+    p.add_argument("--reference", type=Path, required=True, help="folder of the CT series the label map belongs to")
+    p.add_argument("--out", type=Path, required=True, help="DICOM file to write, e.g. rs.dcm")
+    from medadapt.dicom.export import FORMATS
 
-    folder = load_model_folder(model)
-    return {v: k for k, v in folder.foreground.items()}, model_name(folder)
-
-
-def model_name(folder) -> str:
-    """How DICOM outputs name a model: its folder ('runs/dgst/model' -> 'dgst/model')."""
-    path = Path(folder.path) if folder.path is not None else Path("model")
-    return f"{path.parent.name}/{path.name}" if path.name == "model" and path.parent.name else path.name
+    p.add_argument("--format", choices=FORMATS, required=True,
+                   help="rtstruct (RT Structure Set, what planning systems import) or seg (DICOM Segmentation)")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--labels", default=None, metavar="NAMES",
+                       help="names of the labels: 1=GTVn,2=Parotid_L, or GTVn,Parotid_L (ids 1, 2, ...), or a "
+                            "dataset.json (its labels); default: the model's with --model, else label_<id>")
+    names.add_argument("--model", type=Path, default=None, help="model folder whose label names to use (and "
+                                                                "whose name the DICOM-SEG records)")
+    p.set_defaults(func=cmd_to_dicom)
 
 
 def cmd_to_dicom(args) -> int:
@@ -115,6 +98,22 @@ def cmd_to_dicom(args) -> int:
     out = to_dicom(args.labelmap, args.reference, args.out, args.format, labels=names, model_name=name)
     print(f"wrote {'RT Structure Set' if args.format == 'rtstruct' else 'DICOM-SEG'} {out}")
     return 0
+
+
+def add_dataset_to_dicom(sub) -> None:
+    p = sub.add_parser(
+        "dataset-to-dicom", help=HELP["dataset-to-dicom"],
+        description="Write each case of an nnU-Net v2 raw dataset as a planning system's export: "
+                    "OUT/<case>/CT/CT.<k>.dcm (axial CT, HU) and OUT/<case>/RS.dcm (one ROI per label). With "
+                    "'medadapt synth' it makes DICOM data to try import-dicom, predict --format and to-dicom on.")
+    p.add_argument("dataset", type=Path, help="nnU-Net v2 raw dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="export folder (one subfolder per case)")
+    p.add_argument("--roi-name", action="append", default=None, metavar="LABEL=ROINAME",
+                   help="the ROI name to write for a label (default: the label's name), e.g. lymph_node=LN_Neck_L; "
+                        "repeat for more labels")
+    p.add_argument("--cases", type=int, default=None, help="only the first N cases (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_dataset_to_dicom)
 
 
 def cmd_dataset_to_dicom(args) -> int:
@@ -133,14 +132,30 @@ def cmd_dataset_to_dicom(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------- predict
+def _say(quiet: bool):
+    return None if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+
+
+def _model_labels(model: Path) -> tuple[dict[int, str], str]:
+    from medadapt.models import load_model_folder
+
+    folder = load_model_folder(model)
+    return {v: k for k, v in folder.foreground.items()}, model_name(folder)
+
+
+def model_name(folder) -> str:
+    """How DICOM outputs name a model: its folder ('runs/dgst/model' -> 'dgst/model')."""
+    path = Path(folder.path) if folder.path is not None else Path("model")
+    return f"{path.parent.name}/{path.name}" if path.name == "model" and path.parent.name else path.name
+
+
 def find_input_series(path: Path, fmt: str):
     """The CT series under ``predict --input`` when it is a DICOM folder (one case per series), else None (a
     NIfTI input, for which --format must be nifti)."""
     from medadapt.data.io import NIFTI_ENDINGS
 
-    if fmt not in PREDICT_FORMATS:
-        raise MedadaptError(f"--format {fmt!r}: choose one of {', '.join(PREDICT_FORMATS)}")
+    if fmt not in predict_formats():
+        raise MedadaptError(f"--format {fmt!r}: choose one of {', '.join(predict_formats())}")
     path = Path(path)
     nifti = path.is_file() and path.name.endswith(NIFTI_ENDINGS) or path.is_dir() and any(
         p.name.endswith(NIFTI_ENDINGS) for p in path.iterdir() if p.is_file())
@@ -206,7 +221,10 @@ def predict_series(predictor, series, args) -> int:
 
 def add_predict_options(p: argparse.ArgumentParser) -> None:
     """``predict --format``."""
-    p.add_argument("--format", choices=PREDICT_FORMATS, default="nifti",
+    p.add_argument("--format", choices=predict_formats(), default="nifti",
                    help="nifti (default: <case>.nii.gz), or with a DICOM CT series as --input rtstruct "
                         "(<case>_rtstruct.dcm, an RT Structure Set for the planning system) or seg "
                         "(<case>_seg.dcm, DICOM-SEG)")
+
+
+COMMANDS = {"import-dicom": add_import_dicom, "to-dicom": add_to_dicom, "dataset-to-dicom": add_dataset_to_dicom}

@@ -1,0 +1,80 @@
+"""The ``medadapt`` command line. Every subcommand has ``--help``; user mistakes end in one error line (exit 2).
+
+One module per command group, each command's parser beside its handler (:mod:`.data`, :mod:`.training`,
+:mod:`.inference`, :mod:`.interop`, :mod:`.demo`, :mod:`.sequential`, :mod:`.bench`, :mod:`.dicom`; what they
+share: :mod:`.common`); optional packages add theirs through :mod:`medadapt.plugins` (the nnU-Net interop adds
+``export-nnunet`` and ``nnunet-train``). Only the parser of the command being run is built (its choice lists
+come from the registries they name, which may import torch); the others are listed by their one-line help, so
+``medadapt --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from medadapt.cli import bench, data, demo, dicom, inference, interop, sequential, training
+from medadapt.cli.common import version_string
+from medadapt.errors import MedadaptError
+
+GROUPS = (data, training, bench, inference, interop, demo, sequential, dicom)
+#: the order of 'medadapt --help' (a plugin's commands that are not named here come last)
+ORDER = ("synth", "pretrain", "pretrain-ssl-head", "recipes", "finetune", "zero-shot", "methods", "bench-speed",
+         "predict", "evaluate", "export-nnunet", "import-monai", "nnunet-train", "demo", "mds-stability", "seqft",
+         "bench", "import-dicom", "to-dicom", "dataset-to-dicom")
+
+
+def commands() -> dict[str, tuple[str, object]]:
+    """Every command: ``{name: (one-line help, add(subparsers))}``, in :data:`ORDER`, the core's and the plugins'."""
+    from medadapt.plugins import load_plugins
+
+    found = {name: (group.HELP[name], add) for group in GROUPS for name, add in group.COMMANDS.items()}
+    for name, command in load_plugins().commands.items():
+        if name in found:
+            raise MedadaptError(f"a medadapt plugin registers the command {name!r}, which medadapt has; uninstall it")
+        found[name] = (command.help, command.add)
+    ordered = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    return {n: found[n] for n in ordered}
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the main parser's options take
+    no values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``medadapt`` parser: every command's full parser, or (``only``) just that one's, the others by name
+    and one-line help."""
+    parser = argparse.ArgumentParser(
+        prog="medadapt",
+        description="Few-shot adaptation of 3D segmentation foundation models (nnU-Net) to new CT data.")
+    parser.add_argument("--version", action="version", version=version_string())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (help_line, add) in commands().items():
+        if only is None or name == only:
+            add(sub)
+        else:
+            sub.add_parser(name, help=help_line, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(only=_command_in(argv))
+    except MedadaptError as exc:
+        print(f"medadapt: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    from medadapt.utils.allocator import keep_freed_memory
+
+    keep_freed_memory()  # glibc: reuse freed tensor memory instead of page-faulting it back in every iteration
+    try:
+        return args.func(args)
+    except MedadaptError as exc:
+        print(f"medadapt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medadapt {args.command}: interrupted; finished work is kept (use --resume)", file=sys.stderr)
+        return 130

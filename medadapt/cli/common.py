@@ -1,0 +1,165 @@
+"""What the ``medadapt`` commands share: argument types, option groups, printing."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medadapt.errors import MedadaptError
+
+#: each command's one line in 'medadapt --help'
+HELP = {
+}
+
+
+def methods_help(training_only: bool = False) -> str:
+    """``--method``'s help: every method of the strategy registry (:func:`medadapt.tuning.method_names`;
+    ``training_only``: without those that evaluate the foundation as it is)."""
+    from medadapt.tuning import method_names
+
+    return f"fine-tuning method: {', '.join(method_names(training_only))} ('medadapt methods' lists them)"
+
+
+def shots_arg(text: str) -> "int | str":
+    return "all" if text == "all" else positive_int(text)
+
+
+def int_at_least(text: str, minimum: int, what: str = "an integer") -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return int_at_least(text, 1)
+
+
+def seed_arg(text: str) -> int:
+    """A seed: a non-negative integer (NumPy's seed sequences take no negative words)."""
+    return int_at_least(text, 0, "an integer seed")
+
+
+def add_training_options(p: argparse.ArgumentParser, default_recipe: str) -> None:
+    p.add_argument("--recipe", default=None,
+                   help=f"training recipe: a built-in name or a recipe file (default: {default_recipe}; "
+                        "'medadapt recipes' lists them, docs/recipes.md)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the recipe's)")
+    p.add_argument("--iterations-per-epoch", type=positive_int, default=None,
+                   help="iterations per epoch (default: the recipe's)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed (default 0); recorded with the results")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in the same --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from medadapt.engine.precision import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="mixed precision of the training steps: auto (default; fp16 autocast with a gradient "
+                        "scaler on a GPU, as nnU-Net, fp32 on the CPU), fp32, fp16 (autocast + gradient scaler) or "
+                        "bf16 (autocast); recorded with the run, which resumes only in the same precision")
+    p.add_argument("--workers", type=workers_arg, default="auto",
+                   help="background processes that sample and augment batches (default auto: one per CPU core "
+                        "but one, at most 8; 0: in the training process); any number gives the same batches")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network's forward pass (as nnU-Net's nnUNet_compile; the first "
+                        "iterations are slow while it compiles)")
+
+
+def workers_arg(text: str):
+    return text if text == "auto" else int_at_least(text, 0, "a number of workers (an integer >= 0, or auto)")
+
+
+def engine_options(args):
+    """The engine options of a training command (--precision, --workers, --compile)."""
+    from medadapt.engine import EngineOptions
+    from medadapt.engine.batches import default_workers
+
+    workers = default_workers() if args.workers == "auto" else args.workers
+    return EngineOptions(precision=args.precision, workers=workers, compile=bool(args.compile))
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gamma", type=positive_int, default=None,
+                   help="dgst/drst/sgst: entries updated per kernel and iteration (default 1, as the paper)")
+    p.add_argument("--lora-rank", type=positive_int, default=None, help="lora: rank r (default 4)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="lora: alpha; scale = alpha/r (default r)")
+    p.add_argument("--adapter-reduction", type=positive_int, default=None,
+                   help="adapter: channel reduction factor of the bottleneck (default 4)")
+    p.add_argument("--adapter-kernel-size", type=positive_int, default=None,
+                   help="spatial-adapter: kernel size of its convolutions (default 3; 1: FSEFT's MLP comparison)")
+    p.add_argument("--adapter-width", type=positive_int, default=None,
+                   help="spatial-adapter: its output channels (default: the feature map's)")
+    from medadapt.models.spatial_adapter import NORMS
+    from medadapt.tuning.base import DECODER_POLICIES
+
+    p.add_argument("--adapter-norm", choices=NORMS, default=None,
+                   help="spatial-adapter: its normalisation (default instance without affine parameters, as the "
+                        "authors' code; batch: the text's batch normalisation)")
+    p.add_argument("--pretext-decoder", choices=("auto", *sorted(DECODER_POLICIES)), default="auto",
+                   help="methods that freeze part of the network (linear-probe, lora, adapter, ...): new = the "
+                        "foundation's decoder was trained on a pretext task (an MAE's), so it trains in full like "
+                        "the heads and the method applies to the encoder (MedSeqFT's reading); pretrained = the "
+                        "method applies to it; auto (default): new for a self-supervised foundation")
+
+
+def add_run_inputs(p: argparse.ArgumentParser, model_help: str) -> None:
+    """--model, --data, --out and --split-seed of a run that is evaluated on the fixed test split."""
+    p.add_argument("--model", type=Path, required=True, help=model_help)
+    p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--split-seed", type=seed_arg, default=0, help="seed of the fixed 80/20 split (default 0)")
+
+
+def add_postprocess_option(p: argparse.ArgumentParser) -> None:
+    from medadapt.inference.predictor import POSTPROCESSING
+
+    p.add_argument("--postprocess", choices=POSTPROCESSING, default="none",
+                   help="none (default) or lcc: keep each class's largest connected component (single organs, "
+                        "not lymph nodes)")
+
+
+def add_head_option(p: argparse.ArgumentParser) -> None:
+    from medadapt.workflows.finetune import HEAD_POLICIES
+
+    p.add_argument("--head", choices=HEAD_POLICIES, default="fresh",
+                   help="segmentation head to start from: fresh (default; new and randomly initialised, as "
+                        "nnU-Net's pretrained-weight loading gives every method) or keep (the foundation's own outputs "
+                        "for the dataset's classes, by name; its labels must be classes of the foundation) or match "
+                        "(fresh, but the outputs of classes the foundation knows start from its own: FSEFT's "
+                        "zero-shot initialisation)")
+
+
+def method_options(args) -> dict:
+    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "reduction": args.adapter_reduction,
+            "kernel_size": args.adapter_kernel_size, "width": args.adapter_width, "norm": args.adapter_norm}
+
+
+def version_string() -> str:
+    from medadapt import __version__
+
+    return f"medadapt {__version__}"
+
+
+def print_metrics(summary: dict, what: str) -> None:
+    """One line per class: mean ± std over cases of DSC and NSD (%) and HD95 (mm)."""
+    from medadapt.metrics import format_mean_std
+
+    tol = summary.get("tolerance_mm")
+    for name, m in summary["classes"].items():
+        undefined = m.get("hd95_undefined", 0)
+        hd_note = f", undefined in {undefined} of {m['n_cases']}: one mask empty" if undefined else ""
+        print(f"{name}: DSC {format_mean_std(m['dsc']['mean'], m['dsc']['std'], percent=True)}  "
+              f"NSD@{tol:g}mm {format_mean_std(m['nsd']['mean'], m['nsd']['std'], percent=True)}  "
+              f"HD95 {format_mean_std(m['hd95']['mean'], m['hd95']['std'])} mm{hd_note}  ({m['n_cases']} {what})")
+
+
+def transductive_options(args):
+    from medadapt.tuning.transductive import Transductive
+
+    if args.transductive is None:
+        if any(v is not None for v in (args.ti_lambda, args.ti_margin, args.ti_error, args.ti_step)):
+            raise MedadaptError("--ti-lambda/--ti-margin/--ti-error/--ti-step: only with --transductive query|batch")
+        return None
+    given = {"weight": args.ti_lambda, "margin": args.ti_margin, "error": args.ti_error, "step": args.ti_step}
+    return Transductive(mode=args.transductive, **{k: v for k, v in given.items() if v is not None})

@@ -1,0 +1,67 @@
+"""``medadapt synth``: synthetic CT cohorts and task streams; the parser beside its handler."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from medadapt.cli.common import positive_int, seed_arg
+from medadapt.errors import MedadaptError
+
+
+#: each command's one line in 'medadapt --help'
+HELP = {
+    "synth": "generate a synthetic CT cohort as an nnU-Net v2 raw dataset",
+}
+
+
+def add_synth(sub) -> None:
+    p = sub.add_parser("synth", help=HELP["synth"],
+                       description="Generate a synthetic CT cohort (nnU-Net v2 raw format: lymph nodes, or the "
+                                   "structures of the spec's labels map) from a domain spec: a built-in name or "
+                                   "a YAML/JSON file (docs/domains.md).")
+    p.add_argument("domain", nargs="?", help="built-in domain name or path to a domain spec file")
+    p.add_argument("--out", type=Path, help="output dataset folder")
+    p.add_argument("--cases", type=positive_int, default=50, help="number of cases (default 50)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="cohort seed (default 0)")
+    p.add_argument("--downsample", type=positive_int, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                   help="the same field of view with this many times fewer voxels per axis, e.g. 1 2 2 (what the "
+                        "demo and the default benchmark grid use)")
+    p.add_argument("--stream", default=None, metavar="NAME",
+                   help="instead of one DOMAIN: every task of a built-in task stream (e.g. ct-stream, MedSeqFT's "
+                        "five tasks and two unseen ones), one dataset each under --out, and --out/stream.yaml "
+                        "for 'medadapt seqft'")
+    p.add_argument("--list", action="store_true",
+                   help="list the built-in domains (name, region, labels) and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+
+def cmd_synth(args) -> int:
+    from medadapt.synth import builtin_domains, load_domain, write_dataset
+
+    if args.list:
+        for name in builtin_domains():
+            spec = load_domain(name)
+            print(f"{name:<20} {spec.region:<12} {', '.join(n for n, i in spec.dataset_labels.items() if i)}")
+        return 0
+    if args.stream is not None:
+        if args.domain or args.out is None:
+            raise MedadaptError("synth --stream NAME needs --out and no DOMAIN (see 'medadapt synth --help')")
+        from medadapt.sequential.stream import write_synthetic_stream
+
+        path = write_synthetic_stream(args.stream, args.out, cases=args.cases, seed=args.seed,
+                                      downsample=tuple(args.downsample) if args.downsample else None,
+                                      progress=not args.quiet)
+        print(f"wrote the {args.stream!r} stream's datasets ({args.cases} cases each) and {path}")
+        return 0
+    if not args.domain or args.out is None:
+        raise MedadaptError("synth needs a DOMAIN and --out (see 'medadapt synth --help'; "
+                            "'medadapt synth --list' shows the built-in domains)")
+    spec = load_domain(args.domain)
+    if args.downsample:
+        spec = spec.downsampled(tuple(args.downsample))
+    path = write_dataset(spec, args.out, num_cases=args.cases, seed=args.seed, progress=not args.quiet)
+    print(f"wrote {args.cases} cases of domain {args.domain!r} to {path}")
+    return 0
+
+
+COMMANDS = {"synth": add_synth}

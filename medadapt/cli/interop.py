@@ -1,0 +1,77 @@
+"""``medadapt import-monai``: a MONAI SwinUNETR checkpoint as a model folder; the parser beside its handler."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from medadapt.cli.common import positive_int, seed_arg
+
+
+#: each command's one line in 'medadapt --help'
+HELP = {
+    "import-monai": "a MONAI SwinUNETR checkpoint as a medadapt model folder",
+}
+
+
+def add_import_monai(sub) -> None:
+    p = sub.add_parser("import-monai", help=HELP["import-monai"],
+                       description="Write a medadapt model folder (a foundation model for finetune, predict, "
+                                   "zero-shot, methods) from a MONAI SwinUNETR checkpoint: a state dict as MONAI "
+                                   "bundles save it, {'state_dict': ...} as the research-contributions scripts "
+                                   "save it, or {'model': ...}; 'module.' prefixes are undone. The architecture is "
+                                   "read from the tensors; the preprocessing is MONAI's pipeline (Orientationd, "
+                                   "Spacingd, ScaleIntensityRanged), given by the options below "
+                                   "(docs/swinunetr.md).")
+    p.add_argument("checkpoint", type=Path,
+                   help="the checkpoint file (.pt/.pth); the self-supervised Swin transformer weights "
+                        "(model_swinvit.pt) need --backbone-only")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write (new or empty)")
+    p.add_argument("--labels", nargs="+", required=True, metavar="NAME",
+                   help="class names in output-channel order, background first (as many as the checkpoint's "
+                        "output channels)")
+    p.add_argument("--channel-names", nargs="+", default=None, metavar="NAME",
+                   help="input channel names (default: CT for every input channel)")
+    p.add_argument("--roi-size", type=positive_int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"),
+                   help="patch size as MONAI's roi_size, x y z, multiples of 32 (default 96 96 96)")
+    p.add_argument("--pixdim", type=float, nargs=3, default=[1.5, 1.5, 2.0], metavar=("X", "Y", "Z"),
+                   help="the spacing in mm the model was trained at, as MONAI's Spacingd pixdim, x y z after "
+                        "--orientation (default 1.5 1.5 2.0: the BTCV pipeline)")
+    p.add_argument("--orientation", default="RAS", help="axis codes of MONAI's Orientationd (default RAS)")
+    p.add_argument("--intensity-range", type=float, nargs=2, default=[-175.0, 250.0], metavar=("A_MIN", "A_MAX"),
+                   help="ScaleIntensityRanged a_min a_max, clipped (default -175 250: the BTCV pipeline)")
+    p.add_argument("--output-range", type=float, nargs=2, default=[0.0, 1.0], metavar=("B_MIN", "B_MAX"),
+                   help="ScaleIntensityRanged b_min b_max (default 0 1)")
+    p.add_argument("--backbone-only", action="store_true",
+                   help="load the Swin transformer (swinViT) alone; the conv blocks, decoder and head start from "
+                        "MONAI's initialisation (seeded by --seed)")
+    p.add_argument("--arch-kwargs", default=None, metavar="JSON",
+                   help="SwinUNETR constructor arguments the weights cannot tell, as a JSON object, e.g. "
+                        "'{\"downsample\": \"mergingv2\"}' (default: MONAI's: downsample merging, normalize true)")
+    p.add_argument("--recipe", default="swinunetr-btcv",
+                   help="the fine-tuning recipe the model folder recommends (default swinunetr-btcv)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of what --backbone-only initialises (default 0)")
+    p.set_defaults(func=cmd_import_monai)
+
+
+def cmd_import_monai(args) -> int:
+    from medadapt.workflows.import_monai import import_monai, parse_arch_kwargs
+
+    folder = import_monai(args.checkpoint, args.out, args.labels, channel_names=args.channel_names,
+                          roi_size=args.roi_size, pixdim=args.pixdim, orientation=args.orientation,
+                          intensity_range=args.intensity_range, output_range=args.output_range,
+                          backbone_only=args.backbone_only, arch_kwargs=parse_arch_kwargs(args.arch_kwargs),
+                          recipe=args.recipe, seed=args.seed)
+    arch = folder.network.arch_kwargs
+    prov = folder.provenance
+    print(f"SwinUNETR: feature size {arch['feature_size']}, depths {arch['depths']}, heads {arch['num_heads']}, "
+          f"window {arch['window_size']}, {folder.network.input_channels} -> {folder.network.num_classes} channels, "
+          f"{prov['parameters']:,} parameters; {prov['loaded_tensors']} tensors loaded"
+          + (", the rest initialised as MONAI does" if prov["backbone_only"] else ""))
+    r = folder.plan().intensity_ranges[0]
+    print(f"preprocessing: orientation {args.orientation}, pixdim {' x '.join(f'{v:g}' for v in args.pixdim)} mm, "
+          f"ScaleIntensityRange [{r.a_min:g}, {r.a_max:g}] -> [{r.b_min:g}, {r.b_max:g}], patch "
+          f"{' x '.join(map(str, args.roi_size))}")
+    print(f"model folder written to {args.out}")
+    return 0
+
+
+COMMANDS = {"import-monai": add_import_monai}

@@ -1,0 +1,114 @@
+"""``medadapt seqft`` (MedSeqFT's sequential fine-tuning over a task stream) and ``medadapt mds-stability``:
+each parser beside its handler."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from medadapt.cli.common import (add_method_options, add_postprocess_option, add_training_options, engine_options,
+                                 method_options, positive_int, seed_arg, shots_arg)
+
+
+#: each command's one line in 'medadapt --help'
+HELP = {
+    "mds-stability": "how many maskings R the MDS buffer needs before it stops changing",
+    "seqft": "fine-tune task after task over a stream of datasets (MedSeqFT)",
+}
+
+
+def add_mds_stability(sub) -> None:
+    p = sub.add_parser("mds-stability", help=HELP["mds-stability"],
+                       description="Score every training case of each task by the foundation's pretext loss at up "
+                                   "to --repeats random maskings (MedSeqFT's MDS, batched), read the K-case buffer "
+                                   "at every power of two R from the same draws, and report where it stops "
+                                   "changing: the R for seqft --mds-repeats. Writes stability.csv/.json/.md/.png "
+                                   "into --out.")
+    p.add_argument("--model", type=Path, required=True, help="the foundation (with a pretext network: an MAE "
+                                                             "foundation, or one with pretrain-ssl-head's pathway)")
+    p.add_argument("--data", type=Path, action="append", required=True,
+                   help="a task's nnU-Net raw dataset (repeat for several tasks); its 80%% train split is scored")
+    p.add_argument("--out", type=Path, required=True, help="folder for the measurement")
+    p.add_argument("--repeats", type=positive_int, default=1000,
+                   help="the largest R measured (default 1000, the paper's)")
+    p.add_argument("--buffer-size", type=positive_int, default=4, help="K, the buffer's cases per task (default 4)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="mask seed (default 0)")
+    p.add_argument("--split-seed", type=seed_arg, default=0, help="seed of each task's 80/20 split (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_mds_stability)
+
+
+def cmd_mds_stability(args) -> int:
+    from medadapt.workflows.mds_stability import mds_stability, summary_line
+
+    record = mds_stability(args.model, args.data, args.out, repeats=args.repeats, buffer_size=args.buffer_size,
+                           seed=args.seed, split_seed=args.split_seed, progress=not args.quiet)
+    print((args.out / "stability.md").read_text(), end="")
+    print(summary_line(record))
+    return 0
+
+
+def add_seqft(sub) -> None:
+    p = sub.add_parser("seqft", help=HELP["seqft"],
+                       description="Sequential fine-tuning (MedSeqFT, docs/sequential.md): every task of STREAM, in "
+                                   "order, each from the previous task's model (seq-ft, medseqft) or each from "
+                                   "the foundation (any finetune method: the parallel baselines). Every task gets "
+                                   "its own model folder and test-split metrics (Dice, NSD, HD95); a killed run "
+                                   "resumes at the task in progress (--resume), and a stream extended by new "
+                                   "tasks continues where it stopped.")
+    p.add_argument("stream", type=Path, help="stream file: YAML listing the tasks' nnU-Net raw datasets in order "
+                                             "('medadapt synth --stream ct-stream --out DIR' writes one)")
+    p.add_argument("--model", type=Path, required=True, help="foundation model folder M0")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--method", default="medseqft",
+                   help="medseqft (default: MDS buffer + K&G RFT), seq-ft (vanilla sequential; ablations with "
+                        "--buffer/--retention), or a finetune method run on each task from M0 (full = FFT, "
+                        "scratch = TFS, linear-probe = head fine-tuning, lora, adapter, ...)")
+    from medadapt.sequential.buffer import SELECTIONS
+    from medadapt.workflows.seqft import KD_UNTIL, RETENTIONS
+
+    p.add_argument("--buffer", choices=SELECTIONS, default=None,
+                   help="seq-ft: the replay buffer the encoder distillation runs on (default none; medseqft: mds)")
+    p.add_argument("--retention", choices=RETENTIONS, default=None,
+                   help="seq-ft: LoRA-based KD of each task's encoder into the previous one, then merge "
+                        "(default none; medseqft: lora-kd)")
+    p.add_argument("--buffer-size", type=positive_int, default=4,
+                   help="K: cases of each task added to the buffer (default 4; the paper does not say)")
+    p.add_argument("--mds-repeats", type=positive_int, default=16,
+                   help="R: random maskings averaged per case for MDS (default 16 on CPU; the paper: 1000)")
+    p.add_argument("--kd-rank", type=positive_int, default=2, help="LoRA rank of the LoRA-based KD (default 2)")
+    p.add_argument("--kd-until", choices=KD_UNTIL, default="levelled",
+                   help="LoRA-based KD: levelled (default) = until L_refine has levelled off, at a constant tenth of "
+                        "the fine-tuning lr, at most --kd-max-epochs; budget = a fifth of the fine-tuning epochs on "
+                        "its schedule (the paper's VoCo CT ratio)")
+    p.add_argument("--kd-max-epochs", type=positive_int, default=None,
+                   help="--kd-until levelled: the stage's ceiling in epochs (default: the fine-tuning epochs; at "
+                        "least 10, what the convergence check needs)")
+    p.add_argument("--kd-recipe", default=None,
+                   help="recipe of the LoRA-based KD stage (default: derived from the fine-tuning recipe, see "
+                        "--kd-until); with --kd-until levelled its epochs are the ceiling")
+    add_method_options(p)
+    p.add_argument("--shots", type=shots_arg, default="all",
+                   help="training cases per task: K, or all (default: every case of the 80%% train split)")
+    p.add_argument("--split-seed", type=seed_arg, default=0, help="seed of each task's 80/20 split (default 0)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
+    add_postprocess_option(p)
+    add_training_options(p, "the one the model folder recommends, else dgst-paper")
+    p.set_defaults(func=cmd_seqft)
+
+
+def cmd_seqft(args) -> int:
+    from medadapt.workflows.seqft import seqft
+
+    summary = seqft(args.stream, args.model, args.out, method=args.method, buffer=args.buffer,
+                    retention=args.retention, buffer_size=args.buffer_size, mds_repeats=args.mds_repeats,
+                    kd_rank=args.kd_rank, kd_until=args.kd_until, kd_max_epochs=args.kd_max_epochs,
+                    shots=args.shots, seed=args.seed, split_seed=args.split_seed,
+                    recipe=args.recipe, kd_recipe=args.kd_recipe, epochs=args.epochs,
+                    iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
+                    method_options=method_options(args), postprocess=args.postprocess, resume=args.resume,
+                    progress=not args.quiet, engine=engine_options(args), pretext_decoder=args.pretext_decoder)
+    print((args.out / "results.md").read_text(), end="")
+    print(f"{len(summary['tasks'])} task(s); results in {args.out}")
+    return 0
+
+
+COMMANDS = {"mds-stability": add_mds_stability, "seqft": add_seqft}

@@ -1,0 +1,111 @@
+"""``medadapt export-nnunet`` and ``medadapt nnunet-train``, which the nnU-Net plugin registers
+(:mod:`medadapt.nnunet.plugin`); each parser beside its handler."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from medadapt.cli.common import (add_head_option, add_method_options, method_options, methods_help,
+                                 positive_int, seed_arg)
+
+
+#: each command's one line in 'medadapt --help'
+HELP = {
+    "export-nnunet": "write a model folder as an nnU-Net v2 trained model folder (and zip)",
+    "nnunet-train": "nnU-Net's own trainer with a medadapt fine-tuning method",
+}
+
+
+def add_export_nnunet(sub) -> None:
+    p = sub.add_parser("export-nnunet", help=HELP["export-nnunet"],
+                       description="Write a medadapt model folder (e.g. <finetune run>/model) as an nnU-Net v2 "
+                                   "trained model folder (dataset.json, plans.json, fold_F/checkpoint_final.pth) "
+                                   "that nnUNetv2_predict_from_modelfolder and nnUNetPredictor load unchanged; "
+                                   "LoRA is already merged, adapters cannot be exported. Needs "
+                                   "pip install 'medadapt[nnunet]'.")
+    p.add_argument("model", type=Path, help="medadapt model folder (or an nnU-Net model folder/zip)")
+    p.add_argument("--out", type=Path, required=True, help="nnU-Net trained model folder to write (new or empty)")
+    p.add_argument("--zip", type=Path, default=None,
+                   help="also write the zip nnUNetv2_install_pretrained_model_from_zip installs")
+    p.add_argument("--fold", default="0", help="fold folder name to write, fold_<FOLD> (default 0)")
+    p.add_argument("--dataset-name", default=None,
+                   help="DatasetXXX_Name for plans.json and the zip (default: the nnU-Net foundation's, "
+                        "else Dataset999_medadapt)")
+    p.set_defaults(func=cmd_export_nnunet)
+
+
+def cmd_export_nnunet(args) -> int:
+    from medadapt.nnunet.env import import_nnunet
+
+    import_nnunet()  # a missing nnunetv2 is one line, before any work
+    from medadapt.nnunet.export import export_model
+
+    out = export_model(args.model, args.out, zip_path=args.zip, fold=args.fold, dataset_name=args.dataset_name)
+    print(f"nnU-Net model folder written to {out}" + (f" and {args.zip}" if args.zip else ""))
+    print(f"predict with: nnUNetv2_predict_from_modelfolder -m {out} -f {args.fold} -i INPUT -o OUTPUT")
+    return 0
+
+
+def add_nnunet_train(sub) -> None:
+    p = sub.add_parser("nnunet-train", help=HELP["nnunet-train"],
+                       description="Run nnunetv2's trainer (its data augmentation, deep supervision, validation "
+                                   "and checkpoint format) on a dataset preprocessed by nnUNetv2_plan_and_preprocess, "
+                                   "with --method applied, on --shots training cases drawn as 'medadapt "
+                                   "finetune' draws them (80/20 split by --split-seed, validation on the 20%%). "
+                                   "Output: $nnUNet_results/<dataset>/nnUNetTrainerMedadapt_<method>__<plans>__"
+                                   "<configuration>/fold_<FOLD>, loadable by nnU-Net's predictor. Needs "
+                                   "pip install 'medadapt[nnunet]'.")
+    p.add_argument("dataset", help="nnU-Net dataset id or name, e.g. 502 or Dataset502_Tgt")
+    p.add_argument("configuration", help="nnU-Net configuration, e.g. 3d_fullres")
+    p.add_argument("fold", help="names the output fold_<FOLD> folder (the split is medadapt's few-shot split)")
+    p.add_argument("--method", required=True, help=methods_help(training_only=True) + "; adapter cannot be saved for nnU-Net")
+    add_method_options(p)
+    p.add_argument("--shots", type=positive_int, required=True, help="number of annotated training cases K")
+    p.add_argument("--split-seed", type=seed_arg, default=0, help="seed of the fixed 80/20 split (default 0)")
+    p.add_argument("--pretrained", type=Path, default=None,
+                   help="foundation weights: an nnU-Net checkpoint (.pth), model folder or zip, or a medadapt "
+                        "model folder; the dataset must be preprocessed with the foundation's plans")
+    add_head_option(p)
+    p.add_argument("--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="initial learning rate (default 1e-3 as the paper; 1e-2 for scratch)")
+    p.add_argument("--epochs", type=positive_int, default=12, help="training epochs (default 12; nnU-Net: 1000)")
+    p.add_argument("--iterations-per-epoch", type=positive_int, default=25,
+                   help="iterations per epoch (default 25; nnU-Net uses 250)")
+    p.add_argument("--val-iterations", type=positive_int, default=5,
+                   help="validation iterations per epoch (default 5; nnU-Net uses 50)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed (default 0); recorded with the results")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--no-final-validation", action="store_true",
+                   help="skip nnU-Net's final sliding-window validation of the validation cases")
+    p.add_argument("--nnunet-preprocessed", type=Path, default=None,
+                   help="nnU-Net's preprocessed folder (default: $nnUNet_preprocessed)")
+    p.add_argument("--nnunet-results", type=Path, default=None,
+                   help="nnU-Net's results folder (default: $nnUNet_results)")
+    p.add_argument("--quiet", action="store_true", help="hide nnU-Net's training log (it is still written to "
+                                                          "the fold folder)")
+    p.set_defaults(func=cmd_nnunet_train)
+
+
+def cmd_nnunet_train(args) -> int:
+    import contextlib
+    import io
+
+    from medadapt.nnunet.env import import_nnunet, set_paths
+
+    set_paths(preprocessed=args.nnunet_preprocessed, results=args.nnunet_results)
+    import_nnunet("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
+    from medadapt.nnunet.trainer import nnunet_train
+
+    with contextlib.redirect_stdout(io.StringIO()) if args.quiet else contextlib.nullcontext():
+        out = nnunet_train(args.dataset, args.configuration, args.fold, method=args.method, shots=args.shots,
+                           pretrained=args.pretrained, seed=args.seed, split_seed=args.split_seed,
+                           gamma=args.gamma, method_options=method_options(args), epochs=args.epochs,
+                           iterations_per_epoch=args.iterations_per_epoch, val_iterations=args.val_iterations,
+                           lr=args.lr, plans_identifier=args.plans, device=args.device,
+                           final_validation=not args.no_final_validation, head=args.head)
+    print(f"nnU-Net trained model in {out.parent} (fold {args.fold}); predict with: "
+          f"nnUNetv2_predict_from_modelfolder -m {out.parent} -f {args.fold} -i INPUT -o OUTPUT")
+    return 0
+
+
+COMMANDS = {"export-nnunet": add_export_nnunet, "nnunet-train": add_nnunet_train}
