@@ -46,3 +46,25 @@ def test_a_run_folder_of_an_older_format_is_refused(world, tmp_path, capsys):
     assert _run_finetune(world, data, out, "--resume") == 2
     line = _err(capsys)
     assert "medadapt-run/2" in line and "older medadapt" in line and "new --out" in line
+
+
+def test_pretrain_records_its_settings_and_refuses_an_edited_recipe(world, tmp_path, capsys):
+    from medadapt.cli import main
+
+    raw = load_recipe("cpu-pretrain").to_dict()
+    raw.update(name="mine-pretrain")
+    recipe = tmp_path / "pre.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "fm"
+    args = ["pretrain", "--data", str(world["src"]), "--out", str(out), "--preset", "cpu-tiny", "--epochs", "1",
+            "--iterations-per-epoch", "1", "--recipe", str(recipe), "--quiet"]
+    assert main(args) == 0
+    identity = json.loads((out / "training" / "identity.json").read_text())
+    assert identity["format"] == "medadapt-pretrain/1" and identity["recipe"]["name"] == "mine-pretrain"
+    assert identity["patch_size"] and identity["batch_size"] and identity["datasets"][0]["cases"]
+    capsys.readouterr()
+    raw.update(description="edited")
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recipe.description" in err[0], err

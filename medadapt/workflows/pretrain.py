@@ -7,6 +7,10 @@ class, and a loss over each case's annotated classes only. Cases are drawn unifo
 (``sampling="cases"``, nnU-Net's rule on the concatenated datasets) or uniformly over datasets, then over the
 dataset's cases (``sampling="datasets"``, which keeps a small dataset from being drowned); foreground
 oversampling centres patches on the classes the case annotates.
+
+A pretraining run's identity (``training/identity.json``: every resolved setting, the recipe's contents,
+patch, batch, sampling, and the datasets) is checked on every re-run or ``--resume`` into its folder
+(medadapt.workflows.identity).
 """
 from __future__ import annotations
 
@@ -28,12 +32,16 @@ from medadapt.models.network import preset_recipes, seeded_network
 from medadapt.tuning import FullFineTuning
 from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_write_json
+from medadapt.utils.hashing import stable_hash
 from medadapt.utils.lock import locks_folder
 from medadapt.workflows.common import dataset_cache_dir, environment, load_datasets, total_parameter_count
+from medadapt.workflows.identity import check_identity, record_identity, settings_digest
 
 
 #: what a foundation is pretrained for: segmentation (the datasets' labels) or masked-volume reconstruction
 OBJECTIVES = ("supervised", "mae")
+#: the layout of a supervised pretraining's identity record (training/identity.json)
+PRETRAIN_FORMAT = "medadapt-pretrain/1"
 SEGMENTATION_LOSSES = ("dice_ce", "dice")
 
 
@@ -110,6 +118,17 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
                            patches_per_case=resolved.patches_per_case)
     engine = engine or EngineOptions()
     config = engine.configure(TrainingConfig.from_recipe(resolved, strategy.name, seed, activation=activation))
+    # the run's identity: every resolved setting (the recipe's contents, patch, batch, sampling) and the data
+    settings = {"objective": objective, "preset": preset_name, "activation": activation, "sampling": sampling,
+                "seed": seed, "training": config.to_dict(), "recipe": resolved.to_dict(),
+                "patch_size": list(spec.patch_size), "batch_size": spec.batch_size}
+    identity = {"format": PRETRAIN_FORMAT, **settings, "seeds": seeds.SCHEME,
+                "datasets": [{"path": str(ds.root.resolve()), "name": ds.name, "labels": ds.labels,
+                              "cases": stable_hash(ds.case_ids, 16)} for ds in datasets],
+                "settings_digest": settings_digest(settings)}
+    if distributed.is_main():
+        check_identity(out / "training", identity)
+        record_identity(out / "training", identity)
     trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
                       description="pretrain", engine=engine)
     history = trainer.fit(resume=resume)
