@@ -427,10 +427,10 @@ def _cell_rows(cells: list[Cell], records: dict[str, dict | None]) -> tuple[list
 def write_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Build every table and figure of the DGST grid ``config`` from the cells stored in ``workdir`` (an
     ``fseft`` grid has its own: :func:`medadapt.benchmark.report_fseft.write_report`;
-    :func:`medadapt.benchmark.runner.write_report` picks the one a config needs)."""
+    :func:`medadapt.benchmark.benchmarks.load` gives the definition, and so the report, a config needs)."""
     if config.fseft is not None:
         raise MedadaptError(f"grid {config.name!r} is an FSEFT grid: its report is "
-                            "medadapt.benchmark.report_fseft.write_report (or runner.write_report)")
+                            "medadapt.benchmark.report_fseft.write_report")
     paths, cells, records, done = finished_cells(config, workdir)
     index = CellIndex(config, cells, records)
     out = Path(paths.workdir) / "report"

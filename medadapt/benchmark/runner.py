@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from medadapt.benchmark import report_fseft
+from medadapt.benchmark.report import write_report as dgst_report
 from medadapt.benchmark.engine import Benchmark, cell_file, prepare_worker
 from medadapt.benchmark.engine import run_grid as engine_run_grid
 from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, VARIANT, Cell, GridConfig, GridPaths,
@@ -204,32 +206,15 @@ def _describe(cell: Cell, record: dict) -> str:
     return f"DSC {100 * (summary['dsc']['mean'] or 0):.1f}%"
 
 
-def _dgst_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
-    from medadapt.benchmark.report import write_report
-
-    return write_report(config, workdir, progress=progress)
-
-
-def _fseft_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
-    from medadapt.benchmark.report_fseft import write_report
-
-    return write_report(config, workdir, progress=progress)
-
-
 #: the DGST paper's grids (Tables 1-2, Fig. 3) and the FSEFT paper's (a config with an ``fseft`` section):
 #: one config format, one cell runner, two reports
 DGST = Benchmark(name="dgst", paths=grid_paths, cells=enumerate_cells, prepare=prepare_inputs, run_cell=_run_cell,
-                 ray_cell=_ray_cell, report=_dgst_report, describe=_describe)
-FSEFT = dataclasses.replace(DGST, name="fseft", report=_fseft_report)
+                 ray_cell=_ray_cell, report=dgst_report, describe=_describe)
+FSEFT = dataclasses.replace(DGST, name="fseft", report=report_fseft.write_report)
 
 
 def benchmark_for(config: GridConfig) -> Benchmark:
     return FSEFT if config.fseft is not None else DGST
-
-
-def write_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """The report of ``config``'s grid (DGST's, or FSEFT's for a config with an ``fseft`` section)."""
-    return benchmark_for(config).report(config, workdir, progress=progress)
 
 
 def shot_group_first(shots: int):

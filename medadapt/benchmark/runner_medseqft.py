@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from medadapt.benchmark import report_medseqft
 from medadapt.benchmark.engine import Benchmark, prepare_worker
 from medadapt.benchmark.engine import run_grid as engine_run_grid
 from medadapt.benchmark.medseqft import (CELL_FORMAT, UNSEEN_ROWS, Cell, GridPaths, MedseqftConfig, enumerate_cells,
@@ -125,12 +126,8 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
                          refined_per_case=_read_rows(folder / "refined" / "metrics_per_case.csv"))
         if t.get("refinement") is not None:  # L_refine: its curve, its epochs, whether it levelled off
             entry["refinement"] = t["refinement"]
-        if (folder / "mds.json").is_file():  # the MDS buffer: R, the buffer of the first r maskings, where it settled
-            mds = json.loads((folder / "mds.json").read_text())
-            entry["mds"] = {"repeats": mds["repeats"], "picked": mds["picked"],
-                            "settled_repeats": mds.get("settled_repeats"),
-                            "stability": [{k: r[k] for k in ("repeats", "shared_with_final", "spearman_with_final",
-                                                             "settled")} for r in mds.get("stability", [])]}
+        if t.get("mds") is not None:  # the MDS buffer: R, the buffer of the first r maskings, where it settled
+            entry["mds"] = t["mds"]
         if (folder / "run.json").is_file():  # a parallel method's finetune run
             run = json.loads((folder / "run.json").read_text())
             entry.update(parameters=run["parameters"], timing=run["timing"], training=run["training"],
@@ -212,16 +209,10 @@ def _describe(cell: Cell, record: dict) -> str:
     return f"mean Dice {100 * mean:.1f}%"
 
 
-def _report(config: MedseqftConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
-    from medadapt.benchmark.report_medseqft import write_report
-
-    return write_report(config, workdir, progress=progress)
-
-
 #: the MedSeqFT paper's grid (Tables II, III, VI, VII, Fig. 4): stream cells (a seqft run each) and unseen-task
 #: cells, an fft-mn cell after the stream cell it starts from
 MEDSEQFT = Benchmark(name="medseqft", paths=grid_paths, cells=enumerate_cells, prepare=prepare_inputs,
-                     run_cell=_run_cell, ray_cell=_ray_cell, report=_report, describe=_describe, order=schedule)
+                     run_cell=_run_cell, ray_cell=_ray_cell, report=report_medseqft.write_report, describe=_describe, order=schedule)
 
 
 def run_grid(config: MedseqftConfig, workdir: str | Path, ray_address: str | None = None, progress: bool = True,

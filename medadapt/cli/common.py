@@ -91,16 +91,24 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-width", type=positive_int, default=None,
                    help="spatial-adapter: its output channels (default: the feature map's)")
     from medadapt.models.spatial_adapter import NORMS
-    from medadapt.tuning.base import DECODER_POLICIES
+    from medadapt.workflows.finetune import PRETEXT_DECODER_CHOICES
 
     p.add_argument("--adapter-norm", choices=NORMS, default=None,
                    help="spatial-adapter: its normalisation (default instance without affine parameters, as the "
                         "authors' code; batch: the text's batch normalisation)")
-    p.add_argument("--pretext-decoder", choices=("auto", *sorted(DECODER_POLICIES)), default="auto",
+    p.add_argument("--pretext-decoder", choices=PRETEXT_DECODER_CHOICES, default="auto",
                    help="methods that freeze part of the network (linear-probe, lora, adapter, ...): new = the "
                         "foundation's decoder was trained on a pretext task (an MAE's), so it trains in full like "
                         "the heads and the method applies to the encoder (MedSeqFT's reading); pretrained = the "
                         "method applies to it; auto (default): new for a self-supervised foundation")
+
+
+def add_sampling_option(p: argparse.ArgumentParser) -> None:
+    from medadapt.data.partial import SAMPLING
+
+    p.add_argument("--sampling", choices=SAMPLING, default="cases",
+                   help="with several datasets: draw cases uniformly over all cases (default) or uniformly "
+                        "over datasets, then over the dataset's cases")
 
 
 def add_run_inputs(p: argparse.ArgumentParser, model_help: str) -> None:

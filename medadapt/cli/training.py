@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medadapt.cli.common import (add_head_option, add_method_options, add_postprocess_option,
-                                 add_run_inputs, add_training_options, engine_options, method_options, methods_help,
+                                 add_run_inputs, add_sampling_option, add_training_options, engine_options, method_options, methods_help,
                                  print_metrics, shots_arg, transductive_options)
 
 
@@ -30,7 +30,6 @@ def add_pretrain(sub) -> None:
                                    "(docs/partial-labels.md).")
     p.add_argument("--data", type=Path, required=True, action="append",
                    help="nnU-Net v2 raw dataset folder; repeat for several datasets")
-    from medadapt.data.partial import SAMPLING
     from medadapt.models.model_folder import ACTIVATIONS
     from medadapt.workflows.pretrain import OBJECTIVES
 
@@ -40,9 +39,7 @@ def add_pretrain(sub) -> None:
                         "head that keeps its reconstruction head for case scoring (docs/ssl.md)")
     p.add_argument("--activation", choices=ACTIVATIONS, default=None,
                    help="output activation (default: softmax for one fully labelled dataset, else sigmoid)")
-    p.add_argument("--sampling", choices=SAMPLING, default="cases",
-                   help="with several datasets: draw cases uniformly over all cases (default) or uniformly "
-                        "over datasets, then over the dataset's cases")
+    add_sampling_option(p)
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--preset", default="cpu-small", help="network preset (default cpu-small; see docs)")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
@@ -66,8 +63,6 @@ def cmd_pretrain(args) -> int:
 
 
 def add_pretrain_ssl_head(sub) -> None:
-    from medadapt.data.partial import SAMPLING
-
     p = sub.add_parser("pretrain-ssl-head", help=HELP["pretrain-ssl-head"],
                        description="Train a masked-volume reconstruction pathway for a supervised foundation "
                                    "model: a copy of its decoder and a new 1x1x1 reconstruction head on its "
@@ -79,9 +74,7 @@ def add_pretrain_ssl_head(sub) -> None:
     p.add_argument("--data", type=Path, required=True, action="append",
                    help="nnU-Net v2 raw dataset folder to train the pathway on (labels unused); repeat for several")
     p.add_argument("--out", type=Path, required=True, help="model folder to write (not --model)")
-    p.add_argument("--sampling", choices=SAMPLING, default="cases",
-                   help="with several datasets: draw cases uniformly over all cases (default) or uniformly "
-                        "over datasets, then over the dataset's cases")
+    add_sampling_option(p)
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
     add_training_options(p, "the masked-reconstruction recipe of the foundation's preset (cpu-mae-pretrain for "
                              "cpu-*), else mae-nnssl")

@@ -555,6 +555,7 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
 
     # the buffer grows by this task's K cases
     new_entries = list(entries)
+    mds_summary = None
     if settings.buffer != "none":
         t0 = time.perf_counter()
         if settings.buffer == "mds":
@@ -564,9 +565,13 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
             picked = lowest(scores, settings.buffer_size)
             # the buffer of the first r maskings for r = 1, 2, 4, ..., R: where this run's buffer settled
             stability = buffer_stability(losses, settings.buffer_size)
+            mds_summary = {"repeats": settings.mds_repeats, "picked": picked,
+                           "settled_repeats": settled_repeats(stability),
+                           "stability": [{k: r[k] for k in ("repeats", "shared_with_final", "spearman_with_final",
+                                                            "settled")} for r in stability]}
             atomic_write_json(where / "mds.json", {"repeats": settings.mds_repeats, "scores": scores,
                                                    "picked": picked, "stability": stability,
-                                                   "settled_repeats": settled_repeats(stability),
+                                                   "settled_repeats": mds_summary["settled_repeats"],
                                                    "losses": {c: v.tolist() for c, v in losses.items()}})
             new_entries += [BufferEntry(task.name, c, scores[c]) for c in picked]
         else:
@@ -575,6 +580,7 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
         seconds["buffer"] = time.perf_counter() - t0
     record = {"task": task.name, "index": i, "metrics": metrics, "refined_metrics": refined_metrics,
               **({"refinement": kd_record} if kd_record is not None else {}),
+              **({"mds": mds_summary} if mds_summary is not None else {}),
               "carried_model": str(carried_model(where).relative_to(where)), "seconds": seconds,
               "buffer_after": [dataclasses.asdict(e) for e in new_entries], "shot_cases": shot_ids,
               "test_cases": test_ids}
