@@ -329,9 +329,10 @@ def test_killed_task_resumes_and_a_stream_extends(world, seq_run, tmp_path, monk
     monkeypatch.setattr(seqft_mod, "predict_and_evaluate",
                         lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        seqft_mod.seqft(two, world["fm"], out, method="seq-ft", buffer="random", retention="lora-kd",
-                        buffer_size=2, epochs=2, iterations_per_epoch=2, kd_max_epochs=12, recipe="cpu-finetune",
-                        resume=True, progress=False)
+        settings = seqft_mod.resolve_seqft(two, world["fm"], "seq-ft", buffer="random", retention="lora-kd",
+                                           buffer_size=2, epochs=2, iterations_per_epoch=2, kd_max_epochs=12,
+                                           recipe="cpu-finetune")
+        seqft_mod.seqft(settings, out, resume=True, progress=False)
     assert not (out / "tasks" / "02-src" / "task.json").exists()
     monkeypatch.setattr(seqft_mod, "predict_and_evaluate", real)
     assert main(["seqft", str(two), "--model", str(world["fm"]), "--out", str(out), *SEQ, "--resume"]) == 0

@@ -28,7 +28,6 @@ repeats only with MDS, the KD rank and recipe only with LoRA-based KD).
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,13 +266,6 @@ def _foundation(c: _Check, value: Any, base_dir: Path) -> dict[str, Any]:
     objective = f["objective"]
     if objective not in OBJECTIVES:
         c.fail("foundation.objective", f"unknown objective {objective!r}", f"choose from {list(OBJECTIVES)}")
-    if objective != "supervised":
-        from medadapt.workflows.pretrain import pretrain
-
-        if "objective" not in inspect.signature(pretrain).parameters:
-            c.fail("foundation.objective", f"{objective!r} needs self-supervised pretraining (medadapt pretrain "
-                   "--objective), which this medadapt does not have", "update medadapt or use objective: supervised "
-                   "(without the MDS rows)")
     if f["preset"] not in PRESETS:
         c.fail("foundation.preset", f"unknown preset {f['preset']!r}", f"choose from {list(PRESETS)}")
     return {"domains": domains, "objective": objective, "cases": c.integer(f["cases"], "foundation.cases", 2),

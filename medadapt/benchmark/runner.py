@@ -40,7 +40,7 @@ from medadapt.utils.atomic import atomic_path, atomic_write_json
 def prepare_inputs(config: GridConfig, paths: GridPaths, progress: bool = True) -> None:
     """Write the synthetic cohorts and pretrain the foundation model, unless already there."""
     from medadapt.synth import DomainSpec, write_dataset
-    from medadapt.workflows.pretrain import pretrain
+    from medadapt.workflows.pretrain import pretrain, resolve_pretrain
 
     workdir = Path(paths.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -63,9 +63,10 @@ def prepare_inputs(config: GridConfig, paths: GridPaths, progress: bool = True) 
     if progress:
         tqdm.write(f"pretraining the foundation model on {f['cases']} cases of "
                    f"{', '.join(n for n, _ in sources)} -> {foundation}")
-    pretrain([d for _, d in sources] if "domains" in f else sources[0][1], foundation, preset_name=f["preset"],
-             epochs=f["epochs"], iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"], resume=True,
-             progress=progress)
+    settings = resolve_pretrain([d for _, d in sources] if "domains" in f else sources[0][1],
+                                preset_name=f["preset"], epochs=f["epochs"],
+                                iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"])
+    pretrain(settings, foundation, resume=True, progress=progress)
 
 
 def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = None,
@@ -73,7 +74,7 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
     """Fine-tune and evaluate one cell; store its record atomically in ``cell.json`` and return it."""
     from medadapt.engine.recipe import load_recipe
     from medadapt.tuning.transductive import Transductive
-    from medadapt.workflows.finetune import finetune, zero_shot
+    from medadapt.workflows.finetune import finetune, resolve_finetune, zero_shot
 
     started = time.perf_counter()
     out = paths.cell_dir(cell.cell_id)
@@ -92,14 +93,14 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
                    if k not in ("gamma", VARIANT, "feature_cache") and not k.startswith(TI_PREFIX)}
         ti = {k[len(TI_PREFIX):]: v for k, v in cell.options.items() if k.startswith(TI_PREFIX)}
         recipe = cell.key.get("recipe")
-        run = finetune(paths.foundation, paths.datasets[cell.dataset], out / "run", method=cell.method,
-                       shots=cell.shots, seed=cell.seed, gamma=cell.options.get("gamma"),
-                       split_seed=cell.key["split_seed"], epochs=training["epochs"],
-                       iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"),
-                       resume=True, progress=progress, method_options=options, head=cell.key["head"],
-                       recipe=load_recipe(recipe) if recipe is not None else None, postprocess=postprocess,
-                       transductive=Transductive(**ti) if ti else None,
-                       feature_cache=bool(cell.options.get("feature_cache", False)))
+        settings = resolve_finetune(
+            paths.foundation, paths.datasets[cell.dataset], cell.method, cell.shots, seed=cell.seed,
+            gamma=cell.options.get("gamma"), split_seed=cell.key["split_seed"], epochs=training["epochs"],
+            iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"), method_options=options,
+            head=cell.key["head"], recipe=load_recipe(recipe) if recipe is not None else None,
+            postprocess=postprocess, transductive=Transductive(**ti) if ti else None,
+            feature_cache=bool(cell.options.get("feature_cache", False)))
+        run = finetune(settings, out / "run", resume=True, progress=progress)
     qualitative = _store_qualitative_slice(run, out)
     record = {
         "format": CELL_FORMAT,

@@ -43,7 +43,7 @@ from medadapt.utils.atomic import atomic_write_json, atomic_write_text
 def prepare_inputs(config: MedseqftConfig, paths: GridPaths, progress: bool = True) -> None:
     """Write the stream's datasets (and ``stream.yaml``) and pretrain the foundation, unless already there."""
     from medadapt.synth import DomainSpec, write_dataset
-    from medadapt.workflows.pretrain import pretrain
+    from medadapt.workflows.pretrain import pretrain, resolve_pretrain
 
     workdir = Path(paths.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -66,9 +66,9 @@ def prepare_inputs(config: MedseqftConfig, paths: GridPaths, progress: bool = Tr
         tqdm.write(f"pretraining the foundation ({f['objective']}) on {f['cases']} cases of "
                    f"{', '.join(n for n, _ in paths.sources)} -> {foundation}")
     objective = {} if f["objective"] == "supervised" else {"objective": f["objective"]}
-    pretrain([d for _, d in paths.sources], foundation, preset_name=f["preset"], epochs=f["epochs"],
-             iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"], resume=True, progress=progress,
-             **objective)
+    settings = resolve_pretrain([d for _, d in paths.sources], preset_name=f["preset"], epochs=f["epochs"],
+                                iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"], **objective)
+    pretrain(settings, foundation, resume=True, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------- one cell
@@ -97,12 +97,11 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
 def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dict[str, Any]:
     from medadapt.engine.recipe import load_recipe
     from medadapt.sequential.stream import load_stream
-    from medadapt.workflows.seqft import carried_model, seqft, task_folder
+    from medadapt.workflows.seqft import carried_model, resolve_seqft, seqft, task_folder
 
     key, row = cell.key, cell.key["row"]
-    kwargs: dict[str, Any] = {"method": row["method"], "shots": key["shots"], "seed": cell.seed,
-                              "split_seed": key["split_seed"], "recipe": load_recipe(key["recipe"]),
-                              "postprocess": key["postprocess"], "resume": True, "progress": progress}
+    kwargs: dict[str, Any] = {"shots": key["shots"], "seed": cell.seed, "split_seed": key["split_seed"],
+                              "recipe": load_recipe(key["recipe"]), "postprocess": key["postprocess"]}
     if "options" in row:  # the strategy's record: its options, and the decoder policy when it is not the default
         options = dict(row["options"])
         kwargs["pretext_decoder"] = options.pop("decoder", "pretrained")
@@ -115,7 +114,8 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
     if "kd_recipe" in row:
         kwargs["kd_recipe"] = load_recipe(row["kd_recipe"])
     stream = load_stream(paths.stream_file)
-    summary = seqft(stream, paths.foundation, out / "run", **kwargs)
+    summary = seqft(resolve_seqft(stream, paths.foundation, row["method"], **kwargs), out / "run", resume=True,
+                    progress=progress)
     tasks = []
     for t, task in zip(summary["tasks"], stream.tasks):
         folder = task_folder(out / "run", t["index"], task)
@@ -151,7 +151,7 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
 
 def _unseen_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dict[str, Any]:
     from medadapt.engine.recipe import load_recipe
-    from medadapt.workflows.finetune import finetune
+    from medadapt.workflows.finetune import finetune, resolve_finetune
 
     key = cell.key
     model = Path(paths.foundation)
@@ -161,9 +161,10 @@ def _unseen_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
             raise MedadaptError(f"cell {cell.cell_id}: starts from the model of stream cell {cell.depends}, which has "
                                 "not finished; run the grid (stream cells first)")
         model = source.parent / json.loads(source.read_text())["final_model"]
-    run = finetune(model, paths.datasets[cell.task], out / "run", method=key["method"], shots=key["shots"],
-                   seed=cell.seed, split_seed=key["split_seed"], resume=True, progress=progress, head="fresh",
-                   recipe=load_recipe(key["recipe"]), postprocess=key["postprocess"])
+    settings = resolve_finetune(model, paths.datasets[cell.task], key["method"], key["shots"], seed=cell.seed,
+                                split_seed=key["split_seed"], head="fresh", recipe=load_recipe(key["recipe"]),
+                                postprocess=key["postprocess"])
+    run = finetune(settings, out / "run", resume=True, progress=progress)
     return {"start": str(model), "per_case": _read_rows(out / "run" / "metrics_per_case.csv"),
             "metrics": run["metrics"], "parameters": run["parameters"], "timing": run["timing"],
             "split": run["split"], "shot_cases": run["shot_cases"], "training": run["training"],

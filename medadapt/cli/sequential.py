@@ -96,16 +96,17 @@ def add_seqft(sub) -> None:
 
 
 def cmd_seqft(args) -> int:
-    from medadapt.workflows.seqft import seqft
+    from medadapt.workflows.seqft import resolve_seqft, seqft
 
-    summary = seqft(args.stream, args.model, args.out, method=args.method, buffer=args.buffer,
-                    retention=args.retention, buffer_size=args.buffer_size, mds_repeats=args.mds_repeats,
-                    kd_rank=args.kd_rank, kd_until=args.kd_until, kd_max_epochs=args.kd_max_epochs,
-                    shots=args.shots, seed=args.seed, split_seed=args.split_seed,
-                    recipe=args.recipe, kd_recipe=args.kd_recipe, epochs=args.epochs,
-                    iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
-                    method_options=method_options(args), postprocess=args.postprocess, resume=args.resume,
-                    progress=not args.quiet, engine=engine_options(args), pretext_decoder=args.pretext_decoder)
+    engine = engine_options(args)
+    settings = resolve_seqft(
+        args.stream, args.model, args.method, buffer=args.buffer, retention=args.retention,
+        buffer_size=args.buffer_size, mds_repeats=args.mds_repeats, kd_rank=args.kd_rank, kd_until=args.kd_until,
+        kd_max_epochs=args.kd_max_epochs, shots=args.shots, seed=args.seed, split_seed=args.split_seed,
+        recipe=args.recipe, kd_recipe=args.kd_recipe, epochs=args.epochs,
+        iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, method_options=method_options(args),
+        postprocess=args.postprocess, pretext_decoder=args.pretext_decoder, engine=engine)
+    summary = seqft(settings, args.out, resume=args.resume, progress=not args.quiet, engine=engine)
     print((args.out / "results.md").read_text(), end="")
     print(f"{len(summary['tasks'])} task(s); results in {args.out}")
     return 0

@@ -49,12 +49,14 @@ def add_pretrain(sub) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    from medadapt.workflows.pretrain import pretrain
+    from medadapt.workflows.pretrain import pretrain, resolve_pretrain
 
-    pretrain(args.data, args.out, preset_name=args.preset, epochs=args.epochs,
-             iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed, resume=args.resume,
-             progress=not args.quiet, recipe=args.recipe, activation=args.activation, sampling=args.sampling,
-             objective=args.objective, engine=engine_options(args))
+    engine = engine_options(args)
+    settings = resolve_pretrain(args.data, preset_name=args.preset, epochs=args.epochs,
+                                iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed,
+                                recipe=args.recipe, activation=args.activation, sampling=args.sampling,
+                                objective=args.objective, engine=engine)
+    pretrain(settings, args.out, resume=args.resume, progress=not args.quiet, engine=engine)
     from medadapt.engine.distributed import is_main
 
     if is_main():
@@ -164,15 +166,16 @@ def add_finetune(sub) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from medadapt.workflows.finetune import finetune
+    from medadapt.workflows.finetune import finetune, resolve_finetune
 
-    record = finetune(args.model, args.data, args.out, method=args.method, shots=args.shots, seed=args.seed,
-                      gamma=args.gamma, split_seed=args.split_seed, epochs=args.epochs,
-                      iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, resume=args.resume,
-                      progress=not args.quiet, method_options=method_options(args), head=args.head,
-                      recipe=args.recipe, postprocess=args.postprocess, transductive=transductive_options(args),
-                      engine=engine_options(args), feature_cache=args.feature_cache,
-                      pretext_decoder=args.pretext_decoder)
+    engine = engine_options(args)
+    settings = resolve_finetune(
+        args.model, args.data, args.method, args.shots, seed=args.seed, gamma=args.gamma,
+        split_seed=args.split_seed, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
+        method_options=method_options(args), head=args.head, recipe=args.recipe, postprocess=args.postprocess,
+        transductive=transductive_options(args), feature_cache=args.feature_cache,
+        pretext_decoder=args.pretext_decoder, engine=engine)
+    record = finetune(settings, args.out, resume=args.resume, progress=not args.quiet, engine=engine)
     if not record:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print_metrics(record["metrics"], "test cases")

@@ -52,8 +52,8 @@ def _cached_foundation(path: Path, expected: dict) -> bool:
 def run_demo(workdir: str | Path, shots: int = 5, seed: int = 0, fresh: bool = False,
              progress: bool = True) -> dict:
     from medadapt.synth import load_domain, write_dataset
-    from medadapt.workflows.finetune import finetune
-    from medadapt.workflows.pretrain import pretrain
+    from medadapt.workflows.finetune import finetune, resolve_finetune
+    from medadapt.workflows.pretrain import pretrain, resolve_pretrain
 
     workdir = Path(workdir)
     started = time.perf_counter()
@@ -72,7 +72,7 @@ def run_demo(workdir: str | Path, shots: int = 5, seed: int = 0, fresh: bool = F
         _say(f"[2/4] foundation model: cached in {foundation}", progress)
     else:
         _say(f"[2/4] pretraining the foundation model on {source.name} ({SOURCE_CASES} cases)", progress)
-        pretrain(source_data, foundation, seed=seed, resume=True, progress=progress, **PRETRAIN)
+        pretrain(resolve_pretrain(source_data, seed=seed, **PRETRAIN), foundation, resume=True, progress=progress)
         plans = json.loads((foundation / "plans.json").read_text())
         plans["provenance"]["demo_config"] = expected
         atomic_write_json(foundation / "plans.json", plans)
@@ -83,9 +83,9 @@ def run_demo(workdir: str | Path, shots: int = 5, seed: int = 0, fresh: bool = F
         out = run_dir(workdir, method, shots, seed)
         if fresh and out.exists():
             shutil.rmtree(out)
-        records[method] = finetune(foundation, target_data, out, method=method, shots=shots, seed=seed,
-                                   gamma=1 if method == "dgst" else None, resume=True, progress=progress,
-                                   **budget(method))
+        settings = resolve_finetune(foundation, target_data, method, shots, seed=seed,
+                                    gamma=1 if method == "dgst" else None, **budget(method))
+        records[method] = finetune(settings, out, resume=True, progress=progress)
         for cls, m in records[method]["metrics"]["classes"].items():
             _say(f"      {method:8s} {cls} DSC "
                  f"{format_mean_std(m['dsc']['mean'], m['dsc']['std'], percent=True)}", progress)

@@ -74,7 +74,7 @@ from medadapt.workflows.identity import check_identity, record_identity, setting
 
 DEFAULT_RECIPE = "dgst-paper"  # for a model folder that recommends none
 #: the layout of a run's identity record; bump it when what identity.json holds changes
-RUN_FORMAT = "medadapt-run/3"  # 3: the whole resolved settings (FinetuneSettings)
+RUN_FORMAT = "medadapt-run/4"  # 3: the whole resolved settings; 4: with the model and data paths (the object)
 HEAD_POLICIES = ("fresh", "keep", "match")
 #: --pretext-decoder: auto, or one of medadapt.tuning.base.DECODER_POLICIES
 PRETEXT_DECODER_CHOICES = ("auto", "new", "pretrained")
@@ -215,52 +215,55 @@ def head_parameter_names(network: torch.nn.Module) -> set[str]:
 @dataclasses.dataclass(frozen=True)
 class FinetuneSettings:
     """Everything that decides a fine-tuning run's result, resolved from the recipe (its contents), the model
-    folder (patch, batch) and the flags; the run's identity is this object as data (:func:`run_identity`)."""
+    folder (patch, batch) and the flags by :func:`resolve_finetune`; :func:`finetune` runs it, and the run's
+    identity is this whole object as data (:meth:`to_dict`, :func:`run_identity`)."""
 
-    method: dict                 #: the strategy's record: name, options, decoder policy
+    model: str                   #: the foundation's model folder (absolute)
+    data: str                    #: the nnU-Net raw dataset (absolute)
+    method: str
+    method_options: dict         #: the strategy's options as given (rank, alpha, reduction, ...; no None)
+    gamma: int | None
+    decoder: str                 #: the decoder policy of a method that freezes part of the network
     shots: int
     seed: int
     split_seed: int
     head: str
-    training: dict               #: TrainingConfig.to_dict(): budget, lr, optimiser, schedule, loss, precision
-    recipe: dict                 #: the resolved recipe's contents (not only its name)
+    recipe: Recipe               #: resolved: the method's settings, the command line's budget, the cases
+    training: TrainingConfig     #: budget, lr, optimiser, schedule, loss, precision
     patch_size: tuple[int, ...]
     batch_size: int
-    patches_per_case: int | str
-    augmentation: str
-    head_init: str
-    deep_supervision: bool | None
     postprocess: str
-    transductive: dict | None = None
+    transductive: Transductive | None = None
     feature_cache: bool = False
 
+    def strategy(self):
+        """A new strategy object of these settings (every run part that prepares a network gets its own)."""
+        return make_strategy(self.method, decoder=self.decoder, gamma=self.gamma, seed=self.seed,
+                             **self.method_options)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as data: the strategy's record, the recipe's and the training settings' contents."""
+        return {"model": self.model, "data": self.data, "method": self.strategy().config(), "shots": self.shots,
+                "seed": self.seed, "split_seed": self.split_seed, "head": self.head,
+                "training": self.training.to_dict(), "recipe": self.recipe.to_dict(),
+                "patch_size": list(self.patch_size), "batch_size": self.batch_size,
+                "patches_per_case": self.recipe.patches_per_case, "augmentation": self.recipe.augmentation,
+                "head_init": self.recipe.head_init, "deep_supervision": self.recipe.deep_supervision,
+                "postprocess": self.postprocess,
+                "transductive": self.transductive.record() if self.transductive is not None else None,
+                "feature_cache": self.feature_cache}
 
 
-def run_identity(settings: dict[str, Any], dataset: RawDataset, folder: ModelFolder,
-                 foundation: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """What makes a run this run (medadapt.workflows.identity): the resolved ``settings`` (a
-    :class:`FinetuneSettings` as data), the dataset and the foundation's weights (``foundation``: the folder's
-    loaded state dict), and the settings' digest."""
-    return {"format": RUN_FORMAT, **settings, "seeds": seeds.SCHEME,
-            "dataset": {"path": str(Path(dataset.root).resolve()), "name": dataset.name,
-                        "labels": dataset.labels, "cases": stable_hash(dataset.case_ids, 16)},
-            "foundation": {"path": str(Path(folder.path).resolve()) if folder.path else None,
-                           "weights": model_fingerprint(folder, foundation)},
-            "settings_digest": settings_digest(settings)}
-
-
-@locks_folder("out")
-def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, shots: "int | str", seed: int = 0,
-             gamma: int | None = None, split_seed: int = 0, epochs: int | None = None,
-             iterations_per_epoch: int | None = None, lr: float | None = None, resume: bool = False,
-             progress: bool = True, method_options: dict[str, Any] | None = None, head: str = "fresh",
-             recipe: "str | Path | Recipe | None" = None, postprocess: str = "none",
-             transductive: "Transductive | None" = None, engine: EngineOptions | None = None,
-             feature_cache: bool = False, pretext_decoder: str = "auto") -> dict[str, Any]:
-    """Fine-tune ``model`` on ``shots`` cases of ``data`` with ``method``; evaluate on the test split.
-    ``shots="all"``: every case of the train split (the "all samples" rows), recorded as their number.
+def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "int | str", *, seed: int = 0,
+                     gamma: int | None = None, split_seed: int = 0, epochs: int | None = None,
+                     iterations_per_epoch: int | None = None, lr: float | None = None,
+                     method_options: dict[str, Any] | None = None, head: str = "fresh",
+                     recipe: "str | Path | Recipe | None" = None, postprocess: str = "none",
+                     transductive: "Transductive | None" = None, feature_cache: bool = False,
+                     pretext_decoder: str = "auto", engine: EngineOptions | None = None) -> FinetuneSettings:
+    """The settings of fine-tuning ``model`` on ``shots`` cases of ``data`` with ``method``, checked and
+    resolved (one line per mistake, nothing written). ``shots="all"``: every case of the train split (the "all
+    samples" rows), recorded as their number.
 
     ``method_options`` go to the strategy (e.g. ``rank``/``alpha`` for lora, ``reduction`` for adapter);
     ``head`` is the head policy (``fresh`` or ``keep``, see the module docstring). The training settings come
@@ -269,21 +272,16 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     ``postprocess`` (``none`` or ``lcc``) is applied to the test predictions (medadapt.inference.predictor).
     ``transductive``: FSEFT's transductive inference on the test volumes (:class:`Transductive`); a method that
     does not train (``generalization``) evaluates the foundation's own outputs for the dataset's classes.
-    ``engine``: how the steps run (mixed precision, background workers, ``torch.compile``; default: auto
-    precision, batches drawn in this process); the resolved precision is part of the run's identity.
+    ``engine``: its precision, resolved for this process's device, is part of the settings.
     ``pretext_decoder``: what a method that freezes part of the network does with a decoder trained on a
     pretext task (:func:`decoder_policy`; ``auto``: ``new`` for a self-supervised foundation, else
-    ``pretrained``).
-    """
+    ``pretrained``)."""
     engine = engine or EngineOptions()
-    out = Path(out)
-    run_file = out / "run.json"
     if head not in HEAD_POLICIES:
         raise MedadaptError(f"--head {head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
-    if run_file.is_file() and not resume:
-        raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
+    options = {k: v for k, v in sorted((method_options or {}).items()) if v is not None}
     # validates --method and its options before any work
-    strategy = make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
+    strategy = make_strategy(method, gamma=gamma, seed=seed, **options)
     if not strategy.trains:
         if transductive is not None:
             raise MedadaptError(f"--transductive: --method {method} trains nothing; use a method that trains "
@@ -291,22 +289,23 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         head = "keep"  # the foundation's own outputs, by name
     if transductive is not None:
         transductive.check()
-    distributed.init_from_env()
-    progress = progress and distributed.is_main()
+    if feature_cache and not strategy.trains:
+        raise MedadaptError(f"--feature-cache: --method {method} trains nothing; use linear-probe or "
+                            "spatial-adapter")
+    if postprocess not in POSTPROCESSING:
+        raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
     folder = load_model_folder(model)
     policy = decoder_policy(folder, pretext_decoder)
-
-    def new_strategy():
-        return make_strategy(method, decoder=policy, gamma=gamma, seed=seed, **(method_options or {}))
-
-    strategy = new_strategy()
     if head != "fresh":  # a self-supervised foundation has no segmentation head to keep or evaluate
         if strategy.trains:
             folder.require_segmentation_head(f"--head {head}", "fine-tune it with --head fresh")
         folder.require_segmentation_head(f"--method {method}", "fine-tune it with a method that trains")
     dataset = RawDataset.load(data)
-    if postprocess not in POSTPROCESSING:
-        raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
+    if not strategy.trains:
+        missing = [n for n, v in dataset.labels.items() if v != 0 and n not in folder.foreground]
+        if missing:
+            raise MedadaptError(f"--method {method}: the foundation in {folder.path} does not know {missing} (its "
+                                f"classes: {', '.join(folder.foreground)}); fine-tune with a method that trains")
     if shots == "all":
         shots = len(train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)[0])
     # the recipe, with the method's own settings (budget, batch, lr), the command line's budget, and an epoch
@@ -316,19 +315,52 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     config = engine.configure(TrainingConfig.from_recipe(resolved, method, seed, activation=folder.activation))
     if lr is not None:
         config = dataclasses.replace(config, initial_lr=lr)
-    if feature_cache and not strategy.trains:
-        raise MedadaptError(f"--feature-cache: --method {method} trains nothing; use linear-probe or "
-                            "spatial-adapter")
-    foundation = folder.load_network().state_dict()  # loaded once: identity, head transfer and delta use it
-    settings = FinetuneSettings(
-        method=strategy.config(), shots=shots, seed=seed, split_seed=split_seed, head=head,
-        training=config.to_dict(), recipe=resolved.to_dict(),
+    return FinetuneSettings(
+        model=str(Path(model).resolve()), data=str(Path(dataset.root).resolve()), method=method,
+        method_options=options, gamma=gamma, decoder=policy, shots=shots, seed=seed, split_seed=split_seed,
+        head=head, recipe=resolved, training=config,
         patch_size=tuple(resolved.patch_size or folder.network.patch_size),
-        batch_size=resolved.batch_size or folder.network.batch_size, patches_per_case=resolved.patches_per_case,
-        augmentation=resolved.augmentation, head_init=resolved.head_init,
-        deep_supervision=resolved.deep_supervision, postprocess=postprocess,
-        transductive=transductive.record() if transductive is not None else None, feature_cache=bool(feature_cache))
-    identity = run_identity(settings.to_dict(), dataset, folder, foundation)
+        batch_size=resolved.batch_size or folder.network.batch_size, postprocess=postprocess,
+        transductive=transductive, feature_cache=bool(feature_cache))
+
+
+def run_identity(settings: dict[str, Any], dataset: RawDataset, folder: ModelFolder,
+                 foundation: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What makes a run this run (medadapt.workflows.identity): the resolved ``settings`` (a
+    :class:`FinetuneSettings` as data), the dataset and the foundation's weights (``foundation``: the folder's
+    loaded state dict), and the settings' digest."""
+    return {"format": RUN_FORMAT,  # the inputs first: a run on another dataset or foundation is named as such
+            "dataset": {"path": str(Path(dataset.root).resolve()), "name": dataset.name,
+                        "labels": dataset.labels, "cases": stable_hash(dataset.case_ids, 16)},
+            "foundation": {"path": str(Path(folder.path).resolve()) if folder.path else None,
+                           "weights": model_fingerprint(folder, foundation)},
+            **settings, "seeds": seeds.SCHEME, "settings_digest": settings_digest(settings)}
+
+
+@locks_folder("out")
+def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = False, progress: bool = True,
+             engine: EngineOptions | None = None) -> dict[str, Any]:
+    """Run the fine-tuning ``settings`` describe (:func:`resolve_finetune`) into ``out``: fine-tune, predict
+    and evaluate the test split; returns the run's record (also ``out/run.json``). ``resume``: continue or reuse
+    a run of the same settings in ``out``. ``engine``: how the steps run (background workers,
+    ``torch.compile``; the precision is the settings')."""
+    engine = engine or EngineOptions()
+    out = Path(out)
+    run_file = out / "run.json"
+    if run_file.is_file() and not resume:
+        raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
+    s = settings
+    method, shots, seed, split_seed, head = s.method, s.shots, s.seed, s.split_seed, s.head
+    postprocess, transductive, feature_cache = s.postprocess, s.transductive, s.feature_cache
+    distributed.init_from_env()
+    progress = progress and distributed.is_main()
+    folder = load_model_folder(s.model)
+    new_strategy = s.strategy
+    strategy = new_strategy()
+    dataset = RawDataset.load(s.data)
+    resolved, config = s.recipe, s.training
+    foundation = folder.load_network().state_dict()  # loaded once: identity, head transfer and delta use it
+    identity = run_identity(s.to_dict(), dataset, folder, foundation)
     if distributed.is_main():
         check_identity(out, identity)
     if run_file.is_file():
@@ -344,11 +376,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     cache = dataset_cache_dir(dataset.root)
     with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
         cases = preprocess_dataset(dataset, shot_ids, plan, cache, progress=progress)
-    if not strategy.trains:
-        missing = [n for n, v in dataset.labels.items() if v != 0 and n not in folder.foreground]
-        if missing:
-            raise MedadaptError(f"--method {method}: the foundation in {folder.path} does not know {missing} (its "
-                                f"classes: {', '.join(folder.foreground)}); fine-tune with a method that trains")
+
     def foundation_network() -> torch.nn.Module:
         net = load_foundation(folder, dataset, seed, head, foundation)
         if head == "fresh" and resolved.head_init == "torch":
@@ -362,8 +390,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
     network = foundation_network()
     spec = folder.network.with_classes(output_channels(dataset.labels, folder.activation))
     # a recipe's patch and batch replace the network's (the tuned model then predicts with that patch)
-    spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
-                               batch_size=resolved.batch_size or spec.batch_size)
+    spec = dataclasses.replace(spec, patch_size=tuple(s.patch_size), batch_size=s.batch_size)
     priors = None
     if transductive is not None:
         if not test_ids:
@@ -472,7 +499,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, method: str, 
         "seed": seed,
         "split_seed": split_seed,
         "seeds": seeds.record(seed, split_seed),
-        "foundation": str(Path(model).resolve()),
+        "foundation": s.model,
         "dataset": str(dataset.root),
         "dataset_name": dataset.name,
         "split": {"train": train_ids, "test": test_ids},

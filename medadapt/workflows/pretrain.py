@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from medadapt.data.augmentation import Augmentation
 from medadapt.data.cache import preprocess_dataset
-from medadapt.data.partial import annotation_records, build_template, sampling_weights, template_cases
+from medadapt.data.partial import SAMPLING, annotation_records, build_template, sampling_weights, template_cases
 from medadapt.data.preprocessing import plan_from_datasets
 from medadapt.data.sampling import PatchSampler
 from medadapt.engine import EngineOptions, Trainer, TrainingConfig, distributed
@@ -41,62 +42,128 @@ from medadapt.workflows.identity import check_identity, record_identity, setting
 #: what a foundation is pretrained for: segmentation (the datasets' labels) or masked-volume reconstruction
 OBJECTIVES = ("supervised", "mae")
 #: the layout of a supervised pretraining's identity record (training/identity.json)
-PRETRAIN_FORMAT = "medadapt-pretrain/1"
+PRETRAIN_FORMAT = "medadapt-pretrain/2"  # 2: PretrainSettings (data paths; mae runs too)
 SEGMENTATION_LOSSES = ("dice_ce", "dice")
 
 
-@locks_folder("out")
-def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_name: str = "cpu-small",
-             epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
-             seed: int = 0, resume: bool = False, progress: bool = True,
-             recipe: "str | Path | Recipe | None" = None, activation: str | None = None,
-             sampling: str = "cases", objective: str = "supervised",
-             engine: EngineOptions | None = None) -> ModelFolder:
-    """Train a new network on every case of ``data`` (one dataset or several); writes a model folder to ``out``.
+@dataclasses.dataclass(frozen=True)
+class PretrainSettings:
+    """Everything that decides a pretraining's result, resolved from the recipe (its contents), the preset
+    (patch, batch) and the flags by :func:`resolve_pretrain`; :func:`pretrain` runs it, and the run's identity
+    (``training/identity.json``) is this whole object as data (:meth:`to_dict`) with the datasets."""
 
-    ``objective``: ``supervised`` (segmentation of the datasets' labels; below) or ``mae`` (masked-volume
+    data: tuple[str, ...]        #: the nnU-Net raw datasets (absolute)
+    objective: str
+    preset: str
+    activation: str | None       #: softmax or sigmoid (supervised); None for mae (no segmentation output)
+    sampling: str
+    seed: int
+    recipe: Recipe
+    training: TrainingConfig
+    patch_size: tuple[int, ...]
+    batch_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": list(self.data), "objective": self.objective, "preset": self.preset,
+                "activation": self.activation, "sampling": self.sampling, "seed": self.seed,
+                "training": self.training.to_dict(), "recipe": self.recipe.to_dict(),
+                "patch_size": list(self.patch_size), "batch_size": self.batch_size}
+
+
+def resolve_pretrain(data: "str | Path | Sequence[str | Path]", *, preset_name: str = "cpu-small",
+                     epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
+                     seed: int = 0, recipe: "str | Path | Recipe | None" = None, activation: str | None = None,
+                     sampling: str = "cases", objective: str = "supervised",
+                     engine: EngineOptions | None = None) -> PretrainSettings:
+    """The settings of training a new ``preset_name`` network on every case of ``data`` (one dataset or
+    several), checked and resolved (one line per mistake, nothing written).
+
+    ``objective``: ``supervised`` (segmentation of the datasets' labels) or ``mae`` (masked-volume
     reconstruction, the labels unused: :func:`medadapt.workflows.ssl.pretrain_mae`).
-
     ``activation``: ``softmax`` or ``sigmoid``; default softmax for one fully labelled dataset, sigmoid when
     the datasets' labels differ or cases annotate different classes (which softmax cannot learn from).
     ``sampling``: ``cases`` or ``datasets`` (module docstring). The training settings come from ``recipe``
     (default: the preset's pretraining recipe, e.g. ``cpu-pretrain`` for the CPU presets, ``nnunet``
-    otherwise), with ``epochs``, ``iterations_per_epoch`` and ``lr`` overriding it where given. The model
-    folder recommends the preset's fine-tuning recipe to whoever fine-tunes it."""
+    otherwise; ``cpu-mae-pretrain``, ... for mae), with ``epochs``, ``iterations_per_epoch`` and ``lr``
+    overriding it where given. ``engine``: its precision, resolved for this process's device, is part of the
+    settings."""
+    engine = engine or EngineOptions()
     if objective not in OBJECTIVES:
         raise MedadaptError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    datasets = load_datasets(data)
+    recipes = preset_recipes(preset_name)
     if objective == "mae":
         if activation is not None:
             raise MedadaptError("--activation: a masked-reconstruction foundation has no segmentation output; "
                                 "leave --activation out with --objective mae")
-        from medadapt.workflows.ssl import pretrain_mae
+        from medadapt.workflows.ssl import mae_spec, resolve_mae_recipe
 
-        return pretrain_mae(data, out, preset_name=preset_name, epochs=epochs,
-                            iterations_per_epoch=iterations_per_epoch, lr=lr, seed=seed, resume=resume,
-                            progress=progress, recipe=recipe, sampling=sampling, engine=engine)
+        resolved = resolve_mae_recipe(recipe, recipes["mae"], epochs, iterations_per_epoch, lr)
+        spec = mae_spec(preset_name, datasets, resolved, sampling)
+        config = engine.configure(TrainingConfig.from_recipe(resolved, FullFineTuning.name, seed))
+    else:
+        if activation is not None and activation not in ACTIVATIONS:
+            raise MedadaptError(f"--activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        template = build_template(datasets)
+        if sampling not in SAMPLING:
+            raise MedadaptError(f"--sampling {sampling!r}: unknown; choose one of {', '.join(SAMPLING)}")
+        partial = (any(per_case for _, per_case in (annotation_records(ds) for ds in datasets))
+                   or any(set(ds.labels) != set(template.labels) for ds in datasets))
+        if activation is None:
+            activation = "sigmoid" if partial else "softmax"
+        if partial and activation == "softmax":
+            raise MedadaptError("--activation softmax: these datasets are partially labelled (their label sets "
+                                "differ or annotated_classes.json gives per-case records), and a softmax output "
+                                "would count every unannotated structure as background; use --activation sigmoid")
+        resolved = load_recipe(recipe or recipes["pretrain"]).with_overrides(
+            epochs=epochs, iterations_per_epoch=iterations_per_epoch, lr=lr)
+        if resolved.loss["name"] not in SEGMENTATION_LOSSES:
+            raise MedadaptError(f"--recipe {resolved.name}: trains with loss {resolved.loss['name']}, which is not "
+                                "a segmentation loss; use it with --objective mae, or a recipe such as "
+                                f"{recipes['pretrain']} for supervised pretraining")
+        spec = preset(preset_name, input_channels=datasets[0].num_channels, num_classes=2)
+        config = engine.configure(TrainingConfig.from_recipe(resolved, FullFineTuning.name, seed,
+                                                             activation=activation))
+    return PretrainSettings(
+        data=tuple(str(ds.root.resolve()) for ds in datasets), objective=objective, preset=preset_name,
+        activation=activation, sampling=sampling, seed=seed, recipe=resolved, training=config,
+        patch_size=tuple(resolved.patch_size or spec.patch_size), batch_size=resolved.batch_size or spec.batch_size)
+
+
+def pretrain_identity(settings: PretrainSettings, datasets) -> dict[str, Any]:
+    """What makes a pretraining this one (medadapt.workflows.identity): the settings and the datasets' cases."""
+    data = settings.to_dict()
+    return {"format": PRETRAIN_FORMAT, **data, "seeds": seeds.SCHEME,
+            "datasets": [{"path": str(ds.root.resolve()), "name": ds.name, "labels": ds.labels,
+                          "cases": stable_hash(ds.case_ids, 16)} for ds in datasets],
+            "settings_digest": settings_digest(data)}
+
+
+@locks_folder("out")
+def pretrain(settings: PretrainSettings, out: str | Path, *, resume: bool = False, progress: bool = True,
+             engine: EngineOptions | None = None) -> ModelFolder:
+    """Run the pretraining ``settings`` describe (:func:`resolve_pretrain`); writes a model folder to ``out``.
+    The model folder recommends the preset's fine-tuning recipe to whoever fine-tunes it. ``resume``: continue
+    a pretraining of the same settings in ``out``. ``engine``: how the steps run (background workers,
+    ``torch.compile``; the precision is the settings')."""
     out = Path(out)
-    if activation is not None and activation not in ACTIVATIONS:
-        raise MedadaptError(f"--activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
-    datasets = load_datasets(data)
-    template = build_template(datasets)
-    records = {ds.name: annotation_records(ds) for ds in datasets}
-    partial = (any(per_case for _, per_case in records.values())
-               or any(set(ds.labels) != set(template.labels) for ds in datasets))
-    if activation is None:
-        activation = "sigmoid" if partial else "softmax"
-    if partial and activation == "softmax":
-        raise MedadaptError("--activation softmax: these datasets are partially labelled (their label sets differ "
-                            "or annotated_classes.json gives per-case records), and a softmax output would count "
-                            "every unannotated structure as background; use --activation sigmoid")
-    recipes = preset_recipes(preset_name)
-    resolved = load_recipe(recipe or recipes["pretrain"]).with_overrides(
-        epochs=epochs, iterations_per_epoch=iterations_per_epoch, lr=lr)
-    if resolved.loss["name"] not in SEGMENTATION_LOSSES:
-        raise MedadaptError(f"--recipe {resolved.name}: trains with loss {resolved.loss['name']}, which is not a "
-                            "segmentation loss; use it with --objective mae, or a recipe such as "
-                            f"{recipes['pretrain']} for supervised pretraining")
+    engine = engine or EngineOptions()
+    s = settings
+    datasets = load_datasets(list(s.data))
     distributed.init_from_env()
     progress = progress and distributed.is_main()
+    identity = pretrain_identity(s, datasets)
+    if distributed.is_main():
+        check_identity(out / "training", identity)
+    if s.objective == "mae":
+        from medadapt.workflows.ssl import pretrain_mae
+
+        return pretrain_mae(s, datasets, out, identity, resume=resume, progress=progress, engine=engine)
+    preset_name, activation, sampling, seed, resolved, config = (s.preset, s.activation, s.sampling, s.seed,
+                                                                 s.recipe, s.training)
+    template = build_template(datasets)
+    records = {ds.name: annotation_records(ds) for ds in datasets}
+    recipes = preset_recipes(preset_name)
     use_template = len(datasets) > 1 or activation == "sigmoid"  # else nnU-Net's case: the dataset's own labels
     labels = template.labels if use_template else datasets[0].labels
     with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
@@ -116,18 +183,7 @@ def pretrain(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_
     sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
                            augmentation=Augmentation(spec.patch_size), case_weights=weights,
                            patches_per_case=resolved.patches_per_case)
-    engine = engine or EngineOptions()
-    config = engine.configure(TrainingConfig.from_recipe(resolved, strategy.name, seed, activation=activation))
-    # the run's identity: every resolved setting (the recipe's contents, patch, batch, sampling) and the data
-    settings = {"objective": objective, "preset": preset_name, "activation": activation, "sampling": sampling,
-                "seed": seed, "training": config.to_dict(), "recipe": resolved.to_dict(),
-                "patch_size": list(spec.patch_size), "batch_size": spec.batch_size}
-    identity = {"format": PRETRAIN_FORMAT, **settings, "seeds": seeds.SCHEME,
-                "datasets": [{"path": str(ds.root.resolve()), "name": ds.name, "labels": ds.labels,
-                              "cases": stable_hash(ds.case_ids, 16)} for ds in datasets],
-                "settings_digest": settings_digest(settings)}
-    if distributed.is_main():
-        check_identity(out / "training", identity)
+    if distributed.is_main():  # every input is checked: from here on the folder is this run's
         record_identity(out / "training", identity)
     trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
                       description="pretrain", engine=engine)

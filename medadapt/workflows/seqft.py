@@ -1,6 +1,7 @@
 """Sequential fine-tuning over a stream of tasks (MedSeqFT, Ye et al., Sec. III), and its parallel baselines.
 
-``seqft(stream, model, out, method)`` runs every task of a stream (:mod:`medadapt.sequential.stream`) in order.
+``seqft(resolve_seqft(stream, model, method), out)`` runs every task of a stream
+(:mod:`medadapt.sequential.stream`) in order.
 Each task t gets its own model folder (encoder, decoder, a fresh head for its labels) and its test-split
 metrics. Which model is "task t's" (decided from the paper's Table III, where every variant's first task equals
 FFT's although MedSeqFT's task 1 is "FFT, then LoRA-based KD and merge"): the task is scored with the model its
@@ -78,7 +79,7 @@ from medadapt.workflows.common import dataset_cache_dir, environment, model_fing
 from medadapt.workflows.finetune import DEFAULT_RECIPE, decoder_policy, load_foundation, predict_and_evaluate
 from medadapt.workflows.identity import first_difference, settings_digest
 
-FORMAT = "medadapt-seqft/2"  # 2: the recipes' contents, patch and batch, and the settings' digest
+FORMAT = "medadapt-seqft/3"  # 2: the recipes' contents, patch and batch, the settings' digest; 3: SeqftSettings
 SEQUENTIAL = {"seq-ft": ("none", "none"), "medseqft": ("mds", "lora-kd")}
 RETENTIONS = ("none", "lora-kd")
 #: joint multi-task training on every task at once (task-specific heads): the upper reference
@@ -258,95 +259,163 @@ def check_stream_identity(out: Path, identity: dict[str, Any]) -> None:
                             "use a new --out folder or the run's own settings")
 
 
-@locks_folder("out")
-def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, method: str = "medseqft",
-          buffer: str | None = None, retention: str | None = None, buffer_size: int = 4, mds_repeats: int = 16,
-          kd_rank: int = 2, kd_until: str = "levelled", kd_max_epochs: int | None = None,
-          shots: "int | str" = "all", seed: int = 0, split_seed: int = 0,
-          recipe: "str | Path | Recipe | None" = None, kd_recipe: "str | Path | Recipe | None" = None,
-          epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
-          method_options: dict[str, Any] | None = None, postprocess: str = "none", resume: bool = False,
-          progress: bool = True, engine: EngineOptions | None = None, pretext_decoder: str = "auto"
-          ) -> dict[str, Any]:
-    """Run ``stream`` from the foundation ``model`` with ``method`` into ``out`` (module docstring); returns
-    the run's results record (also ``out/results.json``). ``engine``: how every training step runs (mixed
-    precision, background workers, ``torch.compile``)."""
+@dataclasses.dataclass(frozen=True)
+class SeqftSettings:
+    """Everything that decides a sequential run's result, resolved from the recipes (their contents), the
+    foundation's folder (patch, batch) and the flags by :func:`resolve_seqft`; :func:`seqft` runs it, and the
+    run's identity (``seqft.json``) is this whole object as data (:meth:`to_dict`) with the stream's tasks."""
+
+    stream: Stream
+    model: str                   #: the foundation M_0's model folder (absolute)
+    sequence: SeqSettings        #: the method and its switches
+    method_options: dict         #: a parallel method's strategy options (no None)
+    decoder: str | None          #: a parallel method's decoder policy, where it is not ``pretrained``
+    pretext_decoder: str         #: as given (the parallel runs resolve it per task)
+    shots: "int | str"
+    seed: int
+    split_seed: int
+    recipe: Recipe               #: the fine-tuning recipe with the command line's budget
+    kd_recipe: Recipe | None     #: the LoRA-based KD stage's (retention lora-kd)
+    training: TrainingConfig
+    kd_training: TrainingConfig | None
+    patch_size: tuple[int, ...]
+    batch_size: int
+    postprocess: str
+    #: the command line's budget and learning rate as given (epochs, iterations_per_epoch, lr): a parallel
+    #: method's runs apply them after their method's own recipe settings, as ``medadapt finetune`` does
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.sequence.method
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream.name, "model": self.model, **self.sequence.record(),
+                "method_options": self.method_options, **({"decoder": self.decoder} if self.decoder else {}),
+                "shots": self.shots, "seed": self.seed, "split_seed": self.split_seed, "seeds": seeds.SCHEME,
+                "postprocess": self.postprocess, "training": self.training.to_dict(),
+                "kd_training": self.kd_training.to_dict() if self.kd_training else None,
+                "recipe": self.recipe.to_dict(), "kd_recipe": self.kd_recipe.to_dict() if self.kd_recipe else None,
+                "patch_size": list(self.patch_size), "batch_size": self.batch_size, "overrides": self.overrides}
+
+
+def resolve_seqft(stream: "str | Path | Stream", model: str | Path, method: str = "medseqft", *,
+                  buffer: str | None = None, retention: str | None = None, buffer_size: int = 4,
+                  mds_repeats: int = 16, kd_rank: int = 2, kd_until: str = "levelled",
+                  kd_max_epochs: int | None = None, shots: "int | str" = "all", seed: int = 0, split_seed: int = 0,
+                  recipe: "str | Path | Recipe | None" = None, kd_recipe: "str | Path | Recipe | None" = None,
+                  epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
+                  method_options: dict[str, Any] | None = None, postprocess: str = "none",
+                  pretext_decoder: str = "auto", engine: EngineOptions | None = None) -> SeqftSettings:
+    """The settings of running ``stream`` from the foundation ``model`` with ``method`` (module docstring),
+    checked against every task and resolved (one line per mistake, nothing written). ``engine``: its precision,
+    resolved for this process's device, is part of the settings."""
     engine = engine or EngineOptions()
-    out = Path(out)
-    settings = resolve_method(method, buffer, retention, buffer_size, mds_repeats, kd_rank, kd_until)
+    sequence = resolve_method(method, buffer, retention, buffer_size, mds_repeats, kd_rank, kd_until)
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
     stream = stream if isinstance(stream, Stream) else load_stream(stream)
     folder0 = load_model_folder(model)
-    network0 = folder0.load_network()
-    foundation = network0.state_dict()
-    if settings.retention == "lora-kd":  # the rank must fit every encoder layer (checked before any training)
-        EncoderLoRADistillation(rank=settings.kd_rank).check_fits(network0, str(folder0.path))
+    if sequence.retention == "lora-kd":  # the rank must fit every encoder layer (checked before any training)
+        EncoderLoRADistillation(rank=sequence.kd_rank).check_fits(folder0.load_network(), str(folder0.path))
+    options = {} if sequence.sequential else \
+        {k: v for k, v in sorted((method_options or {}).items()) if v is not None}
     decoder = None  # a parallel method that freezes part of the network: its decoder policy (recorded)
-    if not settings.sequential and method != JOINT:
+    if not sequence.sequential and method != JOINT:
         policy = decoder_policy(folder0, pretext_decoder)
-        if make_strategy(method, decoder=policy, seed=seed, **(method_options or {})).decoder != "pretrained":
+        if make_strategy(method, decoder=policy, seed=seed, **options).decoder != "pretrained":
             decoder = policy
     resolved = load_recipe(recipe or folder0.recipe or DEFAULT_RECIPE).with_overrides(
         epochs=epochs, iterations_per_epoch=iterations_per_epoch)
     config = engine.configure(TrainingConfig.from_recipe(
-        resolved, "full" if settings.sequential or method == JOINT else method, seed, activation=folder0.activation))
+        resolved, "full" if sequence.sequential or method == JOINT else method, seed, activation=folder0.activation))
     if method == JOINT:  # the budget of the parallel runs together: n tasks x the recipe's epochs
         config = dataclasses.replace(config, epochs=config.epochs * len(stream.tasks))
     if lr is not None:
         config = dataclasses.replace(config, initial_lr=lr)
     kd_resolved = kd_config = None
-    if settings.retention == "lora-kd":
+    if sequence.retention == "lora-kd":
         if kd_recipe is not None:
             kd_resolved = load_recipe(kd_recipe).with_overrides(epochs=kd_max_epochs)
-            if settings.kd_until == "levelled":
+            if sequence.kd_until == "levelled":
                 check_kd_ceiling(kd_resolved.epochs, "--kd-max-epochs" if kd_max_epochs else "--kd-recipe's epochs")
         else:
-            kd_resolved = kd_recipe_from(resolved, settings.kd_until, kd_max_epochs)
+            kd_resolved = kd_recipe_from(resolved, sequence.kd_until, kd_max_epochs)
         kd_config = dataclasses.replace(engine.configure(TrainingConfig.from_recipe(
             kd_resolved, "lora-kd", seed, activation=folder0.activation)), loss={"name": "encoder-feature-mse"})
     elif kd_recipe is not None or kd_max_epochs is not None:
         raise MedadaptError("--kd-recipe/--kd-max-epochs: only with --retention lora-kd (or --method medseqft)")
-    pretext = None
-    if settings.buffer == "mds":
+    if sequence.buffer == "mds":
         from medadapt.ssl import load_pretext
 
-        pretext = load_pretext(folder0)  # one line if the foundation has no pretext head
-    # every task is checked before anything is written
+        load_pretext(folder0)  # one line if the foundation has no pretext head
+    settings = SeqftSettings(
+        stream=stream, model=str(Path(folder0.path or model).resolve()), sequence=sequence, method_options=options,
+        decoder=decoder, pretext_decoder=pretext_decoder, shots=shots, seed=seed, split_seed=split_seed,
+        recipe=resolved, kd_recipe=kd_resolved, training=config, kd_training=kd_config,
+        patch_size=tuple(resolved.patch_size or folder0.network.patch_size),
+        batch_size=resolved.batch_size or folder0.network.batch_size, postprocess=postprocess,
+        overrides={k: v for k, v in (("epochs", epochs), ("iterations_per_epoch", iterations_per_epoch), ("lr", lr))
+                   if v is not None})
+    task_splits(settings, folder0)  # every task is checked before anything is written
+    return settings
+
+
+def task_splits(settings: SeqftSettings, folder0: ModelFolder) -> tuple[list[RawDataset], list[tuple[list, list]]]:
+    """Each task's dataset and its (shot ids, test ids), checked against the foundation and the settings."""
     datasets, splits = [], []
-    for i, task in enumerate(stream.tasks, 1):
+    for task in settings.stream.tasks:
         ds = task.dataset()
         if ds.num_channels != folder0.network.input_channels:
             raise MedadaptError(f"{task.data / 'dataset.json'}: has {ds.num_channels} input channel(s), the model "
                                 f"in {folder0.path} expects {folder0.network.input_channels}")
-        train_ids, test_ids = train_test_split(ds.case_ids, test_fraction=0.2, seed=split_seed)
+        train_ids, test_ids = train_test_split(ds.case_ids, test_fraction=0.2, seed=settings.split_seed)
         if not train_ids or not test_ids:
             raise MedadaptError(f"{task.data}: {len(ds.case_ids)} case(s) give no train/test split; a task needs "
                                 "at least 2 cases (5 or more for a meaningful test split)")
+        shots = settings.shots
         k = len(train_ids) if shots == "all" else int(shots)
         if k > len(train_ids) or k < 1:
             raise MedadaptError(f"--shots {shots}: task {task.name!r} has {len(train_ids)} training case(s); use "
                                 f"--shots {len(train_ids)} or fewer (or all)")
-        shot_ids = draw_shots(train_ids, k, seed)
-        if settings.buffer != "none":
-            check_buffer_size(settings.buffer_size, len(shot_ids), task.name)
+        shot_ids = draw_shots(train_ids, k, settings.seed)
+        if settings.sequence.buffer != "none":
+            check_buffer_size(settings.sequence.buffer_size, len(shot_ids), task.name)
         datasets.append(ds)
         splits.append((shot_ids, test_ids))
+    return datasets, splits
+
+
+@locks_folder("out")
+def seqft(settings: SeqftSettings, out: str | Path, *, resume: bool = False, progress: bool = True,
+          engine: EngineOptions | None = None) -> dict[str, Any]:
+    """Run the sequential run ``settings`` describe (:func:`resolve_seqft`) into ``out`` (module docstring);
+    returns the run's results record (also ``out/results.json``). ``resume``: continue a run of the same
+    settings (or of a stream this one extends). ``engine``: how every training step runs (background workers,
+    ``torch.compile``; the precision is the settings')."""
+    engine = engine or EngineOptions()
+    out = Path(out)
+    s = settings
+    stream, method, seq, seed, split_seed, postprocess = (s.stream, s.method, s.sequence, s.seed, s.split_seed,
+                                                          s.postprocess)
+    config, kd_config, resolved = s.training, s.kd_training, s.recipe
+    folder0 = load_model_folder(s.model)
+    foundation = folder0.load_network().state_dict()
+    pretext = None
+    if seq.buffer == "mds":
+        from medadapt.ssl import load_pretext
+
+        pretext = load_pretext(folder0)
+    datasets, splits = task_splits(s, folder0)
+    data = s.to_dict()
     identity = {
-        "format": FORMAT, "stream": stream.name,
+        "format": FORMAT,
         "tasks": [{"name": t.name, "data": str(t.data), "labels": ds.labels, "cases": stable_hash(ds.case_ids, 16)}
                   for t, ds in zip(stream.tasks, datasets)],
-        **settings.record(), "method_options": {} if settings.sequential else
-        {k: v for k, v in sorted((method_options or {}).items()) if v is not None},
-        **({"decoder": decoder} if decoder is not None else {}),
-        "shots": shots, "seed": seed, "split_seed": split_seed, "seeds": seeds.SCHEME, "postprocess": postprocess,
-        "foundation": {"path": str(Path(folder0.path).resolve()), "weights": model_fingerprint(folder0, foundation)},
-        "training": config.to_dict(), "kd_training": kd_config.to_dict() if kd_config else None,
+        **data,
+        "foundation": {"path": s.model, "weights": model_fingerprint(folder0, foundation)},
+        "settings_digest": settings_digest(data),
     }
-    identity.update(recipe=resolved.to_dict(), kd_recipe=kd_resolved.to_dict() if kd_resolved else None,
-                    patch_size=list(resolved.patch_size or folder0.network.patch_size),
-                    batch_size=resolved.batch_size or folder0.network.batch_size)
-    identity["settings_digest"] = settings_digest({k: v for k, v in identity.items() if k != "tasks"})
     if (out / "seqft.json").is_file() and not resume:
         raise MedadaptError(f"{out}: holds a sequential run; pass --resume to continue it or choose another --out")
     check_stream_identity(out, identity)
@@ -365,29 +434,28 @@ def seqft(stream: "str | Path | Stream", model: str | Path, out: str | Path, met
     previous: ModelFolder = folder0
     for i, (task, ds, (shot_ids, test_ids)) in enumerate(zip(stream.tasks, datasets, splits), 1):
         where = task_folder(out, i, task)
-        if settings.sequential:
-            record = _sequential_task(i, task, ds, shot_ids, test_ids, where, previous, folder0, settings, config,
+        if seq.sequential:
+            record = _sequential_task(i, task, ds, shot_ids, test_ids, where, previous, folder0, seq, config,
                                       kd_config, resolved, entries, datasets, stream, pretext, seed, postprocess,
                                       progress, engine)
             previous = load_model_folder(carried_model(where))
             entries = [BufferEntry(**e) for e in record["buffer_after"]]
             atomic_write_json(out / "buffer.json", buffer_record(
-                entries, settings.buffer, settings.buffer_size,
-                settings.mds_repeats if settings.buffer == "mds" else None, seed))
+                entries, seq.buffer, seq.buffer_size, seq.mds_repeats if seq.buffer == "mds" else None, seed))
         else:
-            from medadapt.workflows.finetune import finetune
+            from medadapt.workflows.finetune import finetune, resolve_finetune
 
-            run = finetune(model, task.data, where, method=method, shots=len(shot_ids), seed=seed,
-                           split_seed=split_seed, epochs=epochs, iterations_per_epoch=iterations_per_epoch, lr=lr,
-                           resume=True, progress=progress, method_options=method_options, head="fresh",
-                           recipe=resolved, postprocess=postprocess, engine=engine,
-                           pretext_decoder=pretext_decoder)
+            run = finetune(resolve_finetune(
+                s.model, task.data, method, len(shot_ids), seed=seed, split_seed=split_seed,
+                method_options=s.method_options, head="fresh", recipe=resolved, postprocess=postprocess,
+                pretext_decoder=s.pretext_decoder, engine=engine, **s.overrides),
+                where, resume=True, progress=progress, engine=engine)
             record = {"task": task.name, "index": i, "metrics": run["metrics"],
                       "seconds": {"finetune": train_seconds(where / "training" / "history.json")}}
         results.append(record)
     summary = {"stream": stream.record(), "identity": identity, "tasks": results,
                "seeds": seeds.record(seed, split_seed), "environment": environment()}
-    if settings.sequential:
+    if seq.sequential:
         summary["transfer"] = _after_stream(out, stream, datasets, splits, folder0, results, postprocess, progress)
     _write_results(out, summary)
     return summary

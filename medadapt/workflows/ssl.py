@@ -45,6 +45,7 @@ from medadapt.tuning.base import StepContext, default_train_step
 from medadapt.tuning.subset import DecoderOnly
 from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_torch_save, atomic_write_json
+from medadapt.workflows.identity import record_identity
 from medadapt.workflows.common import (dataset_cache_dir, environment, load_datasets, model_fingerprint,
                                        total_parameter_count, trainable_parameter_count)
 
@@ -91,37 +92,45 @@ def _datasets_record(datasets) -> list[dict]:
     return [{"path": str(ds.root), "name": ds.name, "cases": len(ds.case_ids)} for ds in datasets]
 
 
-def pretrain_mae(data: "str | Path | Sequence[str | Path]", out: str | Path, preset_name: str = "cpu-small",
-                 epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
-                 seed: int = 0, resume: bool = False, progress: bool = True,
-                 recipe: "str | Path | Recipe | None" = None, sampling: str = "cases",
-                 engine: EngineOptions | None = None) -> ModelFolder:
-    """Train a new ``preset_name`` network by masked-volume reconstruction on every case of ``data`` (one
-    dataset or several; labels unused); writes a model folder to ``out`` (module docstring). The training
-    settings and the masking come from ``recipe`` (default: the preset's, e.g. ``cpu-mae-pretrain``; its loss
-    must be ``mae``), with ``epochs``, ``iterations_per_epoch`` and ``lr`` overriding it where given."""
-    out = Path(out)
-    datasets = load_datasets(data)
+def resolve_mae_recipe(recipe, default: str, epochs, iterations_per_epoch, lr) -> Recipe:
+    """The masked-reconstruction recipe with the command line's budget; one line for a segmentation recipe."""
+    return _resolve_recipe(recipe, default, epochs, iterations_per_epoch, lr)
+
+
+def mae_spec(preset_name: str, datasets, resolved: Recipe, sampling: str):
+    """The reconstruction network of ``preset_name`` for ``datasets`` (one output per input channel) with the
+    recipe's patch and batch; checks ``sampling`` and that the recipe's masking fits the patch."""
     dataset_weights([len(ds.case_ids) for ds in datasets], sampling)  # validates --sampling before any work
-    recipes = preset_recipes(preset_name)
-    resolved = _resolve_recipe(recipe, recipes["mae"], epochs, iterations_per_epoch, lr)
     channels = datasets[0].num_channels
     spec = _patch_spec(preset(preset_name, input_channels=channels, num_classes=channels), resolved)
+    mask_config_from_loss(resolved.loss).masked_blocks(spec.patch_size)
+    return spec
+
+
+def pretrain_mae(settings, datasets, out: str | Path, identity: dict, resume: bool = False, progress: bool = True,
+                 engine: EngineOptions | None = None) -> ModelFolder:
+    """Train a new network by masked-volume reconstruction on every case of ``datasets`` (labels unused) as
+    ``settings`` (a :class:`medadapt.workflows.pretrain.PretrainSettings` of objective ``mae``) describe; writes
+    a model folder to ``out`` (module docstring) and ``identity`` to its ``training/`` once every input is
+    checked. The training settings and the masking come from the settings' recipe (its loss is ``mae``)."""
+    out = Path(out)
+    preset_name, seed, resolved, sampling, config = (settings.preset, settings.seed, settings.recipe,
+                                                     settings.sampling, settings.training)
+    recipes = preset_recipes(preset_name)
+    spec = mae_spec(preset_name, datasets, resolved, sampling)
     mask = mask_config_from_loss(resolved.loss)
-    mask.masked_blocks(spec.patch_size)
-    distributed.init_from_env()
-    progress = progress and distributed.is_main()
     with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
         plan = plan_from_datasets([(ds, ds.case_ids) for ds in datasets], progress=progress)
         cases = [c for ds in datasets
                  for c in preprocess_dataset(ds, ds.case_ids, plan, dataset_cache_dir(ds.root), progress=progress)]
+    if distributed.is_main():  # every input is checked: from here on the folder is this run's
+        record_identity(out / "training", identity)
     network = seeded_network(spec, seed)
     set_deep_supervision(network, False)  # the reconstruction is the full-resolution output alone
     strategy = FullFineTuning()
     network = strategy.prepare(network)
     sampler = _sampler(cases, [len(ds.case_ids) for ds in datasets], spec, resolved, sampling)
     engine = engine or EngineOptions()
-    config = engine.configure(TrainingConfig.from_recipe(resolved, strategy.name, seed))
     trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
                       description="pretrain mae", engine=engine)
     history = trainer.fit(resume=resume)
