@@ -195,7 +195,7 @@ def test_ray_submits_a_dependent_cell_after_the_cell_it_starts_from(monkeypatch)
     from medadapt.benchmark import engine
 
     monkeypatch.setattr(engine, "ray_session", lambda address: Session())
-    engine.run_on_ray(runner.MEDSEQFT.ray_cell, cells, None, config.ray, "local", lambda cell, record: None)
+    engine.run_on_ray(runner.MEDSEQFT.run_cell, cells, None, config.ray, "local", lambda cell, record: None)
     assert sorted(submitted) == sorted(finished) == sorted(c.cell_id for c in cells)
     for c in cells:
         if c.depends:

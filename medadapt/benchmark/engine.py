@@ -38,15 +38,14 @@ from medadapt.utils.lock import folder_lock
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One paper's benchmark, as the engine runs it (module docstring). ``ray_cell`` is a module-level function
-    ``(cell_dict, paths, threads) -> record`` that Ray runs on a worker."""
+    """One paper's benchmark, as the engine runs it (module docstring). ``run_cell`` is a module-level
+    function (Ray workers import it by name) taking ``executor`` (a record of where it ran) too."""
 
     name: str
     paths: Callable[[Any, "str | Path"], Any]          # (config, workdir) -> paths with .workdir, .cell_dir(id)
     cells: Callable[[Any], list]                       # config -> every cell (with cell_id, key, to_dict())
     prepare: Callable[..., None]                       # (config, paths, progress=...) -> None
-    run_cell: Callable[..., dict]                      # (cell, paths, progress=False) -> record (stored)
-    ray_cell: Callable[[dict, Any, int], dict]
+    run_cell: Callable[..., dict]                      # (cell, paths, executor=None, progress=False) -> record
     report: Callable[..., dict]                        # (config, workdir, progress=...) -> report summary
     describe: Callable[[Any, dict], str]               # (cell, record) -> its progress line's result
     order: Callable[[list, Any], list] | None = None   # (cells to run, config) -> run order
@@ -135,12 +134,19 @@ def prepare_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_on_ray(ray_cell: Callable[[dict, Any, int], dict], cells: list, paths, resources: dict[str, Any],
+def run_on_ray(run_cell: Callable[..., dict], cells: list, paths, resources: dict[str, Any],
                address: str, on_done: Callable[[Any, dict], None]) -> None:
-    """Every cell as a Ray task (``resources``: the config's ``ray`` section), a cell whose ``depends`` names a
-    cell of ``cells`` submitted once that one has finished."""
+    """Every cell as a Ray task running ``run_cell`` (``resources``: the config's ``ray`` section), a cell whose
+    ``depends`` names a cell of ``cells`` submitted once that one has finished."""
     waiting = list(cells)
     todo_ids = {c.cell_id for c in cells}
+    cell_type = type(cells[0]) if cells else None
+
+    def ray_cell(cell_dict: dict, paths, threads: int) -> dict:
+        """One cell on whichever node Ray chose (medadapt installed there, the work folder shared)."""
+        prepare_worker(threads)
+        return run_cell(cell_type.from_dict(cell_dict), paths, executor={"kind": "ray"})
+
     with ray_session(address) as ray:
         cpus, gpus = resources["cpus_per_cell"], resources["gpus_per_cell"]
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(ray_cell)
@@ -197,7 +203,7 @@ def run_grid(benchmark: Benchmark, config, workdir: str | Path, ray_address: str
 
         try:
             if ray_address:
-                run_on_ray(benchmark.ray_cell, todo, paths, config.ray, ray_address, on_done)
+                run_on_ray(benchmark.run_cell, todo, paths, config.ray, ray_address, on_done)
             else:
                 for cell in todo:
                     bar.set_postfix_str(cell.cell_id, refresh=True)

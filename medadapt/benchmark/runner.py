@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from medadapt.benchmark import report_fseft
 from medadapt.benchmark.report import write_report as dgst_report
-from medadapt.benchmark.engine import Benchmark, cell_file, prepare_worker
+from medadapt.benchmark.engine import Benchmark, cell_file
 from medadapt.benchmark.engine import run_grid as engine_run_grid
 from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, VARIANT, Cell, GridConfig, GridPaths,
                                      enumerate_cells, grid_paths, stable_hash)
@@ -192,14 +192,9 @@ def _store_qualitative_slice(run: dict[str, Any], out: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------- the definitions
 
-def _ray_cell(cell_dict: dict, paths: GridPaths, threads: int) -> dict:
-    """A Ray task: one cell on whichever node Ray chose (medadapt installed there, the work folder shared)."""
-    prepare_worker(threads)
-    return run_cell(Cell.from_dict(cell_dict), paths, executor={"kind": "ray"})
-
-
-def _run_cell(cell: Cell, paths: GridPaths, progress: bool = False) -> dict[str, Any]:
-    return run_cell(cell, paths, progress=progress)  # looked up when called: tests replace run_cell
+def _run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = None,
+              progress: bool = False) -> dict[str, Any]:
+    return run_cell(cell, paths, executor=executor, progress=progress)  # looked up when called: tests replace it
 
 
 def _describe(cell: Cell, record: dict) -> str:
@@ -210,7 +205,7 @@ def _describe(cell: Cell, record: dict) -> str:
 #: the DGST paper's grids (Tables 1-2, Fig. 3) and the FSEFT paper's (a config with an ``fseft`` section):
 #: one config format, one cell runner, two reports
 DGST = Benchmark(name="dgst", paths=grid_paths, cells=enumerate_cells, prepare=prepare_inputs, run_cell=_run_cell,
-                 ray_cell=_ray_cell, report=dgst_report, describe=_describe)
+                 report=dgst_report, describe=_describe)
 FSEFT = dataclasses.replace(DGST, name="fseft", report=report_fseft.write_report)
 
 

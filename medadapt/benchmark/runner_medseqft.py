@@ -30,7 +30,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from medadapt.benchmark import report_medseqft
-from medadapt.benchmark.engine import Benchmark, prepare_worker
+from medadapt.benchmark.engine import Benchmark
 from medadapt.benchmark.engine import run_grid as engine_run_grid
 from medadapt.benchmark.medseqft import (CELL_FORMAT, UNSEEN_ROWS, Cell, GridPaths, MedseqftConfig, enumerate_cells,
                                          grid_paths)
@@ -193,14 +193,9 @@ def schedule(cells: list[Cell], config: MedseqftConfig) -> list[Cell]:
     return sorted(cells, key=rank)  # stable: ties keep the config's order
 
 
-def _ray_cell(cell_dict: dict, paths: GridPaths, threads: int) -> dict:
-    """A Ray task: one cell on whichever node Ray chose (medadapt installed there, the work folder shared)."""
-    prepare_worker(threads)
-    return run_cell(Cell.from_dict(cell_dict), paths, executor={"kind": "ray"})
-
-
-def _run_cell(cell: Cell, paths: GridPaths, progress: bool = False) -> dict[str, Any]:
-    return run_cell(cell, paths, progress=progress)  # looked up when called: tests replace run_cell
+def _run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = None,
+              progress: bool = False) -> dict[str, Any]:
+    return run_cell(cell, paths, executor=executor, progress=progress)  # looked up when called: tests replace it
 
 
 def _describe(cell: Cell, record: dict) -> str:
@@ -213,7 +208,8 @@ def _describe(cell: Cell, record: dict) -> str:
 #: the MedSeqFT paper's grid (Tables II, III, VI, VII, Fig. 4): stream cells (a seqft run each) and unseen-task
 #: cells, an fft-mn cell after the stream cell it starts from
 MEDSEQFT = Benchmark(name="medseqft", paths=grid_paths, cells=enumerate_cells, prepare=prepare_inputs,
-                     run_cell=_run_cell, ray_cell=_ray_cell, report=report_medseqft.write_report, describe=_describe, order=schedule)
+                     run_cell=_run_cell, report=report_medseqft.write_report, describe=_describe,
+                     order=schedule)
 
 
 def run_grid(config: MedseqftConfig, workdir: str | Path, ray_address: str | None = None, progress: bool = True,

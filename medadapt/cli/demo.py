@@ -8,7 +8,7 @@ from medadapt.cli.common import positive_int, seed_arg
 
 #: each command's one line in 'medadapt --help'
 HELP = {
-    "demo": "the whole chain on built-in synthetic cohorts (5-18 min on 2 CPU cores: BENCHMARKS.md)",
+    "demo": "the whole chain on built-in synthetic cohorts (about 9 min cold on 2 CPU cores: BENCHMARKS.md)",
 }
 
 
