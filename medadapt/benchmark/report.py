@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 
 from medadapt.benchmark import stats
-from medadapt.benchmark.engine import stored_records
 from medadapt.benchmark.grid import (NO_TRAINING, ZERO_SHOT, Cell, GridConfig, enumerate_cells, grid_paths,
                                      method_options)
 from medadapt.benchmark.tables import (CONVERGENCE_LEGEND, MISSING, _csv, _mark, _save, _write, convergence_mark,
-                                       require_finished)
+                                       stored_cells)
 from medadapt.benchmark.tables import finish_report as tables_finish_report
 from medadapt.errors import MedadaptError
 from medadapt.utils.tables import markdown_table
@@ -400,28 +399,23 @@ def curves_figure(index: CellIndex, cls: str, path: Path, window: int = 5) -> Pa
     return _save(fig, path)
 
 
-def _cell_rows(cells: list[Cell], records: dict[str, dict | None]) -> tuple[list[dict], list[dict]]:
-    summary, per_case = [], []
-    for cell in cells:
-        rec = records.get(cell.cell_id)
-        if rec is None:
-            continue
-        for cls, m in rec["metrics"]["classes"].items():
-            summary.append({"cell": cell.cell_id, "dataset": cell.dataset, "method": cell.method,
-                            "options": " ".join(f"{k}={v}" for k, v in sorted(cell.options.items())),
-                            "shots": cell.shots, "all_shot": cell.all_shot, "seed": cell.seed,
-                            "experiments": cell.experiments, "class": cls,
-                            "dsc_mean": m["dsc"]["mean"], "dsc_std": m["dsc"]["std"],
-                            "nsd_mean": m["nsd"]["mean"], "nsd_std": m["nsd"]["std"], "n_cases": m["n_cases"],
-                            "trainable": rec["parameters"]["trainable"],
-                            "updated_per_step": rec["parameters"]["updated_per_step"],
-                            "total_params": rec["parameters"]["total"],
-                            "median_iteration_seconds": rec["timing"]["median_iteration_seconds"],
-                            "cell_seconds": rec["cell_seconds"], "executor": rec["executor"]["kind"],
-                            "host": rec["executor"]["host"], "shot_cases": rec["shot_cases"]})
-        for row in rec["per_case"]:
-            per_case.append({"cell": cell.cell_id, **row})
-    return summary, per_case
+def _cell_rows(cell: Cell, rec: dict) -> tuple[list[dict], list[dict]]:
+    """The ``cells.csv`` and ``per_case.csv`` rows of one finished cell: a row per class."""
+    summary = []
+    for cls, m in rec["metrics"]["classes"].items():
+        summary.append({"cell": cell.cell_id, "dataset": cell.dataset, "method": cell.method,
+                        "options": " ".join(f"{k}={v}" for k, v in sorted(cell.options.items())),
+                        "shots": cell.shots, "all_shot": cell.all_shot, "seed": cell.seed,
+                        "experiments": cell.experiments, "class": cls,
+                        "dsc_mean": m["dsc"]["mean"], "dsc_std": m["dsc"]["std"],
+                        "nsd_mean": m["nsd"]["mean"], "nsd_std": m["nsd"]["std"], "n_cases": m["n_cases"],
+                        "trainable": rec["parameters"]["trainable"],
+                        "updated_per_step": rec["parameters"]["updated_per_step"],
+                        "total_params": rec["parameters"]["total"],
+                        "median_iteration_seconds": rec["timing"]["median_iteration_seconds"],
+                        "cell_seconds": rec["cell_seconds"], "executor": rec["executor"]["kind"],
+                        "host": rec["executor"]["host"], "shot_cases": rec["shot_cases"]})
+    return summary, [{"cell": cell.cell_id, **row} for row in rec["per_case"]]
 
 
 def write_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -480,10 +474,7 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
 
 def finished_cells(config: GridConfig, workdir: str | Path):
     """``(paths, cells, records by cell id, finished records)`` of a grid; an error if none has finished."""
-    paths = grid_paths(config, workdir)
-    cells = enumerate_cells(config)
-    records = stored_records(paths, cells)
-    require_finished(config, paths, records)
+    paths, cells, records = stored_cells(config, workdir, grid_paths, enumerate_cells)
     return paths, cells, records, [r for r in records.values() if r]
 
 

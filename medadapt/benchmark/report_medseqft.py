@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 
 from medadapt.benchmark import stats
-from medadapt.benchmark.engine import stored_records
+from medadapt.benchmark.stats import mean_spread, per_seed_means
 from medadapt.benchmark.medseqft import (ABLATION_MARKS, DISPLAY, Cell, MedseqftConfig, Row, display_name,
                                          enumerate_cells, grid_paths)
 from medadapt.benchmark.tables import (CONVERGENCE_LEGEND, MISSING, _csv, _mark, _save, _write, finish_report,
-                                       record_levelled_off, require_finished)
+                                       record_levelled_off, stored_cells)
 from medadapt.utils.tables import markdown_table
 
 #: a row name with this suffix is the view of a K&G RFT row's refined models M_t (the merged encoder with
@@ -144,23 +144,6 @@ class Index:
 
     def cells_of(self, row: str) -> list[str]:
         return [r["id"] for r in self.stream.get(row.removesuffix(REFINED), [])]
-
-
-def per_seed_means(values: dict[tuple[int, str], float]) -> dict[int, float]:
-    """Per seed, the mean over its defined values."""
-    by_seed: dict[int, list[float]] = defaultdict(list)
-    for (seed, _), v in values.items():
-        if not math.isnan(v):
-            by_seed[seed].append(v)
-    return {s: float(np.mean(v)) for s, v in by_seed.items() if v}
-
-
-def mean_spread(per_seed: dict[int, float]) -> tuple[float | None, float | None, int]:
-    """(mean over seeds, sample std over seeds or 0 with one seed, number of seeds)."""
-    if not per_seed:
-        return None, None, 0
-    v = np.asarray(list(per_seed.values()), dtype=np.float64)
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else 0.0), len(v)
 
 
 def task_average(index: Index, row: str, metric: str) -> dict[int, float]:
@@ -593,30 +576,23 @@ def _paired_csv(comp) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- the report
 
 def finished_cells(config: MedseqftConfig, workdir: str | Path):
-    paths = grid_paths(config, workdir)
-    cells = enumerate_cells(config)
-    records = stored_records(paths, cells)
-    require_finished(config, paths, records)
-    return paths, cells, records
+    return stored_cells(config, workdir, grid_paths, enumerate_cells)
 
 
-def _cell_rows(cells: list[Cell], records: dict[str, dict | None]) -> tuple[list[dict], list[dict]]:
+def _cell_rows(cell: Cell, rec: dict) -> tuple[list[dict], list[dict]]:
+    """The ``cells.csv`` and ``per_case.csv`` rows of one finished cell: a row per task."""
     summary, per_case = [], []
-    for cell in cells:
-        rec = records.get(cell.cell_id)
-        if rec is None:
-            continue
-        entries = rec["tasks"] if cell.kind == "stream" else [{"task": cell.task, **rec}]
-        for t in entries:
-            fm = t["metrics"]["foreground_mean"]
-            summary.append({"cell": cell.cell_id, "kind": cell.kind, "row": cell.row, "seed": cell.seed,
-                            "task": t["task"], "dsc": None if fm.get("dsc") is None else 100 * fm["dsc"],
-                            "hd95": fm.get("hd95"),
-                            "seconds": " ".join(f"{k}={v:.1f}" for k, v in (t.get("seconds") or {}).items()
-                                                if v is not None),
-                            "cell_seconds": rec["cell_seconds"], "executor": rec["executor"]["kind"],
-                            "host": rec["executor"]["host"]})
-            per_case += [{"cell": cell.cell_id, "task": t["task"], **r} for r in t["per_case"]]
+    entries = rec["tasks"] if cell.kind == "stream" else [{"task": cell.task, **rec}]
+    for t in entries:
+        fm = t["metrics"]["foreground_mean"]
+        summary.append({"cell": cell.cell_id, "kind": cell.kind, "row": cell.row, "seed": cell.seed,
+                        "task": t["task"], "dsc": None if fm.get("dsc") is None else 100 * fm["dsc"],
+                        "hd95": fm.get("hd95"),
+                        "seconds": " ".join(f"{k}={v:.1f}" for k, v in (t.get("seconds") or {}).items()
+                                            if v is not None),
+                        "cell_seconds": rec["cell_seconds"], "executor": rec["executor"]["kind"],
+                        "host": rec["executor"]["host"]})
+        per_case += [{"cell": cell.cell_id, "task": t["task"], **r} for r in t["per_case"]]
     return summary, per_case
 
 

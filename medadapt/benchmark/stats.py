@@ -52,20 +52,36 @@ class SeedSummary:
     n_undefined: int            # (seed, case) values that are undefined (NaN), e.g. HD95 with one mask empty
 
 
-def seed_summary(values: dict[tuple[Any, str], float]) -> SeedSummary:
-    by_seed: dict[Any, list[float]] = {}
-    undefined = 0
+def by_seed(values: dict[tuple[Any, str], float]) -> dict[Any, list[float]]:
+    """``{seed: its defined values}`` of ``{(seed, case): value}`` (NaN: undefined, left out)."""
+    grouped: dict[Any, list[float]] = {}
     for (seed, _), v in values.items():
-        if math.isnan(v):
-            undefined += 1
-            continue
-        by_seed.setdefault(seed, []).append(v)
-    if not by_seed:
+        if not math.isnan(v):
+            grouped.setdefault(seed, []).append(v)
+    return grouped
+
+
+def per_seed_means(values: dict[tuple[Any, str], float]) -> dict[Any, float]:
+    """Per seed, the mean over its defined values."""
+    return {s: float(np.mean(v)) for s, v in by_seed(values).items()}
+
+
+def mean_spread(per_seed: dict[Any, float]) -> tuple[float | None, float | None, int]:
+    """(mean over seeds, sample std over seeds or 0 with one seed, number of seeds)."""
+    if not per_seed:
+        return None, None, 0
+    v = np.asarray(list(per_seed.values()), dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else 0.0), len(v)
+
+
+def seed_summary(values: dict[tuple[Any, str], float]) -> SeedSummary:
+    grouped = by_seed(values)
+    undefined = sum(1 for v in values.values() if math.isnan(v))
+    if not grouped:
         return SeedSummary(None, None, None, 0, 0, undefined)
-    means = np.asarray([np.mean(v) for v in by_seed.values()], dtype=np.float64)
-    pooled = np.asarray([x for v in by_seed.values() for x in v], dtype=np.float64)
-    return SeedSummary(float(means.mean()), float(means.std(ddof=1)) if len(means) > 1 else 0.0,
-                       float(pooled.std(ddof=0)), len(means), len(pooled), undefined)
+    mean, seed_std, n_seeds = mean_spread(per_seed_means(values))
+    pooled = np.asarray([x for v in grouped.values() for x in v], dtype=np.float64)
+    return SeedSummary(mean, seed_std, float(pooled.std(ddof=0)), n_seeds, len(pooled), undefined)
 
 
 @dataclass

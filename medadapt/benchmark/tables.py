@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from medadapt.benchmark.engine import stored_records
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_text
 
@@ -84,16 +85,32 @@ def require_finished(config, paths, records: dict[str, dict | None]) -> None:
                             f"'medadapt bench {config.cli_argument}' first (same --workdir)")
 
 
+def stored_cells(config, workdir, grid_paths: Callable, cells_of: Callable):
+    """``(paths, cells, records by cell id)`` of a grid (``grid_paths(config, workdir)``, ``cells_of(config)``);
+    an error if none has finished."""
+    paths = grid_paths(config, workdir)
+    cells = cells_of(config)
+    records = stored_records(paths, cells)
+    require_finished(config, paths, records)
+    return paths, cells, records
+
+
 def finish_report(out: Path, cells: list, records: dict[str, dict | None], sections: list[str],
                   files: dict[str, Path], headline: str, progress: bool,
-                  cell_rows: Callable[[list, dict], tuple[list[dict], list[dict]]]) -> dict[str, Any]:
+                  cell_rows: Callable[[Any, dict], tuple[list[dict], list[dict]]]) -> dict[str, Any]:
     """What every grid report ends with: the list of missing cells, ``cells.csv`` and ``per_case.csv`` (from
-    ``cell_rows(cells, records)``) and ``report.md``; prints ``headline`` (the main table) when ``progress``."""
+    ``cell_rows(cell, record)`` of every finished cell) and ``report.md``; prints ``headline`` (the main
+    table) when ``progress``."""
     done = [r for r in records.values() if r]
     missing = [c.cell_id for c in cells if not records.get(c.cell_id)]
     if missing:
         sections.append(f"\n## Missing cells ({len(missing)})\n\n" + "\n".join(f"- `{m}`" for m in missing))
-    summary_rows, per_case_rows = cell_rows(cells, records)
+    summary_rows, per_case_rows = [], []
+    for cell in cells:
+        if records.get(cell.cell_id):
+            summary, per_case = cell_rows(cell, records[cell.cell_id])
+            summary_rows += summary
+            per_case_rows += per_case
     files["cells.csv"] = _write(out / "cells.csv", _csv(summary_rows))
     files["per_case.csv"] = _write(out / "per_case.csv", _csv(per_case_rows))
     files["report.md"] = _write(out / "report.md", "\n".join(sections) + "\n")
