@@ -20,6 +20,7 @@ Writes to ``<workdir>/report/``:
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -316,8 +317,14 @@ def contour_panel(ax, rec: dict, paths) -> tuple[str, int]:
     return str(npz["case"]), int(npz["z"])
 
 
-def qualitative_figure(index: CellIndex, paths, cls: str, path: Path) -> Path | None:
-    """Rows: datasets (largest shot count, first seed); columns: Table 1 methods; GT green, prediction yellow."""
+def contour_grid(panels: list[tuple[str, list[tuple[str, dict | None]]]], paths, path: Path,
+                 score: Callable[[dict, str], float | None], title: str, width: float = 2.3,
+                 title_size: int = 10) -> Path | None:
+    """A grid of cells' stored qualitative slices (:func:`contour_panel`), None when no cell has finished.
+    ``panels``: rows of (row label, [(column title, record or None)]); ``score(record, case)``: the DSC shown
+    above a slice; the row label gets the slice's case and z."""
+    if not any(rec for _, row in panels for _, rec in row):
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,6 +332,28 @@ def qualitative_figure(index: CellIndex, paths, cls: str, path: Path) -> Path | 
 
     from medadapt.viz import GT_COLOR, PRED_COLOR
 
+    columns = max(len(row) for _, row in panels)
+    fig, axes = plt.subplots(len(panels), columns, figsize=(width * columns, 2.7 * len(panels)), squeeze=False)
+    for i, (label, row) in enumerate(panels):
+        for j, (name, rec) in enumerate(row):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if rec is None:
+                ax.set_title(f"{name}\n(missing)", fontsize=8)
+                continue
+            case, z = contour_panel(ax, rec, paths)
+            dsc = score(rec, case)
+            ax.set_title(f"{name}\nDSC {'n/a' if dsc is None else f'{100 * dsc:.1f}%'}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{label}, {case} z={z}", fontsize=7)
+    fig.suptitle(f"{title} (ground truth {GT_COLOR}, prediction {PRED_COLOR})", fontsize=title_size)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def qualitative_figure(index: CellIndex, paths, cls: str, path: Path) -> Path | None:
+    """Rows: datasets (largest shot count, first seed); columns: Table 1 methods; GT green, prediction yellow."""
     config = index.config
     methods = ([ZERO_SHOT] if config.table1.get("zero_shot") else []) + list(config.table1["methods"])
     panels = []
@@ -333,30 +362,10 @@ def qualitative_figure(index: CellIndex, paths, cls: str, path: Path) -> Path | 
         for m in methods:
             recs = [r for r in index.finished(ds.name, m, max(ds.shots))
                     if r["seed"] == config.seeds[0] or m == ZERO_SHOT]
-            row.append((m, recs[0] if recs else None))
-        panels.append((ds, row))
-    if not any(rec for _, row in panels for _, rec in row):
-        return None
-    fig, axes = plt.subplots(len(panels), len(methods), figsize=(2.3 * len(methods), 2.7 * len(panels)),
-                             squeeze=False)
-    for r, (ds, row) in enumerate(panels):
-        for c, (m, rec) in enumerate(row):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if rec is None:
-                ax.set_title(f"{display_name(m)}\n(missing)", fontsize=8)
-                continue
-            case, z = contour_panel(ax, rec, paths)
-            dsc = next((x["dsc"] for x in rec["per_case"] if x["case"] == case and x["class"] == cls), None)
-            score = "n/a" if dsc is None else f"{100 * dsc:.1f}%"
-            name = "Foundation (zero-shot)" if m == ZERO_SHOT else display_name(m)
-            ax.set_title(f"{name}\nDSC {score}", fontsize=8)
-            if c == 0:
-                ax.set_ylabel(f"{ds.name}\n{max(ds.shots)}-shot, {case} z={z}", fontsize=7)
-    fig.suptitle(f"Test-case contours (ground truth {GT_COLOR}, prediction {PRED_COLOR})", fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+            row.append(("Foundation (zero-shot)" if m == ZERO_SHOT else display_name(m), recs[0] if recs else None))
+        panels.append((f"{ds.name}\n{max(ds.shots)}-shot", row))
+    return contour_grid(panels, paths, path, lambda rec, case: next(
+        (x["dsc"] for x in rec["per_case"] if x["case"] == case and x["class"] == cls), None), "Test-case contours")
 
 
 def curves_figure(index: CellIndex, cls: str, path: Path, window: int = 5) -> Path | None:

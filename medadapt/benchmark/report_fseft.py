@@ -27,7 +27,7 @@ import numpy as np
 from medadapt.benchmark import stats
 from medadapt.benchmark.grid import (GENERALIZATION, VARIANT, Cell, DatasetConfig, GridConfig, method_options,
                                      ti_options)
-from medadapt.benchmark.report import (_agg_csv, _fmt, _values, aggregate, contour_panel, display_name,
+from medadapt.benchmark.report import (_agg_csv, _fmt, _values, aggregate, contour_grid, display_name,
                                        finish_report, finished_cells)
 from medadapt.benchmark.tables import CONVERGENCE_LEGEND, MISSING, _csv, _mark, _save, _write, convergence_mark
 from medadapt.utils.tables import markdown_table
@@ -337,45 +337,23 @@ def fig2b(index: FseftIndex, path: Path) -> tuple[list[dict], Path | None]:
 
 def qualitative_figure(index: FseftIndex, paths, path: Path) -> Path | None:
     """Rows: tasks (largest k, first seed); columns: the adapter without and with TI, on the same slice."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from medadapt.viz import GT_COLOR, PRED_COLOR
-
     config = index.config
     _, few = _rows(config)
-    adapter = config.fseft["adapter"]
-    shown = [r for r in few if r.method == adapter]  # inductive and + TI
+    shown = [r for r in few if r.method == config.fseft["adapter"]]  # inductive and + TI
     panels = []
     for ds in config.datasets:
         k = max(ds.shots)
         row = []
         for r in shown:
             recs = [x for x in index.finished(ds, r, k) if x["seed"] == config.seeds[0]]
-            row.append((r, recs[0] if recs else None))
-        panels.append((ds, k, row))
-    if not shown or not any(rec for _, _, row in panels for _, rec in row):
-        return None
-    fig, axes = plt.subplots(len(panels), len(shown), figsize=(2.6 * len(shown), 2.7 * len(panels)), squeeze=False)
-    for i, (ds, k, row) in enumerate(panels):
-        for j, (r, rec) in enumerate(row):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if rec is None:
-                ax.set_title(f"{r.label}\n(missing)", fontsize=8)
-                continue
-            case, z = contour_panel(ax, rec, paths)
-            dsc = [x["dsc"] for x in rec["per_case"] if x["case"] == case and x.get("dsc") is not None]
-            score = f"{100 * float(np.mean(dsc)):.1f}%" if dsc else "n/a"
-            ax.set_title(f"{r.label}\nDSC {score}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(f"{ds.name}\n{k}-shot, {case} z={z}", fontsize=7)
-    fig.suptitle(f"Without and with TI (ground truth {GT_COLOR}, prediction {PRED_COLOR})", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+            row.append((r.label, recs[0] if recs else None))
+        panels.append((f"{ds.name}\n{k}-shot", row))
+
+    def score(rec: dict, case: str) -> float | None:
+        dsc = [x["dsc"] for x in rec["per_case"] if x["case"] == case and x.get("dsc") is not None]
+        return float(np.mean(dsc)) if dsc else None
+
+    return contour_grid(panels, paths, path, score, "Without and with TI", width=2.6, title_size=9)
 
 
 def write_report(config: GridConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:

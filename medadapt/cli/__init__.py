@@ -27,7 +27,7 @@ def commands() -> dict[str, tuple[str, object]]:
     """Every command: ``{name: (one-line help, add(subparsers))}``, in :data:`ORDER`, the core's and the plugins'."""
     from medadapt.plugins import load_plugins
 
-    found = {name: (group.HELP[name], add) for group in GROUPS for name, add in group.COMMANDS.items()}
+    found = {name: (group.commands.help[name], add) for group in GROUPS for name, add in group.commands.add.items()}
     for name, command in load_plugins().commands.items():
         if name in found:
             raise MedadaptError(f"a medadapt plugin registers the command {name!r}, which medadapt has; uninstall it")

@@ -3,24 +3,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import add_method_options, method_options, positive_int
+from medadapt.cli.common import CommandGroup, add_method_options, method_options, positive_int
 from medadapt.errors import MedadaptError
 
 
-#: each command's one line in 'medadapt --help'
-HELP = {
-    "bench-speed": "seconds per training iteration of every method, side by side",
-    "bench": "benchmark grids: the DGST paper's Tables 1-2 and Fig. 3, FSEFT's Table 1 and Fig. 2, or MedSeqFT's "
-             "Tables II, III, VI, VII and Fig. 4 (resumable)",
-}
+#: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
+commands = CommandGroup()
 
 
-def add_bench_speed(sub) -> None:
-    p = sub.add_parser("bench-speed", help=HELP["bench-speed"],
-                       description="Time every fine-tuning method on the same batches in one process "
-                                   "(interleaved), split into forward, backward, selection and optimizer step; "
-                                   "ratio to full; peak memory. With --against-nnunet: medadapt's training step "
-                                   "against nnU-Net's on the same network, weights and batches.")
+@commands.command("bench-speed", "seconds per training iteration of every method, side by side",
+                  "Time every fine-tuning method on the same batches in one process "
+                  "(interleaved), split into forward, backward, selection and optimizer step; "
+                  "ratio to full; peak memory. With --against-nnunet: medadapt's training step "
+                  "against nnU-Net's on the same network, weights and batches.")
+def add_bench_speed(p):
     net = p.add_mutually_exclusive_group()
     net.add_argument("--model", type=Path, help="a model folder to time")
     net.add_argument("--preset", default=None, help="a network preset (default cpu-small)")
@@ -49,7 +45,7 @@ def add_bench_speed(sub) -> None:
                         "scaler on a GPU, as nnU-Net's trainer; fp32 on the CPU)")
     add_method_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_bench_speed)
+    return cmd_bench_speed
 
 
 def cmd_bench_speed(args) -> int:
@@ -64,23 +60,25 @@ def cmd_bench_speed(args) -> int:
     return 0
 
 
-def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help=HELP["bench"],
-                       description="Run a grid of fine-tuning cells and write the paper's tables as Markdown and "
-                                   "CSV (mean over seeds, spreads, marks only where a paired test separates "
-                                   "methods) and its figures. Finished cells are stored and never re-run; a "
-                                   "changed config re-runs only the cells it changes. A DGST config (default, "
-                                   "quick, paper): datasets x shots x methods x seeds, DGST's paired "
-                                   "differences, a gamma plot, loss curves, contours. An fseft config (fseft, "
-                                   "fseft-cpu, fseft-quick): FSEFT's Table 1, Fig. 2a, Fig. 2b, contours. A medseqft config "
-                                   "(medseqft, medseqft-quick): one cell per (row, seed) runs 'medadapt seqft' "
-                                   "over a task stream (TFS, FFT, head fine-tuning, LoRA r = 2..32, adapters, "
-                                   "joint training, Seq. FT, + Random, + MDS, + K&G RFT, MedSeqFT) and one per "
-                                   "(unseen task, row, seed) fine-tunes from M0 or from MedSeqFT's refined M_n; "
-                                   "the report has Table II (methods x tasks, Dice and HD95), Table III "
-                                   "(ablation), Table VI (unseen tasks), Table VII (time per stage), Fig. 4 "
-                                   "(encoder change), forgetting and forward transfer, and MedSeqFT's paired "
-                                   "differences (docs/benchmark.md).")
+@commands.command("bench",
+                  "benchmark grids: the DGST paper's Tables 1-2 and Fig. 3, FSEFT's Table 1 and Fig. 2, or MedSeqFT's "
+                  "Tables II, III, VI, VII and Fig. 4 (resumable)",
+                  "Run a grid of fine-tuning cells and write the paper's tables as Markdown and "
+                  "CSV (mean over seeds, spreads, marks only where a paired test separates "
+                  "methods) and its figures. Finished cells are stored and never re-run; a "
+                  "changed config re-runs only the cells it changes. A DGST config (default, "
+                  "quick, paper): datasets x shots x methods x seeds, DGST's paired "
+                  "differences, a gamma plot, loss curves, contours. An fseft config (fseft, "
+                  "fseft-cpu, fseft-quick): FSEFT's Table 1, Fig. 2a, Fig. 2b, contours. A medseqft config "
+                  "(medseqft, medseqft-quick): one cell per (row, seed) runs 'medadapt seqft' "
+                  "over a task stream (TFS, FFT, head fine-tuning, LoRA r = 2..32, adapters, "
+                  "joint training, Seq. FT, + Random, + MDS, + K&G RFT, MedSeqFT) and one per "
+                  "(unseen task, row, seed) fine-tunes from M0 or from MedSeqFT's refined M_n; "
+                  "the report has Table II (methods x tasks, Dice and HD95), Table III "
+                  "(ablation), Table VI (unseen tasks), Table VII (time per stage), Fig. 4 "
+                  "(encoder change), forgetting and forward transfer, and MedSeqFT's paired "
+                  "differences (docs/benchmark.md).")
+def add_bench(p):
     p.add_argument("config", help="built-in grid (default: 236 cells, 3 seeds, within 2 h on 2 idle CPU cores "
                                   "with --ray local; quick: ~1 min; paper: the paper's sizes, for a GPU "
                                   "cluster; fseft: the FSEFT paper's Table 1 and Fig. 2a/2b as its authors ran "
@@ -102,7 +100,7 @@ def add_bench(sub) -> None:
                         "not finish in the time at hand completes one group of Table 1 first; DGST and FSEFT "
                         "grids)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=cmd_bench)
+    return cmd_bench
 
 
 def cmd_bench(args) -> int:
@@ -132,6 +130,3 @@ def cmd_bench(args) -> int:
     if not args.quiet:
         print(f"{result['ran']} cells run in {result['seconds'] / 60:.1f} min; report in {result['report']['dir']}")
     return 0
-
-
-COMMANDS = {"bench-speed": add_bench_speed, "bench": add_bench}

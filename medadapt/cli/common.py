@@ -2,13 +2,38 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from medadapt.errors import MedadaptError
 
-#: each command's one line in 'medadapt --help'
-HELP = {
-}
+
+
+class CommandGroup:
+    """The commands of one CLI module. Each is declared where its parser is built::
+
+        @commands.command("predict", "one line for 'medadapt --help'", "the command's --help description")
+        def add_predict(p):      # adds the arguments to the command's parser p
+            ...
+            return cmd_predict   # the handler
+
+    ``help``: each command's one line; ``add``: each command's ``add(subparsers)``."""
+
+    def __init__(self) -> None:
+        self.help: dict[str, str] = {}
+        self.add: dict[str, Callable[[Any], Any]] = {}
+
+    def command(self, name: str, help: str, description: str):
+        def register(arguments: Callable[[argparse.ArgumentParser], Callable[[Any], int]]):
+            def add(sub) -> argparse.ArgumentParser:
+                p = sub.add_parser(name, help=help, description=description)
+                p.set_defaults(func=arguments(p))
+                return p
+
+            self.help[name], self.add[name] = help, add
+            return arguments
+        return register
 
 
 def methods_help(training_only: bool = False) -> str:

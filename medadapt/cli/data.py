@@ -3,21 +3,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import positive_int, seed_arg
+from medadapt.cli.common import CommandGroup, positive_int, seed_arg
 from medadapt.errors import MedadaptError
 
 
-#: each command's one line in 'medadapt --help'
-HELP = {
-    "synth": "generate a synthetic CT cohort as an nnU-Net v2 raw dataset",
-}
+#: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
+commands = CommandGroup()
 
 
-def add_synth(sub) -> None:
-    p = sub.add_parser("synth", help=HELP["synth"],
-                       description="Generate a synthetic CT cohort (nnU-Net v2 raw format: lymph nodes, or the "
-                                   "structures of the spec's labels map) from a domain spec: a built-in name or "
-                                   "a YAML/JSON file (docs/domains.md).")
+@commands.command("synth", "generate a synthetic CT cohort as an nnU-Net v2 raw dataset",
+                  "Generate a synthetic CT cohort (nnU-Net v2 raw format: lymph nodes, or the "
+                  "structures of the spec's labels map) from a domain spec: a built-in name or "
+                  "a YAML/JSON file (docs/domains.md).")
+def add_synth(p):
     p.add_argument("domain", nargs="?", help="built-in domain name or path to a domain spec file")
     p.add_argument("--out", type=Path, help="output dataset folder")
     p.add_argument("--cases", type=positive_int, default=50, help="number of cases (default 50)")
@@ -32,7 +30,7 @@ def add_synth(sub) -> None:
     p.add_argument("--list", action="store_true",
                    help="list the built-in domains (name, region, labels) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_synth)
+    return cmd_synth
 
 
 def cmd_synth(args) -> int:
@@ -62,6 +60,3 @@ def cmd_synth(args) -> int:
     path = write_dataset(spec, args.out, num_cases=args.cases, seed=args.seed, progress=not args.quiet)
     print(f"wrote {args.cases} cases of domain {args.domain!r} to {path}")
     return 0
-
-
-COMMANDS = {"synth": add_synth}

@@ -3,21 +3,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import positive_int, seed_arg
+from medadapt.cli.common import CommandGroup, positive_int, seed_arg
 
 
-#: each command's one line in 'medadapt --help'
-HELP = {
-    "demo": "the whole chain on built-in synthetic cohorts (about 9 min cold on 2 CPU cores: BENCHMARKS.md)",
-}
+#: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
+commands = CommandGroup()
 
 
-def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help=HELP["demo"],
-                       description="Generate two synthetic hospitals, pretrain a small foundation model on "
-                                   "the first (cached), fine-tune it with K scans of the second using "
-                                   "scratch, full and DGST, evaluate on held-out scans, print a table and "
-                                   "write a figure.")
+@commands.command("demo",
+                  "the whole chain on built-in synthetic cohorts (about 9 min cold on 2 CPU cores: BENCHMARKS.md)",
+                  "Generate two synthetic hospitals, pretrain a small foundation model on "
+                  "the first (cached), fine-tune it with K scans of the second using "
+                  "scratch, full and DGST, evaluate on held-out scans, print a table and "
+                  "write a figure.")
+def add_demo(p):
     p.add_argument("--workdir", type=Path, default=Path("medadapt_runs/demo"),
                    help="where data, models and results go (default medadapt_runs/demo)")
     p.add_argument("--shots", type=positive_int, default=5, help="annotated target scans K (default 5)")
@@ -26,7 +25,7 @@ def add_demo(sub) -> None:
                    help="re-run the fine-tuning runs even if finished ones exist (the foundation model "
                         "stays cached)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
+    return cmd_demo
 
 
 def cmd_demo(args) -> int:
@@ -34,6 +33,3 @@ def cmd_demo(args) -> int:
 
     run_demo(args.workdir, shots=args.shots, seed=args.seed, fresh=args.fresh, progress=not args.quiet)
     return 0
-
-
-COMMANDS = {"demo": add_demo}

@@ -6,14 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from medadapt.cli.common import CommandGroup
 from medadapt.errors import MedadaptError
 
-#: each command's one line in 'medadapt --help'
-HELP = {
-    "import-dicom": "CT series + RT Structure Sets (a planning-system export) -> nnU-Net v2 raw dataset",
-    "to-dicom": "a NIfTI label map on a CT series -> RTSTRUCT or DICOM-SEG for the planning system",
-    "dataset-to-dicom": "a raw dataset's cases as DICOM exports (CT series + RTSTRUCT per case)",
-}
+#: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
+commands = CommandGroup()
 
 
 def predict_formats() -> tuple[str, ...]:
@@ -23,17 +20,16 @@ def predict_formats() -> tuple[str, ...]:
     return ("nifti", *FORMATS)
 
 
-def add_import_dicom(sub) -> None:
-    p = sub.add_parser(
-        "import-dicom", help=HELP["import-dicom"],
-        description="Walk SOURCE for DICOM files, group CT images by series and RTSTRUCTs by the series they "
-                    "reference (else by frame of reference; contours whose images are absent are placed by "
-                    "position, with a warning), sort slices along the slice normal, convert to HU, rasterise "
-                    "each ROI mapped by --roi in the CT's geometry (voxel centre inside, even-odd rule: holes "
-                    "and islands) and write an nnU-Net v2 raw dataset: imagesTr/labelsTr/dataset.json, imagesTs "
-                    "for cases without a matching ROI, and the mapping (which ROI became which label, which were "
-                    "left out and why) in dicom_import.json and dicom_import.csv. Written atomically: nothing "
-                    "is left on any error (docs/dicom.md).")
+@commands.command("import-dicom", "CT series + RT Structure Sets (a planning-system export) -> nnU-Net v2 raw dataset",
+                  "Walk SOURCE for DICOM files, group CT images by series and RTSTRUCTs by the series they "
+                  "reference (else by frame of reference; contours whose images are absent are placed by "
+                  "position, with a warning), sort slices along the slice normal, convert to HU, rasterise "
+                  "each ROI mapped by --roi in the CT's geometry (voxel centre inside, even-odd rule: holes "
+                  "and islands) and write an nnU-Net v2 raw dataset: imagesTr/labelsTr/dataset.json, imagesTs "
+                  "for cases without a matching ROI, and the mapping (which ROI became which label, which were "
+                  "left out and why) in dicom_import.json and dicom_import.csv. Written atomically: nothing "
+                  "is left on any error (docs/dicom.md).")
+def add_import_dicom(p):
     p.add_argument("source", type=Path, help="folder tree holding the DICOM export (CT images and RTSTRUCT files)")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write (new or empty), e.g. "
                                                            "Dataset503_MyClinic")
@@ -47,7 +43,7 @@ def add_import_dicom(sub) -> None:
                    help="import this CT series (SeriesInstanceUID) only; repeat for more; needed where a patient "
                         "has several CT series")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=cmd_import_dicom)
+    return cmd_import_dicom
 
 
 def cmd_import_dicom(args) -> int:
@@ -64,15 +60,14 @@ def cmd_import_dicom(args) -> int:
     return 0
 
 
-def add_to_dicom(sub) -> None:
-    p = sub.add_parser(
-        "to-dicom", help=HELP["to-dicom"],
-        description="Write LABELMAP (a NIfTI label map on the grid of the CT series --reference, e.g. a medadapt "
-                    "prediction) as an RT Structure Set (one ROI per label, a colour each; contours per slice, "
-                    "outer contours and holes, in patient coordinates on the slices' positions, each referencing "
-                    "its image) or as a DICOM-SEG (highdicom; the segmentation algorithm named: medadapt, its "
-                    "version, the model). New series and instance UIDs; patient, study and frame of reference "
-                    "are the reference series'.")
+@commands.command("to-dicom", "a NIfTI label map on a CT series -> RTSTRUCT or DICOM-SEG for the planning system",
+                  "Write LABELMAP (a NIfTI label map on the grid of the CT series --reference, e.g. a medadapt "
+                  "prediction) as an RT Structure Set (one ROI per label, a colour each; contours per slice, "
+                  "outer contours and holes, in patient coordinates on the slices' positions, each referencing "
+                  "its image) or as a DICOM-SEG (highdicom; the segmentation algorithm named: medadapt, its "
+                  "version, the model). New series and instance UIDs; patient, study and frame of reference "
+                  "are the reference series'.")
+def add_to_dicom(p):
     p.add_argument("labelmap", type=Path, help="NIfTI label map (.nii.gz) on the reference series' grid")
     p.add_argument("--reference", type=Path, required=True, help="folder of the CT series the label map belongs to")
     p.add_argument("--out", type=Path, required=True, help="DICOM file to write, e.g. rs.dcm")
@@ -86,7 +81,7 @@ def add_to_dicom(sub) -> None:
                             "dataset.json (its labels); default: the model's with --model, else label_<id>")
     names.add_argument("--model", type=Path, default=None, help="model folder whose label names to use (and "
                                                                 "whose name the DICOM-SEG records)")
-    p.set_defaults(func=cmd_to_dicom)
+    return cmd_to_dicom
 
 
 def cmd_to_dicom(args) -> int:
@@ -100,12 +95,11 @@ def cmd_to_dicom(args) -> int:
     return 0
 
 
-def add_dataset_to_dicom(sub) -> None:
-    p = sub.add_parser(
-        "dataset-to-dicom", help=HELP["dataset-to-dicom"],
-        description="Write each case of an nnU-Net v2 raw dataset as a planning system's export: "
-                    "OUT/<case>/CT/CT.<k>.dcm (axial CT, HU) and OUT/<case>/RS.dcm (one ROI per label). With "
-                    "'medadapt synth' it makes DICOM data to try import-dicom, predict --format and to-dicom on.")
+@commands.command("dataset-to-dicom", "a raw dataset's cases as DICOM exports (CT series + RTSTRUCT per case)",
+                  "Write each case of an nnU-Net v2 raw dataset as a planning system's export: "
+                  "OUT/<case>/CT/CT.<k>.dcm (axial CT, HU) and OUT/<case>/RS.dcm (one ROI per label). With "
+                  "'medadapt synth' it makes DICOM data to try import-dicom, predict --format and to-dicom on.")
+def add_dataset_to_dicom(p):
     p.add_argument("dataset", type=Path, help="nnU-Net v2 raw dataset folder")
     p.add_argument("--out", type=Path, required=True, help="export folder (one subfolder per case)")
     p.add_argument("--roi-name", action="append", default=None, metavar="LABEL=ROINAME",
@@ -113,7 +107,7 @@ def add_dataset_to_dicom(sub) -> None:
                         "repeat for more labels")
     p.add_argument("--cases", type=int, default=None, help="only the first N cases (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=cmd_dataset_to_dicom)
+    return cmd_dataset_to_dicom
 
 
 def cmd_dataset_to_dicom(args) -> int:
@@ -225,6 +219,3 @@ def add_predict_options(p: argparse.ArgumentParser) -> None:
                    help="nifti (default: <case>.nii.gz), or with a DICOM CT series as --input rtstruct "
                         "(<case>_rtstruct.dcm, an RT Structure Set for the planning system) or seg "
                         "(<case>_seg.dcm, DICOM-SEG)")
-
-
-COMMANDS = {"import-dicom": add_import_dicom, "to-dicom": add_to_dicom, "dataset-to-dicom": add_dataset_to_dicom}

@@ -4,21 +4,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from medadapt.cli import dicom as cli_dicom
-from medadapt.cli.common import add_postprocess_option, print_metrics
+from medadapt.cli.common import CommandGroup, add_postprocess_option, print_metrics
 from medadapt.errors import MedadaptError
 
 
-#: each command's one line in 'medadapt --help'
-HELP = {
-    "predict": "predict label maps for a NIfTI file or folder",
-    "evaluate": "DSC, NSD and HD95 of predictions against ground truth",
-}
+#: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
+commands = CommandGroup()
 
 
-def add_predict(sub) -> None:
-    p = sub.add_parser("predict", help=HELP["predict"],
-                       description="Sliding-window prediction (Gaussian-weighted, 50%% overlap) of every "
-                                   "case in --input; label maps are written in each input's geometry.")
+@commands.command("predict", "predict label maps for a NIfTI file or folder",
+                  "Sliding-window prediction (Gaussian-weighted, 50%% overlap) of every "
+                  "case in --input; label maps are written in each input's geometry.")
+def add_predict(p):
     p.add_argument("--model", type=Path, required=True, help="model folder")
     p.add_argument("--input", type=Path, required=True,
                    help="a NIfTI file, a folder of <case>_0000.nii.gz files, or a folder of DICOM CT series (one "
@@ -32,7 +29,7 @@ def add_predict(sub) -> None:
     add_postprocess_option(p)
     cli_dicom.add_predict_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_predict)
+    return cmd_predict
 
 
 def cmd_predict(args) -> int:
@@ -57,16 +54,16 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help=HELP["evaluate"],
-                       description="Per case and class: DSC, NSD at --tolerance-mm and HD95 (mm), using "
-                                   "voxel spacing; writes metrics_per_case.csv and summary.json.")
+@commands.command("evaluate", "DSC, NSD and HD95 of predictions against ground truth",
+                  "Per case and class: DSC, NSD at --tolerance-mm and HD95 (mm), using "
+                  "voxel spacing; writes metrics_per_case.csv and summary.json.")
+def add_evaluate(p):
     p.add_argument("--pred", type=Path, required=True, help="folder of predicted <case>.nii.gz")
     p.add_argument("--gt", type=Path, required=True, help="folder of ground-truth <case>.nii.gz")
     p.add_argument("--tolerance-mm", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
     p.add_argument("--out", type=Path, default=None, help="where to write results (default: --pred)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_evaluate)
+    return cmd_evaluate
 
 
 def cmd_evaluate(args) -> int:
@@ -80,6 +77,3 @@ def cmd_evaluate(args) -> int:
     print_metrics(summary, "cases")
     print(f"wrote {out / 'metrics_per_case.csv'} and {out / 'summary.json'}")
     return 0
-
-
-COMMANDS = {"predict": add_predict, "evaluate": add_evaluate}

@@ -3,24 +3,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import positive_int, seed_arg
+from medadapt.cli.common import CommandGroup, positive_int, seed_arg
 
 
-#: each command's one line in 'medadapt --help'
-HELP = {
-    "import-monai": "a MONAI SwinUNETR checkpoint as a medadapt model folder",
-}
+#: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
+commands = CommandGroup()
 
 
-def add_import_monai(sub) -> None:
-    p = sub.add_parser("import-monai", help=HELP["import-monai"],
-                       description="Write a medadapt model folder (a foundation model for finetune, predict, "
-                                   "zero-shot, methods) from a MONAI SwinUNETR checkpoint: a state dict as MONAI "
-                                   "bundles save it, {'state_dict': ...} as the research-contributions scripts "
-                                   "save it, or {'model': ...}; 'module.' prefixes are undone. The architecture is "
-                                   "read from the tensors; the preprocessing is MONAI's pipeline (Orientationd, "
-                                   "Spacingd, ScaleIntensityRanged), given by the options below "
-                                   "(docs/swinunetr.md).")
+@commands.command("import-monai", "a MONAI SwinUNETR checkpoint as a medadapt model folder",
+                  "Write a medadapt model folder (a foundation model for finetune, predict, "
+                  "zero-shot, methods) from a MONAI SwinUNETR checkpoint: a state dict as MONAI "
+                  "bundles save it, {'state_dict': ...} as the research-contributions scripts "
+                  "save it, or {'model': ...}; 'module.' prefixes are undone. The architecture is "
+                  "read from the tensors; the preprocessing is MONAI's pipeline (Orientationd, "
+                  "Spacingd, ScaleIntensityRanged), given by the options below "
+                  "(docs/swinunetr.md).")
+def add_import_monai(p):
     p.add_argument("checkpoint", type=Path,
                    help="the checkpoint file (.pt/.pth); the self-supervised Swin transformer weights "
                         "(model_swinvit.pt) need --backbone-only")
@@ -49,7 +47,7 @@ def add_import_monai(sub) -> None:
     p.add_argument("--recipe", default="swinunetr-btcv",
                    help="the fine-tuning recipe the model folder recommends (default swinunetr-btcv)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of what --backbone-only initialises (default 0)")
-    p.set_defaults(func=cmd_import_monai)
+    return cmd_import_monai
 
 
 def cmd_import_monai(args) -> int:
@@ -72,6 +70,3 @@ def cmd_import_monai(args) -> int:
           f"{' x '.join(map(str, args.roi_size))}")
     print(f"model folder written to {args.out}")
     return 0
-
-
-COMMANDS = {"import-monai": add_import_monai}

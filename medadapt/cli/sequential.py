@@ -4,24 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import (add_method_options, add_postprocess_option, add_training_options, engine_options,
-                                 method_options, positive_int, seed_arg, shots_arg)
+from medadapt.cli.common import (CommandGroup, add_method_options, add_postprocess_option, add_training_options,
+                                 engine_options, method_options, positive_int, seed_arg, shots_arg)
 
 
-#: each command's one line in 'medadapt --help'
-HELP = {
-    "mds-stability": "how many maskings R the MDS buffer needs before it stops changing",
-    "seqft": "fine-tune task after task over a stream of datasets (MedSeqFT)",
-}
+#: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
+commands = CommandGroup()
 
 
-def add_mds_stability(sub) -> None:
-    p = sub.add_parser("mds-stability", help=HELP["mds-stability"],
-                       description="Score every training case of each task by the foundation's pretext loss at up "
-                                   "to --repeats random maskings (MedSeqFT's MDS, batched), read the K-case buffer "
-                                   "at every power of two R from the same draws, and report where it stops "
-                                   "changing: the R for seqft --mds-repeats. Writes stability.csv/.json/.md/.png "
-                                   "into --out.")
+@commands.command("mds-stability", "how many maskings R the MDS buffer needs before it stops changing",
+                  "Score every training case of each task by the foundation's pretext loss at up "
+                  "to --repeats random maskings (MedSeqFT's MDS, batched), read the K-case buffer "
+                  "at every power of two R from the same draws, and report where it stops "
+                  "changing: the R for seqft --mds-repeats. Writes stability.csv/.json/.md/.png "
+                  "into --out.")
+def add_mds_stability(p):
     p.add_argument("--model", type=Path, required=True, help="the foundation (with a pretext network: an MAE "
                                                              "foundation, or one with pretrain-ssl-head's pathway)")
     p.add_argument("--data", type=Path, action="append", required=True,
@@ -33,7 +30,7 @@ def add_mds_stability(sub) -> None:
     p.add_argument("--seed", type=seed_arg, default=0, help="mask seed (default 0)")
     p.add_argument("--split-seed", type=seed_arg, default=0, help="seed of each task's 80/20 split (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_mds_stability)
+    return cmd_mds_stability
 
 
 def cmd_mds_stability(args) -> int:
@@ -46,14 +43,14 @@ def cmd_mds_stability(args) -> int:
     return 0
 
 
-def add_seqft(sub) -> None:
-    p = sub.add_parser("seqft", help=HELP["seqft"],
-                       description="Sequential fine-tuning (MedSeqFT, docs/sequential.md): every task of STREAM, in "
-                                   "order, each from the previous task's model (seq-ft, medseqft) or each from "
-                                   "the foundation (any finetune method: the parallel baselines). Every task gets "
-                                   "its own model folder and test-split metrics (Dice, NSD, HD95); a killed run "
-                                   "resumes at the task in progress (--resume), and a stream extended by new "
-                                   "tasks continues where it stopped.")
+@commands.command("seqft", "fine-tune task after task over a stream of datasets (MedSeqFT)",
+                  "Sequential fine-tuning (MedSeqFT, docs/sequential.md): every task of STREAM, in "
+                  "order, each from the previous task's model (seq-ft, medseqft) or each from "
+                  "the foundation (any finetune method: the parallel baselines). Every task gets "
+                  "its own model folder and test-split metrics (Dice, NSD, HD95); a killed run "
+                  "resumes at the task in progress (--resume), and a stream extended by new "
+                  "tasks continues where it stopped.")
+def add_seqft(p):
     p.add_argument("stream", type=Path, help="stream file: YAML listing the tasks' nnU-Net raw datasets in order "
                                              "('medadapt synth --stream ct-stream --out DIR' writes one)")
     p.add_argument("--model", type=Path, required=True, help="foundation model folder M0")
@@ -92,7 +89,7 @@ def add_seqft(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
     add_postprocess_option(p)
     add_training_options(p, "the one the model folder recommends, else dgst-paper")
-    p.set_defaults(func=cmd_seqft)
+    return cmd_seqft
 
 
 def cmd_seqft(args) -> int:
@@ -110,6 +107,3 @@ def cmd_seqft(args) -> int:
     print((args.out / "results.md").read_text(), end="")
     print(f"{len(summary['tasks'])} task(s); results in {args.out}")
     return 0
-
-
-COMMANDS = {"mds-stability": add_mds_stability, "seqft": add_seqft}

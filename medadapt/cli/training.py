@@ -4,30 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import (add_head_option, add_method_options, add_postprocess_option,
-                                 add_run_inputs, add_sampling_option, add_training_options, engine_options, method_options, methods_help,
-                                 print_metrics, shots_arg, transductive_options)
+from medadapt.cli.common import (CommandGroup, add_head_option, add_method_options, add_postprocess_option,
+                                 add_run_inputs, add_sampling_option, add_training_options, engine_options,
+                                 method_options, methods_help, print_metrics, shots_arg, transductive_options)
 
 
-#: each command's one line in 'medadapt --help'
-HELP = {
-    "pretrain": "train a foundation model on whole datasets",
-    "pretrain-ssl-head": "give a supervised foundation a masked-reconstruction pathway",
-    "recipes": "list the built-in training recipes",
-    "finetune": "few-shot fine-tune a model folder and evaluate it on the test split",
-    "zero-shot": "evaluate a model as it is (no fine-tuning) on a dataset's test split",
-    "methods": "list the fine-tuning methods with their trainable parameters",
-}
+#: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
+commands = CommandGroup()
 
 
-def add_pretrain(sub) -> None:
-    p = sub.add_parser("pretrain", help=HELP["pretrain"],
-                       description="Train a segmentation network on every case of one or several nnU-Net v2 raw "
-                                   "datasets and write a model folder (weights + everything inference needs). "
-                                   "Several datasets that label different structures give a partially labelled "
-                                   "model: one class template (the union of their label names), one sigmoid "
-                                   "output per class, a loss over each case's annotated classes only "
-                                   "(docs/partial-labels.md).")
+@commands.command("pretrain", "train a foundation model on whole datasets",
+                  "Train a segmentation network on every case of one or several nnU-Net v2 raw "
+                  "datasets and write a model folder (weights + everything inference needs). "
+                  "Several datasets that label different structures give a partially labelled "
+                  "model: one class template (the union of their label names), one sigmoid "
+                  "output per class, a loss over each case's annotated classes only "
+                  "(docs/partial-labels.md).")
+def add_pretrain(p):
     p.add_argument("--data", type=Path, required=True, action="append",
                    help="nnU-Net v2 raw dataset folder; repeat for several datasets")
     from medadapt.models.model_folder import ACTIVATIONS
@@ -45,7 +38,7 @@ def add_pretrain(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
     add_training_options(p, "the preset's pretraining recipe: cpu-pretrain for cpu-*, else nnunet; with "
                              "--objective mae cpu-mae-pretrain, cpu-swin-mae-pretrain or mae-nnssl")
-    p.set_defaults(func=cmd_pretrain)
+    return cmd_pretrain
 
 
 def cmd_pretrain(args) -> int:
@@ -64,14 +57,14 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def add_pretrain_ssl_head(sub) -> None:
-    p = sub.add_parser("pretrain-ssl-head", help=HELP["pretrain-ssl-head"],
-                       description="Train a masked-volume reconstruction pathway for a supervised foundation "
-                                   "model: a copy of its decoder and a new 1x1x1 reconstruction head on its "
-                                   "encoder, which stays frozen (bit-identical). Writes the foundation's model "
-                                   "folder (same weights.pt; plans.json with a pretext record) plus pretext.pt to "
-                                   "--out, so that cases can be scored by the foundation's self-supervised loss "
-                                   "(docs/ssl.md).")
+@commands.command("pretrain-ssl-head", "give a supervised foundation a masked-reconstruction pathway",
+                  "Train a masked-volume reconstruction pathway for a supervised foundation "
+                  "model: a copy of its decoder and a new 1x1x1 reconstruction head on its "
+                  "encoder, which stays frozen (bit-identical). Writes the foundation's model "
+                  "folder (same weights.pt; plans.json with a pretext record) plus pretext.pt to "
+                  "--out, so that cases can be scored by the foundation's self-supervised loss "
+                  "(docs/ssl.md).")
+def add_pretrain_ssl_head(p):
     p.add_argument("--model", type=Path, required=True, help="supervised foundation model folder")
     p.add_argument("--data", type=Path, required=True, action="append",
                    help="nnU-Net v2 raw dataset folder to train the pathway on (labels unused); repeat for several")
@@ -80,7 +73,7 @@ def add_pretrain_ssl_head(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
     add_training_options(p, "the masked-reconstruction recipe of the foundation's preset (cpu-mae-pretrain for "
                              "cpu-*), else mae-nnssl")
-    p.set_defaults(func=cmd_pretrain_ssl_head)
+    return cmd_pretrain_ssl_head
 
 
 def cmd_pretrain_ssl_head(args) -> int:
@@ -98,12 +91,12 @@ def cmd_pretrain_ssl_head(args) -> int:
     return 0
 
 
-def add_recipes(sub) -> None:
-    p = sub.add_parser("recipes", help=HELP["recipes"],
-                       description="Print every built-in training recipe (optimiser, schedule, loss, budget, "
-                                   "learning rates); --show NAME prints one in full, as a file to start from.")
+@commands.command("recipes", "list the built-in training recipes",
+                  "Print every built-in training recipe (optimiser, schedule, loss, budget, "
+                  "learning rates); --show NAME prints one in full, as a file to start from.")
+def add_recipes(p):
     p.add_argument("--show", default=None, metavar="NAME", help="print this recipe (a name or a file) as YAML")
-    p.set_defaults(func=cmd_recipes)
+    return cmd_recipes
 
 
 def cmd_recipes(args) -> int:
@@ -125,11 +118,11 @@ def cmd_recipes(args) -> int:
     return 0
 
 
-def add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help=HELP["finetune"],
-                       description="Split the dataset 80/20 (fixed by --split-seed), draw K training cases "
-                                   "(--shots, --seed), fine-tune with --method, predict and evaluate the "
-                                   "test split (DSC, NSD at 1 mm, HD95).")
+@commands.command("finetune", "few-shot fine-tune a model folder and evaluate it on the test split",
+                  "Split the dataset 80/20 (fixed by --split-seed), draw K training cases "
+                  "(--shots, --seed), fine-tune with --method, predict and evaluate the "
+                  "test split (DSC, NSD at 1 mm, HD95).")
+def add_finetune(p):
     add_run_inputs(p, "foundation model folder")
     p.add_argument("--method", required=True, help=methods_help())
     add_method_options(p)
@@ -162,7 +155,7 @@ def add_finetune(sub) -> None:
                         "(sliding window) and train the head on patches of them; no input-space augmentation "
                         "(beyond the paper; docs/methods.md)")
     add_training_options(p, "the one the model folder recommends, else dgst-paper")
-    p.set_defaults(func=cmd_finetune)
+    return cmd_finetune
 
 
 def cmd_finetune(args) -> int:
@@ -186,19 +179,19 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def add_zero_shot(sub) -> None:
-    p = sub.add_parser("zero-shot", help=HELP["zero-shot"],
-                       description="Predict and evaluate the test part of the same fixed 80/20 split that "
-                                   "finetune uses, with the model's own heads: the 'Foundation, no fine-tuning' "
-                                   "reference. The dataset's label names must be classes of the model (a "
-                                   "partially labelled model is evaluated on the classes the dataset labels).")
+@commands.command("zero-shot", "evaluate a model as it is (no fine-tuning) on a dataset's test split",
+                  "Predict and evaluate the test part of the same fixed 80/20 split that "
+                  "finetune uses, with the model's own heads: the 'Foundation, no fine-tuning' "
+                  "reference. The dataset's label names must be classes of the model (a "
+                  "partially labelled model is evaluated on the classes the dataset labels).")
+def add_zero_shot(p):
     add_run_inputs(p, "model folder")
     p.add_argument("--all-cases", action="store_true",
                    help="evaluate every case of --data (a held-out cohort) instead of its test split")
     add_postprocess_option(p)
     p.add_argument("--resume", action="store_true", help="reuse a finished run in the same --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_zero_shot)
+    return cmd_zero_shot
 
 
 def cmd_zero_shot(args) -> int:
@@ -211,16 +204,16 @@ def cmd_zero_shot(args) -> int:
     return 0
 
 
-def add_methods(sub) -> None:
-    p = sub.add_parser("methods", help=HELP["methods"],
-                       description="For a model folder or a preset network, print every fine-tuning method with "
-                                   "its trainable-parameter count, its share of the model and the entries one "
-                                   "step updates.")
+@commands.command("methods", "list the fine-tuning methods with their trainable parameters",
+                  "For a model folder or a preset network, print every fine-tuning method with "
+                  "its trainable-parameter count, its share of the model and the entries one "
+                  "step updates.")
+def add_methods(p):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="model folder (e.g. the demo's foundation model)")
     source.add_argument("--preset", default=None, help="a network preset (one input channel, one foreground class)")
     add_method_options(p)
-    p.set_defaults(func=cmd_methods)
+    return cmd_methods
 
 
 def cmd_methods(args) -> int:
@@ -238,6 +231,3 @@ def cmd_methods(args) -> int:
         _, text = methods_table(load_model_folder(args.model), gamma=args.gamma, **method_options(args))
     print(text)
     return 0
-
-
-COMMANDS = {"pretrain": add_pretrain, "pretrain-ssl-head": add_pretrain_ssl_head, "recipes": add_recipes, "finetune": add_finetune, "zero-shot": add_zero_shot, "methods": add_methods}

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import (add_head_option, add_method_options, method_options, methods_help,
+from medadapt.cli.common import (CommandGroup, add_head_option, add_method_options, method_options, methods_help,
                                  positive_int, seed_arg)
 
 
-#: each command's one line in 'medadapt --help'
-HELP = {
-    "export-nnunet": "write a model folder as an nnU-Net v2 trained model folder (and zip)",
-    "nnunet-train": "nnU-Net's own trainer with a medadapt fine-tuning method",
-}
+#: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
+commands = CommandGroup()
 
 
-def add_export_nnunet(sub) -> None:
-    p = sub.add_parser("export-nnunet", help=HELP["export-nnunet"],
-                       description="Write a medadapt model folder (e.g. <finetune run>/model) as an nnU-Net v2 "
-                                   "trained model folder (dataset.json, plans.json, fold_F/checkpoint_final.pth) "
-                                   "that nnUNetv2_predict_from_modelfolder and nnUNetPredictor load unchanged; "
-                                   "LoRA is already merged, adapters cannot be exported. Needs "
-                                   "pip install 'medadapt[nnunet]'.")
+@commands.command("export-nnunet", "write a model folder as an nnU-Net v2 trained model folder (and zip)",
+                  "Write a medadapt model folder (e.g. <finetune run>/model) as an nnU-Net v2 "
+                  "trained model folder (dataset.json, plans.json, fold_F/checkpoint_final.pth) "
+                  "that nnUNetv2_predict_from_modelfolder and nnUNetPredictor load unchanged; "
+                  "LoRA is already merged, adapters cannot be exported. Needs "
+                  "pip install 'medadapt[nnunet]'.")
+def add_export_nnunet(p):
     p.add_argument("model", type=Path, help="medadapt model folder (or an nnU-Net model folder/zip)")
     p.add_argument("--out", type=Path, required=True, help="nnU-Net trained model folder to write (new or empty)")
     p.add_argument("--zip", type=Path, default=None,
@@ -30,7 +27,7 @@ def add_export_nnunet(sub) -> None:
     p.add_argument("--dataset-name", default=None,
                    help="DatasetXXX_Name for plans.json and the zip (default: the nnU-Net foundation's, "
                         "else Dataset999_medadapt)")
-    p.set_defaults(func=cmd_export_nnunet)
+    return cmd_export_nnunet
 
 
 def cmd_export_nnunet(args) -> int:
@@ -45,19 +42,20 @@ def cmd_export_nnunet(args) -> int:
     return 0
 
 
-def add_nnunet_train(sub) -> None:
-    p = sub.add_parser("nnunet-train", help=HELP["nnunet-train"],
-                       description="Run nnunetv2's trainer (its data augmentation, deep supervision, validation "
-                                   "and checkpoint format) on a dataset preprocessed by nnUNetv2_plan_and_preprocess, "
-                                   "with --method applied, on --shots training cases drawn as 'medadapt "
-                                   "finetune' draws them (80/20 split by --split-seed, validation on the 20%%). "
-                                   "Output: $nnUNet_results/<dataset>/nnUNetTrainerMedadapt_<method>__<plans>__"
-                                   "<configuration>/fold_<FOLD>, loadable by nnU-Net's predictor. Needs "
-                                   "pip install 'medadapt[nnunet]'.")
+@commands.command("nnunet-train", "nnU-Net's own trainer with a medadapt fine-tuning method",
+                  "Run nnunetv2's trainer (its data augmentation, deep supervision, validation "
+                  "and checkpoint format) on a dataset preprocessed by nnUNetv2_plan_and_preprocess, "
+                  "with --method applied, on --shots training cases drawn as 'medadapt "
+                  "finetune' draws them (80/20 split by --split-seed, validation on the 20%%). "
+                  "Output: $nnUNet_results/<dataset>/nnUNetTrainerMedadapt_<method>__<plans>__"
+                  "<configuration>/fold_<FOLD>, loadable by nnU-Net's predictor. Needs "
+                  "pip install 'medadapt[nnunet]'.")
+def add_nnunet_train(p):
     p.add_argument("dataset", help="nnU-Net dataset id or name, e.g. 502 or Dataset502_Tgt")
     p.add_argument("configuration", help="nnU-Net configuration, e.g. 3d_fullres")
     p.add_argument("fold", help="names the output fold_<FOLD> folder (the split is medadapt's few-shot split)")
-    p.add_argument("--method", required=True, help=methods_help(training_only=True) + "; adapter cannot be saved for nnU-Net")
+    p.add_argument("--method", required=True,
+                   help=methods_help(training_only=True) + "; adapter cannot be saved for nnU-Net")
     add_method_options(p)
     p.add_argument("--shots", type=positive_int, required=True, help="number of annotated training cases K")
     p.add_argument("--split-seed", type=seed_arg, default=0, help="seed of the fixed 80/20 split (default 0)")
@@ -83,7 +81,7 @@ def add_nnunet_train(sub) -> None:
                    help="nnU-Net's results folder (default: $nnUNet_results)")
     p.add_argument("--quiet", action="store_true", help="hide nnU-Net's training log (it is still written to "
                                                           "the fold folder)")
-    p.set_defaults(func=cmd_nnunet_train)
+    return cmd_nnunet_train
 
 
 def cmd_nnunet_train(args) -> int:
@@ -106,6 +104,3 @@ def cmd_nnunet_train(args) -> int:
     print(f"nnU-Net trained model in {out.parent} (fold {args.fold}); predict with: "
           f"nnUNetv2_predict_from_modelfolder -m {out.parent} -f {args.fold} -i INPUT -o OUTPUT")
     return 0
-
-
-COMMANDS = {"export-nnunet": add_export_nnunet, "nnunet-train": add_nnunet_train}

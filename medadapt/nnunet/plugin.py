@@ -49,10 +49,10 @@ def _run_against(*args, **kwargs):
 
 def register(registry) -> None:
     """Called once by :func:`medadapt.plugins.load_plugins`; imports nothing heavy (not nnunetv2, not torch)."""
-    from medadapt.nnunet.cli import COMMANDS, HELP
+    from medadapt.nnunet.cli import commands
 
     registry.model_loader("nnunet", _is_model, _load_model)
     registry.case_backend("nnunet", _preprocess_case, _revert_logits)
-    for name, add in COMMANDS.items():
-        registry.command(name, HELP[name], add)
+    for name, add in commands.add.items():
+        registry.command(name, commands.help[name], add)
     registry.speed_reference("nnunet", _check_network, _run_against)
