@@ -15,7 +15,7 @@ from medadapt.data.io import read_image, read_label, write_volume
 from medadapt.dicom.names import normalise, parse_roi_options, assign
 from medadapt.dicom.rtstruct import Contour, Roi, mask_contours, rasterise, read_rtstruct, write_rtstruct
 from medadapt.dicom.series import load_series
-from tests.dicom_phantom import ORIGIN, SHAPE, SPACING, dsc, phantom, rtstruct, write_ct
+from tests.dicom_phantom import ORIGIN, SHAPE, SPACING, phantom, rtstruct, write_ct
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from medadapt.errors import MedadaptError

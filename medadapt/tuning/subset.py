@@ -11,8 +11,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from medadapt.models.parts import (bias_parameters, decoder_parameters, head_parameters, is_conv, model_parts,
-                                   module_parameters, norm_parameters)
+from medadapt.models.parts import (bias_parameters, decoder_parameters, is_conv, model_parts, module_parameters,
+                                   norm_parameters)
 from medadapt.tuning.base import Strategy
 
 
