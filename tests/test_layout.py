@@ -146,3 +146,6 @@ def test_choice_lists_come_from_their_registries(capsys, monkeypatch):
     text = " ".join(capsys.readouterr().out.split())
     assert all(m in text for m in method_names())  # spatial-adapter and generalization included
     assert "{" + ",".join(HEAD_POLICIES) + "}" in text and "{" + ",".join(PRECISIONS) + "}" in text
+    from medadapt.engine.recipe import builtin_recipe_names
+
+    assert ", ".join(builtin_recipe_names()) in text  # --recipe: every built-in recipe, by name

@@ -68,9 +68,11 @@ def seed_arg(text: str) -> int:
 
 
 def add_training_options(p: argparse.ArgumentParser, default_recipe: str) -> None:
+    from medadapt.engine.recipe import builtin_recipe_names
+
     p.add_argument("--recipe", default=None,
-                   help=f"training recipe: a built-in name or a recipe file (default: {default_recipe}; "
-                        "'medadapt recipes' lists them, docs/recipes.md)")
+                   help=f"training recipe: a built-in name ({', '.join(builtin_recipe_names())}) or a recipe file "
+                        f"(default: {default_recipe}; 'medadapt recipes' lists them, docs/recipes.md)")
     p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the recipe's)")
     p.add_argument("--iterations-per-epoch", type=positive_int, default=None,
                    help="iterations per epoch (default: the recipe's)")
