@@ -98,11 +98,16 @@ class ModelFolder:
 
         return PreprocessingPlan.from_dict(self.preprocessing)
 
-    def load_network(self, deep_supervision: bool = True) -> nn.Module:
-        """Build the network and load the folder's weights."""
+    def build_network(self, deep_supervision: bool = True) -> nn.Module:
+        """The folder's network (architecture and extensions) without its weights: for checks on its shape."""
         net = build_network(self.network, deep_supervision=deep_supervision)
         for ext in self.extensions:
             apply_extension(net, ext)
+        return net
+
+    def load_network(self, deep_supervision: bool = True) -> nn.Module:
+        """Build the network and load the folder's weights."""
+        net = self.build_network(deep_supervision)
         if self.path is None:
             raise ValueError("ModelFolder has no path to load weights from")
         weights = self.path / "weights.pt"

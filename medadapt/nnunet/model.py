@@ -144,15 +144,18 @@ class NNUNetModelFolder(ModelFolder):
 
     checkpoint: Path | None = None
 
-    def load_network(self, deep_supervision: bool = True) -> nn.Module:
-        weights = clean_state_dict(load_checkpoint(self.checkpoint)["network_weights"])
+    def build_network(self, deep_supervision: bool = True) -> nn.Module:
         try:
-            net = build_network(self.network, deep_supervision=deep_supervision)
+            return build_network(self.network, deep_supervision=deep_supervision)
         except MedadaptError:
             raise
         except Exception as exc:  # noqa: BLE001 - any constructor failure means the plans are unusable
             raise MedadaptError(f"{self.path / 'plans.json'}: cannot build its network "
                                 f"{self.network.network_class_name} ({type(exc).__name__}: {exc})") from None
+
+    def load_network(self, deep_supervision: bool = True) -> nn.Module:
+        weights = clean_state_dict(load_checkpoint(self.checkpoint)["network_weights"])
+        net = self.build_network(deep_supervision)
         check_weights_fit(net.state_dict(), weights, self.checkpoint, self.path)
         net.load_state_dict(weights)
         return net

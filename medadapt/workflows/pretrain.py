@@ -41,7 +41,7 @@ from medadapt.workflows.identity import check_identity, record_identity, setting
 
 #: what a foundation is pretrained for: segmentation (the datasets' labels) or masked-volume reconstruction
 OBJECTIVES = ("supervised", "mae")
-#: the layout of a supervised pretraining's identity record (training/identity.json)
+#: the layout of a pretraining's identity record (training/identity.json), supervised or mae
 PRETRAIN_FORMAT = "medadapt-pretrain/2"  # 2: PretrainSettings (data paths; mae runs too)
 SEGMENTATION_LOSSES = ("dice_ce", "dice")
 
@@ -172,10 +172,9 @@ def pretrain(settings: PretrainSettings, out: str | Path, *, resume: bool = Fals
         for ds in datasets:
             cached = preprocess_dataset(ds, ds.case_ids, plan, dataset_cache_dir(ds.root), progress=progress)
             cases.extend(template_cases(ds, cached, template, records[ds.name][0]) if use_template else cached)
-    spec = preset(preset_name, input_channels=datasets[0].num_channels,
-                  num_classes=output_channels(labels, activation))
-    spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
-                               batch_size=resolved.batch_size or spec.batch_size)
+    spec = dataclasses.replace(preset(preset_name, input_channels=datasets[0].num_channels,
+                                      num_classes=output_channels(labels, activation)),
+                               patch_size=tuple(s.patch_size), batch_size=s.batch_size)
     network = seeded_network(spec, seed)
     strategy = FullFineTuning()
     network = strategy.prepare(network)

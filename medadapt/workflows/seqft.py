@@ -292,8 +292,7 @@ class SeqftSettings:
     def to_dict(self) -> dict[str, Any]:
         return {"stream": self.stream.name, "model": self.model, **self.sequence.record(),
                 "method_options": self.method_options, **({"decoder": self.decoder} if self.decoder else {}),
-                "shots": self.shots, "seed": self.seed, "split_seed": self.split_seed, "seeds": seeds.SCHEME,
-                "postprocess": self.postprocess, "training": self.training.to_dict(),
+                "shots": self.shots, "seed": self.seed, "split_seed": self.split_seed, "postprocess": self.postprocess, "training": self.training.to_dict(),
                 "kd_training": self.kd_training.to_dict() if self.kd_training else None,
                 "recipe": self.recipe.to_dict(), "kd_recipe": self.kd_recipe.to_dict() if self.kd_recipe else None,
                 "patch_size": list(self.patch_size), "batch_size": self.batch_size, "overrides": self.overrides}
@@ -317,7 +316,7 @@ def resolve_seqft(stream: "str | Path | Stream", model: str | Path, method: str 
     stream = stream if isinstance(stream, Stream) else load_stream(stream)
     folder0 = load_model_folder(model)
     if sequence.retention == "lora-kd":  # the rank must fit every encoder layer (checked before any training)
-        EncoderLoRADistillation(rank=sequence.kd_rank).check_fits(folder0.load_network(), str(folder0.path))
+        EncoderLoRADistillation(rank=sequence.kd_rank).check_fits(folder0.build_network(), str(folder0.path))
     options = {} if sequence.sequential else \
         {k: v for k, v in sorted((method_options or {}).items()) if v is not None}
     decoder = None  # a parallel method that freezes part of the network: its decoder policy (recorded)
@@ -412,7 +411,7 @@ def seqft(settings: SeqftSettings, out: str | Path, *, resume: bool = False, pro
         "format": FORMAT,
         "tasks": [{"name": t.name, "data": str(t.data), "labels": ds.labels, "cases": stable_hash(ds.case_ids, 16)}
                   for t, ds in zip(stream.tasks, datasets)],
-        **data,
+        **data, "seeds": seeds.SCHEME,
         "foundation": {"path": s.model, "weights": model_fingerprint(folder0, foundation)},
         "settings_digest": settings_digest(data),
     }

@@ -67,7 +67,8 @@ def dataset_weights(groups: Sequence[int], sampling: str) -> np.ndarray | None:
     return w / w.sum()
 
 
-def _resolve_recipe(recipe, default: str, epochs, iterations_per_epoch, lr) -> Recipe:
+def resolve_mae_recipe(recipe, default: str, epochs, iterations_per_epoch, lr) -> Recipe:
+    """The masked-reconstruction recipe with the command line's budget; one line for a segmentation recipe."""
     resolved = load_recipe(recipe or default).with_overrides(epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                                                               lr=lr)
     mask_config_from_loss(resolved.loss, f"--recipe {resolved.name}")  # a segmentation recipe fails here
@@ -90,11 +91,6 @@ def _sampler(cases, groups: Sequence[int], spec, resolved: Recipe, sampling: str
 
 def _datasets_record(datasets) -> list[dict]:
     return [{"path": str(ds.root), "name": ds.name, "cases": len(ds.case_ids)} for ds in datasets]
-
-
-def resolve_mae_recipe(recipe, default: str, epochs, iterations_per_epoch, lr) -> Recipe:
-    """The masked-reconstruction recipe with the command line's budget; one line for a segmentation recipe."""
-    return _resolve_recipe(recipe, default, epochs, iterations_per_epoch, lr)
 
 
 def mae_spec(preset_name: str, datasets, resolved: Recipe, sampling: str):
@@ -220,7 +216,7 @@ def pretrain_ssl_head(model: str | Path, data: "str | Path | Sequence[str | Path
                                 f"in {folder.path} expects {channels}; use datasets with the model's channels")
     known = folder.provenance.get("preset")
     default = preset_recipes(known)["mae"] if known in PRESETS else DEFAULT_MAE_RECIPE
-    resolved = _resolve_recipe(recipe, default, epochs, iterations_per_epoch, lr)
+    resolved = resolve_mae_recipe(recipe, default, epochs, iterations_per_epoch, lr)
     mask = mask_config_from_loss(resolved.loss)
     spec = _patch_spec(folder.network.with_classes(channels), resolved)
     mask.masked_blocks(spec.patch_size)
