@@ -12,6 +12,7 @@ import yaml
 
 from medadapt.benchmark import runner
 from medadapt.benchmark.grid import builtin_config_path, enumerate_cells, load_config, parse_config
+from medadapt.benchmark.engine import grid_cells
 from medadapt.cli import main
 from medadapt.errors import MedadaptError
 
@@ -70,8 +71,10 @@ def test_dgst_grids_keep_their_cells():
     """The generic extensions enter a key only when set: the DGST grids' cells (and hashes) are unchanged by
     them. (The digests are those of the purposeful random streams, medadapt-seeds/2, which moved every cell on
     purpose: a fresh head no longer repeats the foundation's initial one; before it: 5a229a0a0dc5330a,
-    5354a921c165e68c, 1cb1e7d9d8076bd3.)"""
-    expected = {"default": "ac904115c41f70d6", "quick": "b7b5f84ff8ccb416", "paper": "8633f6de0ae2f972"}
+    5354a921c165e68c, 1cb1e7d9d8076bd3. Issue 30 then added the inputs' digests and the numerics version to
+    every key, here with no inputs made (None); before it: ac904115c41f70d6, b7b5f84ff8ccb416,
+    8633f6de0ae2f972. The committed grids' keys are checked against their records in test_results_of_record.)"""
+    expected = {"default": "39d2ff3ca3aaa183", "quick": "ca3474098ffbc72d", "paper": "0ebbcfb1c6843d33"}
     for name, digest in expected.items():
         cell_ids = sorted(c.cell_id for c in enumerate_cells(load_config(name)))
         assert hashlib.sha256("\n".join(cell_ids).encode()).hexdigest()[:16] == digest, name
@@ -163,7 +166,7 @@ def fseft_grid(tmp_path_factory):
 
 def test_fseft_quick_end_to_end(fseft_grid):
     config, workdir, result = fseft_grid
-    cells = enumerate_cells(config)
+    cells = grid_cells(runner.benchmark_for(config), config, workdir)
     assert result["ran"] == len(cells) == 22 and result["report"]["missing"] == []
     report = Path(result["report"]["dir"])
     for name in ("table1.md", "table1.csv", "paired.md", "paired.csv", "fig2a.png", "fig2a.csv", "fig2b.png",

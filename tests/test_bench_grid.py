@@ -16,6 +16,7 @@ from medadapt.benchmark import runner
 from medadapt.benchmark.grid import builtin_config_path, enumerate_cells, load_config, parse_config
 from medadapt.benchmark import stats
 from medadapt.benchmark.report import write_report
+from medadapt.benchmark.engine import grid_cells
 from medadapt.cli import main
 from medadapt.errors import MedadaptError
 
@@ -180,7 +181,7 @@ def quick_grid(tmp_path_factory):
 
 def test_quick_grid_end_to_end(quick_grid):
     config, workdir, result = quick_grid
-    cells = enumerate_cells(config)
+    cells = grid_cells(runner.benchmark_for(config), config, workdir)
     assert result["ran"] == len(cells) == 34 and result["report"]["missing"] == []
     report = Path(result["report"]["dir"])
     for name in ("table1.md", "table1.csv", "table1_hd95.md", "table2.md", "table2.csv", "paired.md",
@@ -222,6 +223,7 @@ def test_report_rebuilds_from_cell_records_alone(quick_grid, tmp_path):
         dest.mkdir(parents=True)
         shutil.copy(cell_json, dest)
         shutil.copy(cell_json.parent / "qualitative.npz", dest)
+    shutil.copy(workdir / "inputs.json", copy_dir / "inputs.json")  # the digests the cells' keys name
     rebuilt = write_report(config, copy_dir, progress=False)
     original = Path(result["report"]["dir"])
     for name in ("table1.md", "table1.csv", "table2.md", "table2.csv", "gamma.md", "gamma.csv"):
@@ -304,9 +306,9 @@ def test_ray_runs_cells_on_a_local_instance(tmp_path):
     raw = copy.deepcopy(config.raw)
     raw["datasets"]["hn-center-b"]["shots"] = [2]
     config = parse_config(raw, source="ray.yaml")
-    cells = enumerate_cells(config)
-    assert len(cells) == 2
+    assert len(enumerate_cells(config)) == 2
     result = runner.run_grid(config, tmp_path, ray_address="local", progress=False)
+    cells = grid_cells(runner.benchmark_for(config), config, tmp_path)  # keyed by the inputs the run made
     assert result["ran"] == 2 and result["report"]["missing"] == []
     records = [json.loads((tmp_path / "cells" / c.cell_id / "cell.json").read_text()) for c in cells]
     assert {r["executor"]["kind"] for r in records} == {"ray"}

@@ -12,6 +12,7 @@ import yaml
 from medadapt.benchmark import runner_medseqft as runner
 from medadapt.benchmark.grid import builtin_config_path
 from medadapt.benchmark.medseqft import enumerate_cells, is_medseqft_config, load_config, parse_config
+from medadapt.benchmark.engine import grid_cells
 from medadapt.cli import main
 from medadapt.errors import MedadaptError
 
@@ -250,7 +251,7 @@ def _table(path: Path) -> tuple[list[str], list[list[str]]]:
 
 def test_medseqft_quick_end_to_end(quick_grid):
     config, workdir, result = quick_grid
-    cells = enumerate_cells(config)
+    cells = grid_cells(runner.MEDSEQFT, config, workdir)
     assert result["ran"] == len(cells) == 16 and result["report"]["missing"] == []
     assert [r.name for r in config.rows] == STREAM_ROWS
     report = Path(result["report"]["dir"])

@@ -17,6 +17,7 @@ def test_report_from_stored_cells_is_byte_identical(name, tmp_path):
     benchmark, config = benchmarks.load(name)
     workdir = tmp_path / name
     shutil.copytree(stored / "cells", workdir / "cells")
+    shutil.copyfile(stored / "inputs.json", workdir / "inputs.json")  # the digests the cells name
     result = benchmark.report(config, workdir, progress=False)
     assert result["missing"] == []
     expected = sorted(p.name for p in (stored / "expected").iterdir())

@@ -11,6 +11,12 @@ What the engine does for all of them:
 * **records**: a finished cell is ``<workdir>/cells/<cell id>/cell.json``, written atomically by the cell's
   run, holding the cell's key; a record written for another key (the config changed under the same id) is
   not finished (:func:`read_cell_record`);
+* **inputs by digest**: a cell's key names the bytes it was made from, not only the recipes that made them:
+  the SHA-256 of the foundation's weights and of each dataset it trains and tests on
+  (:func:`input_digests`), recorded in ``<workdir>/inputs.json`` when the grid makes them, so a work folder
+  committed without its (regenerable) data still knows its cells, and a re-pretrained foundation or data
+  regenerated with other bytes gives other keys: the old records are listed as stale with the reason
+  (:func:`list_cells`), never read as finished;
 * **resume**: only cells without a record run; a killed grid loses no finished cell;
 * **one process per work folder**: the work folder is locked for the run (:mod:`medadapt.utils.lock`);
 * **order and dependencies**: cells run in the definition's order; on Ray a cell whose ``depends`` names an
@@ -22,6 +28,7 @@ What the engine does for all of them:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -33,7 +40,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medadapt.errors import MedadaptError
+from medadapt.utils.atomic import atomic_write_json
 from medadapt.utils.lock import folder_lock
+
+INPUTS_FILE = "inputs.json"
+INPUTS_FORMAT = "medadapt-bench-inputs/1"
+#: the files of a model folder whose bytes are "the foundation" (plans.json also holds provenance: paths, times)
+MODEL_FILES = ("weights.pt", "pretext.pt")
 
 
 @dataclass(frozen=True)
@@ -42,8 +55,9 @@ class Benchmark:
     function (Ray workers import it by name) taking ``executor`` (a record of where it ran) too."""
 
     name: str
-    paths: Callable[[Any, "str | Path"], Any]          # (config, workdir) -> paths with .workdir, .cell_dir(id)
-    cells: Callable[[Any], list]                       # config -> every cell (with cell_id, key, to_dict())
+    paths: Callable[[Any, "str | Path"], Any]          # (config, workdir) -> paths with .workdir, .cell_dir(id),
+                                                       # .foundation (model folder), .datasets ({name: folder})
+    cells: Callable[..., list]                         # (config, digests) -> every cell (cell_id, key, to_dict())
     prepare: Callable[..., None]                       # (config, paths, progress=...) -> None
     run_cell: Callable[..., dict]                      # (cell, paths, executor=None, progress=False) -> record
     report: Callable[..., dict]                        # (config, workdir, progress=...) -> report summary
@@ -82,10 +96,160 @@ def stored_records(paths, cells: Sequence) -> dict[str, dict | None]:
     return {c.cell_id: load_cell_record(paths, c) for c in cells}
 
 
-def list_cells(benchmark: Benchmark, config, workdir: str | Path) -> tuple[list[tuple[Any, bool]], str]:
-    """Every cell with whether it has finished, and the work folder (``bench --list``)."""
+# ---------------------------------------------------------------------------------------------- inputs
+
+def _digest_files(root: Path, files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(str(path.stat().st_size).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_digest(folder: str | Path) -> str:
+    """SHA-256 of a dataset folder's files (names and bytes; hidden files such as locks and markers left out)."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return _digest_files(root, files)
+
+
+def model_digest(folder: str | Path) -> str:
+    """SHA-256 of a model folder's weight files (``weights.pt``, and ``pretext.pt`` where there is one)."""
+    root = Path(folder)
+    return _digest_files(root, [root / n for n in MODEL_FILES if (root / n).is_file()])
+
+
+def _inputs_of(paths) -> dict[str, tuple[str, Path]]:
+    """``{input name: (kind, folder)}``: the foundation and every dataset a grid's cells use."""
+    out = {"foundation": ("model", Path(paths.foundation))}
+    out.update({f"data/{name}": ("data", Path(folder)) for name, folder in paths.datasets.items()})
+    return out
+
+
+def _complete(kind: str, folder: Path) -> bool:
+    return (folder / ("plans.json" if kind == "model" else "dataset.json")).is_file()
+
+
+def read_inputs_file(workdir: str | Path) -> dict[str, str]:
+    """``{folder relative to the work folder: digest}`` as recorded when the grid made its inputs ({} if none)."""
+    path = Path(workdir) / INPUTS_FILE
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): str(v) for k, v in data["inputs"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def input_digests(paths, record: bool = False) -> dict[str, Any]:
+    """The digests a cell's key names: ``{"foundation": digest, "data": {dataset: digest}}``.
+
+    An input that is there (complete) is digested now; one that is not (a fresh clone: data is regenerated, not
+    committed) takes the digest ``inputs.json`` recorded when it was made, or None (not made yet). ``record``:
+    write the digests of the inputs that are there into ``inputs.json`` (after the grid made them)."""
+    workdir = Path(paths.workdir)
+    recorded = read_inputs_file(workdir)
+    found: dict[str, str | None] = {}
+    for name, (kind, folder) in _inputs_of(paths).items():
+        rel = os.path.relpath(folder, workdir)
+        if _complete(kind, folder):
+            found[rel] = model_digest(folder) if kind == "model" else dataset_digest(folder)
+        else:
+            found[rel] = recorded.get(rel)
+    if record:
+        merged = {**recorded, **{k: v for k, v in found.items() if v is not None}}
+        if merged != recorded:
+            atomic_write_json(workdir / INPUTS_FILE, {"format": INPUTS_FORMAT, "inputs": dict(sorted(merged.items()))})
+    digests: dict[str, Any] = {"data": {}}
+    for name, (kind, folder) in _inputs_of(paths).items():
+        value = found[os.path.relpath(folder, workdir)]
+        if kind == "model":
+            digests["foundation"] = value
+        else:
+            digests["data"][name.split("/", 1)[1]] = value
+    return digests
+
+
+def keyed_cells(benchmark: Benchmark, config, paths) -> list:
+    """Every cell of ``config``, keyed with the digests of the inputs in ``paths``' work folder."""
+    return benchmark.cells(config, input_digests(paths))
+
+
+def grid_cells(benchmark: Benchmark, config, workdir: str | Path) -> list:
+    """Every cell of ``config`` as the grid in ``workdir`` keys it (:func:`keyed_cells`)."""
+    return keyed_cells(benchmark, config, benchmark.paths(config, workdir))
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+def _label(cell_id: str) -> str:
+    """A cell id without its key hash: the same row, shots and seed under any key."""
+    head, _, tail = cell_id.rpartition("-")
+    return head if len(tail) == 12 and all(ch in "0123456789abcdef" for ch in tail) else cell_id
+
+
+def key_difference(old: Any, new: Any, where: str = "") -> str | None:
+    """The first place two keys differ, in words (``inputs.foundation: 3f2a9c1e -> 9b1c0d2a``), or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            diff = key_difference(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))
+            if diff:
+                return diff
+        return None
+    if old == new:
+        return None
+
+    def short(v: Any) -> str:
+        text = json.dumps(v, sort_keys=True)
+        return text[:12] + "..." if len(text) > 15 else text
+
+    return f"{where or 'key'}: {short(old)} -> {short(new)}"
+
+
+def _stale_reason(field_diff: str) -> str:
+    if field_diff.startswith("inputs.foundation"):
+        return f"the foundation's weights are not the ones its record names ({field_diff})"
+    if field_diff.startswith("inputs.data"):
+        return f"its data's bytes are not the ones its record names ({field_diff})"
+    if field_diff.startswith("numerics"):
+        return f"the code's numerics version changed ({field_diff})"
+    return f"its key changed ({field_diff})"
+
+
+def list_cells(benchmark: Benchmark, config, workdir: str | Path) -> tuple[list[tuple[Any, str, str]], str]:
+    """Every cell as ``(cell, status, reason)`` (``bench --list``), and the work folder. ``status``: done,
+    todo, or stale: a record is stored under the cell's row, shots and seed but for another key (other
+    foundation weights or data bytes, another numerics version, an edited config) or cannot be read (a
+    truncated file); ``reason`` says which. A stale record is never read as finished; running the grid re-runs
+    the cell."""
     paths = benchmark.paths(config, workdir)
-    return [(c, load_cell_record(paths, c) is not None) for c in benchmark.cells(config)], str(paths.workdir)
+    cells = keyed_cells(benchmark, config, paths)
+    stored: dict[str, list[Path]] = {}
+    root = Path(paths.workdir) / "cells"
+    for path in sorted(root.rglob("cell.json")) if root.is_dir() else []:
+        stored.setdefault(_label(path.parent.relative_to(root).as_posix()), []).append(path)
+    out = []
+    for cell in cells:
+        own = cell_file(paths, cell)
+        if load_cell_record(paths, cell) is not None:
+            out.append((cell, "done", ""))
+            continue
+        reason = ""
+        for path in ([own] if own.is_file() else []) + [p for p in stored.get(_label(cell.cell_id), []) if p != own]:
+            try:
+                record = json.loads(path.read_text())
+                diff = key_difference(record["key"], cell.key)
+            except (OSError, ValueError, KeyError, TypeError):
+                reason = f"{path.relative_to(root.parent)} cannot be read (truncated or damaged); it is re-run"
+                break
+            if diff:
+                reason = f"{_stale_reason(diff)}: {path.parent.relative_to(root)}"
+                break
+        out.append((cell, "stale" if reason else "todo", reason))
+    return out, str(paths.workdir)
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -182,7 +346,12 @@ def run_grid(benchmark: Benchmark, config, workdir: str | Path, ray_address: str
     ``first``: cells for which it is true run before the others (an order only). Returns a summary."""
     paths = benchmark.paths(config, workdir)
     with folder_lock(paths.workdir, "benchmark work folder"):
-        cells = benchmark.cells(config)
+        started = time.perf_counter()
+        cells = keyed_cells(benchmark, config, paths)
+        if any(load_cell_record(paths, c) is None for c in cells):
+            # make what is missing (data is regenerated, not committed), then key the cells by what is there
+            benchmark.prepare(config, paths, progress=progress)
+            cells = benchmark.cells(config, input_digests(paths, record=True))
         todo = [c for c in cells if load_cell_record(paths, c) is None]
         if benchmark.order is not None:
             todo = benchmark.order(todo, config)
@@ -191,9 +360,6 @@ def run_grid(benchmark: Benchmark, config, workdir: str | Path, ray_address: str
         if progress:
             print(f"grid {config.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
                   f"{len(todo)} to run -> {paths.workdir}", flush=True)
-        started = time.perf_counter()
-        if todo:
-            benchmark.prepare(config, paths, progress=progress)
         bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
 
         def on_done(cell, record: dict) -> None:

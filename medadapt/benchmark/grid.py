@@ -36,6 +36,9 @@ from medadapt.utils.hashing import stable_hash
 from medadapt.utils.yamlfile import read_yaml
 
 CELL_FORMAT = "medadapt-bench-cell/2"
+#: the version of the code's numbers: bumped by a change that changes any cell's results (it enters every key,
+#: so every committed record made before it turns stale; a change that moves no number leaves it)
+NUMERICS = 1
 ZERO_SHOT = "zero-shot"  # the reference row: the foundation model with its own heads, no fine-tuning
 HEAD_POLICIES = ("fresh", "keep", "match")
 POSTPROCESS = ("none", "lcc")
@@ -572,8 +575,16 @@ def ti_options(transductive: dict[str, Any], margin: float | None = None) -> dic
     return {f"{TI_PREFIX}{k}": t[k] for k in ("mode", "margin", "weight", "error", "step") if k in t}
 
 
-def enumerate_cells(config: GridConfig) -> list[Cell]:
-    """Every unique cell of the grid, in a stable order (dataset, experiment, shots, method, seed)."""
+def cell_inputs(digests: dict[str, Any] | None, dataset: str) -> dict[str, Any]:
+    """What a cell's key names by digest (:func:`medadapt.benchmark.engine.input_digests`): the foundation's
+    weights and the dataset it trains and tests on (None: not made yet)."""
+    digests = digests or {}
+    return {"foundation": digests.get("foundation"), "data": (digests.get("data") or {}).get(dataset)}
+
+
+def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -> list[Cell]:
+    """Every unique cell of the grid, in a stable order (dataset, experiment, shots, method, seed); their keys
+    name the inputs' ``digests`` (the engine's) and the code's :data:`NUMERICS` version."""
     foundation = config.foundation_key()
     cells: dict[str, Cell] = {}
 
@@ -585,7 +596,8 @@ def enumerate_cells(config: GridConfig) -> list[Cell]:
             key = {"format": CELL_FORMAT, "dataset": ds.key(config.data_seed), "split_seed": config.split_seed,
                    "shots": shots, "method": method, "options": opts, "seed": seed,
                    "training": {**config.budget(method, all_shot), **(budget or {})},
-                   "head": config.head_for(method), "foundation": foundation}
+                   "head": config.head_for(method), "foundation": foundation,
+                   "inputs": cell_inputs(digests, ds.name), "numerics": NUMERICS}
             if config.recipe is not None:  # generic settings enter the key only when set
                 key["recipe"] = config.recipe
             if config.postprocess != "none":
@@ -598,7 +610,8 @@ def enumerate_cells(config: GridConfig) -> list[Cell]:
     def untrained(ds: DatasetConfig, method: str, experiment: str) -> None:
         """No training: one cell per dataset, whatever the seeds and shot counts."""
         key = {"format": CELL_FORMAT, "dataset": ds.key(config.data_seed), "split_seed": config.split_seed,
-               "method": method, "foundation": foundation}
+               "method": method, "foundation": foundation, "inputs": cell_inputs(digests, ds.name),
+               "numerics": NUMERICS}
         if config.postprocess != "none":
             key["postprocess"] = config.postprocess
         cell = Cell(ds.name, 0, method, {}, 0, False, key, [experiment])

@@ -39,6 +39,8 @@ from medadapt.utils.hashing import stable_hash
 from medadapt.utils.yamlfile import read_yaml
 
 CELL_FORMAT = "medadapt-bench-medseqft-cell/1"
+#: the version of the code's numbers (as the DGST/FSEFT grid's :data:`medadapt.benchmark.grid.NUMERICS`)
+NUMERICS = 1
 BUILTIN_CONFIGS = ("medseqft", "medseqft-quick")
 OBJECTIVES = ("mae", "supervised")
 POSTPROCESS = ("none", "lcc")
@@ -483,16 +485,23 @@ def experiments(config: MedseqftConfig, row: Row) -> list[str]:
     return out
 
 
-def enumerate_cells(config: MedseqftConfig) -> list[Cell]:
-    """Every cell: the stream cells (row, seed) in row order, then the unseen cells (task, row, seed)."""
+def enumerate_cells(config: MedseqftConfig, digests: dict[str, Any] | None = None) -> list[Cell]:
+    """Every cell: the stream cells (row, seed) in row order, then the unseen cells (task, row, seed); their
+    keys name the inputs' ``digests`` (the engine's: the foundation's weights, each task's data) and the code's
+    :data:`NUMERICS` version."""
     common = {"format": CELL_FORMAT, "split_seed": config.split_seed, "shots": config.shots,
-              "recipe": config.recipe, "postprocess": config.postprocess, "foundation": config.foundation_key()}
+              "recipe": config.recipe, "postprocess": config.postprocess, "foundation": config.foundation_key(),
+              "numerics": NUMERICS}
+    digests = digests or {}
+    data = digests.get("data") or {}
     stream_key = config.stream_key()
     cells: list[Cell] = []
     by_row_seed: dict[tuple[str, int], Cell] = {}
     for row in config.rows:
         for seed in config.seeds:
-            key = {**common, "kind": "stream", "stream": stream_key, "row": row_settings(config, row), "seed": seed}
+            key = {**common, "kind": "stream", "stream": stream_key, "row": row_settings(config, row), "seed": seed,
+                   "inputs": {"foundation": digests.get("foundation"),
+                              "data": {t.name: data.get(t.name) for t in config.tasks}}}
             cell = Cell("stream", row.name, seed, key, experiments=experiments(config, row))
             cells.append(cell)
             by_row_seed[(row.name, seed)] = cell
@@ -501,7 +510,8 @@ def enumerate_cells(config: MedseqftConfig) -> list[Cell]:
         for name in config.unseen_rows:
             method, start = UNSEEN_ROWS[name]
             for seed in config.seeds:
-                key = {**common, "kind": "unseen", "dataset": dataset, "method": method, "seed": seed}
+                key = {**common, "kind": "unseen", "dataset": dataset, "method": method, "seed": seed,
+                       "inputs": {"foundation": digests.get("foundation"), "data": data.get(task.name)}}
                 depends = None
                 if start == "refined":
                     source = by_row_seed[(config.refined_by, seed)]

@@ -44,7 +44,7 @@ def prepare_inputs(config: GridConfig, paths: GridPaths, progress: bool = True) 
 
     workdir = Path(paths.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(workdir / "grid.json", {"source": config.source, "config": config.raw})
+    atomic_write_json(workdir / "grid.json", {"source": config.cli_argument, "config": config.raw})
     for ds in config.datasets:
         write_dataset(DomainSpec.from_dict(ds.domain), paths.datasets[ds.name], num_cases=ds.cases,
                       seed=config.data_seed, progress=progress)

@@ -47,7 +47,7 @@ def prepare_inputs(config: MedseqftConfig, paths: GridPaths, progress: bool = Tr
 
     workdir = Path(paths.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(workdir / "grid.json", {"source": config.source, "config": config.raw})
+    atomic_write_json(workdir / "grid.json", {"source": config.cli_argument, "config": config.raw})
     for task in config.tasks + config.unseen:  # write_dataset resumes a partly written cohort
         write_dataset(DomainSpec.from_dict(task.domain), paths.datasets[task.name], num_cases=config.stream["cases"],
                       seed=config.data_seed, progress=progress)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medadapt.benchmark.engine import stored_records
+from medadapt.benchmark.engine import input_digests, stored_records
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_text
 
@@ -86,10 +86,10 @@ def require_finished(config, paths, records: dict[str, dict | None]) -> None:
 
 
 def stored_cells(config, workdir, grid_paths: Callable, cells_of: Callable):
-    """``(paths, cells, records by cell id)`` of a grid (``grid_paths(config, workdir)``, ``cells_of(config)``);
-    an error if none has finished."""
+    """``(paths, cells, records by cell id)`` of a grid (``grid_paths(config, workdir)``, ``cells_of(config,
+    digests)`` keyed by the work folder's inputs); an error if none has finished."""
     paths = grid_paths(config, workdir)
-    cells = cells_of(config)
+    cells = cells_of(config, input_digests(paths))
     records = stored_records(paths, cells)
     require_finished(config, paths, records)
     return paths, cells, records

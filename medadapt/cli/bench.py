@@ -111,9 +111,12 @@ def cmd_bench(args) -> int:
     workdir = args.workdir or default_workdir(config)
     if args.list:
         cells, where = list_cells(benchmark, config, workdir)
-        for cell, finished in cells:
-            print(f"{'done' if finished else 'todo'}  {cell.cell_id}  [{', '.join(cell.experiments)}]")
-        print(f"{sum(finished for _, finished in cells)}/{len(cells)} cells finished in {where}")
+        for cell, status, reason in cells:
+            print(f"{status}  {cell.cell_id}  [{', '.join(cell.experiments)}]" + (f"  {reason}" if reason else ""))
+        stale = sum(status == "stale" for _, status, _ in cells)
+        print(f"{sum(status == 'done' for _, status, _ in cells)}/{len(cells)} cells finished in {where}"
+              + (f"; {stale} stale (re-run by 'medadapt bench {config.cli_argument}' with this --workdir)"
+                 if stale else ""))
         return 0
     if args.report:
         benchmark.report(config, workdir, progress=not args.quiet)

@@ -5,7 +5,7 @@
 
 For each quick config: run the grid in a temporary folder (about a minute each on 2 CPU cores), keep what its
 report reads (every cells/**/cell.json and qualitative.npz) under tests/data/reports/<config>/cells/, and the
-report's Markdown and CSV files under tests/data/reports/<config>/expected/ (the config file's own path, which
+digests its cells' keys name (inputs.json), and the report's Markdown and CSV files under tests/data/reports/<config>/expected/ (the config file's own path, which
 differs between clones, replaced by <config>). tests/test_report_fixtures.py rebuilds each report from the stored
 cells and compares it byte for byte. Regenerate only when a report is meant to change, and say so in the commit.
 """
@@ -48,6 +48,7 @@ def main(names: list[str]) -> None:
                     dest = target / "cells" / path.relative_to(workdir / "cells")
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(path, dest)
+            shutil.copyfile(workdir / "inputs.json", target / "inputs.json")  # the digests the cells' keys name
             (target / "expected").mkdir(parents=True)
             for path in sorted((workdir / "report").iterdir()):
                 if path.suffix in (".md", ".csv"):
