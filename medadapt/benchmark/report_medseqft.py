@@ -9,8 +9,8 @@ Writes to ``<workdir>/report/``:
 * ``table6.md/.csv`` — Table VI: on each unseen task, TFS, FFT from M_0 and FFT from the refined M_n, per class
   (a multi-class task also gets its class mean);
 * ``table7.md/.csv`` — Table VII: training seconds per stage (FFT over the whole stream; each sequential row's
-  first-task fine-tuning, its (KD-based) FFT on tasks 2..n, LoRA-based KD, buffer selection), their sum and
-  its ratio to FFT;
+  first-task fine-tuning, its (KD-based) FFT on tasks 2..n, LoRA-based KD, buffer selection after tasks
+  1..n-1), their sum and its ratio to FFT;
 * ``fig4.png/.csv`` — Fig. 4: each encoder layer's mean |Δθ| from M_0 to M_n, per sequential row (mean over seeds);
 * ``transfer.md/.csv`` — forgetting (each earlier task's Dice after the whole stream minus just after its own
   training, and BWT, their mean) and forward transfer (a sequential row's Dice on a task minus FFT's);
@@ -664,7 +664,9 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
                   f"{'met' if r <= 1.3 else 'not met'}; the paper: 27.0 h / 21.1 h = 1.28×).")
     t7_note = ("Training seconds (iterations and batch sampling; no evaluation) summed over the stream's tasks, "
                "mean over seeds ± spread; × FFT: per seed the row's sum over FFT's sum (parallel fine-tuning of "
-               "every task from M0). Cells ran two at a time on a shared machine, so times carry its noise." + target)
+               "every task from M0). Buffer selection counts the buffers after tasks 1..n-1: the buffer after the "
+               "stream's last task would serve no task, so it is not selected (a longer stream continuing the run "
+               "selects it then). Cells ran two at a time on a shared machine, so times carry its noise." + target)
     files["table7.md"] = _write(out / "table7.md", t7_md + "\n\n" + t7_note + "\n")
     files["table7.csv"] = _write(out / "table7.csv", _csv(t7_csv))
     sections += ["\n## Table VII: training time per stage ([md](table7.md), [csv](table7.csv))\n", t7_md, "",

@@ -8,13 +8,20 @@ Work folder::
     <workdir>/data/<source>-<hash>/                       the foundation's pretraining cohorts
     <workdir>/foundation-<hash>/                          the foundation model folder (pretrained once)
     <workdir>/cells/stream/<row>-seed<S>-<hash>/cell.json a finished stream cell (written last, atomically)
-    <workdir>/cells/stream/<row>-seed<S>-<hash>/run/      its seqft run folder (medadapt.workflows.seqft)
+    <workdir>/cells/stream/<row>-seed<S>-<hash>/stream/   its seqft run folder while it runs (medadapt.workflows.seqft)
+    <workdir>/cells/stream/<row>-seed<S>-<hash>/run/      the same folder once the cell has finished
+    <workdir>/cells/stream/<row>-seed<S>-<hash>/final_model/  the model the stream left (the refined_by row's
+                                                          cells: what fft-mn cells start from)
     <workdir>/cells/unseen/<task>/<row>-seed<S>-<hash>/   an unseen-task cell: cell.json and run/ (finetune)
     <workdir>/report/                                     tables and figures (report_medseqft)
 
 A cell is finished exactly when its ``cell.json`` exists (and holds the cell's key). A killed run loses at most
 the cells in progress, and not all of those: a seqft run resumes at its task in progress, which resumes from
-its last epoch checkpoint. An ``fft-mn`` cell starts from the model its ``refined_by`` stream cell left after
+its last epoch checkpoint. A stream cell takes longer than a sitting may last, so its run folder is called
+``stream/`` while it runs: a work folder kept in git (``benchmarks/``, whose ``.gitignore`` leaves out every
+``run/``, predictions and checkpoints) then keeps its finished tasks (their records and models) from one
+sitting to the next; once the cell is stored, the folder is renamed ``run/`` and leaves git, and the
+``final_model/`` a later cell starts from is kept beside ``cell.json``. An ``fft-mn`` cell starts from the model its ``refined_by`` stream cell left after
 the last task, so it runs after that cell; on Ray it is submitted as soon as that cell has finished.
 """
 from __future__ import annotations
@@ -55,6 +62,8 @@ def prepare_inputs(config: MedseqftConfig, paths: GridPaths, progress: bool = Tr
            "tasks": [{"name": t.name, "data": f"../{Path(paths.datasets[t.name]).name}"} for t in config.tasks]}
     Path(paths.stream_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.stream_file, yaml.safe_dump(doc, sort_keys=False))
+    for cell_dir in sorted((workdir / "cells" / "stream").glob(f"*/{STREAM_RUN}")):  # killed while renaming
+        finish_stream_folder(cell_dir.parent)
     foundation = Path(paths.foundation)
     if (foundation / "plans.json").is_file():
         return
@@ -83,15 +92,50 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
     record = _stream_cell(cell, paths, out, progress) if cell.kind == "stream" else \
         _unseen_cell(cell, paths, out, progress)
     env = record["environment"]
+    if cell.kind == "stream" and "final_model" in record and "table6" in cell.experiments:
+        # fft-mn cells start from this model: kept beside the record (run/ is not kept in a committed grid)
+        kept = out / FINAL_MODEL
+        if not (kept / "plans.json").is_file():
+            _copy_model(out / STREAM_RUN / Path(record["final_model"]).relative_to("run"), kept)
+        record["final_model"] = FINAL_MODEL
     record.update({
         "format": CELL_FORMAT, **cell.to_dict(),
         "executor": {**(executor or {"kind": "local"}), "host": socket.gethostname(), "machine": platform.machine(),
                      "threads": torch.get_num_threads(), "cuda": env.get("cuda")},
         "cell_seconds": time.perf_counter() - started})
     atomic_write_json(out / "cell.json", record)
+    finish_stream_folder(out)
     for checkpoint in (out / "run").glob("**/checkpoint_latest.pt"):  # resume state, not needed once stored
         checkpoint.unlink(missing_ok=True)
     return record
+
+
+FINAL_MODEL = "final_model"
+STREAM_RUN = "stream"  # a stream cell's seqft run folder while it runs (renamed run/ when the cell is stored)
+
+
+def _copy_model(src: Path, dest: Path) -> None:
+    """A model folder's plans and weights (what inference and fine-tuning read), ``plans.json`` last."""
+    import shutil
+
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("weights.pt", "pretext.pt", "plans.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def finish_stream_folder(cell_dir: Path) -> None:
+    """A stored stream cell's ``stream/`` becomes ``run/`` (a kill between the two is tidied on the next run)."""
+    running, done = cell_dir / STREAM_RUN, cell_dir / "run"
+    if running.is_dir() and (cell_dir / "cell.json").is_file():
+        import shutil
+
+        shutil.rmtree(done, ignore_errors=True)
+        running.rename(done)
 
 
 def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dict[str, Any]:
@@ -114,11 +158,12 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
     if "kd_recipe" in row:
         kwargs["kd_recipe"] = load_recipe(row["kd_recipe"])
     stream = load_stream(paths.stream_file)
-    summary = seqft(resolve_seqft(stream, paths.foundation, row["method"], **kwargs), out / "run", resume=True,
+    run_dir = out / STREAM_RUN
+    summary = seqft(resolve_seqft(stream, paths.foundation, row["method"], **kwargs), run_dir, resume=True,
                     progress=progress)
     tasks = []
     for t, task in zip(summary["tasks"], stream.tasks):
-        folder = task_folder(out / "run", t["index"], task)
+        folder = task_folder(run_dir, t["index"], task)
         entry = {"task": t["task"], "index": t["index"], "metrics": t["metrics"], "seconds": t["seconds"],
                  "per_case": _read_rows(folder / "metrics_per_case.csv")}
         if t.get("refined_metrics") is not None:  # the refined M_t (merged encoder), scored beside M_{t-mid}
@@ -135,17 +180,19 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
         elif (folder / "stage1" / "training" / "history.json").is_file():  # a sequential task's fine-tuning
             entry.update(training=summary["identity"]["training"],
                          loss_curve=_epoch_losses(folder / "stage1" / "training" / "history.json"))
-        elif (out / "run" / "joint" / "training" / "history.json").is_file():  # joint training: one curve (n x)
+        elif (run_dir / "joint" / "training" / "history.json").is_file():  # joint training: one curve (n x)
             entry.update(training=summary["identity"]["training"],
-                         loss_curve=_epoch_losses(out / "run" / "joint" / "training" / "history.json"))
+                         loss_curve=_epoch_losses(run_dir / "joint" / "training" / "history.json"))
         tasks.append(entry)
     record: dict[str, Any] = {"tasks": tasks, "seeds": summary.get("seeds"), "environment": summary["environment"]}
     if "transfer" in summary:
         n = len(stream.tasks)
-        change = out / "run" / "encoder_change.csv"
+        change = run_dir / "encoder_change.csv"
         record["transfer"] = {k: v for k, v in summary["transfer"].items() if k != "encoder_change"}
         record["encoder_change"] = [[r["layer"], float(r["mean_abs_change"])] for r in _read_rows(change)]
-        record["final_model"] = str(carried_model(task_folder(out / "run", n, stream.tasks[-1])).relative_to(out))
+        # where the model will be once the cell is stored (run/: stream/ renamed)
+        final = carried_model(task_folder(run_dir, n, stream.tasks[-1])).relative_to(run_dir)
+        record["final_model"] = str(Path("run") / final)
     return record
 
 
@@ -161,6 +208,9 @@ def _unseen_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
             raise MedadaptError(f"cell {cell.cell_id}: starts from the model of stream cell {cell.depends}, which has "
                                 "not finished; run the grid (stream cells first)")
         model = source.parent / json.loads(source.read_text())["final_model"]
+        if not (model / "plans.json").is_file():
+            raise MedadaptError(f"cell {cell.cell_id}: the model stream cell {cell.depends} left ({model}) is not "
+                                "there; delete that cell's cell.json to re-run it")
     settings = resolve_finetune(model, paths.datasets[cell.task], key["method"], key["shots"], seed=cell.seed,
                                 split_seed=key["split_seed"], head="fresh", recipe=load_recipe(key["recipe"]),
                                 postprocess=key["postprocess"])

@@ -552,8 +552,13 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
                      entries: list[BufferEntry], datasets, stream: Stream, pretext, seed: int, postprocess: str,
                      progress: bool, engine: EngineOptions | None = None) -> dict[str, Any]:
     done = where / "task.json"
+    last = i == len(stream.tasks)
     if done.is_file():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        if record.get("buffer_pending") and not last:  # the stream this task ended goes on
+            record = _complete_buffer(record, i, task, ds, shot_ids, where, folder0, settings, pretext, seed,
+                                      progress)
+        return record
     cases = _cases(ds, shot_ids, folder0, progress)
     spec = folder0.network.with_classes(output_channels(ds.labels, folder0.activation))
     spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
@@ -620,38 +625,64 @@ def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: Mod
         refined_metrics = predict_and_evaluate(refined_folder, refined, ds, test_ids, where / "refined", progress,
                                                postprocess)
 
-    # the buffer grows by this task's K cases
-    new_entries = list(entries)
-    mds_summary = None
-    if settings.buffer != "none":
-        t0 = time.perf_counter()
-        if settings.buffer == "mds":
-            losses = mds_losses(pretext, cases, task.name, pretext.patch_size, settings.mds_repeats,
-                                seed=seed, progress=progress)
-            scores = {c: float(v.mean()) for c, v in losses.items()}
-            picked = lowest(scores, settings.buffer_size)
-            # the buffer of the first r maskings for r = 1, 2, 4, ..., R: where this run's buffer settled
-            stability = buffer_stability(losses, settings.buffer_size)
-            mds_summary = {"repeats": settings.mds_repeats, "picked": picked,
-                           "settled_repeats": settled_repeats(stability),
-                           "stability": [{k: r[k] for k in ("repeats", "shared_with_final", "spearman_with_final",
-                                                            "settled")} for r in stability]}
-            atomic_write_json(where / "mds.json", {"repeats": settings.mds_repeats, "scores": scores,
-                                                   "picked": picked, "stability": stability,
-                                                   "settled_repeats": mds_summary["settled_repeats"],
-                                                   "losses": {c: v.tolist() for c, v in losses.items()}})
-            new_entries += [BufferEntry(task.name, c, scores[c]) for c in picked]
-        else:
-            picked = random_pick(shot_ids, settings.buffer_size, seed, i)
-            new_entries += [BufferEntry(task.name, c, None) for c in picked]
-        seconds["buffer"] = time.perf_counter() - t0
+    # the buffer grows by this task's K cases; after the stream's last task no task is left for it to serve, so
+    # it is selected only when a longer stream continues this run (_complete_buffer)
+    new_entries, mds_summary = list(entries), None
+    if settings.buffer != "none" and not last:
+        new_entries, mds_summary, seconds["buffer"] = _grow_buffer(i, task, cases, shot_ids, where, entries,
+                                                                   settings, pretext, seed, progress)
     record = {"task": task.name, "index": i, "metrics": metrics, "refined_metrics": refined_metrics,
               **({"refinement": kd_record} if kd_record is not None else {}),
               **({"mds": mds_summary} if mds_summary is not None else {}),
               "carried_model": str(carried_model(where).relative_to(where)), "seconds": seconds,
               "buffer_after": [dataclasses.asdict(e) for e in new_entries], "shot_cases": shot_ids,
+              **({"buffer_pending": True} if settings.buffer != "none" and last else {}),
               "test_cases": test_ids}
     atomic_write_json(done, record)
+    return record
+
+
+def _grow_buffer(i: int, task: StreamTask, cases, shot_ids, where: Path, entries: list[BufferEntry],
+                 settings: SeqSettings, pretext, seed: int, progress: bool):
+    """The buffer after task ``i``: ``entries`` plus K of its training cases (MDS: the lowest mean pretext loss
+    over R maskings, recorded in ``mds.json``; random: a seeded draw). Returns (entries, MDS summary, seconds)."""
+    t0 = time.perf_counter()
+    mds_summary = None
+    if settings.buffer == "mds":
+        losses = mds_losses(pretext, cases, task.name, pretext.patch_size, settings.mds_repeats,
+                            seed=seed, progress=progress)
+        scores = {c: float(v.mean()) for c, v in losses.items()}
+        picked = lowest(scores, settings.buffer_size)
+        # the buffer of the first r maskings for r = 1, 2, 4, ..., R: where this run's buffer settled
+        stability = buffer_stability(losses, settings.buffer_size)
+        mds_summary = {"repeats": settings.mds_repeats, "picked": picked,
+                       "settled_repeats": settled_repeats(stability),
+                       "stability": [{k: r[k] for k in ("repeats", "shared_with_final", "spearman_with_final",
+                                                        "settled")} for r in stability]}
+        atomic_write_json(where / "mds.json", {"repeats": settings.mds_repeats, "scores": scores,
+                                               "picked": picked, "stability": stability,
+                                               "settled_repeats": mds_summary["settled_repeats"],
+                                               "losses": {c: v.tolist() for c, v in losses.items()}})
+        new = [BufferEntry(task.name, c, scores[c]) for c in picked]
+    else:
+        new = [BufferEntry(task.name, c, None) for c in random_pick(shot_ids, settings.buffer_size, seed, i)]
+    return list(entries) + new, mds_summary, time.perf_counter() - t0
+
+
+def _complete_buffer(record: dict[str, Any], i: int, task: StreamTask, ds: RawDataset, shot_ids, where: Path,
+                     folder0: ModelFolder, settings: SeqSettings, pretext, seed: int,
+                     progress: bool) -> dict[str, Any]:
+    """A task that ended a shorter stream left its buffer unselected (``buffer_pending``); a stream that goes on
+    selects it now, exactly as it would have been then, and records it in the task's ``task.json``."""
+    entries = [BufferEntry(**e) for e in record["buffer_after"]]
+    cases = _cases(ds, shot_ids, folder0, progress)
+    entries, mds_summary, seconds = _grow_buffer(i, task, cases, shot_ids, where, entries, settings, pretext, seed,
+                                                 progress)
+    record = {k: v for k, v in record.items() if k != "buffer_pending"}
+    record.update(buffer_after=[dataclasses.asdict(e) for e in entries], seconds={**record["seconds"],
+                                                                                   "buffer": seconds},
+                  **({"mds": mds_summary} if mds_summary is not None else {}))
+    atomic_write_json(where / "task.json", record)
     return record
 
 
