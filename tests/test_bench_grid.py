@@ -236,6 +236,89 @@ def test_report_rebuilds_from_cell_records_alone(quick_grid, tmp_path):
     assert len(partial["missing"]) == 1 and "Missing cells (1)" in Path(partial["files"]["report.md"]).read_text()
 
 
+
+def _committed_copy(workdir: Path, dest: Path) -> Path:
+    """What a grid commits (benchmarks/<config>/): records, inputs.json, the foundation; no data, no runs."""
+    for cell_json in (workdir / "cells").rglob("cell.json"):
+        target = dest / cell_json.parent.relative_to(workdir)
+        target.mkdir(parents=True)
+        shutil.copy(cell_json, target)
+    shutil.copy(workdir / "inputs.json", dest / "inputs.json")
+    foundation = next(workdir.glob("foundation-*"))
+    (dest / foundation.name).mkdir()
+    for name in ("plans.json", "weights.pt"):
+        shutil.copy(foundation / name, dest / foundation.name / name)
+    return dest
+
+
+def _listing(workdir: Path, capsys) -> dict[str, str]:
+    assert main(["bench", "quick", "--list", "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    return {line.split()[1]: line for line in out[:-1]} | {"summary": out[-1]}
+
+
+def test_committed_records_are_finished_without_their_data(quick_grid, tmp_path, capsys):
+    """A grid folder as git keeps it (no data, no runs): every cell is finished by the digests inputs.json
+    recorded; regenerated data with the same bytes keeps them finished, other bytes make them stale."""
+    config, workdir, _ = quick_grid
+    copy_dir = _committed_copy(workdir, tmp_path / "quick")
+    listing = _listing(copy_dir, capsys)
+    assert listing["summary"].startswith("34/34 cells finished") and "stale" not in listing["summary"]
+    # the same data regenerated: same bytes, same keys
+    from medadapt.benchmark.engine import input_digests, write_datasets
+    from medadapt.benchmark.grid import dataset_keys, grid_paths
+
+    paths = grid_paths(config, copy_dir)
+    write_datasets(dataset_keys(config), paths, progress=False)
+    assert input_digests(paths) == input_digests(grid_paths(config, workdir))
+    assert _listing(copy_dir, capsys)["summary"].startswith("34/34 cells finished")
+    # data with other bytes (a regenerated cohort that differs): its cells are stale, with the reason
+    label = next(Path(paths.datasets["mediastinum"]).glob("labelsTr/*.nii.gz"))
+    label.write_bytes(label.read_bytes() + b"\0")
+    listing = _listing(copy_dir, capsys)
+    stale = [line for line in listing.values() if line.startswith("stale")]
+    assert len(stale) == 17 and all("/mediastinum/" in line or line.split()[1].startswith("mediastinum/")
+                                    for line in stale)
+    assert all("its data's bytes are not the ones its record names (inputs.data" in line for line in stale)
+    assert "17 stale" in listing["summary"]
+
+
+def test_stale_records_are_listed_with_the_reason_and_rerun(quick_grid, tmp_path, capsys, monkeypatch):
+    config, workdir, _ = quick_grid
+    copy_dir = _committed_copy(workdir, tmp_path / "quick")
+    cells = sorted((copy_dir / "cells").rglob("cell.json"))
+    # a truncated record: stale, never read as finished, no traceback
+    truncated = cells[0]
+    truncated.write_text(truncated.read_text()[:100])
+    # a record from another numerics version of the code
+    older = cells[1]
+    record = json.loads(older.read_text())
+    record["key"]["numerics"] = 0
+    older.write_text(json.dumps(record))
+    listing = _listing(copy_dir, capsys)
+    by_path = {str(p.parent.relative_to(copy_dir / "cells")): line for p, line in
+               ((p, listing.get(str(p.parent.relative_to(copy_dir / "cells")), "")) for p in cells[:2])}
+    assert by_path[str(truncated.parent.relative_to(copy_dir / "cells"))].startswith("stale")
+    assert "cannot be read (truncated or damaged)" in by_path[str(truncated.parent.relative_to(copy_dir / "cells"))]
+    assert "the code's numerics version changed (numerics: 0 -> 1)" in by_path[
+        str(older.parent.relative_to(copy_dir / "cells"))]
+    assert listing["summary"].startswith("32/34 cells finished") and "2 stale" in listing["summary"]
+    # the foundation's file is not the one the cells name: every trained cell and zero-shot cell is stale
+    weights = next(copy_dir.glob("foundation-*")) / "weights.pt"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    listing = _listing(copy_dir, capsys)
+    assert listing["summary"].startswith("0/34 cells finished") and "34 stale" in listing["summary"]
+    # (all but the truncated record, whose reason stays that it cannot be read)
+    assert sum("the foundation's weights are not the ones its record names" in v for v in listing.values()) == 33
+    # running the grid re-runs exactly the stale cells (here: records replaced by a stand-in run)
+    ran = []
+    monkeypatch.setattr(runner, "run_cell", lambda cell, paths, **kw: (ran.append(cell.cell_id), {
+        "cell_seconds": 0.0, "metrics": {"classes": {"x": {"dsc": {"mean": 0.5}}}}})[1])
+    weights.write_bytes(weights.read_bytes()[:-1])  # the committed weights again: only the two records are stale
+    runner.run_grid(config, copy_dir, progress=False, report=False)
+    assert sorted(ran) == sorted(str(p.parent.relative_to(copy_dir / "cells")) for p in cells[:2])
+
+
 # ------------------------------------------------------------------------------------------------ resumption
 
 def test_interrupted_grid_resumes_without_recomputing(tmp_path, monkeypatch):

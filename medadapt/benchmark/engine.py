@@ -123,6 +123,16 @@ def model_digest(folder: str | Path) -> str:
     return _digest_files(root, [root / n for n in MODEL_FILES if (root / n).is_file()])
 
 
+def write_datasets(keys: dict[str, dict[str, Any]], paths, progress: bool = True) -> None:
+    """Write each synthetic dataset (``{name: {"domain", "cases", "data_seed", ...}}``) to its folder in
+    ``paths.datasets`` (resumable; a folder made from another recipe is refused)."""
+    from medadapt.synth import DomainSpec, write_dataset
+
+    for name, key in keys.items():
+        write_dataset(DomainSpec.from_dict(key["domain"]), paths.datasets[name], num_cases=key["cases"],
+                      seed=key["data_seed"], progress=progress)
+
+
 def _inputs_of(paths) -> dict[str, tuple[str, Path]]:
     """``{input name: (kind, folder)}``: the foundation and every dataset a grid's cells use."""
     out = {"foundation": ("model", Path(paths.foundation))}

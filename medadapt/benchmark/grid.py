@@ -687,6 +687,11 @@ class GridPaths:
         return Path(self.workdir) / "cells" / cell_id
 
 
+def dataset_keys(config: GridConfig) -> dict[str, dict[str, Any]]:
+    """Each target dataset's synthetic recipe (domain spec, cases, data seed, generator), by name."""
+    return {d.name: d.key(config.data_seed) for d in config.datasets}
+
+
 def grid_paths(config: GridConfig, workdir: str | Path) -> GridPaths:
     workdir = Path(workdir).resolve()
     datasets = {d.name: str(workdir / "data" / f"{d.name}-{stable_hash(d.key(config.data_seed), 8)}")

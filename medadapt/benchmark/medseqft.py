@@ -541,6 +541,11 @@ class GridPaths:
         return Path(self.workdir) / "cells" / cell_id
 
 
+def dataset_keys(config: MedseqftConfig) -> dict[str, dict[str, Any]]:
+    """Each task's (stream and unseen) synthetic recipe (domain spec, cases, data seed, generator), by name."""
+    return {t.name: config.dataset_key(t) for t in config.tasks + config.unseen}
+
+
 def grid_paths(config: MedseqftConfig, workdir: str | Path) -> GridPaths:
     from medadapt.synth import GENERATOR_VERSION
 

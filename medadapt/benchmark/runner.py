@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from medadapt.benchmark import report_fseft
 from medadapt.benchmark.report import write_report as dgst_report
-from medadapt.benchmark.engine import Benchmark, cell_file
+from medadapt.benchmark.engine import Benchmark, cell_file, write_datasets
 from medadapt.benchmark.engine import run_grid as engine_run_grid
 from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, VARIANT, Cell, GridConfig, GridPaths,
-                                     enumerate_cells, grid_paths, stable_hash)
+                                     dataset_keys, enumerate_cells, grid_paths, stable_hash)
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_json
 
@@ -45,9 +45,7 @@ def prepare_inputs(config: GridConfig, paths: GridPaths, progress: bool = True) 
     workdir = Path(paths.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(workdir / "grid.json", {"source": config.cli_argument, "config": config.raw})
-    for ds in config.datasets:
-        write_dataset(DomainSpec.from_dict(ds.domain), paths.datasets[ds.name], num_cases=ds.cases,
-                      seed=config.data_seed, progress=progress)
+    write_datasets(dataset_keys(config), paths, progress=progress)
     foundation = Path(paths.foundation)
     if (foundation / "plans.json").is_file():
         return

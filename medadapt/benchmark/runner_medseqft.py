@@ -37,10 +37,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from medadapt.benchmark import report_medseqft
-from medadapt.benchmark.engine import Benchmark
+from medadapt.benchmark.engine import Benchmark, write_datasets
 from medadapt.benchmark.engine import run_grid as engine_run_grid
-from medadapt.benchmark.medseqft import (CELL_FORMAT, UNSEEN_ROWS, Cell, GridPaths, MedseqftConfig, enumerate_cells,
-                                         grid_paths)
+from medadapt.benchmark.medseqft import (CELL_FORMAT, UNSEEN_ROWS, Cell, GridPaths, MedseqftConfig, dataset_keys,
+                                         enumerate_cells, grid_paths)
 from medadapt.benchmark.runner import _epoch_losses, _read_rows
 from medadapt.errors import MedadaptError
 from medadapt.workflows.seqft import train_seconds
@@ -55,9 +55,7 @@ def prepare_inputs(config: MedseqftConfig, paths: GridPaths, progress: bool = Tr
     workdir = Path(paths.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(workdir / "grid.json", {"source": config.cli_argument, "config": config.raw})
-    for task in config.tasks + config.unseen:  # write_dataset resumes a partly written cohort
-        write_dataset(DomainSpec.from_dict(task.domain), paths.datasets[task.name], num_cases=config.stream["cases"],
-                      seed=config.data_seed, progress=progress)
+    write_datasets(dataset_keys(config), paths, progress=progress)  # resumes a partly written cohort
     doc = {"name": config.stream["name"],
            "tasks": [{"name": t.name, "data": f"../{Path(paths.datasets[t.name]).name}"} for t in config.tasks]}
     Path(paths.stream_dir).mkdir(parents=True, exist_ok=True)
