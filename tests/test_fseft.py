@@ -139,6 +139,26 @@ def test_size_prior_uses_the_largest_component():
     assert Transductive().priors([Case(seg), Case(seg)], {"background": 0, "a": 1, "b": 2}) == [27.0, 1.0]
 
 
+def test_size_prior_converts_between_unequal_spacings():
+    """Each support scan's structure size is converted to voxels of the query's spacing by the ratio of voxel
+    volumes, whatever its own spacing: the same 27 voxels at 1 x 2 x 3 mm (6 mm^3) and 8 voxels at 3 x 3 x 3 mm
+    (27 mm^3: 216 mm^3) in voxels of 0.5 x 1 x 2 mm (1 mm^3)."""
+    class Case:
+        def __init__(self, seg, spacing):
+            self.seg, self.properties = seg, {"spacing_after_resampling": spacing}
+    a = np.zeros((6, 6, 6), np.int16)
+    a[1:4, 1:4, 1:4] = 1                       # 27 voxels of 6 mm^3 = 162 mm^3
+    b = np.zeros((6, 6, 6), np.int16)
+    b[1:3, 1:3, 1:3] = 1                       # 8 voxels of 27 mm^3 = 216 mm^3
+    support = [Case(a, [1.0, 2.0, 3.0]), Case(b, [3.0, 3.0, 3.0])]
+    labels = {"background": 0, "a": 1}
+    assert Transductive().priors(support, labels, query_spacing=[0.5, 1.0, 2.0]) == [pytest.approx((162 + 216) / 2)]
+    # in voxels of a coarser query (2 x 2 x 2 mm = 8 mm^3): the same volume, 8 times fewer voxels
+    assert Transductive().priors(support, labels, query_spacing=[2.0, 2.0, 2.0]) == [pytest.approx(378 / 2 / 8)]
+    # without a query spacing, each scan's own voxels (no conversion): 27 and 8 voxels
+    assert Transductive().priors(support, labels) == [pytest.approx((27 + 8) / 2)]
+
+
 def test_size_prior_is_robust_from_five_scans():
     assert size_prior([100, 200]) == 150
     assert size_prior([100, 110, 90, 105, 1000]) == pytest.approx(np.mean([100, 110, 90, 105]))

@@ -199,3 +199,43 @@ def test_feature_cache(fseft_assembly, tmp_path, capsys):
     assert _ft(fseft_assembly, tmp_path / "full", "--feature-cache", method="full") == 2
     assert "--feature-cache: the method trains" in capsys.readouterr().err
     assert not (tmp_path / "full").exists()
+
+
+def test_feature_cache_has_one_writer_when_runs_race(tmp_path, monkeypatch):
+    """Two runs that need the same support case's features at once (a grid's cells side by side): one computes
+    and writes them, the other waits and reads them; neither sees a half-written entry."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    import medadapt.tuning.transductive as transductive
+    from medadapt.tuning.features import feature_cases
+
+    calls = []
+
+    def slow_features(model, tail, data, patch, overlap):
+        calls.append(threading.get_ident())
+        time.sleep(0.3)  # the other run arrives while this one computes
+        return torch.ones(1, 4, 2, 2, 2)
+
+    monkeypatch.setattr(transductive, "query_features", slow_features)
+    tail = nn.Sequential(nn.Conv3d(4, 2, 1))
+    cases = [SimpleNamespace(case_id="c0", data=np.zeros((1, 2, 2, 2), np.float32), data_path=None)]
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(feature_cases(None, tail, cases, (2, 2, 2), tmp_path, "fm"))
+        except Exception as exc:  # pragma: no cover - the failure is asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(calls) == 1 and len(results) == 2
+    assert np.array_equal(np.asarray(results[0][0].data), np.ones((4, 2, 2, 2), np.float32))
+    assert results[0][0].path == results[1][0].path

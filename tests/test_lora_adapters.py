@@ -153,6 +153,22 @@ def test_lora_factor_shapes_and_rank_clamp(tiny_unet):
     assert transp.parametrizations.weight[0].lora_B.shape[0] == 16
 
 
+def test_lora_strategy_says_which_layers_got_a_smaller_rank(tiny_unet):
+    """A rank larger than a layer's matrix allows is clamped per layer (module docstring of models.lora): the
+    strategy's notes name those layers and their ranks (run.json's method_notes) and say so."""
+    from medadapt.tuning import make_strategy
+
+    strategy = make_strategy("lora", rank=6)
+    net = strategy.prepare(tiny_unet())
+    notes = strategy.notes(net)
+    clamped = notes["lora_ranks"]["clamped"]
+    assert notes["lora_ranks"]["requested"] == 6
+    assert clamped["encoder.stages.0.0.convs.0.conv"] == 4 and all(r < 6 for r in clamped.values())
+    assert "LoRA rank 6" in notes["say"] and "rank 4" in notes["say"]
+    small = make_strategy("lora", rank=1)
+    assert small.notes(small.prepare(tiny_unet())) == {"lora_ranks": {"requested": 1, "clamped": {}}}
+
+
 def test_lora_merge_matches_and_restores_plain_network(make_net):
     net = make_net()
     keys = {k: v.shape for k, v in net.state_dict().items()}

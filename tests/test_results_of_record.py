@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from medadapt.benchmark import benchmarks
-from medadapt.benchmark.engine import (dataset_digest, grid_cells, model_digest, read_inputs_file,
-                                       write_datasets)
+from medadapt.benchmark.engine import grid_cells, read_inputs_file, write_datasets
+from medadapt.utils.digests import dataset_digest, model_digest
 
 ROOT = Path(__file__).resolve().parent.parent / "benchmarks"
 COMMITTED = sorted(p.parent.name for p in ROOT.glob("*/inputs.json"))

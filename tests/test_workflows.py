@@ -105,6 +105,8 @@ def test_finetune_other_methods_report_delta_and_predict(world, tmp_path, capsys
     assert sizes["delta_bytes"] < sizes["checkpoint_bytes"]
     plans = json.loads((out / "model" / "plans.json").read_text())
     assert plans["extensions"] == ([{"type": "adapter", "reduction": 2}] if method == "adapter" else [])
+    if method == "lora":  # the ranks it used: rank 2 fits every layer of this network
+        assert run["method_notes"] == {"lora_ranks": {"requested": 2, "clamped": {}}}
     # the saved model folder (plain for LoRA: merged; adapters rebuilt from plans.json) predicts like the run did
     case = run["split"]["test"][0]
     assert main(["predict", "--model", str(out / "model"), "--input",

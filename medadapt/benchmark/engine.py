@@ -28,7 +28,6 @@ What the engine does for all of them:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -41,12 +40,11 @@ from tqdm.auto import tqdm
 
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_write_json
+from medadapt.utils.digests import dataset_digest, model_digest
 from medadapt.utils.lock import folder_lock
 
 INPUTS_FILE = "inputs.json"
 INPUTS_FORMAT = "medadapt-bench-inputs/1"
-#: the files of a model folder whose bytes are "the foundation" (plans.json also holds provenance: paths, times)
-MODEL_FILES = ("weights.pt", "pretext.pt")
 
 
 @dataclass(frozen=True)
@@ -97,31 +95,6 @@ def stored_records(paths, cells: Sequence) -> dict[str, dict | None]:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-
-def _digest_files(root: Path, files: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
-        h.update(str(path.stat().st_size).encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def dataset_digest(folder: str | Path) -> str:
-    """SHA-256 of a dataset folder's files (names and bytes; hidden files such as locks and markers left out)."""
-    root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    return _digest_files(root, files)
-
-
-def model_digest(folder: str | Path) -> str:
-    """SHA-256 of a model folder's weight files (``weights.pt``, and ``pretext.pt`` where there is one)."""
-    root = Path(folder)
-    return _digest_files(root, [root / n for n in MODEL_FILES if (root / n).is_file()])
-
 
 def write_datasets(keys: dict[str, dict[str, Any]], paths, progress: bool = True) -> None:
     """Write each synthetic dataset (``{name: {"domain", "cases", "data_seed", ...}}``) to its folder in

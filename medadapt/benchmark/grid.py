@@ -582,6 +582,15 @@ def cell_inputs(digests: dict[str, Any] | None, dataset: str) -> dict[str, Any]:
     return {"foundation": digests.get("foundation"), "data": (digests.get("data") or {}).get(dataset)}
 
 
+def variant_options(config: GridConfig, variant: dict[str, Any]) -> dict[str, Any]:
+    """The cell options of an fseft grid's extra row (``fseft.variants``): its method's options with the variant's
+    overrides, the variant's name, its transductive options and its feature cache (the report's rows use the
+    same)."""
+    return {**method_options(config, variant["method"], overrides=variant["options"]), VARIANT: variant["name"],
+            **(ti_options(variant["transductive"]) if variant["transductive"] else {}),
+            **({"feature_cache": True} if variant["feature_cache"] else {})}
+
+
 def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -> list[Cell]:
     """Every unique cell of the grid, in a stable order (dataset, experiment, shots, method, seed); their keys
     name the inputs' ``digests`` (the engine's) and the code's :data:`NUMERICS` version."""
@@ -590,8 +599,9 @@ def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -
 
     def add(ds: DatasetConfig, shots: int, method: str, experiment: str, gamma: int | None = None,
             all_shot: bool = False, overrides: dict[str, Any] | None = None,
-            extra: dict[str, Any] | None = None, budget: dict[str, Any] | None = None) -> None:
-        opts = {**method_options(config, method, gamma, overrides), **(extra or {})}
+            extra: dict[str, Any] | None = None, budget: dict[str, Any] | None = None,
+            options: dict[str, Any] | None = None) -> None:
+        opts = options if options is not None else {**method_options(config, method, gamma, overrides), **(extra or {})}
         for seed in config.seeds:
             key = {"format": CELL_FORMAT, "dataset": ds.key(config.data_seed), "split_seed": config.split_seed,
                    "shots": shots, "method": method, "options": opts, "seed": seed,
@@ -663,15 +673,13 @@ def _fseft_cells(config: GridConfig, ds: DatasetConfig, add, untrained) -> None:
             for margin in fs["fig2b"]["margins"]:
                 add(ds, shots, adapter, "fig2b", extra=ti_options({**ti, "weight": float(weight)}, margin))
     for v in fs.get("variants", []):  # extra rows: the text's readings, longer budgets, cached features
-        extra = {VARIANT: v["name"], **(ti_options(v["transductive"]) if v["transductive"] else {}),
-                 **({"feature_cache": True} if v["feature_cache"] else {})}
+        options = variant_options(config, v)
         if v["all_shot"]:
-            add(ds, ds.train_cases, v["method"], "variants", all_shot=True, overrides=v["options"], extra=extra,
-                budget=v["budget"])
+            add(ds, ds.train_cases, v["method"], "variants", all_shot=True, options=options, budget=v["budget"])
             continue
         for shots in ds.shots:
             if v["shots"] is None or shots in v["shots"]:
-                add(ds, shots, v["method"], "variants", overrides=v["options"], extra=extra, budget=v["budget"])
+                add(ds, shots, v["method"], "variants", options=options, budget=v["budget"])
 
 
 # ---------------------------------------------------------------------------------------------- work folder

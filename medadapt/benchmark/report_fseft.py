@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from medadapt.benchmark import stats
-from medadapt.benchmark.grid import (GENERALIZATION, VARIANT, Cell, DatasetConfig, GridConfig, method_options,
-                                     ti_options)
+from medadapt.benchmark.grid import (GENERALIZATION, Cell, DatasetConfig, GridConfig, method_options, ti_options,
+                                     variant_options)
 from medadapt.benchmark.report import (_agg_csv, _fmt, _values, aggregate, contour_grid, display_name,
                                        finish_report, finished_cells)
 from medadapt.benchmark.tables import CONVERGENCE_LEGEND, MISSING, _csv, _mark, _save, _write, convergence_mark
@@ -87,10 +87,8 @@ def _rows(config: GridConfig) -> tuple[list[Row], list[Row]]:
         few.append(Row(f"{display_name(adapter)} + TI", adapter,
                        {**method_options(config, adapter), **ti_options(fs["transductive"])}))
     for v in fs.get("variants", []):  # the text's readings, longer budgets, cached features: extra rows
-        options = {**method_options(config, v["method"], overrides=v["options"]), VARIANT: v["name"],
-                   **(ti_options(v["transductive"]) if v["transductive"] else {}),
-                   **({"feature_cache": True} if v["feature_cache"] else {})}
-        (top if v["all_shot"] else few).append(Row(v["label"], v["method"], options, all_shot=v["all_shot"]))
+        (top if v["all_shot"] else few).append(Row(v["label"], v["method"], variant_options(config, v),
+                                                   all_shot=v["all_shot"]))
     return top, few
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import CommandGroup, add_method_options, method_options, positive_int
+from medadapt.cli.common import CommandGroup, add_method_options, method_options, positive_int, MODEL_NAMES_HELP, model_arg
 from medadapt.errors import MedadaptError
 
 
@@ -18,7 +18,7 @@ commands = CommandGroup()
                   "against nnU-Net's on the same network, weights and batches.")
 def add_bench_speed(p):
     net = p.add_mutually_exclusive_group()
-    net.add_argument("--model", type=Path, help="a model folder to time")
+    net.add_argument("--model", type=model_arg, help="a model folder to time" + MODEL_NAMES_HELP)
     net.add_argument("--preset", default=None, help="a network preset (default cpu-small)")
     p.add_argument("--patch", type=positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
                    help="patch size (default: the network's)")

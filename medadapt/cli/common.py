@@ -58,6 +58,20 @@ def int_at_least(text: str, minimum: int, what: str = "an integer") -> int:
     return value
 
 
+MODEL_NAMES_HELP = "; or a built-in foundation's name ('medadapt models')"
+
+
+def model_arg(text: str) -> Path:
+    """A ``--model`` value: a model folder (or nnU-Net model / zip) that exists, or a built-in foundation's name
+    (``medadapt models``); anything else is the parser's one error line, listing the built-in names."""
+    from medadapt.models.builtin import resolve_model
+
+    try:
+        return resolve_model(text)
+    except MedadaptError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--model {text}: ")) from None
+
+
 def positive_int(text: str) -> int:
     return int_at_least(text, 1)
 
@@ -140,7 +154,7 @@ def add_sampling_option(p: argparse.ArgumentParser) -> None:
 
 def add_run_inputs(p: argparse.ArgumentParser, model_help: str) -> None:
     """--model, --data, --out and --split-seed of a run that is evaluated on the fixed test split."""
-    p.add_argument("--model", type=Path, required=True, help=model_help)
+    p.add_argument("--model", type=model_arg, required=True, help=model_help + MODEL_NAMES_HELP)
     p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
     p.add_argument("--split-seed", type=seed_arg, default=0, help="seed of the fixed 80/20 split (default 0)")

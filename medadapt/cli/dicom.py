@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medadapt.cli.common import CommandGroup
+from medadapt.cli.common import CommandGroup, MODEL_NAMES_HELP, model_arg
 from medadapt.errors import MedadaptError
 
 #: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
@@ -79,8 +79,8 @@ def add_to_dicom(p):
     names.add_argument("--labels", default=None, metavar="NAMES",
                        help="names of the labels: 1=GTVn,2=Parotid_L, or GTVn,Parotid_L (ids 1, 2, ...), or a "
                             "dataset.json (its labels); default: the model's with --model, else label_<id>")
-    names.add_argument("--model", type=Path, default=None, help="model folder whose label names to use (and "
-                                                                "whose name the DICOM-SEG records)")
+    names.add_argument("--model", type=model_arg, default=None, help="model folder whose label names to use (and "
+                                                                   "whose name the DICOM-SEG records)" + MODEL_NAMES_HELP)
     return cmd_to_dicom
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medadapt.cli import dicom as cli_dicom
-from medadapt.cli.common import CommandGroup, add_postprocess_option, print_metrics
+from medadapt.cli.common import CommandGroup, add_postprocess_option, print_metrics, MODEL_NAMES_HELP, model_arg
 from medadapt.errors import MedadaptError
 
 
@@ -16,7 +16,7 @@ commands = CommandGroup()
                   "Sliding-window prediction (Gaussian-weighted, 50%% overlap) of every "
                   "case in --input; label maps are written in each input's geometry.")
 def add_predict(p):
-    p.add_argument("--model", type=Path, required=True, help="model folder")
+    p.add_argument("--model", type=model_arg, required=True, help="model folder" + MODEL_NAMES_HELP)
     p.add_argument("--input", type=Path, required=True,
                    help="a NIfTI file, a folder of <case>_0000.nii.gz files, or a folder of DICOM CT series (one "
                         "case per series)")

@@ -1,4 +1,5 @@
-"""``medadapt import-monai``: a MONAI SwinUNETR checkpoint as a model folder; the parser beside its handler."""
+"""``medadapt import-monai`` (a MONAI SwinUNETR checkpoint as a model folder) and ``medadapt models`` (the
+built-in foundations); each parser beside its handler."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,4 +70,39 @@ def cmd_import_monai(args) -> int:
           f"ScaleIntensityRange [{r.a_min:g}, {r.a_max:g}] -> [{r.b_min:g}, {r.b_max:g}], patch "
           f"{' x '.join(map(str, args.roi_size))}")
     print(f"model folder written to {args.out}")
+    return 0
+
+
+@commands.command("models", "list the built-in foundation models (what they segment, how they were made)",
+                  "Print every foundation model that ships with medadapt: its name (what every --model "
+                  "option takes, e.g. medadapt finetune --model NAME), what it segments, its network, the data "
+                  "it was pretrained on and how it was made (the commands and the commit); --show NAME prints "
+                  "its whole record (foundation.json) as JSON.")
+def add_models(p):
+    p.add_argument("--show", default=None, metavar="NAME", help="print this built-in foundation's record as JSON")
+    return cmd_models
+
+
+def cmd_models(args) -> int:
+    import json
+
+    from medadapt.errors import MedadaptError
+    from medadapt.models.builtin import builtin_info, builtin_names, builtin_path, describe
+    from medadapt.utils.tables import markdown_table
+
+    names = builtin_names()
+    if args.show:
+        if args.show not in names:
+            raise MedadaptError(f"--show {args.show}: not a built-in foundation; choose one of "
+                                f"{', '.join(names) or 'none installed'}")
+        builtin_path(args.show)  # a damaged installation is an error here too
+        print(json.dumps(builtin_info(args.show), indent=2))
+        return 0
+    rows = []
+    for name in names:
+        d = describe(name)
+        rows.append([name, ", ".join(d["segments"]), d["network"], d["data"]["summary"], d["made"]["summary"]])
+    print(markdown_table(["model", "segments", "network", "pretrained on", "made by"], rows))
+    print("\nUse one as --model NAME (e.g. medadapt finetune --model NAME --data ...); "
+          "medadapt models --show NAME prints its whole record.")
     return 0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import (CommandGroup, add_method_options, add_postprocess_option, add_training_options,
-                                 engine_options, method_options, positive_int, seed_arg, shots_arg)
+from medadapt.cli.common import (MODEL_NAMES_HELP, CommandGroup, add_method_options, add_postprocess_option,
+                                 add_training_options, engine_options, method_options, model_arg, positive_int,
+                                 seed_arg, shots_arg)
 
 
 #: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
@@ -19,8 +20,8 @@ commands = CommandGroup()
                   "changing: the R for seqft --mds-repeats. Writes stability.csv/.json/.md/.png "
                   "into --out.")
 def add_mds_stability(p):
-    p.add_argument("--model", type=Path, required=True, help="the foundation (with a pretext network: an MAE "
-                                                             "foundation, or one with pretrain-ssl-head's pathway)")
+    p.add_argument("--model", type=model_arg, required=True, help="the foundation (with a pretext network: an MAE "
+                                                                  "foundation, or one with pretrain-ssl-head's pathway)")
     p.add_argument("--data", type=Path, action="append", required=True,
                    help="a task's nnU-Net raw dataset (repeat for several tasks); its 80%% train split is scored")
     p.add_argument("--out", type=Path, required=True, help="folder for the measurement")
@@ -53,7 +54,7 @@ def cmd_mds_stability(args) -> int:
 def add_seqft(p):
     p.add_argument("stream", type=Path, help="stream file: YAML listing the tasks' nnU-Net raw datasets in order "
                                              "('medadapt synth --stream ct-stream --out DIR' writes one)")
-    p.add_argument("--model", type=Path, required=True, help="foundation model folder M0")
+    p.add_argument("--model", type=model_arg, required=True, help="foundation model folder M0" + MODEL_NAMES_HELP)
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--method", default="medseqft",
                    help="medseqft (default: MDS buffer + K&G RFT), seq-ft (vanilla sequential; ablations with "

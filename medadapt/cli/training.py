@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import (CommandGroup, add_head_option, add_method_options, add_postprocess_option,
-                                 add_run_inputs, add_sampling_option, add_training_options, engine_options,
-                                 method_options, methods_help, print_metrics, shots_arg, transductive_options)
+from medadapt.cli.common import (MODEL_NAMES_HELP, CommandGroup, add_head_option, add_method_options,
+                                 add_postprocess_option, add_run_inputs, add_sampling_option, add_training_options,
+                                 engine_options, method_options, methods_help, model_arg, print_metrics, shots_arg,
+                                 transductive_options)
 
 
 #: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
@@ -65,7 +66,7 @@ def cmd_pretrain(args) -> int:
                   "--out, so that cases can be scored by the foundation's self-supervised loss "
                   "(docs/ssl.md).")
 def add_pretrain_ssl_head(p):
-    p.add_argument("--model", type=Path, required=True, help="supervised foundation model folder")
+    p.add_argument("--model", type=model_arg, required=True, help="supervised foundation model folder" + MODEL_NAMES_HELP)
     p.add_argument("--data", type=Path, required=True, action="append",
                    help="nnU-Net v2 raw dataset folder to train the pathway on (labels unused); repeat for several")
     p.add_argument("--out", type=Path, required=True, help="model folder to write (not --model)")
@@ -210,7 +211,7 @@ def cmd_zero_shot(args) -> int:
                   "step updates.")
 def add_methods(p):
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=Path, help="model folder (e.g. the demo's foundation model)")
+    source.add_argument("--model", type=model_arg, help="model folder" + MODEL_NAMES_HELP)
     source.add_argument("--preset", default=None, help="a network preset (one input channel, one foreground class)")
     add_method_options(p)
     return cmd_methods

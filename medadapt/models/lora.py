@@ -145,6 +145,12 @@ def lora_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if _lora_of(m) is not None]
 
 
+def lora_ranks(model: nn.Module) -> dict[str, int]:
+    """``{module name: rank}`` of every layer carrying a LoRA update (a layer's rank may be below the config's:
+    module docstring)."""
+    return {name: lora.rank for name, m in model.named_modules() if (lora := _lora_of(m)) is not None}
+
+
 def has_lora(model: nn.Module) -> bool:
     return any(_lora_of(m) is not None for m in model.modules())
 

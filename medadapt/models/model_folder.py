@@ -147,8 +147,14 @@ def save_model_folder(path: str | Path, network: nn.Module, folder: ModelFolder)
 
 
 def load_model_folder(path: str | Path) -> ModelFolder:
-    path = Path(path)
+    """The model folder at ``path`` (medadapt's, or a format a plugin adds), or the built-in foundation of that
+    name (:mod:`medadapt.models.builtin`)."""
+    from medadapt.models.builtin import builtin_path, is_builtin_name
     from medadapt.plugins import PROVIDERS, detect_model
+
+    if not Path(path).exists() and is_builtin_name(path):
+        path = builtin_path(str(path))
+    path = Path(path)
 
     loader = detect_model(path)  # a format a plugin adds: an nnU-Net v2 trained model folder or its zip
     if loader is not None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import (CommandGroup, add_head_option, add_method_options, method_options, methods_help,
-                                 positive_int, seed_arg)
+from medadapt.cli.common import (MODEL_NAMES_HELP, CommandGroup, add_head_option, add_method_options,
+                                 method_options, methods_help, model_arg, positive_int, seed_arg)
 
 
 #: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
@@ -19,7 +19,8 @@ commands = CommandGroup()
                   "LoRA is already merged, adapters cannot be exported. Needs "
                   "pip install 'medadapt[nnunet]'.")
 def add_export_nnunet(p):
-    p.add_argument("model", type=Path, help="medadapt model folder (or an nnU-Net model folder/zip)")
+    p.add_argument("model", type=model_arg,
+                   help="medadapt model folder (or an nnU-Net model folder/zip)" + MODEL_NAMES_HELP)
     p.add_argument("--out", type=Path, required=True, help="nnU-Net trained model folder to write (new or empty)")
     p.add_argument("--zip", type=Path, default=None,
                    help="also write the zip nnUNetv2_install_pretrained_model_from_zip installs")
@@ -59,9 +60,10 @@ def add_nnunet_train(p):
     add_method_options(p)
     p.add_argument("--shots", type=positive_int, required=True, help="number of annotated training cases K")
     p.add_argument("--split-seed", type=seed_arg, default=0, help="seed of the fixed 80/20 split (default 0)")
-    p.add_argument("--pretrained", type=Path, default=None,
+    p.add_argument("--pretrained", type=model_arg, default=None,
                    help="foundation weights: an nnU-Net checkpoint (.pth), model folder or zip, or a medadapt "
-                        "model folder; the dataset must be preprocessed with the foundation's plans")
+                        "model folder; the dataset must be preprocessed with the foundation's plans"
+                        + MODEL_NAMES_HELP)
     add_head_option(p)
     p.add_argument("--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--lr", type=float, default=None,

@@ -171,6 +171,12 @@ class Strategy:
         """Hyper-parameters, recorded with results."""
         return {"name": self.name, **self.decoder_record()}
 
+    def notes(self, model: nn.Module) -> dict[str, Any]:
+        """How the method met this network, once :meth:`prepare` has run: recorded with the run (``run.json``'s
+        ``method_notes``); a ``say`` entry is also told to the user (e.g. LoRA's ranks clamped to what a layer
+        allows). Empty by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Strategy state that must survive a resumed run."""
         return {}

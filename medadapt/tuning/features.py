@@ -16,7 +16,10 @@ measures (docs/benchmark.md).
 
 Cache folder: ``<dataset cache>/features-<key>/<case>.npy`` with ``<case>.json`` recording what it was made
 from (the foundation's weights, the preprocessed case's digest, the patch, the overlap, the tail); a file whose
-record no longer matches is stale and refused with one line naming it.
+record no longer matches is stale and refused with one line naming it. Runs sharing the cache (a grid's cells
+run side by side) compute each case once: a case is checked and written under a lock on its own file
+(``<case>.lock``), so a second run waits for the first and reads its features; the record is written before
+the features, so features on disk always have their record.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torch import nn
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_json
 from medadapt.utils.hashing import stable_hash
+from medadapt.utils.lock import waiting_lock
 
 OVERLAP = 0.5
 FORMAT = "medadapt-feature-cache/1"
@@ -123,21 +127,21 @@ def feature_cases(model: nn.Module, tail: nn.Module, cases: Sequence, patch_size
         path, meta = folder / f"{cid}.npy", folder / f"{cid}.json"
         source = getattr(case, "data_path", None)
         expected = {**setting, "case": cid, "data": file_digest(source) if source is not None else None}
-        if path.is_file():
-            try:
-                stored = json.loads(meta.read_text())
-            except (OSError, json.JSONDecodeError):
-                stored = None
-            if stored != expected:
-                raise MedadaptError(f"{path}: a stale feature cache (made from another model, data or setting); "
-                                    f"delete {folder} and run again")
-        else:
-            feats = query_features(model, tail, case.data, patch_size, overlap=OVERLAP)[0].numpy()
-            folder.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path, suffix=".npy") as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, feats.astype(np.float32))
-            atomic_write_json(meta, expected)
+        with waiting_lock(folder / f"{cid}.lock"):  # one writer; a run racing it waits, then reads
+            if path.is_file():
+                try:
+                    stored = json.loads(meta.read_text())
+                except (OSError, json.JSONDecodeError):
+                    stored = None
+                if stored != expected:
+                    raise MedadaptError(f"{path}: a stale feature cache (made from another model, data or "
+                                        f"setting); delete {folder} and run again")
+            else:
+                feats = query_features(model, tail, case.data, patch_size, overlap=OVERLAP)[0].numpy()
+                atomic_write_json(meta, expected)  # before the features: features on disk have their record
+                with atomic_path(path, suffix=".npy") as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, feats.astype(np.float32))
         out.append(FeatureCase(case, path))
     return out
 

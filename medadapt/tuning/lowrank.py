@@ -44,6 +44,22 @@ class LoRA(Strategy):
     def finalize(self, model: nn.Module) -> nn.Module:
         return merge_lora(model)
 
+    def notes(self, model: nn.Module) -> dict[str, Any]:
+        """The layers whose matrix is smaller than the rank (``min(rows, cols) < r``) get rank ``min(rows, cols)``
+        (:mod:`medadapt.models.lora`): which, and the rank each got."""
+        from medadapt.models.lora import lora_ranks
+
+        requested = self.config_.rank
+        clamped = {name: rank for name, rank in lora_ranks(model).items() if rank < requested}
+        notes: dict[str, Any] = {"lora_ranks": {"requested": requested, "clamped": clamped}}
+        if clamped:
+            ranks = sorted(set(clamped.values()))
+            notes["say"] = (f"LoRA rank {requested}: {len(clamped)} layer(s) are too small for it and get rank "
+                            f"{', '.join(map(str, ranks))} (min(rows, cols) of their weight): "
+                            f"{', '.join(list(clamped)[:3])}{', ...' if len(clamped) > 3 else ''}; the ranks "
+                            "used are in run.json (method_notes)")
+        return notes
+
     def finalized_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return merged_state_dict(model)
 

@@ -96,6 +96,20 @@ def folder_lock(folder: str | Path, what: str = "run folder") -> Iterator[Path]:
         os.close(fd)  # releases the flock
 
 
+@contextlib.contextmanager
+def waiting_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created) for the block, waiting while another process
+    holds it: one writer of a shared cache entry, the others wait and then read what it wrote."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def locks_folder(arg: str = "out", what: str = "run folder"):
     """Decorator: each call holds the folder passed as argument ``arg`` (:func:`folder_lock`) while it runs.
     Under torchrun only rank 0 (``RANK``) takes it: the ranks of one run share its folder."""

@@ -449,8 +449,13 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
         if shared > 0:
             prefix = make_trainer(prepared(), out / "prefix", None, " (shared epochs)")
             prefix.fit(resume=resume, until=shared)
+    notes = None
     for _, ids, where in groups:
         net = prepared()
+        if notes is None:  # how the method met this network (the same for every group)
+            notes = strategy.notes(net)
+            if notes.get("say") and progress:
+                tqdm.write(f"note: {notes['say']}")
         trainable = trainable_parameter_count(net)
         updated_per_step = strategy.updated_per_step(net)
         timing = {"median_iteration_seconds": None, "median_sampling_seconds": None, "data_wait_share": None,
@@ -495,6 +500,7 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
 
     record = {
         "method": strategy.config(),
+        **({"method_notes": {k: v for k, v in notes.items() if k != "say"}} if notes else {}),
         "shots": shots,
         "seed": seed,
         "split_seed": split_seed,

@@ -1,0 +1,42 @@
+"""SHA-256 digests of what a result was made from: a dataset folder's files, a model folder's weights."""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+#: the files of a model folder whose bytes are "the model" (plans.json also holds provenance: paths, times)
+MODEL_FILES = ("weights.pt", "pretext.pt")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def files_digest(root: Path, files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(str(path.stat().st_size).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_digest(folder: str | Path) -> str:
+    """SHA-256 of a dataset folder's files (names and bytes; hidden files such as locks and markers left out)."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return files_digest(root, files)
+
+
+def model_digest(folder: str | Path) -> str:
+    """SHA-256 of a model folder's weight files (``weights.pt``, and ``pretext.pt`` where there is one)."""
+    root = Path(folder)
+    return files_digest(root, [root / n for n in MODEL_FILES if (root / n).is_file()])
