@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from medadapt.models.builtin import INFO_FILE, _root
+    from medadapt.models.builtin import INFO_FILE, package_root
     from medadapt.models.model_folder import load_model_folder
     from medadapt.synth import GENERATOR_VERSION
     from medadapt.utils.digests import dataset_digest, file_sha256
@@ -54,7 +54,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "medadapt", *argv[1:], "--quiet"], check=True)
     identity = json.loads((model / "training" / "identity.json").read_text())
     folder = load_model_folder(model)
-    dest = _root() / BUILTIN_FOUNDATION
+    dest = package_root() / BUILTIN_FOUNDATION
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     plans = json.loads((model / "plans.json").read_text())

@@ -22,19 +22,20 @@ INFO_FILE = "foundation.json"
 FILES = ("plans.json", "weights.pt")
 
 
-def _root() -> Path:
+def package_root() -> Path:
+    """Where the package's built-in foundations are: ``medadapt/foundations/``."""
     return Path(str(resources.files("medadapt") / "foundations"))
 
 
-def builtin_names() -> list[str]:
-    """The built-in foundations' names, sorted."""
-    root = _root()
+def builtin_names(root: Path | None = None) -> list[str]:
+    """The built-in foundations' names, sorted (``root``: another folder of them, default the package's)."""
+    root = root or package_root()
     return sorted(p.parent.name for p in root.glob(f"*/{INFO_FILE}")) if root.is_dir() else []
 
 
-def builtin_info(name: str) -> dict[str, Any]:
+def builtin_info(name: str, root: Path | None = None) -> dict[str, Any]:
     """A built-in foundation's ``foundation.json``."""
-    path = _root() / name / INFO_FILE
+    path = (root or package_root()) / name / INFO_FILE
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -42,10 +43,10 @@ def builtin_info(name: str) -> dict[str, Any]:
                             "(pip install --force-reinstall medadapt, or pip install -e . in a clone)") from None
 
 
-def builtin_path(name: str) -> Path:
+def builtin_path(name: str, root: Path | None = None) -> Path:
     """The folder of built-in foundation ``name``, its files checked against the digests it ships with."""
-    info = builtin_info(name)
-    folder = _root() / name
+    info = builtin_info(name, root)
+    folder = (root or package_root()) / name
     for file, digest in info["files"].items():
         path = folder / file
         if not path.is_file() or file_sha256(path) != digest:

@@ -169,9 +169,11 @@ def results_table(records: dict[str, dict]) -> dict[str, str]:
                 format_mean_std(m["nsd"]["mean"], m["nsd"]["std"], percent=True),
                 format_mean_std(m["hd95"]["mean"], m["hd95"]["std"]) +
                 (f" ({m['hd95_undefined']}/{m['n_cases']} undefined)" if m.get("hd95_undefined") else ""),
-                f"{rec['timing']['median_iteration_seconds']:.3f}",
+                "–" if rec["timing"]["median_iteration_seconds"] is None  # zero-shot: no training
+                else f"{rec['timing']['median_iteration_seconds']:.3f}",
             ])
-            csv_rows.append({"method": method, "class": cls, "shots": rec["shots"], "seed": rec["seed"],
+            csv_rows.append({"method": method, "class": cls, "shots": rec["shots"],
+                             "seed": "" if rec["seed"] is None else rec["seed"],
                              "updated_params_per_iter": rec["parameters"]["updated_per_step"],
                              "total_params": rec["parameters"]["total"],
                              "dsc_mean": m["dsc"]["mean"], "dsc_std": m["dsc"]["std"],
