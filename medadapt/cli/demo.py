@@ -12,7 +12,7 @@ commands = CommandGroup()
 
 
 @commands.command("demo",
-                  "adapt the built-in foundation to a synthetic hospital with 5 scans (DEMO_MINUTES cold on 2 CPU "
+                  "adapt the built-in foundation to a synthetic hospital with 5 scans (about 2 min cold on 2 CPU "
                   "cores: BENCHMARKS.md)",
                   "Start from the built-in foundation model (medadapt models), generate a second "
                   "synthetic hospital, score the foundation as it is (zero-shot), fine-tune it with K "
