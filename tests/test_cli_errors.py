@@ -119,7 +119,8 @@ def test_missing_dataset_json(tmp_path, capsys):
 @pytest.mark.parametrize("option,value", [("--workers", "-1"), ("--workers", "two"), ("--precision", "fp8")])
 def test_bad_engine_options_are_one_line(tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+        # (--model names a folder that exists: a missing one is refused first, in its own line)
+        main(["finetune", "--model", str(tmp_path), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
               "--method", "full", "--shots", "1", option, value])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()

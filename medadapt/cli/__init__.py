@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     except MedadaptError as exc:
         print(f"medadapt: error: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except MedadaptError as exc:  # a value the parser's type checks refuse in our words (e.g. --model NAME)
+        print(f"medadapt {_command_in(argv) or ''}: error: {exc}".replace(" :", ":"), file=sys.stderr)
+        return 2
     from medadapt.utils.allocator import keep_freed_memory
 
     keep_freed_memory()  # glibc: reuse freed tensor memory instead of page-faulting it back in every iteration

@@ -63,13 +63,11 @@ MODEL_NAMES_HELP = "; or a built-in foundation's name ('medadapt models')"
 
 def model_arg(text: str) -> Path:
     """A ``--model`` value: a model folder (or nnU-Net model / zip) that exists, or a built-in foundation's name
-    (``medadapt models``); anything else is the parser's one error line, listing the built-in names."""
+    (``medadapt models``); anything else is one error line listing the built-in names (a
+    :class:`MedadaptError`, which ``medadapt.cli.main`` prints as it prints a handler's)."""
     from medadapt.models.builtin import resolve_model
 
-    try:
-        return resolve_model(text)
-    except MedadaptError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--model {text}: ")) from None
+    return resolve_model(text)
 
 
 def positive_int(text: str) -> int:
