@@ -24,6 +24,9 @@ def _predict_seg_with(world, series, seg_zyx, out):
         folder = load_model_folder(world["fm"])
         classes = dict(folder.foreground)
 
+        def check_memory(self, case_id, shape, spacing, channels=1):  # the Predictor's pre-flight check
+            assert tuple(shape) == seg_zyx.shape
+
         def predict_case(self, images):
             assert images[0].array.shape == seg_zyx.shape
             return seg_zyx

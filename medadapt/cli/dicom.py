@@ -189,6 +189,8 @@ def predict_series(predictor, series, args) -> int:
         names[v] = n
     name = model_name(folder)
     taken: set[str] = set()
+    for s in series:  # every series whose prediction cannot fit the memory: one line before any work
+        predictor.check_memory(s.label, s.shape, s.spacing)
     written = []
     for s in tqdm(series, desc="predict", disable=args.quiet, unit="series", leave=False):
         case = case_id_for(s.patient_id or s.folder.name, taken)

@@ -463,20 +463,25 @@ def preprocess_case(images: list[Volume], label: Volume | None, plan: Preprocess
 
 
 def revert_prediction(probabilities: torch.Tensor, properties: dict[str, Any],
-                      thresholds: Sequence[float] | None = None, label_ids: Sequence[int] | None = None) -> np.ndarray:
+                      thresholds: Sequence[float] | None = None, label_ids: Sequence[int] | None = None,
+                      channels: Sequence[int] | None = None, transform=None) -> np.ndarray:
     """Probabilities (or logits) ``[K, z, y, x]`` on the preprocessed grid -> int16 label map (z, y, x) in the
     ORIGINAL file geometry: trilinear resize to the reoriented original shape, decide, undo reorientation.
 
     Softmax (``thresholds`` None): channel k is label k, the argmax wins. Sigmoid: channel k is foreground
     class k with probability threshold ``thresholds[k]``; a voxel gets the most probable class among those at
     or above their thresholds, else background. ``label_ids`` gives each channel's label id in the output
-    (default: k for softmax, k + 1 for sigmoid).
+    (default: k for softmax, k + 1 for sigmoid). ``channels``: use only these channels of ``probabilities``, in
+    this order (default all); ``transform``: applied to each channel before it is resampled (e.g. the sigmoid
+    of a logit). One channel is handled at a time: besides the input, memory holds the running best value and
+    label map at the original size and one resampled channel.
     """
     if isinstance(probabilities, np.ndarray):
         probabilities = torch.from_numpy(probabilities)
     if probabilities.ndim != 4:
         raise ValueError(f"revert_prediction expects [C, z, y, x], got {tuple(probabilities.shape)}")
-    K = probabilities.shape[0]
+    channels = list(range(probabilities.shape[0])) if channels is None else [int(c) for c in channels]
+    K = len(channels)
     sigmoid = thresholds is not None
     if sigmoid and len(thresholds) != K:
         raise ValueError(f"{len(thresholds)} thresholds for {K} sigmoid channels")
@@ -485,10 +490,12 @@ def revert_prediction(probabilities: torch.Tensor, properties: dict[str, Any],
     with torch.no_grad():
         # running decision, one channel at a time: memory stays at two full-size float volumes
         best, seg = None, None
-        for c in range(K):
-            p = probabilities[c]
-            if tuple(p.shape) != shape:
-                p = resample_to_shape(probabilities[c:c + 1], shape)[0]
+        for c, channel in enumerate(channels):
+            p = probabilities[channel:channel + 1]
+            view = transform is None and tuple(p.shape[1:]) == shape  # p is the input itself: never written
+            if transform is not None:
+                p = transform(p)
+            p = (resample_to_shape(p, shape) if tuple(p.shape[1:]) != shape else p)[0]
             if sigmoid:
                 p = torch.where(p >= float(thresholds[c]), p, torch.full_like(p, -torch.inf))
             if best is None:
@@ -496,12 +503,13 @@ def revert_prediction(probabilities: torch.Tensor, properties: dict[str, Any],
                 if sigmoid:
                     best = torch.full_like(p, -torch.inf)
                 else:
-                    best = p
+                    best = p.clone() if view else p
                     seg[...] = ids[c]
                     continue
             better = p > best
             seg[better] = ids[c]
-            best = torch.maximum(best, p)
+            torch.maximum(best, p, out=best)
+            del p, better
     seg = seg.to(torch.int16).cpu().numpy()
     start = np.asarray(properties["ornt_start"], float)
     end = np.asarray(properties["ornt_end"], float)
