@@ -135,3 +135,18 @@ def test_a_prediction_that_cannot_fit_is_one_line_before_any_work(world, tmp_pat
     assert err.count("\n") == 1 and "GiB at its peak" in err and images[0].name.split("_0000")[0] in err
     assert "without --mirror" in err
     assert not list((tmp_path / "out").glob("*.nii.gz")) if (tmp_path / "out").exists() else True
+
+
+def test_bench_predict_measures_a_tool_on_a_written_ct(tmp_path):
+    """The prediction benchmark's parts at a toy size: the CT, a model per head, a measured prediction and the
+    table (nnU-Net's side is the same command line nnU-Net documents; run by BENCHMARKS.md's measurement)."""
+    pytest.importorskip("nnunetv2")
+    from medadapt.nnunet.predict_bench import run_bench_predict
+
+    rows = run_bench_predict(tmp_path, shape=(12, 40, 40), spacing=(2.5, 1.6, 1.6), model_spacing=3.0,
+                             preset_name="cpu-tiny", many=4, heads=("softmax-many",), mirror=(False,),
+                             tools=("medadapt",), progress=False)
+    assert [(r["head"], r["classes"], r["tool"]) for r in rows] == [("softmax-many", 4, "medadapt")]
+    assert rows[0]["seconds"] > 0 and rows[0]["peak_rss_gib"] > 0
+    assert (tmp_path / "predictions" / "softmax-many-plain-medadapt" / "ct.nii.gz").is_file()
+    assert "| softmax-many | no " in (tmp_path / "results.md").read_text()

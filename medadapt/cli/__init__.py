@@ -18,9 +18,9 @@ from medadapt.errors import MedadaptError
 
 GROUPS = (data, training, bench, inference, interop, demo, sequential, dicom)
 #: the order of 'medadapt --help' (a plugin's commands that are not named here come last)
-ORDER = ("synth", "pretrain", "pretrain-ssl-head", "recipes", "models", "finetune", "zero-shot", "methods", "bench-speed",
-         "predict", "evaluate", "export-nnunet", "import-monai", "nnunet-train", "demo", "mds-stability", "seqft",
-         "bench", "import-dicom", "to-dicom", "dataset-to-dicom")
+ORDER = ("synth", "pretrain", "pretrain-ssl-head", "recipes", "models", "finetune", "zero-shot", "methods",
+         "bench-speed", "bench-predict", "predict", "evaluate", "export-nnunet", "import-monai", "nnunet-train", "demo",
+         "mds-stability", "seqft", "bench", "import-dicom", "to-dicom", "dataset-to-dicom")
 
 
 def commands() -> dict[str, tuple[str, object]]:

@@ -106,3 +106,50 @@ def cmd_nnunet_train(args) -> int:
     print(f"nnU-Net trained model in {out.parent} (fold {args.fold}); predict with: "
           f"nnUNetv2_predict_from_modelfolder -m {out.parent} -f {args.fold} -i INPUT -o OUTPUT")
     return 0
+
+
+@commands.command("bench-predict", "prediction's time and peak memory against nnU-Net's predictor, same model and CT",
+                  "Write a synthetic planning CT (default 512 x 512 x 200 at 0.8 x 0.8 x 2.5 mm) and, for a "
+                  "2-class softmax head, a many-class softmax head and a many-class sigmoid head on a network "
+                  "preset at the model spacing, time 'medadapt predict' against nnUNetv2_predict_from_modelfolder "
+                  "on the same exported model, with and without test-time mirroring, each in a fresh process: "
+                  "wall time and the peak resident memory of its process tree. Writes results.json/.csv/.md "
+                  "to --out. Needs pip install 'medadapt[nnunet]'.")
+def add_bench_predict(p):
+    p.add_argument("--out", type=Path, default=Path("medadapt_runs/bench-predict"),
+                   help="work and results folder (default medadapt_runs/bench-predict); the CT and the models are "
+                        "reused from an earlier run there")
+    p.add_argument("--shape", type=positive_int, nargs=3, default=[200, 512, 512], metavar=("Z", "Y", "X"),
+                   help="the CT's voxels, z y x (default 200 512 512)")
+    p.add_argument("--spacing", type=float, nargs=3, default=[2.5, 0.8, 0.8], metavar=("Z", "Y", "X"),
+                   help="the CT's voxel size in mm, z y x (default 2.5 0.8 0.8)")
+    p.add_argument("--model-spacing", type=float, default=1.5, help="the model's isotropic spacing in mm (default 1.5)")
+    p.add_argument("--preset", default="cpu-small",
+                   help="network preset (default cpu-small: the network sets only the time per tile)")
+    p.add_argument("--many", type=positive_int, default=25, help="classes of the many-class heads (default 25)")
+    p.add_argument("--heads", default=",".join(("softmax-2", "softmax-many", "sigmoid-many")),
+                   help="comma-separated heads to measure (default all: softmax-2, softmax-many, sigmoid-many)")
+    p.add_argument("--mirror", choices=("both", "yes", "no"), default="both",
+                   help="with test-time mirroring, without, or both (default)")
+    p.add_argument("--medadapt-only", action="store_true", help="measure medadapt alone")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return cmd_bench_predict
+
+
+def cmd_bench_predict(args) -> int:
+    from medadapt.errors import MedadaptError
+    from medadapt.nnunet.predict_bench import HEADS, run_bench_predict, table
+
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown or not heads:
+        raise MedadaptError(f"--heads {args.heads}: unknown {unknown}; choose among {', '.join(HEADS)}")
+    if not args.model_spacing > 0 or any(not s > 0 for s in args.spacing):
+        raise MedadaptError("--spacing/--model-spacing: give positive sizes in mm")
+    mirror = {"both": (False, True), "yes": (True,), "no": (False,)}[args.mirror]
+    rows = run_bench_predict(args.out, shape=tuple(args.shape), spacing=tuple(args.spacing),
+                             model_spacing=args.model_spacing, preset_name=args.preset, many=args.many, heads=heads,
+                             mirror=mirror, tools=("medadapt",) if args.medadapt_only else ("medadapt", "nnunet"),
+                             progress=not args.quiet)
+    print(table(rows))
+    return 0

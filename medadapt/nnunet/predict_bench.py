@@ -1,0 +1,207 @@
+"""``medadapt bench-predict``: ``medadapt predict`` against ``nnUNetv2_predict_from_modelfolder`` on the same
+exported model and the same CT, wall time and peak memory side by side (issue 34).
+
+A synthetic planning CT (default 512 x 512 x 200 voxels at 0.8 x 0.8 x 2.5 mm: a body ellipse in soft tissue,
+bone and lung intensities with noise) is written once as NIfTI. For each head (a softmax head of 2 classes, one
+of ``--many`` classes, and a sigmoid head of ``--many`` classes) a model folder is made from a network preset at
+the model spacing (default 1.5 mm isotropic) with seeded random weights, exported with ``export-nnunet``, and
+each tool predicts the CT in a fresh process, with and without test-time mirroring. A process's peak memory is
+the largest sum of the resident memory (VmRSS) of it and its children, sampled every 20 ms (nnU-Net exports in
+worker processes); time is its wall time, imports included. nnU-Net has no sigmoid head of one label per
+class (its sigmoid is region-based), so the sigmoid rows are medadapt's alone.
+
+The network only sets the time per tile: memory grows with the number of classes and the volume (the
+aggregated logits on the model's grid, the decision at the original size), which is what the command measures.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medadapt.errors import MedadaptError
+
+HEADS = ("softmax-2", "softmax-many", "sigmoid-many")
+
+
+def write_ct(path: Path, shape_zyx=(200, 512, 512), spacing_zyx=(2.5, 0.8, 0.8), seed: int = 0) -> Path:
+    """A synthetic CT (int16 HU) with a body ellipse, lungs, a spine and noise, in RAS-ish orientation."""
+    from medadapt.data.io import write_volume
+
+    rng = np.random.default_rng(seed)
+    z, y, x = shape_zyx
+    yy, xx = np.ogrid[:y, :x]
+    cy, cx = y / 2, x / 2
+    body = ((yy - cy) / (0.42 * y)) ** 2 + ((xx - cx) / (0.47 * x)) ** 2 <= 1
+    lungs = ((((yy - cy + 0.05 * y) / (0.22 * y)) ** 2 + ((np.abs(xx - cx) - 0.2 * x) / (0.13 * x)) ** 2) <= 1)
+    spine = ((yy - cy - 0.25 * y) / (0.06 * y)) ** 2 + ((xx - cx) / (0.05 * x)) ** 2 <= 1
+    plane = np.full((y, x), -1000, np.int16)
+    plane[body] = 40
+    plane[lungs & body] = -800
+    plane[spine] = 700
+    volume = np.empty((z, y, x), np.int16)
+    for k in range(z):
+        volume[k] = plane + rng.normal(0, 20, (y, x)).astype(np.int16)
+    affine = np.diag([spacing_zyx[2], spacing_zyx[1], spacing_zyx[0], 1.0])
+    write_volume(volume, affine, path, dtype=np.int16)
+    return path
+
+
+def make_model(out: Path, preset_name: str, head: str, many: int, model_spacing: float, seed: int = 0) -> Path:
+    """A model folder: ``preset_name``'s network with ``head``'s outputs and seeded random weights, planned at
+    ``model_spacing`` mm for CT."""
+    import torch
+
+    from medadapt.data.preprocessing import IntensityProperties, PreprocessingPlan
+    from medadapt.models import ModelFolder, preset, save_model_folder
+    from medadapt.models.network import build_network
+
+    activation = "sigmoid" if head.startswith("sigmoid") else "softmax"
+    classes = 2 if head == "softmax-2" else many
+    names = ["background"] + [f"structure_{i:02d}" for i in range(1, classes + (activation == "sigmoid"))]
+    outputs = classes if activation == "sigmoid" else len(names)
+    spec = preset(preset_name, input_channels=1, num_classes=outputs)
+    torch.manual_seed(seed)
+    network = build_network(spec)
+    stats = IntensityProperties(mean=40.0, std=200.0, percentile_00_5=-1000.0, percentile_99_5=700.0, min=-1024.0,
+                                max=1500.0, median=40.0)
+    plan = PreprocessingPlan(target_spacing=(model_spacing,) * 3, normalization=["CT"], intensity_properties=[stats],
+                             orientation="RAS")
+    folder = ModelFolder(network=spec, preprocessing=plan.to_dict(), labels={n: i for i, n in enumerate(names)},
+                         channel_names={"0": "CT"}, activation=activation,
+                         provenance={"kind": "bench-predict", "seed": seed})
+    save_model_folder(out, network, folder)
+    return out
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += children.get(p, [])
+    return total
+
+
+def measure(command: list[str], env: dict[str, str] | None = None, interval: float = 0.02) -> dict[str, Any]:
+    """Run ``command``; its wall seconds, the peak resident memory of its process tree, and its exit status."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(interval)
+    output = proc.stdout.read() if proc.stdout else ""
+    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak, "returncode": proc.returncode,
+            "output_tail": output[-2000:]}
+
+
+def run_bench_predict(out: str | Path, shape=(200, 512, 512), spacing=(2.5, 0.8, 0.8), model_spacing: float = 1.5,
+                      preset_name: str = "cpu-small", many: int = 25, heads=HEADS, mirror=(False, True),
+                      tools=("medadapt", "nnunet"), progress: bool = True) -> list[dict[str, Any]]:
+    """Measure every (head, mirroring, tool); write ``results.json``, ``results.csv``, ``results.md`` in ``out``
+    and return the rows."""
+    from medadapt.nnunet.export import export_model
+
+    out = Path(out)
+    inputs = out / "input"
+    inputs.mkdir(parents=True, exist_ok=True)
+    ct = inputs / "ct_0000.nii.gz"
+    if not ct.is_file():
+        if progress:
+            print(f"writing the CT ({'x'.join(map(str, shape))} voxels at {spacing} mm) -> {ct}", flush=True)
+        write_ct(ct, shape, spacing)
+    exe = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # nnU-Net warns without them
+        env.setdefault(var, str(out / var))
+    rows = []
+    for head in heads:
+        model = out / "models" / head
+        if not (model / "plans.json").is_file():
+            make_model(model, preset_name, head, many, model_spacing)
+        nnunet_model = out / "models" / f"{head}-nnunet"
+        softmax = not head.startswith("sigmoid")
+        if softmax and "nnunet" in tools and not (nnunet_model / "dataset.json").is_file():
+            export_model(model, nnunet_model)
+        for mirrored in mirror:
+            for tool in tools:
+                if tool == "nnunet" and not softmax:
+                    continue  # nnU-Net's sigmoid is region-based: no such head to compare
+                pred = out / "predictions" / f"{head}-{'mirror' if mirrored else 'plain'}-{tool}"
+                if tool == "medadapt":
+                    command = [str(exe / "medadapt"), "predict", "--model", str(model), "--input", str(ct),
+                               "--out", str(pred), "--quiet", *(["--mirror"] if mirrored else [])]
+                else:
+                    command = [str(exe / "nnUNetv2_predict_from_modelfolder"), "-i", str(inputs), "-o", str(pred),
+                               "-m", str(nnunet_model), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+                               *([] if mirrored else ["--disable_tta"])]
+                result = measure(command, env)
+                if result["returncode"] != 0:
+                    raise MedadaptError(f"bench-predict: {tool} failed on {head} (exit {result['returncode']}): "
+                                        f"{result['output_tail'].strip().splitlines()[-1:]}")
+                row = {"head": head, "classes": 2 if head == "softmax-2" else many, "mirror": mirrored,
+                       "tool": tool, "seconds": round(result["seconds"], 1),
+                       "peak_rss_gib": round(result["peak_rss_bytes"] / 2**30, 2)}
+                rows.append(row)
+                if progress:
+                    print(f"  {head:13s} mirror={str(mirrored):5s} {tool:8s} {row['seconds']:7.1f} s  "
+                          f"{row['peak_rss_gib']:5.2f} GiB", flush=True)
+    _write(out, rows, {"shape_zyx": list(shape), "spacing_zyx": list(spacing), "model_spacing": model_spacing,
+                       "preset": preset_name, "many": many})
+    return rows
+
+
+def _write(out: Path, rows: list[dict[str, Any]], setting: dict[str, Any]) -> None:
+    import csv
+    import io
+
+    from medadapt.utils.atomic import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "results.json", {"setting": setting, "rows": rows})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_text(out / "results.md", table(rows) + "\n")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """medadapt beside nnU-Net per head and mirroring, with the ratios."""
+    from medadapt.utils.tables import markdown_table
+
+    lines = []
+    for head in dict.fromkeys(r["head"] for r in rows):
+        for mirrored in dict.fromkeys(r["mirror"] for r in rows):
+            by_tool = {r["tool"]: r for r in rows if r["head"] == head and r["mirror"] == mirrored}
+            m, n = by_tool.get("medadapt"), by_tool.get("nnunet")
+            if m is None:
+                continue
+            lines.append([head, "yes" if mirrored else "no", f"{m['seconds']:.1f}",
+                          f"{n['seconds']:.1f}" if n else "–", f"{m['seconds'] / n['seconds']:.2f}×" if n else "–",
+                          f"{m['peak_rss_gib']:.2f}", f"{n['peak_rss_gib']:.2f}" if n else "–",
+                          f"{m['peak_rss_gib'] / n['peak_rss_gib']:.2f}×" if n else "–"])
+    return markdown_table(["head", "mirroring", "medadapt (s)", "nnU-Net (s)", "time ratio", "medadapt peak (GiB)",
+                           "nnU-Net peak (GiB)", "memory ratio"], lines)
+
+
+__all__ = ["run_bench_predict", "write_ct", "make_model", "measure", "table"]
