@@ -27,6 +27,16 @@ import numpy as np
 from medadapt.errors import MedadaptError
 
 HEADS = ("softmax-2", "softmax-many", "sigmoid-many")
+#: nnU-Net's own predictor (nnUNetPredictor, as nnUNetv2_predict_from_modelfolder builds it: step 0.5, Gaussian
+#: blending, mirroring on or off) on the CPU, predicting the files sequentially in this one process
+NNUNET_SEQUENTIAL = (
+    "import sys, torch\n"
+    "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
+    "model, inputs, out, mirror = sys.argv[1:5]\n"
+    "p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror == '1',\n"
+    "                    perform_everything_on_device=False, device=torch.device('cpu'), allow_tqdm=False)\n"
+    "p.initialize_from_trained_model_folder(model, use_folds=(0,))\n"
+    "p.predict_from_files_sequential(inputs, out, save_probabilities=False, overwrite=True)\n")
 
 
 def write_ct(path: Path, shape_zyx=(200, 512, 512), spacing_zyx=(2.5, 0.8, 0.8), seed: int = 0) -> Path:
@@ -150,10 +160,10 @@ def run_bench_predict(out: str | Path, shape=(200, 512, 512), spacing=(2.5, 0.8,
                 if tool == "medadapt":
                     command = [str(exe / "medadapt"), "predict", "--model", str(model), "--input", str(ct),
                                "--out", str(pred), "--quiet", *(["--mirror"] if mirrored else [])]
-                else:
-                    command = [str(exe / "nnUNetv2_predict_from_modelfolder"), "-i", str(inputs), "-o", str(pred),
-                               "-m", str(nnunet_model), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
-                               *([] if mirrored else ["--disable_tta"])]
+                else:  # nnU-Net's predictor in one process (its CLI's workers hang on such a volume)
+                    pred.mkdir(parents=True, exist_ok=True)  # it writes into an existing folder
+                    command = [sys.executable, "-c", NNUNET_SEQUENTIAL, str(nnunet_model), str(inputs), str(pred),
+                               "1" if mirrored else "0"]
                 result = measure(command, env)
                 if result["returncode"] != 0:
                     raise MedadaptError(f"bench-predict: {tool} failed on {head} (exit {result['returncode']}): "
