@@ -111,8 +111,8 @@ def cmd_nnunet_train(args) -> int:
 @commands.command("bench-predict", "prediction's time and peak memory against nnU-Net's predictor, same model and CT",
                   "Write a synthetic planning CT (default 512 x 512 x 200 at 0.8 x 0.8 x 2.5 mm) and, for a "
                   "2-class softmax head, a many-class softmax head and a many-class sigmoid head on a network "
-                  "preset at the model spacing, time 'medadapt predict' against nnUNetv2_predict_from_modelfolder "
-                  "on the same exported model, with and without test-time mirroring, each in a fresh process: "
+                  "preset at the model spacing, time 'medadapt predict' against nnU-Net's predictor (nnUNetPredictor, "
+                  "sequential, in one process) on the same exported model, with and without test-time mirroring, each in a fresh process: "
                   "wall time and the peak resident memory of its process tree. Writes results.json/.csv/.md "
                   "to --out. Needs pip install 'medadapt[nnunet]'.")
 def add_bench_predict(p):

@@ -1,5 +1,6 @@
-"""``medadapt bench-predict``: ``medadapt predict`` against ``nnUNetv2_predict_from_modelfolder`` on the same
-exported model and the same CT, wall time and peak memory side by side (issue 34).
+"""``medadapt bench-predict``: ``medadapt predict`` against nnU-Net's predictor (``nnUNetPredictor`` as
+``nnUNetv2_predict_from_modelfolder`` builds it, predicting sequentially in one process) on the same exported
+model and the same CT, wall time and peak memory side by side (issue 34).
 
 A synthetic planning CT (default 512 x 512 x 200 voxels at 0.8 x 0.8 x 2.5 mm: a body ellipse in soft tissue,
 bone and lung intensities with noise) is written once as NIfTI. For each head (a softmax head of 2 classes, one
