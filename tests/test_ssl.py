@@ -286,7 +286,7 @@ def test_pretrain_ssl_head_bad_input(world, mae_fm, tmp_path, capsys):
     cases = [
         (["--model", str(mae_fm), "--out", str(tmp_path / "a")], "already has a pretext network"),
         (["--model", str(world["fm"]), "--out", str(world["fm"])], "is the foundation's own folder"),
-        (["--model", str(tmp_path / "none"), "--out", str(tmp_path / "b")], "not a medadapt model folder"),
+        (["--model", str(tmp_path / "none"), "--out", str(tmp_path / "b")], "no such model folder and not a built-in foundation"),
         (["--model", str(world["fm"]), "--out", str(tmp_path / "c"), "--recipe", "cpu-finetune"], "loss is mae"),
     ]
     for extra, message in cases:
