@@ -113,7 +113,7 @@ def cmd_nnunet_train(args) -> int:
                   "2-class softmax head, a many-class softmax head and a many-class sigmoid head on a network "
                   "preset at the model spacing, time 'medadapt predict' against nnU-Net's predictor (nnUNetPredictor, "
                   "sequential, in one process) on the same exported model, with and without test-time mirroring, each in a fresh process: "
-                  "wall time and the peak resident memory of its process tree. Writes results.json/.csv/.md "
+                  "wall time and peak memory (the resident high-water mark). Writes results.json/.csv/.md "
                   "to --out. Needs pip install 'medadapt[nnunet]'.")
 def add_bench_predict(p):
     p.add_argument("--out", type=Path, default=Path("medadapt_runs/bench-predict"),

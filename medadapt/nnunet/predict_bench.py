@@ -6,9 +6,13 @@ A synthetic planning CT (default 512 x 512 x 200 voxels at 0.8 x 0.8 x 2.5 mm: a
 bone and lung intensities with noise) is written once as NIfTI. For each head (a softmax head of 2 classes, one
 of ``--many`` classes, and a sigmoid head of ``--many`` classes) a model folder is made from a network preset at
 the model spacing (default 1.5 mm isotropic) with seeded random weights, exported with ``export-nnunet``, and
-each tool predicts the CT in a fresh process, with and without test-time mirroring. A process's peak memory is
-the largest sum of the resident memory (VmRSS) of it and its children, sampled every 20 ms (nnU-Net exports in
-worker processes); time is its wall time, imports included. nnU-Net has no sigmoid head of one label per
+each tool predicts the CT in a fresh process, with and without test-time mirroring. Its peak memory is the
+kernel's high-water mark of its resident memory (``ru_maxrss`` of ``wait4``: exact, and no sampling that would take
+CPU from the measured run); its process tree is looked at every half second, and where it runs several processes
+at once the largest sum of their proportional set sizes (PSS, which charges a page shared by forked processes to
+each in part) is taken if larger. Both tools predict in one process here: nnU-Net is handed the case as a list, as
+its Python API takes it (handed a folder, it forks a pool of file-listing workers). Time is the wall time,
+imports included. nnU-Net has no sigmoid head of one label per
 class (its sigmoid is region-based), so the sigmoid rows are medadapt's alone.
 
 The network only sets the time per tile: memory grows with the number of classes and the volume (the
@@ -29,15 +33,16 @@ from medadapt.errors import MedadaptError
 
 HEADS = ("softmax-2", "softmax-many", "sigmoid-many")
 #: nnU-Net's own predictor (nnUNetPredictor, as nnUNetv2_predict_from_modelfolder builds it: step 0.5, Gaussian
-#: blending, mirroring on or off) on the CPU, predicting the files sequentially in this one process
+#: blending, mirroring on or off) on the CPU, predicting the files sequentially in this one process; the case is
+#: named as a list (as nnU-Net's Python API takes it), since listing a folder forks a pool of file-listing workers
 NNUNET_SEQUENTIAL = (
     "import sys, torch\n"
     "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
-    "model, inputs, out, mirror = sys.argv[1:5]\n"
+    "model, image, out, mirror = sys.argv[1:5]\n"
     "p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror == '1',\n"
     "                    perform_everything_on_device=False, device=torch.device('cpu'), allow_tqdm=False)\n"
     "p.initialize_from_trained_model_folder(model, use_folds=(0,))\n"
-    "p.predict_from_files_sequential(inputs, out, save_probabilities=False, overwrite=True)\n")
+    "p.predict_from_files_sequential([[image]], [out], save_probabilities=False, overwrite=True)\n")
 
 
 def write_ct(path: Path, shape_zyx=(200, 512, 512), spacing_zyx=(2.5, 0.8, 0.8), seed: int = 0) -> Path:
@@ -90,39 +95,62 @@ def make_model(out: Path, preset_name: str, head: str, many: int, model_spacing:
     return out
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (Linux /proc)."""
+def _pss(pid: int) -> int:
+    """Proportional set size of ``pid`` in bytes; 0 once it has gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux /proc)."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
         except (OSError, IndexError, ValueError):
             continue
-    total, todo = 0, [pid]
+    found, todo = [], list(children.get(pid, []))
     while todo:
         p = todo.pop()
-        total += rss.get(p, 0)
+        found.append(p)
         todo += children.get(p, [])
-    return total
+    return found
 
 
-def measure(command: list[str], env: dict[str, str] | None = None, interval: float = 0.02) -> dict[str, Any]:
-    """Run ``command``; its wall seconds, the peak resident memory of its process tree, and its exit status."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
-        time.sleep(interval)
-    output = proc.stdout.read() if proc.stdout else ""
-    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak, "returncode": proc.returncode,
-            "output_tail": output[-2000:]}
+def measure(command: list[str], env: dict[str, str] | None = None, interval: float = 0.5) -> dict[str, Any]:
+    """Run ``command``; its wall seconds, its peak memory (the kernel's resident high-water mark of the process,
+    or the summed PSS of its process tree where that was larger while it ran several processes), the most
+    processes seen at once, and its exit status."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        tree_peak, processes = 0, 1
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            below = _descendants(proc.pid)
+            processes = max(processes, 1 + len(below))
+            if below:
+                tree_peak = max(tree_peak, sum(_pss(p) for p in [proc.pid, *below]))
+            time.sleep(interval)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        output = log.read()
+    return {"seconds": seconds, "peak_bytes": max(usage.ru_maxrss * 1024, tree_peak), "processes": processes,
+            "returncode": proc.returncode, "output_tail": output[-2000:]}
 
 
 def run_bench_predict(out: str | Path, shape=(200, 512, 512), spacing=(2.5, 0.8, 0.8), model_spacing: float = 1.5,
@@ -163,7 +191,7 @@ def run_bench_predict(out: str | Path, shape=(200, 512, 512), spacing=(2.5, 0.8,
                                "--out", str(pred), "--quiet", *(["--mirror"] if mirrored else [])]
                 else:  # nnU-Net's predictor in one process (its CLI's workers hang on such a volume)
                     pred.mkdir(parents=True, exist_ok=True)  # it writes into an existing folder
-                    command = [sys.executable, "-c", NNUNET_SEQUENTIAL, str(nnunet_model), str(inputs), str(pred),
+                    command = [sys.executable, "-c", NNUNET_SEQUENTIAL, str(nnunet_model), str(ct), str(pred / "ct"),
                                "1" if mirrored else "0"]
                 result = measure(command, env)
                 if result["returncode"] != 0:
@@ -171,11 +199,11 @@ def run_bench_predict(out: str | Path, shape=(200, 512, 512), spacing=(2.5, 0.8,
                                         f"{result['output_tail'].strip().splitlines()[-1:]}")
                 row = {"head": head, "classes": 2 if head == "softmax-2" else many, "mirror": mirrored,
                        "tool": tool, "seconds": round(result["seconds"], 1),
-                       "peak_rss_gib": round(result["peak_rss_bytes"] / 2**30, 2)}
+                       "peak_gib": round(result["peak_bytes"] / 2**30, 2), "processes": result["processes"]}
                 rows.append(row)
                 if progress:
                     print(f"  {head:13s} mirror={str(mirrored):5s} {tool:8s} {row['seconds']:7.1f} s  "
-                          f"{row['peak_rss_gib']:5.2f} GiB", flush=True)
+                          f"{row['peak_gib']:5.2f} GiB", flush=True)
     _write(out, rows, {"shape_zyx": list(shape), "spacing_zyx": list(spacing), "model_spacing": model_spacing,
                        "preset": preset_name, "many": many})
     return rows
@@ -209,8 +237,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                 continue
             lines.append([head, "yes" if mirrored else "no", f"{m['seconds']:.1f}",
                           f"{n['seconds']:.1f}" if n else "–", f"{m['seconds'] / n['seconds']:.2f}×" if n else "–",
-                          f"{m['peak_rss_gib']:.2f}", f"{n['peak_rss_gib']:.2f}" if n else "–",
-                          f"{m['peak_rss_gib'] / n['peak_rss_gib']:.2f}×" if n else "–"])
+                          f"{m['peak_gib']:.2f}", f"{n['peak_gib']:.2f}" if n else "–",
+                          f"{m['peak_gib'] / n['peak_gib']:.2f}×" if n else "–"])
     return markdown_table(["head", "mirroring", "medadapt (s)", "nnU-Net (s)", "time ratio", "medadapt peak (GiB)",
                            "nnU-Net peak (GiB)", "memory ratio"], lines)
 
