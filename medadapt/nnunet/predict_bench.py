@@ -8,7 +8,8 @@ of ``--many`` classes, and a sigmoid head of ``--many`` classes) a model folder 
 the model spacing (default 1.5 mm isotropic) with seeded random weights, exported with ``export-nnunet``, and
 each tool predicts the CT in a fresh process, with and without test-time mirroring. Its peak memory is the
 kernel's high-water mark of its resident memory (``ru_maxrss`` of ``wait4``: exact, and no sampling that would take
-CPU from the measured run); its process tree is looked at every half second, and where it runs several processes
+CPU from the measured run; the command is started from a small launcher process, since a child forked from the
+benchmark's own process would start with, and report, that process's resident pages); its process tree is looked at every half second, and where it runs several processes
 at once the largest sum of their proportional set sizes (PSS, which charges a page shared by forked processes to
 each in part) is taken if larger. Both tools predict in one process here: nnU-Net is handed the case as a list, as
 its Python API takes it (handed a folder, it forks a pool of file-listing workers). Time is the wall time,
@@ -126,31 +127,58 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+#: a small process that starts the measured command and reports its ``wait4`` rusage: Linux carries a process's
+#: resident high-water mark across ``exec`` and a forked child starts with its parent's resident pages, so a
+#: command forked from this (large) process would report at least this process's size; forked from the launcher,
+#: its high-water mark is the larger of the launcher's ~10 MB and its own peak
+LAUNCHER = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    try:\n"
+    "        os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "    except OSError as exc:\n"
+    "        print(f'cannot run {sys.argv[2]}: {exc}', flush=True)\n"
+    "        os._exit(127)\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "code = os.waitstatus_to_exitcode(status)\n"
+    "with open(sys.argv[1], 'w') as f:\n"
+    "    f.write(f'{usage.ru_maxrss} {code}')\n"
+    "sys.exit(code if 0 <= code < 256 else 1)\n"
+)
+
+
 def measure(command: list[str], env: dict[str, str] | None = None, interval: float = 0.5) -> dict[str, Any]:
     """Run ``command``; its wall seconds, its peak memory (the kernel's resident high-water mark of the process,
     or the summed PSS of its process tree where that was larger while it ran several processes), the most
-    processes seen at once, and its exit status."""
+    processes seen at once, and its exit status.
+
+    The command is started by :data:`LAUNCHER`, a fresh small interpreter, so the reading holds none of this
+    process's memory."""
     import tempfile
 
-    with tempfile.TemporaryFile("w+") as log:
-        started = time.perf_counter()
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        tree_peak, processes = 0, 1
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            below = _descendants(proc.pid)
-            processes = max(processes, 1 + len(below))
-            if below:
-                tree_peak = max(tree_peak, sum(_pss(p) for p in [proc.pid, *below]))
-            time.sleep(interval)
-        seconds = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        log.seek(0)
-        output = log.read()
-    return {"seconds": seconds, "peak_bytes": max(usage.ru_maxrss * 1024, tree_peak), "processes": processes,
-            "returncode": proc.returncode, "output_tail": output[-2000:]}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "rusage"
+        with open(Path(tmp) / "log", "w+") as log:
+            started = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, str(report), *command], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT, text=True)
+            tree_peak, processes = 0, 1
+            while proc.poll() is None:
+                below = _descendants(proc.pid)  # the command and what it starts (not the launcher)
+                processes = max(processes, len(below))
+                if len(below) > 1:
+                    tree_peak = max(tree_peak, sum(_pss(p) for p in below))
+                time.sleep(interval)
+            seconds = time.perf_counter() - started
+            log.seek(0)
+            output = log.read()
+        try:
+            maxrss_kib, returncode = (int(v) for v in report.read_text().split())
+        except (OSError, ValueError):  # the launcher itself failed
+            maxrss_kib, returncode = 0, proc.returncode
+    return {"seconds": seconds, "peak_bytes": max(maxrss_kib * 1024, tree_peak), "processes": processes,
+            "returncode": returncode, "output_tail": output[-2000:]}
 
 
 def run_bench_predict(out: str | Path, shape=(200, 512, 512), spacing=(2.5, 0.8, 0.8), model_spacing: float = 1.5,
