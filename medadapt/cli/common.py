@@ -155,7 +155,26 @@ def add_run_inputs(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", type=model_arg, required=True, help=model_help + MODEL_NAMES_HELP)
     p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 raw dataset folder")
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
-    p.add_argument("--split-seed", type=seed_arg, default=0, help="seed of the fixed 80/20 split (default 0)")
+    p.add_argument("--split-seed", type=seed_arg, default=0,
+                   help="seed of the fixed 80/20 split, and of the folds with --folds (default 0)")
+    add_split_options(p)
+
+
+def add_split_options(p: argparse.ArgumentParser) -> None:
+    """--split and --fold: the train/test split when it is not the fixed random one."""
+    p.add_argument("--split", default=None, metavar="FILE|none",
+                   help="the test cases: nnU-Net's splits_final.json (with --fold), a file of test case ids (one "
+                        "per line), or none (every case trains, nothing is evaluated: a final model); default the "
+                        "fixed 80/20 split of --split-seed")
+    p.add_argument("--fold", type=lambda t: int_at_least(t, 0, "a fold number"), default=None,
+                   help="the fold of a splits_final.json given with --split")
+
+
+def split_from_args(args) -> "Any":
+    """The run's split from --split, --fold and --split-seed (medadapt.data.splits.Split)."""
+    from medadapt.data.splits import Split
+
+    return Split.parse(args.split, args.fold, args.split_seed)
 
 
 def add_postprocess_option(p: argparse.ArgumentParser) -> None:

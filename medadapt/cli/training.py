@@ -6,8 +6,8 @@ from pathlib import Path
 
 from medadapt.cli.common import (MODEL_NAMES_HELP, CommandGroup, add_head_option, add_method_options,
                                  add_postprocess_option, add_run_inputs, add_sampling_option, add_training_options,
-                                 engine_options, method_options, methods_help, model_arg, print_metrics, shots_arg,
-                                 transductive_options)
+                                 engine_options, int_at_least, method_options, methods_help, model_arg, print_metrics,
+                                 shots_arg, split_from_args, transductive_options)
 
 
 #: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
@@ -120,15 +120,24 @@ def cmd_recipes(args) -> int:
 
 
 @commands.command("finetune", "few-shot fine-tune a model folder and evaluate it on the test split",
-                  "Split the dataset 80/20 (fixed by --split-seed), draw K training cases "
-                  "(--shots, --seed), fine-tune with --method, predict and evaluate the "
-                  "test split (DSC, NSD at 1 mm, HD95).")
+                  "Split the dataset 80/20 (fixed by --split-seed; or --split FILE|none), draw K training "
+                  "cases (--shots, --seed), fine-tune with --method, predict and evaluate the "
+                  "test split (DSC, NSD at 1 mm, HD95). --folds N cross-validates instead: N runs, each "
+                  "scoring the cases it was trained without (N = the number of cases is leave-one-out), "
+                  "pooled; --final then also trains the model on every case.")
 def add_finetune(p):
     add_run_inputs(p, "foundation model folder")
     p.add_argument("--method", required=True, help=methods_help())
     add_method_options(p)
-    p.add_argument("--shots", type=shots_arg, required=True,
-                   help="number of annotated training cases K, or all (every case of the train split)")
+    p.add_argument("--shots", type=shots_arg, default=None,
+                   help="number of annotated training cases K, or all (every case of the train split); "
+                        "default all with --split none or --folds, else required")
+    p.add_argument("--folds", type=lambda t: int_at_least(t, 2, "a number of folds"), default=None,
+                   help="cross-validate over every case of --data: N runs in --out/fold_<k>, each predicting and "
+                        "scoring the cases it was trained without; per-fold and pooled metrics in "
+                        "--out/crossval.{json,csv,md} (folds drawn with --split-seed; resumable fold by fold)")
+    p.add_argument("--final", action="store_true",
+                   help="with --folds: also train the model on every case (--out/final), the one to use")
     p.add_argument("--lr", type=float, default=None,
                    help="initial learning rate (default: the recipe's for the method; dgst-paper: 1e-3, "
                         "1e-2 for scratch)")
@@ -160,19 +169,49 @@ def add_finetune(p):
 
 
 def cmd_finetune(args) -> int:
+    import functools
+
+    from medadapt.errors import MedadaptError
     from medadapt.workflows.finetune import finetune, resolve_finetune
 
+    if args.folds is not None and (args.split is not None or args.fold is not None):
+        raise MedadaptError("--folds: cross-validation makes its own splits; drop --split/--fold or --folds")
+    if args.final and args.folds is None:
+        raise MedadaptError("--final: trains the model on every case after a cross-validation; give --folds N "
+                            "(or train on every case alone with --split none)")
+    split = split_from_args(args) if args.folds is None else None
+    shots = args.shots
+    if shots is None:
+        if args.folds is None and split.evaluates:
+            raise MedadaptError("--shots: required (the number of annotated training cases, or all); it defaults "
+                                "to all only with --split none or --folds")
+        shots = "all"
     engine = engine_options(args)
-    settings = resolve_finetune(
-        args.model, args.data, args.method, args.shots, seed=args.seed, gamma=args.gamma,
+    resolve = functools.partial(
+        resolve_finetune, args.model, args.data, args.method, shots, seed=args.seed, gamma=args.gamma,
         split_seed=args.split_seed, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
         method_options=method_options(args), head=args.head, recipe=args.recipe, postprocess=args.postprocess,
         transductive=transductive_options(args), feature_cache=args.feature_cache,
         pretext_decoder=args.pretext_decoder, engine=engine)
+    if args.folds is not None:
+        from medadapt.workflows.crossval import cross_validate
+
+        result = cross_validate(lambda s: resolve(split=s), args.data, args.out, args.folds, seed=args.split_seed,
+                                final=args.final, resume=args.resume, progress=not args.quiet,
+                                run=functools.partial(finetune, engine=engine))
+        print_metrics(result["pooled"], f"held-out cases, {args.folds} folds pooled")
+        print(f"cross-validation: {args.out / 'crossval.md'}")
+        if result["final"]:
+            print(f"final model (every case): {result['final']['model']}")
+        return 0
+    settings = resolve(split=split)
     record = finetune(settings, args.out, resume=args.resume, progress=not args.quiet, engine=engine)
     if not record:  # a torchrun rank other than 0: rank 0 reports
         return 0
-    print_metrics(record["metrics"], "test cases")
+    if record["metrics"] is not None:
+        print_metrics(record["metrics"], "test cases")
+    else:
+        print(f"trained on every case ({len(record['shot_cases'])}); nothing evaluated (--split none)")
     sizes = record["sizes"]
     print(f"model: {args.out / 'model'} ({sizes['checkpoint_bytes'] / 1024:,.0f} KiB); as a delta against the "
           f"foundation: {args.out / 'delta.pt'} ({sizes['delta_bytes'] / 1024:,.0f} KiB)")
@@ -198,8 +237,9 @@ def add_zero_shot(p):
 def cmd_zero_shot(args) -> int:
     from medadapt.workflows.finetune import zero_shot
 
+    split = split_from_args(args) if (args.split is not None or args.fold is not None) else None
     record = zero_shot(args.model, args.data, args.out, split_seed=args.split_seed, resume=args.resume,
-                       progress=not args.quiet, postprocess=args.postprocess, all_cases=args.all_cases)
+                       progress=not args.quiet, postprocess=args.postprocess, all_cases=args.all_cases, split=split)
     print_metrics(record["metrics"], "cases" if args.all_cases else "test cases")
     print(f"results in {args.out}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medadapt.cli.common import (MODEL_NAMES_HELP, CommandGroup, add_head_option, add_method_options,
-                                 method_options, methods_help, model_arg, positive_int, seed_arg)
+                                 method_options, methods_help, model_arg, positive_int, seed_arg, shots_arg)
 
 
 #: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
@@ -47,19 +47,26 @@ def cmd_export_nnunet(args) -> int:
                   "Run nnunetv2's trainer (its data augmentation, deep supervision, validation "
                   "and checkpoint format) on a dataset preprocessed by nnUNetv2_plan_and_preprocess, "
                   "with --method applied, on --shots training cases drawn as 'medadapt "
-                  "finetune' draws them (80/20 split by --split-seed, validation on the 20%%). "
+                  "finetune' draws them (80/20 split by --split-seed, validation on the 20%%; or --split: "
+                  "nnU-Net's splits_final.json at fold FOLD, a list of test cases, or none). "
                   "Output: $nnUNet_results/<dataset>/nnUNetTrainerMedadapt_<method>__<plans>__"
                   "<configuration>/fold_<FOLD>, loadable by nnU-Net's predictor. Needs "
                   "pip install 'medadapt[nnunet]'.")
 def add_nnunet_train(p):
     p.add_argument("dataset", help="nnU-Net dataset id or name, e.g. 502 or Dataset502_Tgt")
     p.add_argument("configuration", help="nnU-Net configuration, e.g. 3d_fullres")
-    p.add_argument("fold", help="names the output fold_<FOLD> folder (the split is medadapt's few-shot split)")
+    p.add_argument("fold", help="names the output fold_<FOLD> folder, and the fold of a splits_final.json given "
+                                "with --split (as nnUNetv2_train's FOLD)")
     p.add_argument("--method", required=True,
                    help=methods_help(training_only=True) + "; adapter cannot be saved for nnU-Net")
     add_method_options(p)
-    p.add_argument("--shots", type=positive_int, required=True, help="number of annotated training cases K")
+    p.add_argument("--shots", type=shots_arg, default=None,
+                   help="number of annotated training cases K, or all; default all with --split, else required")
     p.add_argument("--split-seed", type=seed_arg, default=0, help="seed of the fixed 80/20 split (default 0)")
+    p.add_argument("--split", default=None, metavar="FILE|none",
+                   help="nnU-Net's splits_final.json (fold FOLD's val cases validate), a file of test case ids "
+                        "(one per line), or none (every case trains; validation on the training cases, as "
+                        "nnU-Net's fold all); default the fixed 80/20 split of --split-seed")
     p.add_argument("--pretrained", type=model_arg, default=None,
                    help="foundation weights: an nnU-Net checkpoint (.pth), model folder or zip, or a medadapt "
                         "model folder; the dataset must be preprocessed with the foundation's plans"
@@ -94,10 +101,25 @@ def cmd_nnunet_train(args) -> int:
 
     set_paths(preprocessed=args.nnunet_preprocessed, results=args.nnunet_results)
     import_nnunet("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
+    from medadapt.data.splits import Split
+    from medadapt.errors import MedadaptError
     from medadapt.nnunet.trainer import nnunet_train
 
+    split = None
+    if args.split is not None:
+        is_json = str(args.split).endswith(".json")
+        if is_json and not str(args.fold).isdigit():
+            raise MedadaptError(f"FOLD {args.fold!r}: --split {args.split} is a splits file; FOLD must name one of "
+                                "its folds (a number)")
+        split = Split.parse(args.split, int(args.fold) if is_json else None, args.split_seed)
+    shots = args.shots
+    if shots is None:
+        if split is None:
+            raise MedadaptError("--shots: required (the number of annotated training cases, or all); it defaults "
+                                "to all only with --split")
+        shots = "all"
     with contextlib.redirect_stdout(io.StringIO()) if args.quiet else contextlib.nullcontext():
-        out = nnunet_train(args.dataset, args.configuration, args.fold, method=args.method, shots=args.shots,
+        out = nnunet_train(args.dataset, args.configuration, args.fold, method=args.method, shots=shots, split=split,
                            pretrained=args.pretrained, seed=args.seed, split_seed=args.split_seed,
                            gamma=args.gamma, method_options=method_options(args), epochs=args.epochs,
                            iterations_per_epoch=args.iterations_per_epoch, val_iterations=args.val_iterations,

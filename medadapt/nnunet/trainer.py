@@ -7,7 +7,9 @@ augmentation, deep supervision, Dice+CE loss, poly learning rate, per-epoch pseu
 validation and checkpoint format. What medadapt changes:
 
 * ``do_split``: the training cases are the few-shot draw of ``medadapt finetune`` (the fixed 80/20 split by
-  ``split_seed``, then ``shots`` cases drawn with ``seed``); the validation cases are that split's test part;
+  ``split_seed``, or ``split``: a splits file or none; then ``shots`` cases drawn with ``seed``); the
+  validation cases are that split's test part (with no test part, the training cases, as nnU-Net's fold
+  ``all`` validates);
 * ``configure_optimizers`` (called by ``initialize`` right after the network is built, before any DDP
   wrapper): loads the pretrained weights with nnU-Net's ``load_pretrained_weights`` rules — every weight must
   fit, the segmentation heads (``seg_layers``) are never transferred, so every method starts from nnU-Net's
@@ -38,7 +40,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 
-from medadapt.data.splits import draw_shots, train_test_split
+from medadapt.data.splits import Split, draw_shots
 from medadapt.errors import MedadaptError
 from medadapt.tuning import Strategy, make_strategy
 from medadapt.utils import seeds
@@ -257,7 +259,7 @@ def build_trainer(dataset: str, configuration: str, fold: int | str, method: str
                   gamma: int | None = None, method_options: dict[str, Any] | None = None, epochs: int = 12,
                   iterations_per_epoch: int = 25, val_iterations: int = 5, lr: float | None = None,
                   plans_identifier: str = "nnUNetPlans", device: str = "cpu",
-                  head: str = "fresh") -> nnUNetTrainerMedadapt:
+                  head: str = "fresh", split: Split | None = None) -> nnUNetTrainerMedadapt:
     """The configured trainer, not yet initialized (nnU-Net paths must be set: see medadapt.nnunet.env)."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -304,7 +306,10 @@ def build_trainer(dataset: str, configuration: str, fold: int | str, method: str
     if not data_folder.is_dir():
         raise MedadaptError(f"{data_folder}: missing; run nnUNetv2_preprocess -d {dataset} -c {configuration}")
     case_ids = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
-    train_ids, test_ids = train_test_split(case_ids, test_fraction=0.2, seed=split_seed)
+    the_split = split if split is not None else Split.random(split_seed)
+    train_ids, test_ids = the_split.apply(case_ids)
+    if shots == "all":
+        shots = len(train_ids)
     shot_ids = draw_shots(train_ids, shots, seed)
     weights = labels = None
     if pretrained is not None:
@@ -318,9 +323,10 @@ def build_trainer(dataset: str, configuration: str, fold: int | str, method: str
     trainer.num_iterations_per_epoch = iterations_per_epoch
     trainer.num_val_iterations_per_epoch = val_iterations
     record = {"method": strategy.config(), "shots": shots, "seed": seed, "split_seed": split_seed,
-              "shot_cases": shot_ids, "split": {"train": train_ids, "test": test_ids},
+              "shot_cases": shot_ids, "split": {"train": train_ids, "test": test_ids,
+                                                **({"how": split.record()} if split is not None else {})},
               "pretrained": str(pretrained) if pretrained is not None else None, "head": head}
-    trainer.medadapt_setup(strategy, shot_ids, test_ids, pretrained=weights, pretrained_labels=labels,
+    trainer.medadapt_setup(strategy, shot_ids, test_ids or shot_ids, pretrained=weights, pretrained_labels=labels,
                            pretrained_source=str(pretrained), seed=seed, initial_lr=lr, record=record, head=head)
     # nnU-Net's network initialisation is reproducible: the new heads' stream (a network from scratch: the network's)
     seeds.seed_global(seed, "head" if pretrained is not None else "network")

@@ -9,6 +9,8 @@ the file); its labels are its ``dataset.json``'s::
       - name: liver                       # optional (default: the dataset's name)
         data: ../nnUNet_raw/Dataset003_Liver
       - data: ../nnUNet_raw/Dataset008_HepaticVessel
+        split: ../splits/hepaticvessel_test.txt   # optional: its test cases (a list, or splits_final.json
+                                                  # with fold: N); default the fixed 80/20 split
     unseen:
       - data: ../nnUNet_raw/Dataset040_KiTS
 
@@ -27,6 +29,7 @@ from typing import Any
 import yaml
 
 from medadapt.data.dataset import RawDataset
+from medadapt.data.splits import Split
 from medadapt.errors import MedadaptError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -38,9 +41,13 @@ class StreamTask:
 
     name: str
     data: Path
+    split: Split | None = None  #: its own test cases (a splits file); None: the run's fixed random split
 
     def dataset(self) -> RawDataset:
         return RawDataset.load(self.data)
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "data": str(self.data), **({"split": self.split.record()} if self.split else {})}
 
 
 @dataclass(frozen=True)
@@ -52,8 +59,7 @@ class Stream:
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "source": str(self.source),
-                "tasks": [{"name": t.name, "data": str(t.data)} for t in self.tasks],
-                "unseen": [{"name": t.name, "data": str(t.data)} for t in self.unseen]}
+                "tasks": [t.record() for t in self.tasks], "unseen": [t.record() for t in self.unseen]}
 
 
 def load_stream(path: "str | os.PathLike[str]") -> Stream:
@@ -99,10 +105,10 @@ def _tasks(path: Path, items: Any, key: str, required: bool) -> list[StreamTask]
             item = {"data": item}
         if not isinstance(item, dict) or "data" not in item:
             raise MedadaptError(f"{where}: a task needs 'data' (its nnU-Net raw dataset folder)")
-        extra = sorted(set(item) - {"name", "data"})
+        extra = sorted(set(item) - {"name", "data", "split", "fold"})
         if extra:
-            raise MedadaptError(f"{where}: unknown key(s) {extra}; a task has 'data' and optionally 'name' (its "
-                                "labels are its dataset.json's)")
+            raise MedadaptError(f"{where}: unknown key(s) {extra}; a task has 'data' and optionally 'name', "
+                                "'split' and 'fold' (its labels are its dataset.json's)")
         data = Path(os.path.expanduser(str(item["data"])))
         if not data.is_absolute():
             data = (path.parent / data).resolve()
@@ -115,11 +121,26 @@ def _tasks(path: Path, items: Any, key: str, required: bool) -> list[StreamTask]
                                 "needs at least one foreground label")
         if not dataset.case_ids:
             raise MedadaptError(f"{where}: {data} has no training cases; add cases to imagesTr/labelsTr")
+        split = None
+        if item.get("split") is not None:
+            if str(item["split"]) == "none":
+                raise MedadaptError(f"{where}: split none: a stream's task is scored after every stage, so it needs "
+                                    "a test part; give a splits file or leave 'split' out")
+            split_path = Path(os.path.expanduser(str(item["split"])))
+            if not split_path.is_absolute():
+                split_path = (path.parent / split_path).resolve()
+            try:
+                split = Split.parse(split_path, item.get("fold"), option="split")
+                split.apply(dataset.case_ids)
+            except MedadaptError as exc:
+                raise MedadaptError(f"{where}: {exc}") from None
+        elif item.get("fold") is not None:
+            raise MedadaptError(f"{where}: 'fold' names a fold of a splits file; give the file as 'split'")
         name = str(item.get("name") or dataset.name)
         if not _NAME.match(name):
             raise MedadaptError(f"{where}: name {name!r} must be letters, digits, '_', '-' or '.' (it names a "
                                 "folder)")
-        out.append(StreamTask(name=name, data=data))
+        out.append(StreamTask(name=name, data=data, split=split))
     return out
 
 

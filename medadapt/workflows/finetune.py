@@ -50,7 +50,7 @@ from medadapt.data.dataset import RawDataset
 from medadapt.data.io import read_label
 from medadapt.data.cache import preprocess_dataset
 from medadapt.data.sampling import PatchSampler
-from medadapt.data.splits import draw_shots, train_test_split
+from medadapt.data.splits import Split, draw_shots
 from medadapt.engine import EngineOptions, Trainer, TrainingConfig, distributed
 from medadapt.engine.recipe import Recipe, load_recipe
 from medadapt.errors import MedadaptError
@@ -235,6 +235,13 @@ class FinetuneSettings:
     postprocess: str
     transductive: Transductive | None = None
     feature_cache: bool = False
+    #: the train/test split when it is not the fixed random one of ``split_seed`` (a file, none, a fold)
+    split: Split | None = None
+
+    @property
+    def the_split(self) -> Split:
+        """The run's split: :attr:`split`, else the fixed random split of :attr:`split_seed`."""
+        return self.split if self.split is not None else Split.random(self.split_seed)
 
     def strategy(self):
         """A new strategy object of these settings (every run part that prepares a network gets its own)."""
@@ -251,7 +258,9 @@ class FinetuneSettings:
                 "head_init": self.recipe.head_init, "deep_supervision": self.recipe.deep_supervision,
                 "postprocess": self.postprocess,
                 "transductive": self.transductive.record() if self.transductive is not None else None,
-                "feature_cache": self.feature_cache}
+                "feature_cache": self.feature_cache,
+                # the default split is named by split_seed alone (identities of earlier runs unchanged)
+                **({"split": self.split.record()} if self.split is not None else {})}
 
 
 def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "int | str", *, seed: int = 0,
@@ -260,7 +269,8 @@ def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "i
                      method_options: dict[str, Any] | None = None, head: str = "fresh",
                      recipe: "str | Path | Recipe | None" = None, postprocess: str = "none",
                      transductive: "Transductive | None" = None, feature_cache: bool = False,
-                     pretext_decoder: str = "auto", engine: EngineOptions | None = None) -> FinetuneSettings:
+                     pretext_decoder: str = "auto", engine: EngineOptions | None = None,
+                     split: Split | None = None) -> FinetuneSettings:
     """The settings of fine-tuning ``model`` on ``shots`` cases of ``data`` with ``method``, checked and
     resolved (one line per mistake, nothing written). ``shots="all"``: every case of the train split (the "all
     samples" rows), recorded as their number.
@@ -275,8 +285,12 @@ def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "i
     ``engine``: its precision, resolved for this process's device, is part of the settings.
     ``pretext_decoder``: what a method that freezes part of the network does with a decoder trained on a
     pretext task (:func:`decoder_policy`; ``auto``: ``new`` for a self-supervised foundation, else
-    ``pretrained``)."""
+    ``pretrained``).
+    ``split``: how the dataset divides into training and test cases (medadapt.data.splits.Split: a file, none,
+    a cross-validation fold); default the fixed random split of ``split_seed``."""
     engine = engine or EngineOptions()
+    if split is not None and split.kind == "random":  # the default split is named by its seed alone
+        split_seed, split = split.seed, None
     if head not in HEAD_POLICIES:
         raise MedadaptError(f"--head {head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
     options = {k: v for k, v in sorted((method_options or {}).items()) if v is not None}
@@ -306,8 +320,23 @@ def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "i
         if missing:
             raise MedadaptError(f"--method {method}: the foundation in {folder.path} does not know {missing} (its "
                                 f"classes: {', '.join(folder.foreground)}); fine-tune with a method that trains")
+    the_split = split if split is not None else Split.random(split_seed)
+    train_ids, test_ids = the_split.apply(dataset.case_ids)
     if shots == "all":
-        shots = len(train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)[0])
+        shots = len(train_ids)
+    if not train_ids and strategy.trains:
+        raise MedadaptError(f"--split: {the_split.describe()} leaves no training case in {dataset.root}; choose "
+                            "another split")
+    if strategy.trains and isinstance(shots, int) and shots > len(train_ids):
+        raise MedadaptError(f"--shots {shots}: {the_split.describe()} leaves {len(train_ids)} training case(s) in "
+                            f"{dataset.root}; use --shots {len(train_ids)} or fewer (or all), --split none to train "
+                            "on every case, or --folds to cross-validate them")
+    if transductive is not None and not test_ids:
+        raise MedadaptError(f"--transductive: {the_split.describe()} has no test volumes to constrain; use a split "
+                            "with a test part")
+    if not strategy.trains and not test_ids:
+        raise MedadaptError(f"--method {method}: trains nothing and {the_split.describe()} evaluates nothing; use "
+                            "a split with a test part")
     # the recipe, with the method's own settings (budget, batch, lr), the command line's budget, and an epoch
     # of "cases" resolved for the number of training cases
     resolved = load_recipe(recipe or folder.recipe or DEFAULT_RECIPE).for_method(method).with_overrides(
@@ -321,7 +350,7 @@ def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "i
         head=head, recipe=resolved, training=config,
         patch_size=tuple(resolved.patch_size or folder.network.patch_size),
         batch_size=resolved.batch_size or folder.network.batch_size, postprocess=postprocess,
-        transductive=transductive, feature_cache=bool(feature_cache))
+        transductive=transductive, feature_cache=bool(feature_cache), split=split)
 
 
 def run_identity(settings: dict[str, Any], dataset: RawDataset, folder: ModelFolder,
@@ -365,7 +394,7 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
         check_identity(out, identity)
     if run_file.is_file():
         return json.loads(run_file.read_text())
-    train_ids, test_ids = train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)
+    train_ids, test_ids = s.the_split.apply(dataset.case_ids)
     shot_ids = draw_shots(train_ids, shots, seed)
 
     # Every case this run touches is checked before anything is written: a bad test case must not surface
@@ -490,13 +519,14 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
             thresholds={n: t for n, t in folder.thresholds.items() if n in dataset.labels},
         )
         save_model_folder(where / "model", final, tuned)
-        predict_cases(tuned, final, dataset, ids, out / "predictions", progress, postprocess)
+        if ids:  # --split none: a final model, nothing to predict
+            predict_cases(tuned, final, dataset, ids, out / "predictions", progress, postprocess)
     if not distributed.is_main():
         distributed.barrier()
         return {}
     sizes = {"delta_bytes": (where / "delta.pt").stat().st_size,
              "checkpoint_bytes": (where / "model" / "weights.pt").stat().st_size}
-    summary = evaluate_cases(dataset, test_ids, out, progress)
+    summary = evaluate_cases(dataset, test_ids, out, progress) if test_ids else None
 
     record = {
         "method": strategy.config(),
@@ -508,7 +538,8 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
         "foundation": s.model,
         "dataset": str(dataset.root),
         "dataset_name": dataset.name,
-        "split": {"train": train_ids, "test": test_ids},
+        "split": {"train": train_ids, "test": test_ids,
+                  **({"how": s.split.record()} if s.split is not None else {})},
         "shot_cases": shot_ids,
         "head": head,
         "postprocess": postprocess,
@@ -558,9 +589,11 @@ def predict_and_evaluate(folder: ModelFolder, network: torch.nn.Module, dataset:
 
 @locks_folder("out")
 def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: int = 0, resume: bool = False,
-              progress: bool = True, postprocess: str = "none", all_cases: bool = False) -> dict[str, Any]:
+              progress: bool = True, postprocess: str = "none", all_cases: bool = False,
+              split: Split | None = None) -> dict[str, Any]:
     """The foundation model, with its own heads and no fine-tuning, on ``data``'s test split (``all_cases``:
-    on every case of ``data``, a held-out cohort).
+    on every case of ``data``, a held-out cohort; ``split``: another split's test part, as in
+    :func:`resolve_finetune`).
 
     The reference row "Foundation, no fine-tuning" of the benchmark tables (FSEFT's "Generalization"). Every
     foreground label of the dataset must be a class of the model, matched by name: a partially labelled model
@@ -579,9 +612,20 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
         raise MedadaptError(f"{dataset.root / 'dataset.json'}: labels {missing} are not classes of the model "
                             f"({', '.join(folder.foreground)}), so the model's own heads cannot be evaluated on "
                             "it zero-shot; fine-tune instead")
+    if split is not None and split.kind == "random":
+        split_seed, split = split.seed, None
+    if split is not None and all_cases:
+        raise MedadaptError("--all-cases: evaluates every case, so --split has nothing to choose; give one of them")
+    if split is not None and not split.evaluates:
+        raise MedadaptError("--split none: zero-shot trains nothing and would evaluate nothing; use --all-cases to "
+                            "evaluate every case")
+    the_split = split if split is not None else Split.random(split_seed)
+    if not all_cases:
+        the_split.apply(dataset.case_ids)  # a file naming other cases: one line before any work
     network = folder.load_network()
     identity = run_identity({"method": {"name": "zero-shot"}, "shots": 0, "seed": 0, "split_seed": split_seed,
-                             "head": "keep", "postprocess": postprocess, "cases": "all" if all_cases else "test"},
+                             "head": "keep", "postprocess": postprocess, "cases": "all" if all_cases else "test",
+                             **({"split": split.record()} if split is not None else {})},
                             dataset, folder, network.state_dict())
     check_identity(out, identity)
     if run_file.is_file():
@@ -589,7 +633,7 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
     if all_cases:
         train_ids, test_ids = [], list(dataset.case_ids)
     else:
-        train_ids, test_ids = train_test_split(dataset.case_ids, test_fraction=0.2, seed=split_seed)
+        train_ids, test_ids = the_split.apply(dataset.case_ids)
     for cid in tqdm(test_ids, desc="check test cases", disable=not progress, unit="case", leave=False):
         dataset.load_case(cid)
     record_identity(out, identity)
@@ -598,7 +642,8 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
         "method": {"name": "zero-shot"}, "shots": 0, "seed": None, "split_seed": split_seed,
         "postprocess": postprocess,
         "foundation": str(Path(model).resolve()), "dataset": str(dataset.root), "dataset_name": dataset.name,
-        "split": {"train": train_ids, "test": test_ids}, "shot_cases": [], "head": "keep",
+        "split": {"train": train_ids, "test": test_ids, **({"how": split.record()} if split is not None else {})},
+        "shot_cases": [], "head": "keep",
         "identity": identity, "training": None,
         "parameters": {"trainable": 0, "updated_per_step": 0, "total": total_parameter_count(network)},
         "timing": {"median_iteration_seconds": None, "median_sampling_seconds": None, "data_wait_share": None,

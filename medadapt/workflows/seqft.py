@@ -58,7 +58,7 @@ from medadapt.data.augmentation import Augmentation
 from medadapt.data.cache import preprocess_dataset
 from medadapt.data.dataset import RawDataset
 from medadapt.data.sampling import PatchSampler
-from medadapt.data.splits import draw_shots, train_test_split
+from medadapt.data.splits import Split, draw_shots
 from medadapt.engine import EngineOptions, Trainer, TrainingConfig
 from medadapt.engine.recipe import Recipe, load_recipe
 from medadapt.errors import MedadaptError
@@ -368,7 +368,8 @@ def task_splits(settings: SeqftSettings, folder0: ModelFolder) -> tuple[list[Raw
         if ds.num_channels != folder0.network.input_channels:
             raise MedadaptError(f"{task.data / 'dataset.json'}: has {ds.num_channels} input channel(s), the model "
                                 f"in {folder0.path} expects {folder0.network.input_channels}")
-        train_ids, test_ids = train_test_split(ds.case_ids, test_fraction=0.2, seed=settings.split_seed)
+        split = task.split if task.split is not None else Split.random(settings.split_seed)
+        train_ids, test_ids = split.apply(ds.case_ids)
         if not train_ids or not test_ids:
             raise MedadaptError(f"{task.data}: {len(ds.case_ids)} case(s) give no train/test split; a task needs "
                                 "at least 2 cases (5 or more for a meaningful test split)")
