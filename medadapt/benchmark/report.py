@@ -441,9 +441,9 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
     files: dict[str, Path] = {}
     seeds = ", ".join(map(str, config.seeds))
     sections = [f"# Benchmark report: grid `{config.name}`\n",
-                f"{len(done)} of {len(cells)} cells finished. Config: `{config.source}`. Seeds: {seeds} "
+                f"{len(done)} of {len(cells)} cells finished. Config: `{config.cli_argument}`. Seeds: {seeds} "
                 f"({len(config.seeds)}). Head policy: {config.head}. DSC and NSD at 1 mm in %.\n",
-                FOOTNOTE + "\n"]
+                FOOTNOTE + "\n", CONVERGENCE_LEGEND + "\n"]
     t1_md, t1_csv = zip(*(table1(index, cls) for cls in classes))
     files["table1.md"] = _write(out / "table1.md", "\n\n".join(t1_md) + "\n\n" + FOOTNOTE + "\n\n"
                                 + CONVERGENCE_LEGEND + "\n")

@@ -362,7 +362,7 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
     files: dict[str, Path] = {}
     seeds = ", ".join(map(str, config.seeds))
     sections = [f"# FSEFT benchmark report: grid `{config.name}`\n",
-                f"{len(done)} of {len(cells)} cells finished. Config: `{config.source}`. Seeds: {seeds}. Head "
+                f"{len(done)} of {len(cells)} cells finished. Config: `{config.cli_argument}`. Seeds: {seeds}. Head "
                 f"policy: {config.head}{''.join(f', {m}: {h}' for m, h in config.heads.items())}. "
                 f"Post-processing: {config.postprocess}. Recipe: "
                 f"{config.recipe['name'] if config.recipe else 'the foundation’s'}.\n"]

@@ -605,7 +605,7 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
     done = sum(1 for r in records.values() if r)
     f = config.foundation
     sections = [f"# Benchmark report: MedSeqFT grid `{config.name}`\n",
-                f"{done} of {len(cells)} cells finished. Config: `{config.source}`. Seeds: "
+                f"{done} of {len(cells)} cells finished. Config: `{config.cli_argument}`. Seeds: "
                 f"{', '.join(map(str, config.seeds))}. Stream `{config.stream['name']}`: "
                 f"{', '.join(t.name for t in config.tasks)} (in this order); unseen: "
                 f"{', '.join(t.name for t in config.unseen) or 'none'}; {config.stream['cases']} cases per task "
