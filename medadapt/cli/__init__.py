@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from medadapt.cli import bench, data, demo, dicom, inference, interop, sequential, training
-from medadapt.cli.common import version_string
+from medadapt.cli.common import model_arg, version_string
 from medadapt.errors import MedadaptError
 
 GROUPS = (data, training, bench, inference, interop, demo, sequential, dicom)
@@ -56,6 +56,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             add(sub)
         else:
             sub.add_parser(name, help=help_line, add_help=False)
+    for command in sub.choices.values():  # every command that reads a model reads it without running its code
+        if any(a.type is model_arg or a.dest == "resume" for a in command._actions):
+            command.add_argument("--trust-model", action="store_true",
+                                 help="load checkpoints that hold Python objects other than tensors and numpy data "
+                                      "(unpickling runs their code: only for files from a source you trust, as "
+                                      "nnU-Net itself loads them)")
     return parser
 
 
@@ -73,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from medadapt.utils.allocator import keep_freed_memory
 
-    keep_freed_memory()  # glibc: reuse freed tensor memory instead of page-faulting it back in every iteration
+    keep_freed_memory()
+    if getattr(args, "trust_model", False):
+        from medadapt.utils.checkpoints import set_trust
+
+        set_trust(True)  # glibc: reuse freed tensor memory instead of page-faulting it back in every iteration
     try:
         return args.func(args)
     except MedadaptError as exc:

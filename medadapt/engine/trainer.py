@@ -206,7 +206,9 @@ class Trainer:
         dist_utils.barrier()
 
     def _load(self) -> None:
-        ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        from medadapt.utils import checkpoints
+
+        ckpt = checkpoints.load(self.checkpoint_path, "training checkpoint")
         if ckpt["config"] != self.config.to_dict():
             raise MedadaptError(
                 f"{self.checkpoint_path}: was written with other training settings "

@@ -120,12 +120,12 @@ def _checkpoint_file(model_dir: Path, fold: str | int | None) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # nnU-Net's checkpoints are pickles holding the plans and a torch.device next to the weights; nnU-Net
-    # loads them with weights_only=False itself. Load only models you trust, as with nnU-Net.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise MedadaptError(f"{path}: not a readable nnU-Net checkpoint ({type(exc).__name__}: {exc})") from None
+    """An nnU-Net checkpoint (weights, plans, a torch.device) without running code from it: its metadata is
+    numpy data that the allow-list of :mod:`medadapt.utils.checkpoints` admits; anything else needs
+    ``--trust-model`` (nnU-Net itself loads with ``weights_only=False``)."""
+    from medadapt.utils import checkpoints
+
+    return checkpoints.load(path, "nnU-Net checkpoint")
 
 
 def clean_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -63,14 +63,9 @@ BTCV_INTENSITY_RANGE = (-175.0, 250.0)
 
 # ------------------------------------------------------------------------------------------- reading
 def _numpy_safe_globals() -> list:
-    """The numpy objects a checkpoint's metadata may hold (research-contributions stores ``best_acc`` as a numpy
-    float): data, never code, so ``torch.load(weights_only=True)`` may rebuild them."""
-    try:
-        scalar = np._core.multiarray.scalar
-    except AttributeError:  # numpy < 2
-        scalar = np.core.multiarray.scalar
-    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
-    return [scalar, np.dtype, *dtypes]
+    from medadapt.utils.checkpoints import numpy_safe_globals
+
+    return numpy_safe_globals()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
