@@ -162,13 +162,22 @@ def _name_cases(cases: Sequence[str], limit: int = 10) -> str:
     return text
 
 
-def _to_csv(rows: list[dict]) -> str:
+def metrics_csv(rows: list[dict], lead: tuple[str, ...] = ()) -> str:
+    """``metrics_per_case.csv``'s text (metrics as their repr, so :func:`read_metrics_csv` gets the same floats);
+    ``lead``: columns of the rows written before the usual ones (e.g. a cross-validation's fold)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow([*lead, *CSV_COLUMNS])
     for r in rows:
-        writer.writerow([repr(float(r[c])) if c in _METRICS else r[c] for c in CSV_COLUMNS])
+        writer.writerow([*(r[c] for c in lead), *(repr(float(r[c])) if c in _METRICS else r[c] for c in CSV_COLUMNS)])
     return buf.getvalue()
+
+
+def read_metrics_csv(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics_per_case.csv`` as :func:`summarize` takes them (metrics exact floats)."""
+    with open(path, newline="") as f:
+        return [{**r, "label": int(r["label"]), "gt_voxels": int(r["gt_voxels"]), "pred_voxels": int(r["pred_voxels"]),
+                 **{m: float(r[m]) for m in _METRICS}} for r in csv.DictReader(f)]
 
 
 def evaluate_folders(
@@ -305,8 +314,9 @@ def evaluate_folders(
 def write_metrics(rows: list[dict], summary: dict, out_dir: str | Path) -> None:
     """Write ``metrics_per_case.csv`` and ``summary.json`` to ``out_dir``, each atomically."""
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "metrics_per_case.csv", _to_csv(rows))
+    atomic_write_text(out_dir / "metrics_per_case.csv", metrics_csv(rows))
     atomic_write_json(out_dir / "summary.json", summary)
 
 
-__all__ = ["evaluate_folders", "summarize", "format_mean_std", "write_metrics", "CSV_COLUMNS"]
+__all__ = ["evaluate_folders", "summarize", "format_mean_std", "write_metrics", "metrics_csv", "read_metrics_csv",
+           "CSV_COLUMNS"]

@@ -91,6 +91,12 @@ def load_stream(path: "str | os.PathLike[str]") -> Stream:
     return Stream(name=name, tasks=tuple(tasks), unseen=tuple(unseen), source=path.resolve())
 
 
+def _beside(path: Path, value: Any) -> Path:
+    """A path from the stream file: ``~`` expanded, a relative one taken from the file's folder."""
+    found = Path(os.path.expanduser(str(value)))
+    return found if found.is_absolute() else (path.parent / found).resolve()
+
+
 def _tasks(path: Path, items: Any, key: str, required: bool) -> list[StreamTask]:
     if items is None:
         if required:
@@ -109,9 +115,7 @@ def _tasks(path: Path, items: Any, key: str, required: bool) -> list[StreamTask]
         if extra:
             raise MedadaptError(f"{where}: unknown key(s) {extra}; a task has 'data' and optionally 'name', "
                                 "'split' and 'fold' (its labels are its dataset.json's)")
-        data = Path(os.path.expanduser(str(item["data"])))
-        if not data.is_absolute():
-            data = (path.parent / data).resolve()
+        data = _beside(path, item["data"])
         try:
             dataset = RawDataset.load(data)
         except MedadaptError as exc:
@@ -126,11 +130,8 @@ def _tasks(path: Path, items: Any, key: str, required: bool) -> list[StreamTask]
             if str(item["split"]) == "none":
                 raise MedadaptError(f"{where}: split none: a stream's task is scored after every stage, so it needs "
                                     "a test part; give a splits file or leave 'split' out")
-            split_path = Path(os.path.expanduser(str(item["split"])))
-            if not split_path.is_absolute():
-                split_path = (path.parent / split_path).resolve()
             try:
-                split = Split.parse(split_path, item.get("fold"), option="split")
+                split = Split.parse(_beside(path, item["split"]), item.get("fold"), option="split")
                 split.apply(dataset.case_ids)
             except MedadaptError as exc:
                 raise MedadaptError(f"{where}: {exc}") from None

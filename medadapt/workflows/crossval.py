@@ -34,23 +34,13 @@ from medadapt.data.dataset import RawDataset
 from medadapt.data.splits import Split
 from medadapt.errors import MedadaptError
 from medadapt.metrics import summarize
+from medadapt.metrics.evaluate import metrics_csv, read_metrics_csv
 from medadapt.utils.atomic import atomic_write_json, atomic_write_text
 from medadapt.utils.lock import locks_folder
 from medadapt.workflows.identity import check_identity, record_identity, settings_digest
 
 CROSSVAL_FORMAT = "medadapt-crossval/1"
 _METRICS = ("dsc", "nsd", "hd95")
-
-
-def _read_case_rows(path: Path, fold: int) -> list[dict[str, Any]]:
-    """A run's ``metrics_per_case.csv`` as rows of :func:`medadapt.metrics.case_metrics` (floats exact: the file
-    holds their repr), with the fold."""
-    rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            rows.append({**r, "label": int(r["label"]), **{m: float(r[m]) for m in _METRICS},
-                         "tolerance_mm": 1.0, "fold": fold})
-    return rows
 
 
 def _spread(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
@@ -105,9 +95,7 @@ def cross_validate(settings_for: Callable[[Split], Any], data: str | Path, out: 
     out = Path(out)
     dataset = RawDataset.load(data)
     n = len(dataset.case_ids)
-    if folds < 2 or folds > n:
-        raise MedadaptError(f"--folds {folds}: {dataset.root} has {n} case(s); choose 2..{n} folds ({n} is "
-                            "leave-one-out)")
+    Split.cross_validation(folds, 0, seed).apply(dataset.case_ids)  # a fold count the cases cannot take: one line
     fold_settings = [settings_for(Split.cross_validation(folds, k, seed)) for k in range(folds)]
     final_settings = settings_for(Split("none")) if final else None
     shared = {k: v for k, v in fold_settings[0].to_dict().items() if k != "split"}
@@ -125,11 +113,11 @@ def cross_validate(settings_for: Callable[[Split], Any], data: str | Path, out: 
         if progress:
             print(f"fold {k + 1}/{folds}: {where}", flush=True)
         record = run(settings, where, resume=True, progress=progress)
-        fold_rows = _read_case_rows(where / "metrics_per_case.csv", k)
-        rows.extend(fold_rows)
+        rows.extend({**r, "fold": k} for r in read_metrics_csv(where / "metrics_per_case.csv"))
         per_fold.append({"fold": k, "test": record["split"]["test"], "train": record["split"]["train"],
                          "shot_cases": record["shot_cases"], "summary": record["metrics"]})
-    pooled = summarize([{k: v for k, v in r.items() if k != "fold"} for r in rows], tolerance_mm=1.0)
+    pooled = summarize([{k: v for k, v in r.items() if k != "fold"} for r in rows],
+                       tolerance_mm=per_fold[0]["summary"]["tolerance_mm"])
     result = {"format": CROSSVAL_FORMAT, "folds": folds, "seed": seed, "dataset": str(dataset.root),
               "method": fold_settings[0].strategy().config(), "shots": fold_settings[0].shots,
               "per_fold": per_fold, "pooled": pooled, "spread_of_folds": _spread([f["summary"] for f in per_fold]),
@@ -139,12 +127,7 @@ def cross_validate(settings_for: Callable[[Split], Any], data: str | Path, out: 
     writer = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(table)
-    case_buf = io.StringIO()
-    case_writer = csv.DictWriter(case_buf, fieldnames=["fold", "case", "class", "label", "dsc", "nsd", "hd95"],
-                                 lineterminator="\n", extrasaction="ignore")
-    case_writer.writeheader()
-    case_writer.writerows({**r, **{m: repr(r[m]) for m in _METRICS}} for r in rows)
-    atomic_write_text(out / "metrics_per_case.csv", case_buf.getvalue())
+    atomic_write_text(out / "metrics_per_case.csv", metrics_csv(rows, lead=("fold",)))
     atomic_write_text(out / "crossval.csv", buf.getvalue())
     atomic_write_text(out / "crossval.md", _markdown(
         table, f"# {folds}-fold cross-validation of {result['method']['name']} on {dataset.name} "
