@@ -12,7 +12,7 @@ GT_COLOR = "lime"      # the paper's Fig. 2: ground truth green, prediction yell
 PRED_COLOR = "yellow"
 
 
-def _window(image: np.ndarray, level: float = 40.0, width: float = 400.0) -> np.ndarray:
+def ct_window(image: np.ndarray, level: float = 40.0, width: float = 400.0) -> np.ndarray:
     lo, hi = level - width / 2, level + width / 2
     return np.clip((image - lo) / (hi - lo), 0, 1)
 
@@ -69,7 +69,7 @@ def contour_figure(path: str | Path, image: np.ndarray, gt: np.ndarray, predicti
         for c, method in enumerate(methods):
             ax = axes[r][c]
             view = radiological_view
-            ax.imshow(_window(view(image[z])), cmap="gray", aspect=aspect, interpolation="nearest")
+            ax.imshow(ct_window(view(image[z])), cmap="gray", aspect=aspect, interpolation="nearest")
             if (gt[z] > 0).any():
                 ax.contour(view(gt[z] > 0), levels=[0.5], colors=GT_COLOR, linewidths=1.0)
             if (predictions[method][z] > 0).any():

@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from medadapt.benchmark import runner
-from medadapt.benchmark.grid import builtin_config_path, enumerate_cells, load_config, parse_config
-from medadapt.benchmark.engine import grid_cells
+from medadapt.benchmark.config import builtin_config_path
+from medadapt.benchmark.grid import enumerate_cells, load_config, parse_config
+from medadapt.benchmark.harness import grid_cells
 from medadapt.cli import main
 from medadapt.errors import MedadaptError
 

@@ -13,10 +13,11 @@ import pytest
 import yaml
 
 from medadapt.benchmark import runner
-from medadapt.benchmark.grid import builtin_config_path, enumerate_cells, load_config, parse_config
+from medadapt.benchmark.config import builtin_config_path
+from medadapt.benchmark.grid import enumerate_cells, load_config, parse_config
 from medadapt.benchmark import stats
 from medadapt.benchmark.report import write_report
-from medadapt.benchmark.engine import grid_cells
+from medadapt.benchmark.harness import grid_cells
 from medadapt.cli import main
 from medadapt.errors import MedadaptError
 
@@ -265,8 +266,9 @@ def test_committed_records_are_finished_without_their_data(quick_grid, tmp_path,
     listing = _listing(copy_dir, capsys)
     assert listing["summary"].startswith("34/34 cells finished") and "stale" not in listing["summary"]
     # the same data regenerated: same bytes, same keys
-    from medadapt.benchmark.engine import input_digests, write_datasets
-    from medadapt.benchmark.grid import dataset_keys, grid_paths
+    from medadapt.benchmark.harness import input_digests, write_datasets
+    from medadapt.benchmark.config import dataset_keys
+    from medadapt.benchmark.grid import grid_paths
 
     paths = grid_paths(config, copy_dir)
     write_datasets(dataset_keys(config), paths, progress=False)

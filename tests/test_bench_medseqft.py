@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from medadapt.benchmark import runner_medseqft as runner
-from medadapt.benchmark.grid import builtin_config_path
-from medadapt.benchmark.medseqft import enumerate_cells, is_medseqft_config, load_config, parse_config
-from medadapt.benchmark.engine import grid_cells
+from medadapt.benchmark.config import builtin_config_path, paper_of
+from medadapt.benchmark.medseqft import enumerate_cells, load_config, parse_config
+from medadapt.benchmark.harness import grid_cells
 from medadapt.cli import main
 from medadapt.errors import MedadaptError
 
@@ -145,7 +145,7 @@ def test_bad_config_on_the_command_line_is_one_line_and_exit_2(tmp_path, capsys)
     raw["medseqft"]["kd_rank"] = 0
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))
-    assert is_medseqft_config(bad) and is_medseqft_config("medseqft") and not is_medseqft_config("fseft")
+    assert paper_of(raw) == "medseqft" and paper_of(raw_config()) == "medseqft"
     assert main(["bench", str(bad), "--list"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("medadapt bench: error: ") and "medseqft.kd_rank: 0 is not an integer >= 1" in err
@@ -193,10 +193,10 @@ def test_ray_submits_a_dependent_cell_after_the_cell_it_starts_from(monkeypatch)
         def __exit__(self, *exc):
             return False
 
-    from medadapt.benchmark import engine
+    from medadapt.benchmark import harness
 
-    monkeypatch.setattr(engine, "ray_session", lambda address: Session())
-    engine.run_on_ray(runner.MEDSEQFT.run_cell, cells, None, config.ray, "local", lambda cell, record: None)
+    monkeypatch.setattr(harness, "ray_session", lambda address: Session())
+    harness.run_on_ray(runner.MEDSEQFT.run_cell, cells, None, config.ray, "local", lambda cell, record: None)
     assert sorted(submitted) == sorted(finished) == sorted(c.cell_id for c in cells)
     for c in cells:
         if c.depends:

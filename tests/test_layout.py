@@ -149,3 +149,15 @@ def test_choice_lists_come_from_their_registries(capsys, monkeypatch):
     from medadapt.engine.recipe import builtin_recipe_names
 
     assert ", ".join(builtin_recipe_names()) in text  # --recipe: every built-in recipe, by name
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name with a leading underscore is its module's own: another module that needs it gets a public name."""
+    found = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("medadapt"):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private:
+                    found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.module} {private}")
+    assert found == []

@@ -454,3 +454,38 @@ def test_nnunet_commands_help_and_input_errors(nnunet_world, tmp_path, capsys, m
     assert "DATASET '777'" in _one_error_line(capsys, ["nnunet-train", "777"] + args[2:])
     assert "'3d_lowres'" in _one_error_line(capsys, ["nnunet-train", "501", "3d_lowres"] + args[3:])
     assert "FOLD 'x'" in _one_error_line(capsys, ["nnunet-train", "501", "3d_fullres", "x"] + args[4:])
+
+
+def test_dgst_and_fseft_grids_on_an_nnunet_foundation_and_raw_data(nnunet_world, tmp_path, capsys):
+    """Issue 32: a DGST and an FSEFT grid at toy budgets whose foundation is the model nnunetv2's own trainer
+    made (``model:`` its results folder) and whose dataset is an nnU-Net raw folder written with nibabel alone
+    (``data:``; ``labels:`` cuts one-structure tasks), run to the end with their reports."""
+    from medadapt.benchmark import benchmarks
+    from medadapt.benchmark.harness import grid_cells
+    from tests.test_bench_config import write_raw
+
+    known = [n for n, v in json.loads((nnunet_world["model"] / "dataset.json").read_text())["labels"].items() if v]
+    data = write_raw(tmp_path, "rawct", cases=5, labels=(known[0], "nodule"), shape=(16, 40, 40),
+                     spacing=(9.0, 5.6, 5.6))
+    training = {"epochs": 1, "iterations_per_epoch": 1}
+    grids = {
+        "dgst": {"name": "nn-dgst", "foundation": {"model": str(nnunet_world["model"])}, "training": training,
+                 "datasets": {"all": {"data": str(data), "shots": [1]},
+                              "known": {"data": str(data), "labels": [known[0]], "shots": [1]}},
+                 "table1": {"methods": ["full"], "all_shot": None}},
+        "fseft": {"name": "nn-fseft", "foundation": {"model": str(nnunet_world["model"])}, "training": training,
+                  "datasets": {"known": {"data": str(data), "labels": [known[0]], "shots": [1]},
+                               "nodule": {"data": str(data), "labels": ["nodule"], "shots": [1]}},
+                  "fseft": {"methods": ["generalization", "spatial-adapter"]}},
+    }
+    for name, doc in grids.items():
+        config_file = tmp_path / f"{name}.yaml"
+        config_file.write_text(yaml.safe_dump(doc))
+        workdir = tmp_path / f"work-{name}"
+        assert main(["bench", str(config_file), "--workdir", str(workdir), "--quiet"]) == 0, capsys.readouterr().err
+        benchmark, config = benchmarks.load(config_file)
+        cells = grid_cells(benchmark, config, workdir)
+        assert all((workdir / "cells" / c.cell_id / "cell.json").is_file() for c in cells)
+        untrained = sorted((c.dataset, c.method) for c in cells if c.method in ("zero-shot", "generalization"))
+        assert untrained == [("known", "zero-shot" if name == "dgst" else "generalization")]
+        assert (workdir / "report" / "report.md").is_file()

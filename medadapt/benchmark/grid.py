@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-
+from medadapt.benchmark.cell import Cell
+from medadapt.benchmark.config import (Check, Dataset, Foundation, GridPaths, check_channels, check_unique_names,
+                                       cli_argument, parse_common, parse_datasets, parse_foundation, parse_recipe,
+                                       read_config)
+from medadapt.benchmark.config import grid_paths as config_grid_paths
 from medadapt.errors import MedadaptError
-from medadapt.utils import seeds
-from medadapt.utils.hashing import stable_hash
-from medadapt.utils.yamlfile import read_yaml
 
 CELL_FORMAT = "medadapt-bench-cell/2"
 #: the version of the code's numbers: bumped by a change that changes any cell's results (it enters every key,
@@ -41,32 +41,10 @@ CELL_FORMAT = "medadapt-bench-cell/2"
 NUMERICS = 1
 ZERO_SHOT = "zero-shot"  # the reference row: the foundation model with its own heads, no fine-tuning
 HEAD_POLICIES = ("fresh", "keep", "match")
-POSTPROCESS = ("none", "lcc")
 GENERALIZATION = "generalization"  # FSEFT's no-adaptation row: like zero-shot, one cell per dataset
 NO_TRAINING = (ZERO_SHOT, GENERALIZATION)
 TI_PREFIX = "ti_"  # transductive options in a cell's options: ti_mode, ti_margin, ti_weight, ti_error, ti_step
 VARIANT = "variant"  # a cell option naming an extra row of an fseft grid (fseft.variants), not a method option
-BUILTIN_CONFIGS = ("default", "quick", "paper", "fseft", "fseft-cpu", "fseft-quick")
-
-
-def builtin_config_path(name: str) -> Path:
-    return Path(str(resources.files("medadapt.benchmark") / "configs" / f"{name}.yaml"))
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    name: str
-    domain: dict[str, Any]           # the synthetic domain spec (DomainSpec.to_dict, after downsampling)
-    cases: int
-    shots: tuple[int, ...]
-    train_cases: int                  # size of the 80% train split: the all-shot row's shot count
-    labels: tuple[str, ...] = ()      # the task's structures (foreground label names, ids 1..N in this order)
-
-    def key(self, data_seed: int) -> dict[str, Any]:
-        from medadapt.synth import GENERATOR_VERSION
-
-        return {"domain": self.domain, "cases": self.cases, "data_seed": data_seed,
-                "generator": GENERATOR_VERSION}
 
 
 @dataclass
@@ -74,8 +52,8 @@ class GridConfig:
     name: str
     description: str
     source: str
-    foundation: dict[str, Any]
-    datasets: list[DatasetConfig]
+    foundation: dict[str, Any]       # its settings (pretrained in the grid) or {"model": path}
+    datasets: list[Dataset]
     seeds: tuple[int, ...]
     data_seed: int
     split_seed: int
@@ -92,21 +70,30 @@ class GridConfig:
     postprocess: str = "none"
     heads: dict[str, str] = field(default_factory=dict)   # per-method head policy, overriding ``head``
     fseft: dict[str, Any] | None = None
-    foundation_classes: tuple[str, ...] = ()    # the structures the foundation's sources label
     training_from_recipe: bool = False          # no ``training`` section: the recipe's budgets per method
+    foundation_spec: Foundation | None = None
+    trust: bool = False                          # load a given foundation that needs more than plain data
+
+    @property
+    def all_datasets(self) -> list[Dataset]:
+        return self.datasets
+
+    @property
+    def foundation_classes(self) -> tuple[str, ...]:
+        """The structures the foundation labels (its sources', or a given model's)."""
+        return self.foundation_spec.classes
 
     def head_for(self, method: str) -> str:
         return self.heads.get(method, self.head)
 
-    def knows(self, ds: "DatasetConfig") -> bool:
+    def knows(self, ds: Dataset) -> bool:
         """Whether the foundation labels every structure of ``ds`` (so it can segment it without training)."""
         return set(ds.labels) <= set(self.foundation_classes)
 
     @property
     def cli_argument(self) -> str:
         """What to pass to ``medadapt bench`` for this config: a built-in's name, otherwise its file."""
-        builtin = self.name in BUILTIN_CONFIGS and Path(self.source) == builtin_config_path(self.name)
-        return self.name if builtin else self.source
+        return cli_argument(self.name, self.source)
 
     def budget(self, method: str, all_shot: bool = False) -> dict[str, Any]:
         """The training settings of a cell: the all-shot row's, else the method's, else ``training`` (where the
@@ -120,161 +107,19 @@ class GridConfig:
             return {k: entry.get(k, self.training[k]) for k in ("epochs", "iterations_per_epoch")}
         return self.training
 
-    def dataset(self, name: str) -> DatasetConfig:
+    def dataset(self, name: str) -> Dataset:
         return next(d for d in self.datasets if d.name == name)
 
     def foundation_key(self) -> dict[str, Any]:
-        from medadapt.synth import GENERATOR_VERSION
-
-        f = self.foundation
-        domain = {"domains": f["domains"]} if "domains" in f else {"domain": f["domain"]}
-        return {**domain, "cases": f["cases"], "data_seed": self.data_seed,
-                "generator": GENERATOR_VERSION, "preset": f["preset"], "epochs": f["epochs"],
-                "iterations_per_epoch": f["iterations_per_epoch"], "seed": f["seed"], "seeds": seeds.SCHEME}
-
-
-@dataclass
-class Cell:
-    dataset: str
-    shots: int
-    method: str
-    options: dict[str, Any]
-    seed: int
-    all_shot: bool
-    key: dict[str, Any]
-    experiments: list[str] = field(default_factory=list)
-
-    @property
-    def hash(self) -> str:
-        return stable_hash(self.key)
-
-    @property
-    def label(self) -> str:
-        opts = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()) if v is not None)
-        shots = f"all{self.shots}" if self.all_shot else str(self.shots)
-        return f"{self.method}{opts}-{shots}shot-seed{self.seed}"
-
-    @property
-    def cell_id(self) -> str:
-        return f"{self.dataset}/{self.label}-{self.hash}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.cell_id, "dataset": self.dataset, "shots": self.shots, "method": self.method,
-                "options": self.options, "seed": self.seed, "all_shot": self.all_shot, "key": self.key,
-                "experiments": self.experiments}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Cell":
-        return cls(dataset=d["dataset"], shots=d["shots"], method=d["method"], options=d["options"],
-                   seed=d["seed"], all_shot=d["all_shot"], key=d["key"], experiments=list(d["experiments"]))
+        return self.foundation_spec.key(self.data_seed)
 
 
 # ---------------------------------------------------------------------------------------------- config parsing
 
-class _Check:
-    def __init__(self, source: str):
-        self.source = source
-
-    def fail(self, key: str, problem: str, fix: str) -> None:
-        raise MedadaptError(f"{self.source}: {key}: {problem}; {fix}")
-
-    def mapping(self, v: Any, key: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
-        if not isinstance(v, dict):
-            self.fail(key, f"expected a mapping, got {type(v).__name__}", "write it as 'key: value' lines")
-        unknown = sorted(set(v) - set(allowed))
-        if unknown:
-            self.fail(key, f"unknown key(s) {unknown}", f"use only {list(allowed)}")
-        missing = [k for k in required if k not in v]
-        if missing:
-            self.fail(key, f"missing {missing}", "add them (see docs/benchmark.md)")
-        return v
-
-    def integer(self, v: Any, key: str, lo: int = 0) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            self.fail(key, f"{v!r} is not an integer >= {lo}", f"give an integer >= {lo}")
-        return int(v)
-
-    def int_list(self, v: Any, key: str, lo: int = 0) -> tuple[int, ...]:
-        if not isinstance(v, list) or not v:
-            self.fail(key, f"{v!r} is not a non-empty list", "write e.g. [3, 5, 10]")
-        values = tuple(self.integer(x, f"{key}[{i}]", lo) for i, x in enumerate(v))
-        if len(set(values)) != len(values):
-            self.fail(key, f"{list(values)} has repeated values", "list each value once")
-        return values
-
-    def methods(self, v: Any, key: str) -> list[str]:
-        from medadapt.tuning import method_names
-
-        names = method_names()
-        if not isinstance(v, list) or not v:
-            self.fail(key, f"{v!r} is not a non-empty list of methods", f"choose from {names}")
-        for m in v:
-            if m not in names:
-                self.fail(key, f"unknown method {m!r}", f"choose from {names}")
-        return list(v)
-
-
 def load_config(config: str | Path) -> GridConfig:
-    """A built-in config name (BUILTIN_CONFIGS) or a YAML file; validated, with datasets resolved."""
-    text = str(config)
-    path = builtin_config_path(text) if text in BUILTIN_CONFIGS else Path(text).expanduser()
-    if not path.is_file():
-        raise MedadaptError(f"config {text!r}: not a built-in config ({', '.join(BUILTIN_CONFIGS)}) and no such "
-                            "file; pass a built-in name or the path to a YAML grid config (docs/benchmark.md)")
-    raw = read_yaml(path)
+    """A built-in DGST/FSEFT config name or a YAML file; validated, with datasets resolved."""
+    path, raw = read_config(config)
     return parse_config(raw, source=str(path), base_dir=path.parent)
-
-
-def _resolve_domain(c: _Check, entry: dict, key: str, base_dir: Path, domain: Any = None,
-                    labels: Any = None) -> dict[str, Any]:
-    """A domain (``entry["domain"]``, or ``domain``) as a spec dict: downsampled by ``entry["downsample"]`` and,
-    with ``labels``, cut to those structures (ids 1..N in their order)."""
-    from medadapt.synth import load_domain
-    from medadapt.synth.tasks import with_labels
-
-    domain = entry["domain"] if domain is None else domain
-    if not isinstance(domain, str):
-        c.fail(f"{key}.domain", f"{domain!r} is not a name or path", "give a built-in domain or a spec file")
-    candidate = base_dir / domain
-    spec = load_domain(str(candidate) if candidate.is_file() else domain)
-    if labels is not None:
-        available = [n for n, i in spec.dataset_labels.items() if i]
-        if not isinstance(labels, list) or not labels:
-            c.fail(f"{key}.labels", f"{labels!r} is not a non-empty list of structures",
-                   f"write e.g. [{available[0]}]")
-        for i, name in enumerate(labels):
-            if name not in available:
-                c.fail(f"{key}.labels[{i}]", f"{name!r} is not a label of domain {spec.name!r}",
-                       f"choose from {available}")
-            if labels.count(name) > 1:
-                c.fail(f"{key}.labels", f"{name!r} is listed twice", "list each structure once")
-        spec = with_labels(spec, labels)
-    factors = _downsample_factors(c, entry.get("downsample", 1), f"{key}.downsample")
-    spec = spec.downsampled(factors)  # same field of view, fewer voxels (quick runs, CPU-sized benchmarks)
-    return spec.to_dict()
-
-
-def _foreground(domain: dict[str, Any]) -> list[str]:
-    from medadapt.synth import DomainSpec
-
-    return [n for n, i in DomainSpec.from_dict(domain).dataset_labels.items() if i]
-
-
-def _recipe(c: _Check, value: Any, base_dir: Path) -> dict[str, Any]:
-    """``recipe``: a built-in name, a file (relative to the config) or a mapping; resolved and validated."""
-    from medadapt.engine.recipe import builtin_recipe_names, load_recipe
-
-    if isinstance(value, str) and value not in builtin_recipe_names() and (base_dir / value).is_file():
-        value = str(base_dir / value)
-    if not isinstance(value, (str, dict)):
-        c.fail("recipe", f"{value!r} is not a recipe", "give a built-in name, a file or a mapping (docs/recipes.md)")
-    try:
-        recipe = load_recipe(value)
-    except MedadaptError as exc:
-        c.fail("recipe", str(exc).replace("--recipe ", ""), "see docs/recipes.md")
-    data = recipe.to_dict()
-    data.pop("description")
-    return data
 
 
 def _method_names() -> list[str]:
@@ -283,7 +128,7 @@ def _method_names() -> list[str]:
     return method_names()
 
 
-def _training(c: _Check, value: Any, key: str) -> dict[str, Any]:
+def _training(c: Check, value: Any, key: str) -> dict[str, Any]:
     from medadapt.engine.recipe import EPOCH_OF_CASES
 
     t = c.mapping(value, key, ("epochs", "iterations_per_epoch", "lr"), required=("epochs", "iterations_per_epoch"))
@@ -301,27 +146,16 @@ def _training(c: _Check, value: Any, key: str) -> dict[str, Any]:
     return training
 
 
-def _downsample_factors(c: _Check, value: Any, key: str) -> tuple[int, int, int]:
-    """``downsample``: one integer for every axis, or ``[z, y, x]`` (e.g. ``[1, 2, 2]``: in-plane only)."""
-    if isinstance(value, list):
-        if len(value) != 3:
-            c.fail(key, f"{value!r} has {len(value)} values", "give one integer or three ([z, y, x])")
-        return tuple(c.integer(v, f"{key}[{i}]", 1) for i, v in enumerate(value))
-    f = c.integer(value, key, 1)
-    return (f, f, f)
-
-
 def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> GridConfig:
-    from medadapt.data.splits import train_test_split
-    from medadapt.models.network import PRESETS
-    from medadapt.synth import DomainSpec
+    """A DGST/FSEFT grid: the shared schema (:mod:`.config`: datasets, foundation, seeds, splits, training, Ray)
+    and the experiments (``table1``/``table2``/``gamma`` or ``fseft``)."""
     from medadapt.tuning import make_strategy
 
-    c = _Check(source)
+    c = Check(source)
     base_dir = base_dir or Path.cwd()
     top = c.mapping(raw, "config", ("name", "description", "foundation", "datasets", "seeds", "data_seed",
                                     "split_seed", "training", "budgets", "head", "heads", "table1", "table2",
-                                    "gamma", "fseft", "method_options", "recipe", "postprocess", "ray"),
+                                    "gamma", "fseft", "method_options", "recipe", "postprocess", "ray", "trust"),
                     required=("name", "foundation", "datasets"))
     if ("table1" in top) == ("fseft" in top):
         c.fail("config", "needs exactly one of table1 (the DGST experiments) and fseft (the FSEFT experiments)",
@@ -329,57 +163,13 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     for key in ("table2", "gamma"):
         if "fseft" in top and top.get(key) is not None:
             c.fail(key, "belongs to the DGST experiments (table1), not to an fseft grid", f"remove {key}")
-    name = str(top["name"])
-    split_seed = c.integer(top.get("split_seed", 0), "split_seed")
-    data_seed = c.integer(top.get("data_seed", 0), "data_seed")
-    seeds = c.int_list(top.get("seeds", [0]), "seeds")
+    common = parse_common(c, top)
+    foundation = parse_foundation(c, top["foundation"], base_dir, common.trust)
+    datasets = parse_datasets(c, top["datasets"], base_dir, common.split_seed)
+    check_unique_names(c, datasets, "datasets")
+    check_channels(c, foundation, datasets, "datasets")
 
-    f = c.mapping(top["foundation"], "foundation",
-                  ("domain", "domains", "cases", "preset", "epochs", "iterations_per_epoch", "seed", "downsample"),
-                  required=("cases", "preset", "epochs", "iterations_per_epoch"))
-    if ("domain" in f) == ("domains" in f):
-        c.fail("foundation", "needs exactly one of domain (one source) and domains (several partially labelled "
-               "sources, pretrained together)", "keep one of them")
-    if f["preset"] not in PRESETS:
-        c.fail("foundation.preset", f"unknown preset {f['preset']!r}", f"choose from {list(PRESETS)}")
-    foundation: dict[str, Any] = {}
-    if "domain" in f:
-        foundation["domain"] = _resolve_domain(c, f, "foundation", base_dir)
-        classes = _foreground(foundation["domain"])
-    else:
-        if not isinstance(f["domains"], list) or len(f["domains"]) < 1:
-            c.fail("foundation.domains", f"{f['domains']!r} is not a non-empty list", "write e.g. [src-a-hn, src-b-chest]")
-        foundation["domains"] = [_resolve_domain(c, f, f"foundation.domains[{i}]", base_dir, domain=d)
-                                 for i, d in enumerate(f["domains"])]
-        names = [d["name"] for d in foundation["domains"]]
-        if len(set(names)) != len(names):
-            c.fail("foundation.domains", f"{names} names a domain twice", "list each source once")
-        classes = [n for d in foundation["domains"] for n in _foreground(d)]
-    foundation.update({"cases": c.integer(f["cases"], "foundation.cases", 2), "preset": f["preset"],
-                       "epochs": c.integer(f["epochs"], "foundation.epochs", 1),
-                       "iterations_per_epoch": c.integer(f["iterations_per_epoch"],
-                                                         "foundation.iterations_per_epoch", 1),
-                       "seed": c.integer(f.get("seed", 0), "foundation.seed")})
-
-    if not isinstance(top["datasets"], dict) or not top["datasets"]:
-        c.fail("datasets", "expected a mapping of dataset names", "write e.g. 'hn-center-b: {domain: ..., ...}'")
-    datasets = []
-    for dname, entry in top["datasets"].items():
-        key = f"datasets.{dname}"
-        c.mapping(entry, key, ("domain", "cases", "shots", "downsample", "labels"),
-                  required=("domain", "cases", "shots"))
-        domain = _resolve_domain(c, entry, key, base_dir, labels=entry.get("labels"))
-        cases = c.integer(entry["cases"], f"{key}.cases", 2)
-        spec = DomainSpec.from_dict(domain)
-        train, _ = train_test_split([spec.case_id(i) for i in range(cases)], 0.2, split_seed)
-        shots = c.int_list(entry["shots"], f"{key}.shots", 1)
-        if max(shots) > len(train):
-            c.fail(f"{key}.shots", f"{max(shots)} shots but the 80% train split has {len(train)} of {cases} cases",
-                   "raise cases or lower the shot counts")
-        datasets.append(DatasetConfig(str(dname), domain, cases, tuple(sorted(shots)), len(train),
-                                      tuple(_foreground(domain))))
-
-    recipe = _recipe(c, top["recipe"], base_dir) if top.get("recipe") is not None else None
+    recipe = parse_recipe(c, top["recipe"], base_dir) if top.get("recipe") is not None else None
     if top.get("training") is not None:
         training = _training(c, top["training"], "training")
     elif recipe is not None:  # the recipe's own budget
@@ -397,10 +187,6 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
         if policy not in HEAD_POLICIES:
             c.fail(f"heads.{m}", f"unknown head policy {policy!r}", f"use one of {list(HEAD_POLICIES)}")
         heads[m] = str(policy)
-    postprocess = str(top.get("postprocess", "none"))
-    if postprocess not in POSTPROCESS:
-        c.fail("postprocess", f"unknown {postprocess!r}", f"use one of {list(POSTPROCESS)}")
-
     method_options = {}
     for m, opts in (top.get("method_options") or {}).items():
         c.methods([m], "method_options")
@@ -428,21 +214,19 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
         if "gamma" not in type(make_strategy(gamma["method"])).options:
             c.fail("gamma.method", f"{gamma['method']!r} has no γ", "use dgst, sgst or drst")
     fseft = _fseft(c, top["fseft"], datasets) if top.get("fseft") is not None else None
-    ray = c.mapping(top.get("ray") or {}, "ray", ("cpus_per_cell", "gpus_per_cell"))
-    ray = {"cpus_per_cell": c.integer(ray.get("cpus_per_cell", 1), "ray.cpus_per_cell", 1),
-           "gpus_per_cell": float(ray.get("gpus_per_cell", 0))}
-    config = GridConfig(name=name, description=str(top.get("description", "")).strip(), source=source,
-                        foundation=foundation, datasets=datasets, seeds=seeds, data_seed=data_seed,
-                        split_seed=split_seed, training=training, budgets=budgets, head=head, table1=table1,
-                        table2=table2, gamma=gamma, method_options=method_options, ray=ray, raw=copy.deepcopy(raw),
-                        recipe=recipe, postprocess=postprocess, heads=heads, fseft=fseft,
-                        foundation_classes=tuple(dict.fromkeys(classes)),
-                        training_from_recipe=top.get("training") is None and recipe is not None)
+    config = GridConfig(name=common.name, description=common.description, source=source,
+                        foundation=foundation.settings if not foundation.given else {"model": foundation.model},
+                        datasets=datasets, seeds=common.seeds, data_seed=common.data_seed,
+                        split_seed=common.split_seed, training=training, budgets=budgets, head=head, table1=table1,
+                        table2=table2, gamma=gamma, method_options=method_options, ray=common.ray,
+                        raw=copy.deepcopy(raw), recipe=recipe, postprocess=common.postprocess, heads=heads,
+                        fseft=fseft, training_from_recipe=top.get("training") is None and recipe is not None,
+                        foundation_spec=foundation, trust=common.trust)
     enumerate_cells(config)  # validates method options
     return config
 
 
-def _fseft(c: _Check, value: Any, datasets: list[DatasetConfig]) -> dict[str, Any]:
+def _fseft(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
     """The ``fseft`` section (FSEFT, Sec. 4): Table 1, Fig. 2a and Fig. 2b as lists of cells.
 
     ``methods`` run at every shot count of every dataset (``generalization``: once per dataset whose structures
@@ -576,7 +360,7 @@ def ti_options(transductive: dict[str, Any], margin: float | None = None) -> dic
 
 
 def cell_inputs(digests: dict[str, Any] | None, dataset: str) -> dict[str, Any]:
-    """What a cell's key names by digest (:func:`medadapt.benchmark.engine.input_digests`): the foundation's
+    """What a cell's key names by digest (:func:`medadapt.benchmark.harness.input_digests`): the foundation's
     weights and the dataset it trains and tests on (None: not made yet)."""
     digests = digests or {}
     return {"foundation": digests.get("foundation"), "data": (digests.get("data") or {}).get(dataset)}
@@ -593,11 +377,11 @@ def variant_options(config: GridConfig, variant: dict[str, Any]) -> dict[str, An
 
 def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -> list[Cell]:
     """Every unique cell of the grid, in a stable order (dataset, experiment, shots, method, seed); their keys
-    name the inputs' ``digests`` (the engine's) and the code's :data:`NUMERICS` version."""
+    name the inputs' ``digests`` (the harness's) and the code's :data:`NUMERICS` version."""
     foundation = config.foundation_key()
     cells: dict[str, Cell] = {}
 
-    def add(ds: DatasetConfig, shots: int, method: str, experiment: str, gamma: int | None = None,
+    def add(ds: Dataset, shots: int, method: str, experiment: str, gamma: int | None = None,
             all_shot: bool = False, overrides: dict[str, Any] | None = None,
             extra: dict[str, Any] | None = None, budget: dict[str, Any] | None = None,
             options: dict[str, Any] | None = None) -> None:
@@ -617,7 +401,7 @@ def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -
             if experiment not in cell.experiments:
                 cell.experiments.append(experiment)
 
-    def untrained(ds: DatasetConfig, method: str, experiment: str) -> None:
+    def untrained(ds: Dataset, method: str, experiment: str) -> None:
         """No training: one cell per dataset, whatever the seeds and shot counts."""
         key = {"format": CELL_FORMAT, "dataset": ds.key(config.data_seed), "split_seed": config.split_seed,
                "method": method, "foundation": foundation, "inputs": cell_inputs(digests, ds.name),
@@ -631,7 +415,7 @@ def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -
         if config.fseft:
             _fseft_cells(config, ds, add, untrained)
             continue
-        if config.table1.get("zero_shot"):
+        if config.table1.get("zero_shot") and config.knows(ds):  # the foundation's own outputs, by name
             untrained(ds, ZERO_SHOT, "table1")
         for shots in ds.shots:
             for method in config.table1["methods"]:
@@ -649,7 +433,7 @@ def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -
     return list(cells.values())
 
 
-def _fseft_cells(config: GridConfig, ds: DatasetConfig, add, untrained) -> None:
+def _fseft_cells(config: GridConfig, ds: Dataset, add, untrained) -> None:
     fs = config.fseft
     adapter, ti = fs["adapter"], fs["transductive"]
     if GENERALIZATION in fs["methods"] and config.knows(ds):  # a new structure: no foundation output to show
@@ -684,25 +468,6 @@ def _fseft_cells(config: GridConfig, ds: DatasetConfig, add, untrained) -> None:
 
 # ---------------------------------------------------------------------------------------------- work folder
 
-@dataclass(frozen=True)
-class GridPaths:
-    """Where a grid's shared inputs live; plain strings so it travels to Ray workers."""
-    workdir: str
-    foundation: str
-    datasets: dict[str, str]
-
-    def cell_dir(self, cell_id: str) -> Path:
-        return Path(self.workdir) / "cells" / cell_id
-
-
-def dataset_keys(config: GridConfig) -> dict[str, dict[str, Any]]:
-    """Each target dataset's synthetic recipe (domain spec, cases, data seed, generator), by name."""
-    return {d.name: d.key(config.data_seed) for d in config.datasets}
-
-
 def grid_paths(config: GridConfig, workdir: str | Path) -> GridPaths:
-    workdir = Path(workdir).resolve()
-    datasets = {d.name: str(workdir / "data" / f"{d.name}-{stable_hash(d.key(config.data_seed), 8)}")
-                for d in config.datasets}
-    foundation = workdir / f"foundation-{stable_hash(config.foundation_key(), 8)}"
-    return GridPaths(str(workdir), str(foundation), datasets)
+    """The work folder's layout (:func:`medadapt.benchmark.config.grid_paths`)."""
+    return config_grid_paths(config, workdir)

@@ -2,7 +2,7 @@
 
 A config (YAML; built-ins ``medseqft`` and ``medseqft-quick`` in ``medadapt/benchmark/configs``) has a
 ``medseqft`` section instead of the DGST grid's ``table1`` or the FSEFT grid's ``fseft``; ``medadapt bench``
-dispatches on it (:func:`is_medseqft_config`). It names a synthetic task stream, a self-supervised foundation,
+dispatches on it (:func:`medadapt.benchmark.benchmarks.load`). It names a task stream, a foundation,
 the fine-tuning recipe, seeds, and the rows of MedSeqFT's tables (Ye et al., Sec. IV-V):
 
 * ``parallel``: fine-tuning methods run on every task from the foundation M_0 alone (Table II: TFS = ``scratch``,
@@ -32,18 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medadapt.benchmark.grid import _Check, _downsample_factors, _recipe, _resolve_domain, builtin_config_path
+from medadapt.benchmark.cell import Cell
+from medadapt.benchmark.config import (Check, Dataset, Foundation, GridPaths, check_channels, check_unique_names,
+                                       cli_argument, downsample_factors, parse_common, parse_foundation,
+                                       parse_recipe, read_config, real_dataset, synthetic_dataset)
+from medadapt.benchmark.config import grid_paths as config_grid_paths
 from medadapt.errors import MedadaptError
-from medadapt.utils import seeds
 from medadapt.utils.hashing import stable_hash
-from medadapt.utils.yamlfile import read_yaml
 
 CELL_FORMAT = "medadapt-bench-medseqft-cell/1"
 #: the version of the code's numbers (as the DGST/FSEFT grid's :data:`medadapt.benchmark.grid.NUMERICS`)
 NUMERICS = 1
-BUILTIN_CONFIGS = ("medseqft", "medseqft-quick")
-OBJECTIVES = ("mae", "supervised")
-POSTPROCESS = ("none", "lcc")
 #: the sequential rows: (seqft method, buffer, retention), in Table III's order
 SEQUENTIAL = {
     "seq-ft": ("seq-ft", "none", "none"),
@@ -80,17 +79,6 @@ def display_name(name: str, options: dict[str, Any] | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class TaskData:
-    """One task of the stream (or an unseen task): its name, domain spec (cut to its labels, downsampled) and
-    the size of its 80% train split."""
-
-    name: str
-    domain: dict[str, Any]
-    labels: tuple[str, ...]
-    train_cases: int
-
-
-@dataclass(frozen=True)
 class Row:
     """A row of the stream tables: one seqft method with its settings."""
 
@@ -109,9 +97,9 @@ class MedseqftConfig:
     description: str
     source: str
     stream: dict[str, Any]            # name, cases, downsample (the resolved task lists are below)
-    tasks: list[TaskData]
-    unseen: list[TaskData]
-    foundation: dict[str, Any]
+    tasks: list[Dataset]
+    unseen: list[Dataset]
+    foundation: dict[str, Any]        # its settings (pretrained in the grid) or {"model": path}
     seeds: tuple[int, ...]
     data_seed: int
     split_seed: int
@@ -128,96 +116,118 @@ class MedseqftConfig:
     ray: dict[str, Any]
     kd_until: str = "levelled"
     raw: dict[str, Any] = field(default_factory=dict)
+    foundation_spec: Foundation | None = None
+    trust: bool = False
 
     @property
     def cli_argument(self) -> str:
-        builtin = self.name in BUILTIN_CONFIGS and Path(self.source) == builtin_config_path(self.name)
-        return self.name if builtin else self.source
+        return cli_argument(self.name, self.source)
+
+    @property
+    def all_datasets(self) -> list[Dataset]:
+        """The stream's tasks and the unseen tasks."""
+        return self.tasks + self.unseen
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
 
-    def dataset_key(self, task: TaskData) -> dict[str, Any]:
-        """What a task's synthetic cohort is made of (its folder name ends in a hash of it)."""
-        from medadapt.synth import GENERATOR_VERSION
-
-        return {"domain": task.domain, "cases": self.stream["cases"], "data_seed": self.data_seed,
-                "generator": GENERATOR_VERSION}
+    def dataset_key(self, task: Dataset) -> dict[str, Any]:
+        """What a task's cohort is (its folder name ends in a hash of it)."""
+        return task.key(self.data_seed)
 
     def stream_key(self) -> dict[str, Any]:
         """The stream a stream cell runs: its tasks' cohorts, in order (the unseen tasks are not part of it)."""
         return {"stream": self.stream["name"], "tasks": [self.dataset_key(t) for t in self.tasks]}
 
     def foundation_key(self) -> dict[str, Any]:
-        from medadapt.synth import GENERATOR_VERSION
-
-        f = self.foundation
-        return {"domains": f["domains"], "cases": f["cases"], "data_seed": self.data_seed,
-                "generator": GENERATOR_VERSION, "objective": f["objective"], "preset": f["preset"],
-                "epochs": f["epochs"], "iterations_per_epoch": f["iterations_per_epoch"], "seed": f["seed"],
-                "seeds": seeds.SCHEME}
-
-
-@dataclass
-class Cell:
-    kind: str                         # stream | unseen
-    row: str
-    seed: int
-    key: dict[str, Any]
-    task: str | None = None           # the unseen task
-    depends: str | None = None        # cell id of the stream cell an fft-mn cell starts from
-    experiments: list[str] = field(default_factory=list)   # the tables and figures it serves
-
-    @property
-    def hash(self) -> str:
-        return stable_hash(self.key)
-
-    @property
-    def cell_id(self) -> str:
-        where = "stream" if self.kind == "stream" else f"unseen/{self.task}"
-        return f"{where}/{self.row}-seed{self.seed}-{self.hash}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.cell_id, "kind": self.kind, "row": self.row, "seed": self.seed, "task": self.task,
-                "depends": self.depends, "key": self.key, "experiments": self.experiments}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Cell":
-        return cls(kind=d["kind"], row=d["row"], seed=d["seed"], key=d["key"], task=d["task"], depends=d["depends"],
-                   experiments=list(d["experiments"]))
+        return self.foundation_spec.key(self.data_seed)
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def _raw(config: str | Path) -> tuple[Path, Any]:
-    text = str(config)
-    path = builtin_config_path(text) if text in BUILTIN_CONFIGS else Path(text).expanduser()
-    return path, (read_yaml(path) if path.is_file() else None)
-
-
-def is_medseqft_config(config: str | Path) -> bool:
-    """Whether ``config`` (a built-in name or a file) is a MedSeqFT grid: a built-in of this module, or a YAML
-    mapping with a ``medseqft`` section. Anything else goes to the DGST/FSEFT grid's loader."""
-    if str(config) in BUILTIN_CONFIGS:
-        return True
-    path, raw = _raw(config)
-    return isinstance(raw, dict) and "medseqft" in raw
-
-
 def load_config(config: str | Path) -> MedseqftConfig:
     """A built-in MedSeqFT config name or a YAML file; validated."""
-    path, raw = _raw(config)
-    if raw is None and not path.is_file():
-        raise MedadaptError(f"config {str(config)!r}: no such file; pass a built-in name "
-                            f"({', '.join(BUILTIN_CONFIGS)}) or a YAML grid config (docs/benchmark.md)")
+    path, raw = read_config(config)
     return parse_config(raw, source=str(path), base_dir=path.parent)
 
 
-def _stream(c: _Check, value: Any, split_seed: int) -> tuple[dict[str, Any], list[TaskData], list[TaskData]]:
-    from medadapt.data.splits import train_test_split
+STREAM_KEYS = ("name", "tasks", "unseen", "cases", "downsample", "file")
+TASK_KEYS = ("name", "data", "labels", "split", "fold")
+
+
+def _stream(c: Check, value: Any, split_seed: int, base_dir: Path
+            ) -> tuple[dict[str, Any], list[Dataset], list[Dataset]]:
+    """The task stream: a built-in stream or task-set file (``name``, its ``tasks``/``unseen`` by name, ``cases``,
+    ``downsample``: generated), a stream file of real datasets (``file``: as ``medadapt seqft --stream`` reads),
+    or ``tasks``/``unseen`` listed here as real datasets (``{name, data, labels, split, fold}``)."""
+    s = c.mapping(value, "stream", STREAM_KEYS)
+    if "file" in s:
+        return _stream_file(c, s, split_seed, base_dir)
+    tasks = s.get("tasks")
+    if isinstance(tasks, list) and tasks and all(isinstance(t, dict) for t in tasks):
+        return _real_stream(c, s, split_seed, base_dir)
+    return _synthetic_stream(c, s, split_seed)
+
+
+def _real_tasks(c: Check, items: Any, key: str, split_seed: int, base_dir: Path, required: bool) -> list[Dataset]:
+    if items is None and not required:
+        return []
+    if not isinstance(items, list) or (required and not items):
+        c.fail(key, f"{items!r} is not a {'non-empty ' if required else ''}list of tasks",
+               "write e.g. [{name: liver, data: path/to/Dataset003_Liver}]")
+    out = []
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]"
+        c.mapping(item, where, TASK_KEYS, required=("name", "data"))
+        out.append(real_dataset(c, str(item["name"]), item, where, base_dir, split_seed))
+    return out
+
+
+def _real_stream(c: Check, s: dict, split_seed: int, base_dir: Path
+                 ) -> tuple[dict[str, Any], list[Dataset], list[Dataset]]:
+    for k in ("cases", "downsample"):
+        if k in s:
+            c.fail(f"stream.{k}", "applies to a generated stream, not to tasks with data", f"remove {k}")
+    tasks = _real_tasks(c, s.get("tasks"), "stream.tasks", split_seed, base_dir, True)
+    unseen = _real_tasks(c, s.get("unseen"), "stream.unseen", split_seed, base_dir, False)
+    check_unique_names(c, tasks + unseen, "stream")
+    return {"name": str(s.get("name", "stream"))}, tasks, unseen
+
+
+def _stream_file(c: Check, s: dict, split_seed: int, base_dir: Path
+                 ) -> tuple[dict[str, Any], list[Dataset], list[Dataset]]:
+    from medadapt.sequential.stream import load_stream
+
+    extra = sorted(set(s) - {"file", "name"})
+    if extra:
+        c.fail("stream", f"{extra} do not go with file (the stream file lists its tasks)", f"remove {extra}")
+    path = c.path(s["file"], "stream.file", base_dir, "a stream file (docs/sequential.md)")
+    try:
+        stream = load_stream(path)
+    except MedadaptError as exc:
+        c.fail("stream.file", str(exc), "fix the stream file")
+
+    def entries(tasks) -> list[dict[str, Any]]:
+        out = []
+        for t in tasks:
+            entry: dict[str, Any] = {"name": t.name, "data": str(t.data)}
+            if t.split is not None and t.split.kind == "file":
+                entry.update(split=t.split.path, fold=t.split.fold)
+            elif t.split is not None:
+                c.fail("stream.file", f"task {t.name!r}: split {t.split.describe()} has no test part",
+                       "give the task a split file or the fixed random split")
+            out.append(entry)
+        return out
+
+    tasks = _real_tasks(c, entries(stream.tasks), "stream.file tasks", split_seed, base_dir, True)
+    unseen = _real_tasks(c, entries(stream.unseen), "stream.file unseen", split_seed, base_dir, False)
+    return {"name": str(s.get("name", stream.name))}, tasks, unseen
+
+
+def _synthetic_stream(c: Check, s: dict, split_seed: int) -> tuple[dict[str, Any], list[Dataset], list[Dataset]]:
     from medadapt.synth.tasks import load_task_stream
 
-    s = c.mapping(value, "stream", ("name", "tasks", "unseen", "cases", "downsample"), required=("name", "cases"))
+    c.mapping(s, "stream", STREAM_KEYS, required=("name", "cases"))
     if not isinstance(s["name"], str):
         c.fail("stream.name", f"{s['name']!r} is not a name", "give a built-in stream (ct-stream) or a task-set file")
     try:
@@ -225,7 +235,7 @@ def _stream(c: _Check, value: Any, split_seed: int) -> tuple[dict[str, Any], lis
     except MedadaptError as exc:
         c.fail("stream.name", str(exc), "see docs/domains.md")
     cases = c.integer(s["cases"], "stream.cases", 5)
-    factors = _downsample_factors(c, s.get("downsample", 1), "stream.downsample")
+    factors = downsample_factors(c, s.get("downsample", 1), "stream.downsample")
 
     def pick(key: str, available: tuple) -> list:
         names = [t.name for t in available]
@@ -243,40 +253,12 @@ def _stream(c: _Check, value: Any, split_seed: int) -> tuple[dict[str, Any], lis
 
     out = []
     for group in (pick("tasks", stream.tasks), pick("unseen", stream.unseen)):
-        resolved = []
-        for task in group:
-            spec = task.spec().downsampled(factors)
-            train, _ = train_test_split([spec.case_id(i) for i in range(cases)], 0.2, split_seed)
-            resolved.append(TaskData(task.name, spec.to_dict(), tuple(task.labels), len(train)))
-        out.append(resolved)
+        out.append([synthetic_dataset(c, task.name, task.spec().downsampled(factors).to_dict(), cases, (), split_seed,
+                                      f"stream.{task.name}", labels=tuple(task.labels)) for task in group])
     return {"name": stream.name, "cases": cases, "downsample": list(factors)}, out[0], out[1]
 
 
-def _foundation(c: _Check, value: Any, base_dir: Path) -> dict[str, Any]:
-    from medadapt.models.network import PRESETS
-
-    f = c.mapping(value, "foundation", ("domains", "objective", "cases", "preset", "epochs", "iterations_per_epoch",
-                                        "seed", "downsample"),
-                  required=("domains", "objective", "cases", "preset", "epochs", "iterations_per_epoch"))
-    if not isinstance(f["domains"], list) or not f["domains"]:
-        c.fail("foundation.domains", f"{f['domains']!r} is not a non-empty list", "write e.g. [src-a-hn, src-b-chest]")
-    domains = [_resolve_domain(c, f, f"foundation.domains[{i}]", base_dir, domain=d)
-               for i, d in enumerate(f["domains"])]
-    names = [d["name"] for d in domains]
-    if len(set(names)) != len(names):
-        c.fail("foundation.domains", f"{names} names a domain twice", "list each source once")
-    objective = f["objective"]
-    if objective not in OBJECTIVES:
-        c.fail("foundation.objective", f"unknown objective {objective!r}", f"choose from {list(OBJECTIVES)}")
-    if f["preset"] not in PRESETS:
-        c.fail("foundation.preset", f"unknown preset {f['preset']!r}", f"choose from {list(PRESETS)}")
-    return {"domains": domains, "objective": objective, "cases": c.integer(f["cases"], "foundation.cases", 2),
-            "preset": f["preset"], "epochs": c.integer(f["epochs"], "foundation.epochs", 1),
-            "iterations_per_epoch": c.integer(f["iterations_per_epoch"], "foundation.iterations_per_epoch", 1),
-            "seed": c.integer(f.get("seed", 0), "foundation.seed")}
-
-
-def _parallel_rows(c: _Check, value: Any, decoder: str = "pretrained") -> list[Row]:
+def _parallel_rows(c: Check, value: Any, decoder: str = "pretrained") -> list[Row]:
     """The parallel rows; ``decoder``: the decoder policy of the methods that freeze part of the network
     (``new`` on a self-supervised foundation, MedSeqFT's reading; an entry's ``decoder`` overrides it: the other
     reading as an extra row)."""
@@ -333,17 +315,15 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     from medadapt.engine.recipe import load_recipe
     from medadapt.workflows.seqft import KD_UNTIL, check_kd_ceiling, kd_recipe_from
 
-    c = _Check(source)
+    c = Check(source)
     base_dir = base_dir or Path.cwd()
     top = c.mapping(raw, "config", ("name", "description", "stream", "foundation", "seeds", "data_seed", "split_seed",
-                                    "shots", "recipe", "kd_recipe", "postprocess", "medseqft", "ray"),
+                                    "shots", "recipe", "kd_recipe", "postprocess", "medseqft", "ray", "trust"),
                     required=("name", "stream", "foundation", "recipe", "medseqft"))
-    name = str(top["name"])
-    split_seed = c.integer(top.get("split_seed", 0), "split_seed")
-    data_seed = c.integer(top.get("data_seed", 0), "data_seed")
-    seeds = c.int_list(top.get("seeds", [0]), "seeds")
-    stream, tasks, unseen = _stream(c, top["stream"], split_seed)
-    foundation = _foundation(c, top["foundation"], base_dir)
+    common = parse_common(c, top)
+    stream, tasks, unseen = _stream(c, top["stream"], common.split_seed, base_dir)
+    foundation = parse_foundation(c, top["foundation"], base_dir, common.trust, objective_required=True)
+    check_channels(c, foundation, tasks + unseen, "stream")
     shots = top.get("shots", "all")
     if shots != "all":
         shots = c.integer(shots, "shots", 1)
@@ -351,7 +331,7 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
         if shots > small.train_cases:
             c.fail("shots", f"{shots} but task {small.name!r} has {small.train_cases} training cases",
                    f"use all or at most {small.train_cases}")
-    recipe = _recipe(c, top["recipe"], base_dir)
+    recipe = parse_recipe(c, top["recipe"], base_dir)
     m_raw = top["medseqft"] if isinstance(top.get("medseqft"), dict) else {}
     kd_until = str(m_raw.get("kd_until", "levelled"))
     if kd_until not in KD_UNTIL:
@@ -360,7 +340,7 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     if kd_max_epochs is not None:
         kd_max_epochs = c.integer(kd_max_epochs, "medseqft.kd_max_epochs", 1)
     if top.get("kd_recipe") is not None:
-        kd_recipe = _recipe(c, top["kd_recipe"], base_dir)
+        kd_recipe = parse_recipe(c, top["kd_recipe"], base_dir, "kd_recipe")
         if kd_max_epochs is not None:
             kd_recipe["epochs"] = kd_max_epochs
         if kd_until == "levelled":
@@ -377,14 +357,10 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                    "give medseqft.kd_max_epochs, kd_recipe, or more epochs")
         kd_recipe = kd.to_dict()
         kd_recipe.pop("description")
-    postprocess = str(top.get("postprocess", "none"))
-    if postprocess not in POSTPROCESS:
-        c.fail("postprocess", f"unknown {postprocess!r}", f"use one of {list(POSTPROCESS)}")
-
     m = c.mapping(top["medseqft"], "medseqft", ("parallel", "joint", "sequential", "unseen", "refined_by",
                                                 "buffer_size", "mds_repeats", "kd_rank", "kd_until",
                                                 "kd_max_epochs"))
-    rows = _parallel_rows(c, m.get("parallel", []), "new" if foundation["objective"] != "supervised" else "pretrained")
+    rows = _parallel_rows(c, m.get("parallel", []), "new" if foundation.pretext else "pretrained")
     if m.get("joint", False):
         rows.append(Row(JOINT, "joint", JOINT, display=display_name(JOINT)))
     sequential = m.get("sequential", [])
@@ -401,11 +377,16 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
             rows.append(Row(s, "sequential", method, buffer=buffer, retention=retention, display=display_name(s)))
     if not rows:
         c.fail("medseqft", "no rows", "list parallel, joint or sequential rows")
-    if foundation["objective"] == "supervised":
+    if not foundation.pretext:
         mds = [r.name for r in rows if r.buffer == "mds"]
         if mds:
             c.fail("medseqft.sequential", f"{mds} select the buffer by MDS, which needs the foundation's pretext head",
-                   "use foundation.objective: mae or drop those rows")
+                   "use a self-supervised foundation (objective: mae, or a model with a pretext head) or drop "
+                   "those rows")
+        decoder = [r.name for r in rows if r.kind == "parallel" and "-decoder" in r.name]
+        if decoder:
+            c.fail("medseqft.parallel", f"{decoder} choose what to do with a pretext decoder, which this foundation "
+                   "does not have", "drop their decoder setting")
     buffer_size = c.integer(m.get("buffer_size", 4), "medseqft.buffer_size", 1)
     if any(r.buffer != "none" for r in rows):
         small = min(tasks, key=lambda t: t.train_cases)
@@ -436,15 +417,14 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                    f"choose from {seq_rows} (fft-mn fine-tunes the model that row leaves after the last task)")
     elif m.get("refined_by") is not None:
         c.fail("medseqft.refined_by", "is set but medseqft.unseen has no fft-mn row", "remove it or add fft-mn")
-    ray = c.mapping(top.get("ray") or {}, "ray", ("cpus_per_cell", "gpus_per_cell"))
-    ray = {"cpus_per_cell": c.integer(ray.get("cpus_per_cell", 1), "ray.cpus_per_cell", 1),
-           "gpus_per_cell": float(ray.get("gpus_per_cell", 0))}
-    return MedseqftConfig(name=name, description=str(top.get("description", "")).strip(), source=source,
-                          stream=stream, tasks=tasks, unseen=unseen, foundation=foundation, seeds=seeds,
-                          data_seed=data_seed, split_seed=split_seed, shots=shots, recipe=recipe, kd_recipe=kd_recipe,
-                          postprocess=postprocess, rows=rows, unseen_rows=list(unseen_rows), refined_by=refined_by,
-                          buffer_size=buffer_size, mds_repeats=mds_repeats, kd_rank=kd_rank, kd_until=kd_until, ray=ray,
-                          raw=copy.deepcopy(raw))
+    return MedseqftConfig(name=common.name, description=common.description, source=source, stream=stream,
+                          tasks=tasks, unseen=unseen,
+                          foundation=foundation.settings if not foundation.given else {"model": foundation.model},
+                          seeds=common.seeds, data_seed=common.data_seed, split_seed=common.split_seed, shots=shots,
+                          recipe=recipe, kd_recipe=kd_recipe, postprocess=common.postprocess, rows=rows,
+                          unseen_rows=list(unseen_rows), refined_by=refined_by, buffer_size=buffer_size,
+                          mds_repeats=mds_repeats, kd_rank=kd_rank, kd_until=kd_until, ray=common.ray,
+                          raw=copy.deepcopy(raw), foundation_spec=foundation, trust=common.trust)
 
 
 # ---------------------------------------------------------------------------------------------- cells
@@ -487,7 +467,7 @@ def experiments(config: MedseqftConfig, row: Row) -> list[str]:
 
 def enumerate_cells(config: MedseqftConfig, digests: dict[str, Any] | None = None) -> list[Cell]:
     """Every cell: the stream cells (row, seed) in row order, then the unseen cells (task, row, seed); their
-    keys name the inputs' ``digests`` (the engine's: the foundation's weights, each task's data) and the code's
+    keys name the inputs' ``digests`` (the harness's: the foundation's weights, each task's data) and the code's
     :data:`NUMERICS` version."""
     common = {"format": CELL_FORMAT, "split_seed": config.split_seed, "shots": config.shots,
               "recipe": config.recipe, "postprocess": config.postprocess, "foundation": config.foundation_key(),
@@ -502,7 +482,7 @@ def enumerate_cells(config: MedseqftConfig, digests: dict[str, Any] | None = Non
             key = {**common, "kind": "stream", "stream": stream_key, "row": row_settings(config, row), "seed": seed,
                    "inputs": {"foundation": digests.get("foundation"),
                               "data": {t.name: data.get(t.name) for t in config.tasks}}}
-            cell = Cell("stream", row.name, seed, key, experiments=experiments(config, row))
+            cell = Cell.stream(row.name, seed, key, experiments(config, row))
             cells.append(cell)
             by_row_seed[(row.name, seed)] = cell
     for task in config.unseen:
@@ -517,45 +497,14 @@ def enumerate_cells(config: MedseqftConfig, digests: dict[str, Any] | None = Non
                     source = by_row_seed[(config.refined_by, seed)]
                     key["refined_from"] = {"row": config.refined_by, "cell": source.hash}
                     depends = source.cell_id
-                cells.append(Cell("unseen", name, seed, key, task=task.name, depends=depends, experiments=["table6"]))
+                cells.append(Cell.unseen(task.name, name, seed, key, depends, ["table6"]))
     return cells
 
 
 # ---------------------------------------------------------------------------------------------- work folder
 
-@dataclass(frozen=True)
-class GridPaths:
-    """Where a grid's shared inputs live; plain strings so it travels to Ray workers."""
-
-    workdir: str
-    foundation: str
-    stream_dir: str                        # holds stream.yaml
-    datasets: dict[str, str]               # task name -> dataset folder (stream and unseen tasks)
-    sources: tuple[tuple[str, str], ...]   # (domain name, dataset folder) of the foundation's cohorts
-
-    @property
-    def stream_file(self) -> Path:
-        return Path(self.stream_dir) / "stream.yaml"
-
-    def cell_dir(self, cell_id: str) -> Path:
-        return Path(self.workdir) / "cells" / cell_id
-
-
-def dataset_keys(config: MedseqftConfig) -> dict[str, dict[str, Any]]:
-    """Each task's (stream and unseen) synthetic recipe (domain spec, cases, data seed, generator), by name."""
-    return {t.name: config.dataset_key(t) for t in config.tasks + config.unseen}
-
-
 def grid_paths(config: MedseqftConfig, workdir: str | Path) -> GridPaths:
-    from medadapt.synth import GENERATOR_VERSION
-
-    workdir = Path(workdir).resolve()
-    data = workdir / "data"
-    key = config.foundation_key()
-    sources = tuple((d["name"], str(data / (f"{d['name']}-" + stable_hash(
-        {"domain": d, "cases": key["cases"], "data_seed": key["data_seed"], "generator": GENERATOR_VERSION}, 8))))
-        for d in key["domains"])
-    datasets = {t.name: str(data / f"{t.name}-{stable_hash(config.dataset_key(t), 8)}")
-                for t in config.tasks + config.unseen}
-    return GridPaths(str(workdir), str(workdir / f"foundation-{stable_hash(key, 8)}"),
-                     str(data / f"{config.stream['name']}-{stable_hash(config.stream_key(), 8)}"), datasets, sources)
+    """The work folder's layout (:func:`medadapt.benchmark.config.grid_paths`) with the stream's folder."""
+    data = Path(workdir).resolve() / "data"
+    stream_dir = data / f"{config.stream['name']}-{stable_hash(config.stream_key(), 8)}"
+    return config_grid_paths(config, workdir, str(stream_dir))

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from medadapt.benchmark import stats
-from medadapt.benchmark.grid import (NO_TRAINING, ZERO_SHOT, Cell, GridConfig, enumerate_cells, grid_paths,
-                                     method_options)
-from medadapt.benchmark.tables import (CONVERGENCE_LEGEND, MISSING, _csv, _mark, _save, _write, convergence_mark,
+from medadapt.benchmark.cell import Cell
+from medadapt.benchmark.grid import NO_TRAINING, ZERO_SHOT, GridConfig, enumerate_cells, grid_paths, method_options
+from medadapt.benchmark.tables import (CONVERGENCE_LEGEND, MISSING, csv_text, mark_text, save_figure, write_file, convergence_mark,
                                        stored_cells)
 from medadapt.benchmark.tables import finish_report as tables_finish_report
 from medadapt.errors import MedadaptError
@@ -80,7 +80,7 @@ class CellIndex:
         return [self.records[c.cell_id] for c in cells if self.records.get(c.cell_id)]
 
 
-def _values(records: list[dict], cls: str, metric: str) -> dict:
+def class_values(records: list[dict], cls: str, metric: str) -> dict:
     """(seed, case) -> value; a cell without training (zero-shot, generalization) has no seed (None), so that
     it pairs with every seed."""
     values = stats.case_values(records, cls, metric)
@@ -95,7 +95,7 @@ def aggregate(records: list[dict], cls: str) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {}
     for metric in ("dsc", "nsd", "hd95"):
-        summary = stats.seed_summary(_values(records, cls, metric))
+        summary = stats.seed_summary(class_values(records, cls, metric))
         out.update({f"{metric}_mean": summary.mean, f"{metric}_seed_std": summary.seed_std,
                     f"{metric}_case_std": summary.case_std})
         if metric == "hd95":
@@ -104,7 +104,7 @@ def aggregate(records: list[dict], cls: str) -> dict[str, Any] | None:
              if r["timing"].get("median_iteration_seconds") is not None]
     out.update({
         "n_cases": len({case for rec in records for case in (r["case"] for r in rec["per_case"])}),
-        "n_values": len(_values(records, cls, "dsc")),
+        "n_values": len(class_values(records, cls, "dsc")),
         "seeds": sorted(r["seed"] for r in records) if records[0]["method"] not in NO_TRAINING else [],
         "seconds_per_iteration": float(np.median(times)) if times else None,
         "trainable": records[0]["parameters"]["trainable"],
@@ -113,7 +113,7 @@ def aggregate(records: list[dict], cls: str) -> dict[str, Any] | None:
     return out
 
 
-def _fmt(agg: dict | None, metric: str) -> str:
+def format_cell(agg: dict | None, metric: str) -> str:
     if agg is None or agg[f"{metric}_mean"] is None:
         return MISSING
     scale = 1.0 if metric == "hd95" else 100.0
@@ -129,10 +129,10 @@ def _column(index: CellIndex, dataset: str, shots: int, methods: list[str], cls:
     """One table column: marked texts and aggregates of ``methods`` at (dataset, shots)."""
     gamma = gamma or {}
     records = {m: index.finished(dataset, m, shots, gamma.get(m)) for m in methods}
-    values = {m: _values(r, cls, metric) for m, r in records.items() if r}
+    values = {m: class_values(r, cls, metric) for m, r in records.items() if r}
     marks = stats.rank_marks(list(values), values, higher_is_better=metric != "hd95")
     aggs = [aggregate(records[m], cls) for m in methods]
-    return [_mark(_fmt(a, metric), marks.get(m, "")) + convergence_mark(records[m] or [])
+    return [mark_text(format_cell(a, metric), marks.get(m, "")) + convergence_mark(records[m] or [])
             for m, a in zip(methods, aggs)], aggs
 
 
@@ -151,23 +151,23 @@ def table1(index: CellIndex, cls: str, metrics: tuple[str, ...] = ("dsc", "nsd")
                 columns.append(texts)
                 if metric == metrics[0]:
                     for m, agg in zip(methods, aggs):
-                        csv_rows.append({"dataset": ds.name, "class": cls, "method": m, "shots": s, **_agg_csv(agg)})
+                        csv_rows.append({"dataset": ds.name, "class": cls, "method": m, "shots": s, **agg_csv(agg)})
         rows = [[display_name(m)] + [col[i] for col in columns] for i, m in enumerate(methods)]
         all_shot = config.table1["all_shot"]
         if all_shot:
             recs = index.finished(ds.name, all_shot, ds.train_cases)
             agg = aggregate(recs, cls)
             label = f"All-shot ({ds.train_cases}-shot, {display_name(all_shot).lower()})"
-            rows.append([label] + [_fmt(agg, m) + convergence_mark(recs or []) for m in metrics]
+            rows.append([label] + [format_cell(agg, m) + convergence_mark(recs or []) for m in metrics]
                         + [""] * (len(metrics) * (len(ds.shots) - 1)))
             csv_rows.append({"dataset": ds.name, "class": cls, "method": f"all-shot:{all_shot}",
-                             "shots": ds.train_cases, **_agg_csv(agg)})
+                             "shots": ds.train_cases, **agg_csv(agg)})
         header = ["Method"] + [f"{s}-shot {names[m]}" for s in ds.shots for m in metrics]
         parts.append(f"**{ds.name}** ({cls})\n\n" + markdown_table(header, rows))
     return "\n\n".join(parts), csv_rows
 
 
-def _agg_csv(agg: dict | None) -> dict:
+def agg_csv(agg: dict | None) -> dict:
     keys = ("dsc_mean", "dsc_seed_std", "dsc_case_std", "nsd_mean", "nsd_seed_std", "nsd_case_std", "hd95_mean",
             "hd95_seed_std", "hd95_case_std", "hd95_undefined", "n_cases", "n_values", "seeds",
             "seconds_per_iteration", "trainable", "updated_per_step", "cells")
@@ -199,7 +199,7 @@ def table2(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
         rows.append([display_name(m)] + [col[i] for col in columns] +
                     [MISSING if t is None else f"{t:.3f} s", MISSING if ratio is None else f"{ratio:.2f}×"])
         for d, s in settings:
-            csv_rows.append({"dataset": d, "class": cls, "method": m, "shots": s, **_agg_csv(aggs[m, d, s]),
+            csv_rows.append({"dataset": d, "class": cls, "method": m, "shots": s, **agg_csv(aggs[m, d, s]),
                              "method_seconds_per_iteration": t, f"ratio_to_{reference}": ratio})
     header = (["Method"] + [f"{d} {s}-shot {x} (%)" for d, s in settings for x in ("DSC", "NSD")] +
               ["s/iter", f"× {reference}"])
@@ -226,7 +226,7 @@ def paired_table(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
                 continue
             texts = []
             for metric in ("dsc", "nsd"):
-                comp = stats.paired_comparison(_values(mine, cls, metric), _values(theirs, cls, metric))
+                comp = stats.paired_comparison(class_values(mine, cls, metric), class_values(theirs, cls, metric))
                 if comp is None:
                     texts.append(MISSING)
                     continue
@@ -256,13 +256,13 @@ def gamma_table(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
         recs = {f"gamma{v}": index.finished(d, g["method"], s, gamma=v) for v in g["values"]}
         recs["reference"] = index.finished(d, g["reference"], s)
         for metric in ("dsc", "nsd"):
-            values = {k: _values(r, cls, metric) for k, r in recs.items() if r}
+            values = {k: class_values(r, cls, metric) for k, r in recs.items() if r}
             marks = stats.rank_marks(list(values), values)
-            columns.append([_mark(_fmt(aggregate(recs[k], cls), metric), marks.get(k, "")) for k in keys])
+            columns.append([mark_text(format_cell(aggregate(recs[k], cls), metric), marks.get(k, "")) for k in keys])
         for v, k in zip(list(g["values"]) + [None], keys):
             csv_rows.append({"dataset": d, "class": cls, "shots": s,
                              "method": g["method"] if v is not None else g["reference"],
-                             "gamma": "" if v is None else v, **_agg_csv(aggregate(recs[k], cls))})
+                             "gamma": "" if v is None else v, **agg_csv(aggregate(recs[k], cls))})
     rows = [[label] + [col[i] for col in columns] for i, label in enumerate(labels)]
     header = ["Setting"] + [f"{d} {s}-shot {x} (%)" for d, s in settings for x in ("DSC", "NSD")]
     return f"({cls})\n\n" + markdown_table(header, rows), csv_rows
@@ -299,17 +299,17 @@ def gamma_figure(config: GridConfig, csv_rows: list[dict], path: Path) -> Path:
     fig.suptitle(f"Sensitivity to γ ({display_name(config.gamma['method'])}; mean over seeds, bars: std over "
                  f"seeds); dashed: {display_name(config.gamma['reference'])}", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def contour_panel(ax, rec: dict, paths) -> tuple[str, int]:
     """Draw a cell's stored qualitative slice on ``ax``: the image (radiological view, CT window) with the
     ground truth and prediction contours. Returns the slice's case id and z."""
-    from medadapt.viz import GT_COLOR, PRED_COLOR, _window, radiological_view
+    from medadapt.viz import GT_COLOR, PRED_COLOR, ct_window, radiological_view
 
     npz = np.load(Path(paths.workdir) / "cells" / rec["id"] / rec["qualitative"])
     spacing = npz["spacing"]
-    ax.imshow(_window(radiological_view(npz["image"])), cmap="gray", aspect=float(spacing[1] / spacing[2]),
+    ax.imshow(ct_window(radiological_view(npz["image"])), cmap="gray", aspect=float(spacing[1] / spacing[2]),
               interpolation="nearest")
     for mask, color in ((npz["gt"], GT_COLOR), (npz["prediction"], PRED_COLOR)):
         if (mask > 0).any():
@@ -349,7 +349,7 @@ def contour_grid(panels: list[tuple[str, list[tuple[str, dict | None]]]], paths,
                 ax.set_ylabel(f"{label}, {case} z={z}", fontsize=7)
     fig.suptitle(f"{title} (ground truth {GT_COLOR}, prediction {PRED_COLOR})", fontsize=title_size)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def qualitative_figure(index: CellIndex, paths, cls: str, path: Path) -> Path | None:
@@ -405,7 +405,7 @@ def curves_figure(index: CellIndex, cls: str, path: Path, window: int = 5) -> Pa
         return None
     fig.suptitle(f"Training loss per epoch, {window}-epoch moving average, mean over seeds", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _cell_rows(cell: Cell, rec: dict) -> tuple[list[dict], list[dict]]:
@@ -445,29 +445,29 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
                 f"({len(config.seeds)}). Head policy: {config.head}. DSC and NSD at 1 mm in %.\n",
                 FOOTNOTE + "\n", CONVERGENCE_LEGEND + "\n"]
     t1_md, t1_csv = zip(*(table1(index, cls) for cls in classes))
-    files["table1.md"] = _write(out / "table1.md", "\n\n".join(t1_md) + "\n\n" + FOOTNOTE + "\n\n"
+    files["table1.md"] = write_file(out / "table1.md", "\n\n".join(t1_md) + "\n\n" + FOOTNOTE + "\n\n"
                                 + CONVERGENCE_LEGEND + "\n")
-    files["table1.csv"] = _write(out / "table1.csv", _csv(sum(t1_csv, [])))
+    files["table1.csv"] = write_file(out / "table1.csv", csv_text(sum(t1_csv, [])))
     sections += ["## Table 1: few-shot fine-tuning methods\n", *t1_md]
     hd_md = [table1(index, cls, metrics=("hd95",))[0] for cls in classes]
-    files["table1_hd95.md"] = _write(out / "table1_hd95.md", "\n\n".join(hd_md) + "\n")
+    files["table1_hd95.md"] = write_file(out / "table1_hd95.md", "\n\n".join(hd_md) + "\n")
     sections += ["\n### Table 1, HD95 (mm)\n",
                  "Over the (seed, test case) values where HD95 is defined; 'k/n undefined' counts those where "
                  "exactly one of prediction and ground truth is empty (no surface distance exists).\n", *hd_md]
     if config.table2:
         t2_md, t2_csv = zip(*(table2(index, cls) for cls in classes))
-        files["table2.md"] = _write(out / "table2.md", "\n\n".join(t2_md) + "\n\n" + FOOTNOTE + "\n\n"
+        files["table2.md"] = write_file(out / "table2.md", "\n\n".join(t2_md) + "\n\n" + FOOTNOTE + "\n\n"
                                 + CONVERGENCE_LEGEND + "\n")
-        files["table2.csv"] = _write(out / "table2.csv", _csv(sum(t2_csv, [])))
+        files["table2.csv"] = write_file(out / "table2.csv", csv_text(sum(t2_csv, [])))
         sections += ["\n## Table 2: sparsification ablations\n", *t2_md]
     p_md, p_csv = zip(*(paired_table(index, cls) for cls in classes))
-    files["paired.md"] = _write(out / "paired.md", "\n\n".join(p_md) + "\n")
-    files["paired.csv"] = _write(out / "paired.csv", _csv(sum(p_csv, [])))
+    files["paired.md"] = write_file(out / "paired.md", "\n\n".join(p_md) + "\n")
+    files["paired.csv"] = write_file(out / "paired.csv", csv_text(sum(p_csv, [])))
     sections += [f"\n## Paired comparisons: {display_name(HEADLINE)} against every other method\n", *p_md]
     if config.gamma:
         g_md, g_csv = zip(*(gamma_table(index, cls) for cls in classes))
-        files["gamma.md"] = _write(out / "gamma.md", "\n\n".join(g_md) + "\n")
-        files["gamma.csv"] = _write(out / "gamma.csv", _csv(sum(g_csv, [])))
+        files["gamma.md"] = write_file(out / "gamma.md", "\n\n".join(g_md) + "\n")
+        files["gamma.csv"] = write_file(out / "gamma.csv", csv_text(sum(g_csv, [])))
         files["gamma.png"] = gamma_figure(config, g_csv[0], out / "gamma.png")
         sections += ["\n## Fig. 3: sensitivity to γ\n", *g_md, "\n![gamma](gamma.png)"]
     curves = curves_figure(index, classes[0], out / "curves.png")

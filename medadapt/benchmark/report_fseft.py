@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 
 from medadapt.benchmark import stats
-from medadapt.benchmark.grid import (GENERALIZATION, Cell, DatasetConfig, GridConfig, method_options, ti_options,
-                                     variant_options)
-from medadapt.benchmark.report import (_agg_csv, _fmt, _values, aggregate, contour_grid, display_name,
+from medadapt.benchmark.cell import Cell
+from medadapt.benchmark.config import Dataset
+from medadapt.benchmark.grid import GENERALIZATION, GridConfig, method_options, ti_options, variant_options
+from medadapt.benchmark.report import (agg_csv, format_cell, class_values, aggregate, contour_grid, display_name,
                                        finish_report, finished_cells)
-from medadapt.benchmark.tables import CONVERGENCE_LEGEND, MISSING, _csv, _mark, _save, _write, convergence_mark
+from medadapt.benchmark.tables import CONVERGENCE_LEGEND, MISSING, csv_text, mark_text, save_figure, write_file, convergence_mark
 from medadapt.utils.tables import markdown_table
 
 FOOTNOTE = (
@@ -68,7 +69,7 @@ class FseftIndex:
     def _setting(dataset: str, method: str, options: dict, shots: int) -> tuple:
         return dataset, method, tuple(sorted(options.items())), shots
 
-    def finished(self, ds: DatasetConfig, row: Row, shots: int | None) -> list[dict]:
+    def finished(self, ds: Dataset, row: Row, shots: int | None) -> list[dict]:
         shots = 0 if row.method == GENERALIZATION else (ds.train_cases if row.all_shot else shots)
         cells = self.by_setting.get(self._setting(ds.name, row.method, row.options, shots), [])
         return [self.records[c.cell_id] for c in cells if self.records.get(c.cell_id)]
@@ -92,7 +93,7 @@ def _rows(config: GridConfig) -> tuple[list[Row], list[Row]]:
     return top, few
 
 
-def _columns(config: GridConfig) -> list[tuple[DatasetConfig, str, str]]:
+def _columns(config: GridConfig) -> list[tuple[Dataset, str, str]]:
     """(dataset, class, header) per Table 1 column: a task's structure (several: one column each)."""
     cols = []
     for ds in config.datasets:
@@ -153,19 +154,19 @@ def table1(index: FseftIndex) -> tuple[str, list[dict]]:
                     per_row_records[r.key].append([])
                 continue
             records = {r.key: index.finished(ds, r, k) for r in rows}
-            values = {n: _values(recs, cls, "dsc") for n, recs in records.items() if recs}
+            values = {n: class_values(recs, cls, "dsc") for n, recs in records.items() if recs}
             marks = stats.rank_marks(list(values), values)
             for r in rows:
                 agg = aggregate(records[r.key], cls)
-                text = _fmt(agg, "dsc")
+                text = format_cell(agg, "dsc")
                 if r.method == GENERALIZATION and not config.knows(ds):
                     text = "n/a"
-                texts[r.key].append(_mark(text, marks.get(r.key, "")) + convergence_mark(records[r.key]))
+                texts[r.key].append(mark_text(text, marks.get(r.key, "")) + convergence_mark(records[r.key]))
                 per_row_records[r.key].append(records[r.key])
                 shots = 0 if r.method == GENERALIZATION else (ds.train_cases if r.all_shot else k)
                 csv_rows.append({"group": "all" if k is None else k, "row": r.label, "method": r.method,
                                  "options": " ".join(f"{a}={b}" for a, b in sorted(r.options.items())),
-                                 "dataset": ds.name, "class": cls, "shots": shots, **_agg_csv(agg)})
+                                 "dataset": ds.name, "class": cls, "shots": shots, **agg_csv(agg)})
         lines.append([f"**{title}**"] + [""] * (len(cols) + 1))
         for r in rows:
             avg = _average(per_row_records[r.key], [c for _, c, _ in cols])
@@ -190,11 +191,11 @@ def paired_table(index: FseftIndex) -> tuple[str, list[dict]]:
     adapter = config.fseft["adapter"]
     rows, csv_rows = [], []
 
-    def compare(ds: DatasetConfig, cls: str, group: str, k: int | None, mine: Row, theirs: Row) -> None:
+    def compare(ds: Dataset, cls: str, group: str, k: int | None, mine: Row, theirs: Row) -> None:
         a, b = index.finished(ds, mine, k), index.finished(ds, theirs, k)
         if not a or not b:
             return
-        comp = stats.paired_comparison(_values(a, cls, "dsc"), _values(b, cls, "dsc"))
+        comp = stats.paired_comparison(class_values(a, cls, "dsc"), class_values(b, cls, "dsc"))
         if comp is None:
             return
         rows.append([ds.name if len(ds.labels) == 1 else f"{ds.name}: {cls}", group,
@@ -231,7 +232,7 @@ def paired_table(index: FseftIndex) -> tuple[str, list[dict]]:
     return text, csv_rows
 
 
-def _task_average(index: FseftIndex, row: Row, k: int, datasets: list[DatasetConfig]) -> dict[str, Any]:
+def _task_average(index: FseftIndex, row: Row, k: int, datasets: list[Dataset]) -> dict[str, Any]:
     """DSC of ``row`` at k averaged over ``datasets`` (those with k among their shots): per seed, then over seeds."""
     per_column, classes, used = [], [], []
     for ds in datasets:
@@ -276,7 +277,7 @@ def fig2a(index: FseftIndex, path: Path) -> tuple[list[dict], Path | None]:
     ax.legend(fontsize=7)
     ax.set_title("Fig. 2a: the role of spatial adapters (inductive; bars: std over seeds)", fontsize=8)
     fig.tight_layout()
-    return rows, _save(fig, path)
+    return rows, save_figure(fig, path)
 
 
 def fig2b(index: FseftIndex, path: Path) -> tuple[list[dict], Path | None]:
@@ -299,7 +300,7 @@ def fig2b(index: FseftIndex, path: Path) -> tuple[list[dict], Path | None]:
                     agg = aggregate(index.finished(ds, Row("", adapter, opts), k), cls)
                     rows.append({"dataset": ds.name, "class": cls, "shots": k,
                                  **({"weight": "" if margin is None else weight} if weights else {}),
-                                 "margin": "" if margin is None else margin, **_agg_csv(agg)})
+                                 "margin": "" if margin is None else margin, **agg_csv(agg)})
     if not any(r["dsc_mean"] != "" for r in rows):
         return rows, None
     matplotlib.use("Agg")
@@ -330,7 +331,7 @@ def fig2b(index: FseftIndex, path: Path) -> tuple[list[dict], Path | None]:
     ax.legend(fontsize=7)
     ax.set_title(f"Fig. 2b: TI margin at k={k} (bars: std over seeds); dashed: no TI", fontsize=8)
     fig.tight_layout()
-    return rows, _save(fig, path)
+    return rows, save_figure(fig, path)
 
 
 def qualitative_figure(index: FseftIndex, paths, path: Path) -> Path | None:
@@ -367,16 +368,16 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
                 f"Post-processing: {config.postprocess}. Recipe: "
                 f"{config.recipe['name'] if config.recipe else 'the foundation’s'}.\n"]
     t1_md, t1_csv = table1(index)
-    files["table1.md"] = _write(out / "table1.md", t1_md + "\n\n" + FOOTNOTE + "\n")
-    files["table1.csv"] = _write(out / "table1.csv", _csv(t1_csv))
+    files["table1.md"] = write_file(out / "table1.md", t1_md + "\n\n" + FOOTNOTE + "\n")
+    files["table1.csv"] = write_file(out / "table1.csv", csv_text(t1_csv))
     sections += ["## Table 1: few-shot efficient fine-tuning (DSC %)\n", t1_md, "\n" + FOOTNOTE]
     p_md, p_csv = paired_table(index)
-    files["paired.md"] = _write(out / "paired.md", p_md + "\n")
-    files["paired.csv"] = _write(out / "paired.csv", _csv(p_csv))
+    files["paired.md"] = write_file(out / "paired.md", p_md + "\n")
+    files["paired.csv"] = write_file(out / "paired.csv", csv_text(p_csv))
     sections += [f"\n## Paired comparisons: {display_name(config.fseft['adapter'])} against the others\n", p_md]
     if config.fseft["fig2a"]:
         rows, png = fig2a(index, out / "fig2a.png")
-        files["fig2a.csv"] = _write(out / "fig2a.csv", _csv(rows))
+        files["fig2a.csv"] = write_file(out / "fig2a.csv", csv_text(rows))
         sections.append("\n## Fig. 2a: spatial adapter vs 1×1×1 adapter (inductive)\n")
         sections.append(markdown_table(["kernel", "k", "DSC (%) over tasks", "tasks"],
                                        [[r["kernel_size"], r["shots"], _fmt_avg(r["dsc_mean"], r["dsc_seed_std"],
@@ -387,7 +388,7 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
             sections.append("\n![fig2a](fig2a.png)")
     if config.fseft["fig2b"]:
         rows, png = fig2b(index, out / "fig2b.png")
-        files["fig2b.csv"] = _write(out / "fig2b.csv", _csv(rows))
+        files["fig2b.csv"] = write_file(out / "fig2b.csv", csv_text(rows))
         sections.append(f"\n## Fig. 2b: TI margin γ at k={config.fseft['fig2b']['shots']}\n")
         sections.append(markdown_table(["task", "γ", "DSC (%)"],
                                        [[r["dataset"], "no TI" if r["margin"] == "" else r["margin"],

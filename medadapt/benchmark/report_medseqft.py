@@ -38,9 +38,10 @@ import numpy as np
 
 from medadapt.benchmark import stats
 from medadapt.benchmark.stats import mean_spread, per_seed_means
-from medadapt.benchmark.medseqft import (ABLATION_MARKS, DISPLAY, Cell, MedseqftConfig, Row, display_name,
-                                         enumerate_cells, grid_paths)
-from medadapt.benchmark.tables import (CONVERGENCE_LEGEND, MISSING, _csv, _mark, _save, _write, finish_report,
+from medadapt.benchmark.cell import Cell
+from medadapt.benchmark.medseqft import (ABLATION_MARKS, DISPLAY, MedseqftConfig, Row, display_name, enumerate_cells,
+                                         grid_paths)
+from medadapt.benchmark.tables import (CONVERGENCE_LEGEND, MISSING, csv_text, mark_text, save_figure, write_file, finish_report,
                                        record_levelled_off, stored_cells)
 from medadapt.utils.tables import markdown_table
 
@@ -202,7 +203,7 @@ def stream_table(index: Index, rows: list[Row], table: str, prefix_columns: dict
             summary = {n: mean_spread(per_seed[n]) for n in names}
             marks = _marks({n: summary[n][0] for n in names}, values, higher)
             converged = {n: index.mark(n, task) for n in names}
-            columns.append([_mark(_fmt(*summary[n], values=values[n]), marks[n]) + converged[n] for n in names])
+            columns.append([mark_text(_fmt(*summary[n], values=values[n]), marks[n]) + converged[n] for n in names])
             for n, row in zip(names, rows):
                 mean, spread, k = summary[n]
                 undefined = sum(1 for v in values[n].values() if math.isnan(v))
@@ -269,7 +270,7 @@ def table6(index: Index) -> tuple[str, list[dict]]:
                 values = {r: index.unseen_values(task.name, r, metric, classes) for r in config.unseen_rows}
                 summary = {r: mean_spread(per_seed_means(v)) for r, v in values.items()}
                 marks = _marks({r: s[0] for r, s in summary.items()}, values, higher)
-                columns.append([_mark(_fmt(*summary[r], values=values[r]), marks[r]) for r in config.unseen_rows])
+                columns.append([mark_text(_fmt(*summary[r], values=values[r]), marks[r]) for r in config.unseen_rows])
                 header.append(f"{label} {h}")
                 for r in config.unseen_rows:
                     mean, spread, k = summary[r]
@@ -371,7 +372,7 @@ def fig4(index: Index, path: Path) -> tuple[list[dict], Path | None]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return rows, _save(fig, path)
+    return rows, save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- transfer
@@ -480,7 +481,7 @@ def refinement(index: Index, path: Path) -> tuple[str, list[dict], Path | None]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return md, csv_rows, _save(fig, path)
+    return md, csv_rows, save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- MDS
@@ -604,28 +605,33 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
     files: dict[str, Path] = {}
     done = sum(1 for r in records.values() if r)
     f = config.foundation
+    if "cases" in config.stream:  # a generated stream
+        cases = f"{config.stream['cases']} cases per task (80/20 split)"
+    else:
+        cases = "cases per task: " + ", ".join(f"{t.name} {t.cases}" for t in config.all_datasets)
+    made = f"the model {f['model']}" if "model" in f else \
+        f"{f['preset']}, {f['objective']} pretraining on {', '.join(d['name'] for d in f['domains'])}"
     sections = [f"# Benchmark report: MedSeqFT grid `{config.name}`\n",
                 f"{done} of {len(cells)} cells finished. Config: `{config.cli_argument}`. Seeds: "
                 f"{', '.join(map(str, config.seeds))}. Stream `{config.stream['name']}`: "
                 f"{', '.join(t.name for t in config.tasks)} (in this order); unseen: "
-                f"{', '.join(t.name for t in config.unseen) or 'none'}; {config.stream['cases']} cases per task "
-                f"(80/20 split), shots: {config.shots}. Foundation: {f['preset']}, {f['objective']} pretraining on "
-                f"{', '.join(d['name'] for d in f['domains'])}. Recipe `{config.recipe['name']}`: "
+                f"{', '.join(t.name for t in config.unseen) or 'none'}; {cases}, shots: {config.shots}. "
+                f"Foundation: {made}. Recipe `{config.recipe['name']}`: "
                 f"{config.recipe['epochs']} × {config.recipe['iterations_per_epoch']} iterations per task; LoRA-based "
                 f"KD `{config.kd_recipe['name']}`: {config.kd_recipe['epochs']} × "
                 f"{config.kd_recipe['iterations_per_epoch']}.\n", FOOTNOTE + "\n"]
 
     t2_md, t2_csv = stream_table(index, table2_rows(config), "table2")
     t2_md += "\n\n" + CONVERGENCE_LEGEND + " " + REFINED_LEGEND
-    files["table2.md"] = _write(out / "table2.md", t2_md + "\n\n" + FOOTNOTE + "\n")
-    files["table2.csv"] = _write(out / "table2.csv", _csv(t2_csv))
+    files["table2.md"] = write_file(out / "table2.md", t2_md + "\n\n" + FOOTNOTE + "\n")
+    files["table2.csv"] = write_file(out / "table2.csv", csv_text(t2_csv))
     sections += ["## Table II: fine-tuning strategies on the stream's tasks ([md](table2.md), [csv](table2.csv))\n",
                  t2_md]
     if table3_rows(config):
         t3_md, t3_csv = table3(index)
         t3_md += "\n\n" + CONVERGENCE_LEGEND + " " + REFINED_LEGEND
-        files["table3.md"] = _write(out / "table3.md", t3_md + "\n\n" + FOOTNOTE + "\n")
-        files["table3.csv"] = _write(out / "table3.csv", _csv(t3_csv))
+        files["table3.md"] = write_file(out / "table3.md", t3_md + "\n\n" + FOOTNOTE + "\n")
+        files["table3.csv"] = write_file(out / "table3.csv", csv_text(t3_csv))
         sections += ["\n## Table III: ablation of MDS and K&G RFT ([md](table3.md), [csv](table3.csv))\n", t3_md]
     if any(r.retention == "lora-kd" for r in config.rows):
         kd_md, kd_csv, kd_png = refinement(index, out / "refinement.png")
@@ -633,8 +639,8 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
                    "L_refine (the epoch mean of the encoder feature MSE) has levelled off by "
                    "medadapt.engine.convergence, checked after every epoch, at most its ceiling; mean over seeds "
                    "± spread.")
-        files["refinement.md"] = _write(out / "refinement.md", kd_note + "\n\n" + kd_md + "\n")
-        files["refinement.csv"] = _write(out / "refinement.csv", _csv(kd_csv))
+        files["refinement.md"] = write_file(out / "refinement.md", kd_note + "\n\n" + kd_md + "\n")
+        files["refinement.csv"] = write_file(out / "refinement.csv", csv_text(kd_csv))
         sections += ["\n## L_refine: the LoRA-based KD's convergence ([md](refinement.md), [csv](refinement.csv))\n",
                      kd_note, "", kd_md]
         if kd_png:
@@ -647,13 +653,13 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
                     "the buffer changes with R (medadapt.sequential.buffer.buffer_stability). \"Buffer settled at "
                     "r\": the smallest r from which the buffer no longer changes up to R; \"not within R\": R was "
                     "too small to tell.")
-        files["mds.md"] = _write(out / "mds.md", mds_note + "\n\n" + mds_md + "\n")
-        files["mds.csv"] = _write(out / "mds.csv", _csv(mds_csv))
+        files["mds.md"] = write_file(out / "mds.md", mds_note + "\n\n" + mds_md + "\n")
+        files["mds.csv"] = write_file(out / "mds.csv", csv_text(mds_csv))
         sections += ["\n## MDS: where each buffer settled ([md](mds.md), [csv](mds.csv))\n", mds_note, "", mds_md]
     if config.unseen_rows:
         t6_md, t6_csv = table6(index)
-        files["table6.md"] = _write(out / "table6.md", t6_md + "\n\n" + FOOTNOTE + "\n")
-        files["table6.csv"] = _write(out / "table6.csv", _csv(t6_csv))
+        files["table6.md"] = write_file(out / "table6.md", t6_md + "\n\n" + FOOTNOTE + "\n")
+        files["table6.csv"] = write_file(out / "table6.csv", csv_text(t6_csv))
         sections += ["\n## Table VI: unseen tasks, from M0 and from the refined M_n ([md](table6.md), "
                      "[csv](table6.csv))\n", t6_md]
     t7_md, t7_csv, ratios = table7(index)
@@ -667,12 +673,12 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
                "every task from M0). Buffer selection counts the buffers after tasks 1..n-1: the buffer after the "
                "stream's last task would serve no task, so it is not selected (a longer stream continuing the run "
                "selects it then). Cells ran two at a time on a shared machine, so times carry its noise." + target)
-    files["table7.md"] = _write(out / "table7.md", t7_md + "\n\n" + t7_note + "\n")
-    files["table7.csv"] = _write(out / "table7.csv", _csv(t7_csv))
+    files["table7.md"] = write_file(out / "table7.md", t7_md + "\n\n" + t7_note + "\n")
+    files["table7.csv"] = write_file(out / "table7.csv", csv_text(t7_csv))
     sections += ["\n## Table VII: training time per stage ([md](table7.md), [csv](table7.csv))\n", t7_md, "",
                  t7_note]
     f4_csv, f4_png = fig4(index, out / "fig4.png")
-    files["fig4.csv"] = _write(out / "fig4.csv", _csv(f4_csv))
+    files["fig4.csv"] = write_file(out / "fig4.csv", csv_text(f4_csv))
     sections.append("\n## Fig. 4: encoder change M0 → Mn ([csv](fig4.csv))\n")
     if f4_png:
         files["fig4.png"] = f4_png
@@ -680,11 +686,11 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
     else:
         sections.append("No finished sequential cell yet.")
     tr_md, tr_csv = transfer(index)
-    files["transfer.md"] = _write(out / "transfer.md", tr_md + "\n")
-    files["transfer.csv"] = _write(out / "transfer.csv", _csv(tr_csv))
+    files["transfer.md"] = write_file(out / "transfer.md", tr_md + "\n")
+    files["transfer.csv"] = write_file(out / "transfer.csv", csv_text(tr_csv))
     sections += ["\n## Forgetting and forward transfer ([md](transfer.md), [csv](transfer.csv))\n", tr_md]
     p_md, p_csv = paired(index)
-    files["paired.md"] = _write(out / "paired.md", p_md + "\n")
-    files["paired.csv"] = _write(out / "paired.csv", _csv(p_csv))
+    files["paired.md"] = write_file(out / "paired.md", p_md + "\n")
+    files["paired.csv"] = write_file(out / "paired.csv", csv_text(p_csv))
     sections += ["\n## Paired comparisons ([md](paired.md), [csv](paired.csv))\n", p_md]
     return finish_report(out, cells, records, sections, files, t2_md, progress, _cell_rows)

@@ -15,6 +15,7 @@ not even all of that: the cell's fine-tuning resumes from its last epoch checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -25,51 +26,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+
 
 from medadapt.benchmark import report_fseft
 from medadapt.benchmark.report import write_report as dgst_report
-from medadapt.benchmark.engine import Benchmark, cell_file, write_datasets
-from medadapt.benchmark.engine import run_grid as engine_run_grid
-from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, VARIANT, Cell, GridConfig, GridPaths,
-                                     dataset_keys, enumerate_cells, grid_paths, stable_hash)
+from medadapt.benchmark.cell import Cell
+from medadapt.benchmark.config import GridPaths, prepare_inputs
+from medadapt.benchmark.harness import Benchmark, cell_file
+from medadapt.benchmark.harness import run_grid as harness_run_grid
+from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, VARIANT, GridConfig, enumerate_cells,
+                                     grid_paths)
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_json
-
-
-def prepare_inputs(config: GridConfig, paths: GridPaths, progress: bool = True) -> None:
-    """Write the synthetic cohorts and pretrain the foundation model, unless already there."""
-    from medadapt.synth import DomainSpec, write_dataset
-    from medadapt.workflows.pretrain import pretrain, resolve_pretrain
-
-    workdir = Path(paths.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(workdir / "grid.json", {"source": config.cli_argument, "config": config.raw})
-    write_datasets(dataset_keys(config), paths, progress=progress)
-    foundation = Path(paths.foundation)
-    if (foundation / "plans.json").is_file():
-        return
-    f = config.foundation
-    key = config.foundation_key()
-    sources = []  # one source (domain), or several partially labelled ones pretrained together (domains)
-    for domain in f.get("domains", [f.get("domain")]):
-        spec = DomainSpec.from_dict(domain)
-        source_key = {"domain": domain, "data_seed": key["data_seed"], "generator": key["generator"]}
-        source_dir = workdir / "data" / f"{spec.name}-{stable_hash(source_key, 8)}"
-        write_dataset(spec, source_dir, num_cases=f["cases"], seed=config.data_seed, progress=progress)
-        sources.append((spec.name, source_dir))
-    if progress:
-        tqdm.write(f"pretraining the foundation model on {f['cases']} cases of "
-                   f"{', '.join(n for n, _ in sources)} -> {foundation}")
-    settings = resolve_pretrain([d for _, d in sources] if "domains" in f else sources[0][1],
-                                preset_name=f["preset"], epochs=f["epochs"],
-                                iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"])
-    pretrain(settings, foundation, resume=True, progress=progress)
 
 
 def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Fine-tune and evaluate one cell; store its record atomically in ``cell.json`` and return it."""
+    from medadapt.utils.checkpoints import trusting
+
+    with trusting(True) if paths.trust else contextlib.nullcontext():
+        return _run_cell_here(cell, paths, executor, progress)
+
+
+def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
     from medadapt.engine.recipe import load_recipe
     from medadapt.tuning.transductive import Transductive
     from medadapt.workflows.finetune import finetune, resolve_finetune, zero_shot
@@ -81,7 +61,7 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
         try:
             run = zero_shot(paths.foundation, paths.datasets[cell.dataset], out / "run",
                             split_seed=cell.key["split_seed"], resume=True, progress=progress,
-                            postprocess=postprocess)
+                            postprocess=postprocess, split=paths.split(cell.dataset, cell.key["split_seed"]))
         except MedadaptError as exc:
             raise MedadaptError(f"{exc} (grid cell {cell.cell_id}; set table1.zero_shot: false for datasets "
                                 "whose labels are not the foundation's)") from None
@@ -97,13 +77,14 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
             iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"), method_options=options,
             head=cell.key["head"], recipe=load_recipe(recipe) if recipe is not None else None,
             postprocess=postprocess, transductive=Transductive(**ti) if ti else None,
-            feature_cache=bool(cell.options.get("feature_cache", False)))
+            feature_cache=bool(cell.options.get("feature_cache", False)),
+            split=paths.split(cell.dataset, cell.key["split_seed"]))
         run = finetune(settings, out / "run", resume=True, progress=progress)
     qualitative = _store_qualitative_slice(run, out)
     record = {
         "format": CELL_FORMAT,
         **cell.to_dict(),
-        "per_case": _read_rows(out / "run" / "metrics_per_case.csv"),
+        "per_case": read_rows(out / "run" / "metrics_per_case.csv"),
         "metrics": run["metrics"],
         "parameters": run["parameters"],
         "timing": run["timing"],
@@ -144,12 +125,12 @@ def _history_file(run: Path) -> Path:
     return histories[0]
 
 
-def _epoch_losses(path: Path) -> list[float]:
+def epoch_losses(path: Path) -> list[float]:
     """The training loss per epoch (mean over its iterations), kept in the cell for the convergence figure."""
     return [float(v) for v in json.loads(path.read_text())["epoch_loss"]]
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
     rows = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -218,9 +199,9 @@ def shot_group_first(shots: int):
 
 def run_grid(config: GridConfig, workdir: str | Path, ray_address: str | None = None, progress: bool = True,
              report: bool = True, first_shots: int | None = None) -> dict[str, Any]:
-    """Run every unfinished cell of ``config`` in ``workdir``; then write the report (:func:`engine.run_grid`).
+    """Run every unfinished cell of ``config`` in ``workdir``; then write the report (:func:`harness.run_grid`).
     ``first_shots``: the cells at that shot count run before the others (an order only: a grid that may not
     finish in the time at hand gives one complete group of Table 1 first)."""
     first = None if first_shots is None else shot_group_first(first_shots)
-    return engine_run_grid(benchmark_for(config), config, workdir, ray_address=ray_address, progress=progress,
+    return harness_run_grid(benchmark_for(config), config, workdir, ray_address=ray_address, progress=progress,
                            report=report, first=first)

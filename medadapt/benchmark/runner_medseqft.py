@@ -26,6 +26,7 @@ the last task, so it runs after that cell; on Ray it is submitted as soon as tha
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import socket
@@ -34,48 +35,40 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm.auto import tqdm
+
 
 from medadapt.benchmark import report_medseqft
-from medadapt.benchmark.engine import Benchmark, write_datasets
-from medadapt.benchmark.engine import run_grid as engine_run_grid
-from medadapt.benchmark.medseqft import (CELL_FORMAT, UNSEEN_ROWS, Cell, GridPaths, MedseqftConfig, dataset_keys,
-                                         enumerate_cells, grid_paths)
-from medadapt.benchmark.runner import _epoch_losses, _read_rows
+from medadapt.benchmark.cell import Cell
+from medadapt.benchmark.config import GridPaths
+from medadapt.benchmark.config import prepare_inputs as prepare_shared
+from medadapt.benchmark.harness import Benchmark
+from medadapt.benchmark.harness import run_grid as harness_run_grid
+from medadapt.benchmark.medseqft import CELL_FORMAT, UNSEEN_ROWS, MedseqftConfig, enumerate_cells, grid_paths
+from medadapt.benchmark.runner import epoch_losses, read_rows
 from medadapt.errors import MedadaptError
 from medadapt.workflows.seqft import train_seconds
 from medadapt.utils.atomic import atomic_write_json, atomic_write_text
 
 
 def prepare_inputs(config: MedseqftConfig, paths: GridPaths, progress: bool = True) -> None:
-    """Write the stream's datasets (and ``stream.yaml``) and pretrain the foundation, unless already there."""
-    from medadapt.synth import DomainSpec, write_dataset
-    from medadapt.workflows.pretrain import pretrain, resolve_pretrain
-
+    """The grid's shared inputs (:func:`medadapt.benchmark.config.prepare_inputs`: datasets, the foundation) and
+    the stream file its stream cells run (``stream.yaml``: the tasks' datasets, in order, with their splits)."""
+    prepare_shared(config, paths, progress=progress)
     workdir = Path(paths.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(workdir / "grid.json", {"source": config.cli_argument, "config": config.raw})
-    write_datasets(dataset_keys(config), paths, progress=progress)  # resumes a partly written cohort
-    doc = {"name": config.stream["name"],
-           "tasks": [{"name": t.name, "data": f"../{Path(paths.datasets[t.name]).name}"} for t in config.tasks]}
+    tasks = []
+    for t in config.tasks:
+        folder = Path(paths.datasets[t.name])
+        entry = {"name": t.name, "data": f"../{folder.name}" if folder.parent == workdir / "data" else str(folder)}
+        if t.name in paths.splits:
+            entry["split"] = paths.splits[t.name]["path"]
+            if paths.splits[t.name]["fold"] is not None:
+                entry["fold"] = paths.splits[t.name]["fold"]
+        tasks.append(entry)
     Path(paths.stream_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.stream_file, yaml.safe_dump(doc, sort_keys=False))
+    atomic_write_text(paths.stream_file, yaml.safe_dump({"name": config.stream["name"], "tasks": tasks},
+                                                        sort_keys=False))
     for cell_dir in sorted((workdir / "cells" / "stream").glob(f"*/{STREAM_RUN}")):  # killed while renaming
         finish_stream_folder(cell_dir.parent)
-    foundation = Path(paths.foundation)
-    if (foundation / "plans.json").is_file():
-        return
-    f = config.foundation
-    for domain, (_, folder) in zip(f["domains"], paths.sources):
-        write_dataset(DomainSpec.from_dict(domain), folder, num_cases=f["cases"], seed=config.data_seed,
-                      progress=progress)
-    if progress:
-        tqdm.write(f"pretraining the foundation ({f['objective']}) on {f['cases']} cases of "
-                   f"{', '.join(n for n, _ in paths.sources)} -> {foundation}")
-    objective = {} if f["objective"] == "supervised" else {"objective": f["objective"]}
-    settings = resolve_pretrain([d for _, d in paths.sources], preset_name=f["preset"], epochs=f["epochs"],
-                                iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"], **objective)
-    pretrain(settings, foundation, resume=True, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------- one cell
@@ -83,6 +76,13 @@ def prepare_inputs(config: MedseqftConfig, paths: GridPaths, progress: bool = Tr
 def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Run one cell (everything it needs is in its key); store its record atomically in ``cell.json``."""
+    from medadapt.utils.checkpoints import trusting
+
+    with trusting(True) if paths.trust else contextlib.nullcontext():
+        return _run_cell_here(cell, paths, executor, progress)
+
+
+def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
     import torch
 
     started = time.perf_counter()
@@ -163,10 +163,10 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
     for t, task in zip(summary["tasks"], stream.tasks):
         folder = task_folder(run_dir, t["index"], task)
         entry = {"task": t["task"], "index": t["index"], "metrics": t["metrics"], "seconds": t["seconds"],
-                 "per_case": _read_rows(folder / "metrics_per_case.csv")}
+                 "per_case": read_rows(folder / "metrics_per_case.csv")}
         if t.get("refined_metrics") is not None:  # the refined M_t (merged encoder), scored beside M_{t-mid}
             entry.update(refined_metrics=t["refined_metrics"],
-                         refined_per_case=_read_rows(folder / "refined" / "metrics_per_case.csv"))
+                         refined_per_case=read_rows(folder / "refined" / "metrics_per_case.csv"))
         if t.get("refinement") is not None:  # L_refine: its curve, its epochs, whether it levelled off
             entry["refinement"] = t["refinement"]
         if t.get("mds") is not None:  # the MDS buffer: R, the buffer of the first r maskings, where it settled
@@ -174,20 +174,20 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
         if (folder / "run.json").is_file():  # a parallel method's finetune run
             run = json.loads((folder / "run.json").read_text())
             entry.update(parameters=run["parameters"], timing=run["timing"], training=run["training"],
-                         loss_curve=_epoch_losses(folder / "training" / "history.json"))
+                         loss_curve=epoch_losses(folder / "training" / "history.json"))
         elif (folder / "stage1" / "training" / "history.json").is_file():  # a sequential task's fine-tuning
             entry.update(training=summary["identity"]["training"],
-                         loss_curve=_epoch_losses(folder / "stage1" / "training" / "history.json"))
+                         loss_curve=epoch_losses(folder / "stage1" / "training" / "history.json"))
         elif (run_dir / "joint" / "training" / "history.json").is_file():  # joint training: one curve (n x)
             entry.update(training=summary["identity"]["training"],
-                         loss_curve=_epoch_losses(run_dir / "joint" / "training" / "history.json"))
+                         loss_curve=epoch_losses(run_dir / "joint" / "training" / "history.json"))
         tasks.append(entry)
     record: dict[str, Any] = {"tasks": tasks, "seeds": summary.get("seeds"), "environment": summary["environment"]}
     if "transfer" in summary:
         n = len(stream.tasks)
         change = run_dir / "encoder_change.csv"
         record["transfer"] = {k: v for k, v in summary["transfer"].items() if k != "encoder_change"}
-        record["encoder_change"] = [[r["layer"], float(r["mean_abs_change"])] for r in _read_rows(change)]
+        record["encoder_change"] = [[r["layer"], float(r["mean_abs_change"])] for r in read_rows(change)]
         # where the model will be once the cell is stored (run/: stream/ renamed)
         final = carried_model(task_folder(run_dir, n, stream.tasks[-1])).relative_to(run_dir)
         record["final_model"] = str(Path("run") / final)
@@ -211,13 +211,13 @@ def _unseen_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
                                 "there; delete that cell's cell.json to re-run it")
     settings = resolve_finetune(model, paths.datasets[cell.task], key["method"], key["shots"], seed=cell.seed,
                                 split_seed=key["split_seed"], head="fresh", recipe=load_recipe(key["recipe"]),
-                                postprocess=key["postprocess"])
+                                postprocess=key["postprocess"], split=paths.split(cell.task, key["split_seed"]))
     run = finetune(settings, out / "run", resume=True, progress=progress)
-    return {"start": str(model), "per_case": _read_rows(out / "run" / "metrics_per_case.csv"),
+    return {"start": str(model), "per_case": read_rows(out / "run" / "metrics_per_case.csv"),
             "metrics": run["metrics"], "parameters": run["parameters"], "timing": run["timing"],
             "split": run["split"], "shot_cases": run["shot_cases"], "training": run["training"],
             "seeds": run.get("seeds"),
-            "loss_curve": _epoch_losses(out / "run" / "training" / "history.json"),
+            "loss_curve": epoch_losses(out / "run" / "training" / "history.json"),
             "seconds": {"finetune": train_seconds(out / "run" / "training" / "history.json")},
             "environment": run["environment"]}
 
@@ -262,5 +262,5 @@ MEDSEQFT = Benchmark(name="medseqft", paths=grid_paths, cells=enumerate_cells, p
 
 def run_grid(config: MedseqftConfig, workdir: str | Path, ray_address: str | None = None, progress: bool = True,
              report: bool = True) -> dict[str, Any]:
-    """Run every unfinished cell of ``config`` in ``workdir``, then write the report (:func:`engine.run_grid`)."""
-    return engine_run_grid(MEDSEQFT, config, workdir, ray_address=ray_address, progress=progress, report=report)
+    """Run every unfinished cell of ``config`` in ``workdir``, then write the report (:func:`harness.run_grid`)."""
+    return harness_run_grid(MEDSEQFT, config, workdir, ray_address=ray_address, progress=progress, report=report)

@@ -39,7 +39,7 @@ CACHED = "+cache"
 CACHEABLE = ("linear-probe", "spatial-adapter")
 
 
-class _Cycle:
+class Cycle:
     """A sampler over fixed batches, in turn (the KD stage's buffer batches: ``keys=("image",)``; the engine's
     sampler in ``--against-nnunet``, whose timed steps are handed their batch directly)."""
 
@@ -96,7 +96,7 @@ class _Run:
 
             teacher = frozen_copy(foundation)
             if method == "kd-fft":
-                self.strategy = KDFineTuning(teacher, _Cycle(calibration, keys=("image",)), seed=0)
+                self.strategy = KDFineTuning(teacher, Cycle(calibration, keys=("image",)), seed=0)
             else:
                 self.strategy = EncoderLoRADistillation(rank=2)
                 self.stage_loss = FeatureDistillation(teacher)
@@ -181,7 +181,7 @@ class _Run:
         return self.features[key]
 
 
-def _sync_for(device: torch.device):
+def sync_for(device: torch.device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
@@ -203,7 +203,7 @@ def time_methods(foundation: torch.nn.Module, methods: Sequence[str], patch: Seq
     foundation = foundation.to(device_t)
     channels, classes = io_channels(foundation)
     batches = make_batches(warmup + iterations, batch, channels, classes, patch, device=device)
-    sync = _sync_for(device_t)
+    sync = sync_for(device_t)
     runs = [_Run(m, foundation, options or {}, batches[:1], sync, precision) for m in methods]
     from tqdm.auto import tqdm
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medadapt.benchmark.engine import input_digests, stored_records
+from medadapt.benchmark.harness import input_digests, stored_records
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_text
 
@@ -47,11 +47,11 @@ def record_levelled_off(record: dict) -> bool | None:
     return levelled_off(curve, lr=lr)["levelled_off"]
 
 
-def _mark(text: str, mark: str) -> str:
+def mark_text(text: str, mark: str) -> str:
     return {"bold": f"**{text}**", "underline": f"<u>{text}</u>"}.get(mark, text)
 
 
-def _csv(rows: list[dict]) -> str:
+def csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
     if rows:
         fields: list[str] = []
@@ -64,7 +64,7 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     with atomic_path(path, suffix=".png") as tmp:
@@ -73,7 +73,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _write(path: Path, text: str) -> Path:
+def write_file(path: Path, text: str) -> Path:
     atomic_write_text(path, text)
     return path
 
@@ -111,9 +111,9 @@ def finish_report(out: Path, cells: list, records: dict[str, dict | None], secti
             summary, per_case = cell_rows(cell, records[cell.cell_id])
             summary_rows += summary
             per_case_rows += per_case
-    files["cells.csv"] = _write(out / "cells.csv", _csv(summary_rows))
-    files["per_case.csv"] = _write(out / "per_case.csv", _csv(per_case_rows))
-    files["report.md"] = _write(out / "report.md", "\n".join(sections) + "\n")
+    files["cells.csv"] = write_file(out / "cells.csv", csv_text(summary_rows))
+    files["per_case.csv"] = write_file(out / "per_case.csv", csv_text(per_case_rows))
+    files["report.md"] = write_file(out / "report.md", "\n".join(sections) + "\n")
     if progress:
         print(headline)
         print(f"report: {out / 'report.md'} ({len(done)}/{len(cells)} cells)")

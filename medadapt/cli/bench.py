@@ -85,7 +85,8 @@ def add_bench(p):
                                   "them, 471 cells, ~21 h; fseft-cpu: the same on 3 tasks and 2 seeds, 172 cells, "
                                   "~6.5 h; fseft-quick: ~1 min; medseqft: MedSeqFT's tables on the synthetic CT "
                                   "stream, 48 cells, 3-7 h with --ray local; medseqft-quick: ~1.5 min) or a "
-                                  "YAML grid config")
+                                  "YAML grid config, also on your own data and foundation (data: an nnU-Net raw "
+                                  "dataset, model: a trained model; docs/benchmark.md)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where data, cells and the report go (default medadapt_runs/bench/<config name>)")
     p.add_argument("--report", action="store_true",
@@ -105,7 +106,7 @@ def add_bench(p):
 
 def cmd_bench(args) -> int:
     from medadapt.benchmark import benchmarks
-    from medadapt.benchmark.engine import default_workdir, list_cells, run_grid
+    from medadapt.benchmark.harness import default_workdir, list_cells, run_grid
 
     benchmark, config = benchmarks.load(args.config)
     workdir = args.workdir or default_workdir(config)

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medadapt.data.dataset import RawDataset
-from medadapt.data.preprocessing import PreprocessingPlan, _progress, preprocess_case
+from medadapt.data.preprocessing import PreprocessingPlan, maybe_progress, preprocess_case
 from medadapt.utils.atomic import atomic_path, atomic_write_json
 
 FOREGROUND_SAMPLES_PER_CLASS = 10000  # nnU-Net's _sample_foreground_locations num_samples
@@ -143,7 +143,7 @@ def preprocess_dataset(dataset: RawDataset, case_ids: Sequence[str], plan: Prepr
         atomic_write_json(plan_file, plan.to_dict())
     classes = sorted(v for v in dataset.labels.values() if v != 0)
     out: list[CachedCase] = []
-    for case_id in _progress(list(case_ids), progress, "preprocessing"):
+    for case_id in maybe_progress(list(case_ids), progress, "preprocessing"):
         case = CachedCase(case_id, folder)
         sources = dataset.image_paths(case_id) + [dataset.label_path(case_id)]
         fingerprint = _source_fingerprint(sources)

@@ -24,8 +24,8 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 from medadapt.data.dataset import RawDataset, validate_geometry
 from medadapt.data.io import Volume
-from medadapt.data.resampling import (ANISO_THRESHOLD, _resample_image_to_shape, _resample_label_to_shape,
-                                      _separate_axis, new_shape_for_spacing, resample_to_shape)
+from medadapt.data.resampling import (ANISO_THRESHOLD, resample_image_to_shape, resample_label_to_shape,
+                                      separate_axis, new_shape_for_spacing, resample_to_shape)
 from medadapt.errors import MedadaptError
 
 FOREGROUND_SAMPLES_PER_INTENSITY = 10000  # nnU-Net's fingerprint: foreground voxels sampled per case
@@ -334,7 +334,7 @@ def fullres_target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence
     return tuple(float(v) for v in target)
 
 
-def _progress(iterable, progress: bool, desc: str, total: int | None = None):
+def maybe_progress(iterable, progress: bool, desc: str, total: int | None = None):
     if not progress:
         return iterable
     from tqdm.auto import tqdm
@@ -379,7 +379,7 @@ def plan_from_datasets(parts: Sequence[tuple[RawDataset, Sequence[str]]], normal
     orientation: str | None = None
     spacings, shapes = [], []
     samples: list[list[np.ndarray]] = [[] for _ in range(n_ch)]
-    for ds, case in _progress([(ds, c) for ds, ids in parts for c in ids], progress, "planning"):
+    for ds, case in maybe_progress([(ds, c) for ds, ids in parts for c in ids], progress, "planning"):
         images, label = ds.load_case(case)
         if orientation is None:
             orientation = images[0].orientation
@@ -432,19 +432,19 @@ def preprocess_case(images: list[Volume], label: Volume | None, plan: Preprocess
     shape = reoriented[0][0].shape
     spacing = reoriented[0][1]
     new_shape = new_shape_for_spacing(shape, spacing, plan.target_spacing)
-    axis = _separate_axis(spacing, plan.target_spacing)
+    axis = separate_axis(spacing, plan.target_spacing)
 
     data = np.empty((len(images), *new_shape), dtype=np.float32)
     for c, (arr, _, _) in enumerate(reoriented):
         normed = normalize(arr, plan.normalization[c], plan.intensity_properties[c],
                            plan.intensity_ranges[c] if plan.intensity_ranges is not None else None)
-        data[c] = _resample_image_to_shape(normed, new_shape, axis)
+        data[c] = resample_image_to_shape(normed, new_shape, axis)
     seg = None
     if label is not None:
         lab, _, _ = reorient(label, plan.orientation)
         if lab.shape != shape:
             raise MedadaptError(f"{label.path}: label shape differs from the image; it must be in the image's geometry")
-        seg = _resample_label_to_shape(lab.astype(np.int16, copy=False), new_shape, axis).astype(np.int16, copy=False)
+        seg = resample_label_to_shape(lab.astype(np.int16, copy=False), new_shape, axis).astype(np.int16, copy=False)
 
     properties = {
         "original_shape": [int(s) for s in ref.array.shape],

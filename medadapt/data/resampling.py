@@ -29,7 +29,7 @@ def _lowres_axis(spacing: Sequence[float]) -> int | None:
     return int(axes[0]) if len(axes) == 1 else None
 
 
-def _separate_axis(spacing: Sequence[float], target_spacing: Sequence[float]) -> int | None:
+def separate_axis(spacing: Sequence[float], target_spacing: Sequence[float]) -> int | None:
     axis = _lowres_axis(spacing)
     if axis is not None:
         return axis
@@ -75,7 +75,7 @@ def _nearest_along(array: np.ndarray, axis: int, new_len: int) -> np.ndarray:
     return np.take(array, np.clip(idx, 0, old_len - 1), axis=axis)
 
 
-def _resample_image_to_shape(array: np.ndarray, new_shape: Sequence[int], axis: int | None) -> np.ndarray:
+def resample_image_to_shape(array: np.ndarray, new_shape: Sequence[int], axis: int | None) -> np.ndarray:
     array = np.asarray(array, dtype=np.float32)
     new_shape = tuple(int(s) for s in new_shape)
     if tuple(array.shape) == new_shape:
@@ -107,7 +107,7 @@ def _interp_mask(mask: np.ndarray, new_shape: tuple[int, ...], axis: int | None)
     return t.movedim(0, axis)
 
 
-def _resample_label_to_shape(label: np.ndarray, new_shape: Sequence[int], axis: int | None) -> np.ndarray:
+def resample_label_to_shape(label: np.ndarray, new_shape: Sequence[int], axis: int | None) -> np.ndarray:
     label = np.asarray(label)
     new_shape = tuple(int(s) for s in new_shape)
     if tuple(label.shape) == new_shape:
@@ -141,10 +141,10 @@ def resample(array: np.ndarray, spacing: Sequence[float], target_spacing: Sequen
     if array.ndim != 3:
         raise ValueError(f"resample expects a 3D (z, y, x) array, got shape {array.shape}")
     new_shape = new_shape_for_spacing(array.shape, spacing, target_spacing)
-    axis = _separate_axis(spacing, target_spacing)
+    axis = separate_axis(spacing, target_spacing)
     if is_label:
-        return _resample_label_to_shape(array, new_shape, axis)
-    return _resample_image_to_shape(array, new_shape, axis)
+        return resample_label_to_shape(array, new_shape, axis)
+    return resample_image_to_shape(array, new_shape, axis)
 
 
 def resample_to_shape(array, shape: Sequence[int]):

@@ -101,7 +101,7 @@ class _MedadaptRun:
 
     def __init__(self, method, foundation, batches, options, lr, batch_dice, device, workdir: Path,
                  precision: str = "fp32"):
-        from medadapt.benchmark.speed import _Cycle
+        from medadapt.benchmark.speed import Cycle
         from medadapt.engine.trainer import Trainer, TrainingConfig
         from medadapt.tuning import make_strategy
 
@@ -112,7 +112,7 @@ class _MedadaptRun:
         # the engine's defaults are nnU-Net's: SGD (Nesterov 0.99, weight decay 3e-5), poly schedule, clip 12
         config = TrainingConfig(epochs=1, iterations_per_epoch=1, initial_lr=lr,
                                 loss={"name": "dice_ce", "batch_dice": batch_dice}, precision=precision)
-        self.trainer = Trainer(model, strategy, _Cycle(batches), config, workdir / f"medadapt_{method}",
+        self.trainer = Trainer(model, strategy, Cycle(batches), config, workdir / f"medadapt_{method}",
                                progress=False, description=f"medadapt {method}", device=device)
         self.trainer.model.train()
         self.batches = batches
@@ -156,9 +156,9 @@ class _NNUNetRun:
 
     @property
     def network(self) -> torch.nn.Module:
-        from medadapt.nnunet.trainer import _unwrap
+        from medadapt.nnunet.trainer import unwrap_network
 
-        return _unwrap(self.trainer.network)
+        return unwrap_network(self.trainer.network)
 
     def set_batches(self, batches: list[dict]) -> None:
         self.batches = batches
@@ -194,7 +194,7 @@ def time_against_nnunet(foundation: torch.nn.Module, spec, patch, batch: int, it
                         progress: bool = True, precision: str = "auto") -> dict:
     """Median seconds per training step of medadapt's engine and nnU-Net's trainer, for full and dgst,
     interleaved on identical batches from identical weights. Returns the measurement as data."""
-    from medadapt.benchmark.speed import _sync_for, make_batches
+    from medadapt.benchmark.speed import sync_for, make_batches
     from medadapt.nnunet.env import import_nnunet, temporary_environment
 
     import_nnunet("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")  # one line if nnunetv2 is not installed
@@ -212,7 +212,7 @@ def time_against_nnunet(foundation: torch.nn.Module, spec, patch, batch: int, it
     data = make_batches(warmup + iterations, batch, spec.input_channels, spec.num_classes, patch, device=device)
     # the learning rate medadapt_setup gives each method (nnU-Net's trainer and medadapt's engine alike)
     lrs = {m: make_strategy(m, **options).default_lr or FINETUNE_LR for m in METHODS}
-    sync = _sync_for(device_t)
+    sync = sync_for(device_t)
     cudnn = torch.backends.cudnn.benchmark
     with tempfile.TemporaryDirectory(prefix="medadapt-speed-") as tmp:
         root = Path(tmp)

@@ -49,7 +49,7 @@ from medadapt.utils.atomic import atomic_torch_save, atomic_write_json
 FINETUNE_LR = 1e-3  # DGST paper, Sec. 3.1; as medadapt finetune
 
 
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
     mod = getattr(network, "module", network)  # DDP
     return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
@@ -95,7 +95,7 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
 
     def _load_pretrained(self) -> None:
         """nnU-Net's load_pretrained_weights rules: every weight but the heads; ``keep``: the heads too."""
-        own = _unwrap(self.network).state_dict()
+        own = unwrap_network(self.network).state_dict()
         weights = self.medadapt_pretrained
         labels = {k: int(v) for k, v in self.dataset_json["labels"].items()}
         keep = self.medadapt_head == "keep"
@@ -119,7 +119,7 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
         take = {k: v for k, v in weights.items() if k in own and tuple(v.shape) == tuple(own[k].shape)
                 and (keep or ".seg_layers." not in k)}
         own.update(take)
-        _unwrap(self.network).load_state_dict(own)
+        unwrap_network(self.network).load_state_dict(own)
         self.print_to_log_file(f"medadapt: loaded pretrained weights from {self.medadapt_pretrained_source} "
                                f"({'heads kept (--head keep)' if keep else 'new, freshly initialised heads'})")
 
@@ -208,7 +208,7 @@ class nnUNetTrainerMedadapt(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         if self.strategy is None or self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)
-        plain = self.strategy.finalized_state_dict(_unwrap(self.network))
+        plain = self.strategy.finalized_state_dict(unwrap_network(self.network))
         atomic_torch_save(filename, {
             "network_weights": {k: v.detach().cpu() for k, v in plain.items()},
             "optimizer_state": self.optimizer.state_dict(),

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from medadapt.data.io import write_volume
 from medadapt.errors import MedadaptError
-from medadapt.synth.phantom import GENERATOR_VERSION, _check_int, generate_case
+from medadapt.synth.phantom import GENERATOR_VERSION, check_int, generate_case
 from medadapt.synth.spec import DomainSpec, load_domain
 from medadapt.utils.atomic import atomic_write_json
 
@@ -110,8 +110,8 @@ def write_dataset(spec: "DomainSpec | str", out_dir: "str | os.PathLike[str]", n
     per case of the built-in sizes, written.
     """
     spec = load_domain(spec)
-    seed = _check_int(seed, "seed")
-    num_cases = _check_int(num_cases, "num_cases")
+    seed = check_int(seed, "seed")
+    num_cases = check_int(num_cases, "num_cases")
     if num_cases < 1:
         raise MedadaptError("num_cases must be at least 1; pass e.g. num_cases=100")
     out = Path(out_dir).expanduser()

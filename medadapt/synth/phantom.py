@@ -69,7 +69,7 @@ def case_rng(spec: DomainSpec, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index), zlib.crc32(spec.name.encode())]))
 
 
-def _check_int(value, what: str) -> int:
+def check_int(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise MedadaptError(f"{what} must be a non-negative integer, got {value!r}; pass e.g. {what}=0")
     return int(value)
@@ -86,8 +86,8 @@ def z_sigma_mm(spec: DomainSpec) -> float:
 def generate_case(spec: "DomainSpec | str", seed: int = 0, index: int = 0) -> SyntheticCase:
     """Generate case ``index`` of domain ``spec`` (a :class:`DomainSpec` or anything :func:`load_domain` takes)."""
     spec = load_domain(spec)
-    seed = _check_int(seed, "seed")
-    index = _check_int(index, "index")
+    seed = check_int(seed, "seed")
+    index = check_int(index, "index")
     rng = case_rng(spec, seed, index)
     sc, pa = spec.scanner, spec.patient
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from medadapt.utils.yamlfile import DuplicateKey as _DuplicateKey
+from medadapt.utils.yamlfile import UniqueKeyLoader as _UniqueKeyLoader
 from medadapt.errors import MedadaptError
 from medadapt.synth.structures import STRUCTURES, structures_of
 
@@ -236,10 +238,6 @@ def load_spec_file(path: "str | os.PathLike[str]") -> DomainSpec:
     return _parse_domain(data, src, path.stem)
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
 def _unique_json(pairs: list) -> dict:
     out: dict = {}
     for k, v in pairs:
@@ -249,27 +247,12 @@ def _unique_json(pairs: list) -> dict:
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key repeated in one mapping (e.g. a label listed twice)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                dup = key in seen
-            except TypeError:  # unhashable key: the base class reports it
-                break
-            if dup:
-                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key '{key}' appears twice in one mapping")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------------------
-class _Ctx:
+class SpecCheck:
     def __init__(self, source: str):
         self.source = source
 
@@ -341,7 +324,7 @@ def _names(cls: type) -> list[str]:
 
 
 def _parse_domain(data: Any, source: str, default_name: str | None) -> DomainSpec:
-    c = _Ctx(source)
+    c = SpecCheck(source)
     top_keys = [k for k in _names(DomainSpec) if k != "source"]
     if not isinstance(data, dict):
         raise MedadaptError(
@@ -417,7 +400,7 @@ def _parse_domain(data: Any, source: str, default_name: str | None) -> DomainSpe
                       source=source)
 
 
-def _structure(c: _Ctx, value: Any, key: str, region: str) -> str:
+def _structure(c: SpecCheck, value: Any, key: str, region: str) -> str:
     """A structure name drawn in ``region``, or a one-line error at ``key``."""
     if not isinstance(value, str):
         c.fail(key, f"must be a structure name, got {value!r}", "write a name such as thyroid or aorta")
@@ -432,7 +415,7 @@ def _structure(c: _Ctx, value: Any, key: str, region: str) -> str:
     return value
 
 
-def _parse_labels(c: _Ctx, raw: Any, region: str) -> tuple[LabelSpec, ...]:
+def _parse_labels(c: SpecCheck, raw: Any, region: str) -> tuple[LabelSpec, ...]:
     """``labels``: ``name: id`` (the structure of that name) or ``name: {id: N, structures: [a, b]}`` (one class
     holding several structures). Ids must be 1..N, each used once; a structure may be in one label only."""
     example = "e.g. labels: {thyroid: 1, carotid_artery: 2}"

@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from medadapt.errors import MedadaptError
-from medadapt.synth.spec import DomainSpec, _Ctx, _DuplicateKey, _UniqueKeyLoader, builtin_domains, load_domain
+from medadapt.synth.spec import DomainSpec, SpecCheck, builtin_domains, load_domain
+from medadapt.utils.yamlfile import DuplicateKey, UniqueKeyLoader
 
 TASK_SETS_DIR = Path(__file__).resolve().parent / "task_sets"
 _KINDS = {"assembly": ("sources", "targets"), "stream": ("tasks", "unseen")}
@@ -125,14 +126,14 @@ def _load(which: "str | os.PathLike[str]", kind: str):
                             "(see docs/domains.md)")
     src = str(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except _DuplicateKey as exc:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKey as exc:
         raise MedadaptError(f"{src}: {exc}; keep one of them (a repeated key silently replaces the first)") from None
     except OSError as exc:
         raise MedadaptError(f"{src}: cannot be read ({exc.strerror}); check the path and permissions") from None
     except yaml.YAMLError as exc:
         raise MedadaptError(f"{src}: not valid YAML ({' '.join(str(exc).split())}); fix the syntax") from None
-    c = _Ctx(src)
+    c = SpecCheck(src)
     groups_keys = _KINDS[kind]
     if not isinstance(data, dict):
         raise MedadaptError(f"{src}: a task {kind} must be a mapping with keys name, description, "
@@ -165,7 +166,7 @@ def _load(which: "str | os.PathLike[str]", kind: str):
     return name, desc, groups, src
 
 
-def _task(c: _Ctx, item: Any, key: str, base: Path) -> Task:
+def _task(c: SpecCheck, item: Any, key: str, base: Path) -> Task:
     if not isinstance(item, dict):
         c.fail(key, f"must be a mapping with domain and labels, got {item!r}", "write e.g. {domain: tgt-hn, labels: [thyroid]}")
     c.mapping(item, key, ["name", "domain", "labels", "description"])

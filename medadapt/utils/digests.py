@@ -40,3 +40,31 @@ def model_digest(folder: str | Path) -> str:
     """SHA-256 of a model folder's weight files (``weights.pt``, and ``pretext.pt`` where there is one)."""
     root = Path(folder)
     return files_digest(root, [root / n for n in MODEL_FILES if (root / n).is_file()])
+
+
+def dataset_fingerprint(folder: str | Path) -> str:
+    """A real dataset's fingerprint without reading its images: ``dataset.json``'s bytes and every file's name,
+    size and modification time under ``imagesTr``/``labelsTr`` (an edited, added or removed case changes it;
+    copying the folder elsewhere with its times kept does not)."""
+    root = Path(folder)
+    h = hashlib.sha256((root / "dataset.json").read_bytes())
+    for sub in ("imagesTr", "labelsTr"):
+        for path in sorted(p for p in (root / sub).rglob("*") if p.is_file() and not p.name.startswith(".")):
+            stat = path.stat()
+            h.update(f"\0{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def weights_digest(path: str | Path) -> str:
+    """SHA-256 of a model's weights, whatever holds them: a medadapt model folder's weight files
+    (:func:`model_digest`); a file (an nnU-Net model zip, a checkpoint) as a whole; any other folder's
+    ``plans.json``, ``dataset.json`` and every ``*.pth``/``*.pt`` file (an nnU-Net trained model folder: its
+    plans and its folds' checkpoints)."""
+    root = Path(path)
+    if root.is_file():
+        return file_sha256(root)
+    if (root / "weights.pt").is_file():
+        return model_digest(root)
+    files = [root / n for n in ("plans.json", "dataset.json") if (root / n).is_file()]
+    files += sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".pth", ".pt"))
+    return files_digest(root, files)

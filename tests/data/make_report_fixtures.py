@@ -27,7 +27,7 @@ def main(names: list[str]) -> None:
     import torch
 
     from medadapt.benchmark import benchmarks
-    from medadapt.benchmark.engine import run_grid
+    from medadapt.benchmark.harness import run_grid
 
     torch.set_num_threads(1)
     for arg in names or CONFIGS:

@@ -1,4 +1,4 @@
-"""The grid engine every benchmark runs on: cells and their records, listing, resume, order, Ray, the report.
+"""The grid harness every benchmark runs on: cells and their records, listing, resume, order, Ray, the report.
 
 A benchmark is a small definition (:class:`Benchmark`): how its config lays out a work folder (``paths``), its
 cells (``cells``), what they share and is made once (``prepare``), how one cell runs and stores its record
@@ -6,7 +6,7 @@ cells (``cells``), what they share and is made once (``prepare``), how one cell 
 (``report``). The DGST and FSEFT grids (:mod:`.runner`) and the MedSeqFT grid (:mod:`.runner_medseqft`) are
 three such definitions; this module knows none of them.
 
-What the engine does for all of them:
+What the harness does for all of them:
 
 * **records**: a finished cell is ``<workdir>/cells/<cell id>/cell.json``, written atomically by the cell's
   run, holding the cell's key; a record written for another key (the config changed under the same id) is
@@ -49,7 +49,7 @@ INPUTS_FORMAT = "medadapt-bench-inputs/1"
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One paper's benchmark, as the engine runs it (module docstring). ``run_cell`` is a module-level
+    """One paper's benchmark, as the harness runs it (module docstring). ``run_cell`` is a module-level
     function (Ray workers import it by name) taking ``executor`` (a record of where it ran) too."""
 
     name: str
@@ -130,14 +130,20 @@ def read_inputs_file(workdir: str | Path) -> dict[str, str]:
 def input_digests(paths, record: bool = False) -> dict[str, Any]:
     """The digests a cell's key names: ``{"foundation": digest, "data": {dataset: digest}}``.
 
+    A real input (a dataset or foundation the config names by path) is named by the fingerprint the config
+    took of it (``paths.fingerprints``), not digested here and not recorded.
+
     An input that is there (complete) is digested now; one that is not (a fresh clone: data is regenerated, not
     committed) takes the digest ``inputs.json`` recorded when it was made, or None (not made yet). ``record``:
     write the digests of the inputs that are there into ``inputs.json`` (after the grid made them)."""
     workdir = Path(paths.workdir)
     recorded = read_inputs_file(workdir)
+    given = getattr(paths, "fingerprints", {})  # real inputs: named by their fingerprints (config.grid_paths)
     found: dict[str, str | None] = {}
     for name, (kind, folder) in _inputs_of(paths).items():
         rel = os.path.relpath(folder, workdir)
+        if name in given:
+            continue
         if _complete(kind, folder):
             found[rel] = model_digest(folder) if kind == "model" else dataset_digest(folder)
         else:
@@ -148,7 +154,7 @@ def input_digests(paths, record: bool = False) -> dict[str, Any]:
             atomic_write_json(workdir / INPUTS_FILE, {"format": INPUTS_FORMAT, "inputs": dict(sorted(merged.items()))})
     digests: dict[str, Any] = {"data": {}}
     for name, (kind, folder) in _inputs_of(paths).items():
-        value = found[os.path.relpath(folder, workdir)]
+        value = given[name] if name in given else found[os.path.relpath(folder, workdir)]
         if kind == "model":
             digests["foundation"] = value
         else:
@@ -195,6 +201,8 @@ def key_difference(old: Any, new: Any, where: str = "") -> str | None:
 def _stale_reason(field_diff: str) -> str:
     if field_diff.startswith("inputs.foundation"):
         return f"the foundation's weights are not the ones its record names ({field_diff})"
+    if field_diff.startswith("dataset.data"):
+        return f"its data's files changed since its record ({field_diff})"
     if field_diff.startswith("inputs.data"):
         return f"its data's bytes are not the ones its record names ({field_diff})"
     if field_diff.startswith("numerics"):
