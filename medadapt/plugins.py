@@ -14,9 +14,13 @@ the core calls every such function once with the :data:`registry`, which then ho
 * **commands** (:meth:`Registry.command`): ``medadapt`` subcommands: a one-line help, and ``add(subparsers)``
   adds the parser with its handler as ``func`` (``export-nnunet``, ``nnunet-train``);
 * **speed references** (:meth:`Registry.speed_reference`): another framework's training step that ``bench-speed
-  --against-<name>`` times medadapt's against, ``check(spec, folder)`` and ``run(...)``.
+  --against-<name>`` times medadapt's against, ``check(spec, folder)`` and ``run(...)``;
+* **methods** (:meth:`Registry.method`): a fine-tuning method's definition (:class:`medadapt.tuning.Method`),
+  which then appears in ``medadapt methods``, trains with ``--method NAME`` and runs in grid configs
+  (docs/extending.md, "Adding a method").
 
-A plugin that fails to load is reported once, as a warning naming it, and skipped: the rest of medadapt works
+A plugin that fails to load (or whose method definition is incomplete, or named like a built-in method) is
+reported once, as a warning naming it, and skipped: the rest of medadapt works
 without it. Asking for a part no plugin provides is one :class:`~medadapt.errors.MedadaptError` naming the
 package to install (:data:`PROVIDERS`).
 """
@@ -63,6 +67,10 @@ class SpeedReference:
     run: Callable[..., Any]
 
 
+class PluginClash(MedadaptError):
+    """Two plugins register one part under one name: the user must uninstall one."""
+
+
 class Registry:
     """The parts optional packages provide (module docstring); filled by :func:`load_plugins`."""
 
@@ -71,10 +79,13 @@ class Registry:
         self.case_backends: dict[str, CaseBackend] = {}
         self.commands: dict[str, Command] = {}
         self.speed_references: dict[str, SpeedReference] = {}
+        #: (plugin, definition) in registration order; medadapt.tuning.registry checks them
+        self.methods: list[tuple[str, Any]] = []
+        self.loading: str = "?"  #: the plugin whose register() is running
 
     def _add(self, table: dict, item) -> None:
         if item.name in table and table[item.name] != item:
-            raise MedadaptError(f"two medadapt plugins register {type(item).__name__} {item.name!r}; uninstall one")
+            raise PluginClash(f"two medadapt plugins register {type(item).__name__} {item.name!r}; uninstall one")
         table[item.name] = item
 
     def model_loader(self, name: str, detect: Callable[[Any], bool], load: Callable[..., Any]) -> None:
@@ -89,6 +100,10 @@ class Registry:
     def speed_reference(self, name: str, check: Callable[..., None], run: Callable[..., Any]) -> None:
         self._add(self.speed_references, SpeedReference(name, check, run))
 
+    def method(self, definition: Any) -> None:
+        """Add a fine-tuning method (a :class:`medadapt.tuning.Method`)."""
+        self.methods.append((self.loading, definition))
+
 
 registry = Registry()
 _loaded = False
@@ -102,10 +117,14 @@ def load_plugins() -> Registry:
         if not _loaded:
             _loaded = True
             for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+                registry.loading = ep.name
                 try:
                     ep.load()(registry)
-                except MedadaptError:
+                except PluginClash:
                     raise
+                except MedadaptError as exc:  # e.g. an incomplete method definition: that plugin is skipped
+                    warnings.warn(f"medadapt plugin {ep.name!r} ({ep.value}) could not be loaded and is skipped: "
+                                  f"{exc}", stacklevel=2)
                 except Exception as exc:  # a broken optional package must not take the core down with it
                     warnings.warn(f"medadapt plugin {ep.name!r} ({ep.value}) could not be loaded and is skipped: "
                                   f"{type(exc).__name__}: {exc}", stacklevel=2)

@@ -72,6 +72,15 @@ def assembly(tmp_path_factory):
     return paths
 
 
+def any_strategy(method: str, seed: int | None = None, **options):
+    """``method``'s strategy with those of ``options`` it takes (tests that run every method with one set of
+    option values; ``medadapt.tuning.make_strategy`` itself refuses an option a method does not take)."""
+    from medadapt.tuning import make_strategy
+    from medadapt.tuning.registry import options_for
+
+    return make_strategy(method, seed=seed, **options_for(method, options))
+
+
 def random_batches(n: int, seed: int = 0, shape=(16, 32, 32)):
     """Random image/label batches for a tiny 3-stage U-Net (deep supervision at 1/1 and 1/2 resolution)."""
     g = torch.Generator().manual_seed(seed)

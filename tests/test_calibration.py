@@ -226,7 +226,8 @@ def test_nnunet_trainer_calibrates_on_the_same_patches(nnunet_preprocessed, monk
     from medadapt.nnunet.trainer import build_trainer
 
     seed = 2
-    trainer = build_trainer(DATASET, "3d_fullres", "all", "sgst", shots=3, seed=seed, gamma=1, epochs=1,
+    trainer = build_trainer(DATASET, "3d_fullres", "all", "sgst", shots=3, seed=seed,
+                            method_options={"gamma": 1}, epochs=1,
                             iterations_per_epoch=1, val_iterations=1)
     with quiet():
         trainer.initialize()

@@ -157,5 +157,5 @@ def test_gamma_must_be_positive():
 def test_unknown_method():
     from medadapt.errors import MedadaptError
 
-    with pytest.raises(MedadaptError, match="--method 'nope'"):
+    with pytest.raises(MedadaptError, match="method 'nope' is unknown"):
         make_strategy("nope")

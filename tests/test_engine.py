@@ -6,6 +6,7 @@ import torch
 from medadapt.engine import DeepSupervisedDiceCE, Trainer, TrainingConfig, deep_supervision_weights
 from medadapt.errors import MedadaptError
 from medadapt.tuning import make_strategy
+from tests.conftest import any_strategy
 
 
 class RandomPatches:
@@ -27,7 +28,7 @@ class RandomPatches:
 def _trainer(tiny_unet, out, sampler, method="dgst", epochs=3):
     model = tiny_unet(seed=0)
     torch.manual_seed(0)
-    strategy = make_strategy(method, gamma=1, seed=0)
+    strategy = any_strategy(method, gamma=1, seed=0)
     model = strategy.prepare(model)
     cfg = TrainingConfig(epochs=epochs, iterations_per_epoch=2, initial_lr=1e-2, seed=7)
     return Trainer(model, strategy, sampler, cfg, out, progress=False)

@@ -17,6 +17,7 @@ from medadapt.tuning import make_strategy
 from medadapt.tuning.base import StepContext, default_train_step
 from medadapt.tuning.sparse import kernel_topk_indices
 from tests.test_engine import RandomPatches
+from tests.conftest import any_strategy
 
 
 def _batch(seed=0):
@@ -41,7 +42,7 @@ class InfGrad(torch.autograd.Function):
 
 def _setup(tiny_unet, method, clip=12.0):
     model = tiny_unet(seed=0)
-    strategy = make_strategy(method, gamma=1, seed=3)
+    strategy = any_strategy(method, gamma=1, seed=3)
     model = strategy.prepare(model)
     optimizer = torch.optim.SGD(strategy.parameters(model), lr=1e-2, momentum=0.99, nesterov=True,
                                 weight_decay=3e-5)
@@ -132,7 +133,7 @@ def test_precision_resolution_and_records():
 def _trainer(tiny_unet, out, method="dgst", engine=None, epochs=2, sampler=None):
     model = tiny_unet(seed=0)
     torch.manual_seed(0)
-    strategy = make_strategy(method, gamma=1, seed=0)
+    strategy = any_strategy(method, gamma=1, seed=0)
     model = strategy.prepare(model)
     cfg = TrainingConfig(epochs=epochs, iterations_per_epoch=2, initial_lr=1e-2, seed=7)
     if engine is not None:

@@ -43,7 +43,7 @@ def test_spatial_adapter_architecture(tiny_unet):
     assert head.classifier.bias.abs().sum() > 0
     batch = make_strategy("spatial-adapter", norm="batch").prepare(tiny_unet(num_classes=3))
     assert isinstance(spatial_adapter_of(batch).adapter.norm1, torch.nn.BatchNorm3d)  # the text's reading
-    with pytest.raises(MedadaptError, match="--adapter-norm 'group'"):
+    with pytest.raises(MedadaptError, match=r"option norm \(--adapter-norm\): 'group' is not one of instance, batch"):
         make_strategy("spatial-adapter", norm="group")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     last = len(model.decoder.seg_layers) - 1

@@ -252,7 +252,7 @@ def test_nnunet_train_dgst_updates_only_selected_entries(readme_run):
         trainer.optimizer.register_step_post_hook(post)
 
     with contextlib.redirect_stdout(io.StringIO()):
-        out = nnunet_train("502", "3d_fullres", 1, method="dgst", shots=5, gamma=1,
+        out = nnunet_train("502", "3d_fullres", 1, method="dgst", shots=5, method_options={"gamma": 1},
                            plans_identifier="FoundationPlans", pretrained=readme_run["checkpoint"],
                            final_validation=False, on_initialized=watch, **QUICK_TRAIN)
     assert checks["steps"] == 2

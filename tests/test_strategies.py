@@ -11,7 +11,7 @@ from torch import nn
 
 from medadapt.tuning import make_strategy, method_names
 from medadapt.tuning.delta import foundation_key
-from tests.conftest import random_batches, segmentation_loss
+from tests.conftest import any_strategy, random_batches, segmentation_loss
 
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5),
@@ -56,7 +56,7 @@ def train(method, optimizer, tiny_unet, steps=3, **options):
     model = tiny_unet(seed=0)
     foundation = {k: v.detach().clone() for k, v in model.named_parameters()}
     torch.manual_seed(1)
-    strategy = make_strategy(method, **options)
+    strategy = any_strategy(method, **options)
     model = strategy.prepare(model)
     if strategy.needs_calibration:
         strategy.calibrate(model, segmentation_loss, random_batches(2, seed=5))

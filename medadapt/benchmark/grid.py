@@ -149,7 +149,8 @@ def _training(c: Check, value: Any, key: str) -> dict[str, Any]:
 def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> GridConfig:
     """A DGST/FSEFT grid: the shared schema (:mod:`.config`: datasets, foundation, seeds, splits, training, Ray)
     and the experiments (``table1``/``table2``/``gamma`` or ``fseft``)."""
-    from medadapt.tuning import make_strategy
+    from medadapt.tuning import get_method
+    from medadapt.tuning.registry import methods_with, options_record
 
     c = Check(source)
     base_dir = base_dir or Path.cwd()
@@ -190,8 +191,11 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     method_options = {}
     for m, opts in (top.get("method_options") or {}).items():
         c.methods([m], "method_options")
-        allowed = tuple(type(make_strategy(m)).options)
-        method_options[m] = dict(c.mapping(opts, f"method_options.{m}", allowed))
+        method_options[m] = dict(c.mapping(opts, f"method_options.{m}", get_method(m).option_names))
+        try:  # each value checked by the method's definition, before any cell
+            options_record(m, method_options[m])
+        except MedadaptError as exc:
+            raise MedadaptError(f"{source}: method_options.{m}: {exc}") from None
 
     table1 = None
     if top.get("table1") is not None:
@@ -211,8 +215,8 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
         gamma = {"method": g.get("method", "dgst"), "values": c.int_list(g["values"], "gamma.values", 1),
                  "reference": g.get("reference", "full")}
         c.methods([gamma["method"], gamma["reference"]], "gamma")
-        if "gamma" not in type(make_strategy(gamma["method"])).options:
-            c.fail("gamma.method", f"{gamma['method']!r} has no γ", "use dgst, sgst or drst")
+        if get_method(gamma["method"]).option("gamma") is None:
+            c.fail("gamma.method", f"{gamma['method']!r} has no γ", f"use {' or '.join(methods_with('gamma'))}")
     fseft = _fseft(c, top["fseft"], datasets) if top.get("fseft") is not None else None
     config = GridConfig(name=common.name, description=common.description, source=source,
                         foundation=foundation.settings if not foundation.given else {"model": foundation.model},
@@ -234,7 +238,8 @@ def _fseft(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
     (mode, margin, weight) its "+ TI" row; ``all_shot`` methods run on the whole train split; ``fig2a`` runs
     the adapter inductively with each kernel size at every shot count; ``fig2b`` runs the adapter with TI at
     each margin at one shot count on some datasets (the no-TI line: the inductive adapter there)."""
-    from medadapt.tuning import make_strategy
+    from medadapt.tuning import get_method
+    from medadapt.tuning.registry import methods_with
     from medadapt.tuning.transductive import Transductive
 
     fs = c.mapping(value, "fseft", ("methods", "adapter", "transductive", "all_shot", "fig2a", "fig2b", "variants"),
@@ -265,13 +270,14 @@ def _fseft(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
     if fs.get("all_shot") is not None:
         out["all_shot"] = c.methods(fs["all_shot"], "fseft.all_shot")
         for m in out["all_shot"]:
-            if not make_strategy(m).trains:
+            if not get_method(m).trains:
                 c.fail("fseft.all_shot", f"{m!r} trains nothing, so it has no all-shot row",
                        "list methods that train")
     if fs.get("fig2a") is not None:
         a = c.mapping(fs["fig2a"], "fseft.fig2a", ("kernel_sizes",), required=("kernel_sizes",))
-        if "kernel_size" not in type(make_strategy(out["adapter"])).options:
-            c.fail("fseft.fig2a", f"{out['adapter']!r} has no kernel size", "use adapter: spatial-adapter")
+        if get_method(out["adapter"]).option("kernel_size") is None:
+            c.fail("fseft.fig2a", f"{out['adapter']!r} has no kernel size",
+                   f"use adapter: {' or '.join(methods_with('kernel_size'))}")
         out["fig2a"] = {"kernel_sizes": c.int_list(a["kernel_sizes"], "fseft.fig2a.kernel_sizes", 1)}
     if fs.get("fig2b") is not None:
         if out["transductive"] is None:
@@ -319,7 +325,7 @@ def _fseft(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
             c.fail(f"{key}.name", f"{name!r} is used twice", "give every variant its own name")
         names.add(name)
         c.methods([v["method"]], f"{key}.method")
-        opts = c.mapping(v.get("options") or {}, f"{key}.options", tuple(type(make_strategy(v["method"])).options))
+        opts = c.mapping(v.get("options") or {}, f"{key}.options", get_method(v["method"]).option_names)
         entry = {"name": name, "label": str(v.get("label", name)), "method": v["method"], "options": dict(opts),
                  "transductive": None, "budget": {}, "shots": None, "all_shot": bool(v.get("all_shot", False)),
                  "feature_cache": bool(v.get("feature_cache", False))}
@@ -339,17 +345,16 @@ def _fseft(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
 def method_options(config: GridConfig, method: str, gamma: int | None = None,
                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The canonical options of ``method`` as the strategy records them (defaults filled in), seed excluded;
-    ``overrides`` replace the config's ``method_options`` (e.g. Fig. 2a's kernel sizes)."""
-    from medadapt.tuning import make_strategy
+    ``overrides`` replace the config's ``method_options`` (e.g. Fig. 2a's kernel sizes); ``gamma``: Fig. 3's γ."""
+    from medadapt.tuning.registry import options_record
 
     opts = {**config.method_options.get(method, {}), **(overrides or {})}
     if gamma is not None:
         opts["gamma"] = gamma
     try:
-        strategy = make_strategy(method, seed=0, **opts)
+        return options_record(method, opts)
     except MedadaptError as exc:
         raise MedadaptError(f"{config.source}: method_options.{method}: {exc}") from None
-    return {k: v for k, v in strategy.config().items() if k not in ("name", "seed")}
 
 
 def ti_options(transductive: dict[str, Any], margin: float | None = None) -> dict[str, Any]:

@@ -61,11 +61,10 @@ ABLATION_MARKS = {  # FFT, Seq. FT, MDS, Random, K&G RFT
     "medseqft": (False, True, True, False, True),
 }
 UNSEEN_ROWS = {"tfs": ("scratch", "foundation"), "fft-m0": ("full", "foundation"), "fft-mn": ("full", "refined")}
-PARALLEL_OPTION_LISTS = {"lora": "rank", "adapter": "reduction"}  # the option a parallel entry may list values of
 JOINT = "joint"
-#: names in the tables (the paper's where it has one)
-DISPLAY = {"scratch": "TFS", "full": "FFT", "linear-probe": "Head fine-tuning", "lora": "LoRA", "adapter": "Adapter",
-           JOINT: "Joint multi-task (task heads)", "seq-ft": "Seq. FT", "seq-ft-random": "Seq. FT + Random",
+#: names in the tables where the paper has its own (other methods: their definition's label)
+DISPLAY = {"scratch": "TFS", "full": "FFT", "linear-probe": "Head fine-tuning", JOINT: "Joint multi-task (task heads)",
+           "seq-ft": "Seq. FT", "seq-ft-random": "Seq. FT + Random",
            "seq-ft-mds": "Seq. FT + MDS", "seq-ft-kgrft": "Seq. FT + K&G RFT", "medseqft": "MedSeqFT",
            "tfs": "TFS", "fft-m0": "FFT (from M0)", "fft-mn": "FFT w/ {refined} (from its M_n)"}
 OPTION_SYMBOLS = {"rank": "r", "reduction": "γ"}
@@ -73,7 +72,10 @@ OPTION_SYMBOLS = {"rank": "r", "reduction": "γ"}
 
 def display_name(name: str, options: dict[str, Any] | None = None) -> str:
     """A row's name in the tables, e.g. ``LoRA (r=4)``, ``Adapter (γ=2)``, ``Seq. FT + MDS``."""
-    text = DISPLAY.get(name, name)
+    from medadapt.tuning import methods
+
+    definition = methods().get(name)
+    text = DISPLAY.get(name) or (definition.label if definition is not None else name)
     opts = ", ".join(f"{OPTION_SYMBOLS.get(k, k)}={v}" for k, v in sorted((options or {}).items()))
     return f"{text} ({opts})" if opts else text
 
@@ -262,7 +264,7 @@ def _parallel_rows(c: Check, value: Any, decoder: str = "pretrained") -> list[Ro
     """The parallel rows; ``decoder``: the decoder policy of the methods that freeze part of the network
     (``new`` on a self-supervised foundation, MedSeqFT's reading; an entry's ``decoder`` overrides it: the other
     reading as an extra row)."""
-    from medadapt.tuning import make_strategy, method_names
+    from medadapt.tuning import get_method, make_strategy, method_names
     from medadapt.tuning.base import DECODER_POLICIES
 
     names = method_names(training_only=True)
@@ -283,17 +285,20 @@ def _parallel_rows(c: Check, value: Any, decoder: str = "pretrained") -> list[Ro
         policy = entry.get("decoder", decoder)
         if policy not in DECODER_POLICIES:
             c.fail(f"{key}.decoder", f"unknown decoder policy {policy!r}", f"choose from {list(DECODER_POLICIES)}")
-        allowed = type(make_strategy(method)).options
+        allowed = get_method(method).option_names
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             c.fail(key, f"unknown option(s) {unknown} of {method}", f"use only {list(allowed)}")
-        listed = PARALLEL_OPTION_LISTS.get(method)
+        listed = [k for k, v in options.items() if isinstance(v, list)]  # one option may list its values
+        if len(listed) > 1:
+            c.fail(key, f"lists values of {listed}", "list the values of one option per entry (another entry for "
+                                                     "the other)")
         variants = [options]
-        if listed and isinstance(options.get(listed), list):
-            values = options[listed]
+        if listed:
+            values = options[listed[0]]
             if not values or len(set(map(str, values))) != len(values):
-                c.fail(f"{key}.{listed}", f"{values!r} is empty or repeats a value", "list each value once")
-            variants = [{**options, listed: v} for v in values]
+                c.fail(f"{key}.{listed[0]}", f"{values!r} is empty or repeats a value", "list each value once")
+            variants = [{**options, listed[0]: v} for v in values]
         for opts in variants:
             try:
                 strategy = make_strategy(method, seed=0, decoder=policy, **opts)

@@ -35,11 +35,6 @@ from medadapt.benchmark.tables import finish_report as tables_finish_report
 from medadapt.errors import MedadaptError
 from medadapt.utils.tables import markdown_table
 
-DISPLAY = {"scratch": "From scratch", "full": "Full", "linear-probe": "LinearProb", "bias": "Bias",
-           "adapter": "Adapter", "lora": "LoRA", "affine-norm": "Affine-IN", "dgst": "DGST",
-           "encoder-only": "Encoder Only", "decoder-only": "Decoder Only", "bias-norm": "Bias+Norm",
-           "drst": "DRST", "sgst": "SGST", "ft-last": "FT-last", ZERO_SHOT: "Foundation, no fine-tuning",
-           "generalization": "Generalization", "spatial-adapter": "Spatial adapter"}
 HEADLINE = "dgst"  # the method every other is compared with in the paired table
 
 FOOTNOTE = (
@@ -54,7 +49,14 @@ FOOTNOTE = (
 
 
 def display_name(method: str) -> str:
-    return DISPLAY.get(method, method)
+    """A method's label in the tables: its definition's (medadapt.tuning.Method.display); the foundation's
+    zero-shot row has its own."""
+    from medadapt.tuning import methods
+
+    if method == ZERO_SHOT:
+        return "Foundation, no fine-tuning"
+    definition = methods().get(method)
+    return definition.label if definition is not None else method
 
 
 class CellIndex:

@@ -51,6 +51,7 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
 
 def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
     from medadapt.engine.recipe import load_recipe
+    from medadapt.tuning import get_method
     from medadapt.tuning.transductive import Transductive
     from medadapt.workflows.finetune import finetune, resolve_finetune, zero_shot
 
@@ -67,17 +68,18 @@ def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None
                                 "whose labels are not the foundation's)") from None
     else:
         training = cell.key["training"]
-        options = {k: v for k, v in cell.options.items()
-                   if k not in ("gamma", VARIANT, "feature_cache") and not k.startswith(TI_PREFIX)}
-        ti = {k[len(TI_PREFIX):]: v for k, v in cell.options.items() if k.startswith(TI_PREFIX)}
+        # a cell's options: its method's (by the method's definition) and the run's (variant label, cached
+        # features, transductive inference)
+        options, run_options = get_method(cell.method).split_options(cell.options)
+        ti = {k[len(TI_PREFIX):]: v for k, v in run_options.items() if k.startswith(TI_PREFIX)}
         recipe = cell.key.get("recipe")
         settings = resolve_finetune(
             paths.foundation, paths.datasets[cell.dataset], cell.method, cell.shots, seed=cell.seed,
-            gamma=cell.options.get("gamma"), split_seed=cell.key["split_seed"], epochs=training["epochs"],
+            split_seed=cell.key["split_seed"], epochs=training["epochs"],
             iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"), method_options=options,
             head=cell.key["head"], recipe=load_recipe(recipe) if recipe is not None else None,
             postprocess=postprocess, transductive=Transductive(**ti) if ti else None,
-            feature_cache=bool(cell.options.get("feature_cache", False)),
+            feature_cache=bool(run_options.get("feature_cache", False)),
             split=paths.split(cell.dataset, cell.key["split_seed"]))
         run = finetune(settings, out / "run", resume=True, progress=progress)
     qualitative = _store_qualitative_slice(run, out)

@@ -25,7 +25,8 @@ import torch
 
 from medadapt.engine.losses import DeepSupervisedDiceCE
 from medadapt.models.network import NetworkSpec, build_network
-from medadapt.tuning import make_strategy
+from medadapt.tuning import FullFineTuning, make_strategy
+from medadapt.tuning.registry import options_for
 from medadapt.utils.tables import markdown_table
 
 PHASES = ("forward", "backward", "selection", "step")
@@ -36,7 +37,8 @@ STAGES = ("kd-fft", "lora-kd")
 #: a method name with this suffix is timed on cached backbone features (finetune --feature-cache): the head's
 #: forward, backward and step on the features of the batch's patches, computed once beforehand (not timed)
 CACHED = "+cache"
-CACHEABLE = ("linear-probe", "spatial-adapter")
+#: the method every ratio is relative to: full fine-tuning
+REFERENCE = FullFineTuning.name
 
 
 class Cycle:
@@ -101,7 +103,8 @@ class _Run:
                 self.strategy = EncoderLoRADistillation(rank=2)
                 self.stage_loss = FeatureDistillation(teacher)
         else:
-            self.strategy = make_strategy(method.removesuffix(CACHED), **options)
+            self.strategy = make_strategy(method.removesuffix(CACHED), **options_for(method.removesuffix(CACHED),
+                                                                                     options))
         self.model = self.strategy.prepare(copy.deepcopy(foundation))
         self.model.train()
         self.tail, self.features = None, {}
@@ -229,7 +232,7 @@ def _memory_child(spec: dict, weights: str | None, method: str, options: dict, p
     channels, classes = spec["input_channels"], spec["num_classes"]
     batches = make_batches(iterations, batch, channels, classes, patch)
     if method not in STAGES:
-        make_strategy(method, **options)  # the method's modules imported before the window (e.g. MONAI's blocks)
+        make_strategy(method, **options_for(method, options))  # its modules imported before the window (MONAI's)
     gc.collect()
     with _RssSampler() as rss:  # from before the strategy's copy of the model (and SGST's calibration pass)
         run = _Run(method, foundation, options, batches[:1], lambda: None, precision)
@@ -298,8 +301,8 @@ def gpu_peak_memory(foundation: torch.nn.Module, method: str, options: dict, pat
 
 
 def speed_table(results: dict[str, dict[str, float]], memory: dict[str, int] | None) -> str:
-    full = results.get("full", {}).get("total")
-    full_mem = (memory or {}).get("full")
+    full = results.get(REFERENCE, {}).get("total")
+    full_mem = (memory or {}).get(REFERENCE)
     rows = []
     for method, t in results.items():
         row = [method, f"{t['total']:.3f}", *(f"{t[p]:.3f}" if t[p] == t[p] else "-" for p in PHASES),
@@ -330,6 +333,7 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
     from medadapt.errors import MedadaptError
     from medadapt.models import load_model_folder, preset
     from medadapt.tuning import method_names
+    from medadapt.tuning.registry import methods as registered
 
     options = options or {}
     if against_nnunet and methods:
@@ -356,13 +360,14 @@ def run_bench_speed(model: Path | None = None, preset_name: str | None = None, p
         label = f"preset {preset_name or 'cpu-small'}"
     patch = tuple(patch or spec.patch_size)
     batch = int(batch or spec.batch_size)
-    known = method_names(training_only=True) + list(STAGES) + [m + CACHED for m in CACHEABLE]
+    cacheable = [name for name, d in registered().items() if d.cacheable]
+    known = method_names(training_only=True) + list(STAGES) + [m + CACHED for m in cacheable]
     methods = list(methods or method_names(training_only=True))
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise MedadaptError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-    if "full" not in methods:
-        methods.insert(0, "full")  # the reference of every ratio
+    if REFERENCE not in methods:
+        methods.insert(0, REFERENCE)  # the reference of every ratio
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise MedadaptError(f"--device {device}: use cpu, or cuda on a machine with a GPU")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import CommandGroup, add_method_options, method_options, positive_int, MODEL_NAMES_HELP, model_arg
+from medadapt.cli.common import (MODEL_NAMES_HELP, CommandGroup, add_method_options, every_method_options, model_arg,
+                                 positive_int)
 from medadapt.errors import MedadaptError
 
 
@@ -52,7 +53,8 @@ def cmd_bench_speed(args) -> int:
     from medadapt.benchmark.speed import run_bench_speed
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    options = {"gamma": args.gamma, **method_options(args)}
+    # one set of option values for every method timed (each takes those of its own options)
+    options = {k: v for per_method in every_method_options(args).values() for k, v in per_method.items()}
     run_bench_speed(model=args.model, preset_name=args.preset, patch=args.patch, batch=args.batch, methods=methods,
                     iterations=args.iterations, warmup=args.warmup, memory=not args.no_memory, device=args.device,
                     as_json=args.json, options={k: v for k, v in options.items() if v is not None},

@@ -119,22 +119,14 @@ def engine_options(args):
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gamma", type=positive_int, default=None,
-                   help="dgst/drst/sgst: entries updated per kernel and iteration (default 1, as the paper)")
-    p.add_argument("--lora-rank", type=positive_int, default=None, help="lora: rank r (default 4)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="lora: alpha; scale = alpha/r (default r)")
-    p.add_argument("--adapter-reduction", type=positive_int, default=None,
-                   help="adapter: channel reduction factor of the bottleneck (default 4)")
-    p.add_argument("--adapter-kernel-size", type=positive_int, default=None,
-                   help="spatial-adapter: kernel size of its convolutions (default 3; 1: FSEFT's MLP comparison)")
-    p.add_argument("--adapter-width", type=positive_int, default=None,
-                   help="spatial-adapter: its output channels (default: the feature map's)")
-    from medadapt.models.spatial_adapter import NORMS
+    """Every method option's flag, generated from the method definitions (medadapt.tuning.registry), and
+    --pretext-decoder."""
+    from medadapt.tuning.registry import cli_options
     from medadapt.workflows.finetune import PRETEXT_DECODER_CHOICES
 
-    p.add_argument("--adapter-norm", choices=NORMS, default=None,
-                   help="spatial-adapter: its normalisation (default instance without affine parameters, as the "
-                        "authors' code; batch: the text's batch normalisation)")
+    for flag, (option, names) in cli_options().items():  # values checked by method_options: one line each
+        p.add_argument(flag, default=None, help=option.cli_help(names) + (f"; {option.describe()}"),
+                       metavar=option.name.upper())
     p.add_argument("--pretext-decoder", choices=PRETEXT_DECODER_CHOICES, default="auto",
                    help="methods that freeze part of the network (linear-probe, lora, adapter, ...): new = the "
                         "foundation's decoder was trained on a pretext task (an MAE's), so it trains in full like "
@@ -196,9 +188,63 @@ def add_head_option(p: argparse.ArgumentParser) -> None:
                         "zero-shot initialisation)")
 
 
-def method_options(args) -> dict:
-    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "reduction": args.adapter_reduction,
-            "kernel_size": args.adapter_kernel_size, "width": args.adapter_width, "norm": args.adapter_norm}
+def method_options(args, also: tuple[str, ...] = ()) -> dict:
+    """The method options given on the command line for ``--method``: the values of its options' flags. An
+    unknown method (not a fine-tuning method, nor one of ``also``: a command's own, e.g. seqft's sequential
+    methods, which take none of these) or a flag given for an option the method does not take is refused in one
+    line."""
+    from medadapt.tuning.registry import cli_options, methods
+
+    method = args.method
+    definition = methods().get(method)
+    if definition is None and method not in also:
+        raise MedadaptError(f"--method {method!r} is unknown; choose one of: {', '.join([*methods(), *also])} "
+                            "('medadapt methods' lists them)")
+    mine = {o.cli_flag(method): o.name for o in definition.options} if definition is not None else {}
+    options = {}
+    for flag, (option, names) in cli_options().items():
+        value = getattr(args, flag_dest(flag), None)
+        if value is None:
+            continue
+        if flag not in mine:
+            takes = ", ".join(mine) or "no method options"
+            raise MedadaptError(f"{flag}: --method {method} has no such option ({'/'.join(names)} only); it takes "
+                                f"{takes}")
+        options[mine[flag]] = _option_value(flag, value, definition.option(mine[flag]), method)
+    return options
+
+
+def _option_value(flag: str, text: str, option, method: str):
+    """A method option's command-line text as the option's type, checked by its definition (one line)."""
+    try:
+        value = option.type(text)
+    except ValueError:
+        value = text
+    try:
+        option.check(method, value)
+    except MedadaptError:
+        raise MedadaptError(f"{flag} {text}: not {option.describe()} ({option.help}); give {option.describe()}") \
+            from None
+    return value
+
+
+def every_method_options(args) -> dict[str, dict]:
+    """Per method, the options given on the command line that it takes (``medadapt methods``' table)."""
+    from medadapt.tuning.registry import methods
+
+    out: dict[str, dict] = {}
+    for name, d in methods().items():
+        out[name] = {}
+        for o in d.options:
+            text = getattr(args, flag_dest(o.cli_flag(name)), None)
+            if text is not None:
+                out[name][o.name] = _option_value(o.cli_flag(name), text, o, name)
+    return out
+
+
+def flag_dest(flag: str) -> str:
+    """argparse's attribute name for a flag."""
+    return flag.lstrip("-").replace("-", "_")
 
 
 def version_string() -> str:

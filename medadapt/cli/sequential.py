@@ -94,7 +94,7 @@ def add_seqft(p):
 
 
 def cmd_seqft(args) -> int:
-    from medadapt.workflows.seqft import resolve_seqft, seqft
+    from medadapt.workflows.seqft import JOINT, SEQUENTIAL, resolve_seqft, seqft
 
     engine = engine_options(args)
     settings = resolve_seqft(
@@ -102,7 +102,8 @@ def cmd_seqft(args) -> int:
         buffer_size=args.buffer_size, mds_repeats=args.mds_repeats, kd_rank=args.kd_rank, kd_until=args.kd_until,
         kd_max_epochs=args.kd_max_epochs, shots=args.shots, seed=args.seed, split_seed=args.split_seed,
         recipe=args.recipe, kd_recipe=args.kd_recipe, epochs=args.epochs,
-        iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, method_options=method_options(args),
+        iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
+        method_options=method_options(args, also=(*SEQUENTIAL, JOINT)),
         postprocess=args.postprocess, pretext_decoder=args.pretext_decoder, engine=engine)
     summary = seqft(settings, args.out, resume=args.resume, progress=not args.quiet, engine=engine)
     print((args.out / "results.md").read_text(), end="")

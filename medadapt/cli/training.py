@@ -6,8 +6,8 @@ from pathlib import Path
 
 from medadapt.cli.common import (MODEL_NAMES_HELP, CommandGroup, add_head_option, add_method_options,
                                  add_postprocess_option, add_run_inputs, add_sampling_option, add_training_options,
-                                 engine_options, int_at_least, method_options, methods_help, model_arg, print_metrics,
-                                 shots_arg, split_from_args, transductive_options)
+                                 engine_options, every_method_options, int_at_least, method_options, methods_help,
+                                 model_arg, print_metrics, shots_arg, split_from_args, transductive_options)
 
 
 #: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
@@ -188,7 +188,7 @@ def cmd_finetune(args) -> int:
         shots = "all"
     engine = engine_options(args)
     resolve = functools.partial(
-        resolve_finetune, args.model, args.data, args.method, shots, seed=args.seed, gamma=args.gamma,
+        resolve_finetune, args.model, args.data, args.method, shots, seed=args.seed,
         split_seed=args.split_seed, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
         method_options=method_options(args), head=args.head, recipe=args.recipe, postprocess=args.postprocess,
         transductive=transductive_options(args), feature_cache=args.feature_cache,
@@ -245,12 +245,13 @@ def cmd_zero_shot(args) -> int:
     return 0
 
 
-@commands.command("methods", "list the fine-tuning methods with their trainable parameters",
-                  "For a model folder or a preset network, print every fine-tuning method with "
-                  "its trainable-parameter count, its share of the model and the entries one "
-                  "step updates.")
+@commands.command("methods", "list the fine-tuning methods (with their trainable parameters on a model)",
+                  "Print every fine-tuning method (built-in and from plugins) with what it trains, its options "
+                  "(flag, default, values) and what it can do (cached features, nnU-Net export); with --model "
+                  "or --preset, every method's trainable-parameter count on that network, its share of the "
+                  "model and the entries one step updates.")
 def add_methods(p):
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--model", type=model_arg, help="model folder" + MODEL_NAMES_HELP)
     source.add_argument("--preset", default=None, help="a network preset (one input channel, one foreground class)")
     add_method_options(p)
@@ -259,16 +260,18 @@ def add_methods(p):
 
 def cmd_methods(args) -> int:
     from medadapt.models import load_model_folder
-    from medadapt.workflows.methods import methods_table
+    from medadapt.workflows.methods import definitions_table, methods_table
 
+    options = every_method_options(args)
     if args.preset is not None:
         from medadapt.models import preset
         from medadapt.models.network import seeded_network
 
         network = seeded_network(preset(args.preset, input_channels=1, num_classes=2), 0)
-        _, text = methods_table(network=network, label=f"preset {args.preset}", gamma=args.gamma,
-                                **method_options(args))
+        _, text = methods_table(network=network, label=f"preset {args.preset}", options=options)
+    elif args.model is not None:
+        _, text = methods_table(load_model_folder(args.model), options=options)
     else:
-        _, text = methods_table(load_model_folder(args.model), gamma=args.gamma, **method_options(args))
+        text = definitions_table()
     print(text)
     return 0

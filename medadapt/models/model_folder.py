@@ -194,14 +194,8 @@ def load_model_folder(path: str | Path) -> ModelFolder:
 
 
 def apply_extension(network: nn.Module, extension: dict[str, Any]) -> None:
-    """Re-create a module a strategy added (its weights come with the state dict)."""
-    if extension.get("type") == "adapter":
-        from medadapt.models.adapters import AdapterConfig, inject_adapters
+    """Re-create a module a method left in the network (its weights come with the state dict): the method's
+    definition knows how (medadapt.tuning.registry.rebuild_extension)."""
+    from medadapt.tuning.registry import rebuild_extension
 
-        inject_adapters(network, AdapterConfig(reduction=int(extension["reduction"])))
-    elif extension.get("type") == "spatial-adapter":
-        from medadapt.models.spatial_adapter import apply_extension_record
-
-        apply_extension_record(network, extension)
-    else:
-        raise MedadaptError(f"plans.json: unknown network extension {extension!r}; upgrade medadapt")
+    rebuild_extension(network, extension)

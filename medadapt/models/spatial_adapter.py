@@ -46,13 +46,13 @@ class SpatialAdapterConfig:
     def __post_init__(self):
         if isinstance(self.kernel_size, bool) or not isinstance(self.kernel_size, int) or self.kernel_size < 1 \
                 or self.kernel_size % 2 == 0:
-            raise MedadaptError(f"--adapter-kernel-size {self.kernel_size!r}: must be an odd positive integer "
+            raise MedadaptError(f"spatial adapter: kernel_size {self.kernel_size!r} must be an odd positive integer "
                                 "(3: the paper's spatial adapter; 1: its MLP comparison)")
         if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int)
                                        or self.width < 1):
-            raise MedadaptError(f"--adapter-width {self.width!r}: must be a positive integer")
+            raise MedadaptError(f"spatial adapter: width {self.width!r} must be a positive integer")
         if self.norm not in NORMS:
-            raise MedadaptError(f"--adapter-norm {self.norm!r}: choose one of {', '.join(NORMS)}")
+            raise MedadaptError(f"spatial adapter: norm {self.norm!r} is not one of {', '.join(NORMS)}")
 
 
 class SpatialAdapterHead(nn.Module):

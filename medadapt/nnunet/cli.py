@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medadapt.cli.common import (MODEL_NAMES_HELP, CommandGroup, add_head_option, add_method_options,
-                                 method_options, methods_help, model_arg, positive_int, seed_arg, shots_arg)
+                                 method_options, model_arg, positive_int, seed_arg, shots_arg)
 
 
 #: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
@@ -57,8 +57,12 @@ def add_nnunet_train(p):
     p.add_argument("configuration", help="nnU-Net configuration, e.g. 3d_fullres")
     p.add_argument("fold", help="names the output fold_<FOLD> folder, and the fold of a splits_final.json given "
                                 "with --split (as nnUNetv2_train's FOLD)")
+    from medadapt.tuning import method_names
+
     p.add_argument("--method", required=True,
-                   help=methods_help(training_only=True) + "; adapter cannot be saved for nnU-Net")
+                   help=f"fine-tuning method: {', '.join(method_names(exportable_only=True))} (the methods whose "
+                        "result is "
+                        "nnU-Net's plain network; 'medadapt methods' lists them)")
     add_method_options(p)
     p.add_argument("--shots", type=shots_arg, default=None,
                    help="number of annotated training cases K, or all; default all with --split, else required")
@@ -121,7 +125,7 @@ def cmd_nnunet_train(args) -> int:
     with contextlib.redirect_stdout(io.StringIO()) if args.quiet else contextlib.nullcontext():
         out = nnunet_train(args.dataset, args.configuration, args.fold, method=args.method, shots=shots, split=split,
                            pretrained=args.pretrained, seed=args.seed, split_seed=args.split_seed,
-                           gamma=args.gamma, method_options=method_options(args), epochs=args.epochs,
+                           method_options=method_options(args), epochs=args.epochs,
                            iterations_per_epoch=args.iterations_per_epoch, val_iterations=args.val_iterations,
                            lr=args.lr, plans_identifier=args.plans, device=args.device,
                            final_validation=not args.no_final_validation, head=args.head)

@@ -36,9 +36,11 @@ from pathlib import Path
 import torch
 
 from medadapt.errors import MedadaptError
+from medadapt.tuning import DGST, FullFineTuning
 from medadapt.utils.tables import markdown_table
 
-METHODS = ("full", "dgst")
+#: full fine-tuning and DGST, the DGST paper's speed claim (its sparse step against the dense one)
+METHODS = (FullFineTuning.name, DGST.name)
 FRAMEWORKS = ("medadapt", "nnunet")
 #: the network classes nnU-Net's trainer builds from plans (PlainConvUNet, the residual-encoder U-Nets)
 NNUNET_NETWORK_PACKAGE = "dynamic_network_architectures."
@@ -104,10 +106,11 @@ class _MedadaptRun:
         from medadapt.benchmark.speed import Cycle
         from medadapt.engine.trainer import Trainer, TrainingConfig
         from medadapt.tuning import make_strategy
+        from medadapt.tuning.registry import options_for
 
         self.method = method
         torch.manual_seed(0)
-        strategy = make_strategy(method, **options)
+        strategy = make_strategy(method, **options_for(method, options))
         model = strategy.prepare(copy.deepcopy(foundation))
         # the engine's defaults are nnU-Net's: SGD (Nesterov 0.99, weight decay 3e-5), poly schedule, clip 12
         config = TrainingConfig(epochs=1, iterations_per_epoch=1, initial_lr=lr,
@@ -134,6 +137,7 @@ class _NNUNetRun:
         from medadapt.nnunet.env import quiet
         from medadapt.nnunet.trainer import trainer_class
         from medadapt.tuning import make_strategy
+        from medadapt.tuning.registry import options_for
 
         self.method = method
         plans = copy.deepcopy(plans)
@@ -144,9 +148,9 @@ class _NNUNetRun:
         labels = {k: int(v) for k, v in dataset_json["labels"].items()}
         weights = {k: v.detach().cpu().clone() for k, v in foundation.state_dict().items()}
         # head="keep": every weight of medadapt's network, the heads too, goes in before strategy.prepare
-        trainer.medadapt_setup(make_strategy(method, **options), [], [], pretrained=weights,
-                               pretrained_labels=labels, pretrained_source="medadapt's network", seed=0,
-                               initial_lr=lr, head="keep")
+        strategy = make_strategy(method, **options_for(method, options))
+        trainer.medadapt_setup(strategy, [], [], pretrained=weights, pretrained_labels=labels,
+                               pretrained_source="medadapt's network", seed=0, initial_lr=lr, head="keep")
         with quiet():
             trainer.initialize()
         trainer.network.train()  # as nnU-Net's on_train_epoch_start
@@ -200,6 +204,7 @@ def time_against_nnunet(foundation: torch.nn.Module, spec, patch, batch: int, it
     import_nnunet("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")  # one line if nnunetv2 is not installed
     from medadapt.nnunet.trainer import FINETUNE_LR
     from medadapt.tuning import make_strategy
+    from medadapt.tuning.registry import options_for
 
     check_network(spec, folder)
     options = dict(options or {})
@@ -211,7 +216,7 @@ def time_against_nnunet(foundation: torch.nn.Module, spec, patch, batch: int, it
     plans, configuration, dataset_json, batch_dice = nnunet_plans(spec, patch, batch, folder)
     data = make_batches(warmup + iterations, batch, spec.input_channels, spec.num_classes, patch, device=device)
     # the learning rate medadapt_setup gives each method (nnU-Net's trainer and medadapt's engine alike)
-    lrs = {m: make_strategy(m, **options).default_lr or FINETUNE_LR for m in METHODS}
+    lrs = {m: make_strategy(m, **options_for(m, options)).default_lr or FINETUNE_LR for m in METHODS}
     sync = sync_for(device_t)
     cudnn = torch.backends.cudnn.benchmark
     with tempfile.TemporaryDirectory(prefix="medadapt-speed-") as tmp:
@@ -265,7 +270,7 @@ def time_against_nnunet(foundation: torch.nn.Module, spec, patch, batch: int, it
     return {
         "seconds": seconds,
         "ratio_to_nnunet": {m: seconds["medadapt"][m] / seconds["nnunet"][m] for m in METHODS},
-        "dgst_to_full": {f: seconds[f]["dgst"] / seconds[f]["full"] for f in FRAMEWORKS},
+        "dgst_to_full": {f: seconds[f][DGST.name] / seconds[f][FullFineTuning.name] for f in FRAMEWORKS},
         "iteration_seconds": times,
         "losses": losses,
         "identical_initial_weights": identical,

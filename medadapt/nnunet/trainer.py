@@ -42,7 +42,7 @@ from torch._dynamo import OptimizedModule
 
 from medadapt.data.splits import Split, draw_shots
 from medadapt.errors import MedadaptError
-from medadapt.tuning import Strategy, make_strategy
+from medadapt.tuning import Strategy, get_method, make_strategy, method_names
 from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_torch_save, atomic_write_json
 
@@ -256,7 +256,7 @@ def _pretrained_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 def build_trainer(dataset: str, configuration: str, fold: int | str, method: str, shots: int,
                   pretrained: str | Path | None = None, seed: int = 0, split_seed: int = 0,
-                  gamma: int | None = None, method_options: dict[str, Any] | None = None, epochs: int = 12,
+                  method_options: dict[str, Any] | None = None, epochs: int = 12,
                   iterations_per_epoch: int = 25, val_iterations: int = 5, lr: float | None = None,
                   plans_identifier: str = "nnUNetPlans", device: str = "cpu",
                   head: str = "fresh", split: Split | None = None) -> nnUNetTrainerMedadapt:
@@ -280,10 +280,13 @@ def build_trainer(dataset: str, configuration: str, fold: int | str, method: str
         raise MedadaptError(f"--head {head!r}: unknown; choose fresh or keep")
     if head == "keep" and pretrained is None:
         raise MedadaptError("--head keep: needs --pretrained (there is no foundation head to keep)")
-    if method == "adapter":
-        raise MedadaptError("--method adapter: adapters cannot be saved in nnU-Net's plain network, so nnU-Net "
-                            "could not load the result; use lora, dgst or another method")
-    strategy = make_strategy(method, gamma=gamma, seed=seed, **(method_options or {}))
+    definition = get_method(method)
+    if not definition.trains or not definition.exportable:
+        why = ("trains nothing" if not definition.trains else
+               f"leaves modules ({definition.extension}) that nnU-Net's plain network cannot hold, so nnU-Net could "
+               "not load the result")
+        raise MedadaptError(f"--method {method}: {why}; use one of {', '.join(method_names(exportable_only=True))}")
+    strategy = make_strategy(method, seed=seed, **(method_options or {}))
     try:
         name = maybe_convert_to_dataset_name(dataset)
     except (RuntimeError, ValueError):  # no such id / neither an id nor a DatasetXXX_Name

@@ -81,15 +81,12 @@ def default_train_step(ctx: StepContext, batch: dict) -> torch.Tensor:
 
 
 class Strategy:
-    """Base class: train every parameter (full fine-tuning)."""
+    """Base class: train every parameter (full fine-tuning). A method's name is its class's ``name``; its
+    summary, options and capabilities are its definition's (:class:`medadapt.tuning.method.Method`)."""
 
-    name: ClassVar[str] = "full"
+    name: ClassVar[str] = "strategy"  #: (every method's class names itself: its definition's name)
     #: learning rate the engine uses when the user gives none (None: the engine's fine-tuning default)
     default_lr: ClassVar[float | None] = None
-    #: one-line description for help texts and tables
-    summary: ClassVar[str] = "every parameter, from the foundation model"
-    #: constructor options the strategy takes (``make_strategy`` passes only these)
-    options: ClassVar[tuple[str, ...]] = ()
     #: False for a method that evaluates the foundation as it is (its own heads, no training step)
     trains: ClassVar[bool] = True
     #: True for a method that freezes part of the network (the only ones a ``decoder`` policy concerns)

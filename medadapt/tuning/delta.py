@@ -135,14 +135,13 @@ def save_delta(path: str | Path, delta: dict[str, Any]) -> None:
 def load_delta_model(foundation_folder, delta: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the fine-tuned model from its foundation model folder and a delta made by ``medadapt finetune``."""
     from medadapt.models.network import build_network
-    from medadapt.tuning import make_strategy
+    from medadapt.tuning.registry import strategy_from_record
 
     meta = delta["meta"]
     foundation = foundation_folder.load_network()
     spec = foundation_folder.network.with_classes(int(meta["num_classes"]))
     network = build_network(spec)
-    options = {k: v for k, v in meta["strategy"].items() if k != "name"}
-    strategy = make_strategy(meta["strategy"]["name"], **options)
+    strategy = strategy_from_record(meta["strategy"])
     network = strategy.prepare(network)
     network.load_state_dict(apply_delta(foundation.state_dict(), delta))
     return strategy.finalize(network)

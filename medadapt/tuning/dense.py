@@ -4,11 +4,11 @@ from __future__ import annotations
 from torch import nn
 
 from medadapt.tuning.base import Strategy
+from medadapt.tuning.method import Method
 
 
 class FullFineTuning(Strategy):
     name = "full"
-    summary = "every parameter, from the foundation model"
 
 
 class FromScratch(Strategy):
@@ -22,10 +22,15 @@ class FromScratch(Strategy):
 
     name = "scratch"
     default_lr = 1e-2
-    summary = "every parameter, from random initialisation"
 
     def prepare(self, model: nn.Module) -> nn.Module:
         from medadapt.models.network import initialize_weights
 
         initialize_weights(model)
         return super().prepare(model)
+
+
+METHODS = (
+    Method(FromScratch, summary="every parameter, from random initialisation", display="From scratch"),
+    Method(FullFineTuning, summary="every parameter, from the foundation model", display="Full"),
+)

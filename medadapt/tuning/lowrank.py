@@ -10,6 +10,7 @@ from medadapt.errors import MedadaptError
 from medadapt.models.adapters import AdapterConfig, adapter_parameters, inject_adapters
 from medadapt.models.lora import LoRAConfig, inject_lora, lora_parameters, merge_lora, merged_state_dict
 from medadapt.tuning.base import Strategy
+from medadapt.tuning.method import Method, Option
 
 
 def _freeze_all_but(model: nn.Module, keep: list[nn.Parameter]) -> None:
@@ -18,22 +19,29 @@ def _freeze_all_but(model: nn.Module, keep: list[nn.Parameter]) -> None:
         p.requires_grad_(id(p) in ids)
 
 
+#: the type of the modules an adapter run leaves in the network, as plans.json records them
+ADAPTER_EXTENSION = "adapter"
+
+
+def rebuild_adapters(network: nn.Module, record: dict[str, Any]) -> None:
+    """Re-create the adapters of a model folder's ``extensions`` entry (their weights come with the state dict)."""
+    inject_adapters(network, AdapterConfig(reduction=int(record["reduction"])))
+
+
 class LoRA(Strategy):
     """Low-rank updates W0 + (alpha/r)·B·A of every convolution, transposed-convolution and Linear weight (heads
     are trained in full); ``finalize`` folds them into the weights, giving back the plain architecture."""
 
     name = "lora"
-    summary = "low-rank update of every conv and Linear weight (rank r, alpha) + heads; merged after training"
-    options = ("rank", "alpha")
-    rank_option = "--lora-rank"  #: the option that sets the rank, for error messages
+    rank_option = "rank"  #: what error messages call the rank (a subclass's command-line option)
     freezes = True
 
     def __init__(self, rank: int = 4, alpha: float | None = None):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise MedadaptError(f"{self.rank_option} {rank!r}: must be a positive integer")
+            raise MedadaptError(f"{self.name}: {self.rank_option} {rank!r} must be a positive integer")
         alpha = float(rank if alpha is None else alpha)
         if not alpha > 0:
-            raise MedadaptError(f"--lora-alpha {alpha!r}: must be positive")
+            raise MedadaptError(f"{self.name}: alpha {alpha!r} must be positive")
         self.config_ = LoRAConfig(rank=rank, alpha=alpha)
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -72,13 +80,11 @@ class Adapter(Strategy):
     declared adapter sites) + heads."""
 
     name = "adapter"
-    summary = "residual bottleneck conv adapters after each stage (zero-init) + heads"
-    options = ("reduction",)
     freezes = True
 
     def __init__(self, reduction: int = 4):
         if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-            raise MedadaptError(f"--adapter-reduction {reduction!r}: must be a positive integer")
+            raise MedadaptError(f"{self.name}: reduction {reduction!r} must be a positive integer")
         self.config_ = AdapterConfig(reduction=reduction)
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -87,7 +93,21 @@ class Adapter(Strategy):
         return model
 
     def architecture(self, model: nn.Module) -> list[dict[str, Any]]:
-        return [{"type": "adapter", "reduction": self.config_.reduction}]
+        return [{"type": ADAPTER_EXTENSION, "reduction": self.config_.reduction}]
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "reduction": self.config_.reduction, **self.decoder_record()}
+
+
+METHODS = (
+    Method(LoRA, summary="low-rank update of every conv and Linear weight (rank r, alpha) + heads; merged after "
+                         "training", display="LoRA",
+           options=(Option("rank", int, 4, "rank r", flag="--lora-rank", minimum=1),
+                    Option("alpha", float, None, "alpha; scale = alpha/r", flag="--lora-alpha", above=0,
+                           default_text="r"))),
+    Method(Adapter, summary="residual bottleneck conv adapters after each stage (zero-init) + heads",
+           display="Adapter",
+           options=(Option("reduction", int, 4, "channel reduction factor of the bottleneck",
+                           flag="--adapter-reduction", minimum=1),),
+           extension=ADAPTER_EXTENSION, rebuild=rebuild_adapters),
+)

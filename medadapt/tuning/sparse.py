@@ -32,6 +32,7 @@ from torch import nn
 
 from medadapt.errors import MedadaptError
 from medadapt.models.parts import is_conv, is_linear
+from medadapt.tuning.method import Method, Option
 from medadapt.tuning.base import Strategy
 from medadapt.utils import seeds
 
@@ -79,12 +80,11 @@ class SparseUpdateStrategy(Strategy):
     """Base of gamma-per-kernel sparse training; subclasses decide which entries (``select``)."""
 
     name = "sparse"
-    options = ("gamma",)
     freezes = True
 
     def __init__(self, gamma: int = 1):
         if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-            raise MedadaptError(f"--gamma {gamma!r}: must be a positive integer (entries per kernel)")
+            raise MedadaptError(f"{self.name}: gamma {gamma!r} must be a positive integer (entries per kernel)")
         self.gamma = gamma
         self._sparse: list[tuple[nn.Parameter, int]] = []
         self.last_selection: dict[int, torch.Tensor | None] = {}
@@ -181,7 +181,6 @@ class DGST(SparseUpdateStrategy):
     """Dynamic Gradient Sparsification Training: top-gamma |gradient| per kernel, re-chosen every step."""
 
     name = "dgst"
-    summary = "top-gamma entries by abs. gradient per kernel, each step + biases, norms, heads"
 
     def select(self, weight: nn.Parameter, out_dim: int) -> torch.Tensor | None:
         return kernel_topk_indices(weight.grad.abs(), self.gamma, out_dim)
@@ -196,8 +195,6 @@ class DRST(SparseUpdateStrategy):
     one seed, so a run is resumed on the device type it was started on (refused otherwise)."""
 
     name = "drst"
-    summary = "gamma random entries per kernel each step + biases, norms, heads"
-    options = ("gamma", "seed")
 
     def __init__(self, gamma: int = 1, seed: int = 0):
         super().__init__(gamma)
@@ -256,7 +253,6 @@ class SGST(SparseUpdateStrategy):
     """
 
     name = "sgst"
-    summary = "fixed top-gamma entries per kernel by |accumulated gradient| + biases, norms, heads"
     needs_calibration = True
 
     def __init__(self, gamma: int = 1):
@@ -297,3 +293,16 @@ class SGST(SparseUpdateStrategy):
         if indices is not None:
             self._indices = [i.to(w.device) if i is not None else None for i, (w, _) in zip(indices, self._sparse)]
             self._index = {id(w): i for i, (w, _) in enumerate(self._sparse)}
+
+
+#: γ, shared by the three sparse methods (one --gamma flag)
+GAMMA = Option("gamma", int, 1, "entries updated per kernel and iteration, as the paper", flag="--gamma", minimum=1)
+
+METHODS = (
+    Method(DRST, summary="gamma random entries per kernel each step + biases, norms, heads", display="DRST",
+           options=(GAMMA,), seeded=True),
+    Method(SGST, summary="fixed top-gamma entries per kernel by |accumulated gradient| + biases, norms, heads",
+           display="SGST", options=(GAMMA,)),
+    Method(DGST, summary="top-gamma entries by abs. gradient per kernel, each step + biases, norms, heads",
+           display="DGST", options=(GAMMA,)),
+)

@@ -11,14 +11,14 @@ from typing import Any
 
 from torch import nn
 
-from medadapt.models.spatial_adapter import SpatialAdapterConfig, extension_record, inject_spatial_adapter
+from medadapt.models.spatial_adapter import (EXTENSION, NORMS, SpatialAdapterConfig, apply_extension_record,
+                                             extension_record, inject_spatial_adapter)
 from medadapt.tuning.base import Strategy
+from medadapt.tuning.method import Method, Option
 
 
 class SpatialAdapter(Strategy):
     name = "spatial-adapter"
-    summary = "frozen foundation; a SwinUNETR decoder block + new classifier on its last feature map (FSEFT)"
-    options = ("kernel_size", "width", "norm")
 
     def __init__(self, kernel_size: int = 3, width: int | None = None, norm: str = "instance"):
         self.config_ = SpatialAdapterConfig(kernel_size=kernel_size, width=width, norm=norm)
@@ -37,3 +37,17 @@ class SpatialAdapter(Strategy):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "kernel_size": self.config_.kernel_size, "width": self.config_.width,
                 "norm": self.config_.norm}
+
+
+METHODS = (
+    Method(SpatialAdapter, summary="frozen foundation; a SwinUNETR decoder block + new classifier on its last feature "
+                                   "map (FSEFT)", display="Spatial adapter",
+           options=(Option("kernel_size", int, 3, "kernel size of its convolutions (1: FSEFT's MLP comparison)",
+                           flag="--adapter-kernel-size", minimum=1, rule=lambda k: k % 2 == 1, rule_text="odd"),
+                    Option("width", int, None, "its output channels", flag="--adapter-width", minimum=1,
+                           default_text="the feature map's"),
+                    Option("norm", str, "instance", "its normalisation: instance without affine parameters, as the "
+                           "authors' code; batch: the text's batch normalisation", flag="--adapter-norm",
+                           choices=tuple(NORMS))),
+           extension=EXTENSION, rebuild=apply_extension_record, cacheable=True),
+)

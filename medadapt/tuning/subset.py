@@ -14,6 +14,7 @@ from torch import nn
 from medadapt.models.parts import (bias_parameters, decoder_parameters, is_conv, model_parts, module_parameters,
                                    norm_parameters)
 from medadapt.tuning.base import Strategy
+from medadapt.tuning.method import Method
 
 
 def _detach_bias(module: nn.Module, args) -> None:
@@ -74,7 +75,6 @@ class SubsetStrategy(Strategy):
 
 class LinearProbe(SubsetStrategy):
     name = "linear-probe"
-    summary = "the segmentation head(s) only"
 
     def trainable_subset(self, model):
         return []
@@ -85,7 +85,6 @@ class BiasOnly(SubsetStrategy):
     (SwinUNETR's relative-position bias tables); normalisation shifts are ``affine-norm``'s) + heads."""
 
     name = "bias"
-    summary = "all layer biases + heads (BitFit)"
 
     def trainable_subset(self, model):
         return bias_parameters(model)
@@ -93,7 +92,6 @@ class BiasOnly(SubsetStrategy):
 
 class AffineNorm(SubsetStrategy):
     name = "affine-norm"
-    summary = "affine scale/shift of the normalisation layers + heads"
 
     def trainable_subset(self, model):
         return norm_parameters(model)
@@ -101,7 +99,6 @@ class AffineNorm(SubsetStrategy):
 
 class BiasNorm(SubsetStrategy):
     name = "bias-norm"
-    summary = "layer biases + normalisation affine parameters + heads"
 
     def trainable_subset(self, model):
         return bias_parameters(model) + norm_parameters(model)
@@ -109,7 +106,6 @@ class BiasNorm(SubsetStrategy):
 
 class EncoderOnly(SubsetStrategy):
     name = "encoder-only"
-    summary = "the encoder + heads"
 
     def trainable_subset(self, model):
         return module_parameters([model_parts(model).encoder])
@@ -117,7 +113,6 @@ class EncoderOnly(SubsetStrategy):
 
 class DecoderOnly(SubsetStrategy):
     name = "decoder-only"
-    summary = "the decoder (which holds the heads)"
 
     def trainable_subset(self, model):
         return decoder_parameters(model)
@@ -127,7 +122,6 @@ class FineTuneLast(SubsetStrategy):
     """FSEFT's FT-Last: the last (highest-resolution) decoder stage — its upsampling and convs — + heads."""
 
     name = "ft-last"
-    summary = "the last decoder stage + heads (FSEFT's FT-Last)"
 
     def trainable_subset(self, model):
         return module_parameters(model_parts(model).last_stage)
@@ -139,7 +133,6 @@ class Generalization(Strategy):
     training."""
 
     name = "generalization"
-    summary = "no training: the foundation's own outputs for the target's structures, by name (zero-shot)"
     trains = False
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -149,3 +142,24 @@ class Generalization(Strategy):
 
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return []
+
+
+METHODS = (
+    Method(LinearProbe, summary="the segmentation head(s) only",
+           display="LinearProb", cacheable=True),
+    Method(BiasOnly, summary="all layer biases + heads (BitFit)",
+           display="Bias"),
+    Method(AffineNorm, summary="affine scale/shift of the normalisation layers + heads",
+           display="Affine-IN"),
+    Method(BiasNorm, summary="layer biases + normalisation affine parameters + heads",
+           display="Bias+Norm"),
+    Method(EncoderOnly, summary="the encoder + heads",
+           display="Encoder Only"),
+    Method(DecoderOnly, summary="the decoder (which holds the heads)",
+           display="Decoder Only"),
+    Method(FineTuneLast, summary="the last decoder stage + heads (FSEFT's FT-Last)",
+           display="FT-last"),
+    Method(Generalization, summary="no training: the foundation's own outputs for the target's structures, by name "
+                                   "(zero-shot)",
+           display="Generalization"),
+)

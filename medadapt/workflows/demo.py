@@ -29,6 +29,7 @@ import numpy as np
 
 from medadapt.data.io import read_image, read_label
 from medadapt.metrics import format_mean_std
+from medadapt.tuning import DGST, FromScratch, FullFineTuning
 from medadapt.utils.atomic import atomic_write_json, atomic_write_text
 from medadapt.utils.tables import markdown_table
 
@@ -38,13 +39,14 @@ DOWNSAMPLE = (1, 2, 2)  # same field of view, half the in-plane resolution (as t
 PRETRAIN = {"preset_name": "cpu-bench", "epochs": 120, "iterations_per_epoch": 25}
 FINETUNE = {"epochs": 24, "iterations_per_epoch": 25}
 #: methods that train a new network get the foundation's own pretraining schedule instead of FINETUNE
-OWN_SCHEDULE = ("scratch",)
-#: the rows of the tour from the built-in foundation, and of the whole tour (``--pretrain``)
-METHODS = ("zero-shot", "full", "dgst")
-PRETRAIN_METHODS = ("scratch", "full", "dgst")
+OWN_SCHEDULE = (FromScratch.name,)
+ZERO_SHOT = "zero-shot"
+#: the rows of the tour from the built-in foundation (the DGST paper's headline comparison at demo scale), and
+#: of the whole tour (``--pretrain``)
+METHODS = (ZERO_SHOT, FullFineTuning.name, DGST.name)
+PRETRAIN_METHODS = (FromScratch.name, FullFineTuning.name, DGST.name)
 #: the built-in foundation (medadapt/foundations/): this demo's foundation as PRETRAIN makes it with seed 0
 BUILTIN_FOUNDATION = "synth-hn-lymph-nodes"
-ZERO_SHOT = "zero-shot"
 
 
 def _say(msg: str, progress: bool) -> None:
@@ -94,8 +96,7 @@ def run_demo(workdir: str | Path, shots: int = 5, seed: int = 0, fresh: bool = F
         if method == ZERO_SHOT:  # the foundation as it is: its own head, no training
             records[method] = zero_shot(foundation, target_data, out, resume=True, progress=progress)
         else:
-            settings = resolve_finetune(foundation, target_data, method, shots, seed=seed,
-                                        gamma=1 if method == "dgst" else None, **budget(method))
+            settings = resolve_finetune(foundation, target_data, method, shots, seed=seed, **budget(method))
             records[method] = finetune(settings, out, resume=True, progress=progress)
         for cls, m in records[method]["metrics"]["classes"].items():
             _say(f"      {method:9s} {cls} DSC "

@@ -61,7 +61,7 @@ from medadapt.metrics.evaluate import write_metrics
 from medadapt.models import ModelFolder, load_model_folder, save_model_folder
 from medadapt.models.model_folder import output_channels
 from medadapt.models.network import build_network
-from medadapt.tuning import make_strategy
+from medadapt.tuning import get_method, make_strategy, methods
 from medadapt.tuning.delta import make_delta, save_delta
 from medadapt.tuning.transductive import Transductive, case_spacing
 from medadapt.utils import seeds
@@ -221,8 +221,7 @@ class FinetuneSettings:
     model: str                   #: the foundation's model folder (absolute)
     data: str                    #: the nnU-Net raw dataset (absolute)
     method: str
-    method_options: dict         #: the strategy's options as given (rank, alpha, reduction, ...; no None)
-    gamma: int | None
+    method_options: dict         #: the method's options as given (its definition's: gamma, rank, ...; no None)
     decoder: str                 #: the decoder policy of a method that freezes part of the network
     shots: int
     seed: int
@@ -245,8 +244,7 @@ class FinetuneSettings:
 
     def strategy(self):
         """A new strategy object of these settings (every run part that prepares a network gets its own)."""
-        return make_strategy(self.method, decoder=self.decoder, gamma=self.gamma, seed=self.seed,
-                             **self.method_options)
+        return make_strategy(self.method, decoder=self.decoder, seed=self.seed, **self.method_options)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as data: the strategy's record, the recipe's and the training settings' contents."""
@@ -264,7 +262,7 @@ class FinetuneSettings:
 
 
 def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "int | str", *, seed: int = 0,
-                     gamma: int | None = None, split_seed: int = 0, epochs: int | None = None,
+                     split_seed: int = 0, epochs: int | None = None,
                      iterations_per_epoch: int | None = None, lr: float | None = None,
                      method_options: dict[str, Any] | None = None, head: str = "fresh",
                      recipe: "str | Path | Recipe | None" = None, postprocess: str = "none",
@@ -275,7 +273,8 @@ def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "i
     resolved (one line per mistake, nothing written). ``shots="all"``: every case of the train split (the "all
     samples" rows), recorded as their number.
 
-    ``method_options`` go to the strategy (e.g. ``rank``/``alpha`` for lora, ``reduction`` for adapter);
+    ``method_options`` are the method's options (its definition's, e.g. ``gamma`` for dgst, ``rank``/``alpha`` for
+    lora), each checked;
     ``head`` is the head policy (``fresh`` or ``keep``, see the module docstring). The training settings come
     from ``recipe`` (a built-in name, a file or a Recipe; default: the one the model folder recommends, else
     ``dgst-paper``), with ``epochs``, ``iterations_per_epoch`` and ``lr`` overriding it where given.
@@ -295,21 +294,24 @@ def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "i
         raise MedadaptError(f"--head {head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
     options = {k: v for k, v in sorted((method_options or {}).items()) if v is not None}
     # validates --method and its options before any work
-    strategy = make_strategy(method, gamma=gamma, seed=seed, **options)
+    strategy = make_strategy(method, seed=seed, **options)
+    definition = get_method(method)
     if not strategy.trains:
         if transductive is not None:
-            raise MedadaptError(f"--transductive: --method {method} trains nothing; use a method that trains "
-                                "(spatial-adapter)")
+            raise MedadaptError(f"--transductive: --method {method} trains nothing; use a method that trains")
         head = "keep"  # the foundation's own outputs, by name
     if transductive is not None:
         transductive.check()
-    if feature_cache and not strategy.trains:
-        raise MedadaptError(f"--feature-cache: --method {method} trains nothing; use linear-probe or "
-                            "spatial-adapter")
+    if feature_cache and not strategy.trains:  # (what a training method trains is checked on the network)
+        cacheable = [name for name, d in methods().items() if d.cacheable]
+        raise MedadaptError(f"--feature-cache: --method {method} trains nothing; use {' or '.join(cacheable)}")
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
     folder = load_model_folder(model)
     policy = decoder_policy(folder, pretext_decoder)
+    if definition.needs_pretext_head and not folder.pretext:
+        raise MedadaptError(f"--method {method}: needs a foundation with a pretext head, and {folder.path} has none; "
+                            "use a self-supervised foundation (medadapt pretrain --objective mae)")
     if head != "fresh":  # a self-supervised foundation has no segmentation head to keep or evaluate
         if strategy.trains:
             folder.require_segmentation_head(f"--head {head}", "fine-tune it with --head fresh")
@@ -346,7 +348,7 @@ def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "i
         config = dataclasses.replace(config, initial_lr=lr)
     return FinetuneSettings(
         model=str(Path(model).resolve()), data=str(Path(dataset.root).resolve()), method=method,
-        method_options=options, gamma=gamma, decoder=policy, shots=shots, seed=seed, split_seed=split_seed,
+        method_options=options, decoder=policy, shots=shots, seed=seed, split_seed=split_seed,
         head=head, recipe=resolved, training=config,
         patch_size=tuple(resolved.patch_size or folder.network.patch_size),
         batch_size=resolved.batch_size or folder.network.batch_size, postprocess=postprocess,

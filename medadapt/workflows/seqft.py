@@ -327,7 +327,8 @@ def resolve_seqft(stream: "str | Path | Stream", model: str | Path, method: str 
     resolved = load_recipe(recipe or folder0.recipe or DEFAULT_RECIPE).with_overrides(
         epochs=epochs, iterations_per_epoch=iterations_per_epoch)
     config = engine.configure(TrainingConfig.from_recipe(
-        resolved, "full" if sequence.sequential or method == JOINT else method, seed, activation=folder0.activation))
+        resolved, FullFineTuning.name if sequence.sequential or method == JOINT else method, seed,
+        activation=folder0.activation))
     if method == JOINT:  # the budget of the parallel runs together: n tasks x the recipe's epochs
         config = dataclasses.replace(config, epochs=config.epochs * len(stream.tasks))
     if lr is not None:
