@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from medadapt.models import ModelFolder, preset, save_model_folder
-from medadapt.tuning import make_strategy
 from medadapt.tuning.delta import apply_delta, delta_size_bytes, load_delta_model, make_delta, save_delta
 from tests.conftest import any_strategy, random_batches, segmentation_loss
 

@@ -5,7 +5,6 @@ import torch
 
 from medadapt.engine import DeepSupervisedDiceCE, Trainer, TrainingConfig, deep_supervision_weights
 from medadapt.errors import MedadaptError
-from medadapt.tuning import make_strategy
 from tests.conftest import any_strategy
 
 

@@ -53,7 +53,8 @@ def test_spatial_adapter_architecture(tiny_unet):
     mlp = make_strategy("spatial-adapter", kernel_size=1, width=6).prepare(tiny_unet())
     convs = [m for m in spatial_adapter_of(mlp).adapter.modules() if isinstance(m, torch.nn.Conv3d)]
     assert [c.kernel_size for c in convs] == [(1, 1, 1)] * 3 and convs[0].out_channels == 6  # + the skip conv
-    with pytest.raises(MedadaptError, match="--adapter-kernel-size 2: must be an odd"):
+    with pytest.raises(MedadaptError,
+                       match=r"option kernel_size \(--adapter-kernel-size\): 2 is not an integer >= 1, odd"):
         make_strategy("spatial-adapter", kernel_size=2)
 
 

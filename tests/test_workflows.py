@@ -129,10 +129,13 @@ def test_methods_command_lists_every_method(world, capsys):
     preset_out = capsys.readouterr().out
     assert "model: preset cpu-tiny" in preset_out
     assert preset_out.split("\n\nmodel:")[0] == out.split("\n\nmodel:")[0]
-    with pytest.raises(SystemExit) as exc:  # one of --model / --preset, not both, not neither
-        main(["methods"])
+    with pytest.raises(SystemExit) as exc:  # --model or --preset, not both
+        main(["methods", "--model", str(world["fm"]), "--preset", "cpu-tiny"])
     assert exc.value.code == 2
     capsys.readouterr()
+    assert main(["methods"]) == 0  # neither: every method's definition, no parameter counts
+    listing = capsys.readouterr().out
+    assert all(f"| {name} " in listing for name in method_names()) and "trainable params" not in listing
     assert main(["methods", "--preset", "huge"]) == 2 and "--preset 'huge' is unknown" in capsys.readouterr().err
 
 
@@ -250,8 +253,10 @@ def test_resume_with_other_settings_is_refused(world, tmp_path, capsys, change, 
 
     def args(*extra):
         a = _finetune_args(world, out, "dgst", "2", *base, "--resume", *extra)
-        if "--method" in extra:  # replace, not repeat, the method
+        if "--method" in extra:  # replace, not repeat, the method (and drop dgst's --gamma: full has no γ)
             i = a.index("--method")
+            del a[i:i + 2]
+            i = a.index("--gamma")
             del a[i:i + 2]
         return a
 

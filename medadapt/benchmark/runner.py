@@ -34,7 +34,7 @@ from medadapt.benchmark.cell import Cell
 from medadapt.benchmark.config import GridPaths, prepare_inputs
 from medadapt.benchmark.harness import Benchmark, cell_file
 from medadapt.benchmark.harness import run_grid as harness_run_grid
-from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, VARIANT, GridConfig, enumerate_cells,
+from medadapt.benchmark.grid import (CELL_FORMAT, NO_TRAINING, TI_PREFIX, GridConfig, enumerate_cells,
                                      grid_paths)
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_json
