@@ -45,14 +45,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from medadapt.data.augmentation import augmentation_preset
 from medadapt.data.dataset import RawDataset
 from medadapt.data.io import read_label
 from medadapt.data.cache import preprocess_dataset
-from medadapt.data.sampling import PatchSampler
 from medadapt.data.splits import Split, draw_shots
 from medadapt.engine import EngineOptions, Trainer, TrainingConfig, distributed
-from medadapt.engine.recipe import Recipe, load_recipe
+from medadapt.engine.recipe import Recipe
 from medadapt.errors import MedadaptError
 from medadapt.inference import Predictor
 from medadapt.inference.predictor import POSTPROCESSING
@@ -71,6 +69,8 @@ from medadapt.utils.lock import locks_folder
 from medadapt.workflows.common import (dataset_cache_dir, environment, model_fingerprint, total_parameter_count,
                                        trainable_parameter_count)
 from medadapt.workflows.identity import check_identity, record_identity, settings_digest
+from medadapt.workflows.training import (prepare_network, prepare_strategy, recipe_sampler, resolve_recipe,
+                                         training_config)
 
 DEFAULT_RECIPE = "dgst-paper"  # for a model folder that recommends none
 #: the layout of a run's identity record; bump it when what identity.json holds changes
@@ -163,18 +163,6 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
             take[k] = fresh
     network.load_state_dict(take, strict=False)
     return network
-
-
-def reset_heads(network: torch.nn.Module, seed: int) -> None:
-    """Re-initialise the segmentation heads as PyTorch initialises a new convolution (a recipe's ``head_init:
-    torch``; FSEFT's code: a new ``nn.Conv3d`` classifier), from a generator seeded by ``seed``."""
-    from medadapt.models.parts import model_parts
-
-    with seeds.torch_stream(seed, "head"):
-        for head in model_parts(network).heads:
-            for m in head.modules():
-                if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
-                    m.reset_parameters()
 
 
 def weights_without_heads(folder: ModelFolder, foundation: dict[str, torch.Tensor],
@@ -339,13 +327,9 @@ def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "i
     if not strategy.trains and not test_ids:
         raise MedadaptError(f"--method {method}: trains nothing and {the_split.describe()} evaluates nothing; use "
                             "a split with a test part")
-    # the recipe, with the method's own settings (budget, batch, lr), the command line's budget, and an epoch
-    # of "cases" resolved for the number of training cases
-    resolved = load_recipe(recipe or folder.recipe or DEFAULT_RECIPE).for_method(method).with_overrides(
-        epochs=epochs, iterations_per_epoch=iterations_per_epoch).for_cases(shots)
-    config = engine.configure(TrainingConfig.from_recipe(resolved, method, seed, activation=folder.activation))
-    if lr is not None:
-        config = dataclasses.replace(config, initial_lr=lr)
+    resolved = resolve_recipe(recipe or folder.recipe or DEFAULT_RECIPE, method, epochs=epochs,
+                              iterations_per_epoch=iterations_per_epoch, cases=shots)
+    config = training_config(resolved, method, seed, folder.activation, engine, lr)
     return FinetuneSettings(
         model=str(Path(model).resolve()), data=str(Path(dataset.root).resolve()), method=method,
         method_options=options, decoder=policy, shots=shots, seed=seed, split_seed=split_seed,
@@ -409,14 +393,8 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
         cases = preprocess_dataset(dataset, shot_ids, plan, cache, progress=progress)
 
     def foundation_network() -> torch.nn.Module:
-        net = load_foundation(folder, dataset, seed, head, foundation)
-        if head == "fresh" and resolved.head_init == "torch":
-            reset_heads(net, seed)
-        if resolved.deep_supervision is False:
-            from medadapt.models.network import set_deep_supervision
-
-            set_deep_supervision(net, False)
-        return net
+        return prepare_network(load_foundation(folder, dataset, seed, head, foundation), resolved, seed,
+                               fresh_head=head == "fresh")
 
     network = foundation_network()
     spec = folder.network.with_classes(output_channels(dataset.labels, folder.activation))
@@ -444,12 +422,9 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
 
     def prepared() -> torch.nn.Module:  # a fresh start for every query of the per-query mode
         net = network if transductive is None or transductive.mode == "batch" else foundation_network()
-        seeds.seed_global(seed, "extension")  # strategies that initialise weights (scratch, adapters, LoRA)
-        return strategy.prepare(net)
+        return prepare_strategy(strategy, net, seed)
 
-    augmentation, crop_policy = augmentation_preset(resolved.augmentation, spec.patch_size)
-    sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, augmentation=augmentation,
-                           patches_per_case=resolved.patches_per_case, **crop_policy)
+    sampler = recipe_sampler(resolved, cases, spec.patch_size, spec.batch_size)
     # batch mode (and inductive runs): one model for every test volume; per-query mode: one for each
     groups = ([(q, [q], out / "queries" / q) for q in test_ids]
               if transductive is not None and transductive.mode == "query" else [(None, test_ids, out)])
@@ -464,8 +439,7 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
             trained = trainable_tail(net)
             fcases = feature_cases(net, trained, cases, spec.patch_size, cache,
                                    model_fingerprint(folder, foundation), progress=progress)
-            batches = PatchSampler(fcases, spec.patch_size, spec.batch_size, augmentation=None,
-                                   patches_per_case=resolved.patches_per_case, **crop_policy)
+            batches = recipe_sampler(resolved, fcases, spec.patch_size, spec.batch_size, augmentation=None)
         return Trainer(trained, strategy, batches, config, where / "training", progress=progress,
                        loss_terms=terms, epoch_hooks=hooks, description=f"finetune {method} {shots}-shot{label}",
                        engine=engine)

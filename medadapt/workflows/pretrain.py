@@ -19,11 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medadapt.data.augmentation import Augmentation
 from medadapt.data.cache import preprocess_dataset
 from medadapt.data.partial import SAMPLING, annotation_records, build_template, sampling_weights, template_cases
 from medadapt.data.preprocessing import plan_from_datasets
-from medadapt.data.sampling import PatchSampler
 from medadapt.engine import EngineOptions, Trainer, TrainingConfig, distributed
 from medadapt.engine.recipe import Recipe, load_recipe
 from medadapt.errors import MedadaptError
@@ -37,6 +35,7 @@ from medadapt.utils.hashing import stable_hash
 from medadapt.utils.lock import locks_folder
 from medadapt.workflows.common import dataset_cache_dir, environment, load_datasets, total_parameter_count
 from medadapt.workflows.identity import check_identity, record_identity, settings_digest
+from medadapt.workflows.training import prepare_network, prepare_strategy, recipe_sampler, training_config
 
 
 #: what a foundation is pretrained for: segmentation (the datasets' labels) or masked-volume reconstruction
@@ -100,7 +99,7 @@ def resolve_pretrain(data: "str | Path | Sequence[str | Path]", *, preset_name: 
 
         resolved = resolve_mae_recipe(recipe, recipes["mae"], epochs, iterations_per_epoch, lr)
         spec = mae_spec(preset_name, datasets, resolved, sampling)
-        config = engine.configure(TrainingConfig.from_recipe(resolved, FullFineTuning.name, seed))
+        config = training_config(resolved, FullFineTuning.name, seed, "softmax", engine)
     else:
         if activation is not None and activation not in ACTIVATIONS:
             raise MedadaptError(f"--activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
@@ -122,8 +121,7 @@ def resolve_pretrain(data: "str | Path | Sequence[str | Path]", *, preset_name: 
                                 "a segmentation loss; use it with --objective mae, or a recipe such as "
                                 f"{recipes['pretrain']} for supervised pretraining")
         spec = preset(preset_name, input_channels=datasets[0].num_channels, num_classes=2)
-        config = engine.configure(TrainingConfig.from_recipe(resolved, FullFineTuning.name, seed,
-                                                             activation=activation))
+        config = training_config(resolved, FullFineTuning.name, seed, activation, engine)
     return PretrainSettings(
         data=tuple(str(ds.root.resolve()) for ds in datasets), objective=objective, preset=preset_name,
         activation=activation, sampling=sampling, seed=seed, recipe=resolved, training=config,
@@ -175,13 +173,10 @@ def pretrain(settings: PretrainSettings, out: str | Path, *, resume: bool = Fals
     spec = dataclasses.replace(preset(preset_name, input_channels=datasets[0].num_channels,
                                       num_classes=output_channels(labels, activation)),
                                patch_size=tuple(s.patch_size), batch_size=s.batch_size)
-    network = seeded_network(spec, seed)
     strategy = FullFineTuning()
-    network = strategy.prepare(network)
+    network = prepare_strategy(strategy, prepare_network(seeded_network(spec, seed), resolved, seed), seed)
     weights = sampling_weights(cases, sampling) if len(datasets) > 1 else None
-    sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
-                           augmentation=Augmentation(spec.patch_size), case_weights=weights,
-                           patches_per_case=resolved.patches_per_case)
+    sampler = recipe_sampler(resolved, cases, spec.patch_size, spec.batch_size, case_weights=weights)
     if distributed.is_main():  # every input is checked: from here on the folder is this run's
         record_identity(out / "training", identity)
     trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,

@@ -53,11 +53,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 
-from medadapt.data.augmentation import Augmentation
+
 from medadapt.data.cache import preprocess_dataset
 from medadapt.data.dataset import RawDataset
-from medadapt.data.sampling import PatchSampler
 from medadapt.data.splits import Split, draw_shots
 from medadapt.engine import EngineOptions, Trainer, TrainingConfig
 from medadapt.engine.recipe import Recipe, load_recipe
@@ -78,6 +78,8 @@ from medadapt.utils.lock import locks_folder
 from medadapt.workflows.common import dataset_cache_dir, environment, model_fingerprint
 from medadapt.workflows.finetune import DEFAULT_RECIPE, decoder_policy, load_foundation, predict_and_evaluate
 from medadapt.workflows.identity import first_difference, settings_digest
+from medadapt.workflows.training import (for_cases, prepare_network, prepare_strategy, recipe_sampler,
+                                         resolve_recipe, training_config)
 
 FORMAT = "medadapt-seqft/3"  # 2: the recipes' contents, patch and batch, the settings' digest; 3: SeqftSettings
 SEQUENTIAL = {"seq-ft": ("none", "none"), "medseqft": ("mds", "lora-kd")}
@@ -324,11 +326,15 @@ def resolve_seqft(stream: "str | Path | Stream", model: str | Path, method: str 
         policy = decoder_policy(folder0, pretext_decoder)
         if make_strategy(method, decoder=policy, seed=seed, **options).decoder != "pretrained":
             decoder = policy
-    resolved = load_recipe(recipe or folder0.recipe or DEFAULT_RECIPE).with_overrides(
-        epochs=epochs, iterations_per_epoch=iterations_per_epoch)
-    config = engine.configure(TrainingConfig.from_recipe(
-        resolved, FullFineTuning.name if sequence.sequential or method == JOINT else method, seed,
-        activation=folder0.activation))
+    # the sequential stages and joint training fine-tune every weight: the recipe as full fine-tuning trains
+    # (its methods entry, then the command line's budget); a parallel method's runs resolve their own (finetune)
+    trains_all = sequence.sequential or method == JOINT
+    chosen = recipe or folder0.recipe or DEFAULT_RECIPE
+    resolved = resolve_recipe(chosen, FullFineTuning.name, epochs=epochs, iterations_per_epoch=iterations_per_epoch) \
+        if trains_all else load_recipe(chosen).with_overrides(epochs=epochs, iterations_per_epoch=iterations_per_epoch)
+    # an epoch of "cases" is resolved per task (for_cases); the settings record the first task's (below)
+    config = training_config(resolved.for_cases(1), FullFineTuning.name if trains_all else method, seed,
+                             folder0.activation, engine)
     if method == JOINT:  # the budget of the parallel runs together: n tasks x the recipe's epochs
         config = dataclasses.replace(config, epochs=config.epochs * len(stream.tasks))
     if lr is not None:
@@ -341,8 +347,9 @@ def resolve_seqft(stream: "str | Path | Stream", model: str | Path, method: str 
                 check_kd_ceiling(kd_resolved.epochs, "--kd-max-epochs" if kd_max_epochs else "--kd-recipe's epochs")
         else:
             kd_resolved = kd_recipe_from(resolved, sequence.kd_until, kd_max_epochs)
-        kd_config = dataclasses.replace(engine.configure(TrainingConfig.from_recipe(
-            kd_resolved, "lora-kd", seed, activation=folder0.activation)), loss={"name": "encoder-feature-mse"})
+        kd_config = dataclasses.replace(training_config(kd_resolved.for_cases(1), "lora-kd", seed, folder0.activation,
+                                                        engine),
+                                        loss={"name": "encoder-feature-mse"})
     elif kd_recipe is not None or kd_max_epochs is not None:
         raise MedadaptError("--kd-recipe/--kd-max-epochs: only with --retention lora-kd (or --method medseqft)")
     if sequence.buffer == "mds":
@@ -357,8 +364,10 @@ def resolve_seqft(stream: "str | Path | Stream", model: str | Path, method: str 
         batch_size=resolved.batch_size or folder0.network.batch_size, postprocess=postprocess,
         overrides={k: v for k, v in (("epochs", epochs), ("iterations_per_epoch", iterations_per_epoch), ("lr", lr))
                    if v is not None})
-    task_splits(settings, folder0)  # every task is checked before anything is written
-    return settings
+    _, splits = task_splits(settings, folder0)  # every task is checked before anything is written
+    first = round(sum(len(ids) for ids, _ in splits) / len(splits)) if method == JOINT else len(splits[0][0])
+    return dataclasses.replace(settings, training=for_cases(config, resolved, first),
+                               kd_training=for_cases(kd_config, kd_resolved, first) if kd_config else None)
 
 
 def task_splits(settings: SeqftSettings, folder0: ModelFolder) -> tuple[list[RawDataset], list[tuple[list, list]]]:
@@ -387,6 +396,63 @@ def task_splits(settings: SeqftSettings, folder0: ModelFolder) -> tuple[list[Raw
     return datasets, splits
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamRun:
+    """What every task of a sequential run shares: its settings and folder, the foundation M_0, the tasks'
+    datasets, the pretext network that scores buffer candidates (``buffer mds``), and how it runs."""
+
+    settings: SeqftSettings
+    out: Path
+    folder0: ModelFolder
+    datasets: list
+    pretext: Any
+    progress: bool
+    engine: EngineOptions
+
+    def cases(self, ds: RawDataset, ids) -> list:
+        """Cases ``ids`` of ``ds``, preprocessed as M_0 sees data (cached)."""
+        return preprocess_dataset(ds, ids, self.folder0.plan(), dataset_cache_dir(ds.root), progress=self.progress)
+
+    def spec(self, ds: RawDataset):
+        """A task network's architecture: M_0's with a head for ``ds``'s labels, the recipe's patch and batch."""
+        spec = self.folder0.network.with_classes(output_channels(ds.labels, self.folder0.activation))
+        return dataclasses.replace(spec, patch_size=tuple(self.settings.patch_size),
+                                   batch_size=self.settings.batch_size)
+
+    def folder(self, spec, ds: RawDataset, provenance: dict[str, Any]) -> ModelFolder:
+        """A task's model folder: M_0's preprocessing, ``ds``'s labels, ``provenance``."""
+        f0 = self.folder0
+        return ModelFolder(network=spec, preprocessing=f0.preprocessing, labels=ds.labels,
+                           channel_names=ds.channel_names, file_ending=ds.file_ending,
+                           provenance={**provenance, "foundation": str(f0.path)}, recipe=f0.recipe,
+                           activation=f0.activation,
+                           thresholds={n: t for n, t in f0.thresholds.items() if n in ds.labels})
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """Task ``index`` (from 1) of a stream: its dataset, shot and test cases, and its folder."""
+
+    index: int
+    task: StreamTask
+    dataset: RawDataset
+    shot_ids: list
+    test_ids: list
+    where: Path
+
+
+def stream_identity(settings: SeqftSettings, datasets, folder0: ModelFolder,
+                    foundation: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A sequential run's identity (``seqft.json``): the stream's tasks, the settings as data, M_0's weights."""
+    data = settings.to_dict()
+    return {"format": FORMAT,
+            "tasks": [{"name": t.name, "data": str(t.data), "labels": ds.labels,
+                       "cases": stable_hash(ds.case_ids, 16)} for t, ds in zip(settings.stream.tasks, datasets)],
+            **data, "seeds": seeds.SCHEME,
+            "foundation": {"path": settings.model, "weights": model_fingerprint(folder0, foundation)},
+            "settings_digest": settings_digest(data)}
+
+
 @locks_folder("out")
 def seqft(settings: SeqftSettings, out: str | Path, *, resume: bool = False, progress: bool = True,
           engine: EngineOptions | None = None) -> dict[str, Any]:
@@ -394,96 +460,83 @@ def seqft(settings: SeqftSettings, out: str | Path, *, resume: bool = False, pro
     returns the run's results record (also ``out/results.json``). ``resume``: continue a run of the same
     settings (or of a stream this one extends). ``engine``: how every training step runs (background workers,
     ``torch.compile``; the precision is the settings')."""
-    engine = engine or EngineOptions()
-    out = Path(out)
-    s = settings
-    stream, method, seq, seed, split_seed, postprocess = (s.stream, s.method, s.sequence, s.seed, s.split_seed,
-                                                          s.postprocess)
-    config, kd_config, resolved = s.training, s.kd_training, s.recipe
+    out, s = Path(out), settings
     folder0 = load_model_folder(s.model)
-    foundation = folder0.load_network().state_dict()
     pretext = None
-    if seq.buffer == "mds":
+    if s.sequence.buffer == "mds":
         from medadapt.ssl import load_pretext
 
         pretext = load_pretext(folder0)
     datasets, splits = task_splits(s, folder0)
-    data = s.to_dict()
-    identity = {
-        "format": FORMAT,
-        "tasks": [{"name": t.name, "data": str(t.data), "labels": ds.labels, "cases": stable_hash(ds.case_ids, 16)}
-                  for t, ds in zip(stream.tasks, datasets)],
-        **data, "seeds": seeds.SCHEME,
-        "foundation": {"path": s.model, "weights": model_fingerprint(folder0, foundation)},
-        "settings_digest": settings_digest(data),
-    }
+    identity = stream_identity(s, datasets, folder0, folder0.load_network().state_dict())
     if (out / "seqft.json").is_file() and not resume:
         raise MedadaptError(f"{out}: holds a sequential run; pass --resume to continue it or choose another --out")
     check_stream_identity(out, identity)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "seqft.json", identity)
-
-    if method == JOINT:
-        results = _joint(out, stream, datasets, splits, folder0, config, resolved, seed, postprocess, progress,
-                         engine)
-        summary = {"stream": stream.record(), "identity": identity, "tasks": results,
-                   "seeds": seeds.record(seed, split_seed), "environment": environment()}
-        _write_results(out, summary)
-        return summary
-    results = []
-    entries: list[BufferEntry] = []
-    previous: ModelFolder = folder0
-    for i, (task, ds, (shot_ids, test_ids)) in enumerate(zip(stream.tasks, datasets, splits), 1):
-        where = task_folder(out, i, task)
-        if seq.sequential:
-            record = _sequential_task(i, task, ds, shot_ids, test_ids, where, previous, folder0, seq, config,
-                                      kd_config, resolved, entries, datasets, stream, pretext, seed, postprocess,
-                                      progress, engine)
-            previous = load_model_folder(carried_model(where))
-            entries = [BufferEntry(**e) for e in record["buffer_after"]]
-            atomic_write_json(out / "buffer.json", buffer_record(
-                entries, seq.buffer, seq.buffer_size, seq.mds_repeats if seq.buffer == "mds" else None, seed))
-        else:
-            from medadapt.workflows.finetune import finetune, resolve_finetune
-
-            run = finetune(resolve_finetune(
-                s.model, task.data, method, len(shot_ids), seed=seed, split_seed=split_seed,
-                method_options=s.method_options, head="fresh", recipe=resolved, postprocess=postprocess,
-                pretext_decoder=s.pretext_decoder, engine=engine, **s.overrides),
-                where, resume=True, progress=progress, engine=engine)
-            record = {"task": task.name, "index": i, "metrics": run["metrics"],
-                      "seconds": {"finetune": train_seconds(where / "training" / "history.json")}}
-        results.append(record)
-    summary = {"stream": stream.record(), "identity": identity, "tasks": results,
-               "seeds": seeds.record(seed, split_seed), "environment": environment()}
-    if seq.sequential:
-        summary["transfer"] = _after_stream(out, stream, datasets, splits, folder0, results, postprocess, progress)
+    run = StreamRun(s, out, folder0, datasets, pretext, progress, engine or EngineOptions())
+    tasks = [TaskData(i, t, ds, shot_ids, test_ids, task_folder(out, i, t))
+             for i, (t, ds, (shot_ids, test_ids)) in enumerate(zip(s.stream.tasks, datasets, splits), 1)]
+    results = _joint(run, tasks) if s.method == JOINT else _stream(run, tasks)
+    summary = {"stream": s.stream.record(), "identity": identity, "tasks": results,
+               "seeds": seeds.record(s.seed, s.split_seed), "environment": environment()}
+    if s.sequence.sequential:
+        summary["transfer"] = _after_stream(run, tasks, results)
     _write_results(out, summary)
     return summary
 
 
-def _after_stream(out: Path, stream: Stream, datasets, splits, folder0: ModelFolder, results, postprocess: str,
-                  progress: bool) -> dict[str, Any]:
+def _stream(run: StreamRun, tasks: list[TaskData]) -> list[dict[str, Any]]:
+    """Every task in order: a sequential method's (each from the model the one before carries on) or a parallel
+    method's (each a ``finetune`` run from M_0)."""
+    s = run.settings
+    seq = s.sequence
+    results = []
+    entries: list[BufferEntry] = []
+    previous: ModelFolder = run.folder0
+    for t in tasks:
+        if seq.sequential:
+            record = _sequential_task(run, t, previous, entries)
+            previous = load_model_folder(carried_model(t.where))
+            entries = [BufferEntry(**e) for e in record["buffer_after"]]
+            atomic_write_json(run.out / "buffer.json", buffer_record(
+                entries, seq.buffer, seq.buffer_size, seq.mds_repeats if seq.buffer == "mds" else None, s.seed))
+        else:
+            from medadapt.workflows.finetune import finetune, resolve_finetune
+
+            finished = finetune(resolve_finetune(
+                s.model, t.task.data, s.method, len(t.shot_ids), seed=s.seed, split_seed=s.split_seed,
+                method_options=s.method_options, head="fresh", recipe=s.recipe, postprocess=s.postprocess,
+                pretext_decoder=s.pretext_decoder, engine=run.engine, **s.overrides),
+                t.where, resume=True, progress=run.progress, engine=run.engine)
+            record = {"task": t.task.name, "index": t.index, "metrics": finished["metrics"],
+                      "seconds": {"finetune": train_seconds(t.where / "training" / "history.json")}}
+        results.append(record)
+    return results
+
+
+def _after_stream(run: StreamRun, tasks: list[TaskData], results) -> dict[str, Any]:
     """Forgetting and the encoder's change after the whole stream (:mod:`medadapt.sequential.transfer`)."""
     from medadapt.sequential.transfer import backward_transfer, encoder_change, with_encoder, write_encoder_change
 
-    n = len(stream.tasks)
-    final = load_model_folder(carried_model(task_folder(out, n, stream.tasks[-1]))).load_network()
-    write_encoder_change(encoder_change(folder0.load_network(), final), out / "encoder_change",
-                         f"{stream.name}: encoder change M0 -> M{n}")
+    out, n = run.out, len(tasks)
+    final = load_model_folder(carried_model(tasks[-1].where)).load_network()
+    write_encoder_change(encoder_change(run.folder0.load_network(), final), out / "encoder_change",
+                         f"{run.settings.stream.name}: encoder change M0 -> M{n}")
     rows = []
-    for j, (task, ds, (_, test_ids)) in enumerate(zip(stream.tasks[:-1], datasets, splits), 1):
-        where = out / "transfer" / f"after-{n:02d}" / f"{j:02d}-{task.name}"
+    for t in tasks[:-1]:
+        where = out / "transfer" / f"after-{n:02d}" / f"{t.index:02d}-{t.task.name}"
         summary_file = where / "summary.json"
         if summary_file.is_file():
             metrics = json.loads(summary_file.read_text())
         else:
-            folder_j = load_model_folder(task_folder(out, j, task) / "model")
+            folder_j = load_model_folder(t.where / "model")
             net = with_encoder(folder_j.load_network(), final)
-            metrics = predict_and_evaluate(folder_j, net, ds, test_ids, where, progress, postprocess)
-        just_after = _pct(results[j - 1]["metrics"]["foreground_mean"].get("dsc"))
+            metrics = predict_and_evaluate(folder_j, net, t.dataset, t.test_ids, where, run.progress,
+                                           run.settings.postprocess)
+        just_after = _pct(results[t.index - 1]["metrics"]["foreground_mean"].get("dsc"))
         after = _pct(metrics["foreground_mean"].get("dsc"))
-        rows.append({"task": task.name, "index": j, "dsc_just_after": just_after, "dsc_after_stream": after,
+        rows.append({"task": t.task.name, "index": t.index, "dsc_just_after": just_after, "dsc_after_stream": after,
                      "change": None if just_after is None or after is None else after - just_after})
     record = {"after_task": n, "tasks": rows,
               "bwt": backward_transfer([r["dsc_just_after"] for r in rows], [r["dsc_after_stream"] for r in rows]),
@@ -492,47 +545,42 @@ def _after_stream(out: Path, stream: Stream, datasets, splits, folder0: ModelFol
     return record
 
 
-def _joint(out: Path, stream: Stream, datasets, splits, folder0: ModelFolder, config: TrainingConfig,
-           resolved: Recipe, seed: int, postprocess: str, progress: bool,
-           engine: EngineOptions | None = None) -> list[dict[str, Any]]:
+def _joint(run: StreamRun, tasks: list[TaskData]) -> list[dict[str, Any]]:
     """Joint multi-task training: M_0's encoder and decoder shared, a fresh head per task, each batch from one
-    task drawn uniformly; then every task's network (shared weights + its head) is saved and evaluated."""
+    task drawn uniformly; then every task's network (shared weights + its head) is saved and evaluated. An
+    epoch of ``cases`` is one of the tasks' mean number of training cases."""
     from medadapt.data.sampling import TaskMixSampler
     from medadapt.models.multihead import TaskHeads
     from medadapt.tuning.multitask import JointTraining
 
+    s, out = run.settings, run.out
     nets, samplers, specs = [], [], []
-    for ds, (shot_ids, _) in zip(datasets, splits):
-        spec = folder0.network.with_classes(output_channels(ds.labels, folder0.activation))
-        spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
-                                   batch_size=resolved.batch_size or spec.batch_size)
+    for t in tasks:
+        spec = run.spec(t.dataset)
         specs.append(spec)
-        nets.append(load_foundation(folder0, ds, seed, head="fresh"))
-        samplers.append(PatchSampler(_cases(ds, shot_ids, folder0, progress), spec.patch_size, spec.batch_size,
-                                     oversample_foreground=0.33, augmentation=Augmentation(spec.patch_size),
-                                     patches_per_case=resolved.patches_per_case))
+        nets.append(prepare_network(load_foundation(run.folder0, t.dataset, s.seed, head="fresh"), s.recipe, s.seed))
+        samplers.append(recipe_sampler(s.recipe, run.cases(t.dataset, t.shot_ids), spec.patch_size, spec.batch_size))
     model = TaskHeads(nets[0], [model_parts(n).heads for n in nets])
     strategy = JointTraining()
-    done = all((task_folder(out, i, t) / "task.json").is_file() for i, t in enumerate(stream.tasks, 1))
-    if not done:
-        trainer = Trainer(strategy.prepare(model), strategy, TaskMixSampler(samplers), config,
-                          out / "joint" / "training", progress=progress, description="joint training",
-                          engine=engine)
+    if not all((t.where / "task.json").is_file() for t in tasks):
+        config = for_cases(s.training, s.recipe, round(sum(len(t.shot_ids) for t in tasks) / len(tasks)))
+        trainer = Trainer(prepare_strategy(strategy, model, s.seed), strategy, TaskMixSampler(samplers), config,
+                          out / "joint" / "training", progress=run.progress, description="joint training",
+                          engine=run.engine)
         atomic_write_json(out / "joint" / "training" / "history.json", trainer.fit(resume=True))
     seconds = train_seconds(out / "joint" / "training" / "history.json")
     results = []
-    for i, (task, ds, (shot_ids, test_ids), spec) in enumerate(zip(stream.tasks, datasets, splits, specs), 1):
-        where = task_folder(out, i, task)
-        if (where / "task.json").is_file():
-            results.append(json.loads((where / "task.json").read_text()))
+    for t, spec in zip(tasks, specs):
+        if (t.where / "task.json").is_file():
+            results.append(json.loads((t.where / "task.json").read_text()))
             continue
-        net = model.task_network(i - 1)
-        tuned = _folder(spec, folder0, ds, {"kind": "seqft-joint", "task": task.name, "index": i})
-        save_model_folder(where / "model", net, tuned)
-        metrics = predict_and_evaluate(tuned, net, ds, test_ids, where, progress, postprocess)
-        record = {"task": task.name, "index": i, "metrics": metrics, "seconds": {"joint": seconds},
-                  "shot_cases": shot_ids, "test_cases": test_ids}
-        atomic_write_json(where / "task.json", record)
+        net = model.task_network(t.index - 1)
+        tuned = run.folder(spec, t.dataset, {"kind": "seqft-joint", "task": t.task.name, "index": t.index})
+        save_model_folder(t.where / "model", net, tuned)
+        metrics = predict_and_evaluate(tuned, net, t.dataset, t.test_ids, t.where, run.progress, s.postprocess)
+        record = {"task": t.task.name, "index": t.index, "metrics": metrics, "seconds": {"joint": seconds},
+                  "shot_cases": t.shot_ids, "test_cases": t.test_ids}
+        atomic_write_json(t.where / "task.json", record)
         results.append(record)
     return results
 
@@ -545,114 +593,111 @@ def train_seconds(history_file: Path) -> float | None:
     return float(sum(h.get("iteration_seconds", [])) + sum(h.get("sampling_seconds", [])))
 
 
-def _cases(ds: RawDataset, ids, folder: ModelFolder, progress: bool):
-    return preprocess_dataset(ds, ids, folder.plan(), dataset_cache_dir(ds.root), progress=progress)
-
-
-def _sequential_task(i, task, ds, shot_ids, test_ids, where: Path, previous: ModelFolder, folder0: ModelFolder,
-                     settings: SeqSettings, config: TrainingConfig, kd_config, resolved: Recipe,
-                     entries: list[BufferEntry], datasets, stream: Stream, pretext, seed: int, postprocess: str,
-                     progress: bool, engine: EngineOptions | None = None) -> dict[str, Any]:
-    done = where / "task.json"
-    last = i == len(stream.tasks)
+def _sequential_task(run: StreamRun, t: TaskData, previous: ModelFolder,
+                     entries: list[BufferEntry]) -> dict[str, Any]:
+    """Task ``t`` of a sequential method, from ``previous`` (M_{t-1}) with the buffer ``entries``: fine-tuning
+    (:func:`_fine_tune_stage`), the task's scores, LoRA-based KD and merge (:func:`_refine_stage`), the buffer's
+    growth; ``task.json`` written last. A finished task is read back (and its buffer selected if it ended a
+    shorter stream that this one continues)."""
+    s = run.settings
+    done = t.where / "task.json"
+    last = t.index == len(s.stream.tasks)
     if done.is_file():
         record = json.loads(done.read_text())
         if record.get("buffer_pending") and not last:  # the stream this task ended goes on
-            record = _complete_buffer(record, i, task, ds, shot_ids, where, folder0, settings, pretext, seed,
-                                      progress)
+            record = _complete_buffer(run, t, record)
         return record
-    cases = _cases(ds, shot_ids, folder0, progress)
-    spec = folder0.network.with_classes(output_channels(ds.labels, folder0.activation))
-    spec = dataclasses.replace(spec, patch_size=tuple(resolved.patch_size or spec.patch_size),
-                               batch_size=resolved.batch_size or spec.batch_size)
-    sampler = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.33,
-                           augmentation=Augmentation(spec.patch_size), patches_per_case=resolved.patches_per_case)
-    seconds: dict[str, float | None] = {}
-
-    # stage 1: KD-based FFT (plain full fine-tuning without a buffer), from M_{t-1} with a fresh head; the
-    # result is the task's model (M_{t-mid}), written before stage 2 so a killed run does not train it again
-    model_dir = where / "model"
-    if (model_dir / "plans.json").is_file():
-        tuned = load_model_folder(model_dir)
-        mid = tuned.load_network()
-    else:
-        net = load_foundation(previous, ds, seed, head="fresh")
-        buffer_sampler = None
-        if settings.buffer != "none" and entries:
-            by_task = {t.name: d for t, d in zip(stream.tasks, datasets)}
-            buffered = []
-            for name in dict.fromkeys(e.task for e in entries):
-                ids = [e.case for e in entries if e.task == name]
-                buffered += _cases(by_task[name], ids, folder0, progress)
-            buffer_sampler = PatchSampler(buffered, spec.patch_size, spec.batch_size, oversample_foreground=0.0,
-                                          augmentation=Augmentation(spec.patch_size),
-                                          patches_per_case=resolved.patches_per_case)
-        seeds.seed_global(seed, "extension")
-        strategy = (KDFineTuning(frozen_copy(net), buffer_sampler, seed=seed) if buffer_sampler is not None
-                    else FullFineTuning())
-        net = strategy.prepare(net)
-        trainer = Trainer(net, strategy, sampler, config, where / "stage1" / "training", progress=progress,
-                          description=f"task {i} {task.name}: {'KD-based FFT' if buffer_sampler else 'fine-tune'}",
-                          engine=engine)
-        atomic_write_json(where / "stage1" / "training" / "history.json", trainer.fit(resume=True))
-        mid = strategy.finalize(net)
-        tuned = _folder(spec, folder0, ds, {"kind": "seqft-task-model", "task": task.name, "index": i,
-                                            "strategy": strategy.config(), **settings.record()})
-        save_model_folder(model_dir, mid, tuned)
-    seconds["stage1"] = train_seconds(where / "stage1" / "training" / "history.json")
-    metrics = predict_and_evaluate(tuned, mid, ds, test_ids, where, progress, postprocess)
-
-    # stages 2-3: LoRA-based KD of E_{t-mid} into a copy of E_{t-1}, then the merge: M_t, the refined model the
-    # next task starts from (the merged encoder + M_{t-mid}'s decoder and head)
+    cases = run.cases(t.dataset, t.shot_ids)
+    spec = run.spec(t.dataset)
+    sampler = recipe_sampler(s.recipe, cases, spec.patch_size, spec.batch_size)
+    tuned, mid = _fine_tune_stage(run, t, previous, entries, spec, sampler)
+    seconds: dict[str, float | None] = {"stage1": train_seconds(t.where / "stage1" / "training" / "history.json")}
+    metrics = predict_and_evaluate(tuned, mid, t.dataset, t.test_ids, t.where, run.progress, s.postprocess)
     refined_metrics = kd_record = None
-    if settings.retention == "lora-kd":
-        student = load_foundation(previous, ds, seed, head="fresh")
-        kd = EncoderLoRADistillation(rank=settings.kd_rank)
-        seeds.seed_global(seed, "extension")  # the LoRA factors' initialisation
-        student = kd.prepare(student)
-        trainer = Trainer(student, kd, sampler, kd_config, where / "stage2" / "training", progress=progress,
-                          loss=FeatureDistillation(frozen_copy(mid)),
-                          description=f"task {i} {task.name}: LoRA-based KD", engine=engine,
-                          stop_when=kd_levelled if settings.kd_until == "levelled" else None)
-        kd_history = trainer.fit(resume=True)
-        atomic_write_json(where / "stage2" / "training" / "history.json", kd_history)
-        kd_record = refinement_record(kd_history, kd_config)
-        merged = kd.finalize(student)
-        refined = copy.deepcopy(mid)
-        model_parts(refined).encoder.load_state_dict(model_parts(merged).encoder.state_dict())
-        seconds["stage2"] = train_seconds(where / "stage2" / "training" / "history.json")
-        refined_folder = _folder(spec, folder0, ds, {"kind": "seqft-refined", "task": task.name, "index": i,
-                                                     **settings.record()})
-        save_model_folder(where / "refined" / "model", refined, refined_folder)
-        refined_metrics = predict_and_evaluate(refined_folder, refined, ds, test_ids, where / "refined", progress,
-                                               postprocess)
-
+    if s.sequence.retention == "lora-kd":
+        refined_metrics, kd_record, seconds["stage2"] = _refine_stage(run, t, previous, spec, sampler, mid)
     # the buffer grows by this task's K cases; after the stream's last task no task is left for it to serve, so
     # it is selected only when a longer stream continues this run (_complete_buffer)
     new_entries, mds_summary = list(entries), None
-    if settings.buffer != "none" and not last:
-        new_entries, mds_summary, seconds["buffer"] = _grow_buffer(i, task, cases, shot_ids, where, entries,
-                                                                   settings, pretext, seed, progress)
-    record = {"task": task.name, "index": i, "metrics": metrics, "refined_metrics": refined_metrics,
+    if s.sequence.buffer != "none" and not last:
+        new_entries, mds_summary, seconds["buffer"] = _grow_buffer(run, t, cases, entries)
+    record = {"task": t.task.name, "index": t.index, "metrics": metrics, "refined_metrics": refined_metrics,
               **({"refinement": kd_record} if kd_record is not None else {}),
               **({"mds": mds_summary} if mds_summary is not None else {}),
-              "carried_model": str(carried_model(where).relative_to(where)), "seconds": seconds,
-              "buffer_after": [dataclasses.asdict(e) for e in new_entries], "shot_cases": shot_ids,
-              **({"buffer_pending": True} if settings.buffer != "none" and last else {}),
-              "test_cases": test_ids}
+              "carried_model": str(carried_model(t.where).relative_to(t.where)), "seconds": seconds,
+              "buffer_after": [dataclasses.asdict(e) for e in new_entries], "shot_cases": t.shot_ids,
+              **({"buffer_pending": True} if s.sequence.buffer != "none" and last else {}),
+              "test_cases": t.test_ids}
     atomic_write_json(done, record)
     return record
 
 
-def _grow_buffer(i: int, task: StreamTask, cases, shot_ids, where: Path, entries: list[BufferEntry],
-                 settings: SeqSettings, pretext, seed: int, progress: bool):
-    """The buffer after task ``i``: ``entries`` plus K of its training cases (MDS: the lowest mean pretext loss
+def _fine_tune_stage(run: StreamRun, t: TaskData, previous: ModelFolder, entries: list[BufferEntry], spec,
+                     sampler) -> tuple[ModelFolder, torch.nn.Module]:
+    """Stage 1: KD-based FFT on the buffer (plain full fine-tuning without one) from M_{t-1} with a fresh head,
+    built from the recipe as ``finetune`` builds its training. The result, M_{t-mid}, is the task's model,
+    written before stage 2 so a killed run does not train it again."""
+    model_dir = t.where / "model"
+    if (model_dir / "plans.json").is_file():
+        tuned = load_model_folder(model_dir)
+        return tuned, tuned.load_network()
+    s = run.settings
+    net = prepare_network(load_foundation(previous, t.dataset, s.seed, head="fresh"), s.recipe, s.seed)
+    buffer_sampler = None
+    if s.sequence.buffer != "none" and entries:  # the buffer's cases, task by task, crops anywhere
+        by_task = {task.name: d for task, d in zip(s.stream.tasks, run.datasets)}
+        buffered = [c for name in dict.fromkeys(e.task for e in entries)
+                    for c in run.cases(by_task[name], [e.case for e in entries if e.task == name])]
+        buffer_sampler = recipe_sampler(s.recipe, buffered, spec.patch_size, spec.batch_size, unbiased=True)
+    strategy = (KDFineTuning(frozen_copy(net), buffer_sampler, seed=s.seed) if buffer_sampler is not None
+                else FullFineTuning())
+    net = prepare_strategy(strategy, net, s.seed)
+    trainer = Trainer(net, strategy, sampler, for_cases(s.training, s.recipe, len(t.shot_ids)),
+                      t.where / "stage1" / "training", progress=run.progress, engine=run.engine,
+                      description=f"task {t.index} {t.task.name}: {'KD-based FFT' if buffer_sampler else 'fine-tune'}")
+    atomic_write_json(t.where / "stage1" / "training" / "history.json", trainer.fit(resume=True))
+    mid = strategy.finalize(net)
+    tuned = run.folder(spec, t.dataset, {"kind": "seqft-task-model", "task": t.task.name, "index": t.index,
+                                         "strategy": strategy.config(), **s.sequence.record()})
+    save_model_folder(model_dir, mid, tuned)
+    return tuned, mid
+
+
+def _refine_stage(run: StreamRun, t: TaskData, previous: ModelFolder, spec, sampler, mid: torch.nn.Module):
+    """Stages 2-3: LoRA-based KD of E_{t-mid} into a copy of E_{t-1} on the task's batches, then the merge: M_t,
+    the refined model the next task starts from (the merged encoder + M_{t-mid}'s decoder and head), saved and
+    scored. Returns (its scores, the stage's record, its seconds)."""
+    s = run.settings
+    kd = EncoderLoRADistillation(rank=s.sequence.kd_rank)
+    student = prepare_strategy(kd, load_foundation(previous, t.dataset, s.seed, head="fresh"), s.seed)
+    kd_config = for_cases(s.kd_training, s.kd_recipe, len(t.shot_ids))
+    trainer = Trainer(student, kd, sampler, kd_config, t.where / "stage2" / "training", progress=run.progress,
+                      loss=FeatureDistillation(frozen_copy(mid)),
+                      description=f"task {t.index} {t.task.name}: LoRA-based KD", engine=run.engine,
+                      stop_when=kd_levelled if s.sequence.kd_until == "levelled" else None)
+    kd_history = trainer.fit(resume=True)
+    atomic_write_json(t.where / "stage2" / "training" / "history.json", kd_history)
+    merged = kd.finalize(student)
+    refined = copy.deepcopy(mid)
+    model_parts(refined).encoder.load_state_dict(model_parts(merged).encoder.state_dict())
+    refined_folder = run.folder(spec, t.dataset, {"kind": "seqft-refined", "task": t.task.name, "index": t.index,
+                                                  **s.sequence.record()})
+    save_model_folder(t.where / "refined" / "model", refined, refined_folder)
+    metrics = predict_and_evaluate(refined_folder, refined, t.dataset, t.test_ids, t.where / "refined",
+                                   run.progress, s.postprocess)
+    return metrics, refinement_record(kd_history, kd_config), train_seconds(
+        t.where / "stage2" / "training" / "history.json")
+
+
+def _grow_buffer(run: StreamRun, t: TaskData, cases, entries: list[BufferEntry]):
+    """The buffer after task ``t``: ``entries`` plus K of its training cases (MDS: the lowest mean pretext loss
     over R maskings, recorded in ``mds.json``; random: a seeded draw). Returns (entries, MDS summary, seconds)."""
+    settings, seed, name = run.settings.sequence, run.settings.seed, t.task.name
     t0 = time.perf_counter()
     mds_summary = None
     if settings.buffer == "mds":
-        losses = mds_losses(pretext, cases, task.name, pretext.patch_size, settings.mds_repeats,
-                            seed=seed, progress=progress)
+        losses = mds_losses(run.pretext, cases, name, run.pretext.patch_size, settings.mds_repeats,
+                            seed=seed, progress=run.progress)
         scores = {c: float(v.mean()) for c, v in losses.items()}
         picked = lowest(scores, settings.buffer_size)
         # the buffer of the first r maskings for r = 1, 2, 4, ..., R: where this run's buffer settled
@@ -661,39 +706,27 @@ def _grow_buffer(i: int, task: StreamTask, cases, shot_ids, where: Path, entries
                        "settled_repeats": settled_repeats(stability),
                        "stability": [{k: r[k] for k in ("repeats", "shared_with_final", "spearman_with_final",
                                                         "settled")} for r in stability]}
-        atomic_write_json(where / "mds.json", {"repeats": settings.mds_repeats, "scores": scores,
-                                               "picked": picked, "stability": stability,
-                                               "settled_repeats": mds_summary["settled_repeats"],
-                                               "losses": {c: v.tolist() for c, v in losses.items()}})
-        new = [BufferEntry(task.name, c, scores[c]) for c in picked]
+        atomic_write_json(t.where / "mds.json", {"repeats": settings.mds_repeats, "scores": scores,
+                                                 "picked": picked, "stability": stability,
+                                                 "settled_repeats": mds_summary["settled_repeats"],
+                                                 "losses": {c: v.tolist() for c, v in losses.items()}})
+        new = [BufferEntry(name, c, scores[c]) for c in picked]
     else:
-        new = [BufferEntry(task.name, c, None) for c in random_pick(shot_ids, settings.buffer_size, seed, i)]
+        new = [BufferEntry(name, c, None) for c in random_pick(t.shot_ids, settings.buffer_size, seed, t.index)]
     return list(entries) + new, mds_summary, time.perf_counter() - t0
 
 
-def _complete_buffer(record: dict[str, Any], i: int, task: StreamTask, ds: RawDataset, shot_ids, where: Path,
-                     folder0: ModelFolder, settings: SeqSettings, pretext, seed: int,
-                     progress: bool) -> dict[str, Any]:
+def _complete_buffer(run: StreamRun, t: TaskData, record: dict[str, Any]) -> dict[str, Any]:
     """A task that ended a shorter stream left its buffer unselected (``buffer_pending``); a stream that goes on
     selects it now, exactly as it would have been then, and records it in the task's ``task.json``."""
     entries = [BufferEntry(**e) for e in record["buffer_after"]]
-    cases = _cases(ds, shot_ids, folder0, progress)
-    entries, mds_summary, seconds = _grow_buffer(i, task, cases, shot_ids, where, entries, settings, pretext, seed,
-                                                 progress)
+    entries, mds_summary, seconds = _grow_buffer(run, t, run.cases(t.dataset, t.shot_ids), entries)
     record = {k: v for k, v in record.items() if k != "buffer_pending"}
     record.update(buffer_after=[dataclasses.asdict(e) for e in entries], seconds={**record["seconds"],
                                                                                    "buffer": seconds},
                   **({"mds": mds_summary} if mds_summary is not None else {}))
-    atomic_write_json(where / "task.json", record)
+    atomic_write_json(t.where / "task.json", record)
     return record
-
-
-def _folder(spec, folder0: ModelFolder, ds: RawDataset, provenance: dict[str, Any]) -> ModelFolder:
-    return ModelFolder(network=spec, preprocessing=folder0.preprocessing, labels=ds.labels,
-                       channel_names=ds.channel_names, file_ending=ds.file_ending,
-                       provenance={**provenance, "foundation": str(folder0.path)}, recipe=folder0.recipe,
-                       activation=folder0.activation,
-                       thresholds={n: t for n, t in folder0.thresholds.items() if n in ds.labels})
 
 
 def _write_results(out: Path, summary: dict[str, Any]) -> None:

@@ -31,7 +31,6 @@ from torch import nn
 from medadapt.data.cache import preprocess_dataset
 from medadapt.data.partial import SAMPLING
 from medadapt.data.preprocessing import plan_from_datasets
-from medadapt.data.sampling import PatchSampler
 from medadapt.engine import EngineOptions, Trainer, TrainingConfig, distributed
 from medadapt.engine.recipe import Recipe, load_recipe
 from medadapt.errors import MedadaptError
@@ -46,6 +45,7 @@ from medadapt.tuning.subset import DecoderOnly
 from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_torch_save, atomic_write_json
 from medadapt.workflows.identity import record_identity
+from medadapt.workflows.training import recipe_sampler
 from medadapt.workflows.common import (dataset_cache_dir, environment, load_datasets, model_fingerprint,
                                        total_parameter_count, trainable_parameter_count)
 
@@ -83,9 +83,9 @@ def _patch_spec(spec, resolved: Recipe):
 def _sampler(cases, groups: Sequence[int], spec, resolved: Recipe, sampling: str) -> MaskedSampler:
     """Random patches anywhere in the volumes (no foreground oversampling: labels play no part), nnssl's
     augmentation, then the recipe's masking."""
-    patches = PatchSampler(cases, spec.patch_size, spec.batch_size, oversample_foreground=0.0,
-                           augmentation=mae_augmentation(spec.patch_size),
-                           case_weights=dataset_weights(groups, sampling), patches_per_case=resolved.patches_per_case)
+    patches = recipe_sampler(resolved, cases, spec.patch_size, spec.batch_size, unbiased=True,
+                             augmentation=mae_augmentation(spec.patch_size),
+                             case_weights=dataset_weights(groups, sampling))
     return MaskedSampler(patches, mask_config_from_loss(resolved.loss))
 
 
