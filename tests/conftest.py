@@ -33,13 +33,23 @@ def tiny_spec_yaml(builtin: str, name: str) -> str:
     return yaml.safe_dump(spec)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def medadapt_cache(tmp_path_factory):
+    """The one place tests set medadapt's cache (``MEDADAPT_CACHE``): a folder of this session, set for the
+    session and restored after it (never ~/.cache, never left set). Its cache folders are keyed by each
+    dataset's absolute path, so tests that make their own data share it without seeing each other's."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDADAPT_CACHE", str(root))
+        yield root
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """Tiny source/target cohorts and a tiny foundation model, shared by the tests that need them."""
     from medadapt.cli import main
 
     root = tmp_path_factory.mktemp("world")
-    os.environ["MEDADAPT_CACHE"] = str(root / "cache")
     paths = {"root": root}
     for name, builtin, n in (("src", "hn-source", 6), ("tgt", "hn-center-b", 10)):
         spec_file = root / f"{name}.yaml"
@@ -58,7 +68,6 @@ def assembly(tmp_path_factory):
     from medadapt.cli import main
 
     root = tmp_path_factory.mktemp("assembly")
-    os.environ.setdefault("MEDADAPT_CACHE", str(root / "cache"))
     paths = {}
     for name, builtin, n in (("srca", "src-a-hn", 4), ("srcb", "src-b-chest", 4), ("tgt", "tgt-chest", 6)):
         spec_file = root / f"{name}.yaml"

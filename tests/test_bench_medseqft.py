@@ -232,8 +232,6 @@ def quick_grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("medseqft")
     workdir = root / "medseqft-quick"
     config = load_config("medseqft-quick")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MEDADAPT_CACHE", str(root / "cache"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: a second thread only costs
     try:
@@ -241,7 +239,6 @@ def quick_grid(tmp_path_factory):
         yield config, workdir, result
     finally:
         torch.set_num_threads(threads)
-        patch.undo()
 
 
 def _table(path: Path) -> tuple[list[str], list[list[str]]]:

@@ -73,6 +73,30 @@ def test_bad_dataset_is_one_clear_line(world, tmp_path, capsys, kind):
     assert not out.exists(), "no half-written output"
 
 
+def test_a_file_that_fails_to_load_keeps_its_cause(world, tmp_path, capsys):
+    """A truncated image: one line for the user, naming the file and the reader's error; ``--debug`` adds the
+    traceback down to the reader's own exception (the error's cause), and nothing is written either way."""
+    from medadapt.data.io import read_image
+    from medadapt.errors import MedadaptError
+
+    data = make_dataset(tmp_path / "data")
+    img = data / "imagesTr" / "c_000_0000.nii.gz"
+    img.write_bytes(img.read_bytes()[:200])
+    with pytest.raises(MedadaptError) as caught:
+        read_image(img)
+    assert caught.value.__cause__ is not None and str(img) in str(caught.value)
+    cause = type(caught.value.__cause__).__name__
+    assert _run_finetune(world, data, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "c_000_0000.nii.gz" in err[0] and cause in err[0]
+    assert main(["--debug", "finetune", "--model", str(world["fm"]), "--data", str(data), "--out",
+                 str(tmp_path / "out"), "--method", "full", "--shots", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medadapt finetune: error: ") and "Traceback" in err
+    assert "The above exception was the direct cause of the following exception" in err and cause in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_method(world, tmp_path, capsys):
     data = make_dataset(tmp_path / "data")
     assert _run_finetune(world, data, tmp_path / "out", method="magic") == 2

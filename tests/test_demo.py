@@ -17,7 +17,6 @@ def tiny_demo(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "TARGET_CASES", 5)
     monkeypatch.setattr(demo, "PRETRAIN", {"preset_name": "cpu-tiny", "epochs": 1, "iterations_per_epoch": 2})
     monkeypatch.setattr(demo, "FINETUNE", {"epochs": 1, "iterations_per_epoch": 2})
-    monkeypatch.setenv("MEDADAPT_CACHE", str(tmp_path / "cache"))
     return tmp_path / "work"
 
 

@@ -110,7 +110,6 @@ def test_engine_learns_one_case_from_scratch(tmp_path, monkeypatch):
     from medadapt.models import load_model_folder
     from medadapt.workflows.pretrain import pretrain, resolve_pretrain
 
-    monkeypatch.setenv("MEDADAPT_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
     shape = (24, 48, 48)
     z, y, x = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")

@@ -289,18 +289,21 @@ def test_head_match_starts_known_classes_from_the_foundation(assembly):
         load_foundation(folder, dataset, seed=3)))
 
 
-def test_per_query_ti_shares_the_epochs_before_the_constraint(assembly, tmp_path, monkeypatch):
+def test_per_query_ti_shares_the_epochs_before_the_constraint(assembly, tmp_path):
     """The queries' adapters start alike and see the same batches until TI switches on: those epochs run once
     (prefix/) and every query continues from there, bit for bit what training each from the start gives."""
-    import medadapt.workflows.finetune as ft
+    from medadapt.workflows.finetune import finetune, resolve_finetune
 
     shared = tmp_path / "shared"
     assert _finetune(assembly, shared, "--transductive", "query") == 0
     assert (shared / "prefix" / "training" / "checkpoint_latest.pt").is_file()  # the shared epochs' checkpoint
-    monkeypatch.setattr(ft, "SHARE_TI_PREFIX", False)
     alone = tmp_path / "alone"
-    assert _finetune(assembly, alone, "--transductive", "query") == 0
+    settings = resolve_finetune(assembly["fm"], assembly["tgt"], "spatial-adapter", 2, epochs=2,
+                                iterations_per_epoch=2, transductive=Transductive(mode="query"))
+    finetune(settings, alone, progress=False, share_ti_prefix=False)
     assert not (alone / "prefix").exists()
+    # the same run as the command line's (its whole identity), only trained without the shared prefix
+    assert (alone / "identity.json").read_text() == (shared / "identity.json").read_text()
     queries = sorted(p.name for p in (alone / "queries").iterdir())
     assert queries == sorted(p.name for p in (shared / "queries").iterdir()) and queries
     for q in queries:

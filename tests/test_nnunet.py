@@ -75,7 +75,7 @@ def nnunet_world(tmp_path_factory):
     (fold 'all', two iterations), plus a raw target dataset (another scanner) with imagesTs."""
     root = tmp_path_factory.mktemp("nnunet")
     env = {"nnUNet_raw": str(root / "nnUNet_raw"), "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
-           "nnUNet_results": str(root / "nnUNet_results"), "MEDADAPT_CACHE": str(root / "cache"), **QUIET_ENV}
+           "nnUNet_results": str(root / "nnUNet_results"), **QUIET_ENV}
     with temporary_environment(env):
         raw = root / "nnUNet_raw"
         write_dataset(load_domain(_spec(root, "hn-source", "foundation", (16, 40, 40), (9.0, 5.6, 5.6))),

@@ -437,7 +437,6 @@ def test_export_to_nnunet_is_refused(foundation, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------- end to end
 def test_pretrain_and_finetune_a_swinunetr_and_an_imported_one(monai_net, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MEDADAPT_CACHE", str(tmp_path / "cache"))
     data = make_dataset(tmp_path / "data")
     quick = ["--epochs", "1", "--iterations-per-epoch", "1", "--quiet"]
     assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "fm"), "--preset", "cpu-swin", "--epochs",

@@ -49,6 +49,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="medadapt",
         description="Few-shot adaptation of 3D segmentation foundation models (nnU-Net) to new CT data.")
     parser.add_argument("--version", action="version", version=version_string())
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the traceback with its cause (e.g. the reader's own error for a "
+                             "file that cannot be loaded) after the one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (help_line, add) in commands().items():
@@ -88,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MedadaptError as exc:
         print(f"medadapt {args.command}: error: {exc}", file=sys.stderr)
+        if args.debug:  # the traceback, and the error that caused this one (a reader's, a decoder's)
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"medadapt {args.command}: interrupted; finished work is kept (use --resume)", file=sys.stderr)

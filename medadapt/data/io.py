@@ -40,7 +40,8 @@ def _load(path: str | Path) -> nib.Nifti1Image:
     try:
         return nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise MedadaptError(f"{path}: cannot be read as NIfTI ({exc}); re-export it as .nii.gz") from None
+        raise MedadaptError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc}); re-export it as "
+                            ".nii.gz") from exc
 
 
 def _to_3d(img: nib.Nifti1Image, path: Path) -> np.ndarray:
@@ -56,7 +57,7 @@ def _to_3d(img: nib.Nifti1Image, path: Path) -> np.ndarray:
         data = np.asanyarray(img.dataobj).reshape(shape)
     except Exception as exc:  # a truncated .nii.gz: EOFError, zlib.error, OSError; a short .nii: ValueError
         raise MedadaptError(f"{path}: its voxel data cannot be read ({type(exc).__name__}: {exc}); the file is "
-                            "truncated or corrupt: copy or export it again") from None
+                            "truncated or corrupt: copy or export it again") from exc
     return data
 
 

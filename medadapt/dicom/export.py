@@ -33,7 +33,7 @@ def read_labelmap(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise MedadaptError(f"{path}: cannot be read as NIfTI ({exc}); re-export it as .nii.gz") from None
+        raise MedadaptError(f"{path}: cannot be read as NIfTI ({exc}); re-export it as .nii.gz") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

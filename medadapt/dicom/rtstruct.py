@@ -97,7 +97,7 @@ def read_rtstruct(path: str | Path, ds=None) -> StructureSet:
         try:
             ds = pydicom.dcmread(path)
         except Exception as exc:
-            raise MedadaptError(f"{path}: cannot be read as DICOM ({exc}); re-export the structure set") from None
+            raise MedadaptError(f"{path}: cannot be read as DICOM ({exc}); re-export the structure set") from exc
     if "StructureSetROISequence" not in ds:
         raise MedadaptError(f"{path}: RTSTRUCT without a StructureSetROISequence; re-export the structure set")
     fors, series = [], []
@@ -110,8 +110,8 @@ def read_rtstruct(path: str | Path, ds=None) -> StructureSet:
     for item in ds.StructureSetROISequence:
         try:
             number = int(item.ROINumber)
-        except (AttributeError, TypeError, ValueError):
-            raise MedadaptError(f"{path}: an ROI without a valid ROINumber; re-export the structure set") from None
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise MedadaptError(f"{path}: an ROI without a valid ROINumber; re-export the structure set") from exc
         name = str(item.get("ROIName", "") or f"ROI {number}")
         for_uid = str(item.get("ReferencedFrameOfReferenceUID", "") or "")
         if for_uid and for_uid not in fors:

@@ -242,7 +242,7 @@ class CTSeries:
                 ts = ds.file_meta.get("TransferSyntaxUID")
                 raise MedadaptError(f"{path}: pixel data cannot be decoded ({type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0] if str(exc) else ''}; transfer syntax "
-                                    f"{getattr(ts, 'name', ts)}); re-export the series uncompressed") from None
+                                    f"{getattr(ts, 'name', ts)}); re-export the series uncompressed") from exc
             if raw.shape != (self.rows, self.columns):
                 raise MedadaptError(f"{path}: pixel data has shape {raw.shape}, expected ({self.rows}, "
                                     f"{self.columns}) (one grey-level frame); export the series as single-frame "
@@ -281,9 +281,9 @@ def _check_decoder(path: Path, ts) -> None:
         from pydicom.pixels import get_decoder
 
         decoder = get_decoder(ts)
-    except (NotImplementedError, ValueError, ImportError):
+    except (NotImplementedError, ValueError, ImportError) as exc:
         raise MedadaptError(f"{path}: pixel data is compressed as {ts.name} ({ts}), which pydicom cannot decode; "
-                            "re-export the series uncompressed (e.g. gdcmconv --raw or dcmdjpeg)") from None
+                            "re-export the series uncompressed (e.g. gdcmconv --raw or dcmdjpeg)") from exc
     if decoder.is_available:
         return
     packages = []

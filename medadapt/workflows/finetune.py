@@ -78,9 +78,6 @@ RUN_FORMAT = "medadapt-run/4"  # 3: the whole resolved settings; 4: with the mod
 HEAD_POLICIES = ("fresh", "keep", "match")
 #: --pretext-decoder: auto, or one of medadapt.tuning.base.DECODER_POLICIES
 PRETEXT_DECODER_CHOICES = ("auto", "new", "pretrained")
-#: per-query TI trains the epochs before the constraint once for all queries (exact; the tests switch it off
-#: to check that)
-SHARE_TI_PREFIX = True
 
 
 def pretext_decoder(folder: ModelFolder) -> bool:
@@ -354,185 +351,217 @@ def run_identity(settings: dict[str, Any], dataset: RawDataset, folder: ModelFol
 
 @locks_folder("out")
 def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = False, progress: bool = True,
-             engine: EngineOptions | None = None) -> dict[str, Any]:
+             engine: EngineOptions | None = None, share_ti_prefix: bool = True) -> dict[str, Any]:
     """Run the fine-tuning ``settings`` describe (:func:`resolve_finetune`) into ``out``: fine-tune, predict
     and evaluate the test split; returns the run's record (also ``out/run.json``). ``resume``: continue or reuse
     a run of the same settings in ``out``. ``engine``: how the steps run (background workers,
-    ``torch.compile``; the precision is the settings')."""
-    engine = engine or EngineOptions()
+    ``torch.compile``; the precision is the settings'). ``share_ti_prefix``: per-query transductive inference
+    trains the epochs before its constraint once for all queries (exact, :meth:`FinetuneRun.shared_prefix`);
+    False trains every query from the start, the reference that exactness is checked against."""
     out = Path(out)
     run_file = out / "run.json"
     if run_file.is_file() and not resume:
         raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
-    s = settings
-    method, shots, seed, split_seed, head = s.method, s.shots, s.seed, s.split_seed, s.head
-    postprocess, transductive, feature_cache = s.postprocess, s.transductive, s.feature_cache
     distributed.init_from_env()
-    progress = progress and distributed.is_main()
-    folder = load_model_folder(s.model)
-    new_strategy = s.strategy
-    strategy = new_strategy()
-    dataset = RawDataset.load(s.data)
-    resolved, config = s.recipe, s.training
-    foundation = folder.load_network().state_dict()  # loaded once: identity, head transfer and delta use it
-    identity = run_identity(s.to_dict(), dataset, folder, foundation)
+    run = FinetuneRun(settings, out, progress and distributed.is_main(), engine or EngineOptions())
     if distributed.is_main():
-        check_identity(out, identity)
+        check_identity(out, run.identity)
     if run_file.is_file():
         return json.loads(run_file.read_text())
-    train_ids, test_ids = s.the_split.apply(dataset.case_ids)
-    shot_ids = draw_shots(train_ids, shots, seed)
-
-    # Every case this run touches is checked before anything is written: a bad test case must not surface
-    # only after training, next to half the predictions.
-    for cid in tqdm(test_ids, desc="check test cases", disable=not progress, unit="case", leave=False):
-        dataset.load_case(cid)
-    plan = folder.plan()
-    cache = dataset_cache_dir(dataset.root)
-    with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
-        cases = preprocess_dataset(dataset, shot_ids, plan, cache, progress=progress)
-
-    def foundation_network() -> torch.nn.Module:
-        return prepare_network(load_foundation(folder, dataset, seed, head, foundation), resolved, seed,
-                               fresh_head=head == "fresh")
-
-    network = foundation_network()
-    spec = folder.network.with_classes(output_channels(dataset.labels, folder.activation))
-    # a recipe's patch and batch replace the network's (the tuned model then predicts with that patch)
-    spec = dataclasses.replace(spec, patch_size=tuple(s.patch_size), batch_size=s.batch_size)
-    priors = None
-    if transductive is not None:
-        if not test_ids:
-            raise MedadaptError(f"--transductive: {dataset.root} has no test volumes to constrain; use a dataset "
-                                "with at least 5 cases")
-        with distributed.main_first():
-            queries = preprocess_dataset(dataset, test_ids, plan, cache, progress=progress)
-        priors = transductive.priors(cases, dataset.labels, query_spacing=case_spacing(queries[0]))
-        with torch.random.fork_rng(devices=[]):  # the method must train the classifier head only: check first
-            from medadapt.tuning.transductive import transductive_tail
-
-            transductive_tail(new_strategy().prepare(copy.deepcopy(network)))
-    if feature_cache:  # the method must train nothing below the last feature map: check before any output
-        from medadapt.tuning.features import trainable_tail
-
-        with torch.random.fork_rng(devices=[]):
-            trainable_tail(new_strategy().prepare(copy.deepcopy(network)))
+    run.prepare_inputs()
     if distributed.is_main():  # every input is checked: from here on the folder is this run's
-        record_identity(out, identity)
+        record_identity(out, run.identity)
+    prefix = run.shared_prefix(resume) if share_ti_prefix else None
+    trained = [run.train_group(ids, where, resume, prefix, first=i == 0) for i, (ids, where) in enumerate(run.groups())]
+    if not distributed.is_main():
+        distributed.barrier()
+        return {}
+    record = run.record(trained[0]["notes"], trained[-1])
+    atomic_write_json(run_file, record)
+    distributed.barrier()
+    return record
 
-    def prepared() -> torch.nn.Module:  # a fresh start for every query of the per-query mode
-        net = network if transductive is None or transductive.mode == "batch" else foundation_network()
-        return prepare_strategy(strategy, net, seed)
 
-    sampler = recipe_sampler(resolved, cases, spec.patch_size, spec.batch_size)
-    # batch mode (and inductive runs): one model for every test volume; per-query mode: one for each
-    groups = ([(q, [q], out / "queries" / q) for q in test_ids]
-              if transductive is not None and transductive.mode == "query" else [(None, test_ids, out)])
-    by_id = dict(zip(test_ids, queries)) if transductive is not None else {}
-    def make_trainer(net: torch.nn.Module, where: Path, ti, label: str) -> Trainer:
-        hooks = [ti] if ti is not None and transductive.step == "epoch" else []
-        terms = [ti] if ti is not None and transductive.step == "every" else []
-        trained, batches = net, sampler
-        if feature_cache:  # the head alone, on patches of each support volume's cached features
+class FinetuneRun:
+    """A fine-tuning run in progress (:func:`finetune`): its settings, the foundation and dataset, the training
+    cases, and the parts every group of test volumes trains with (one group: the whole test split; per-query
+    transductive inference: one group per query volume)."""
+
+    def __init__(self, settings: FinetuneSettings, out: Path, progress: bool, engine: EngineOptions):
+        s = self.settings = settings
+        self.out, self.progress, self.engine = out, progress, engine
+        self.folder = load_model_folder(s.model)
+        self.strategy = s.strategy()
+        self.dataset = RawDataset.load(s.data)
+        self.foundation = self.folder.load_network().state_dict()  # loaded once: identity, head transfer, delta
+        self.identity = run_identity(s.to_dict(), self.dataset, self.folder, self.foundation)
+        self.cache = dataset_cache_dir(self.dataset.root)
+        # the tuned network's architecture: the recipe's patch and batch replace the network's (the tuned model
+        # then predicts with that patch)
+        spec = self.folder.network.with_classes(output_channels(self.dataset.labels, self.folder.activation))
+        self.spec = dataclasses.replace(spec, patch_size=tuple(s.patch_size), batch_size=s.batch_size)
+        self.train_ids, self.test_ids = s.the_split.apply(self.dataset.case_ids)
+        self.shot_ids = draw_shots(self.train_ids, s.shots, s.seed)
+        self.cases, self.network, self.priors, self.queries = [], None, None, {}
+
+    def foundation_network(self) -> torch.nn.Module:
+        """The foundation with heads for the dataset (the head policy), prepared as the recipe says."""
+        s = self.settings
+        return prepare_network(load_foundation(self.folder, self.dataset, s.seed, s.head, self.foundation),
+                               s.recipe, s.seed, fresh_head=s.head == "fresh")
+
+    def prepare_inputs(self) -> None:
+        """Check every case the run touches before anything is written (a bad test case must not surface only
+        after training, next to half the predictions), preprocess the training cases (and the query volumes of
+        transductive inference), and check that the method suits TI or cached features."""
+        s, dataset, plan = self.settings, self.dataset, self.folder.plan()
+        for cid in tqdm(self.test_ids, desc="check test cases", disable=not self.progress, unit="case", leave=False):
+            dataset.load_case(cid)
+        with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
+            self.cases = preprocess_dataset(dataset, self.shot_ids, plan, self.cache, progress=self.progress)
+        self.network = self.foundation_network()
+        if s.transductive is not None:
+            if not self.test_ids:
+                raise MedadaptError(f"--transductive: {dataset.root} has no test volumes to constrain; use a "
+                                    "dataset with at least 5 cases")
+            with distributed.main_first():
+                queries = preprocess_dataset(dataset, self.test_ids, plan, self.cache, progress=self.progress)
+            self.queries = dict(zip(self.test_ids, queries))
+            self.priors = s.transductive.priors(self.cases, dataset.labels, query_spacing=case_spacing(queries[0]))
+            with torch.random.fork_rng(devices=[]):  # the method must train the classifier head only: check first
+                from medadapt.tuning.transductive import transductive_tail
+
+                transductive_tail(s.strategy().prepare(copy.deepcopy(self.network)))
+        if s.feature_cache:  # the method must train nothing below the last feature map: check before any output
+            from medadapt.tuning.features import trainable_tail
+
+            with torch.random.fork_rng(devices=[]):
+                trainable_tail(s.strategy().prepare(copy.deepcopy(self.network)))
+        self.sampler = recipe_sampler(s.recipe, self.cases, self.spec.patch_size, self.spec.batch_size)
+
+    def groups(self) -> list[tuple[list[str], Path]]:
+        """(test ids, folder) of each model this run trains: one for every test volume (batch mode, inductive
+        runs), or one per query volume (per-query TI)."""
+        t = self.settings.transductive
+        if t is not None and t.mode == "query":
+            return [([q], self.out / "queries" / q) for q in self.test_ids]
+        return [(self.test_ids, self.out)]
+
+    def prepared(self) -> torch.nn.Module:
+        """The network a group trains, prepared by the strategy: the foundation network (a fresh one for every
+        query of the per-query mode)."""
+        t = self.settings.transductive
+        net = self.network if t is None or t.mode == "batch" else self.foundation_network()
+        return prepare_strategy(self.strategy, net, self.settings.seed)
+
+    def trainer(self, net: torch.nn.Module, where: Path, ti, label: str) -> Trainer:
+        """The trainer of ``net`` into ``where``: the TI term ``ti`` per step or per epoch; with cached features,
+        the head alone on patches of each support volume's cached features."""
+        s, spec = self.settings, self.spec
+        step = s.transductive.step if s.transductive is not None else None
+        trained, batches = net, self.sampler
+        if s.feature_cache:
             from medadapt.tuning.features import feature_cases, trainable_tail
 
             trained = trainable_tail(net)
-            fcases = feature_cases(net, trained, cases, spec.patch_size, cache,
-                                   model_fingerprint(folder, foundation), progress=progress)
-            batches = recipe_sampler(resolved, fcases, spec.patch_size, spec.batch_size, augmentation=None)
-        return Trainer(trained, strategy, batches, config, where / "training", progress=progress,
-                       loss_terms=terms, epoch_hooks=hooks, description=f"finetune {method} {shots}-shot{label}",
-                       engine=engine)
+            fcases = feature_cases(net, trained, self.cases, spec.patch_size, self.cache,
+                                   model_fingerprint(self.folder, self.foundation), progress=self.progress)
+            batches = recipe_sampler(s.recipe, fcases, spec.patch_size, spec.batch_size, augmentation=None)
+        return Trainer(trained, self.strategy, batches, s.training, where / "training", progress=self.progress,
+                       loss_terms=[ti] if ti is not None and step == "every" else [],
+                       epoch_hooks=[ti] if ti is not None and step == "epoch" else [],
+                       description=f"finetune {s.method} {s.shots}-shot{label}", engine=self.engine)
 
-    # Per-query TI: every query's adapter starts from the same weights and sees the same batches, and the
-    # constraint is off before its epochs, so those epochs are trained once (``prefix/``) and each query
-    # continues from that checkpoint: exactly what training each from the start gives, in fewer steps.
-    prefix = None
-    if SHARE_TI_PREFIX and strategy.trains and transductive is not None and transductive.mode == "query" \
-            and not distributed.is_distributed():
-        shared = config.epochs - int(round(transductive.active_fraction * config.epochs))
-        if shared > 0:
-            prefix = make_trainer(prepared(), out / "prefix", None, " (shared epochs)")
-            prefix.fit(resume=resume, until=shared)
-    notes = None
-    for _, ids, where in groups:
-        net = prepared()
-        if notes is None:  # how the method met this network (the same for every group)
-            notes = strategy.notes(net)
-            if notes.get("say") and progress:
-                tqdm.write(f"note: {notes['say']}")
-        trainable = trainable_parameter_count(net)
-        updated_per_step = strategy.updated_per_step(net)
-        timing = {"median_iteration_seconds": None, "median_sampling_seconds": None, "data_wait_share": None,
-                  "final_epoch_loss": None}
+    def shared_prefix(self, resume: bool) -> Trainer | None:
+        """Per-query TI: every query's adapter starts from the same weights and sees the same batches, and the
+        constraint is off before its epochs, so those epochs are trained once (``prefix/``) and each query
+        continues from that checkpoint: exactly what training each from the start gives, in fewer steps.
+        Returns the prefix's trainer (None where nothing is shared)."""
+        s, t = self.settings, self.settings.transductive
+        if not (self.strategy.trains and t is not None and t.mode == "query") or distributed.is_distributed():
+            return None
+        shared = s.training.epochs - int(round(t.active_fraction * s.training.epochs))
+        if shared <= 0:
+            return None
+        prefix = self.trainer(self.prepared(), self.out / "prefix", None, " (shared epochs)")
+        prefix.fit(resume=resume, until=shared)
+        return prefix
+
+    def train_group(self, ids: list[str], where: Path, resume: bool, prefix: Trainer | None,
+                    first: bool = True) -> dict[str, Any]:
+        """Train the model of the test volumes ``ids`` into ``where`` (from ``prefix``'s checkpoint when the
+        per-query TI shares its first epochs); rank 0 then saves it (model folder, delta) and predicts ``ids``.
+        Returns what the run's record needs of it (the ``first`` group: how the method met the network)."""
+        s, strategy = self.settings, self.strategy
+        net = self.prepared()
+        notes = strategy.notes(net) if first else None  # how the method met this network (the same for all)
+        if first and notes.get("say") and self.progress:
+            tqdm.write(f"note: {notes['say']}")
+        done = {"notes": notes, "where": where, "trainable": trainable_parameter_count(net),
+                "updated_per_step": strategy.updated_per_step(net),
+                "timing": {"median_iteration_seconds": None, "median_sampling_seconds": None,
+                           "data_wait_share": None, "final_epoch_loss": None}}
         if strategy.trains:
-            ti = transductive.term(net, [by_id[q] for q in ids], priors, spec.patch_size, folder.activation) \
-                if transductive else None
-            trainer = make_trainer(net, where, ti, f" {ids[0]}" if where != out else "")
+            ti = s.transductive.term(net, [self.queries[q] for q in ids], self.priors, self.spec.patch_size,
+                                     self.folder.activation) if s.transductive else None
+            trainer = self.trainer(net, where, ti, f" {ids[0]}" if where != self.out else "")
             starts_shared = prefix is not None and not trainer.checkpoint_path.exists()
             if starts_shared:
                 trainer.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(trainer.checkpoint_path, suffix=".pt") as tmp:
                     shutil.copyfile(prefix.checkpoint_path, tmp)
             history = trainer.fit(resume=resume or starts_shared)
-            timing = trainer.summary()
+            done["timing"] = trainer.summary()
             if distributed.is_main():
                 atomic_write_json(where / "training" / "history.json", history)
-        if not distributed.is_main():  # rank 0 writes the model, predicts and evaluates
-            continue
-        delta = make_delta(foundation, net.state_dict(),
-                           meta={"strategy": strategy.config(), "num_classes": spec.num_classes,
-                                 "foundation": str(folder.path), "head": head})
+        if distributed.is_main():  # rank 0 writes the model, predicts and evaluates
+            done["total"] = self.save_group(net, ids, where)
+        return done
+
+    def save_group(self, net: torch.nn.Module, ids: list[str], where: Path) -> int:
+        """Write a group's trained ``net`` to ``where`` (the delta against the foundation, the model folder) and
+        its predictions of ``ids``; returns the final network's parameter count."""
+        s, strategy, folder, dataset = self.settings, self.strategy, self.folder, self.dataset
+        delta = make_delta(self.foundation, net.state_dict(),
+                           meta={"strategy": strategy.config(), "num_classes": self.spec.num_classes,
+                                 "foundation": str(folder.path), "head": s.head})
         save_delta(where / "delta.pt", delta)
         final = strategy.finalize(net)
         tuned = ModelFolder(
-            network=spec, preprocessing=folder.preprocessing, labels=dataset.labels,
+            network=self.spec, preprocessing=folder.preprocessing, labels=dataset.labels,
             channel_names=dataset.channel_names, file_ending=dataset.file_ending,
             provenance={"kind": "finetune", "foundation": str(folder.path), "strategy": strategy.config(),
-                        "head": head, **({"query": ids[0]} if where != out else {})},
+                        "head": s.head, **({"query": ids[0]} if where != self.out else {})},
             extensions=strategy.architecture(final),
             recipe=folder.recipe, activation=folder.activation,
             thresholds={n: t for n, t in folder.thresholds.items() if n in dataset.labels},
         )
         save_model_folder(where / "model", final, tuned)
         if ids:  # --split none: a final model, nothing to predict
-            predict_cases(tuned, final, dataset, ids, out / "predictions", progress, postprocess)
-    if not distributed.is_main():
-        distributed.barrier()
-        return {}
-    sizes = {"delta_bytes": (where / "delta.pt").stat().st_size,
-             "checkpoint_bytes": (where / "model" / "weights.pt").stat().st_size}
-    summary = evaluate_cases(dataset, test_ids, out, progress) if test_ids else None
+            predict_cases(tuned, final, dataset, ids, self.out / "predictions", self.progress, s.postprocess)
+        return total_parameter_count(final)
 
-    record = {
-        "method": strategy.config(),
-        **({"method_notes": {k: v for k, v in notes.items() if k != "say"}} if notes else {}),
-        "shots": shots,
-        "seed": seed,
-        "split_seed": split_seed,
-        "seeds": seeds.record(seed, split_seed),
-        "foundation": s.model,
-        "dataset": str(dataset.root),
-        "dataset_name": dataset.name,
-        "split": {"train": train_ids, "test": test_ids,
-                  **({"how": s.split.record()} if s.split is not None else {})},
-        "shot_cases": shot_ids,
-        "head": head,
-        "postprocess": postprocess,
-        "transductive": transductive.record() if transductive is not None else None,
-        "identity": identity,
-        "training": config.to_dict(),
-        "recipe": resolved.to_dict(),
-        "parameters": {"trainable": trainable, "updated_per_step": updated_per_step,
-                       "total": total_parameter_count(final)},
-        "timing": timing,
-        "sizes": sizes,
-        "metrics": summary,
-        "environment": environment(),
-    }
-    atomic_write_json(run_file, record)
-    distributed.barrier()
-    return record
+    def record(self, notes: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+        """The run's record (``run.json``): the test split evaluated, with what made the run and the last
+        group's parameters, timing and sizes."""
+        s, dataset, where = self.settings, self.dataset, last["where"]
+        sizes = {"delta_bytes": (where / "delta.pt").stat().st_size,
+                 "checkpoint_bytes": (where / "model" / "weights.pt").stat().st_size}
+        summary = evaluate_cases(dataset, self.test_ids, self.out, self.progress) if self.test_ids else None
+        return {
+            "method": self.strategy.config(),
+            **({"method_notes": {k: v for k, v in notes.items() if k != "say"}} if notes else {}),
+            "shots": s.shots, "seed": s.seed, "split_seed": s.split_seed, "seeds": seeds.record(s.seed, s.split_seed),
+            "foundation": s.model, "dataset": str(dataset.root), "dataset_name": dataset.name,
+            "split": {"train": self.train_ids, "test": self.test_ids,
+                      **({"how": s.split.record()} if s.split is not None else {})},
+            "shot_cases": self.shot_ids, "head": s.head, "postprocess": s.postprocess,
+            "transductive": s.transductive.record() if s.transductive is not None else None,
+            "identity": self.identity, "training": s.training.to_dict(), "recipe": s.recipe.to_dict(),
+            "parameters": {"trainable": last["trainable"], "updated_per_step": last["updated_per_step"],
+                           "total": last["total"]},
+            "timing": last["timing"], "sizes": sizes, "metrics": summary, "environment": environment(),
+        }
 
 
 def predict_cases(folder: ModelFolder, network: torch.nn.Module, dataset: RawDataset, ids: list[str],
