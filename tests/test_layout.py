@@ -161,3 +161,46 @@ def test_no_module_imports_another_modules_private_names():
                 if private:
                     found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.module} {private}")
     assert found == []
+
+
+def test_the_training_engine_imports_neither_ssl_nor_tuning():
+    """The engine trains whatever strategy and loss it is given: the strategy interface and the losses it builds
+    are defined below it (medadapt.engine.strategy, medadapt.engine.reconstruction), never imported from the
+    methods or the self-supervised package (not even inside a function)."""
+    offenders = {m: sorted(t for t in targets if t.startswith(("medadapt.ssl", "medadapt.tuning")))
+                 for m, targets in _imports().items() if m.startswith("medadapt.engine")}
+    assert {m: t for m, t in offenders.items() if t} == {}
+
+
+def _functions(package: str):
+    for path in sorted((ROOT / package).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [*a.posonlyargs, *a.args, *a.kwonlyargs] + [x for x in (a.vararg, a.kwarg) if x]
+                if params and params[0].arg in ("self", "cls"):
+                    params = params[1:]
+                yield f"{package}/{path.name}:{node.name}", len(params), node.end_lineno - node.lineno + 1
+
+
+def test_workflow_and_benchmark_functions_take_settings_objects():
+    """No function of the workflows or benchmark packages takes more than 10 parameters (a settings or request
+    object instead), and the two workflows readers start from stay short enough to read."""
+    wide = [f"{name} ({n})" for package in ("workflows", "benchmark") for name, n, _ in _functions(package) if n > 10]
+    assert wide == []
+    sizes = {name: lines for name, _, lines in _functions("workflows")}
+    assert sizes["workflows/finetune.py:finetune"] < 60 and sizes["workflows/seqft.py:_sequential_task"] < 60
+
+
+def test_tests_set_the_cache_only_through_the_fixture():
+    """MEDADAPT_CACHE is set in one place (conftest's ``medadapt_cache``, restored after the session): no test
+    assigns os.environ or setenv's it itself, where it could stay set for the tests after it."""
+    tests = Path(__file__).parent
+    found = []
+    for path in tests.rglob("*.py"):
+        text = path.read_text()
+        for i, line in enumerate(text.splitlines(), 1):
+            if "MEDADAPT_CACHE" in line and path.name != "conftest.py" and "data" not in path.parts:
+                found.append(f"{path.name}:{i}")
+    assert found == [] and re.search(r"os\.environ\[\"MEDADAPT_CACHE\"\]\s*=", (tests / "conftest.py").read_text()) \
+        is None

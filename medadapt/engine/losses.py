@@ -198,11 +198,11 @@ class LabelLoss:
 def build_loss(spec: dict, activation: str = "softmax"):
     """The loss term a recipe names (``{"name": ..., options}``; see medadapt.engine.recipe.LOSSES): a label loss
     in the form of the model's output ``activation``, or (``mae``) masked-volume reconstruction, which has no
-    activation and reads the masked batch (:class:`medadapt.ssl.mae.MaskedReconstructionLoss`)."""
+    activation and reads the masked batch (:class:`medadapt.engine.reconstruction.MaskedReconstructionLoss`)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"output activation {activation!r}: not one of {ACTIVATIONS}")
     if spec["name"] == "mae":
-        from medadapt.ssl.mae import MaskedReconstructionLoss
+        from medadapt.engine.reconstruction import MaskedReconstructionLoss
 
         return MaskedReconstructionLoss()
     dice_only = {"dice_ce": False, "dice": True}[spec["name"]]

@@ -273,7 +273,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         _fail(source, "patches_per_case", f"{recipe.patches_per_case} does not divide batch_size {recipe.batch_size}",
               "make the batch a whole number of cases")
     if recipe.loss["name"] == "mae":  # the masking is checked here, so a bad value is one line naming the file
-        from medadapt.ssl.mae import MaskConfig
+        from medadapt.engine.reconstruction import MaskConfig
 
         try:
             MaskConfig.from_dict(recipe.loss)

@@ -5,7 +5,7 @@ the optimiser, the learning-rate schedule (updated once per epoch), the loss, th
 the budget, an "epoch" being a fixed number of iterations over randomly sampled patches. Its defaults are
 nnU-Net's (SGD, Nesterov momentum 0.99, weight decay 3e-5, poly decay with power 0.9, Dice + CE with deep
 supervision, clipping at 12). The engine knows nothing about specific strategies or papers: it calls the
-:class:`~medadapt.tuning.Strategy` interface (``parameters``, ``attach``, ``train_step``), and every loss is a
+:class:`~medadapt.engine.strategy.TrainingStrategy` interface (``parameters``, ``attach``, ``train_step``), and every loss is a
 loss term ``term(model, batch, outputs) -> scalar tensor``: the recipe's (in the form of the model's output
 activation), plus any extra ones (knowledge distillation, transductive terms on unlabelled volumes, ...). The
 training step belongs to the strategy (default: forward, every loss term, backward, clip, step), so a method
@@ -49,7 +49,7 @@ from medadapt.engine.losses import ACTIVATIONS, build_loss
 from medadapt.engine.precision import PRECISIONS, MixedPrecision, resolve_precision
 from medadapt.engine.recipe import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor
 from medadapt.errors import MedadaptError
-from medadapt.tuning.base import LossTerm, StepContext, Strategy
+from medadapt.engine.strategy import LossTerm, StepContext, TrainingStrategy
 from medadapt.utils import seeds
 from medadapt.utils.atomic import atomic_torch_save
 
@@ -140,7 +140,7 @@ class EngineOptions:
 class Trainer:
     """Train ``model`` with ``strategy`` on batches from ``sampler`` (an object with ``sample(rng)``)."""
 
-    def __init__(self, model: nn.Module, strategy: Strategy, sampler, config: TrainingConfig,
+    def __init__(self, model: nn.Module, strategy: TrainingStrategy, sampler, config: TrainingConfig,
                  checkpoint_dir: str | Path, loss: LossTerm | None = None,
                  loss_terms: Sequence[LossTerm] = (), progress: bool = True, description: str = "train",
                  device: str | torch.device | None = None, engine: EngineOptions | None = None,
@@ -321,7 +321,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> float:
         """One iteration, as the strategy takes it (by default forward, loss, backward, clip, step; see
-        :meth:`medadapt.tuning.Strategy.train_step`). Returns the loss value."""
+        :meth:`medadapt.engine.strategy.TrainingStrategy.train_step`). Returns the loss value."""
         ctx = StepContext(model=self.model, forward=self.train_model, optimizer=self.optimizer, loss=self.loss,
                           loss_terms=self.loss_terms, grad_clip=self.config.grad_clip, precision=self.precision)
         loss = self.strategy.train_step(ctx, self._to_device(batch))

@@ -22,16 +22,15 @@ term, backward, clip, step.
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+# the engine's side of the interface, defined below both (re-exported: methods import them from here)
+from medadapt.engine.strategy import LossTerm, StepContext, default_train_step  # noqa: F401
 
-#: a loss term: ``term(model, batch, outputs) -> scalar tensor``
-LossTerm = Callable[[nn.Module, dict, Any], torch.Tensor]
 
 #: how a method that freezes part of the network treats the foundation's decoder: ``pretrained`` (as the
 #: encoder: the method applies to it) or ``new`` (a decoder trained on a pretext task, e.g. an MAE's
@@ -39,45 +38,6 @@ LossTerm = Callable[[nn.Module, dict, Any], torch.Tensor]
 #: applies to the encoder; MedSeqFT, Sec. II-B: every strategy updates "newly added modules (e.g., decoders or
 #: segmentation heads)")
 DECODER_POLICIES = ("pretrained", "new")
-
-
-@dataclasses.dataclass
-class StepContext:
-    """What one training step works with, as the engine gives it to :meth:`Strategy.train_step`."""
-
-    model: nn.Module  #: the network (the object the strategy prepared; its parameters)
-    forward: nn.Module  #: what the forward pass runs through: the model, its DDP wrapper or its compiled form
-    optimizer: torch.optim.Optimizer
-    loss: LossTerm  #: the recipe's loss
-    loss_terms: Sequence[LossTerm] = ()  #: further terms (distillation, unlabelled volumes, ...)
-    grad_clip: float | None = None  #: gradient-norm clipping of the model's parameters (None: none)
-    #: autocast and loss scaling (:class:`medadapt.engine.precision.MixedPrecision`; None: plain fp32). A step
-    #: runs its forward pass and losses under ``precision.autocast()``, calls ``precision.backward(loss)`` (or
-    #: ``precision.grad``) and steps every optimiser with ``precision.step(optimizer, params, clip)``, which
-    #: unscales and clips before the optimiser's hooks see the gradients and skips the step on inf/NaN; the
-    #: engine calls ``precision.update()`` after the step.
-    precision: Any = None
-
-    def __post_init__(self) -> None:
-        if self.precision is None:
-            from medadapt.engine.precision import MixedPrecision
-
-            self.precision = MixedPrecision("fp32")
-
-
-def default_train_step(ctx: StepContext, batch: dict) -> torch.Tensor:
-    """One iteration: forward and the recipe's loss plus every extra term (under autocast), backward (of the
-    scaled loss), unscale, clip, step (skipped by the scaler on inf/NaN gradients). Returns the (detached)
-    loss; the engine checks it is finite once the step is queued (one host synchronisation per iteration)."""
-    ctx.optimizer.zero_grad(set_to_none=True)
-    with ctx.precision.autocast():
-        outputs = ctx.forward(batch["image"])
-        loss = ctx.loss(ctx.model, batch, outputs)
-        for term in ctx.loss_terms:
-            loss = loss + term(ctx.model, batch, outputs)
-    ctx.precision.backward(loss)
-    ctx.precision.step(ctx.optimizer, ctx.model.parameters(), ctx.grad_clip)
-    return loss.detach()
 
 
 class Strategy:
