@@ -29,7 +29,7 @@ def test_the_shipped_identity_is_what_the_demo_would_pretrain(tmp_path):
     and the settings 'medadapt pretrain' resolves from the demo's PRETRAIN with seed 0."""
     from medadapt.synth import load_domain, write_dataset
     from medadapt.utils.digests import dataset_digest
-    from medadapt.workflows.pretrain import resolve_pretrain
+    from medadapt.workflows.pretrain import PretrainRequest, resolve_pretrain
 
     info = builtin_info(NAME)
     source = load_domain(demo.SOURCE_DOMAIN).downsampled(demo.DOWNSAMPLE)
@@ -45,7 +45,7 @@ def test_the_shipped_identity_is_what_the_demo_would_pretrain(tmp_path):
     from medadapt.workflows.common import load_datasets
     from medadapt.workflows.pretrain import pretrain_identity
 
-    settings = resolve_pretrain(data, seed=0, **demo.PRETRAIN)
+    settings = resolve_pretrain(PretrainRequest(data, seed=0, **demo.PRETRAIN))
     expected = pretrain_identity(settings, load_datasets(list(settings.data)))
     assert portable(info["settings"]) == portable(expected)
 

@@ -108,7 +108,7 @@ def test_engine_learns_one_case_from_scratch(tmp_path, monkeypatch):
     from medadapt.inference import Predictor
     from medadapt.metrics import case_metrics
     from medadapt.models import load_model_folder
-    from medadapt.workflows.pretrain import pretrain, resolve_pretrain
+    from medadapt.workflows.pretrain import PretrainRequest, pretrain, resolve_pretrain
 
     rng = np.random.default_rng(0)
     shape = (24, 48, 48)
@@ -124,7 +124,7 @@ def test_engine_learns_one_case_from_scratch(tmp_path, monkeypatch):
     (data / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "blob": 1}, "numTraining": 1,
         "file_ending": ".nii.gz"}))
-    pretrain(resolve_pretrain(data, preset_name="cpu-tiny", epochs=12, iterations_per_epoch=25, seed=0),
+    pretrain(resolve_pretrain(PretrainRequest(data, preset_name="cpu-tiny", epochs=12, iterations_per_epoch=25, seed=0)),
              tmp_path / "model", progress=False)
     folder = load_model_folder(tmp_path / "model")
     Predictor(folder).predict_files([("one_000", [data / "imagesTr" / "one_000_0000.nii.gz"])], tmp_path / "pred",

@@ -292,14 +292,14 @@ def test_head_match_starts_known_classes_from_the_foundation(assembly):
 def test_per_query_ti_shares_the_epochs_before_the_constraint(assembly, tmp_path):
     """The queries' adapters start alike and see the same batches until TI switches on: those epochs run once
     (prefix/) and every query continues from there, bit for bit what training each from the start gives."""
-    from medadapt.workflows.finetune import finetune, resolve_finetune
+    from medadapt.workflows.finetune import FinetuneRequest, finetune, resolve_finetune
 
     shared = tmp_path / "shared"
     assert _finetune(assembly, shared, "--transductive", "query") == 0
     assert (shared / "prefix" / "training" / "checkpoint_latest.pt").is_file()  # the shared epochs' checkpoint
     alone = tmp_path / "alone"
-    settings = resolve_finetune(assembly["fm"], assembly["tgt"], "spatial-adapter", 2, epochs=2,
-                                iterations_per_epoch=2, transductive=Transductive(mode="query"))
+    settings = resolve_finetune(FinetuneRequest(assembly["fm"], assembly["tgt"], "spatial-adapter", 2, epochs=2,
+                                                iterations_per_epoch=2, transductive=Transductive(mode="query")))
     finetune(settings, alone, progress=False, share_ti_prefix=False)
     assert not (alone / "prefix").exists()
     # the same run as the command line's (its whole identity), only trained without the shared prefix

@@ -78,12 +78,12 @@ def test_finetune_takes_one_settings_object_and_its_identity_is_that_whole_objec
     import pytest
 
     from medadapt.errors import MedadaptError
-    from medadapt.workflows.finetune import finetune, resolve_finetune
+    from medadapt.workflows.finetune import FinetuneRequest, finetune, resolve_finetune
     from medadapt.workflows.identity import settings_digest
 
     data = make_dataset(tmp_path / "data")
-    settings = resolve_finetune(world["fm"], data, "full", 2, epochs=1, iterations_per_epoch=1,
-                                recipe="cpu-finetune")
+    settings = resolve_finetune(FinetuneRequest(world["fm"], data, "full", 2, epochs=1, iterations_per_epoch=1,
+                                                recipe="cpu-finetune"))
     # resolved: the recipe's contents, the model folder's patch and batch, absolute paths
     assert settings.recipe.name == "cpu-finetune" and settings.training.epochs == 1
     assert settings.patch_size and settings.batch_size and settings.model.startswith("/")

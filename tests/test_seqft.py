@@ -334,9 +334,9 @@ def test_killed_task_resumes_and_a_stream_extends(world, seq_run, tmp_path, monk
     monkeypatch.setattr(seqft_mod, "predict_and_evaluate",
                         lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        settings = seqft_mod.resolve_seqft(two, world["fm"], "seq-ft", buffer="random", retention="lora-kd",
-                                           buffer_size=2, epochs=2, iterations_per_epoch=2, kd_max_epochs=12,
-                                           recipe="cpu-finetune")
+        settings = seqft_mod.resolve_seqft(seqft_mod.SeqftRequest(
+            two, world["fm"], "seq-ft", buffer="random", retention="lora-kd", buffer_size=2, epochs=2,
+            iterations_per_epoch=2, kd_max_epochs=12, recipe="cpu-finetune"))
         seqft_mod.seqft(settings, out, resume=True, progress=False)
     assert not (out / "tasks" / "02-src" / "task.json").exists()
     monkeypatch.setattr(seqft_mod, "predict_and_evaluate", real)

@@ -97,14 +97,15 @@ def clinic(world, tmp_path_factory):
 
 def test_default_identity_is_unchanged_by_the_split_option(clinic):
     """A run with the default split has the same settings (and so identity) as before splits were options."""
-    from medadapt.workflows.finetune import resolve_finetune
+    from medadapt.workflows.finetune import FinetuneRequest, resolve_finetune
 
-    a = resolve_finetune(clinic["fm"], clinic["data"], "full", 2, split_seed=1, epochs=1, iterations_per_epoch=1)
-    b = resolve_finetune(clinic["fm"], clinic["data"], "full", 2, split_seed=0, epochs=1, iterations_per_epoch=1,
-                         split=Split.random(1))
+    a = resolve_finetune(FinetuneRequest(clinic["fm"], clinic["data"], "full", 2, split_seed=1, epochs=1,
+                                         iterations_per_epoch=1))
+    b = resolve_finetune(FinetuneRequest(clinic["fm"], clinic["data"], "full", 2, split_seed=0, epochs=1,
+                                         iterations_per_epoch=1, split=Split.random(1)))
     assert a == b and "split" not in a.to_dict() and a.to_dict()["split_seed"] == 1
-    c = resolve_finetune(clinic["fm"], clinic["data"], "full", 2, epochs=1, iterations_per_epoch=1,
-                         split=Split("none"))
+    c = resolve_finetune(FinetuneRequest(clinic["fm"], clinic["data"], "full", 2, epochs=1, iterations_per_epoch=1,
+                                         split=Split("none")))
     assert c.to_dict()["split"] == {"kind": "none"}
 
 

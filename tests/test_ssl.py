@@ -308,11 +308,11 @@ def test_swin_foundations(world, tmp_path):
     """MONAI's SwinUNETR: pretrained by masked reconstruction, and given a pathway (``out`` is its head)."""
     from medadapt.models import preset, save_model_folder
     from medadapt.models.network import seeded_network
-    from medadapt.workflows.pretrain import pretrain, resolve_pretrain
+    from medadapt.workflows.pretrain import PretrainRequest, pretrain, resolve_pretrain
     from medadapt.workflows.ssl import pretrain_ssl_head
 
     mae = _swin_recipe("cpu-swin-mae-pretrain")
-    pretrain(resolve_pretrain(world["src"], preset_name="cpu-swin", recipe=mae, objective="mae"), tmp_path / "mae",
+    pretrain(resolve_pretrain(PretrainRequest(world["src"], preset_name="cpu-swin", recipe=mae, objective="mae")), tmp_path / "mae",
              progress=False)
     images = torch.randn(2, 1, 32, 32, 64, generator=torch.Generator().manual_seed(0))
     pretext = load_pretext(tmp_path / "mae")

@@ -549,7 +549,7 @@ def prepare_inputs(config, paths: GridPaths, progress: bool = True) -> None:
     from medadapt.data.subset import write_label_subset
     from medadapt.synth import DomainSpec, write_dataset
     from medadapt.utils.atomic import atomic_write_json
-    from medadapt.workflows.pretrain import pretrain, resolve_pretrain
+    from medadapt.workflows.pretrain import PretrainRequest, pretrain, resolve_pretrain
 
     workdir = Path(paths.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -571,9 +571,10 @@ def prepare_inputs(config, paths: GridPaths, progress: bool = True) -> None:
         tqdm.write(f"pretraining the foundation ({foundation.objective}) on {f['cases']} cases of "
                    f"{', '.join(n for n, _, _ in sources)} -> {folder}")
     objective = {"objective": f["objective"]} if f.get("objective", "supervised") != "supervised" else {}
-    settings = resolve_pretrain([d for _, _, d in sources] if "domains" in f else sources[0][2],
-                                preset_name=f["preset"], epochs=f["epochs"],
-                                iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"], **objective)
+    settings = resolve_pretrain(PretrainRequest([d for _, _, d in sources] if "domains" in f else sources[0][2],
+                                                preset_name=f["preset"], epochs=f["epochs"],
+                                                iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"],
+                                                **objective))
     pretrain(settings, folder, resume=True, progress=progress)
 
 

@@ -53,7 +53,7 @@ def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None
     from medadapt.engine.recipe import load_recipe
     from medadapt.tuning import get_method
     from medadapt.tuning.transductive import Transductive
-    from medadapt.workflows.finetune import finetune, resolve_finetune, zero_shot
+    from medadapt.workflows.finetune import FinetuneRequest, finetune, resolve_finetune, zero_shot
 
     started = time.perf_counter()
     out = paths.cell_dir(cell.cell_id)
@@ -73,14 +73,14 @@ def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None
         options, run_options = get_method(cell.method).split_options(cell.options)
         ti = {k[len(TI_PREFIX):]: v for k, v in run_options.items() if k.startswith(TI_PREFIX)}
         recipe = cell.key.get("recipe")
-        settings = resolve_finetune(
+        settings = resolve_finetune(FinetuneRequest(
             paths.foundation, paths.datasets[cell.dataset], cell.method, cell.shots, seed=cell.seed,
             split_seed=cell.key["split_seed"], epochs=training["epochs"],
             iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"), method_options=options,
             head=cell.key["head"], recipe=load_recipe(recipe) if recipe is not None else None,
             postprocess=postprocess, transductive=Transductive(**ti) if ti else None,
             feature_cache=bool(run_options.get("feature_cache", False)),
-            split=paths.split(cell.dataset, cell.key["split_seed"]))
+            split=paths.split(cell.dataset, cell.key["split_seed"])))
         run = finetune(settings, out / "run", resume=True, progress=progress)
     qualitative = _store_qualitative_slice(run, out)
     record = {

@@ -139,7 +139,7 @@ def finish_stream_folder(cell_dir: Path) -> None:
 def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dict[str, Any]:
     from medadapt.engine.recipe import load_recipe
     from medadapt.sequential.stream import load_stream
-    from medadapt.workflows.seqft import carried_model, resolve_seqft, seqft, task_folder
+    from medadapt.workflows.seqft import SeqftRequest, carried_model, resolve_seqft, seqft, task_folder
 
     key, row = cell.key, cell.key["row"]
     kwargs: dict[str, Any] = {"shots": key["shots"], "seed": cell.seed, "split_seed": key["split_seed"],
@@ -157,7 +157,7 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
         kwargs["kd_recipe"] = load_recipe(row["kd_recipe"])
     stream = load_stream(paths.stream_file)
     run_dir = out / STREAM_RUN
-    summary = seqft(resolve_seqft(stream, paths.foundation, row["method"], **kwargs), run_dir, resume=True,
+    summary = seqft(resolve_seqft(SeqftRequest(stream, paths.foundation, row["method"], **kwargs)), run_dir, resume=True,
                     progress=progress)
     tasks = []
     for t, task in zip(summary["tasks"], stream.tasks):
@@ -196,7 +196,7 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
 
 def _unseen_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dict[str, Any]:
     from medadapt.engine.recipe import load_recipe
-    from medadapt.workflows.finetune import finetune, resolve_finetune
+    from medadapt.workflows.finetune import FinetuneRequest, finetune, resolve_finetune
 
     key = cell.key
     model = Path(paths.foundation)
@@ -209,9 +209,10 @@ def _unseen_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
         if not (model / "plans.json").is_file():
             raise MedadaptError(f"cell {cell.cell_id}: the model stream cell {cell.depends} left ({model}) is not "
                                 "there; delete that cell's cell.json to re-run it")
-    settings = resolve_finetune(model, paths.datasets[cell.task], key["method"], key["shots"], seed=cell.seed,
-                                split_seed=key["split_seed"], head="fresh", recipe=load_recipe(key["recipe"]),
-                                postprocess=key["postprocess"], split=paths.split(cell.task, key["split_seed"]))
+    settings = resolve_finetune(FinetuneRequest(
+        model, paths.datasets[cell.task], key["method"], key["shots"], seed=cell.seed, split_seed=key["split_seed"],
+        head="fresh", recipe=load_recipe(key["recipe"]), postprocess=key["postprocess"],
+        split=paths.split(cell.task, key["split_seed"])))
     run = finetune(settings, out / "run", resume=True, progress=progress)
     return {"start": str(model), "per_case": read_rows(out / "run" / "metrics_per_case.csv"),
             "metrics": run["metrics"], "parameters": run["parameters"], "timing": run["timing"],

@@ -94,17 +94,17 @@ def add_seqft(p):
 
 
 def cmd_seqft(args) -> int:
-    from medadapt.workflows.seqft import JOINT, SEQUENTIAL, resolve_seqft, seqft
+    from medadapt.workflows.seqft import JOINT, SEQUENTIAL, SeqftRequest, resolve_seqft, seqft
 
     engine = engine_options(args)
-    settings = resolve_seqft(
+    settings = resolve_seqft(SeqftRequest(
         args.stream, args.model, args.method, buffer=args.buffer, retention=args.retention,
         buffer_size=args.buffer_size, mds_repeats=args.mds_repeats, kd_rank=args.kd_rank, kd_until=args.kd_until,
         kd_max_epochs=args.kd_max_epochs, shots=args.shots, seed=args.seed, split_seed=args.split_seed,
         recipe=args.recipe, kd_recipe=args.kd_recipe, epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
         method_options=method_options(args, also=(*SEQUENTIAL, JOINT)),
-        postprocess=args.postprocess, pretext_decoder=args.pretext_decoder, engine=engine)
+        postprocess=args.postprocess, pretext_decoder=args.pretext_decoder), engine)
     summary = seqft(settings, args.out, resume=args.resume, progress=not args.quiet, engine=engine)
     print((args.out / "results.md").read_text(), end="")
     print(f"{len(summary['tasks'])} task(s); results in {args.out}")

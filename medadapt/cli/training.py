@@ -43,13 +43,13 @@ def add_pretrain(p):
 
 
 def cmd_pretrain(args) -> int:
-    from medadapt.workflows.pretrain import pretrain, resolve_pretrain
+    from medadapt.workflows.pretrain import PretrainRequest, pretrain, resolve_pretrain
 
     engine = engine_options(args)
-    settings = resolve_pretrain(args.data, preset_name=args.preset, epochs=args.epochs,
-                                iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed,
-                                recipe=args.recipe, activation=args.activation, sampling=args.sampling,
-                                objective=args.objective, engine=engine)
+    settings = resolve_pretrain(PretrainRequest(
+        args.data, preset_name=args.preset, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
+        lr=args.lr, seed=args.seed, recipe=args.recipe, activation=args.activation, sampling=args.sampling,
+        objective=args.objective), engine)
     pretrain(settings, args.out, resume=args.resume, progress=not args.quiet, engine=engine)
     from medadapt.engine.distributed import is_main
 
@@ -169,10 +169,11 @@ def add_finetune(p):
 
 
 def cmd_finetune(args) -> int:
+    import dataclasses
     import functools
 
     from medadapt.errors import MedadaptError
-    from medadapt.workflows.finetune import finetune, resolve_finetune
+    from medadapt.workflows.finetune import FinetuneRequest, finetune, resolve_finetune
 
     if args.folds is not None and (args.split is not None or args.fold is not None):
         raise MedadaptError("--folds: cross-validation makes its own splits; drop --split/--fold or --folds")
@@ -187,12 +188,14 @@ def cmd_finetune(args) -> int:
                                 "to all only with --split none or --folds")
         shots = "all"
     engine = engine_options(args)
-    resolve = functools.partial(
-        resolve_finetune, args.model, args.data, args.method, shots, seed=args.seed,
-        split_seed=args.split_seed, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
-        method_options=method_options(args), head=args.head, recipe=args.recipe, postprocess=args.postprocess,
-        transductive=transductive_options(args), feature_cache=args.feature_cache,
-        pretext_decoder=args.pretext_decoder, engine=engine)
+    request = FinetuneRequest(
+        args.model, args.data, args.method, shots, seed=args.seed, split_seed=args.split_seed, epochs=args.epochs,
+        iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, method_options=method_options(args),
+        head=args.head, recipe=args.recipe, postprocess=args.postprocess, transductive=transductive_options(args),
+        feature_cache=args.feature_cache, pretext_decoder=args.pretext_decoder)
+
+    def resolve(split):
+        return resolve_finetune(dataclasses.replace(request, split=split), engine)
     if args.folds is not None:
         from medadapt.workflows.crossval import cross_validate
 

@@ -65,7 +65,7 @@ def _cached_foundation(path: Path, expected: dict) -> bool:
 def run_demo(workdir: str | Path, shots: int = 5, seed: int = 0, fresh: bool = False,
              progress: bool = True, pretrain: bool = False) -> dict:
     from medadapt.synth import load_domain, write_dataset
-    from medadapt.workflows.finetune import finetune, resolve_finetune, zero_shot
+    from medadapt.workflows.finetune import FinetuneRequest, finetune, resolve_finetune, zero_shot
 
     workdir = Path(workdir)
     started = time.perf_counter()
@@ -96,7 +96,8 @@ def run_demo(workdir: str | Path, shots: int = 5, seed: int = 0, fresh: bool = F
         if method == ZERO_SHOT:  # the foundation as it is: its own head, no training
             records[method] = zero_shot(foundation, target_data, out, resume=True, progress=progress)
         else:
-            settings = resolve_finetune(foundation, target_data, method, shots, seed=seed, **budget(method))
+            settings = resolve_finetune(FinetuneRequest(foundation, target_data, method, shots, seed=seed,
+                                                         **budget(method)))
             records[method] = finetune(settings, out, resume=True, progress=progress)
         for cls, m in records[method]["metrics"]["classes"].items():
             _say(f"      {method:9s} {cls} DSC "
@@ -119,7 +120,7 @@ def run_demo(workdir: str | Path, shots: int = 5, seed: int = 0, fresh: bool = F
 
 def _pretrained_foundation(workdir: Path, source, source_data: Path, seed: int, progress: bool) -> Path:
     """The whole tour's foundation: pretrained on the source cohort once, then cached in the work folder."""
-    from medadapt.workflows.pretrain import pretrain, resolve_pretrain
+    from medadapt.workflows.pretrain import PretrainRequest, pretrain, resolve_pretrain
 
     foundation = workdir / f"foundation-seed{seed}"
     # the cache is valid only for the very same recipe: same data, same training settings
@@ -128,7 +129,7 @@ def _pretrained_foundation(workdir: Path, source, source_data: Path, seed: int, 
         _say(f"[2/4] foundation model: cached in {foundation}", progress)
         return foundation
     _say(f"[2/4] pretraining the foundation model on {source.name} ({SOURCE_CASES} cases)", progress)
-    pretrain(resolve_pretrain(source_data, seed=seed, **PRETRAIN), foundation, resume=True, progress=progress)
+    pretrain(resolve_pretrain(PretrainRequest(source_data, seed=seed, **PRETRAIN)), foundation, resume=True, progress=progress)
     plans = json.loads((foundation / "plans.json").read_text())
     plans["provenance"]["demo_config"] = expected
     atomic_write_json(foundation / "plans.json", plans)

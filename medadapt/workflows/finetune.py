@@ -246,38 +246,60 @@ class FinetuneSettings:
                 **({"split": self.split.record()} if self.split is not None else {})}
 
 
-def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "int | str", *, seed: int = 0,
-                     split_seed: int = 0, epochs: int | None = None,
-                     iterations_per_epoch: int | None = None, lr: float | None = None,
-                     method_options: dict[str, Any] | None = None, head: str = "fresh",
-                     recipe: "str | Path | Recipe | None" = None, postprocess: str = "none",
-                     transductive: "Transductive | None" = None, feature_cache: bool = False,
-                     pretext_decoder: str = "auto", engine: EngineOptions | None = None,
-                     split: Split | None = None) -> FinetuneSettings:
-    """The settings of fine-tuning ``model`` on ``shots`` cases of ``data`` with ``method``, checked and
-    resolved (one line per mistake, nothing written). ``shots="all"``: every case of the train split (the "all
-    samples" rows), recorded as their number.
+@dataclasses.dataclass(frozen=True)
+class FinetuneRequest:
+    """A fine-tuning run as asked for (the command line's flags, a grid cell, the Python API), before it is
+    checked and resolved into :class:`FinetuneSettings` by :func:`resolve_finetune`.
 
-    ``method_options`` are the method's options (its definition's, e.g. ``gamma`` for dgst, ``rank``/``alpha`` for
-    lora), each checked;
-    ``head`` is the head policy (``fresh`` or ``keep``, see the module docstring). The training settings come
-    from ``recipe`` (a built-in name, a file or a Recipe; default: the one the model folder recommends, else
-    ``dgst-paper``), with ``epochs``, ``iterations_per_epoch`` and ``lr`` overriding it where given.
-    ``postprocess`` (``none`` or ``lcc``) is applied to the test predictions (medadapt.inference.predictor).
-    ``transductive``: FSEFT's transductive inference on the test volumes (:class:`Transductive`); a method that
-    does not train (``generalization``) evaluates the foundation's own outputs for the dataset's classes.
-    ``engine``: its precision, resolved for this process's device, is part of the settings.
-    ``pretext_decoder``: what a method that freezes part of the network does with a decoder trained on a
-    pretext task (:func:`decoder_policy`; ``auto``: ``new`` for a self-supervised foundation, else
-    ``pretrained``).
-    ``split``: how the dataset divides into training and test cases (medadapt.data.splits.Split: a file, none,
-    a cross-validation fold); default the fixed random split of ``split_seed``."""
+    ``model`` is the foundation's model folder, ``data`` the nnU-Net raw dataset, ``shots`` the number of
+    training cases (``"all"``: every case of the train split, the "all samples" rows, recorded as their
+    number). ``method_options`` are the method's options (its definition's, e.g. ``gamma`` for dgst,
+    ``rank``/``alpha`` for lora), each checked; ``head`` is the head policy (``fresh``, ``keep`` or ``match``,
+    see the module docstring). The training settings come from ``recipe`` (a built-in name, a file or a Recipe;
+    default: the one the model folder recommends, else ``dgst-paper``), with ``epochs``,
+    ``iterations_per_epoch`` and ``lr`` overriding it where given. ``postprocess`` (``none`` or ``lcc``) is
+    applied to the test predictions (medadapt.inference.predictor). ``transductive``: FSEFT's transductive
+    inference on the test volumes (:class:`Transductive`); a method that does not train (``generalization``)
+    evaluates the foundation's own outputs for the dataset's classes. ``feature_cache``: train on cached
+    features (methods that train the head alone). ``pretext_decoder``: what a method that freezes part of the
+    network does with a decoder trained on a pretext task (:func:`decoder_policy`; ``auto``: ``new`` for a
+    self-supervised foundation, else ``pretrained``). ``split``: how the dataset divides into training and test
+    cases (medadapt.data.splits.Split: a file, none, a cross-validation fold); default the fixed random split
+    of ``split_seed``."""
+
+    model: str | Path
+    data: str | Path
+    method: str
+    shots: "int | str"
+    seed: int = 0
+    split_seed: int = 0
+    recipe: "str | Path | Recipe | None" = None
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    lr: float | None = None
+    method_options: dict[str, Any] | None = None
+    head: str = "fresh"
+    postprocess: str = "none"
+    transductive: "Transductive | None" = None
+    feature_cache: bool = False
+    pretext_decoder: str = "auto"
+    split: Split | None = None
+
+
+def resolve_finetune(request: FinetuneRequest, engine: EngineOptions | None = None) -> FinetuneSettings:
+    """The settings of the fine-tuning run ``request`` asks for, checked and resolved (one line per mistake,
+    nothing written). ``engine``: its precision, resolved for this process's device, is part of the
+    settings."""
+    r = request
+    model, data, method, shots, seed, split_seed = r.model, r.data, r.method, r.shots, r.seed, r.split_seed
+    head, postprocess, transductive, feature_cache, split = r.head, r.postprocess, r.transductive, \
+        r.feature_cache, r.split
     engine = engine or EngineOptions()
     if split is not None and split.kind == "random":  # the default split is named by its seed alone
         split_seed, split = split.seed, None
     if head not in HEAD_POLICIES:
         raise MedadaptError(f"--head {head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
-    options = {k: v for k, v in sorted((method_options or {}).items()) if v is not None}
+    options = {k: v for k, v in sorted((r.method_options or {}).items()) if v is not None}
     # validates --method and its options before any work
     strategy = make_strategy(method, seed=seed, **options)
     definition = get_method(method)
@@ -293,7 +315,7 @@ def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "i
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
     folder = load_model_folder(model)
-    policy = decoder_policy(folder, pretext_decoder)
+    policy = decoder_policy(folder, r.pretext_decoder)
     if definition.needs_pretext_head and not folder.pretext:
         raise MedadaptError(f"--method {method}: needs a foundation with a pretext head, and {folder.path} has none; "
                             "use a self-supervised foundation (medadapt pretrain --objective mae)")
@@ -324,9 +346,9 @@ def resolve_finetune(model: str | Path, data: str | Path, method: str, shots: "i
     if not strategy.trains and not test_ids:
         raise MedadaptError(f"--method {method}: trains nothing and {the_split.describe()} evaluates nothing; use "
                             "a split with a test part")
-    resolved = resolve_recipe(recipe or folder.recipe or DEFAULT_RECIPE, method, epochs=epochs,
-                              iterations_per_epoch=iterations_per_epoch, cases=shots)
-    config = training_config(resolved, method, seed, folder.activation, engine, lr)
+    resolved = resolve_recipe(r.recipe or folder.recipe or DEFAULT_RECIPE, method, epochs=r.epochs,
+                              iterations_per_epoch=r.iterations_per_epoch, cases=shots)
+    config = training_config(resolved, method, seed, folder.activation, engine, r.lr)
     return FinetuneSettings(
         model=str(Path(model).resolve()), data=str(Path(dataset.root).resolve()), method=method,
         method_options=options, decoder=policy, shots=shots, seed=seed, split_seed=split_seed,

@@ -69,13 +69,11 @@ class PretrainSettings:
                 "patch_size": list(self.patch_size), "batch_size": self.batch_size}
 
 
-def resolve_pretrain(data: "str | Path | Sequence[str | Path]", *, preset_name: str = "cpu-small",
-                     epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
-                     seed: int = 0, recipe: "str | Path | Recipe | None" = None, activation: str | None = None,
-                     sampling: str = "cases", objective: str = "supervised",
-                     engine: EngineOptions | None = None) -> PretrainSettings:
-    """The settings of training a new ``preset_name`` network on every case of ``data`` (one dataset or
-    several), checked and resolved (one line per mistake, nothing written).
+@dataclasses.dataclass(frozen=True)
+class PretrainRequest:
+    """A pretraining as asked for (the command line's flags, a grid's foundation, the Python API), before
+    :func:`resolve_pretrain` checks and resolves it: a new ``preset_name`` network trained on every case of
+    ``data`` (one dataset or several).
 
     ``objective``: ``supervised`` (segmentation of the datasets' labels) or ``mae`` (masked-volume
     reconstruction, the labels unused: :func:`medadapt.workflows.ssl.pretrain_mae`).
@@ -84,8 +82,27 @@ def resolve_pretrain(data: "str | Path | Sequence[str | Path]", *, preset_name: 
     ``sampling``: ``cases`` or ``datasets`` (module docstring). The training settings come from ``recipe``
     (default: the preset's pretraining recipe, e.g. ``cpu-pretrain`` for the CPU presets, ``nnunet``
     otherwise; ``cpu-mae-pretrain``, ... for mae), with ``epochs``, ``iterations_per_epoch`` and ``lr``
-    overriding it where given. ``engine``: its precision, resolved for this process's device, is part of the
-    settings."""
+    overriding it where given."""
+
+    data: "str | Path | Sequence[str | Path]"
+    preset_name: str = "cpu-small"
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    recipe: "str | Path | Recipe | None" = None
+    activation: str | None = None
+    sampling: str = "cases"
+    objective: str = "supervised"
+
+
+def resolve_pretrain(request: PretrainRequest, engine: EngineOptions | None = None) -> PretrainSettings:
+    """The settings of the pretraining ``request`` asks for, checked and resolved (one line per mistake, nothing
+    written). ``engine``: its precision, resolved for this process's device, is part of the settings."""
+    r = request
+    data, preset_name, epochs, iterations_per_epoch, lr, seed = (r.data, r.preset_name, r.epochs,
+                                                                 r.iterations_per_epoch, r.lr, r.seed)
+    recipe, activation, sampling, objective = r.recipe, r.activation, r.sampling, r.objective
     engine = engine or EngineOptions()
     if objective not in OBJECTIVES:
         raise MedadaptError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")

@@ -300,17 +300,48 @@ class SeqftSettings:
                 "patch_size": list(self.patch_size), "batch_size": self.batch_size, "overrides": self.overrides}
 
 
-def resolve_seqft(stream: "str | Path | Stream", model: str | Path, method: str = "medseqft", *,
-                  buffer: str | None = None, retention: str | None = None, buffer_size: int = 4,
-                  mds_repeats: int = 16, kd_rank: int = 2, kd_until: str = "levelled",
-                  kd_max_epochs: int | None = None, shots: "int | str" = "all", seed: int = 0, split_seed: int = 0,
-                  recipe: "str | Path | Recipe | None" = None, kd_recipe: "str | Path | Recipe | None" = None,
-                  epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
-                  method_options: dict[str, Any] | None = None, postprocess: str = "none",
-                  pretext_decoder: str = "auto", engine: EngineOptions | None = None) -> SeqftSettings:
-    """The settings of running ``stream`` from the foundation ``model`` with ``method`` (module docstring),
-    checked against every task and resolved (one line per mistake, nothing written). ``engine``: its precision,
-    resolved for this process's device, is part of the settings."""
+@dataclasses.dataclass(frozen=True)
+class SeqftRequest:
+    """A sequential run as asked for (the command line's flags, a grid row, the Python API), before it is
+    checked against every task and resolved into :class:`SeqftSettings` by :func:`resolve_seqft`: ``stream``
+    (a stream file or a Stream) from the foundation ``model`` with ``method`` (module docstring) and its
+    switches, the shots and seeds, the fine-tuning ``recipe`` and the command line's budget, the LoRA-based KD's
+    recipe or ceiling, a parallel method's options and decoder policy, the test predictions' post-processing."""
+
+    stream: "str | Path | Stream"
+    model: str | Path
+    method: str = "medseqft"
+    buffer: str | None = None
+    retention: str | None = None
+    buffer_size: int = 4
+    mds_repeats: int = 16
+    kd_rank: int = 2
+    kd_until: str = "levelled"
+    kd_max_epochs: int | None = None
+    shots: "int | str" = "all"
+    seed: int = 0
+    split_seed: int = 0
+    recipe: "str | Path | Recipe | None" = None
+    kd_recipe: "str | Path | Recipe | None" = None
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    lr: float | None = None
+    method_options: dict[str, Any] | None = None
+    postprocess: str = "none"
+    pretext_decoder: str = "auto"
+
+
+def resolve_seqft(request: SeqftRequest, engine: EngineOptions | None = None) -> SeqftSettings:
+    """The settings of the sequential run ``request`` asks for, checked against every task and resolved (one
+    line per mistake, nothing written). ``engine``: its precision, resolved for this process's device, is part
+    of the settings."""
+    r = request
+    stream, model, method, buffer, retention = r.stream, r.model, r.method, r.buffer, r.retention
+    buffer_size, mds_repeats, kd_rank, kd_until, kd_max_epochs = (r.buffer_size, r.mds_repeats, r.kd_rank,
+                                                                  r.kd_until, r.kd_max_epochs)
+    shots, seed, split_seed, recipe, kd_recipe = r.shots, r.seed, r.split_seed, r.recipe, r.kd_recipe
+    epochs, iterations_per_epoch, lr, method_options = r.epochs, r.iterations_per_epoch, r.lr, r.method_options
+    postprocess, pretext_decoder = r.postprocess, r.pretext_decoder
     engine = engine or EngineOptions()
     sequence = resolve_method(method, buffer, retention, buffer_size, mds_repeats, kd_rank, kd_until)
     if postprocess not in POSTPROCESSING:
@@ -502,12 +533,12 @@ def _stream(run: StreamRun, tasks: list[TaskData]) -> list[dict[str, Any]]:
             atomic_write_json(run.out / "buffer.json", buffer_record(
                 entries, seq.buffer, seq.buffer_size, seq.mds_repeats if seq.buffer == "mds" else None, s.seed))
         else:
-            from medadapt.workflows.finetune import finetune, resolve_finetune
+            from medadapt.workflows.finetune import FinetuneRequest, finetune, resolve_finetune
 
-            finished = finetune(resolve_finetune(
+            finished = finetune(resolve_finetune(FinetuneRequest(
                 s.model, t.task.data, s.method, len(t.shot_ids), seed=s.seed, split_seed=s.split_seed,
                 method_options=s.method_options, head="fresh", recipe=s.recipe, postprocess=s.postprocess,
-                pretext_decoder=s.pretext_decoder, engine=run.engine, **s.overrides),
+                pretext_decoder=s.pretext_decoder, **s.overrides), run.engine),
                 t.where, resume=True, progress=run.progress, engine=run.engine)
             record = {"task": t.task.name, "index": t.index, "metrics": finished["metrics"],
                       "seconds": {"finetune": train_seconds(t.where / "training" / "history.json")}}
