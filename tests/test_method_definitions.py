@@ -143,10 +143,10 @@ def test_labels_and_capabilities_reach_the_reports_bench_speed_and_the_nnunet_ch
     assert report.display_name("spatial-adapter") == "Spatial adapter"
     assert medseqft.display_name("lora", {"rank": 4}) == "LoRA (r=4)"  # the definition's label, the paper's r
     assert medseqft.display_name("full") == "FFT"  # the paper's own name for its row
-    from medadapt.benchmark.speed import run_bench_speed
+    from medadapt.benchmark.speed import SpeedRequest, run_bench_speed
 
     with pytest.raises(MedadaptError, match=r"--methods: unknown adapter\+cache; .*spatial-adapter\+cache"):
-        run_bench_speed(preset_name="cpu-tiny", methods=["adapter+cache"], memory=False, progress=False)
+        run_bench_speed(SpeedRequest(preset_name="cpu-tiny", methods=["adapter+cache"], memory=False), progress=False)
 
 
 def test_a_model_folder_rebuilds_a_methods_modules_through_its_definition(tiny_unet):

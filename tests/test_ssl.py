@@ -309,7 +309,7 @@ def test_swin_foundations(world, tmp_path):
     from medadapt.models import preset, save_model_folder
     from medadapt.models.network import seeded_network
     from medadapt.workflows.pretrain import PretrainRequest, pretrain, resolve_pretrain
-    from medadapt.workflows.ssl import pretrain_ssl_head
+    from medadapt.workflows.ssl import SslHeadRequest, pretrain_ssl_head
 
     mae = _swin_recipe("cpu-swin-mae-pretrain")
     pretrain(resolve_pretrain(PretrainRequest(world["src"], preset_name="cpu-swin", recipe=mae, objective="mae")), tmp_path / "mae",
@@ -324,7 +324,7 @@ def test_swin_foundations(world, tmp_path):
     spec = preset("cpu-swin", input_channels=1, num_classes=fm.network.num_classes)
     save_model_folder(tmp_path / "fm", seeded_network(spec, 0),
                       dataclasses.replace(fm, network=spec, provenance={}, path=None))
-    pretrain_ssl_head(tmp_path / "fm", world["src"], tmp_path / "fm-ssl", recipe=mae, progress=False)
+    pretrain_ssl_head(SslHeadRequest(tmp_path / "fm", world["src"], recipe=mae), tmp_path / "fm-ssl", progress=False)
     own = torch.load(tmp_path / "fm-ssl" / PRETEXT_FILE, weights_only=True)
     assert own["out.conv.conv.weight"].shape == (1, 12, 1, 1, 1)  # the reconstruction head: one output channel
     assert not any(k.startswith(("swinViT.", "encoder")) for k in own)

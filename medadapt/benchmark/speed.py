@@ -12,6 +12,7 @@ process's resident memory (sampled every millisecond) above what it was before t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import multiprocessing as mp
 import os
@@ -317,14 +318,35 @@ def speed_table(results: dict[str, dict[str, float]], memory: dict[str, int] | N
     return markdown_table(header, rows)
 
 
-def run_bench_speed(model: Path | None = None, preset_name: str | None = None, patch=None, batch=None,
-                    methods: Sequence[str] | None = None, iterations: int = 5, warmup: int = 2, memory: bool = True,
-                    device: str | None = None, as_json: bool = False, options: dict | None = None,
-                    progress: bool = True, against_nnunet: bool = False, precision: str = "auto") -> dict:
-    """The ``bench-speed`` command: time, measure memory, print a table (or JSON), return the results.
-    ``against_nnunet``: time medadapt's training step against nnU-Net's instead
-    (the ``nnunet`` speed reference of :mod:`medadapt.plugins`, :mod:`medadapt.nnunet.speed`; full and dgst, no memory measurement). ``precision``: the
-    engine's (auto: fp16 autocast + gradient scaler on CUDA, as nnU-Net's trainer; fp32 on the CPU)."""
+@dataclasses.dataclass(frozen=True)
+class SpeedRequest:
+    """What ``bench-speed`` measures: the network (a model folder, or a preset at ``patch`` and ``batch``), the
+    ``methods`` (default: every method that trains) with their ``options``, ``iterations`` timed after
+    ``warmup`` ones, peak memory (``memory``), on ``device`` at ``precision`` (auto: fp16 autocast + gradient
+    scaler on CUDA, as nnU-Net's trainer; fp32 on the CPU). ``against_nnunet``: time medadapt's training step
+    against nnU-Net's instead (the ``nnunet`` speed reference of :mod:`medadapt.plugins`,
+    :mod:`medadapt.nnunet.speed`; full and dgst, no memory measurement)."""
+
+    model: Path | None = None
+    preset_name: str | None = None
+    patch: Sequence[int] | None = None
+    batch: int | None = None
+    methods: Sequence[str] | None = None
+    iterations: int = 5
+    warmup: int = 2
+    memory: bool = True
+    device: str | None = None
+    options: dict | None = None
+    against_nnunet: bool = False
+    precision: str = "auto"
+
+
+def run_bench_speed(request: SpeedRequest, *, as_json: bool = False, progress: bool = True) -> dict:
+    """The ``bench-speed`` command: time, measure memory, print a table (or JSON), return the results."""
+    r = request
+    model, preset_name, patch, batch, methods = r.model, r.preset_name, r.patch, r.batch, r.methods
+    iterations, warmup, memory, device, options = r.iterations, r.warmup, r.memory, r.device, r.options
+    against_nnunet, precision = r.against_nnunet, r.precision
     from medadapt.engine.precision import resolve_precision
 
     import json

@@ -50,15 +50,17 @@ def add_bench_speed(p):
 
 
 def cmd_bench_speed(args) -> int:
-    from medadapt.benchmark.speed import run_bench_speed
+    from medadapt.benchmark.speed import SpeedRequest, run_bench_speed
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     # one set of option values for every method timed (each takes those of its own options)
     options = {k: v for per_method in every_method_options(args).values() for k, v in per_method.items()}
-    run_bench_speed(model=args.model, preset_name=args.preset, patch=args.patch, batch=args.batch, methods=methods,
-                    iterations=args.iterations, warmup=args.warmup, memory=not args.no_memory, device=args.device,
-                    as_json=args.json, options={k: v for k, v in options.items() if v is not None},
-                    progress=not args.quiet, precision=args.precision, against_nnunet=args.against_nnunet)
+    run_bench_speed(SpeedRequest(model=args.model, preset_name=args.preset, patch=args.patch, batch=args.batch,
+                                 methods=methods, iterations=args.iterations, warmup=args.warmup,
+                                 memory=not args.no_memory, device=args.device,
+                                 options={k: v for k, v in options.items() if v is not None},
+                                 precision=args.precision, against_nnunet=args.against_nnunet),
+                    as_json=args.json, progress=not args.quiet)
     return 0
 
 

@@ -52,11 +52,11 @@ def add_import_monai(p):
 
 
 def cmd_import_monai(args) -> int:
-    from medadapt.workflows.import_monai import import_monai, parse_arch_kwargs
+    from medadapt.workflows.import_monai import MonaiPipeline, import_monai, parse_arch_kwargs
 
-    folder = import_monai(args.checkpoint, args.out, args.labels, channel_names=args.channel_names,
-                          roi_size=args.roi_size, pixdim=args.pixdim, orientation=args.orientation,
-                          intensity_range=args.intensity_range, output_range=args.output_range,
+    pipeline = MonaiPipeline(roi_size=args.roi_size, pixdim=args.pixdim, orientation=args.orientation,
+                             intensity_range=args.intensity_range, output_range=args.output_range)
+    folder = import_monai(args.checkpoint, args.out, args.labels, pipeline=pipeline, channel_names=args.channel_names,
                           backbone_only=args.backbone_only, arch_kwargs=parse_arch_kwargs(args.arch_kwargs),
                           recipe=args.recipe, seed=args.seed)
     arch = folder.network.arch_kwargs

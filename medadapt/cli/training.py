@@ -79,12 +79,13 @@ def add_pretrain_ssl_head(p):
 
 def cmd_pretrain_ssl_head(args) -> int:
     from medadapt.engine.distributed import is_main
-    from medadapt.workflows.ssl import pretrain_ssl_head
+    from medadapt.workflows.ssl import SslHeadRequest, pretrain_ssl_head
 
-    folder = pretrain_ssl_head(args.model, args.data, args.out, epochs=args.epochs,
-                               iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed,
-                               resume=args.resume, progress=not args.quiet, recipe=args.recipe,
-                               sampling=args.sampling, engine=engine_options(args))
+    request = SslHeadRequest(args.model, args.data, recipe=args.recipe, epochs=args.epochs,
+                             iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, seed=args.seed,
+                             sampling=args.sampling)
+    folder = pretrain_ssl_head(request, args.out, resume=args.resume, progress=not args.quiet,
+                               engine=engine_options(args))
     if is_main():
         mask = folder.pretext["mask"]
         print(f"model folder with a masked-reconstruction pathway ({'x'.join(map(str, mask['block_size']))} blocks, "

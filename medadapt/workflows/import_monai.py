@@ -30,6 +30,7 @@ axis order. Differences that remain (medadapt's resampling and sliding window) a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -259,17 +260,30 @@ def _three(values: Sequence[float], option: str, kind=float) -> tuple:
     return tuple(kind(v) for v in values)
 
 
+@dataclasses.dataclass(frozen=True)
+class MonaiPipeline:
+    """The MONAI transforms a SwinUNETR was trained with (its data pipeline), which the model folder's
+    preprocessing reproduces: ``Orientationd(orientation)``, ``Spacingd(pixdim)``,
+    ``ScaleIntensityRanged(intensity_range -> output_range, clip)`` and the sliding-window ``roi_size``.
+    ``roi_size`` and ``pixdim`` are in MONAI's axis order (x, y, z after ``orientation``), as a MONAI pipeline
+    states them. Defaults: MONAI's BTCV tutorial."""
+
+    roi_size: Sequence[int] = (96, 96, 96)
+    pixdim: Sequence[float] = BTCV_PIXDIM
+    orientation: str = "RAS"
+    intensity_range: Sequence[float] = BTCV_INTENSITY_RANGE
+    output_range: Sequence[float] = (0.0, 1.0)
+
+
 def import_monai(checkpoint: str | Path, out: str | Path, labels: Sequence[str], *,
-                 channel_names: Sequence[str] | None = None, roi_size: Sequence[int] = (96, 96, 96),
-                 pixdim: Sequence[float] = BTCV_PIXDIM, orientation: str = "RAS",
-                 intensity_range: Sequence[float] = BTCV_INTENSITY_RANGE, output_range: Sequence[float] = (0.0, 1.0),
+                 pipeline: MonaiPipeline = MonaiPipeline(), channel_names: Sequence[str] | None = None,
                  backbone_only: bool = False, arch_kwargs: dict[str, Any] | None = None,
                  recipe: str | Path | None = DEFAULT_RECIPE, seed: int = 0,
                  file_ending: str = ".nii.gz") -> ModelFolder:
     """Write the medadapt model folder ``out`` for a MONAI SwinUNETR ``checkpoint``; returns it.
 
-    ``labels``: class names in output-channel order, background first. ``roi_size`` and ``pixdim`` are in MONAI's
-    axis order (x, y, z after ``orientation``), as a MONAI pipeline states them. ``backbone_only``: load the Swin
+    ``labels``: class names in output-channel order, background first. ``pipeline``: the MONAI transforms the
+    checkpoint was trained with (:class:`MonaiPipeline`). ``backbone_only``: load the Swin
     transformer only; the rest starts from MONAI's initialisation, seeded by ``seed``. ``arch_kwargs``: SwinUNETR
     constructor arguments the weights cannot tell (override the inferred ones). Every input is checked before
     ``out`` is created; ``out`` must not exist or be empty.
@@ -283,6 +297,8 @@ def import_monai(checkpoint: str | Path, out: str | Path, labels: Sequence[str],
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise MedadaptError(f"--labels {' '.join(labels)}: give two or more distinct names, one per output "
                             "channel, background first")
+    roi_size, pixdim, orientation = pipeline.roi_size, pipeline.pixdim, pipeline.orientation
+    intensity_range, output_range = pipeline.intensity_range, pipeline.output_range
     roi = _three(roi_size, "--roi-size", int)
     pixdim = _three(pixdim, "--pixdim")
     ranges = IntensityRange(a_min=float(intensity_range[0]), a_max=float(intensity_range[1]),

@@ -175,17 +175,32 @@ def pretext_network_from(folder: ModelFolder, foundation: dict[str, torch.Tensor
     return network
 
 
-def pretrain_ssl_head(model: str | Path, data: "str | Path | Sequence[str | Path]", out: str | Path,
-                      epochs: int | None = None, iterations_per_epoch: int | None = None, lr: float | None = None,
-                      seed: int = 0, resume: bool = False, progress: bool = True,
-                      recipe: "str | Path | Recipe | None" = None, sampling: str = "cases",
+@dataclasses.dataclass(frozen=True)
+class SslHeadRequest:
+    """A pretext pathway as asked for (:func:`pretrain_ssl_head`): masked-volume reconstruction added to the
+    supervised foundation ``model``, trained on the cases of ``data`` (labels unused) with the foundation's
+    encoder frozen. The settings come from ``recipe`` (default: the masked-reconstruction recipe of the preset
+    the foundation was pretrained with, else ``mae-nnssl``; its loss must be ``mae``), with ``epochs``,
+    ``iterations_per_epoch`` and ``lr`` overriding it where given; ``sampling`` as for pretraining."""
+
+    model: str | Path
+    data: "str | Path | Sequence[str | Path]"
+    recipe: "str | Path | Recipe | None" = None
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    sampling: str = "cases"
+
+
+def pretrain_ssl_head(request: SslHeadRequest, out: str | Path, *, resume: bool = False, progress: bool = True,
                       engine: EngineOptions | None = None) -> ModelFolder:
-    """Add a masked-volume reconstruction pathway to the supervised foundation ``model``, trained on the cases
-    of ``data`` with the foundation's encoder frozen; writes the foundation's model folder plus ``pretext.pt``
-    to ``out`` (module docstring). The settings come from ``recipe`` (default: the masked-reconstruction recipe
-    of the preset the foundation was pretrained with, else ``mae-nnssl``; its loss must be ``mae``), with
-    ``epochs``, ``iterations_per_epoch`` and ``lr`` overriding it where given. ``resume`` continues a killed
-    run in ``out`` (or returns the finished folder)."""
+    """Train the pretext pathway ``request`` asks for; writes the foundation's model folder plus ``pretext.pt``
+    to ``out`` (module docstring). ``resume`` continues a killed run in ``out`` (or returns the finished
+    folder)."""
+    r = request
+    model, data, epochs, iterations_per_epoch, lr = r.model, r.data, r.epochs, r.iterations_per_epoch, r.lr
+    seed, recipe, sampling = r.seed, r.recipe, r.sampling
     from medadapt.workflows.identity import check_identity, record_identity
 
     out = Path(out)
