@@ -55,7 +55,6 @@ from typing import Any
 
 import torch
 
-
 from medadapt.data.cache import preprocess_dataset
 from medadapt.data.dataset import RawDataset
 from medadapt.data.splits import Split, draw_shots
