@@ -19,7 +19,7 @@ PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
 # what the device image holds that medadapt uses (KINDS.md), installed into the check's venv from the index
 IMAGE="numpy scipy matplotlib pyyaml tqdm scikit-image scikit-learn pandas seaborn einops tifffile requests
-       pillow packaging"
+       pillow packaging msgpack httpx rich threadpoolctl typing-extensions py-cpuinfo timm"
 
 fetch() {  # the wheel list for Python $2 (x.y) into folder $1
     local dir=$1 version=$2
@@ -74,7 +74,7 @@ fetch)  # the device's Python is 3.12 (KINDS.md)
     fetch .whl 3.12
     du -sh .whl ;;
 check)  # the same list for this machine's Python, into a fresh venv that holds only the image's packages
-    python3 -m venv .devenv
+    [ -x .devenv/bin/python ] || python3 -m venv .devenv
     .devenv/bin/pip install -q "torch==2.13.0" $IMAGE
     wheels=$(mktemp -d)
     fetch "$wheels" "$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
