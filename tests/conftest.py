@@ -106,3 +106,18 @@ def segmentation_loss(model, batch):
     return DeepSupervisedDiceCE()(model(batch["image"]), batch["label"])
 
 
+
+
+def assert_refused_in_one_line(argv, out, expected: str, capsys) -> None:
+    """``medadapt argv`` (writing to ``out``) is refused: exit 2 (argparse's own or ours), one line on stderr
+    that contains ``expected`` and no traceback, and nothing written to ``out``."""
+    from medadapt.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own check of a flag's value
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()

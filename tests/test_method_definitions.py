@@ -16,6 +16,7 @@ from medadapt.cli import main
 from medadapt.errors import MedadaptError
 from medadapt.tuning import Method, get_method, make_strategy, method_names, methods
 from medadapt.tuning.registry import builtin_method_names, cli_options
+from tests.conftest import assert_refused_in_one_line
 
 ROOT = Path(medadapt.__file__).parent
 #: where a method may be named: its definition module, and the papers' benchmark definitions (their rows)
@@ -108,14 +109,7 @@ def test_bad_options_on_the_command_line_are_one_line_and_write_nothing(world, t
                             (["--method", "dgst", "--gamma", "0"], "--gamma 0: not an integer >= 1"),
                             (["--method", "spatial-adapter", "--adapter-kernel-size", "4"], "odd")):
         out = tmp_path / "out"
-        try:
-            code = main([*base, "--out", str(out), *extra])
-        except SystemExit as exc:  # argparse's own check of a flag's value
-            code = exc.code
-        assert code == 2
-        err = capsys.readouterr().err
-        assert expected in err and len(err.strip().splitlines()) == 1, err
-        assert not out.exists()
+        assert_refused_in_one_line([*base, "--out", str(out), *extra], out, expected, capsys)
 
 
 def test_a_grid_config_checks_method_options_by_the_definitions(world, tmp_path, capsys):

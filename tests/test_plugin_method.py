@@ -17,6 +17,7 @@ import yaml
 
 from medadapt import plugins
 from medadapt.cli import main
+from tests.conftest import assert_refused_in_one_line
 
 DOCS = Path(__file__).parent.parent / "docs" / "extending.md"
 NAME = "freeze-shallow"
@@ -114,14 +115,7 @@ def test_a_plugin_methods_bad_options_are_one_line(plugin, world, tmp_path, caps
     for extra, expected in ((["--method", NAME, "--freeze-shallow-frozen", "2"], "at most 1"),
                             (["--method", "full", "--freeze-shallow-frozen", "0.5"], f"{NAME} only")):
         out = tmp_path / f"bad{len(extra)}{extra[1]}"
-        try:
-            code = main([*base, "--out", str(out), *extra])
-        except SystemExit as exc:  # argparse's own check of a flag's value
-            code = exc.code
-        assert code == 2
-        err = capsys.readouterr().err
-        assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-        assert not out.exists()
+        assert_refused_in_one_line([*base, "--out", str(out), *extra], out, expected, capsys)
     # in the Python API and in a grid config alike
     from medadapt.errors import MedadaptError
     from medadapt.tuning import make_strategy

@@ -578,7 +578,7 @@ def _after_stream(run: StreamRun, tasks: list[TaskData], results) -> dict[str, A
 def _joint(run: StreamRun, tasks: list[TaskData]) -> list[dict[str, Any]]:
     """Joint multi-task training: M_0's encoder and decoder shared, a fresh head per task, each batch from one
     task drawn uniformly; then every task's network (shared weights + its head) is saved and evaluated. An
-    epoch of ``cases`` is one of the tasks' mean number of training cases."""
+    epoch of ``cases`` is one of the tasks' mean number of training cases (:func:`resolve_seqft`)."""
     from medadapt.data.sampling import TaskMixSampler
     from medadapt.models.multihead import TaskHeads
     from medadapt.tuning.multitask import JointTraining
@@ -593,8 +593,8 @@ def _joint(run: StreamRun, tasks: list[TaskData]) -> list[dict[str, Any]]:
     model = TaskHeads(nets[0], [model_parts(n).heads for n in nets])
     strategy = JointTraining()
     if not all((t.where / "task.json").is_file() for t in tasks):
-        config = for_cases(s.training, s.recipe, round(sum(len(t.shot_ids) for t in tasks) / len(tasks)))
-        trainer = Trainer(prepare_strategy(strategy, model, s.seed), strategy, TaskMixSampler(samplers), config,
+        # (an epoch of cases: resolve_seqft resolved it for the tasks' mean number of cases)
+        trainer = Trainer(prepare_strategy(strategy, model, s.seed), strategy, TaskMixSampler(samplers), s.training,
                           out / "joint" / "training", progress=run.progress, description="joint training",
                           engine=run.engine)
         atomic_write_json(out / "joint" / "training" / "history.json", trainer.fit(resume=True))
