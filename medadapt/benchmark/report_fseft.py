@@ -334,6 +334,21 @@ def fig2b(index: FseftIndex, path: Path) -> tuple[list[dict], Path | None]:
     return rows, save_figure(fig, path)
 
 
+def fig2b_table(rows: list[dict]) -> str:
+    """Fig. 2b's values as Markdown: task (and class where it differs), λ where the grid sweeps several, γ, DSC
+    (mean over seeds ± spread over seeds)."""
+    weights = any("weight" in r for r in rows)
+    head = ["task"] + (["λ"] if weights else []) + ["γ", "DSC (%)"]
+    body = []
+    for r in rows:
+        task = r["dataset"] if r["dataset"] == r["class"] else f"{r['dataset']} ({r['class']})"
+        dsc = MISSING if r["dsc_mean"] == "" else _fmt_avg(r["dsc_mean"], r["dsc_seed_std"] or 0.0, r["seeds"])
+        no_ti = r["margin"] == ""
+        body.append([task] + (["–" if no_ti else f"{r['weight']:g}"] if weights else [])
+                    + ["no TI" if no_ti else f"{r['margin']:g}", dsc])
+    return markdown_table(head, body)
+
+
 def qualitative_figure(index: FseftIndex, paths, path: Path) -> Path | None:
     """Rows: tasks (largest k, first seed); columns: the adapter without and with TI, on the same slice."""
     config = index.config
@@ -390,10 +405,7 @@ def write_report(config: GridConfig, workdir: str | Path, progress: bool = True)
         rows, png = fig2b(index, out / "fig2b.png")
         files["fig2b.csv"] = write_file(out / "fig2b.csv", csv_text(rows))
         sections.append(f"\n## Fig. 2b: TI margin γ at k={config.fseft['fig2b']['shots']}\n")
-        sections.append(markdown_table(["task", "γ", "DSC (%)"],
-                                       [[r["dataset"], "no TI" if r["margin"] == "" else r["margin"],
-                                         MISSING if r["dsc_mean"] == "" else f"{100 * r['dsc_mean']:.1f}"]
-                                        for r in rows]))
+        sections.append(fig2b_table(rows))
         if png:
             files["fig2b.png"] = png
             sections.append("\n![fig2b](fig2b.png)")
