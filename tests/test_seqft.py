@@ -460,6 +460,10 @@ def test_medseqft_with_an_mae_foundation(world, mae_foundation, tmp_path, capsys
     assert all(e["score"] == mds["scores"][e["case"]] for e in buffer["entries"][:2])
     seqft_id = json.loads((out / "seqft.json").read_text())
     assert (seqft_id["buffer"], seqft_id["retention"], seqft_id["kd_rank"]) == ("mds", "lora-kd", 2)
+    # the losses are kept once per (M_0, cases, R, seed) in the cache, for any other run of this stream
+    from medadapt.workflows.common import cache_root
+    stored = [json.loads(f.read_text()) for f in (cache_root() / "mds").glob("*.json")]
+    assert any(r["task"] == "tgt" and r["losses"] == mds["losses"] for r in stored)
     task2 = json.loads((out / "tasks" / "02-src" / "task.json").read_text())
     assert task2["seconds"]["stage1"] > 0 and task2["seconds"]["stage2"] > 0
     # a foundation without a pretext head cannot score cases: one line naming the fix
@@ -514,6 +518,43 @@ def test_bad_inputs(world, tmp_path, capsys):
     assert "--method 'nope'" in _err(capsys, ["seqft", stream, *run, "--method", "nope"])
     assert "--shots 40" in _err(capsys, ["seqft", stream, *run, "--method", "seq-ft", "--shots", "40"])
     assert not (tmp_path / "r").exists()  # nothing written for a refused run
+
+
+def test_mds_losses_are_computed_once_per_input(mae_foundation, tmp_path, monkeypatch):
+    """Runs that share M_0, a task's cases, R and the seed share its MDS losses: the second reads exactly what the
+    first computed, and the seconds that took; any other input (seed, R, task, a voxel, the foundation's
+    weights) is computed anew, and so is an unreadable file."""
+    import medadapt.sequential.mds_store as store_module
+    from medadapt.sequential.buffer import mds_losses
+    from medadapt.ssl import load_pretext
+
+    pretext = load_pretext(mae_foundation)
+    patch = pretext.patch_size
+    cases = [FakeCase(c, v, shape=tuple(patch)) for c, v in {"a": 0.3, "b": -0.2, "c": 0.1}.items()]
+    store = tmp_path / "mds"
+    first, seconds = store_module.stored_mds_losses(pretext, cases, "t", patch, 3, 0, store, progress=False)
+    fresh = mds_losses(pretext, cases, "t", patch, 3, seed=0, progress=False)
+    assert all(np.array_equal(first[c], fresh[c]) for c in fresh) and seconds > 0
+    calls = []
+    real = store_module.mds_losses
+    monkeypatch.setattr(store_module, "mds_losses", lambda *a, **k: calls.append(a) or real(*a, **k))
+    again, seconds_again = store_module.stored_mds_losses(pretext, cases, "t", patch, 3, 0, store, progress=False)
+    assert calls == [] and seconds_again == seconds
+    assert all(again[c].dtype == np.float64 and np.array_equal(again[c], first[c]) for c in first)
+    changed = [FakeCase("a", 0.3, shape=tuple(patch)), *cases[1:]]
+    changed[0].data[0, 0, 0, 0] += 1.0
+    other_weights = load_pretext(mae_foundation)
+    with torch.no_grad():
+        next(other_weights.network.parameters()).add_(1e-3)
+    for args in [(pretext, cases, "t", patch, 3, 1), (pretext, cases, "t", patch, 2, 0),
+                 (pretext, cases, "u", patch, 3, 0), (pretext, changed, "t", patch, 3, 0),
+                 (other_weights, cases, "t", patch, 3, 0)]:
+        store_module.stored_mds_losses(*args, store, progress=False)
+    assert len(calls) == 5 and len(list(store.glob("*.json"))) == 6
+    for f in store.glob("*.json"):  # a truncated file is computed again, not read
+        f.write_text(f.read_text()[:20])
+    store_module.stored_mds_losses(pretext, cases, "t", patch, 3, 0, store, progress=False)
+    assert len(calls) == 6
 
 
 def test_mds_stability_command(world, mae_foundation, tmp_path, capsys):

@@ -326,13 +326,18 @@ def table7(index: Index) -> tuple[str, list[dict], dict[str, Any]]:
         entry.update({"buffer_per_task_seconds": per_task[0], "buffer_per_task_seed_std": per_task[1]})
         mean, spread, k = mean_spread({s: v["total"] for s, v in per_seed.items()})
         ratio = mean_spread({s: v["total"] / fft[s] for s, v in per_seed.items() if fft.get(s)})
-        ratios[row.name] = ratio
-        line += [_fmt(mean, spread, k), _fmt(*ratio, 2)]
+        # the paper's Table VII counts FFT, KD-based FFT and LoRA-based KD: the same ratio without the buffer
+        paper = mean_spread({s: (v["total"] - v.get("buffer", 0.0)) / fft[s] for s, v in per_seed.items()
+                             if fft.get(s)})
+        ratios[row.name] = (ratio[0], paper[0])  # (with, without buffer selection)
+        line += [_fmt(mean, spread, k), _fmt(*ratio, 2), _fmt(*paper, 2)]
         entry.update({"total_seconds": mean, "total_seed_std": spread, "ratio_to_fft": ratio[0],
-                      "ratio_seed_std": ratio[1], "cells": index.cells_of(row.name)})
+                      "ratio_seed_std": ratio[1], "ratio_to_fft_paper_stages": paper[0],
+                      "ratio_paper_stages_seed_std": paper[1], "cells": index.cells_of(row.name)})
         body.append(line)
         csv_rows.append(entry)
-    header = ["Method", *[h + " (s)" for _, h in STAGES], "Buffer selection per task (s)", "Sum (s)", "× FFT"]
+    header = ["Method", *[h + " (s)" for _, h in STAGES], "Buffer selection per task (s)", "Sum (s)", "× FFT",
+              "× FFT without buffer selection"]
     return markdown_table(header, body), csv_rows, ratios
 
 
@@ -665,14 +670,17 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
     t7_md, t7_csv, ratios = table7(index)
     target = ""
     if "medseqft" in ratios and ratios["medseqft"][0] is not None:
-        r = ratios["medseqft"][0]
-        target = (f"\n\nMedSeqFT's training time is {r:.2f}× FFT's (the issue's target: at most 1.3×, "
-                  f"{'met' if r <= 1.3 else 'not met'}; the paper: 27.0 h / 21.1 h = 1.28×).")
+        r, paper = ratios["medseqft"][0], ratios["medseqft"][1]
+        target = (f"\n\nMedSeqFT's training time is {r:.2f}× FFT's, {paper:.2f}× without buffer selection (the "
+                  f"target: at most 1.3×, {'met' if r <= 1.3 else 'not met'}; the paper: 27.0 h / 21.1 h = 1.28×, "
+                  "whose Table VII has no buffer selection stage).")
     t7_note = ("Training seconds (iterations and batch sampling; no evaluation) summed over the stream's tasks, "
                "mean over seeds ± spread; × FFT: per seed the row's sum over FFT's sum (parallel fine-tuning of "
                "every task from M0). Buffer selection counts the buffers after tasks 1..n-1: the buffer after the "
                "stream's last task would serve no task, so it is not selected (a longer stream continuing the run "
-               "selects it then). Cells ran two at a time on a shared machine, so times carry its noise." + target)
+               "selects it then). MDS scoring is counted at what it cost when computed: runs that share M0, a task's "
+               "cases, R and the seed compute it once (medadapt.sequential.mds_store) and each counts its seconds. "
+               "Cells ran two at a time on a shared machine, so times carry its noise." + target)
     files["table7.md"] = write_file(out / "table7.md", t7_md + "\n\n" + t7_note + "\n")
     files["table7.csv"] = write_file(out / "table7.csv", csv_text(t7_csv))
     sections += ["\n## Table VII: training time per stage ([md](table7.md), [csv](table7.csv))\n", t7_md, "",

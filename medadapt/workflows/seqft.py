@@ -66,7 +66,8 @@ from medadapt.models import ModelFolder, load_model_folder, save_model_folder
 from medadapt.models.model_folder import output_channels
 from medadapt.models.parts import model_parts
 from medadapt.sequential.buffer import (SELECTIONS, BufferEntry, buffer_record, buffer_stability,
-                                        check_buffer_size, lowest, mds_losses, random_pick, settled_repeats)
+                                        check_buffer_size, lowest, random_pick, settled_repeats)
+from medadapt.sequential.mds_store import stored_mds_losses
 from medadapt.sequential.stream import Stream, StreamTask, load_stream
 from medadapt.tuning import FullFineTuning, make_strategy, method_names
 from medadapt.tuning.distill import EncoderLoRADistillation, FeatureDistillation, KDFineTuning, frozen_copy
@@ -74,7 +75,7 @@ from medadapt.utils.atomic import atomic_write_json, atomic_write_text
 from medadapt.utils import seeds
 from medadapt.utils.hashing import stable_hash
 from medadapt.utils.lock import locks_folder
-from medadapt.workflows.common import dataset_cache_dir, environment, model_fingerprint
+from medadapt.workflows.common import cache_root, dataset_cache_dir, environment, model_fingerprint
 from medadapt.workflows.finetune import DEFAULT_RECIPE, decoder_policy, load_foundation, predict_and_evaluate
 from medadapt.workflows.identity import first_difference, settings_digest
 from medadapt.workflows.training import (for_cases, prepare_network, prepare_strategy, recipe_sampler,
@@ -724,10 +725,13 @@ def _grow_buffer(run: StreamRun, t: TaskData, cases, entries: list[BufferEntry])
     over R maskings, recorded in ``mds.json``; random: a seeded draw). Returns (entries, MDS summary, seconds)."""
     settings, seed, name = run.settings.sequence, run.settings.seed, t.task.name
     t0 = time.perf_counter()
-    mds_summary = None
+    mds_summary, scoring = None, 0.0
     if settings.buffer == "mds":
-        losses = mds_losses(run.pretext, cases, name, run.pretext.patch_size, settings.mds_repeats,
-                            seed=seed, progress=run.progress)
+        # scored once per (M_0, cases, R, seed): another run of the same stream reuses them (and their seconds)
+        t_scoring = time.perf_counter()
+        losses, scoring = stored_mds_losses(run.pretext, cases, name, run.pretext.patch_size, settings.mds_repeats,
+                                            seed, cache_root() / "mds", progress=run.progress)
+        t0 += time.perf_counter() - t_scoring  # counted as the computation's own seconds (scoring)
         scores = {c: float(v.mean()) for c, v in losses.items()}
         picked = lowest(scores, settings.buffer_size)
         # the buffer of the first r maskings for r = 1, 2, 4, ..., R: where this run's buffer settled
@@ -743,7 +747,7 @@ def _grow_buffer(run: StreamRun, t: TaskData, cases, entries: list[BufferEntry])
         new = [BufferEntry(name, c, scores[c]) for c in picked]
     else:
         new = [BufferEntry(name, c, None) for c in random_pick(t.shot_ids, settings.buffer_size, seed, t.index)]
-    return list(entries) + new, mds_summary, time.perf_counter() - t0
+    return list(entries) + new, mds_summary, scoring + time.perf_counter() - t0
 
 
 def _complete_buffer(run: StreamRun, t: TaskData, record: dict[str, Any]) -> dict[str, Any]:
