@@ -370,3 +370,44 @@ def test_resume_reruns_only_the_deleted_cell(quick_grid, capsys):
     assert main(["bench", "medseqft-quick", "--report", "--quiet", "--workdir", str(workdir)]) == 0
     assert main(["bench", "medseqft", "--list", "--workdir", str(workdir / "none")]) == 0
     assert "0/48 cells finished" in capsys.readouterr().out
+
+
+def test_retime_reruns_cells_alone_and_checks_their_numbers(quick_grid, capsys):
+    config, workdir, _ = quick_grid
+    committed = {p: p.read_bytes() for p in (workdir / "cells").glob("**/cell.json")}
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "medseqft-quick", "--workdir", str(workdir), "--retime", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(workdir / "table7-idle.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["row"] for r in rows] == ["full", "medseqft"] and {r["threads"] for r in rows} == {"1"}
+    # one thread, as the grid's cells: the re-run reproduces every number of the committed record
+    assert [r["same_numbers_as_record"] for r in rows] == ["True", "True"], rows
+    fft, medseqft = rows
+    assert float(fft["ratio_to_fft"]) == 1.0 and fft["buffer_seconds"] == ""
+    for stage in ("first", "later", "lora_kd", "buffer"):  # MDS computed afresh: its time is this run's
+        assert float(medseqft[f"{stage}_seconds"]) > 0, stage
+    total = sum(float(medseqft[f"{s}_seconds"]) for s in ("first", "later", "lora_kd", "buffer"))
+    assert float(medseqft["total_seconds"]) == pytest.approx(total)
+    assert float(medseqft["ratio_to_fft"]) == pytest.approx(total / float(fft["total_seconds"]))
+    text = (workdir / "table7-idle.md").read_text()
+    assert "MedSeqFT's training time on idle cores is" in text and "Where MedSeqFT's time goes" in text
+    assert list((workdir / "retime" / "cells" / "stream").iterdir())  # the re-runs live apart from the records
+    assert {p: p.read_bytes() for p in (workdir / "cells").glob("**/cell.json")} == committed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["medseqft-quick", "--retime", "full,nope"], "nope is not a stream row"),
+    (["medseqft-quick", "--retime", "medseqft"], "must include full"),
+    (["medseqft-quick", "--retime", "--retime-seed", "7"], "--retime-seed: 7 is not a seed"),
+    (["medseqft-quick", "--retime"], "not finished in"),
+    (["medseqft-quick", "--threads", "2"], "add --retime"),
+    (["medseqft-quick", "--retime", "--list"], "--retime runs on its own"),
+    (["quick", "--retime"], "belongs to MedSeqFT grids"),
+])
+def test_retime_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert main(["bench", *argv, "--workdir", str(tmp_path / "grid")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medadapt bench: error: ") and message in err and len(err.splitlines()) == 1

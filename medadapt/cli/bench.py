@@ -104,6 +104,17 @@ def add_bench(p):
                    help="run the cells with K shots before the others (only the order changes: a grid that may "
                         "not finish in the time at hand completes one group of Table 1 first; DGST and FSEFT "
                         "grids)")
+    p.add_argument("--retime", nargs="?", const="full,medseqft", default=None, metavar="ROWS",
+                   help="MedSeqFT grids: Table VII on idle cores. Re-run these finished stream rows' cells of one "
+                        "seed (comma-separated, FFT's 'full' among them; default full,medseqft) one at a time in "
+                        "<workdir>/retime/, MDS computed afresh, and write <workdir>/table7-idle.md/.csv: seconds "
+                        "by stage beside the grid's record, x FFT, and whether the numbers equal the record's. "
+                        "Run it with nothing else running on the machine")
+    p.add_argument("--retime-seed", type=int, default=None, metavar="SEED",
+                   help="--retime: the seed whose cells are re-run (default the grid's first)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="--retime: threads per re-run cell (default the config's ray.cpus_per_cell, as the grid's "
+                        "workers ran them)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return cmd_bench
 
@@ -114,6 +125,13 @@ def cmd_bench(args) -> int:
 
     benchmark, config = benchmarks.load(args.config)
     workdir = args.workdir or default_workdir(config)
+    if args.retime is None and (args.retime_seed is not None or args.threads is not None):
+        raise MedadaptError("--retime-seed/--threads: they set up --retime; add --retime (or leave them out)")
+    if args.retime is not None and benchmark.name != "medseqft":
+        raise MedadaptError(f"--retime: Table VII (MedSeqFT against FFT) belongs to MedSeqFT grids; "
+                            f"{args.config!r} is a {benchmark.name} grid")
+    if args.retime is not None and (args.report or args.list or args.ray):
+        raise MedadaptError("--retime runs on its own: leave out --report, --list and --ray")
     if args.list:
         cells, where = list_cells(benchmark, config, workdir)
         for cell, status, reason in cells:
@@ -122,6 +140,15 @@ def cmd_bench(args) -> int:
         print(f"{sum(status == 'done' for _, status, _ in cells)}/{len(cells)} cells finished in {where}"
               + (f"; {stale} stale (re-run by 'medadapt bench {config.cli_argument}' with this --workdir)"
                  if stale else ""))
+        return 0
+    if args.retime is not None:
+        from medadapt.benchmark.retime_medseqft import retime
+
+        rows = [r.strip() for r in args.retime.split(",") if r.strip()]
+        result = retime(benchmark, config, workdir, rows, seed=args.retime_seed, threads=args.threads,
+                        progress=not args.quiet)
+        if not args.quiet:
+            print(Path(result["files"]["md"]).read_text())
         return 0
     if args.report:
         benchmark.report(config, workdir, progress=not args.quiet)
