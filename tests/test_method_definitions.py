@@ -23,7 +23,7 @@ ROOT = Path(medadapt.__file__).parent
 DEFINITIONS = {"tuning/dense.py", "tuning/subset.py", "tuning/sparse.py", "tuning/lowrank.py", "tuning/spatial.py"}
 PAPERS = {"benchmark/grid.py", "benchmark/config.py", "benchmark/report.py", "benchmark/report_fseft.py",
           "benchmark/runner.py", "benchmark/medseqft.py", "benchmark/report_medseqft.py",
-          "benchmark/runner_medseqft.py"}
+          "benchmark/runner_medseqft.py", "benchmark/retime_medseqft.py"}
 #: the same word, not a method: (file, word) -> what it is
 NOT_A_METHOD = {("tuning/delta.py", "full"): "a delta entry that holds the whole tensor",
                 ("models/parts.py", "bias"): "a layer's bias attribute",
