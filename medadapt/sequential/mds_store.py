@@ -27,6 +27,7 @@ import torch
 
 from medadapt.sequential.buffer import mds_losses
 from medadapt.utils.atomic import atomic_write_json
+from medadapt.utils.digests import update_with_state_dict
 
 FORMAT = "medadapt-mds-losses/1"
 
@@ -38,9 +39,7 @@ def mds_digest(pretext, cases: Sequence[Any], task: str, patch: Sequence[int], r
                          "seed": int(seed), "objective": pretext.objective, "mask": repr(pretext.mask),
                          "network": pretext.spec.to_dict(), "device": str(pretext.device), "torch": torch.__version__,
                          "threads": torch.get_num_threads()}, sort_keys=True).encode())
-    for name, tensor in sorted(pretext.network.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    update_with_state_dict(h, pretext.network.state_dict())
     for case in cases:
         data = np.ascontiguousarray(case.data)
         h.update(json.dumps([case.case_id, str(data.dtype), list(data.shape),

@@ -28,6 +28,16 @@ def files_digest(root: Path, files: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def update_with_state_dict(h, state) -> None:
+    """Feed a state dict (``{name: tensor}``) into the hash object ``h``: each name, then its tensor's raw bytes,
+    in name order (a model's weights as bytes, wherever they were loaded from)."""
+    import torch
+
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
 def dataset_digest(folder: str | Path) -> str:
     """SHA-256 of a dataset folder's files (names and bytes; hidden files such as locks and markers left out)."""
     root = Path(folder)

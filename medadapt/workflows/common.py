@@ -15,6 +15,7 @@ import torch
 
 import medadapt
 from medadapt.errors import MedadaptError
+from medadapt.utils.digests import update_with_state_dict
 
 
 def cache_root() -> Path:
@@ -70,9 +71,7 @@ def model_fingerprint(folder, state: dict[str, torch.Tensor]) -> str:
     """SHA-1 of a model folder's network (architecture, extensions) and its weights ``state`` (the folder's
     loaded state dict): which foundation a run started from, whatever path it was found under."""
     digest = hashlib.sha1(json.dumps([folder.network.to_dict(), folder.extensions], sort_keys=True).encode())
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    update_with_state_dict(digest, state)
     return digest.hexdigest()[:16]
 
 
