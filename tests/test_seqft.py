@@ -366,8 +366,15 @@ def test_a_streams_first_task_trains_as_finetune_does(world, tmp_path):
     PyTorch's head initialisation, no deep supervision, full fine-tuning's own lr and patches per case, an epoch
     of ``cases``), a seq-ft stream's first task (full fine-tuning from M_0) and ``finetune --method full`` train
     bit-identical weights for one seed and one case."""
-    common = ["--model", str(world["fm"]), "--recipe", "fseft-paper", "--shots", "1", "--seed", "3", "--epochs",
-              "2", "--quiet"]
+    from importlib import resources
+
+    import yaml
+
+    recipe = yaml.safe_load((resources.files("medadapt.engine") / "recipes" / "fseft-paper.yaml").read_text())
+    recipe.update(name="fseft-paper-tiny", patch_size=[16, 32, 32])  # the tiny network's patch, not 96^3
+    (tmp_path / "fseft-tiny.yaml").write_text(yaml.safe_dump(recipe))
+    common = ["--model", str(world["fm"]), "--recipe", str(tmp_path / "fseft-tiny.yaml"), "--shots", "1", "--seed",
+              "3", "--epochs", "2", "--quiet"]
     seq, fine = tmp_path / "seq", tmp_path / "fine"
     assert main(["seqft", str(_stream(world, tmp_path, ("tgt",))), "--out", str(seq), "--method", "seq-ft",
                  *common]) == 0
