@@ -265,19 +265,24 @@ def table6(index: Index) -> tuple[str, list[dict]]:
     for task in config.unseen:
         groups = [([c], c) for c in task.labels] + ([(list(task.labels), "mean")] if len(task.labels) > 1 else [])
         columns, header = [], ["Method"]
+        # † where some cell of the row had not levelled off (its fine-tuning's stored curve and schedule)
+        dagger = {r: " †" if any(record_levelled_off(x) is False for x in index.unseen.get((task.name, r), [])
+                                 if x.get("loss_curve")) else "" for r in config.unseen_rows}
         for classes, label in groups:
             for metric, h, higher in METRICS:
                 values = {r: index.unseen_values(task.name, r, metric, classes) for r in config.unseen_rows}
                 summary = {r: mean_spread(per_seed_means(v)) for r, v in values.items()}
                 marks = _marks({r: s[0] for r, s in summary.items()}, values, higher)
-                columns.append([mark_text(_fmt(*summary[r], values=values[r]), marks[r]) for r in config.unseen_rows])
+                columns.append([mark_text(_fmt(*summary[r], values=values[r]), marks[r]) + dagger[r]
+                                for r in config.unseen_rows])
                 header.append(f"{label} {h}")
                 for r in config.unseen_rows:
                     mean, spread, k = summary[r]
                     csv_rows.append({"task": task.name, "class": label, "row": r,
                                      "method": unseen_row_name(config, r), "metric": metric, "mean": mean,
                                      "seed_std": spread, "n_seeds": k, "mark": marks[r],
-                                     "cells": [x["id"] for x in index.unseen.get((task.name, r), [])]})
+                                     "cells": [x["id"] for x in index.unseen.get((task.name, r), [])],
+                                     "levelled_off": not dagger[r]})
         body = [[unseen_row_name(config, r)] + [col[i] for col in columns] for i, r in enumerate(config.unseen_rows)]
         parts.append(f"**{task.name}** ({', '.join(task.labels)})\n\n" + markdown_table(header, body))
     return "\n\n".join(parts), csv_rows
@@ -663,6 +668,7 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
         sections += ["\n## MDS: where each buffer settled ([md](mds.md), [csv](mds.csv))\n", mds_note, "", mds_md]
     if config.unseen_rows:
         t6_md, t6_csv = table6(index)
+        t6_md += "\n\n" + CONVERGENCE_LEGEND
         files["table6.md"] = write_file(out / "table6.md", t6_md + "\n\n" + FOOTNOTE + "\n")
         files["table6.csv"] = write_file(out / "table6.csv", csv_text(t6_csv))
         sections += ["\n## Table VI: unseen tasks, from M0 and from the refined M_n ([md](table6.md), "

@@ -88,7 +88,7 @@ def add_bench(p):
                                   "cluster; fseft: the FSEFT paper's Table 1 and Fig. 2a/2b as its authors ran "
                                   "them, 471 cells, ~21 h; fseft-cpu: the same on 3 tasks and 2 seeds, 172 cells, "
                                   "~6.5 h; fseft-quick: ~1 min; medseqft: MedSeqFT's tables on the synthetic CT "
-                                  "stream, 48 cells, 3-7 h with --ray local; medseqft-quick: ~1.5 min) or a "
+                                  "stream, 48 cells, ~4 h with --ray local; medseqft-quick: ~1.5 min) or a "
                                   "YAML grid config, also on your own data and foundation (data: an nnU-Net raw "
                                   "dataset, model: a trained model; docs/benchmark.md)")
     p.add_argument("--workdir", type=Path, default=None,
