@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import math
 import os
 import platform
 import shutil
@@ -59,7 +60,7 @@ def differing_fields(old: Any, new: Any, where: str = "") -> list[str]:
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b)):
                 walk(x, y, f"{at}[{i}]")
-        elif a != b and not (isinstance(a, float) and isinstance(b, float) and a != a and b != b):  # NaN == NaN
+        elif a != b and not (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)):
             out.append(at or "(record)")
 
     walk(old, new, where)
