@@ -20,7 +20,6 @@ import dataclasses
 import datetime as _dt
 import math
 import os
-import platform
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from medadapt.benchmark.tables import csv_text, write_file
 from medadapt.errors import MedadaptError
 from medadapt.utils.lock import folder_lock
 from medadapt.utils.tables import markdown_table
+from medadapt.workflows.common import cpu_model
 
 #: the rows the paper's Table VII compares
 DEFAULT_ROWS = ("full", "medseqft")
@@ -82,16 +82,6 @@ def _environ(name: str, value: str):
 
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def select_cells(benchmark: Benchmark, config: MedseqftConfig, paths, rows: list[str], seed: int) -> list:
@@ -196,7 +186,7 @@ def _write(config: MedseqftConfig, workdir: Path, results: list, kinds: dict[str
     lines = [f"Table VII on idle cores: seed {results[0][0].seed if results else '–'}'s cells re-run one at a time "
              f"(`medadapt bench {config.cli_argument} --retime {','.join(c.row for c, _, _ in results)}`), "
              f"{when}; medadapt commit {env.get('medadapt_commit', '?')}, torch {env.get('torch', '?')}; "
-             f"{_cpu_model()}, {os.cpu_count()} CPU cores, {threads} thread(s) per cell as the grid's workers; "
+             f"{cpu_model()}, {os.cpu_count()} CPU cores, {threads} thread(s) per cell as the grid's workers; "
              f"1-minute load average {load['before']:.2f} before the first run, {load['after']:.2f} after the last "
              "(a run on one thread shows as ~1).", "",
              markdown_table(header, body), "",

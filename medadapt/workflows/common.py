@@ -39,10 +39,26 @@ def environment() -> dict:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        # the instruction set PyTorch's CPU kernels dispatch to (AVX2, AVX512, ...): float results are
+        # reproducible bit for bit only where it is the same (BENCHMARKS.md, MedSeqFT's Table VII on idle cores)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` says)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _git(repo: Path, *args: str) -> str:
