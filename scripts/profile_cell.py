@@ -42,7 +42,9 @@ def main() -> None:
         benchmark.prepare(config, paths, progress=True)
     if not args.cell:
         return
-    cell = next(c for c in benchmark.cells(config, input_digests(paths)) if args.cell in c.cell_id)
+    cell = next((c for c in benchmark.cells(config, input_digests(paths)) if args.cell in c.cell_id), None)
+    if cell is None:
+        parser.error(f"no cell of {args.grid} has {args.cell!r} in its id ('medadapt bench {args.grid} --list')")
     print(f"cell {cell.cell_id} (committed: {(source / 'cells' / cell.cell_id / 'cell.json').is_file()})")
     shutil.rmtree(paths.cell_dir(cell.cell_id), ignore_errors=True)
     prepare_worker(1)

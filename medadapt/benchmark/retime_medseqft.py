@@ -15,7 +15,6 @@ the record reproduces bit for bit here).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import math
@@ -29,6 +28,7 @@ from medadapt.benchmark.medseqft import MedseqftConfig
 from medadapt.benchmark.report_medseqft import STAGES, stage_seconds
 from medadapt.benchmark.tables import csv_text, write_file
 from medadapt.errors import MedadaptError
+from medadapt.utils.environ import environment_variables
 from medadapt.utils.lock import folder_lock
 from medadapt.utils.tables import markdown_table
 from medadapt.workflows.common import cpu_model
@@ -67,30 +67,17 @@ def differing_fields(old: Any, new: Any, where: str = "") -> list[str]:
     return out
 
 
-@contextlib.contextmanager
-def _environ(name: str, value: str):
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
-
-
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
 def select_cells(benchmark: Benchmark, config: MedseqftConfig, paths, rows: list[str], seed: int) -> list:
     """The stream cells of ``rows`` and ``seed``, in ``rows``' order; each must be a row of the grid and finished."""
-    kinds = {r.name: r.kind for r in config.rows}
-    unknown = [r for r in rows if r not in kinds]
+    names = [r.name for r in config.rows]
+    unknown = [r for r in rows if r not in names]
     if unknown:
         raise MedadaptError(f"--retime: {', '.join(unknown)} is not a stream row of grid {config.name!r}; its rows: "
-                            f"{', '.join(kinds)}")
+                            f"{', '.join(names)}")
     if "full" not in rows:
         raise MedadaptError("--retime: the rows must include full (FFT): Table VII's ratios are to FFT's time")
     if seed not in config.seeds:
@@ -129,7 +116,6 @@ def retime(benchmark: Benchmark, config: MedseqftConfig, workdir: str | Path, ro
                                 f"'medadapt bench {config.cli_argument} --list' says why")
         scratch = Path(paths.workdir) / RETIME_DIR
         here = dataclasses.replace(paths, workdir=str(scratch))
-        kinds = {r.name: r.kind for r in config.rows}
         before_threads = torch.get_num_threads()
         load = {"before": os.getloadavg()[0]}
         results = []
@@ -142,18 +128,18 @@ def retime(benchmark: Benchmark, config: MedseqftConfig, workdir: str | Path, ro
                 if progress:
                     print(f"retime: {cell.cell_id} alone on {threads} thread(s) -> {here.cell_dir(cell.cell_id)}",
                           flush=True)
-                with _environ("MEDADAPT_CACHE", str(cache)):
+                with environment_variables({"MEDADAPT_CACHE": str(cache)}):
                     record = benchmark.run_cell(cell, here, executor={"kind": "retime"}, progress=progress)
                 committed = load_cell_record(paths, cell)
                 results.append((cell, record, committed))
         finally:
             torch.set_num_threads(before_threads)
         load["after"] = os.getloadavg()[0]
-        return _write(config, Path(paths.workdir), results, kinds, threads, load)
+        return _write(config, Path(paths.workdir), results, threads, load)
 
 
-def _write(config: MedseqftConfig, workdir: Path, results: list, kinds: dict[str, str], threads: int,
-           load: dict[str, float]) -> dict[str, Any]:
+def _write(config: MedseqftConfig, workdir: Path, results: list, threads: int, load: dict[str, float]
+           ) -> dict[str, Any]:
     fft = {"now": None, "grid": None}
     for cell, record, committed in results:
         if cell.row == "full":
@@ -162,13 +148,14 @@ def _write(config: MedseqftConfig, workdir: Path, results: list, kinds: dict[str
     body, csv_rows = [], []
     shares = None
     for cell, record, committed in results:
-        now, grid = stage_seconds(record, kinds[cell.row]), stage_seconds(committed, kinds[cell.row])
+        row = config.row(cell.row)
+        now, grid = stage_seconds(record, row.kind), stage_seconds(committed, row.kind)
         ratio = now["total"] / fft["now"] if fft["now"] else None
         paper = (now["total"] - now.get("buffer", 0.0)) / fft["now"] if fft["now"] else None
         grid_ratio = grid["total"] / fft["grid"] if fft["grid"] else None
         diff = differing_fields(committed, record)
         same = "yes" if not diff else f"no ({len(diff)} values: {', '.join(diff[:3])}{', …' if len(diff) > 3 else ''})"
-        display = next(r.display for r in config.rows if r.name == cell.row)
+        display = row.display
         body.append([display, *[_fmt(now.get(k)) for k, _ in STAGES], _fmt(now["total"]), _fmt(ratio, 2),
                      _fmt(paper, 2), _fmt(grid["total"]), _fmt(grid_ratio, 2), same])
         entry = {"row": cell.row, "method": display, "seed": cell.seed, "cell": cell.cell_id, "threads": threads,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from medadapt.errors import MedadaptError
+from medadapt.utils.environ import environment_variables
 
 #: environment variable -> medadapt option that sets it
 PATH_VARIABLES = {"nnUNet_raw": "--nnunet-raw", "nnUNet_preprocessed": "--nnunet-preprocessed",
@@ -73,15 +74,9 @@ def require_paths(*names: str) -> dict[str, Path]:
 def temporary_environment(values: dict[str, str]):
     """Set environment variables (nnU-Net's path variables) for the block; restore them, and torch's thread
     count (nnU-Net's planner and trainer change it), afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
     threads = torch.get_num_threads()
-    os.environ.update(values)
     try:
-        yield
+        with environment_variables(values):
+            yield
     finally:
         torch.set_num_threads(threads)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
