@@ -60,3 +60,49 @@ def cmd_synth(args) -> int:
     path = write_dataset(spec, args.out, num_cases=args.cases, seed=args.seed, progress=not args.quiet)
     print(f"wrote {args.cases} cases of domain {args.domain!r} to {path}")
     return 0
+
+
+@commands.command("import-openkbp", "OpenKBP's head-and-neck CT and contours (CSV) -> nnU-Net v2 raw dataset",
+                  "Convert the OpenKBP challenge's provided-data (github.com/ababier/open-kbp: train-pats, "
+                  "validation-pats, test-pats; sparse CSV on a 128^3 grid) into an nnU-Net v2 raw dataset: CT in HU "
+                  "(stored values clipped to 0..4095, minus 1000; outside the body is air), spacing from "
+                  "voxel_dimensions.csv, one label map of the chosen structures (the structure named first keeps "
+                  "the voxels where they overlap; what each gave up is recorded), annotated_classes.json where a "
+                  "patient lacks some of them (partial labels: unknown, not background), the challenge's split "
+                  "(splits_final.json: fold 0 train->validation, fold 1 validation->test; openkbp_sets.json) and "
+                  "the record openkbp_import.json. Patients without ct.csv are listed and skipped; a damaged file "
+                  "is one error and nothing is written (docs/benchmark.md, 'Real CT: OpenKBP').")
+def add_import_openkbp(p):
+    from medadapt.data.openkbp import STRUCTURES
+
+    p.add_argument("provided_data", type=Path, metavar="PROVIDED_DATA",
+                   help="OpenKBP's provided-data folder (holds train-pats, validation-pats, test-pats)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="dataset folder to write (new or empty), e.g. $nnUNet_raw/Dataset600_OpenKBP_OARs")
+    p.add_argument("--structures", default=None, metavar="A,B,...",
+                   help="the structures to label, in priority order (label ids follow it; where they overlap the "
+                        f"first named keeps the voxel); default all: {','.join(STRUCTURES)}")
+    p.add_argument("--sets", default=None, metavar="SET,...",
+                   help="the challenge's sets to import: train, validation, test (default all three)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return cmd_import_openkbp
+
+
+def cmd_import_openkbp(args) -> int:
+    import sys
+
+    from medadapt.data.openkbp import MAPPING_JSON, SPLITS_FILE, import_openkbp, parse_sets, parse_structures
+
+    structures, sets = parse_structures(args.structures), parse_sets(args.sets)
+    result = import_openkbp(args.provided_data, args.out, structures, sets, progress=not args.quiet)
+    for w in result.warnings:
+        print(f"medadapt import-openkbp: warning: {w}", file=sys.stderr)
+    labels = ", ".join(f"{k}={v}" for k, v in result.labels.items() if v)
+    counts = ", ".join(f"{s} {sum(1 for c in result.training if result.sets[c] == s)}" for s in sets)
+    print(f"wrote {len(result.training)} labelled case(s) to {result.out} ({counts}; labels {labels})")
+    if result.unlabelled:
+        print(f"{len(result.unlabelled)} case(s) with none of the structures went to imagesTs: "
+              f"{', '.join(result.unlabelled)}")
+    print(f"the challenge's split: {result.out / SPLITS_FILE} (fold 0 train->validation, fold 1 validation->test); "
+          f"per case: {result.out / MAPPING_JSON}")
+    return 0
