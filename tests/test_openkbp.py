@@ -155,3 +155,24 @@ def test_not_openkbp_and_existing_output(provided, tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("x")
     assert main(["import-openkbp", str(provided), "--out", str(tmp_path / "full"), "--quiet"]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_crop_body_keeps_world_positions_and_every_contour(provided, tmp_path):
+    full, crop = tmp_path / "full", tmp_path / "crop"
+    common = ["--structures", "LeftParotid,Mandible", "--sets", "train", "--quiet"]
+    assert main(["import-openkbp", str(provided), "--out", str(full), *common]) == 0
+    assert main(["import-openkbp", str(provided), "--out", str(crop), "--crop", "body", *common]) == 0
+    for case in ("pt_001", "pt_002"):
+        a_img, b_img = (read_image(d / "imagesTr" / f"{case}_0000.nii.gz") for d in (full, crop))
+        a_lab, b_lab = (read_label(d / "labelsTr" / f"{case}.nii.gz") for d in (full, crop))
+        assert np.prod(b_img.array.shape) < np.prod(a_img.array.shape) / 10
+        assert a_lab.array.sum() == b_lab.array.sum()  # every contour voxel kept (outside the body too)
+
+        def world(vol, mask):
+            z, y, x = np.argwhere(mask).T
+            return np.sort((vol.affine @ np.stack([x, y, z, np.ones_like(x)]).astype(float))[:3].T, axis=0)
+
+        np.testing.assert_allclose(world(a_lab, a_lab.array > 0), world(b_lab, b_lab.array > 0))
+        np.testing.assert_allclose(world(a_img, a_img.array == 40), world(b_img, b_img.array == 40))
+    box = json.loads((crop / "openkbp_import.json").read_text())["cases"][0]["crop_zyx"]
+    assert all(lo >= 0 and hi <= 128 for lo, hi in box)

@@ -84,6 +84,11 @@ def add_import_openkbp(p):
                         f"first named keeps the voxel); default all: {','.join(STRUCTURES)}")
     p.add_argument("--sets", default=None, metavar="SET,...",
                    help="the challenge's sets to import: train, validation, test (default all three)")
+    p.add_argument("--crop", choices=("none", "body"), default="none",
+                   help="body: write each case cropped to the box of its body (the largest connected region above "
+                        "-500 HU, every contour inside, 4 voxels wider; world positions kept), leaving out the air "
+                        "around the patient that is three quarters of OpenKBP's grid (what the openkbp-* grids "
+                        "use); none (default): OpenKBP's whole 128^3 grid")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return cmd_import_openkbp
 
@@ -94,7 +99,8 @@ def cmd_import_openkbp(args) -> int:
     from medadapt.data.openkbp import MAPPING_JSON, SPLITS_FILE, import_openkbp, parse_sets, parse_structures
 
     structures, sets = parse_structures(args.structures), parse_sets(args.sets)
-    result = import_openkbp(args.provided_data, args.out, structures, sets, progress=not args.quiet)
+    result = import_openkbp(args.provided_data, args.out, structures, sets, progress=not args.quiet,
+                            crop=args.crop)
     for w in result.warnings:
         print(f"medadapt import-openkbp: warning: {w}", file=sys.stderr)
     labels = ", ".join(f"{k}={v}" for k, v in result.labels.items() if v)
