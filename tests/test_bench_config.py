@@ -128,11 +128,19 @@ def test_grid_on_real_data_and_a_given_foundation_runs_to_its_report(make, raw, 
     listing, _ = list_cells(benchmark, config, workdir)
     assert {status for _, status, _ in listing} == {"done"}
     if make is dgst:
-        # the data's fingerprint (dataset.json, every file's name, size and time) is in its cells' keys: a label
-        # file touched in one dataset makes exactly that dataset's cells stale; the other's stay finished
+        # the data's fingerprint is its content (labels, voxels, geometry), not its files' times: a label file
+        # touched stays the same data ...
         label = next((raw["data"] / "labelsTr").glob("*.nii.gz"))
         stat = label.stat()
         os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+        benchmark, config = benchmarks.load(config_file)
+        listing, _ = list_cells(benchmark, config, workdir)
+        assert {status for _, status, _ in listing} == {"done"}
+        # ... and one voxel of it edited makes exactly that dataset's cells stale; the other's stay finished
+        img = nib.load(str(label))
+        edited = np.asarray(img.dataobj).copy()
+        edited[0, 0, 0] = 1 - edited[0, 0, 0]
+        nib.save(nib.Nifti1Image(edited, img.affine, img.header), str(label))
         benchmark, config = benchmarks.load(config_file)
         listing, _ = list_cells(benchmark, config, workdir)
         stale = {c.dataset for c, status, why in listing if status == "stale" and "its data's files changed" in why}

@@ -13,12 +13,18 @@ task ``stream`` in :mod:`.medseqft`. :func:`read_config` reads a config and
 * real: ``{data: PATH, labels: [...], split: FILE, fold: F}``: an nnU-Net v2 raw dataset; ``labels`` picks
   structures by name (the task is cut into the work folder, the structures renumbered 1..N, as FSEFT's
   one-structure tasks are), ``split`` is nnU-Net's ``splits_final.json`` (with ``fold``) or a list of test
-  cases (default: the fixed random 80/20 split of ``split_seed``). Its key is a fingerprint (its
-  ``dataset.json`` and every file's name, size and modification time), the labels and the split file's
-  SHA-256, not its path: editing the data re-runs exactly the cells that use it.
+  cases (default: the fixed random 80/20 split of ``split_seed``). ``data`` is a path or an nnU-Net dataset name
+  (``Dataset601_OpenKBP_PTV56``) found under ``$nnUNet_raw`` (then a relative ``split`` is a file of the dataset);
+  ``import`` (optional) is the command that makes it, said when it is missing. Its key is a fingerprint of its
+  content (:func:`medadapt.utils.digests.dataset_content_fingerprint`: what dataset.json says, partial-label
+  records, every image's and label map's voxels and geometry), the labels and the split file's SHA-256, not its
+  path, file times or gzip bytes: the same data imported elsewhere finds every cell finished, and editing the
+  data re-runs exactly the cells that use it.
 
 **A foundation** is pretrained in the grid (``domain``/``domains``, ``cases``, ``preset``, ``epochs``,
-``iterations_per_epoch``, ``seed``, optionally ``objective``) or ``model: PATH``: a medadapt model folder, an
+``iterations_per_epoch``, ``seed``, optionally ``objective``; or ``data: PATH|NAME`` instead of a domain, a real
+dataset pretrained on, every case of it, partially labelled where it says so, its key its content
+fingerprint) or ``model: PATH``: a medadapt model folder, an
 nnU-Net trained model folder or zip, or a folder made by ``import-monai``; its key is then its weights'
 SHA-256. ``trust: true`` (top level) loads a foundation whose checkpoint needs more than plain data (the
 ``--trust-model`` of the commands). Relative paths are taken from the config file's folder.
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,7 +49,10 @@ from medadapt.utils.yamlfile import read_yaml
 
 #: every built-in config, with the paper whose definition runs it
 BUILTIN_CONFIGS = {"default": "dgst", "quick": "dgst", "paper": "dgst", "fseft": "fseft", "fseft-cpu": "fseft",
-                   "fseft-quick": "fseft", "medseqft": "medseqft", "medseqft-quick": "medseqft"}
+                   "fseft-quick": "fseft", "medseqft": "medseqft", "medseqft-quick": "medseqft",
+                   "openkbp-dgst": "dgst", "openkbp-fseft": "fseft"}
+#: the built-in configs that read real data (found under $nnUNet_raw): not loadable without it
+REAL_DATA_CONFIGS = ("openkbp-dgst", "openkbp-fseft")
 POSTPROCESS = ("none", "lcc")
 SECTIONS = ("table1", "fseft", "medseqft")  # the experiments a config defines: one of them
 
@@ -185,6 +195,17 @@ def parse_postprocess(c: Check, top: dict) -> str:
     return postprocess
 
 
+def parse_overlap(c: Check, top: dict) -> float:
+    """``overlap``: the sliding window's tile overlap when the cells predict their test cases (default nnU-Net's
+    0.5; enters a cell's key only when set otherwise)."""
+    from medadapt.inference.predictor import DEFAULT_OVERLAP
+
+    value = top.get("overlap", DEFAULT_OVERLAP)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        c.fail("overlap", f"{value!r} is not a tile overlap in [0, 1)", "write e.g. overlap: 0.25 (MONAI's default)")
+    return float(value)
+
+
 def parse_ray(c: Check, value: Any) -> dict[str, Any]:
     ray = c.mapping(value or {}, "ray", ("cpus_per_cell", "gpus_per_cell"))
     return {"cpus_per_cell": c.integer(ray.get("cpus_per_cell", 1), "ray.cpus_per_cell", 1),
@@ -203,6 +224,7 @@ class Common:
     postprocess: str
     ray: dict[str, Any]
     trust: bool
+    overlap: float = 0.5
 
 
 def parse_common(c: Check, top: dict) -> Common:
@@ -213,7 +235,8 @@ def parse_common(c: Check, top: dict) -> Common:
                   seeds=c.int_list(top.get("seeds", [0]), "seeds"),
                   data_seed=c.integer(top.get("data_seed", 0), "data_seed"),
                   split_seed=c.integer(top.get("split_seed", 0), "split_seed"),
-                  postprocess=parse_postprocess(c, top), ray=parse_ray(c, top.get("ray")), trust=trust)
+                  postprocess=parse_postprocess(c, top), ray=parse_ray(c, top.get("ray")), trust=trust,
+                  overlap=parse_overlap(c, top))
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -274,15 +297,54 @@ def synthetic_dataset(c: Check, name: str, domain: dict[str, Any], cases: int, s
                    tuple(labels if labels is not None else foreground(domain)))
 
 
+#: an nnU-Net dataset name (``Dataset600_OpenKBP_OARs``): looked up under ``$nnUNet_raw``, as nnU-Net does
+NNUNET_NAME = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_.\-]+$")
+
+
+def raw_data_path(c: Check, value: Any, key: str, base_dir: Path, how: Any = None) -> tuple[Path, bool]:
+    """A real dataset's folder and whether the config named it by its nnU-Net name. A name
+    (``DatasetNNN_Name``) is a folder under ``$nnUNet_raw`` (nnU-Net's convention: the config stays portable);
+    anything else is a path (relative to the config's folder). ``how``: the command that makes the dataset,
+    said when it is missing."""
+    if isinstance(value, str) and NNUNET_NAME.match(value):
+        make = f"; make it with: {how}" if how else "; import or convert it there first (docs/benchmark.md)"
+        root = os.environ.get("nnUNet_raw")
+        if not root:
+            c.fail(f"{key}", f"names the nnU-Net dataset {value}, looked up under $nnUNet_raw, which is not set",
+                   f"export nnUNet_raw=/path/to/nnUNet_raw (the folder that holds {value}){make}")
+        path = Path(os.path.expanduser(root)) / value
+        if not (path / "dataset.json").is_file():
+            c.fail(f"{key}", f"no nnU-Net dataset {value} in $nnUNet_raw (looked for {path / 'dataset.json'})",
+                   f"point nnUNet_raw at the folder that holds it{make}")
+        return path.resolve(), True
+    return c.path(value, key, base_dir, "an nnU-Net raw dataset (dataset.json, imagesTr, labelsTr) or an nnU-Net "
+                  "dataset name under $nnUNet_raw (DatasetNNN_Name)"), False
+
+
+def check_annotated(c: Check, dataset, labels: list[str], key: str) -> None:
+    """A structure no case of a partially labelled dataset annotates is refused (one line) before any cell."""
+    from medadapt.data.partial import annotation_records
+
+    records, per_case = annotation_records(dataset)
+    if not per_case:
+        return
+    for name in labels:
+        if not any(name in r for r in records.values()):
+            c.fail(f"{key}.labels", f"no case of {dataset.root} annotates {name!r} (annotated_classes.json)",
+                   "choose a structure its cases have, or import the data with it")
+
+
 def real_dataset(c: Check, name: str, entry: dict, key: str, base_dir: Path, split_seed: int,
                  shots: tuple[int, ...] = ()) -> Dataset:
-    """``{data: PATH, labels, split, fold}``: an nnU-Net raw dataset, checked now (one line per mistake)."""
+    """``{data: PATH|NAME, labels, split, fold, import}``: an nnU-Net raw dataset, checked now (one line per
+    mistake). ``data`` given by its nnU-Net name is found under ``$nnUNet_raw``, and a relative ``split`` is then
+    a file of the dataset's folder (where ``import-openkbp`` writes its splits_final.json)."""
     from medadapt.data.dataset import RawDataset
     from medadapt.data.splits import Split
     from medadapt.data.subset import check_labels
-    from medadapt.utils.digests import dataset_fingerprint, file_sha256
+    from medadapt.utils.digests import dataset_content_fingerprint, file_sha256
 
-    path = c.path(entry["data"], f"{key}.data", base_dir, "an nnU-Net raw dataset (dataset.json, imagesTr, labelsTr)")
+    path, named = raw_data_path(c, entry["data"], f"{key}.data", base_dir, entry.get("import"))
     try:
         dataset = RawDataset.load(path)
     except MedadaptError as exc:
@@ -299,9 +361,10 @@ def real_dataset(c: Check, name: str, entry: dict, key: str, base_dir: Path, spl
             raise MedadaptError(f"{c.source}: {exc}") from None
     else:
         labels = [n for n, v in dataset.labels.items() if v != 0]
+    check_annotated(c, dataset, list(labels), key)
     split = None
     if entry.get("split") is not None:
-        split_path = c.path(entry["split"], f"{key}.split", base_dir,
+        split_path = c.path(entry["split"], f"{key}.split", path if named else base_dir,
                             "nnU-Net's splits_final.json (with fold) or a file of test case ids")
         fold = entry.get("fold")
         if fold is not None:
@@ -321,7 +384,7 @@ def real_dataset(c: Check, name: str, entry: dict, key: str, base_dir: Path, spl
         c.fail(f"{key}.shots", f"{max(shots)} shots but {the_split.describe()} leaves {len(train)} training "
                f"case(s) of {len(dataset.case_ids)}", f"use at most {len(train)} shots")
     return Dataset(name, None, len(dataset.case_ids), tuple(sorted(shots)), len(train), tuple(labels),
-                   data=str(path), cut=cut, split=split, fingerprint=dataset_fingerprint(path),
+                   data=str(path), cut=cut, split=split, fingerprint=dataset_content_fingerprint(path),
                    channels=dataset.num_channels)
 
 
@@ -333,7 +396,7 @@ def parse_datasets(c: Check, value: Any, base_dir: Path, split_seed: int) -> lis
     for dname, entry in value.items():
         key = f"datasets.{dname}"
         if isinstance(entry, dict) and "data" in entry:
-            c.mapping(entry, key, ("data", "labels", "split", "fold", "shots"), required=("data", "shots"))
+            c.mapping(entry, key, ("data", "labels", "split", "fold", "shots", "import"), required=("data", "shots"))
             shots = c.int_list(entry["shots"], f"{key}.shots", 1)
             datasets.append(real_dataset(c, str(dname), entry, key, base_dir, split_seed, shots))
             continue
@@ -348,7 +411,7 @@ def parse_datasets(c: Check, value: Any, base_dir: Path, split_seed: int) -> lis
 # ---------------------------------------------------------------------------------------------- foundation
 
 FOUNDATION_KEYS = ("domain", "domains", "objective", "cases", "preset", "epochs", "iterations_per_epoch", "seed",
-                   "downsample")
+                   "downsample", "data", "import")
 OBJECTIVES = ("supervised", "mae")
 
 
@@ -378,6 +441,10 @@ class Foundation:
         from medadapt.synth import GENERATOR_VERSION
 
         f = self.settings
+        if "data" in f:  # pretrained on a real dataset: its content, not its path
+            return {"data": f["fingerprint"], "preset": f["preset"], "epochs": f["epochs"],
+                    "iterations_per_epoch": f["iterations_per_epoch"], "seed": f["seed"], "seeds": seed_scheme.SCHEME,
+                    "objective": f.get("objective", "supervised")}
         domain = {"domains": f["domains"]} if "domains" in f else {"domain": f["domain"]}
         key = {**domain, "cases": f["cases"], "data_seed": data_seed, "generator": GENERATOR_VERSION,
                "preset": f["preset"], "epochs": f["epochs"], "iterations_per_epoch": f["iterations_per_epoch"],
@@ -392,7 +459,7 @@ class Foundation:
 
         f = self.settings
         out = []
-        for d in f.get("domains", [f.get("domain")]) if not self.given else []:
+        for d in f.get("domains", [f.get("domain")]) if not self.given and "data" not in f else []:
             key = {"domain": d, "cases": f["cases"], "data_seed": data_seed, "generator": GENERATOR_VERSION}
             out.append((d["name"], d, workdir / "data" / f"{d['name']}-{stable_hash(key, 8)}"))
         return out
@@ -412,12 +479,15 @@ def parse_foundation(c: Check, value: Any, base_dir: Path, trust: bool, objectiv
     if isinstance(value, dict) and "model" in value:
         c.mapping(value, "foundation", ("model",), required=("model",))
         return given_foundation(c, value["model"], base_dir, trust)
-    f = c.mapping(value, "foundation", FOUNDATION_KEYS,
+    if isinstance(value, dict) and "data" in value:
+        return data_foundation(c, value, base_dir)
+    f = c.mapping(value, "foundation", FOUNDATION_KEYS[:-2],
                   required=("cases", "preset", "epochs", "iterations_per_epoch")
                   + (("domains", "objective") if objective_required else ()))
     if ("domain" in f) == ("domains" in f):
         c.fail("foundation", "needs exactly one of domain (one source), domains (several partially labelled "
-               "sources, pretrained together) and model (a trained model)", "keep one of them")
+               "sources, pretrained together), data (a real dataset) and model (a trained model)",
+               "keep one of them")
     if f["preset"] not in PRESETS:
         c.fail("foundation.preset", f"unknown preset {f['preset']!r}", f"choose from {list(PRESETS)}")
     settings: dict[str, Any] = {}
@@ -445,6 +515,31 @@ def parse_foundation(c: Check, value: Any, base_dir: Path, trust: bool, objectiv
     objective = settings.get("objective", "supervised")
     return Foundation(settings, tuple(dict.fromkeys(classes)) if objective == "supervised" else (),
                       pretext=objective != "supervised")
+
+
+def data_foundation(c: Check, value: dict, base_dir: Path) -> Foundation:
+    """``foundation: {data: PATH|NAME, preset, epochs, iterations_per_epoch, seed}``: pretrained in the grid on
+    every case of a real dataset (sigmoid outputs where it is partially labelled, as ``medadapt pretrain``)."""
+    from medadapt.data.dataset import RawDataset
+    from medadapt.models.network import PRESETS
+    from medadapt.utils.digests import dataset_content_fingerprint
+
+    f = c.mapping(value, "foundation", ("data", "import", "preset", "epochs", "iterations_per_epoch", "seed"),
+                  required=("data", "preset", "epochs", "iterations_per_epoch"))
+    if f["preset"] not in PRESETS:
+        c.fail("foundation.preset", f"unknown preset {f['preset']!r}", f"choose from {list(PRESETS)}")
+    path, _ = raw_data_path(c, f["data"], "foundation.data", base_dir, f.get("import"))
+    try:
+        dataset = RawDataset.load(path)
+    except MedadaptError as exc:
+        c.fail("foundation.data", f"not an nnU-Net raw dataset ({exc})", "give a folder with dataset.json, imagesTr "
+               "and labelsTr")
+    settings = {"data": str(path), "fingerprint": dataset_content_fingerprint(path), "preset": f["preset"],
+                "cases": len(dataset.case_ids), "epochs": c.integer(f["epochs"], "foundation.epochs", 1),
+                "iterations_per_epoch": c.integer(f["iterations_per_epoch"], "foundation.iterations_per_epoch", 1),
+                "seed": c.integer(f.get("seed", 0), "foundation.seed")}
+    return Foundation(settings, tuple(n for n, v in dataset.labels.items() if v != 0),
+                      channels=dataset.num_channels)
 
 
 def given_foundation(c: Check, value: Any, base_dir: Path, trust: bool) -> Foundation:
@@ -563,6 +658,13 @@ def prepare_inputs(config, paths: GridPaths, progress: bool = True) -> None:
     if foundation.given or (folder / "plans.json").is_file():
         return
     f = foundation.settings
+    if "data" in f:
+        if progress:
+            tqdm.write(f"pretraining the foundation on the {f['cases']} cases of {f['data']} -> {folder}")
+        settings = resolve_pretrain(PretrainRequest(f["data"], preset_name=f["preset"], epochs=f["epochs"],
+                                                    iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"]))
+        pretrain(settings, folder, resume=True, progress=progress)
+        return
     sources = foundation.sources(workdir, config.data_seed)
     for _, domain, source_dir in sources:
         write_dataset(DomainSpec.from_dict(domain), source_dir, num_cases=f["cases"], seed=config.data_seed,

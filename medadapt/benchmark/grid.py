@@ -68,6 +68,7 @@ class GridConfig:
     raw: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] | None = None        # resolved training recipe (Recipe.to_dict, no description)
     postprocess: str = "none"
+    overlap: float = 0.5                         # the test predictions' tile overlap (key only when not 0.5)
     heads: dict[str, str] = field(default_factory=dict)   # per-method head policy, overriding ``head``
     fseft: dict[str, Any] | None = None
     training_from_recipe: bool = False          # no ``training`` section: the recipe's budgets per method
@@ -156,7 +157,8 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     base_dir = base_dir or Path.cwd()
     top = c.mapping(raw, "config", ("name", "description", "foundation", "datasets", "seeds", "data_seed",
                                     "split_seed", "training", "budgets", "head", "heads", "table1", "table2",
-                                    "gamma", "fseft", "method_options", "recipe", "postprocess", "ray", "trust"),
+                                    "gamma", "fseft", "method_options", "recipe", "postprocess", "ray", "trust",
+                                    "overlap"),
                     required=("name", "foundation", "datasets"))
     if ("table1" in top) == ("fseft" in top):
         c.fail("config", "needs exactly one of table1 (the DGST experiments) and fseft (the FSEFT experiments)",
@@ -223,7 +225,7 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                         datasets=datasets, seeds=common.seeds, data_seed=common.data_seed,
                         split_seed=common.split_seed, training=training, budgets=budgets, head=head, table1=table1,
                         table2=table2, gamma=gamma, method_options=method_options, ray=common.ray,
-                        raw=copy.deepcopy(raw), recipe=recipe, postprocess=common.postprocess, heads=heads,
+                        raw=copy.deepcopy(raw), recipe=recipe, postprocess=common.postprocess, overlap=common.overlap, heads=heads,
                         fseft=fseft, training_from_recipe=top.get("training") is None and recipe is not None,
                         foundation_spec=foundation, trust=common.trust)
     enumerate_cells(config)  # validates method options
@@ -401,6 +403,8 @@ def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -
                 key["recipe"] = config.recipe
             if config.postprocess != "none":
                 key["postprocess"] = config.postprocess
+            if config.overlap != 0.5:
+                key["overlap"] = config.overlap
             cell = Cell(ds.name, shots, method, opts, seed, all_shot, key)
             cell = cells.setdefault(cell.cell_id, cell)
             if experiment not in cell.experiments:
@@ -413,6 +417,8 @@ def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -
                "numerics": NUMERICS}
         if config.postprocess != "none":
             key["postprocess"] = config.postprocess
+        if config.overlap != 0.5:
+            key["overlap"] = config.overlap
         cell = Cell(ds.name, 0, method, {}, 0, False, key, [experiment])
         cells[cell.cell_id] = cell
 

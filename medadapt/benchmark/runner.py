@@ -51,6 +51,7 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
 
 def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
     from medadapt.engine.recipe import load_recipe
+    from medadapt.inference.predictor import DEFAULT_OVERLAP
     from medadapt.tuning import get_method
     from medadapt.tuning.transductive import Transductive
     from medadapt.workflows.finetune import FinetuneRequest, finetune, resolve_finetune, zero_shot
@@ -58,11 +59,13 @@ def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None
     started = time.perf_counter()
     out = paths.cell_dir(cell.cell_id)
     postprocess = cell.key.get("postprocess", "none")
+    overlap = cell.key.get("overlap", DEFAULT_OVERLAP)
     if cell.method in NO_TRAINING:  # zero-shot / generalization: the foundation's own outputs, by name
         try:
             run = zero_shot(paths.foundation, paths.datasets[cell.dataset], out / "run",
                             split_seed=cell.key["split_seed"], resume=True, progress=progress,
-                            postprocess=postprocess, split=paths.split(cell.dataset, cell.key["split_seed"]))
+                            postprocess=postprocess, split=paths.split(cell.dataset, cell.key["split_seed"]),
+                            overlap=overlap)
         except MedadaptError as exc:
             raise MedadaptError(f"{exc} (grid cell {cell.cell_id}; set table1.zero_shot: false for datasets "
                                 "whose labels are not the foundation's)") from None
@@ -78,7 +81,7 @@ def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None
             split_seed=cell.key["split_seed"], epochs=training["epochs"],
             iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"), method_options=options,
             head=cell.key["head"], recipe=load_recipe(recipe) if recipe is not None else None,
-            postprocess=postprocess, transductive=Transductive(**ti) if ti else None,
+            postprocess=postprocess, overlap=overlap, transductive=Transductive(**ti) if ti else None,
             feature_cache=bool(run_options.get("feature_cache", False)),
             split=paths.split(cell.dataset, cell.key["split_seed"])))
         run = finetune(settings, out / "run", resume=True, progress=progress)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from medadapt.cli.common import (MODEL_NAMES_HELP, CommandGroup, add_head_option, add_method_options,
-                                 add_postprocess_option, add_run_inputs, add_sampling_option, add_training_options,
+                                 add_overlap_option, add_postprocess_option, add_run_inputs, add_sampling_option,
+                                 add_training_options,
                                  engine_options, every_method_options, int_at_least, method_options, methods_help,
                                  model_arg, print_metrics, shots_arg, split_from_args, transductive_options)
 
@@ -144,6 +145,7 @@ def add_finetune(p):
                         "1e-2 for scratch)")
     add_head_option(p)
     add_postprocess_option(p)
+    add_overlap_option(p)
     from medadapt.tuning.transductive import ERRORS, MODES, STEPS
 
     p.add_argument("--transductive", choices=MODES, default=None,
@@ -192,7 +194,8 @@ def cmd_finetune(args) -> int:
     request = FinetuneRequest(
         args.model, args.data, args.method, shots, seed=args.seed, split_seed=args.split_seed, epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, method_options=method_options(args),
-        head=args.head, recipe=args.recipe, postprocess=args.postprocess, transductive=transductive_options(args),
+        head=args.head, recipe=args.recipe, postprocess=args.postprocess, overlap=args.overlap,
+        transductive=transductive_options(args),
         feature_cache=args.feature_cache, pretext_decoder=args.pretext_decoder)
 
     def resolve(split):
@@ -233,6 +236,7 @@ def add_zero_shot(p):
     p.add_argument("--all-cases", action="store_true",
                    help="evaluate every case of --data (a held-out cohort) instead of its test split")
     add_postprocess_option(p)
+    add_overlap_option(p)
     p.add_argument("--resume", action="store_true", help="reuse a finished run in the same --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return cmd_zero_shot
@@ -243,7 +247,8 @@ def cmd_zero_shot(args) -> int:
 
     split = split_from_args(args) if (args.split is not None or args.fold is not None) else None
     record = zero_shot(args.model, args.data, args.out, split_seed=args.split_seed, resume=args.resume,
-                       progress=not args.quiet, postprocess=args.postprocess, all_cases=args.all_cases, split=split)
+                       progress=not args.quiet, postprocess=args.postprocess, all_cases=args.all_cases, split=split,
+                       overlap=args.overlap)
     print_metrics(record["metrics"], "cases" if args.all_cases else "test cases")
     print(f"results in {args.out}")
     return 0

@@ -37,7 +37,7 @@ def check_labels(dataset: RawDataset, labels: Sequence[str], where: str) -> None
 
 def write_label_subset(source: str | Path, labels: Sequence[str], out: str | Path, fingerprint: str) -> Path:
     """``source``'s cases with only ``labels`` (ids 1..N in this order) in ``out``; nothing is done if ``out``
-    already holds the subset of the same ``fingerprint`` (the source's, :func:`dataset_fingerprint`)."""
+    already holds the subset of the same ``fingerprint`` (the source's, :func:`medadapt.utils.digests.dataset_content_fingerprint`)."""
     dataset = RawDataset.load(source)
     check_labels(dataset, labels, f"labels of {dataset.root}")
     out = Path(out)

@@ -41,6 +41,8 @@ from medadapt.models.network import set_deep_supervision
 
 
 POSTPROCESSING = ("none", "lcc")
+#: the sliding window's tile overlap: nnU-Net's 0.5 (MONAI's sliding_window_inference defaults to 0.25)
+DEFAULT_OVERLAP = 0.5
 
 
 def keep_largest_components(seg: np.ndarray, labels: Sequence[int]) -> np.ndarray:
@@ -134,7 +136,7 @@ def softmax_(logits: torch.Tensor, voxels: int = 1 << 22) -> torch.Tensor:
 
 
 class Predictor:
-    def __init__(self, folder: ModelFolder, network: nn.Module | None = None, overlap: float = 0.5,
+    def __init__(self, folder: ModelFolder, network: nn.Module | None = None, overlap: float = DEFAULT_OVERLAP,
                  mirror: bool = False, sw_batch_size: int = 2, device: str | torch.device | None = None,
                  postprocess: str = "none", classes: dict[str, int] | None = None):
         from medadapt.engine.distributed import default_device

@@ -52,16 +52,75 @@ def model_digest(folder: str | Path) -> str:
     return files_digest(root, [root / n for n in MODEL_FILES if (root / n).is_file()])
 
 
-def dataset_fingerprint(folder: str | Path) -> str:
-    """A real dataset's fingerprint without reading its images: ``dataset.json``'s bytes and every file's name,
-    size and modification time under ``imagesTr``/``labelsTr`` (an edited, added or removed case changes it;
-    copying the folder elsewhere with its times kept does not)."""
-    root = Path(folder)
-    h = hashlib.sha256((root / "dataset.json").read_bytes())
+#: the version of :func:`dataset_content_fingerprint`'s definition (part of every fingerprint)
+CONTENT_FINGERPRINT = "medadapt-data-content/1"
+_DATASET_JSON_KEYS = ("channel_names", "labels", "file_ending", "regions_class_order")
+
+
+def image_content_digest(path: str | Path) -> str:
+    """SHA-256 of what a NIfTI file holds, not how it is stored: its voxel array (shape, dtype, values after the
+    header's scaling) and its geometry (the affine nibabel gives it). Gzip bytes, compression level, file times
+    and header padding do not enter."""
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(str(path))
+    data = np.ascontiguousarray(np.asanyarray(img.dataobj))
+    h = hashlib.sha256()
+    h.update(f"{data.shape}\0{data.dtype.str}\0".encode())
+    h.update(np.ascontiguousarray(img.affine, dtype=np.float64).tobytes())
+    h.update(data.tobytes())
+    return h.hexdigest()
+
+
+def _content_cache(root: Path) -> Path:
+    from medadapt.utils.environ import cache_root
+
+    return cache_root() / "content-digests" / (hashlib.sha256(str(root).encode()).hexdigest()[:16] + ".json")
+
+
+def dataset_content_fingerprint(folder: str | Path) -> str:
+    """A real dataset's fingerprint by content: what ``dataset.json`` says (channels, labels, file ending),
+    ``annotated_classes.json`` where there is one (partial labels), and every image's and label map's name, voxels
+    and geometry (:func:`image_content_digest`) under ``imagesTr``/``labelsTr``. The same data imported or
+    copied elsewhere (other paths, file times, gzip bytes) has the same fingerprint; an edited, added or removed
+    case, label or geometry changes it. Each file's digest is cached by its path, size and modification time
+    (``$MEDADAPT_CACHE/content-digests``), so a dataset is read once per place it lives."""
+    import json
+
+    from medadapt.utils.atomic import atomic_write_json
+
+    root = Path(folder).resolve()
+    meta = json.loads((root / "dataset.json").read_text())
+    described = {k: meta[k] for k in _DATASET_JSON_KEYS if k in meta}
+    h = hashlib.sha256(CONTENT_FINGERPRINT.encode() + b"\0")
+    h.update(json.dumps(described, sort_keys=True).encode() + b"\0")
+    annotations = root / "annotated_classes.json"
+    if annotations.is_file():
+        records = json.loads(annotations.read_text())
+        h.update(json.dumps({k: sorted(v) for k, v in records.items()}, sort_keys=True).encode() + b"\0")
+    cache_file = _content_cache(root)
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    fresh: dict[str, list] = {}
     for sub in ("imagesTr", "labelsTr"):
         for path in sorted(p for p in (root / sub).rglob("*") if p.is_file() and not p.name.startswith(".")):
+            rel = path.relative_to(root).as_posix()
             stat = path.stat()
-            h.update(f"\0{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+            seen = cache.get(rel)
+            if seen and seen[0] == stat.st_size and seen[1] == stat.st_mtime_ns:
+                digest = seen[2]
+            else:
+                digest = image_content_digest(path)
+            fresh[rel] = [stat.st_size, stat.st_mtime_ns, digest]
+            h.update(f"{rel}\0{digest}\0".encode())
+    if fresh != cache:
+        try:
+            atomic_write_json(cache_file, fresh)
+        except OSError:
+            pass  # a read-only cache only costs the next call its reading
     return h.hexdigest()
 
 

@@ -1,8 +1,15 @@
-"""Environment variables set for a block of code and restored after it."""
+"""Environment variables: set for a block of code and restored after it; the cache folder they name."""
 from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """Where preprocessed data is cached: ``$MEDADAPT_CACHE`` or ``~/.cache/medadapt``."""
+    env = os.environ.get("MEDADAPT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "medadapt"
 
 
 @contextlib.contextmanager

@@ -16,12 +16,7 @@ import torch
 import medadapt
 from medadapt.errors import MedadaptError
 from medadapt.utils.digests import update_with_state_dict
-
-
-def cache_root() -> Path:
-    """Where preprocessed data is cached: ``$MEDADAPT_CACHE`` or ``~/.cache/medadapt``."""
-    env = os.environ.get("MEDADAPT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "medadapt"
+from medadapt.utils.environ import cache_root  # noqa: F401  (the cache's root, where it always was)
 
 
 def dataset_cache_dir(dataset_root: Path) -> Path:

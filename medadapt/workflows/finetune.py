@@ -53,7 +53,7 @@ from medadapt.engine import EngineOptions, Trainer, TrainingConfig, distributed
 from medadapt.engine.recipe import Recipe
 from medadapt.errors import MedadaptError
 from medadapt.inference import Predictor
-from medadapt.inference.predictor import POSTPROCESSING
+from medadapt.inference.predictor import DEFAULT_OVERLAP, POSTPROCESSING
 from medadapt.metrics import case_metrics, summarize
 from medadapt.metrics.evaluate import write_metrics
 from medadapt.models import ModelFolder, load_model_folder, save_model_folder
@@ -221,6 +221,8 @@ class FinetuneSettings:
     feature_cache: bool = False
     #: the train/test split when it is not the fixed random one of ``split_seed`` (a file, none, a fold)
     split: Split | None = None
+    #: the sliding window's tile overlap when predicting the test cases (nnU-Net's 0.5 by default)
+    overlap: float = DEFAULT_OVERLAP
 
     @property
     def the_split(self) -> Split:
@@ -243,7 +245,9 @@ class FinetuneSettings:
                 "transductive": self.transductive.record() if self.transductive is not None else None,
                 "feature_cache": self.feature_cache,
                 # the default split is named by split_seed alone (identities of earlier runs unchanged)
-                **({"split": self.split.record()} if self.split is not None else {})}
+                **({"split": self.split.record()} if self.split is not None else {}),
+                # so is the default overlap
+                **({"overlap": self.overlap} if self.overlap != DEFAULT_OVERLAP else {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +269,8 @@ class FinetuneRequest:
     network does with a decoder trained on a pretext task (:func:`decoder_policy`; ``auto``: ``new`` for a
     self-supervised foundation, else ``pretrained``). ``split``: how the dataset divides into training and test
     cases (medadapt.data.splits.Split: a file, none, a cross-validation fold); default the fixed random split
-    of ``split_seed``."""
+    of ``split_seed``. ``overlap``: the sliding window's tile overlap when predicting the test cases (nnU-Net's
+    0.5; MONAI's default is 0.25)."""
 
     model: str | Path
     data: str | Path
@@ -284,6 +289,7 @@ class FinetuneRequest:
     feature_cache: bool = False
     pretext_decoder: str = "auto"
     split: Split | None = None
+    overlap: float = DEFAULT_OVERLAP
 
 
 def resolve_finetune(request: FinetuneRequest, engine: EngineOptions | None = None) -> FinetuneSettings:
@@ -314,6 +320,7 @@ def resolve_finetune(request: FinetuneRequest, engine: EngineOptions | None = No
         raise MedadaptError(f"--feature-cache: --method {method} trains nothing; use {' or '.join(cacheable)}")
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
+    check_overlap(r.overlap)
     folder = load_model_folder(model)
     policy = decoder_policy(folder, r.pretext_decoder)
     if definition.needs_pretext_head and not folder.pretext:
@@ -355,7 +362,7 @@ def resolve_finetune(request: FinetuneRequest, engine: EngineOptions | None = No
         head=head, recipe=resolved, training=config,
         patch_size=tuple(resolved.patch_size or folder.network.patch_size),
         batch_size=resolved.batch_size or folder.network.batch_size, postprocess=postprocess,
-        transductive=transductive, feature_cache=bool(feature_cache), split=split)
+        transductive=transductive, feature_cache=bool(feature_cache), split=split, overlap=float(r.overlap))
 
 
 def run_identity(settings: dict[str, Any], dataset: RawDataset, folder: ModelFolder,
@@ -560,7 +567,8 @@ class FinetuneRun:
         )
         save_model_folder(where / "model", final, tuned)
         if ids:  # --split none: a final model, nothing to predict
-            predict_cases(tuned, final, dataset, ids, self.out / "predictions", self.progress, s.postprocess)
+            predict_cases(tuned, final, dataset, ids, self.out / "predictions", self.progress, s.postprocess,
+                          s.overlap)
         return total_parameter_count(final)
 
     def record(self, notes: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
@@ -586,11 +594,17 @@ class FinetuneRun:
         }
 
 
+def check_overlap(overlap: float) -> None:
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+        raise MedadaptError(f"--overlap {overlap!r}: the sliding window's tile overlap must be in [0, 1) (nnU-Net "
+                            "0.5, MONAI 0.25)")
+
+
 def predict_cases(folder: ModelFolder, network: torch.nn.Module, dataset: RawDataset, ids: list[str],
-                  pred_dir: Path, progress: bool, postprocess: str = "none") -> None:
+                  pred_dir: Path, progress: bool, postprocess: str = "none", overlap: float = DEFAULT_OVERLAP) -> None:
     """Predict ``ids`` of ``dataset`` into ``pred_dir`` (the dataset's classes, by name, with its ids)."""
     foreground = {k: v for k, v in dataset.labels.items() if v != 0}
-    predictor = Predictor(folder, network=network, postprocess=postprocess, classes=foreground)
+    predictor = Predictor(folder, network=network, postprocess=postprocess, classes=foreground, overlap=overlap)
     predictor.predict_files([(cid, dataset.image_paths(cid)) for cid in ids], pred_dir, progress=progress)
 
 
@@ -608,16 +622,17 @@ def evaluate_cases(dataset: RawDataset, ids: list[str], out: Path, progress: boo
 
 
 def predict_and_evaluate(folder: ModelFolder, network: torch.nn.Module, dataset: RawDataset, test_ids: list[str],
-                         out: Path, progress: bool, postprocess: str = "none") -> dict[str, Any]:
+                         out: Path, progress: bool, postprocess: str = "none",
+                         overlap: float = DEFAULT_OVERLAP) -> dict[str, Any]:
     """Predict the test cases into ``out/predictions`` and evaluate them; returns the summary."""
-    predict_cases(folder, network, dataset, test_ids, out / "predictions", progress, postprocess)
+    predict_cases(folder, network, dataset, test_ids, out / "predictions", progress, postprocess, overlap)
     return evaluate_cases(dataset, test_ids, out, progress)
 
 
 @locks_folder("out")
 def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: int = 0, resume: bool = False,
               progress: bool = True, postprocess: str = "none", all_cases: bool = False,
-              split: Split | None = None) -> dict[str, Any]:
+              split: Split | None = None, overlap: float = DEFAULT_OVERLAP) -> dict[str, Any]:
     """The foundation model, with its own heads and no fine-tuning, on ``data``'s test split (``all_cases``:
     on every case of ``data``, a held-out cohort; ``split``: another split's test part, as in
     :func:`resolve_finetune`).
@@ -631,6 +646,7 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
         raise MedadaptError(f"{out}: holds a finished run; pass --resume to reuse it or choose another --out")
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
+    check_overlap(overlap)
     folder = load_model_folder(model)
     folder.require_segmentation_head("zero-shot", "fine-tune it first (medadapt finetune --head fresh)")
     dataset = RawDataset.load(data)
@@ -652,7 +668,8 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
     network = folder.load_network()
     identity = run_identity({"method": {"name": "zero-shot"}, "shots": 0, "seed": 0, "split_seed": split_seed,
                              "head": "keep", "postprocess": postprocess, "cases": "all" if all_cases else "test",
-                             **({"split": split.record()} if split is not None else {})},
+                             **({"split": split.record()} if split is not None else {}),
+                             **({"overlap": overlap} if overlap != DEFAULT_OVERLAP else {})},
                             dataset, folder, network.state_dict())
     check_identity(out, identity)
     if run_file.is_file():
@@ -664,7 +681,7 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
     for cid in tqdm(test_ids, desc="check test cases", disable=not progress, unit="case", leave=False):
         dataset.load_case(cid)
     record_identity(out, identity)
-    summary = predict_and_evaluate(folder, network, dataset, test_ids, out, progress, postprocess)
+    summary = predict_and_evaluate(folder, network, dataset, test_ids, out, progress, postprocess, overlap)
     record = {
         "method": {"name": "zero-shot"}, "shots": 0, "seed": None, "split_seed": split_seed,
         "postprocess": postprocess,
