@@ -154,7 +154,7 @@ def load_config(config: str | Path) -> MedseqftConfig:
 
 
 STREAM_KEYS = ("name", "tasks", "unseen", "cases", "downsample", "file")
-TASK_KEYS = ("name", "data", "labels", "split", "fold")
+TASK_KEYS = ("name", "data", "labels", "split", "fold", "import")
 
 
 def _stream(c: Check, value: Any, split_seed: int, base_dir: Path
