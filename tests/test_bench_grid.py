@@ -399,3 +399,30 @@ def test_ray_runs_cells_on_a_local_instance(tmp_path):
     assert {r["executor"]["kind"] for r in records} == {"ray"}
     assert all(r["executor"]["threads"] == 1 for r in records)  # ray.cpus_per_cell of the quick config
     assert {r["method"] for r in records} == {"full", "dgst"}
+
+
+def test_a_cut_grid_runs_its_rows_at_the_shot_counts_it_names(tmp_path):
+    """table1.shots / every_shot, table2.shots and gamma.shots cut a grid (the openkbp-dgst plan) without
+    changing any cell's key: each cell is the uncut grid's cell of the same setting."""
+    import yaml
+
+    from medadapt.benchmark import benchmarks
+
+    full_doc = yaml.safe_load(builtin_config_path("quick").read_text())
+    cut_doc = yaml.safe_load(builtin_config_path("quick").read_text())
+    cut_doc["table1"].update({"shots": [2], "every_shot": ["full", "dgst"]})
+    cut_doc["table2"]["shots"] = [2]
+    cut_doc["gamma"].update({"shots": 2, "values": [3]})
+    files = []
+    for name, doc in (("full.yaml", full_doc), ("cut.yaml", cut_doc)):
+        files.append(tmp_path / name)
+        files[-1].write_text(yaml.safe_dump(doc))
+    (b_full, c_full), (b_cut, c_cut) = benchmarks.load(files[0]), benchmarks.load(files[1])
+    full = {c.cell_id: c for c in b_full.cells(c_full, None)}
+    cut = b_cut.cells(c_cut, None)
+    hn = [c for c in cut if c.dataset == "hn-center-b" and not c.all_shot]  # shots [1, 2]: γ at 2 in both
+    assert hn and all(c.cell_id in full and c.key == full[c.cell_id].key for c in hn)
+    assert {c.method for c in hn if c.shots == 1} == {"full", "dgst"}  # the headline rows at every count
+    assert {c.method for c in hn if c.shots == 2} >= {"scratch", "linear-probe", "lora", "bias-norm", "sgst"}
+    assert {c.options.get("gamma") for c in hn if c.method == "dgst" and c.shots == 2} == {1, 3}
+    assert c_cut.focus_shots(c_cut.datasets[0]) == 2 and c_full.focus_shots(c_full.datasets[0]) == 2

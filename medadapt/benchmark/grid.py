@@ -111,6 +111,28 @@ class GridConfig:
     def dataset(self, name: str) -> Dataset:
         return next(d for d in self.datasets if d.name == name)
 
+    # the shot counts each experiment runs at: every count of the dataset (Table 1), its smallest and largest
+    # (Table 2), its largest (the γ sweep), unless the config cuts them (``shots``; Table 1's ``every_shot``
+    # methods keep every count)
+    def table1_shots(self, ds: Dataset, method: str | None = None) -> list[int]:
+        chosen = self.table1.get("shots")
+        if chosen is None or (method is not None and method in self.table1.get("every_shot", ())):
+            return list(ds.shots)
+        return [s for s in ds.shots if s in chosen]
+
+    def table2_shots(self, ds: Dataset) -> list[int]:
+        chosen = (self.table2 or {}).get("shots")
+        if chosen is None:
+            return sorted({min(ds.shots), max(ds.shots)})
+        return [s for s in ds.shots if s in chosen]
+
+    def gamma_shots(self, ds: Dataset) -> int:
+        return (self.gamma or {}).get("shots") or max(ds.shots)
+
+    def focus_shots(self, ds: Dataset) -> int:
+        """The shot count the figures show (every Table 1 row ran there)."""
+        return max(self.table1_shots(ds))
+
     def foundation_key(self) -> dict[str, Any]:
         return self.foundation_spec.key(self.data_seed)
 
@@ -201,21 +223,40 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
 
     table1 = None
     if top.get("table1") is not None:
-        t1 = c.mapping(top["table1"], "table1", ("methods", "all_shot", "zero_shot"), required=("methods",))
+        t1 = c.mapping(top["table1"], "table1", ("methods", "all_shot", "zero_shot", "shots", "every_shot"),
+                       required=("methods",))
         table1 = {"methods": c.methods(t1["methods"], "table1.methods"), "all_shot": t1.get("all_shot"),
                   "zero_shot": bool(t1.get("zero_shot", True))}
+        if "shots" in t1:  # a cut: Table 1 at these shot counts only, but for its every_shot methods
+            table1["shots"] = c.int_list(t1["shots"], "table1.shots", 1)
+            table1["every_shot"] = c.methods(t1.get("every_shot") or table1["methods"][:1], "table1.every_shot")
+            for ds in datasets:
+                if not set(table1["shots"]) & set(ds.shots):
+                    c.fail("table1.shots", f"{list(table1['shots'])} shares no shot count with dataset {ds.name} "
+                           f"({list(ds.shots)})", "list shot counts the datasets have")
+        elif "every_shot" in t1:
+            c.fail("table1.every_shot", "names the methods that keep every shot count when table1.shots cuts them",
+                   "add table1.shots or drop every_shot")
         if table1["all_shot"] is not None:
             c.methods([table1["all_shot"]], "table1.all_shot")
     table2 = None
     if top.get("table2") is not None:
-        t2 = c.mapping(top["table2"], "table2", ("methods", "reference"), required=("methods",))
+        t2 = c.mapping(top["table2"], "table2", ("methods", "reference", "shots"), required=("methods",))
         table2 = {"methods": c.methods(t2["methods"], "table2.methods"), "reference": t2.get("reference", "full")}
+        if "shots" in t2:
+            table2["shots"] = c.int_list(t2["shots"], "table2.shots", 1)
         c.methods([table2["reference"]], "table2.reference")
     gamma = None
     if top.get("gamma") is not None:
-        g = c.mapping(top["gamma"], "gamma", ("method", "values", "reference"), required=("values",))
+        g = c.mapping(top["gamma"], "gamma", ("method", "values", "reference", "shots"), required=("values",))
         gamma = {"method": g.get("method", "dgst"), "values": c.int_list(g["values"], "gamma.values", 1),
                  "reference": g.get("reference", "full")}
+        if "shots" in g:
+            gamma["shots"] = c.integer(g["shots"], "gamma.shots", 1)
+            for ds in datasets:
+                if gamma["shots"] not in ds.shots:
+                    c.fail("gamma.shots", f"{gamma['shots']} is not a shot count of dataset {ds.name} "
+                           f"({list(ds.shots)})", "choose one the datasets have")
         c.methods([gamma["method"], gamma["reference"]], "gamma")
         if get_method(gamma["method"]).option("gamma") is None:
             c.fail("gamma.method", f"{gamma['method']!r} has no γ", f"use {' or '.join(methods_with('gamma'))}")
@@ -430,17 +471,18 @@ def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -
             untrained(ds, ZERO_SHOT, "table1")
         for shots in ds.shots:
             for method in config.table1["methods"]:
-                add(ds, shots, method, "table1")
+                if shots in config.table1_shots(ds, method):
+                    add(ds, shots, method, "table1")
         if config.table1["all_shot"]:
             add(ds, ds.train_cases, config.table1["all_shot"], "all_shot", all_shot=True)
         if config.table2:
-            for shots in sorted({min(ds.shots), max(ds.shots)}):
+            for shots in config.table2_shots(ds):
                 for method in config.table2["methods"]:
                     add(ds, shots, method, "table2")
         if config.gamma:
-            add(ds, max(ds.shots), config.gamma["reference"], "gamma")
+            add(ds, config.gamma_shots(ds), config.gamma["reference"], "gamma")
             for g in config.gamma["values"]:
-                add(ds, max(ds.shots), config.gamma["method"], "gamma", gamma=g)
+                add(ds, config.gamma_shots(ds), config.gamma["method"], "gamma", gamma=g)
     return list(cells.values())
 
 

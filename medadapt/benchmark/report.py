@@ -181,7 +181,7 @@ def agg_csv(agg: dict | None) -> dict:
 def table2(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
     config = index.config
     methods, reference = config.table2["methods"], config.table2["reference"]
-    settings = [(ds.name, s) for ds in config.datasets for s in sorted({min(ds.shots), max(ds.shots)})]
+    settings = [(ds.name, s) for ds in config.datasets for s in config.table2_shots(ds)]
     columns, aggs = [], {}
     for d, s in settings:
         for metric in ("dsc", "nsd"):
@@ -249,7 +249,7 @@ def paired_table(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
 def gamma_table(index: CellIndex, cls: str) -> tuple[str, list[dict]]:
     config = index.config
     g = config.gamma
-    settings = [(ds.name, max(ds.shots)) for ds in config.datasets]
+    settings = [(ds.name, config.gamma_shots(ds)) for ds in config.datasets]
     labels = [f"{display_name(g['method'])} γ={v}" for v in g["values"]] + [display_name(g["reference"])]
     keys = [f"gamma{v}" for v in g["values"]] + ["reference"]
     # the γ values of one method are separate rows: give each its own name for ranking
@@ -287,7 +287,7 @@ def gamma_figure(config: GridConfig, csv_rows: list[dict], path: Path) -> Path:
             ys = [100 * r[f"{metric}_mean"] if r and r[f"{metric}_mean"] != "" else np.nan for r in pts]
             es = [100 * r[f"{metric}_seed_std"] if r and r[f"{metric}_seed_std"] != "" else 0 for r in pts]
             ax.errorbar(range(len(values)), ys, yerr=es, fmt="o-", color=color, capsize=3,
-                        label=f"{ds.name} {max(ds.shots)}-shot")
+                        label=f"{ds.name} {config.gamma_shots(ds)}-shot")
             ref = next((r[f"{metric}_mean"] for r in mine if r["gamma"] == ""), "")
             if ref != "":
                 ax.axhline(100 * ref, color=color, linestyle="--", linewidth=1,
@@ -362,10 +362,10 @@ def qualitative_figure(index: CellIndex, paths, cls: str, path: Path) -> Path | 
     for ds in config.datasets:
         row = []
         for m in methods:
-            recs = [r for r in index.finished(ds.name, m, max(ds.shots))
+            recs = [r for r in index.finished(ds.name, m, config.focus_shots(ds))
                     if r["seed"] == config.seeds[0] or m == ZERO_SHOT]
             row.append(("Foundation (zero-shot)" if m == ZERO_SHOT else display_name(m), recs[0] if recs else None))
-        panels.append((f"{ds.name}\n{max(ds.shots)}-shot", row))
+        panels.append((f"{ds.name}\n{config.focus_shots(ds)}-shot", row))
     return contour_grid(panels, paths, path, lambda rec, case: next(
         (x["dsc"] for x in rec["per_case"] if x["case"] == case and x["class"] == cls), None), "Test-case contours")
 
@@ -382,7 +382,7 @@ def curves_figure(index: CellIndex, cls: str, path: Path, window: int = 5) -> Pa
     fig, axes = plt.subplots(1, len(config.datasets), figsize=(5.2 * len(config.datasets), 3.6), squeeze=False)
     drawn = False
     for ax, ds in zip(axes[0], config.datasets):
-        lines = [(display_name(m), index.finished(ds.name, m, max(ds.shots))) for m in config.table1["methods"]]
+        lines = [(display_name(m), index.finished(ds.name, m, config.focus_shots(ds))) for m in config.table1["methods"]]
         if config.table1["all_shot"]:
             lines.append((f"All-shot ({ds.train_cases})", index.finished(ds.name, config.table1["all_shot"],
                                                                         ds.train_cases)))
@@ -397,7 +397,7 @@ def curves_figure(index: CellIndex, cls: str, path: Path, window: int = 5) -> Pa
             iters = recs[0]["training"]["iterations_per_epoch"]
             ax.plot((np.arange(len(smooth)) + k) * iters, smooth, label=label, linewidth=1.2)
             drawn = True
-        ax.set_title(f"{ds.name}, {max(ds.shots)}-shot (all-shot: {ds.train_cases})", fontsize=9)
+        ax.set_title(f"{ds.name}, {config.focus_shots(ds)}-shot (all-shot: {ds.train_cases})", fontsize=9)
         ax.set_xlabel("iteration")
         ax.set_ylabel("training loss (Dice + CE)")
         ax.grid(alpha=0.3)
