@@ -588,3 +588,117 @@ def test_mds_stability_command(world, mae_foundation, tmp_path, capsys):
     err = _err(capsys, ["mds-stability", "--model", str(world["fm"]), "--data", str(world["tgt"]), "--out",
                         str(tmp_path / "bad"), "--quiet"])
     assert "pretrain-ssl-head" in err
+
+
+# ------------------------------------------------------------------- issue 43: the readings kept as options
+
+def _kd_step(model, strategy, task_image, lr=0.1, optimizer="sgd"):
+    model = strategy.prepare(model)
+    opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(strategy.parameters(model), lr=lr)
+    strategy.attach(opt)
+    strategy.train_step(StepContext(model=model, forward=model, optimizer=opt, loss=_seg_loss), {"image": task_image})
+    return model
+
+
+def test_kd_fft_joint_is_one_optimiser_on_the_weighted_sum(tiny_unet):
+    torch.manual_seed(0)
+    teacher = frozen_copy(tiny_unet(seed=2))
+    task_image, buffer_image = torch.randn(2, 1, 16, 32, 32), torch.randn(2, 1, 16, 32, 32)
+    ref = tiny_unet(seed=1)
+    w0 = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    total = _seg_loss(ref, None, ref(task_image)) + 0.5 * FeatureDistillation(teacher)(ref, {"image": buffer_image})
+    grads = dict(zip([n for n, _ in ref.named_parameters()],
+                     torch.autograd.grad(total, list(ref.parameters()), allow_unused=True)))
+    strategy = KDFineTuning(teacher, FixedSampler(buffer_image), seed=0, mode="joint", weight=0.5)
+    model = _kd_step(tiny_unet(seed=1), strategy, task_image)
+    for name, p in model.named_parameters():
+        g = grads[name] if grads[name] is not None else torch.zeros_like(p)
+        torch.testing.assert_close(p.detach(), w0[name] - 0.1 * g, rtol=1e-5, atol=1e-6, msg=name)
+    assert strategy.kd_optimizer is None and strategy.config() == {"name": "kd-fft", "buffer": True,
+                                                                   "mode": "joint", "weight": 0.5}
+
+
+def test_kd_fft_capped_keeps_the_distillation_step_within_the_task_step(tiny_unet):
+    torch.manual_seed(0)
+    teacher = frozen_copy(tiny_unet(seed=2))
+    task_image, buffer_image = torch.randn(2, 1, 16, 32, 32), torch.randn(2, 1, 16, 32, 32)
+    moved = {}
+    for mode in ("separate", "capped"):
+        model = tiny_unet(seed=1)
+        w0 = [p.detach().clone() for p in encoder_parameters(model)]
+        strategy = KDFineTuning(teacher, FixedSampler(buffer_image), seed=0, mode=mode)
+        model = _kd_step(model, strategy, task_image, lr=1e-3, optimizer="adam")
+        moved[mode] = float(torch.sqrt(sum(((p.detach() - a) ** 2).sum()
+                                           for p, a in zip(encoder_parameters(model), w0))))
+    # Adam's first step moves every weight by lr whatever the loss: the separate KD step is as long as the task's,
+    # capped it is at most as long, so the encoder moves at most twice the task step (separate: up to twice too,
+    # but never less than the capped)
+    assert moved["capped"] <= moved["separate"] + 1e-9
+    strategy = KDFineTuning(teacher, FixedSampler(buffer_image), seed=0, mode="capped")
+    model = tiny_unet(seed=1)
+    model = strategy.prepare(model)
+    opt = torch.optim.Adam(strategy.parameters(model), lr=1e-3)
+    ctx = StepContext(model=model, forward=model, optimizer=opt, loss=_seg_loss)
+    before = [p.detach().clone() for p in encoder_parameters(model)]
+    from medadapt.engine.strategy import default_train_step
+    seg_only = copy.deepcopy(model)
+    opt2 = torch.optim.Adam(list(seg_only.parameters()), lr=1e-3)
+    default_train_step(StepContext(model=seg_only, forward=seg_only, optimizer=opt2, loss=_seg_loss),
+                       {"image": task_image})
+    strategy.train_step(ctx, {"image": task_image})
+    seg = torch.sqrt(sum(((a.detach() - b) ** 2).sum() for a, b in zip(encoder_parameters(seg_only), before)))
+    kd = torch.sqrt(sum(((p.detach() - a.detach()) ** 2).sum()
+                        for p, a in zip(encoder_parameters(model), encoder_parameters(seg_only))))
+    assert kd <= seg * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("norm", ["train", "copy"])
+def test_lora_kd_norm_readings(tiny_unet, tmp_path, norm):
+    from medadapt.engine import Trainer, TrainingConfig
+    from medadapt.tuning.distill import copy_encoder_norms, encoder_norm_parameters
+
+    previous, mid = tiny_unet(seed=1), frozen_copy(tiny_unet(seed=2))
+    with torch.no_grad():  # E_{t-mid}'s norms differ from E_{t-1}'s, as fine-tuning makes them
+        for p in encoder_norm_parameters(mid):
+            p.add_(0.1 * torch.randn_like(p))
+    prev_norms = [p.detach().clone() for p in encoder_norm_parameters(previous)]
+    student = copy.deepcopy(previous)
+    kd = EncoderLoRADistillation(rank=2, norm=norm)
+    student = kd.prepare(student)
+    if norm == "copy":
+        copy_encoder_norms(mid, student)
+    images = torch.randn(2, 1, 16, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    class Sampler:
+        def sample(self, rng):
+            return {"image": images}
+
+    config = TrainingConfig(epochs=2, iterations_per_epoch=3, initial_lr=1e-2, grad_clip=None,
+                            optimizer={"name": "adamw", "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8},
+                            schedule={"name": "constant"}, loss={"name": "encoder-feature-mse"})
+    Trainer(student, kd, Sampler(), config, tmp_path / "kd", loss=FeatureDistillation(mid), progress=False).fit()
+    merged = kd.finalize(student)
+    norms = encoder_norm_parameters(merged)
+    assert norms
+    if norm == "train":  # trained with the factors and kept by the merge
+        assert any(not torch.equal(a.detach(), b) for a, b in zip(norms, prev_norms))
+        assert kd.config()["norm"] == "train"
+    else:  # E_{t-mid}'s, untouched by the distillation
+        for a, b in zip(norms, encoder_norm_parameters(mid)):
+            assert torch.equal(a.detach(), b.detach())
+
+
+def test_kd_readings_refused_where_the_stage_is_missing(world, tmp_path, capsys):
+    fm, stream = str(world["fm"]), str(_stream(world, tmp_path))
+    run = ["--model", fm, "--out", str(tmp_path / "r"), "--quiet"]
+    err = _err(capsys, ["seqft", stream, *run, "--method", "seq-ft", "--kd-norm", "train"])
+    assert "--kd-norm train" in err and "seq-ft" in err and "lora-kd" in err
+    err = _err(capsys, ["seqft", stream, *run, "--method", "seq-ft", "--retention", "lora-kd", "--kd-fft", "joint"])
+    assert "--kd-fft joint" in err and "--buffer" in err
+    err = _err(capsys, ["seqft", stream, *run, "--method", "full", "--kd-norm", "copy"])
+    assert "--kd-norm copy" in err and "--method full" in err
+    err = _err(capsys, ["seqft", stream, *run, "--method", "medseqft", "--kd-weight", "2"])
+    assert "--kd-weight 2" in err and "joint" in err
+    err = _err(capsys, ["seqft", stream, *run, "--method", "medseqft", "--kd-fft", "joint", "--kd-weight", "-1"])
+    assert "--kd-weight -1" in err
+    assert not (tmp_path / "r").exists()

@@ -76,10 +76,22 @@ def add_seqft(p):
     p.add_argument("--kd-until", choices=KD_UNTIL, default="levelled",
                    help="LoRA-based KD: levelled (default) = until L_refine has levelled off, at a constant tenth of "
                         "the fine-tuning lr, at most --kd-max-epochs; budget = a fifth of the fine-tuning epochs on "
-                        "its schedule (the paper's VoCo CT ratio)")
+                        "its schedule (the paper's VoCo CT ratio); ceiling = levelled's recipe run to its ceiling, no early "
+                        "stop")
+    from medadapt.tuning.distill import KD_FFT_MODES, KD_NORMS
+
+    p.add_argument("--kd-norm", choices=KD_NORMS, default="keep",
+                   help="LoRA-based KD: the encoder's norm parameters (γ/β): keep (default: E_{t-1}'s, only the LoRA "
+                        "factors train), train (they train with the factors and are kept by the merge), copy "
+                        "(E_{t-mid}'s before the distillation)")
+    p.add_argument("--kd-fft", choices=KD_FFT_MODES, default="separate",
+                   help="KD-based FFT: separate (default: each loss its own optimiser and parameters), joint (one "
+                        "optimiser on L_seg + λ·L_kd), capped (separate, the distillation step at most as long as "
+                        "the segmentation step on the encoder)")
+    p.add_argument("--kd-weight", type=float, default=1.0, help="--kd-fft joint: λ (default 1)")
     p.add_argument("--kd-max-epochs", type=positive_int, default=None,
-                   help="--kd-until levelled: the stage's ceiling in epochs (default: the fine-tuning epochs; at "
-                        "least 10, what the convergence check needs)")
+                   help="--kd-until levelled/ceiling: the stage's ceiling in epochs (default: the fine-tuning "
+                        "epochs; at least 10, what the convergence check needs)")
     p.add_argument("--kd-recipe", default=None,
                    help="recipe of the LoRA-based KD stage (default: derived from the fine-tuning recipe, see "
                         "--kd-until); with --kd-until levelled its epochs are the ceiling")
@@ -100,7 +112,7 @@ def cmd_seqft(args) -> int:
     settings = resolve_seqft(SeqftRequest(
         args.stream, args.model, args.method, buffer=args.buffer, retention=args.retention,
         buffer_size=args.buffer_size, mds_repeats=args.mds_repeats, kd_rank=args.kd_rank, kd_until=args.kd_until,
-        kd_max_epochs=args.kd_max_epochs, shots=args.shots, seed=args.seed, split_seed=args.split_seed,
+        kd_max_epochs=args.kd_max_epochs, kd_norm=args.kd_norm, kd_fft=args.kd_fft, kd_weight=args.kd_weight, shots=args.shots, seed=args.seed, split_seed=args.split_seed,
         recipe=args.recipe, kd_recipe=args.kd_recipe, epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
         method_options=method_options(args, also=(*SEQUENTIAL, JOINT)),

@@ -25,6 +25,18 @@ method and names neither:
   the KD-FFT result) outputs on the task's data (MSE, L_refine); :meth:`finalize` merges them into the weights
   (the plain architecture back). Its training step runs the two encoders only (no decoder forward).
 
+**Readings kept as options** (issue 43's study; docs/methods.md, MedSeqFT's table):
+
+* ``KDFineTuning(mode=...)``: ``separate`` (the default above); ``joint``, one optimiser on L_seg + λ·L_kd (the
+  reading where "independently" means only that the losses are computed on different batches); ``capped``, the
+  separate steps with the distillation step scaled down, per iteration, to at most the length of the
+  segmentation step on the encoder (Adam normalises each loss's gradient, so a separate KD step is lr-sized
+  however small L_kd is: capped, it can follow the task but not outweigh it).
+* ``EncoderLoRADistillation(norm=...)``: ``keep`` (the default: only the LoRA factors train; the merged encoder
+  keeps E_{t-1}'s norm γ/β); ``train``, the encoder's norm affine parameters train with the factors (a conv's
+  weight cannot reproduce a change of the following InstanceNorm's γ/β: the norm removes any per-channel scale
+  and shift of its input); ``copy``, the student takes E_{t-mid}'s norm parameters before the distillation.
+
 The encoders' "outputs" are every feature map the encoder hands the decoder
 (:func:`medadapt.models.parts.encoder_features`); the distillation loss is the mean over those maps of each
 map's mean squared error (each scale counts equally, whatever its voxel count).
@@ -32,6 +44,7 @@ map's mean squared error (each scale counts equally, whatever its voxel count).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from typing import Any
 
@@ -40,7 +53,7 @@ from torch import nn
 
 from medadapt.errors import MedadaptError
 from medadapt.models.lora import inject_lora, lora_parameters
-from medadapt.models.parts import encoder_features, encoder_parameters, model_parts
+from medadapt.models.parts import encoder_features, encoder_parameters, is_norm, model_parts
 from medadapt.tuning.base import StepContext, Strategy, default_train_step
 from medadapt.tuning.lowrank import LoRA
 from medadapt.utils import seeds
@@ -52,6 +65,24 @@ def feature_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> tor
         raise ValueError(f"{len(student)} student feature maps against {len(teacher)} teacher maps")
     # in fp32 whatever the autocast: squared differences of fp16 features can overflow
     return torch.stack([torch.mean((s.float() - t.detach().float()) ** 2) for s, t in zip(student, teacher)]).mean()
+
+
+#: the readings of "both losses are computed independently ... each updating only its corresponding parameters"
+KD_FFT_MODES = ("separate", "joint", "capped")
+#: what the LoRA-based KD does with the encoder's normalisation parameters
+KD_NORMS = ("keep", "train", "copy")
+
+
+def encoder_norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The affine parameters (γ, β) of the encoder's normalisation layers, in module order."""
+    return [p for m in model_parts(model).encoder.modules() if is_norm(m) for p in m.parameters(recurse=False)]
+
+
+def copy_encoder_norms(source: nn.Module, target: nn.Module) -> None:
+    """``target``'s encoder norm parameters := ``source``'s (the same architecture)."""
+    with torch.no_grad():
+        for dst, src in zip(encoder_norm_parameters(target), encoder_norm_parameters(source), strict=True):
+            dst.copy_(src)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -87,10 +118,17 @@ class KDFineTuning(Strategy):
     summary = "full fine-tuning + encoder distillation on buffer samples (MedSeqFT's KD-based FFT)"
     options = ()
 
-    def __init__(self, teacher: nn.Module, buffer=None, seed: int = 0):
+    def __init__(self, teacher: nn.Module, buffer=None, seed: int = 0, mode: str = "separate",
+                 weight: float = 1.0):
+        if mode not in KD_FFT_MODES:
+            raise MedadaptError(f"--kd-fft {mode!r}: choose one of {', '.join(KD_FFT_MODES)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise MedadaptError(f"--kd-weight {weight!r}: must be a positive number (λ of L_seg + λ·L_kd)")
         self.teacher = teacher
         self.buffer = buffer
         self.seed = int(seed)
+        self.mode = mode
+        self.weight = float(weight)
         self.step = 0
         self.kd_optimizer: torch.optim.Optimizer | None = None
         self._kd_state: dict | None = None
@@ -112,21 +150,44 @@ class KDFineTuning(Strategy):
             self._kd_state = None
         return opt
 
+    def _buffer_kd(self, ctx: StepContext, device) -> torch.Tensor:
+        """This iteration's distillation loss on a buffer batch (drawn from (seed, step))."""
+        rng = seeds.numpy_rng(self.seed, "kd-buffer", self.step)
+        image = self.buffer.sample(rng)["image"].to(device, non_blocking=True)
+        return FeatureDistillation(self.teacher.to(device))(ctx.model, {"image": image})
+
+    def _joint_step(self, ctx: StepContext, batch: dict) -> torch.Tensor:
+        """One optimiser on L_seg + λ·L_kd (the engine's step with the distillation as an extra loss term)."""
+        weight = self.weight
+
+        def kd_term(model, _batch, _outputs):
+            kd = self._buffer_kd(ctx, batch["image"].device)
+            self.last_kd_loss = kd.detach()
+            return weight * kd
+
+        loss = default_train_step(dataclasses.replace(ctx, loss_terms=[*ctx.loss_terms, kd_term]), batch)
+        self.step += 1
+        return loss
+
     def train_step(self, ctx: StepContext, batch: dict) -> torch.Tensor:
         device = batch["image"].device
+        if self.buffer is not None and self.mode == "joint":
+            return self._joint_step(ctx, batch)
         kd_grads = None
         amp = ctx.precision
         if self.buffer is not None:
-            rng = seeds.numpy_rng(self.seed, "kd-buffer", self.step)
-            buffered = self.buffer.sample(rng)
-            image = buffered["image"].to(device, non_blocking=True)
             enc = self._encoder_params(ctx.model)
             with amp.autocast():
-                kd = FeatureDistillation(self.teacher.to(device))(ctx.model, {"image": image})
+                kd = self._buffer_kd(ctx, device)
             kd_grads = amp.grad(kd, enc, allow_unused=True)  # of the scaled loss; amp.step unscales them
             self.last_kd_loss = kd.detach()
+        capped = kd_grads is not None and self.mode == "capped"
+        if capped:
+            before = [p.detach().clone() for p in self._encoder_params(ctx.model)]
         # the segmentation loss: every trainable parameter, the engine's optimiser (the default step)
         loss = default_train_step(ctx, batch)
+        if capped:
+            after_seg = [p.detach().clone() for p in self._encoder_params(ctx.model)]
         # the distillation loss: the encoder only, its own optimiser, the gradient taken before the step above
         if kd_grads is not None:
             if self.kd_optimizer is None:
@@ -139,11 +200,30 @@ class KDFineTuning(Strategy):
             # segmentation step: each optimiser's gradients are checked on their own)
             amp.step(self.kd_optimizer, self._encoder_params(ctx.model), ctx.grad_clip)
             self.kd_optimizer.zero_grad(set_to_none=True)
+            if capped:
+                self._cap(self._encoder_params(ctx.model), before, after_seg)
         self.step += 1
         return loss
 
+    @staticmethod
+    @torch.no_grad()
+    def _cap(params: list[nn.Parameter], before: list[torch.Tensor], after_seg: list[torch.Tensor]) -> None:
+        """Scale the distillation step (params - after_seg) down to at most the segmentation step's length
+        (after_seg - before), over the encoder's parameters together."""
+        seg = torch.sqrt(sum(((a - b).float() ** 2).sum() for a, b in zip(after_seg, before)))
+        kd = torch.sqrt(sum(((p - a).float() ** 2).sum() for p, a in zip(params, after_seg)))
+        if kd > seg:
+            scale = (seg / kd).item()
+            for p, a in zip(params, after_seg):
+                p.copy_(a + (p - a) * scale)
+
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "buffer": self.buffer is not None}
+        out = {"name": self.name, "buffer": self.buffer is not None}
+        if self.mode != "separate":  # the default is named as it always was
+            out["mode"] = self.mode
+            if self.mode == "joint":
+                out["weight"] = self.weight
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step,
@@ -165,8 +245,11 @@ class EncoderLoRADistillation(LoRA):
     summary = "encoder LoRA (rank r) distilled from a fine-tuned encoder, then merged (MedSeqFT's LoRA-based KD)"
     rank_option = "--kd-rank"
 
-    def __init__(self, rank: int = 2, alpha: float | None = None):
+    def __init__(self, rank: int = 2, alpha: float | None = None, norm: str = "keep"):
+        if norm not in KD_NORMS:
+            raise MedadaptError(f"--kd-norm {norm!r}: choose one of {', '.join(KD_NORMS)}")
         super().__init__(rank=rank, alpha=alpha)
+        self.norm = norm
 
     def check_fits(self, model: nn.Module, where: str = "the foundation") -> None:
         """One line if a layer of ``model``'s encoder is too small for the rank (W is d x k: rank at most
@@ -180,9 +263,17 @@ class EncoderLoRADistillation(LoRA):
                                     f"a {rows} x {cols} weight, so its rank is at most {min(rows, cols)}; use "
                                     f"{self.rank_option} {min(rows, cols)} or less")
 
+    def config(self) -> dict[str, Any]:
+        out = super().config()
+        if self.norm != "keep":  # the default is named as it always was
+            out["norm"] = self.norm
+        return out
+
     def prepare(self, model: nn.Module) -> nn.Module:
         inject_lora(model_parts(model).encoder, self.config_)
         keep = {id(p) for p in lora_parameters(model)}
+        if self.norm == "train":  # the encoder's norm γ/β train with the factors (kept as they are by the merge)
+            keep |= {id(p) for p in encoder_norm_parameters(model)}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
         return model

@@ -70,7 +70,8 @@ from medadapt.sequential.buffer import (SELECTIONS, BufferEntry, buffer_record, 
 from medadapt.sequential.mds_store import stored_mds_losses
 from medadapt.sequential.stream import Stream, StreamTask, load_stream
 from medadapt.tuning import FullFineTuning, make_strategy, method_names
-from medadapt.tuning.distill import EncoderLoRADistillation, FeatureDistillation, KDFineTuning, frozen_copy
+from medadapt.tuning.distill import (EncoderLoRADistillation, FeatureDistillation, KDFineTuning, copy_encoder_norms,
+                                     frozen_copy)
 from medadapt.utils.atomic import atomic_write_json, atomic_write_text
 from medadapt.utils import seeds
 from medadapt.utils.hashing import stable_hash
@@ -94,7 +95,7 @@ KD_LR_FRACTION = 0.1
 #: levelled off (medadapt.engine.convergence), at most this fraction of the fine-tuning epochs (the ceiling;
 #: the paper's stages take 1/5 (VoCo CT), 4/5 (VoCo MRI) and 1/2 (UniMiSS+) of its fine-tuning iterations)
 KD_CEILING_FRACTION = 1.0
-KD_UNTIL = ("levelled", "budget")
+KD_UNTIL = ("levelled", "budget", "ceiling")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,9 @@ class SeqSettings:
     mds_repeats: int = 16
     kd_rank: int = 2
     kd_until: str = "levelled"
+    kd_norm: str = "keep"          #: the LoRA-based KD's encoder norm parameters (distill.KD_NORMS)
+    kd_fft: str = "separate"       #: the KD-based FFT's reading of "independently" (distill.KD_FFT_MODES)
+    kd_weight: float = 1.0         #: λ of L_seg + λ·L_kd (kd_fft joint)
 
     @property
     def sequential(self) -> bool:
@@ -124,11 +128,18 @@ class SeqSettings:
         if self.retention == "lora-kd":
             out["kd_rank"] = self.kd_rank
             out["kd_until"] = self.kd_until
+            if self.kd_norm != "keep":  # the new readings are named only where chosen (earlier runs unchanged)
+                out["kd_norm"] = self.kd_norm
+        if self.buffer != "none" and self.kd_fft != "separate":
+            out["kd_fft"] = self.kd_fft
+            if self.kd_fft == "joint":
+                out["kd_weight"] = self.kd_weight
         return out
 
 
 def resolve_method(method: str, buffer: str | None = None, retention: str | None = None, buffer_size: int = 4,
-                   mds_repeats: int = 16, kd_rank: int = 2, kd_until: str = "levelled") -> SeqSettings:
+                   mds_repeats: int = 16, kd_rank: int = 2, kd_until: str = "levelled", kd_norm: str = "keep",
+                   kd_fft: str = "separate", kd_weight: float = 1.0) -> SeqSettings:
     """Check ``method`` and its switches: one line per mistake."""
     parallel = method_names(training_only=True)
     if method not in SEQUENTIAL and method not in parallel and method != JOINT:
@@ -138,6 +149,7 @@ def resolve_method(method: str, buffer: str | None = None, retention: str | None
         if buffer not in (None, "none") or retention not in (None, "none"):
             raise MedadaptError(f"--buffer/--retention: only for the sequential methods (seq-ft, medseqft), not "
                                 f"--method {method}")
+        _refuse_kd_readings(f"--method {method}", kd_norm, kd_fft, kd_weight, norm=False, fft=False)
         return SeqSettings(method=method)
     default_buffer, default_retention = SEQUENTIAL[method]
     if method == "medseqft" and (buffer not in (None, "mds") or retention not in (None, "lora-kd")):
@@ -154,11 +166,27 @@ def resolve_method(method: str, buffer: str | None = None, retention: str | None
     if buffer == "mds" and (isinstance(mds_repeats, bool) or not isinstance(mds_repeats, int) or mds_repeats < 1):
         raise MedadaptError(f"--mds-repeats {mds_repeats!r}: must be a positive integer")
     if retention == "lora-kd":
-        EncoderLoRADistillation(rank=kd_rank)  # validates the rank
+        EncoderLoRADistillation(rank=kd_rank, norm=kd_norm)  # validates the rank and the norm reading
         if kd_until not in KD_UNTIL:
             raise MedadaptError(f"--kd-until {kd_until!r}: choose one of {', '.join(KD_UNTIL)}")
+    if buffer != "none":
+        KDFineTuning(None, None, mode=kd_fft, weight=kd_weight)  # validates the reading and λ
+    _refuse_kd_readings(f"--method {method} --buffer {buffer} --retention {retention}", kd_norm, kd_fft, kd_weight,
+                        norm=retention == "lora-kd", fft=buffer != "none")
     return SeqSettings(method=method, buffer=buffer, retention=retention, buffer_size=buffer_size,
-                       mds_repeats=mds_repeats, kd_rank=kd_rank, kd_until=kd_until)
+                       mds_repeats=mds_repeats, kd_rank=kd_rank, kd_until=kd_until, kd_norm=kd_norm, kd_fft=kd_fft,
+                       kd_weight=float(kd_weight))
+
+
+def _refuse_kd_readings(what: str, kd_norm: str, kd_fft: str, kd_weight: float, norm: bool, fft: bool) -> None:
+    """A reading given to a method that has no such stage: one line naming the method and the option."""
+    if kd_norm != "keep" and not norm:
+        raise MedadaptError(f"--kd-norm {kd_norm}: {what} has no LoRA-based KD (it needs --retention lora-kd)")
+    if kd_fft != "separate" and not fft:
+        raise MedadaptError(f"--kd-fft {kd_fft}: {what} has no KD-based FFT (it needs a --buffer)")
+    if kd_weight != 1.0 and not (fft and kd_fft == "joint"):
+        raise MedadaptError(f"--kd-weight {kd_weight}: λ weighs the distillation loss of --kd-fft joint only; "
+                            f"{what}{'' if fft else ' has no KD-based FFT'}")
 
 
 def kd_recipe_from(recipe: Recipe, until: str = "budget", max_epochs: int | None = None) -> Recipe:
@@ -168,10 +196,11 @@ def kd_recipe_from(recipe: Recipe, until: str = "budget", max_epochs: int | None
     ``until="budget"``: the paper's budget ratio, a fifth of the epochs (and of any warm-up) on the recipe's
     schedule. ``until="levelled"``: a constant learning rate (a stage whose length is decided while it runs
     cannot follow a schedule over its length) and ``max_epochs`` (default: the fine-tuning epochs times
-    :data:`KD_CEILING_FRACTION`) as the ceiling; the stage stops when L_refine has levelled off."""
+    :data:`KD_CEILING_FRACTION`) as the ceiling; the stage stops when L_refine has levelled off.
+    ``until="ceiling"``: the same recipe, run to its ceiling (no early stop: the refinement's full schedule)."""
     if until not in KD_UNTIL:
         raise MedadaptError(f"--kd-until {until!r}: choose one of {', '.join(KD_UNTIL)}")
-    if until == "levelled":
+    if until in ("levelled", "ceiling"):
         if max_epochs is not None:
             check_kd_ceiling(max_epochs)
             ceiling = max_epochs
@@ -181,7 +210,8 @@ def kd_recipe_from(recipe: Recipe, until: str = "budget", max_epochs: int | None
         return recipe.with_overrides(name=f"{recipe.name}-lora-kd", epochs=ceiling, lr=recipe.lr * KD_LR_FRACTION,
                                      method_lr={}, schedule={"name": "constant"})
     if max_epochs is not None:
-        raise MedadaptError("--kd-max-epochs: only with --kd-until levelled (the budget is the paper's ratio)")
+        raise MedadaptError("--kd-max-epochs: only with --kd-until levelled or ceiling (the budget is the paper's "
+                            "ratio)")
     epochs = max(1, round(recipe.epochs * KD_BUDGET_FRACTION))
     schedule = dict(recipe.schedule)
     if schedule.get("warmup_epochs"):  # the warm-up shrinks with the budget (and leaves at least one epoch)
@@ -318,6 +348,9 @@ class SeqftRequest:
     kd_rank: int = 2
     kd_until: str = "levelled"
     kd_max_epochs: int | None = None
+    kd_norm: str = "keep"
+    kd_fft: str = "separate"
+    kd_weight: float = 1.0
     shots: "int | str" = "all"
     seed: int = 0
     split_seed: int = 0
@@ -343,7 +376,8 @@ def resolve_seqft(request: SeqftRequest, engine: EngineOptions | None = None) ->
     epochs, iterations_per_epoch, lr, method_options = r.epochs, r.iterations_per_epoch, r.lr, r.method_options
     postprocess, pretext_decoder = r.postprocess, r.pretext_decoder
     engine = engine or EngineOptions()
-    sequence = resolve_method(method, buffer, retention, buffer_size, mds_repeats, kd_rank, kd_until)
+    sequence = resolve_method(method, buffer, retention, buffer_size, mds_repeats, kd_rank, kd_until, r.kd_norm,
+                              r.kd_fft, r.kd_weight)
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
     stream = stream if isinstance(stream, Stream) else load_stream(stream)
@@ -680,8 +714,8 @@ def _fine_tune_stage(run: StreamRun, t: TaskData, previous: ModelFolder, entries
         buffered = [c for name in dict.fromkeys(e.task for e in entries)
                     for c in run.cases(by_task[name], [e.case for e in entries if e.task == name])]
         buffer_sampler = recipe_sampler(s.recipe, buffered, spec.patch_size, spec.batch_size, unbiased=True)
-    strategy = (KDFineTuning(frozen_copy(net), buffer_sampler, seed=s.seed) if buffer_sampler is not None
-                else FullFineTuning())
+    strategy = (KDFineTuning(frozen_copy(net), buffer_sampler, seed=s.seed, mode=s.sequence.kd_fft,
+                             weight=s.sequence.kd_weight) if buffer_sampler is not None else FullFineTuning())
     net = prepare_strategy(strategy, net, s.seed)
     trainer = Trainer(net, strategy, sampler, for_cases(s.training, s.recipe, len(t.shot_ids)),
                       t.where / "stage1" / "training", progress=run.progress, engine=run.engine,
@@ -699,8 +733,10 @@ def _refine_stage(run: StreamRun, t: TaskData, previous: ModelFolder, spec, samp
     the refined model the next task starts from (the merged encoder + M_{t-mid}'s decoder and head), saved and
     scored. Returns (its scores, the stage's record, its seconds)."""
     s = run.settings
-    kd = EncoderLoRADistillation(rank=s.sequence.kd_rank)
+    kd = EncoderLoRADistillation(rank=s.sequence.kd_rank, norm=s.sequence.kd_norm)
     student = prepare_strategy(kd, load_foundation(previous, t.dataset, s.seed, head="fresh"), s.seed)
+    if s.sequence.kd_norm == "copy":  # the student starts with E_{t-mid}'s norm parameters (a resume restores them)
+        copy_encoder_norms(mid, student)
     kd_config = for_cases(s.kd_training, s.kd_recipe, len(t.shot_ids))
     trainer = Trainer(student, kd, sampler, kd_config, t.where / "stage2" / "training", progress=run.progress,
                       loss=FeatureDistillation(frozen_copy(mid)),
