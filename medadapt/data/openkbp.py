@@ -49,15 +49,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 
 from medadapt.errors import MedadaptError
+from medadapt.utils.atomic import check_new_folder, new_folder
 
 GRID = (128, 128, 128)
 #: every structure of the dataset, in the order of OpenKBP's own data loader (organs at risk, then targets)
@@ -239,11 +237,6 @@ def find_patients(source: Path, sets: list[str]) -> list[tuple[str, str, Path]]:
     return sorted(out, key=lambda t: int(CASE_PATTERN.match(t[1]).group(1)))
 
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MedadaptError(f"--out {out}: exists and is not empty; choose a new dataset folder (or remove it)")
-
-
 def label_case(folder: Path, structures: list[str]) -> tuple[np.ndarray | None, dict]:
     """A patient's label map (OpenKBP's grid axes) for the chosen structures, the first named keeping the voxels
     of an overlap, and what happened to each structure (voxels kept and given up, to whom)."""
@@ -325,7 +318,7 @@ def import_openkbp(source: str | Path, out: str | Path, structures: list[str] | 
         raise MedadaptError(f"--crop {crop!r}: choose one of {', '.join(CROPS)}")
     structures = list(structures or STRUCTURES)
     sets = list(sets or SETS)
-    _prepare_out(out)
+    check_new_folder(out)
     patients = find_patients(source, sets)
     skipped = [f"{s}/{p}" for s, p, folder in patients if not (folder / "ct.csv").is_file()]
     warnings = []
@@ -338,12 +331,7 @@ def import_openkbp(source: str | Path, out: str | Path, structures: list[str] | 
     for _, _, folder in todo:  # a damaged spacing file is refused before anything is converted
         read_spacing(folder)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
+    with new_folder(out) as tmp:
         for d in ("imagesTr", "labelsTr"):
             (tmp / d).mkdir()
         training, unlabelled, case_sets, annotated, cases = [], [], {}, {}, []
@@ -414,11 +402,4 @@ def import_openkbp(source: str | Path, out: str | Path, structures: list[str] | 
                    "sets": sets, "skipped_without_ct": skipped, "partial": partial,
                    "training": training, "unlabelled": unlabelled, "warnings": warnings, "cases": cases}
         (tmp / MAPPING_JSON).write_text(json.dumps(mapping, indent=2) + "\n")
-        _prepare_out(out)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return OpenKBPResult(out, labels, training, unlabelled, skipped, warnings, case_sets)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -70,3 +71,36 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def check_new_folder(out: str | os.PathLike, option: str = "--out") -> None:
+    """``out`` may become a new folder: absent or empty (one line otherwise)."""
+    from medadapt.errors import MedadaptError
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MedadaptError(f"{option} {out}: exists and is not empty; choose a new dataset folder (or remove it)")
+
+
+@contextlib.contextmanager
+def new_folder(out: str | os.PathLike, option: str = "--out") -> Iterator[Path]:
+    """Build the new folder ``out`` whole or not at all: yields a temporary folder beside it (with the mode a
+    plain ``mkdir`` gives under the umask, not mkdtemp's 0700), renamed to ``out`` when the block ends; removed
+    on any error, so an interrupted or refused run leaves nothing. ``out`` must be absent or empty, when the
+    block starts and when it ends."""
+    out = Path(out)
+    check_new_folder(out, option)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+        check_new_folder(out, option)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
