@@ -126,3 +126,19 @@ def test_the_openkbp_configs_name_their_data_the_nnunet_way(name, monkeypatch, t
     assert main(["bench", name, "--workdir", str(tmp_path / "w"), "--list"]) == 2
     err = capsys.readouterr().err
     assert "Dataset600_OpenKBP_OARs" in err and "import-openkbp" in err
+
+
+def test_a_folder_named_like_a_dataset_beside_the_config_still_works(two_imports, tmp_path, monkeypatch):
+    """A config written before nnU-Net names, whose data folder beside it is called DatasetNNN_Name, keeps
+    working when $nnUNet_raw does not hold that name."""
+    import shutil
+
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    for name in ("Dataset900_Fake_OARs", "Dataset901_Fake_Larynx"):
+        shutil.copytree(two_imports["roots"][0] / name, tmp_path / name)
+    doc = config_doc()
+    doc["datasets"]["larynx"]["split"] = "Dataset901_Fake_Larynx/splits_final.json"  # relative to the config
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    _, parsed = benchmarks.load(config)
+    assert parsed.datasets[0].data == str((tmp_path / "Dataset901_Fake_Larynx").resolve())

@@ -309,6 +309,10 @@ def raw_data_path(c: Check, value: Any, key: str, base_dir: Path, how: Any = Non
     if isinstance(value, str) and NNUNET_NAME.match(value):
         make = f"; make it with: {how}" if how else "; import or convert it there first (docs/benchmark.md)"
         root = os.environ.get("nnUNet_raw")
+        beside = base_dir / value  # a folder of that name beside the config (configs written before names)
+        if not (root and (Path(os.path.expanduser(root)) / value / "dataset.json").is_file()) \
+                and (beside / "dataset.json").is_file():
+            return beside.resolve(), False
         if not root:
             c.fail(f"{key}", f"names the nnU-Net dataset {value}, looked up under $nnUNet_raw, which is not set",
                    f"export nnUNet_raw=/path/to/nnUNet_raw (the folder that holds {value}){make}")
