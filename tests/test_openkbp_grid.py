@@ -142,3 +142,22 @@ def test_a_folder_named_like_a_dataset_beside_the_config_still_works(two_imports
     config.write_text(yaml.safe_dump(doc))
     _, parsed = benchmarks.load(config)
     assert parsed.datasets[0].data == str((tmp_path / "Dataset901_Fake_Larynx").resolve())
+
+
+def test_a_medseqft_grid_pretrains_its_mae_foundation_on_real_data(two_imports, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_raw", str(two_imports["roots"][0]))
+    foundation = {"data": "Dataset900_Fake_OARs", "objective": "mae", "preset": "cpu-tiny", "epochs": 1,
+                  "iterations_per_epoch": 2}
+    doc = {"name": "fake-stream", "foundation": foundation,
+           "stream": {"name": "fake", "tasks": [{"name": "larynx", "data": "Dataset901_Fake_Larynx",
+                                                "split": "splits_final.json", "fold": 1}]},
+           "seeds": [0], "recipe": "cpu-finetune", "medseqft": {"parallel": ["full"], "sequential": ["seq-ft"]}}
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    _, parsed = benchmarks.load(config)
+    assert parsed.foundation_spec.pretext and parsed.foundation_spec.settings["objective"] == "mae"
+    assert parsed.foundation_spec.key(0)["objective"] == "mae"
+    del foundation["objective"]
+    config.write_text(yaml.safe_dump(doc))
+    assert main(["bench", str(config), "--workdir", str(tmp_path / "w"), "--list"]) == 2
+    assert "objective" in capsys.readouterr().err

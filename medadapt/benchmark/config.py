@@ -484,7 +484,7 @@ def parse_foundation(c: Check, value: Any, base_dir: Path, trust: bool, objectiv
         c.mapping(value, "foundation", ("model",), required=("model",))
         return given_foundation(c, value["model"], base_dir, trust)
     if isinstance(value, dict) and "data" in value:
-        return data_foundation(c, value, base_dir)
+        return data_foundation(c, value, base_dir, objective_required)
     f = c.mapping(value, "foundation", FOUNDATION_KEYS[:-2],
                   required=("cases", "preset", "epochs", "iterations_per_epoch")
                   + (("domains", "objective") if objective_required else ()))
@@ -521,15 +521,21 @@ def parse_foundation(c: Check, value: Any, base_dir: Path, trust: bool, objectiv
                       pretext=objective != "supervised")
 
 
-def data_foundation(c: Check, value: dict, base_dir: Path) -> Foundation:
-    """``foundation: {data: PATH|NAME, preset, epochs, iterations_per_epoch, seed}``: pretrained in the grid on
-    every case of a real dataset (sigmoid outputs where it is partially labelled, as ``medadapt pretrain``)."""
+def data_foundation(c: Check, value: dict, base_dir: Path, objective_required: bool = False) -> Foundation:
+    """``foundation: {data: PATH|NAME, preset, epochs, iterations_per_epoch, seed, objective}``: pretrained in the
+    grid on every case of a real dataset (sigmoid outputs where it is partially labelled, as ``medadapt
+    pretrain``; ``objective: mae``: masked-volume reconstruction of its images, the labels unused)."""
     from medadapt.data.dataset import RawDataset
     from medadapt.models.network import PRESETS
     from medadapt.utils.digests import dataset_content_fingerprint
 
-    f = c.mapping(value, "foundation", ("data", "import", "preset", "epochs", "iterations_per_epoch", "seed"),
-                  required=("data", "preset", "epochs", "iterations_per_epoch"))
+    f = c.mapping(value, "foundation", ("data", "import", "preset", "epochs", "iterations_per_epoch", "seed",
+                                        "objective"),
+                  required=("data", "preset", "epochs", "iterations_per_epoch")
+                  + (("objective",) if objective_required else ()))
+    objective = f.get("objective", "supervised")
+    if objective not in OBJECTIVES:
+        c.fail("foundation.objective", f"unknown objective {objective!r}", f"choose from {list(OBJECTIVES)}")
     if f["preset"] not in PRESETS:
         c.fail("foundation.preset", f"unknown preset {f['preset']!r}", f"choose from {list(PRESETS)}")
     path, _ = raw_data_path(c, f["data"], "foundation.data", base_dir, f.get("import"))
@@ -542,8 +548,11 @@ def data_foundation(c: Check, value: dict, base_dir: Path) -> Foundation:
                 "cases": len(dataset.case_ids), "epochs": c.integer(f["epochs"], "foundation.epochs", 1),
                 "iterations_per_epoch": c.integer(f["iterations_per_epoch"], "foundation.iterations_per_epoch", 1),
                 "seed": c.integer(f.get("seed", 0), "foundation.seed")}
-    return Foundation(settings, tuple(n for n, v in dataset.labels.items() if v != 0),
-                      channels=dataset.num_channels)
+    if "objective" in f:
+        settings["objective"] = objective
+    supervised = objective == "supervised"
+    return Foundation(settings, tuple(n for n, v in dataset.labels.items() if v != 0) if supervised else (),
+                      channels=dataset.num_channels, pretext=not supervised)
 
 
 def given_foundation(c: Check, value: Any, base_dir: Path, trust: bool) -> Foundation:
@@ -666,7 +675,8 @@ def prepare_inputs(config, paths: GridPaths, progress: bool = True) -> None:
         if progress:
             tqdm.write(f"pretraining the foundation on the {f['cases']} cases of {f['data']} -> {folder}")
         settings = resolve_pretrain(PretrainRequest(f["data"], preset_name=f["preset"], epochs=f["epochs"],
-                                                    iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"]))
+                                                    iterations_per_epoch=f["iterations_per_epoch"], seed=f["seed"],
+                                                    objective=f.get("objective", "supervised")))
         pretrain(settings, folder, resume=True, progress=progress)
         return
     sources = foundation.sources(workdir, config.data_seed)
