@@ -68,7 +68,8 @@ class GridConfig:
     raw: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] | None = None        # resolved training recipe (Recipe.to_dict, no description)
     postprocess: str = "none"
-    overlap: float = 0.5                         # the test predictions' tile overlap (key only when not 0.5)
+    overlap: float = 0.5                         # the test predictions' tile overlap (key only when not the
+    #                                              predictor's DEFAULT_OVERLAP, nnU-Net's 0.5)
     heads: dict[str, str] = field(default_factory=dict)   # per-method head policy, overriding ``head``
     fseft: dict[str, Any] | None = None
     training_from_recipe: bool = False          # no ``training`` section: the recipe's budgets per method
@@ -426,6 +427,8 @@ def variant_options(config: GridConfig, variant: dict[str, Any]) -> dict[str, An
 def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -> list[Cell]:
     """Every unique cell of the grid, in a stable order (dataset, experiment, shots, method, seed); their keys
     name the inputs' ``digests`` (the harness's) and the code's :data:`NUMERICS` version."""
+    from medadapt.inference.predictor import DEFAULT_OVERLAP  # (not at import: it loads MONAI)
+
     foundation = config.foundation_key()
     cells: dict[str, Cell] = {}
 
@@ -444,7 +447,7 @@ def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -
                 key["recipe"] = config.recipe
             if config.postprocess != "none":
                 key["postprocess"] = config.postprocess
-            if config.overlap != 0.5:
+            if config.overlap != DEFAULT_OVERLAP:
                 key["overlap"] = config.overlap
             cell = Cell(ds.name, shots, method, opts, seed, all_shot, key)
             cell = cells.setdefault(cell.cell_id, cell)
@@ -458,7 +461,7 @@ def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -
                "numerics": NUMERICS}
         if config.postprocess != "none":
             key["postprocess"] = config.postprocess
-        if config.overlap != 0.5:
+        if config.overlap != DEFAULT_OVERLAP:
             key["overlap"] = config.overlap
         cell = Cell(ds.name, 0, method, {}, 0, False, key, [experiment])
         cells[cell.cell_id] = cell

@@ -328,8 +328,8 @@ def import_openkbp(source: str | Path, out: str | Path, structures: list[str] | 
     if not todo:
         raise MedadaptError(f"{source}: none of the {len(patients)} patient(s) of {','.join(sets)} has ct.csv; "
                             "fetch the data with its CT files")
-    for _, _, folder in todo:  # a damaged spacing file is refused before anything is converted
-        read_spacing(folder)
+    # a damaged spacing file is refused before anything is converted
+    spacings = {folder: read_spacing(folder) for _, _, folder in todo}
 
     with new_folder(out) as tmp:
         for d in ("imagesTr", "labelsTr"):
@@ -342,7 +342,7 @@ def import_openkbp(source: str | Path, out: str | Path, structures: list[str] | 
             iterator = tqdm(todo, desc="import-openkbp", unit="patient", dynamic_ncols=True)
         for s, patient, folder in iterator:
             case = case_id(patient)
-            spacing = read_spacing(folder)
+            spacing = spacings[folder]
             index, values = read_sparse(folder / "ct.csv", with_values=True)
             hu = hu_from_stored(grid_volume(index, values, np.float64))  # absent voxels: stored 0, air
             label_map, record = label_case(folder, structures)
