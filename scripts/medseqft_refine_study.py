@@ -35,6 +35,11 @@ VARIANTS = {
     "norm-train+fft-capped": (["--kd-norm", "train", "--kd-fft", "capped"], "combined"),
     "all": (["--kd-norm", "train", "--kd-until", "ceiling", "--kd-fft", "capped", "--kd-rank", "8"],
             "every change together"),
+    # diagnostics beyond the issue's list: is the refinement short of capacity or of steps?
+    "rank-full": (["--kd-rank", "64"], "LoRA rank 64: every layer's full rank (the cap is its smaller side), "
+                  "so any change of a weight is reachable"),
+    "kd-lr-ft": (["--kd-recipe", "{work}/kd-lr-ft.yaml"], "the LoRA-based KD at the fine-tuning's lr (3e-3, "
+                 "constant) instead of a tenth of it"),
 }
 
 
@@ -61,8 +66,14 @@ def prepare(work: Path, tasks: int) -> Path:
 
 
 def recipe_file(work: Path) -> Path:
+    """The grid's fine-tuning recipe, and beside it the kd-lr-ft variant's LoRA-based KD recipe (the default
+    derived one, medadapt.workflows.seqft.kd_recipe_from(until="levelled"), at the fine-tuning's lr)."""
+    recipe = grid_settings()["recipe"]
     path = work / "medseqft-paper-cpu.yaml"
-    path.write_text(yaml.safe_dump({"description": "the medseqft grid's recipe", **grid_settings()["recipe"]}))
+    path.write_text(yaml.safe_dump({"description": "the medseqft grid's recipe", **recipe}))
+    kd = {**recipe, "name": f"{recipe['name']}-lora-kd", "schedule": {"name": "constant"},
+          "description": "the LoRA-based KD at the fine-tuning's lr"}
+    (work / "kd-lr-ft.yaml").write_text(yaml.safe_dump(kd))
     return path
 
 
@@ -71,7 +82,7 @@ def run_variant(name: str, stream: Path, recipe: Path, foundation: Path, work: P
     if (out / "results.md").is_file():
         return out
     cfg = grid_settings()["medseqft"]
-    flags = VARIANTS[name][0]
+    flags = [f.replace("{work}", str(work)) for f in VARIANTS[name][0]]
     cmd = [sys.executable, "-m", "medadapt", "seqft", str(stream), "--model", str(foundation), "--out", str(out),
            "--method", "medseqft", "--recipe", str(recipe), "--seed", "0", "--buffer-size", str(cfg["buffer_size"]),
            "--mds-repeats", str(cfg["mds_repeats"]), "--workers", "0", "--quiet", "--resume", *flags]
