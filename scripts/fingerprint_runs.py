@@ -7,7 +7,8 @@ Synthesises two tiny cohorts, pretrains a tiny foundation, then runs (through ``
 would): ``finetune`` with every built-in method at 2 shots, 1 epoch x 2 iterations, and with the options each
 method takes (γ, LoRA's rank and alpha, the adapter's reduction, the spatial adapter's kernel, width and norm,
 cached features, transductive inference, the head policies, the FSEFT recipe), a two-task ``seqft`` stream with
-``medseqft`` (MDS buffer, K&G RFT) and with a parallel baseline, and an MAE ``pretrain``. Each run becomes the
+``medseqft`` (MDS buffer, K&G RFT; and with the readings kept as options: the capped and joint KD-based FFT, the
+norms trained or copied) and with a parallel baseline, and an MAE ``pretrain``. Each run becomes the
 SHA-256 of every weight tensor it saved (by state-dict key, so a file's archive name does not count) and of
 every metrics file it wrote. ``--compare`` prints each run that differs and exits 1 if any does. Run it at the
 commit before a refactor and after it, on one machine (fp32 on the CPU is deterministic here); it imports the
@@ -148,6 +149,14 @@ def main() -> int:
     seq = ["--epochs", "1", "--iterations-per-epoch", "2", "--recipe", "cpu-finetune", "--quiet"]
     for name, extra in (("medseqft", ["--method", "medseqft", "--buffer-size", "2", "--mds-repeats", "2",
                                       "--kd-until", "budget"]),
+                        # the readings kept as options (issue 43): the capped / joint KD-based FFT, the norms
+                        ("medseqft-capped-normtrain", ["--method", "medseqft", "--buffer-size", "2", "--mds-repeats",
+                                                       "2", "--kd-until", "budget", "--kd-fft", "capped",
+                                                       "--kd-norm", "train"]),
+                        ("medseqft-joint-normcopy", ["--method", "medseqft", "--buffer-size", "2", "--mds-repeats",
+                                                     "2", "--kd-until", "ceiling", "--kd-max-epochs", "10",
+                                                     "--kd-fft", "joint", "--kd-weight", "0.5",
+                                                     "--kd-norm", "copy"]),
                         ("seq-ft-random", ["--method", "seq-ft", "--buffer", "random", "--retention", "lora-kd",
                                            "--buffer-size", "2", "--kd-until", "budget"]),
                         ("parallel-lora", ["--method", "lora", "--lora-rank", "2"]),
@@ -158,7 +167,7 @@ def main() -> int:
         out = work / "seqft" / name
         if not (out / "results.csv").is_file():
             args_ = seq if "--recipe" not in extra else []
-            model = mae if name == "medseqft" else fm
+            model = mae if name.startswith("medseqft") else fm
             cli(["seqft", stream, "--model", model, "--out", out, *args_, *extra])
         record(f"seqft/{name}", out)
     args.out.write_text(json.dumps(prints, indent=1, sort_keys=True) + "\n")

@@ -133,9 +133,24 @@ class KDFineTuning(Strategy):
         self.kd_optimizer: torch.optim.Optimizer | None = None
         self._kd_state: dict | None = None
         self.last_kd_loss: torch.Tensor | None = None  #: the latest step's distillation loss (detached), for inspection
+        self._params: tuple[int, list[nn.Parameter]] | None = None  # (id of the model, its trainable encoder params)
+        self._teacher_on: torch.device | None = None  # the device the teacher was last moved to
 
     def _encoder_params(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p in encoder_parameters(model) if p.requires_grad]
+        """The model's trainable encoder parameters, listed once per model (a step asks three times; which
+        parameters train does not change during training)."""
+        if self._params is None or self._params[0] != id(model):
+            self._params = (id(model), [p for p in encoder_parameters(model) if p.requires_grad])
+        return self._params[1]
+
+    def _teacher(self, device) -> nn.Module:
+        """The teacher on ``device``, moved there once (``Module.to`` walks every parameter even when they are
+        already there: a few percent of a step on a small network)."""
+        device = torch.device(device)
+        if self._teacher_on != device:
+            self.teacher.to(device)
+            self._teacher_on = device
+        return self.teacher
 
     def _make_kd_optimizer(self, ctx: StepContext) -> torch.optim.Optimizer:
         # the defaults the optimiser's constructor takes (torch's AdamW records decoupled_weight_decay, which its
@@ -154,7 +169,7 @@ class KDFineTuning(Strategy):
         """This iteration's distillation loss on a buffer batch (drawn from (seed, step))."""
         rng = seeds.numpy_rng(self.seed, "kd-buffer", self.step)
         image = self.buffer.sample(rng)["image"].to(device, non_blocking=True)
-        return FeatureDistillation(self.teacher.to(device))(ctx.model, {"image": image})
+        return FeatureDistillation(self._teacher(device))(ctx.model, {"image": image})
 
     def _joint_step(self, ctx: StepContext, batch: dict) -> torch.Tensor:
         """One optimiser on L_seg + λ·L_kd (the engine's step with the distillation as an extra loss term)."""
@@ -284,5 +299,7 @@ class EncoderLoRADistillation(LoRA):
         with ctx.precision.autocast():
             loss = ctx.loss(ctx.model, batch, None)
         ctx.precision.backward(loss)
-        ctx.precision.step(ctx.optimizer, self.parameters(ctx.model), ctx.grad_clip)
+        # the clipped parameters are listed only when there is clipping (the listing walks every parameter)
+        ctx.precision.step(ctx.optimizer, self.parameters(ctx.model) if ctx.grad_clip is not None else (),
+                           ctx.grad_clip)
         return loss.detach()
