@@ -35,9 +35,8 @@ VARIANTS = {
     "norm-train+fft-capped": (["--kd-norm", "train", "--kd-fft", "capped"], "combined"),
     "all": (["--kd-norm", "train", "--kd-until", "ceiling", "--kd-fft", "capped", "--kd-rank", "8"],
             "every change together"),
-    # diagnostics beyond the list: is the refinement short of capacity or of steps?
-    "rank-full": (["--kd-rank", "64"], "LoRA rank 64: every layer's full rank (the cap is its smaller side), "
-                  "so any change of a weight is reachable"),
+    # beyond the list: is the refinement short of steps? (capacity: scripts/medseqft_rank_sweep.py; a
+    # uniform rank above 8 does not fit this network's first layer, 8 x 27)
     "kd-lr-ft": (["--kd-recipe", "{work}/kd-lr-ft.yaml"], "the LoRA-based KD at the fine-tuning's lr (3e-3, "
                  "constant) instead of a tenth of it"),
 }
