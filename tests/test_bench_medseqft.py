@@ -100,6 +100,14 @@ def test_edits_rerun_exactly_the_affected_cells():
     edited["stream"]["unseen"] = []
     edited["medseqft"]["unseen"] = []
     assert ids(edited) == {c for c in base if c.startswith("stream/")}
+    # the test predictions' tile overlap: every cell predicts, so every cell is new; nnU-Net's default written
+    # out is the same grid as no overlap at all (the committed cells' keys stay)
+    edited = copy.deepcopy(raw)
+    edited["overlap"] = 0.25
+    assert not base & ids(edited)
+    assert all(c.key["overlap"] == 0.25 for c in enumerate_cells(parse_config(copy.deepcopy(edited))))
+    edited["overlap"] = 0.5
+    assert ids(edited) == base
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -129,6 +137,7 @@ def test_edits_rerun_exactly_the_affected_cells():
     (lambda r: r["stream"].update(cases=3), "stream.cases: 3 is not an integer >= 5"),
     (lambda r: r.update(shots=40), "shots: 40 but task"),
     (lambda r: r.update(postprocess="smooth"), "postprocess: unknown 'smooth'"),
+    (lambda r: r.update(overlap=1.0), "overlap: 1.0 is not a tile overlap in [0, 1)"),
     (lambda r: r.pop("recipe"), "config: missing ['recipe']"),
     (lambda r: r.update(table1={"methods": ["full"]}), "config: unknown key(s) ['table1']"),
 ])

@@ -702,3 +702,19 @@ def test_kd_readings_refused_where_the_stage_is_missing(world, tmp_path, capsys)
     err = _err(capsys, ["seqft", stream, *run, "--method", "medseqft", "--kd-fft", "joint", "--kd-weight", "-1"])
     assert "--kd-weight -1" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_overlap_is_checked_and_recorded_only_when_set(world, tmp_path, capsys):
+    """--overlap (the test predictions' tile overlap): out of range is one line; nnU-Net's 0.5 is not recorded
+    (runs made before the option keep their identity), another value is."""
+    from medadapt.workflows.seqft import SeqftRequest, resolve_seqft
+
+    fm, stream = str(world["fm"]), _stream(world, tmp_path)
+    err = _err(capsys, ["seqft", str(stream), "--model", fm, "--out", str(tmp_path / "r"), "--quiet",
+                        "--method", "full", "--overlap", "1.2"])
+    assert "--overlap 1.2" in err and "[0, 1)" in err
+    assert not (tmp_path / "r").exists()
+    default = resolve_seqft(SeqftRequest(stream, fm, "full")).to_dict()
+    assert "overlap" not in default
+    quarter = resolve_seqft(SeqftRequest(stream, fm, "full", overlap=0.25))
+    assert quarter.overlap == 0.25 and quarter.to_dict() == {**default, "overlap": 0.25}

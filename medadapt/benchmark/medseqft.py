@@ -120,6 +120,7 @@ class MedseqftConfig:
     raw: dict[str, Any] = field(default_factory=dict)
     foundation_spec: Foundation | None = None
     trust: bool = False
+    overlap: float = 0.5              # the sliding window's tile overlap of every test prediction
 
     @property
     def cli_argument(self) -> str:
@@ -323,7 +324,8 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     c = Check(source)
     base_dir = base_dir or Path.cwd()
     top = c.mapping(raw, "config", ("name", "description", "stream", "foundation", "seeds", "data_seed", "split_seed",
-                                    "shots", "recipe", "kd_recipe", "postprocess", "medseqft", "ray", "trust"),
+                                    "shots", "recipe", "kd_recipe", "postprocess", "medseqft", "ray", "trust",
+                                    "overlap"),
                     required=("name", "stream", "foundation", "recipe", "medseqft"))
     common = parse_common(c, top)
     stream, tasks, unseen = _stream(c, top["stream"], common.split_seed, base_dir)
@@ -429,7 +431,8 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                           recipe=recipe, kd_recipe=kd_recipe, postprocess=common.postprocess, rows=rows,
                           unseen_rows=list(unseen_rows), refined_by=refined_by, buffer_size=buffer_size,
                           mds_repeats=mds_repeats, kd_rank=kd_rank, kd_until=kd_until, ray=common.ray,
-                          raw=copy.deepcopy(raw), foundation_spec=foundation, trust=common.trust)
+                          raw=copy.deepcopy(raw), foundation_spec=foundation, trust=common.trust,
+                          overlap=common.overlap)
 
 
 # ---------------------------------------------------------------------------------------------- cells
@@ -474,9 +477,13 @@ def enumerate_cells(config: MedseqftConfig, digests: dict[str, Any] | None = Non
     """Every cell: the stream cells (row, seed) in row order, then the unseen cells (task, row, seed); their
     keys name the inputs' ``digests`` (the harness's: the foundation's weights, each task's data) and the code's
     :data:`NUMERICS` version."""
+    from medadapt.inference.predictor import DEFAULT_OVERLAP  # (not at import: it loads MONAI)
+
     common = {"format": CELL_FORMAT, "split_seed": config.split_seed, "shots": config.shots,
               "recipe": config.recipe, "postprocess": config.postprocess, "foundation": config.foundation_key(),
               "numerics": NUMERICS}
+    if config.overlap != DEFAULT_OVERLAP:  # in the key only when set (the committed cells' keys stay)
+        common["overlap"] = config.overlap
     digests = digests or {}
     data = digests.get("data") or {}
     stream_key = config.stream_key()

@@ -144,6 +144,8 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
     key, row = cell.key, cell.key["row"]
     kwargs: dict[str, Any] = {"shots": key["shots"], "seed": cell.seed, "split_seed": key["split_seed"],
                               "recipe": load_recipe(key["recipe"]), "postprocess": key["postprocess"]}
+    if "overlap" in key:
+        kwargs["overlap"] = key["overlap"]
     if "options" in row:  # the strategy's record: its options, and the decoder policy when it is not the default
         options = dict(row["options"])
         kwargs["pretext_decoder"] = options.pop("decoder", "pretrained")
@@ -212,7 +214,7 @@ def _unseen_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
     settings = resolve_finetune(FinetuneRequest(
         model, paths.datasets[cell.task], key["method"], key["shots"], seed=cell.seed, split_seed=key["split_seed"],
         head="fresh", recipe=load_recipe(key["recipe"]), postprocess=key["postprocess"],
-        split=paths.split(cell.task, key["split_seed"])))
+        split=paths.split(cell.task, key["split_seed"]), **({"overlap": key["overlap"]} if "overlap" in key else {})))
     run = finetune(settings, out / "run", resume=True, progress=progress)
     return {"start": str(model), "per_case": read_rows(out / "run" / "metrics_per_case.csv"),
             "metrics": run["metrics"], "parameters": run["parameters"], "timing": run["timing"],

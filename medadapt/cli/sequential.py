@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medadapt.cli.common import (MODEL_NAMES_HELP, CommandGroup, add_method_options, add_postprocess_option,
-                                 add_training_options, engine_options, method_options, model_arg, positive_int,
-                                 seed_arg, shots_arg)
+from medadapt.cli.common import (MODEL_NAMES_HELP, CommandGroup, add_method_options, add_overlap_option,
+                                 add_postprocess_option, add_training_options, engine_options, method_options,
+                                 model_arg, positive_int, seed_arg, shots_arg)
 
 
 #: this module's commands, each with its one line in 'medadapt --help' (medadapt.cli.common)
@@ -101,6 +101,7 @@ def add_seqft(p):
     p.add_argument("--split-seed", type=seed_arg, default=0, help="seed of each task's 80/20 split (default 0)")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the recipe's)")
     add_postprocess_option(p)
+    add_overlap_option(p)
     add_training_options(p, "the one the model folder recommends, else dgst-paper")
     return cmd_seqft
 
@@ -116,7 +117,7 @@ def cmd_seqft(args) -> int:
         recipe=args.recipe, kd_recipe=args.kd_recipe, epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
         method_options=method_options(args, also=(*SEQUENTIAL, JOINT)),
-        postprocess=args.postprocess, pretext_decoder=args.pretext_decoder), engine)
+        postprocess=args.postprocess, pretext_decoder=args.pretext_decoder, overlap=args.overlap), engine)
     summary = seqft(settings, args.out, resume=args.resume, progress=not args.quiet, engine=engine)
     print((args.out / "results.md").read_text(), end="")
     print(f"{len(summary['tasks'])} task(s); results in {args.out}")

@@ -61,7 +61,7 @@ from medadapt.data.splits import Split, draw_shots
 from medadapt.engine import EngineOptions, Trainer, TrainingConfig
 from medadapt.engine.recipe import Recipe, load_recipe
 from medadapt.errors import MedadaptError
-from medadapt.inference.predictor import POSTPROCESSING
+from medadapt.inference.predictor import DEFAULT_OVERLAP, POSTPROCESSING
 from medadapt.models import ModelFolder, load_model_folder, save_model_folder
 from medadapt.models.model_folder import output_channels
 from medadapt.models.parts import model_parts
@@ -77,7 +77,8 @@ from medadapt.utils import seeds
 from medadapt.utils.hashing import stable_hash
 from medadapt.utils.lock import locks_folder
 from medadapt.workflows.common import cache_root, dataset_cache_dir, environment, model_fingerprint
-from medadapt.workflows.finetune import DEFAULT_RECIPE, decoder_policy, load_foundation, predict_and_evaluate
+from medadapt.workflows.finetune import (DEFAULT_RECIPE, check_overlap, decoder_policy, load_foundation,
+                                         predict_and_evaluate)
 from medadapt.workflows.identity import first_difference, settings_digest
 from medadapt.workflows.training import (for_cases, prepare_network, prepare_strategy, recipe_sampler,
                                          resolve_recipe, training_config)
@@ -316,6 +317,8 @@ class SeqftSettings:
     #: the command line's budget and learning rate as given (epochs, iterations_per_epoch, lr): a parallel
     #: method's runs apply them after their method's own recipe settings, as ``medadapt finetune`` does
     overrides: dict = dataclasses.field(default_factory=dict)
+    #: the sliding window's tile overlap when the test cases are predicted (nnU-Net's 0.5 by default)
+    overlap: float = DEFAULT_OVERLAP
 
     @property
     def method(self) -> str:
@@ -327,7 +330,9 @@ class SeqftSettings:
                 "shots": self.shots, "seed": self.seed, "split_seed": self.split_seed, "postprocess": self.postprocess, "training": self.training.to_dict(),
                 "kd_training": self.kd_training.to_dict() if self.kd_training else None,
                 "recipe": self.recipe.to_dict(), "kd_recipe": self.kd_recipe.to_dict() if self.kd_recipe else None,
-                "patch_size": list(self.patch_size), "batch_size": self.batch_size, "overrides": self.overrides}
+                "patch_size": list(self.patch_size), "batch_size": self.batch_size, "overrides": self.overrides,
+                # recorded where it is not the default (runs made before the option keep their identity)
+                **({"overlap": self.overlap} if self.overlap != DEFAULT_OVERLAP else {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +367,7 @@ class SeqftRequest:
     method_options: dict[str, Any] | None = None
     postprocess: str = "none"
     pretext_decoder: str = "auto"
+    overlap: float = DEFAULT_OVERLAP
 
 
 def resolve_seqft(request: SeqftRequest, engine: EngineOptions | None = None) -> SeqftSettings:
@@ -380,6 +386,7 @@ def resolve_seqft(request: SeqftRequest, engine: EngineOptions | None = None) ->
                               r.kd_fft, r.kd_weight)
     if postprocess not in POSTPROCESSING:
         raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
+    check_overlap(r.overlap)
     stream = stream if isinstance(stream, Stream) else load_stream(stream)
     folder0 = load_model_folder(model)
     if sequence.retention == "lora-kd":  # the rank must fit every encoder layer (checked before any training)
@@ -428,7 +435,7 @@ def resolve_seqft(request: SeqftRequest, engine: EngineOptions | None = None) ->
         patch_size=tuple(resolved.patch_size or folder0.network.patch_size),
         batch_size=resolved.batch_size or folder0.network.batch_size, postprocess=postprocess,
         overrides={k: v for k, v in (("epochs", epochs), ("iterations_per_epoch", iterations_per_epoch), ("lr", lr))
-                   if v is not None})
+                   if v is not None}, overlap=float(r.overlap))
     _, splits = task_splits(settings, folder0)  # every task is checked before anything is written
     first = round(sum(len(ids) for ids, _ in splits) / len(splits)) if method == JOINT else len(splits[0][0])
     return dataclasses.replace(settings, training=for_cases(config, resolved, first),
@@ -572,7 +579,7 @@ def _stream(run: StreamRun, tasks: list[TaskData]) -> list[dict[str, Any]]:
             finished = finetune(resolve_finetune(FinetuneRequest(
                 s.model, t.task.data, s.method, len(t.shot_ids), seed=s.seed, split_seed=s.split_seed,
                 method_options=s.method_options, head="fresh", recipe=s.recipe, postprocess=s.postprocess,
-                pretext_decoder=s.pretext_decoder, **s.overrides), run.engine),
+                pretext_decoder=s.pretext_decoder, overlap=s.overlap, **s.overrides), run.engine),
                 t.where, resume=True, progress=run.progress, engine=run.engine)
             record = {"task": t.task.name, "index": t.index, "metrics": finished["metrics"],
                       "seconds": {"finetune": train_seconds(t.where / "training" / "history.json")}}
@@ -598,7 +605,7 @@ def _after_stream(run: StreamRun, tasks: list[TaskData], results) -> dict[str, A
             folder_j = load_model_folder(t.where / "model")
             net = with_encoder(folder_j.load_network(), final)
             metrics = predict_and_evaluate(folder_j, net, t.dataset, t.test_ids, where, run.progress,
-                                           run.settings.postprocess)
+                                           run.settings.postprocess, run.settings.overlap)
         just_after = _pct(results[t.index - 1]["metrics"]["foreground_mean"].get("dsc"))
         after = _pct(metrics["foreground_mean"].get("dsc"))
         rows.append({"task": t.task.name, "index": t.index, "dsc_just_after": just_after, "dsc_after_stream": after,
@@ -642,7 +649,8 @@ def _joint(run: StreamRun, tasks: list[TaskData]) -> list[dict[str, Any]]:
         net = model.task_network(t.index - 1)
         tuned = run.folder(spec, t.dataset, {"kind": "seqft-joint", "task": t.task.name, "index": t.index})
         save_model_folder(t.where / "model", net, tuned)
-        metrics = predict_and_evaluate(tuned, net, t.dataset, t.test_ids, t.where, run.progress, s.postprocess)
+        metrics = predict_and_evaluate(tuned, net, t.dataset, t.test_ids, t.where, run.progress, s.postprocess,
+                                       s.overlap)
         record = {"task": t.task.name, "index": t.index, "metrics": metrics, "seconds": {"joint": seconds},
                   "shot_cases": t.shot_ids, "test_cases": t.test_ids}
         atomic_write_json(t.where / "task.json", record)
@@ -677,7 +685,7 @@ def _sequential_task(run: StreamRun, t: TaskData, previous: ModelFolder,
     sampler = recipe_sampler(s.recipe, cases, spec.patch_size, spec.batch_size)
     tuned, mid = _fine_tune_stage(run, t, previous, entries, spec, sampler)
     seconds: dict[str, float | None] = {"stage1": train_seconds(t.where / "stage1" / "training" / "history.json")}
-    metrics = predict_and_evaluate(tuned, mid, t.dataset, t.test_ids, t.where, run.progress, s.postprocess)
+    metrics = predict_and_evaluate(tuned, mid, t.dataset, t.test_ids, t.where, run.progress, s.postprocess, s.overlap)
     refined_metrics = kd_record = None
     if s.sequence.retention == "lora-kd":
         refined_metrics, kd_record, seconds["stage2"] = _refine_stage(run, t, previous, spec, sampler, mid)
@@ -751,7 +759,7 @@ def _refine_stage(run: StreamRun, t: TaskData, previous: ModelFolder, spec, samp
                                                   **s.sequence.record()})
     save_model_folder(t.where / "refined" / "model", refined, refined_folder)
     metrics = predict_and_evaluate(refined_folder, refined, t.dataset, t.test_ids, t.where / "refined",
-                                   run.progress, s.postprocess)
+                                   run.progress, s.postprocess, s.overlap)
     return metrics, refinement_record(kd_history, kd_config), train_seconds(
         t.where / "stage2" / "training" / "history.json")
 
