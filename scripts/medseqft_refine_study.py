@@ -39,6 +39,9 @@ VARIANTS = {
     # uniform rank above 8 does not fit this network's first layer, 8 x 27)
     "kd-lr-ft": (["--kd-recipe", "{work}/kd-lr-ft.yaml"], "the LoRA-based KD at the fine-tuning's lr (3e-3, "
                  "constant) instead of a tenth of it"),
+    "kd-lr-ft+ceiling": (["--kd-recipe", "{work}/kd-lr-ft.yaml", "--kd-until", "ceiling"], "combined"),
+    "rank8+kd-lr-ft+ceiling": (["--kd-rank", "8", "--kd-recipe", "{work}/kd-lr-ft.yaml", "--kd-until", "ceiling"],
+                               "combined"),
 }
 
 
