@@ -116,16 +116,25 @@ def test_a_structure_no_imported_patient_has_is_one_line(two_imports, tmp_path, 
 
 @pytest.mark.parametrize("name", REAL_DATA_CONFIGS)
 def test_the_openkbp_configs_name_their_data_the_nnunet_way(name, monkeypatch, tmp_path, capsys):
-    assert BUILTIN_CONFIGS[name] in ("dgst", "fseft")
+    assert BUILTIN_CONFIGS[name] in ("dgst", "fseft", "medseqft")
     doc = yaml.safe_load(builtin_config_path(name).read_text())
-    entries = [doc["foundation"], *doc["datasets"].values()]
-    for entry in entries:
+    if BUILTIN_CONFIGS[name] == "medseqft":  # a stream of tasks (read first) and unseen tasks
+        tasks = [*doc["stream"]["tasks"], *doc["stream"]["unseen"]]
+        assert len(doc["stream"]["tasks"]) == 5 and len(doc["stream"]["unseen"]) == 2
+        assert doc["foundation"]["objective"] == "mae"
+        first = tasks[0]["data"]
+    else:
+        tasks = list(doc["datasets"].values())
+        first = doc["foundation"]["data"]
+    names = [entry["data"] for entry in tasks]
+    assert len(set(names)) == len(names)  # one dataset per task
+    for entry in [doc["foundation"], *tasks]:
         assert entry["data"].startswith("Dataset6") and "import-openkbp" in entry["import"]
-        assert "--crop body" in entry["import"]
+        assert "--crop body" in entry["import"] and f"$nnUNet_raw/{entry['data']} " in entry["import"]
     monkeypatch.setenv("nnUNet_raw", str(tmp_path))
     assert main(["bench", name, "--workdir", str(tmp_path / "w"), "--list"]) == 2
     err = capsys.readouterr().err
-    assert "Dataset600_OpenKBP_OARs" in err and "import-openkbp" in err
+    assert first in err and "import-openkbp" in err
 
 
 def test_a_folder_named_like_a_dataset_beside_the_config_still_works(two_imports, tmp_path, monkeypatch):

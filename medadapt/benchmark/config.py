@@ -50,9 +50,9 @@ from medadapt.utils.yamlfile import read_yaml
 #: every built-in config, with the paper whose definition runs it
 BUILTIN_CONFIGS = {"default": "dgst", "quick": "dgst", "paper": "dgst", "fseft": "fseft", "fseft-cpu": "fseft",
                    "fseft-quick": "fseft", "medseqft": "medseqft", "medseqft-quick": "medseqft",
-                   "openkbp-dgst": "dgst", "openkbp-fseft": "fseft"}
+                   "openkbp-dgst": "dgst", "openkbp-fseft": "fseft", "openkbp-medseqft": "medseqft"}
 #: the built-in configs that read real data (found under $nnUNet_raw): not loadable without it
-REAL_DATA_CONFIGS = ("openkbp-dgst", "openkbp-fseft")
+REAL_DATA_CONFIGS = ("openkbp-dgst", "openkbp-fseft", "openkbp-medseqft")
 POSTPROCESS = ("none", "lcc")
 SECTIONS = ("table1", "fseft", "medseqft")  # the experiments a config defines: one of them
 
