@@ -65,3 +65,22 @@ def test_commands_that_read_a_model_offer_trust_model(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert "--trust-model" in capsys.readouterr().out
+
+
+def test_identical_weights_save_to_identical_bytes(tmp_path):
+    """atomic_torch_save writes through a random temporary name; torch would name the archive's records after it
+    (``tmpab12/data.pkl``), so the same weights saved twice differed in bytes and in every file digest."""
+    import zipfile
+
+    from medadapt.utils.atomic import atomic_torch_save
+    from medadapt.utils.digests import file_sha256
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)}
+    atomic_torch_save(tmp_path / "a.pt", state)
+    (tmp_path / "other").mkdir()
+    atomic_torch_save(tmp_path / "other" / "b.pt", {k: v.clone() for k, v in state.items()})
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other" / "b.pt").read_bytes()
+    assert file_sha256(tmp_path / "a.pt") == file_sha256(tmp_path / "other" / "b.pt")
+    assert all(n.startswith("archive/") for n in zipfile.ZipFile(tmp_path / "a.pt").namelist())
+    loaded = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert torch.equal(loaded["w"], state["w"])

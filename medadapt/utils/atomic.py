@@ -53,10 +53,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` to ``path`` atomically, the same bytes for the same object wherever it is written.
+
+    Saved to a path, torch names the archive's records after the file (``<stem>/data.pkl``), here the random
+    temporary name: identical weights saved twice would differ in bytes (and in any file digest). Saved to an open
+    file, the records are ``archive/...`` whatever the name."""
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _json_default(o: Any) -> Any:
