@@ -718,3 +718,41 @@ def test_overlap_is_checked_and_recorded_only_when_set(world, tmp_path, capsys):
     assert "overlap" not in default
     quarter = resolve_seqft(SeqftRequest(stream, fm, "full", overlap=0.25))
     assert quarter.overlap == 0.25 and quarter.to_dict() == {**default, "overlap": 0.25}
+
+
+def test_a_moved_stream_and_foundation_resume_their_run(world, seq_run, tmp_path):
+    """A run folder, its tasks' datasets and its foundation copied elsewhere (another disk, a clone): the run is
+    the same run (what the folders hold is compared, not where they lie), so --resume finds every task finished."""
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    for name in ("tgt", "src", "fm"):
+        shutil.copytree(world[name], moved / name)
+    stream = tmp_path / "moved.yaml"
+    stream.write_text(f"name: tiny\ntasks:\n  - data: {moved / 'tgt'}\n  - data: {moved / 'src'}\n")
+    out = tmp_path / "run"
+    shutil.copytree(seq_run, out)
+    before = {p: p.read_text() for p in sorted(out.glob("tasks/*/task.json"))}
+    assert main(["seqft", str(stream), "--model", str(moved / "fm"), "--out", str(out), *SEQ, "--resume"]) == 0
+    assert {p: p.read_text() for p in sorted(out.glob("tasks/*/task.json"))} == before  # nothing re-ran
+    identity = json.loads((out / "seqft.json").read_text())
+    assert identity["tasks"][0]["data"] == str(moved / "tgt")  # the record says where the data lies now
+
+
+def test_identity_ignores_where_inputs_lie_not_what_they_are(tmp_path):
+    from medadapt.errors import MedadaptError
+    from medadapt.workflows.identity import check_identity, record_identity
+
+    identity = {"format": "x/1", "dataset": {"path": "/a/Dataset001", "name": "D", "cases": "c1"},
+                "foundation": {"path": "/a/fm", "weights": "w1"}, "model": "/a/fm", "data": "/a/Dataset001",
+                "split": {"kind": "file", "path": "/a/splits.json", "fold": 0, "sha256": "s1"},
+                "training": {"epochs": 2}, "settings_digest": "d1"}
+    record_identity(tmp_path, identity)
+    moved = json.loads(json.dumps(identity).replace("/a/", "/b/"))
+    moved["settings_digest"] = "d2"  # it folds the paths in; the settings it digests are compared themselves
+    check_identity(tmp_path, moved)
+    for key, value in (("dataset", {**identity["dataset"], "cases": "c2"}),
+                       ("foundation", {**identity["foundation"], "weights": "w2"}),
+                       ("split", {**identity["split"], "sha256": "s2"}), ("training", {"epochs": 3})):
+        with pytest.raises(MedadaptError, match=key):
+            check_identity(tmp_path, {**moved, key: value})

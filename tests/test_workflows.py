@@ -277,13 +277,13 @@ def test_refuses_another_dataset_or_foundation(world, tmp_path, capsys):
     assert main(_finetune_args(world, out, "full", "2")) == 0
     other = _relabelled_copy(world, tmp_path)
     assert main(_finetune_args(world, out, "full", "2", "--resume", "--data", str(other))) == 2
-    assert "dataset.path" in capsys.readouterr().err
+    assert "dataset.labels" in capsys.readouterr().err  # what the data is, not where it lies
     fm2 = tmp_path / "fm2"
     assert main(["pretrain", "--data", str(world["src"]), "--out", str(fm2), "--preset", "cpu-tiny", "--epochs", "1",
                  "--iterations-per-epoch", "1", "--seed", "9", "--quiet"]) == 0
     args = _finetune_args(world, out, "full", "2", "--resume")
     args[args.index("--model") + 1] = str(fm2)
-    assert main(args) == 2 and "foundation.path" in capsys.readouterr().err
+    assert main(args) == 2 and "foundation.weights" in capsys.readouterr().err
 
 
 def test_zero_shot_row(world, tmp_path, capsys):

@@ -25,8 +25,34 @@ def settings_digest(settings: dict[str, Any]) -> str:
     return stable_hash(json.loads(json.dumps(settings)), 16)
 
 
+#: what names where an input lies rather than what it is: a run whose data or foundation folder was moved or
+#: cloned elsewhere is the same run (what they hold is compared: cases, labels, weights, a split file's SHA-256)
+LOCATION_KEYS = ("model", "data")
+
+
+def without_locations(identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` as compared: no ``path`` entry and no ``data`` folder (of the record or of any record in it,
+    lists included: a stream's tasks), no top-level ``model`` path, and no ``settings_digest`` where the settings it digests are in the record
+    themselves (it folds those paths in; a record without them, e.g. cross-validation's, keeps it)."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "path" and not (k == "data" and _is_location(v))}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    inline = "training" in identity
+    return {k: strip(v) for k, v in identity.items()
+            if k != "path" and not (k in LOCATION_KEYS and _is_location(v)) and not (inline and k == "settings_digest")}
+
+
+def _is_location(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
 def check_identity(out: Path, identity: dict[str, Any]) -> None:
-    """Refuse a run folder made for another run, with one line naming the first difference."""
+    """Refuse a run folder made for another run, with one line naming the first difference (where the inputs lie
+    does not count: :func:`without_locations`)."""
     path = Path(out) / IDENTITY_FILE
     if not path.is_file():
         if (Path(out) / "run.json").is_file() or (Path(out) / "training" / "checkpoint_latest.pt").is_file():
@@ -38,7 +64,7 @@ def check_identity(out: Path, identity: dict[str, Any]) -> None:
         raise MedadaptError(f"{out}: holds a run recorded as {stored.get('format') or 'an older format'} by an "
                             f"older medadapt (this one writes {identity['format']}); use a new --out folder")
     current = json.loads(json.dumps(identity))  # as stored: tuples become lists
-    diff = first_difference(stored, current)
+    diff = first_difference(without_locations(stored), without_locations(current))
     if diff is not None:
         key, old, new = diff
         raise MedadaptError(f"{out}: holds a run with {key} = {json.dumps(old)}, this one has "

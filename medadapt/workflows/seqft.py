@@ -79,7 +79,7 @@ from medadapt.utils.lock import locks_folder
 from medadapt.workflows.common import cache_root, dataset_cache_dir, environment, model_fingerprint
 from medadapt.workflows.finetune import (DEFAULT_RECIPE, check_overlap, decoder_policy, load_foundation,
                                          predict_and_evaluate)
-from medadapt.workflows.identity import first_difference, settings_digest
+from medadapt.workflows.identity import first_difference, settings_digest, without_locations
 from medadapt.workflows.training import (for_cases, prepare_network, prepare_strategy, recipe_sampler,
                                          resolve_recipe, training_config)
 
@@ -266,7 +266,9 @@ def carried_model(where: Path) -> Path:
 
 
 def check_stream_identity(out: Path, identity: dict[str, Any]) -> None:
-    """Refuse a run folder made for other settings; a stream that extends the recorded one is accepted."""
+    """Refuse a run folder made for other settings; a stream that extends the recorded one is accepted; where
+    the inputs lie does not count (:func:`medadapt.workflows.identity.without_locations`: the tasks' data
+    folders, the foundation's folder)."""
     path = out / "seqft.json"
     if not path.is_file():
         return
@@ -274,7 +276,8 @@ def check_stream_identity(out: Path, identity: dict[str, Any]) -> None:
     if stored.get("format") != identity["format"]:
         raise MedadaptError(f"{out}: holds a sequential run recorded as {stored.get('format') or 'an older format'} "
                             f"by an older medadapt (this one writes {identity['format']}); use a new --out folder")
-    current = json.loads(json.dumps(identity))
+    stored = without_locations(stored)
+    current = without_locations(json.loads(json.dumps(identity)))
     old_tasks, new_tasks = stored.get("tasks", []), current.get("tasks", [])
     if len(new_tasks) < len(old_tasks) and new_tasks == old_tasks[:len(new_tasks)]:
         raise MedadaptError(f"{out}: holds a run over {len(old_tasks)} tasks and this stream has {len(new_tasks)}; "
