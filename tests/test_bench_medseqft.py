@@ -87,6 +87,11 @@ def test_edits_rerun_exactly_the_affected_cells():
     assert {c.split("/")[-1].rsplit("-", 2)[0] for c in base - ids(edited)} == {
         "seq-ft-random", "seq-ft-mds", "medseqft", "fft-mn"}
     edited = copy.deepcopy(raw)
+    edited["medseqft"]["kd_lr_fraction"] = 1.0
+    assert {c.split("/")[-1].rsplit("-", 2)[0] for c in base - ids(edited)} == {"seq-ft-kgrft", "medseqft", "fft-mn"}
+    edited["medseqft"]["kd_lr_fraction"] = 0.1  # the default written out
+    assert ids(edited) == base
+    edited = copy.deepcopy(raw)
     edited["medseqft"]["kd_until"] = "budget"
     edited["medseqft"].pop("kd_max_epochs")
     assert {c.split("/")[-1].rsplit("-", 2)[0] for c in base - ids(edited)} == {"seq-ft-kgrft", "medseqft", "fft-mn"}
@@ -126,6 +131,7 @@ def test_edits_rerun_exactly_the_affected_cells():
     (lambda r: r["medseqft"].update(buffer_size=50), "medseqft.buffer_size: 50 but task 'neck-glands' trains on"),
     (lambda r: r["medseqft"].update(kd_max_epochs=5), "at least 10 epochs"),
     (lambda r: r["medseqft"].update(kd_until="forever"), "medseqft.kd_until: unknown 'forever'"),
+    (lambda r: r["medseqft"].update(kd_lr_fraction=0), "medseqft.kd_lr_fraction: the LoRA-based KD's lr"),
     (lambda r: r["medseqft"].update(parallel=[{"method": "lora", "decoder": "frozen"}]),
      "medseqft.parallel[0].decoder: unknown decoder policy 'frozen'"),
     (lambda r: r["foundation"].update(objective="supervised"),

@@ -701,6 +701,13 @@ def test_kd_readings_refused_where_the_stage_is_missing(world, tmp_path, capsys)
     assert "--kd-weight 2" in err and "joint" in err
     err = _err(capsys, ["seqft", stream, *run, "--method", "medseqft", "--kd-fft", "joint", "--kd-weight", "-1"])
     assert "--kd-weight -1" in err
+    err = _err(capsys, ["seqft", stream, *run, "--method", "medseqft", "--kd-lr-fraction", "0"])
+    assert "--kd-lr-fraction 0" in err and "(0, 10]" in err
+    err = _err(capsys, ["seqft", stream, *run, "--method", "medseqft", "--kd-lr-fraction", "1",
+                        "--kd-recipe", "cpu-finetune"])
+    assert "--kd-lr-fraction" in err and "--kd-recipe" in err
+    err = _err(capsys, ["seqft", stream, *run, "--method", "seq-ft", "--kd-lr-fraction", "1"])
+    assert "--kd-lr-fraction" in err and "lora-kd" in err
     assert not (tmp_path / "r").exists()
 
 
@@ -756,3 +763,17 @@ def test_identity_ignores_where_inputs_lie_not_what_they_are(tmp_path):
                        ("split", {**identity["split"], "sha256": "s2"}), ("training", {"epochs": 3})):
         with pytest.raises(MedadaptError, match=key):
             check_identity(tmp_path, {**moved, key: value})
+
+
+def test_kd_lr_fraction_sets_the_derived_kd_recipes_lr(world, tmp_path):
+    from medadapt.workflows.seqft import KD_LR_FRACTION, SeqftRequest, resolve_seqft
+
+    stream = _stream(world, tmp_path)
+    base = resolve_seqft(SeqftRequest(stream, world["fm"], "seq-ft", retention="lora-kd", recipe="cpu-finetune"))
+    assert base.kd_recipe.lr == pytest.approx(KD_LR_FRACTION * base.recipe.lr)
+    same = resolve_seqft(SeqftRequest(stream, world["fm"], "seq-ft", retention="lora-kd", recipe="cpu-finetune",
+                                      kd_lr_fraction=KD_LR_FRACTION))
+    assert same.to_dict() == base.to_dict()  # the default written out is the same run
+    full = resolve_seqft(SeqftRequest(stream, world["fm"], "seq-ft", retention="lora-kd", recipe="cpu-finetune", kd_lr_fraction=1.0))
+    assert full.kd_recipe.lr == pytest.approx(full.recipe.lr)
+    assert {k for k in full.to_dict() if full.to_dict()[k] != base.to_dict()[k]} == {"kd_recipe", "kd_training"}

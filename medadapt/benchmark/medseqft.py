@@ -319,7 +319,8 @@ def _parallel_rows(c: Check, value: Any, decoder: str = "pretrained") -> list[Ro
 
 def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> MedseqftConfig:
     from medadapt.engine.recipe import load_recipe
-    from medadapt.workflows.seqft import KD_UNTIL, check_kd_ceiling, kd_recipe_from
+    from medadapt.workflows.seqft import (KD_LR_FRACTION, KD_UNTIL, check_kd_ceiling, check_kd_lr_fraction,
+                                          kd_recipe_from)
 
     c = Check(source)
     base_dir = base_dir or Path.cwd()
@@ -346,6 +347,15 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     kd_max_epochs = m_raw.get("kd_max_epochs")
     if kd_max_epochs is not None:
         kd_max_epochs = c.integer(kd_max_epochs, "medseqft.kd_max_epochs", 1)
+    kd_lr_fraction = m_raw.get("kd_lr_fraction")
+    if kd_lr_fraction is not None:
+        try:
+            check_kd_lr_fraction(kd_lr_fraction)
+        except MedadaptError as exc:
+            c.fail("medseqft.kd_lr_fraction", str(exc).split(": ", 1)[1], "write e.g. kd_lr_fraction: 1.0")
+        if top.get("kd_recipe") is not None:
+            c.fail("medseqft.kd_lr_fraction", "does not go with kd_recipe (its lr is the recipe's)",
+                   "drop one of them")
     if top.get("kd_recipe") is not None:
         kd_recipe = parse_recipe(c, top["kd_recipe"], base_dir, "kd_recipe")
         if kd_max_epochs is not None:
@@ -357,7 +367,8 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                 c.fail("kd_recipe", str(exc), "give it at least 10 epochs")
     else:  # a tenth of the learning rate; until L_refine levels off (or the paper's fifth of the iterations)
         try:
-            kd = kd_recipe_from(load_recipe(recipe), kd_until, kd_max_epochs)
+            kd = kd_recipe_from(load_recipe(recipe), kd_until, kd_max_epochs,
+                                KD_LR_FRACTION if kd_lr_fraction is None else kd_lr_fraction)
         except MedadaptError as exc:
             c.fail("medseqft.kd_max_epochs" if kd_max_epochs is not None else "recipe",
                    f"the LoRA-based KD recipe derived from it is invalid ({exc})",
@@ -366,7 +377,7 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
         kd_recipe.pop("description")
     m = c.mapping(top["medseqft"], "medseqft", ("parallel", "joint", "sequential", "unseen", "refined_by",
                                                 "buffer_size", "mds_repeats", "kd_rank", "kd_until",
-                                                "kd_max_epochs"))
+                                                "kd_max_epochs", "kd_lr_fraction"))
     rows = _parallel_rows(c, m.get("parallel", []), "new" if foundation.pretext else "pretrained")
     if m.get("joint", False):
         rows.append(Row(JOINT, "joint", JOINT, display=display_name(JOINT)))

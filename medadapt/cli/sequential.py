@@ -89,6 +89,9 @@ def add_seqft(p):
                         "optimiser on L_seg + λ·L_kd), capped (separate, the distillation step at most as long as "
                         "the segmentation step on the encoder)")
     p.add_argument("--kd-weight", type=float, default=1.0, help="--kd-fft joint: λ (default 1)")
+    p.add_argument("--kd-lr-fraction", type=float, default=None,
+                   help="the LoRA-based KD's lr as a fraction of the fine-tuning's (default 0.1, the paper's ratio; "
+                        "not with --kd-recipe)")
     p.add_argument("--kd-max-epochs", type=positive_int, default=None,
                    help="--kd-until levelled/ceiling: the stage's ceiling in epochs (default: the fine-tuning "
                         "epochs; at least 10, what the convergence check needs)")
@@ -113,7 +116,8 @@ def cmd_seqft(args) -> int:
     settings = resolve_seqft(SeqftRequest(
         args.stream, args.model, args.method, buffer=args.buffer, retention=args.retention,
         buffer_size=args.buffer_size, mds_repeats=args.mds_repeats, kd_rank=args.kd_rank, kd_until=args.kd_until,
-        kd_max_epochs=args.kd_max_epochs, kd_norm=args.kd_norm, kd_fft=args.kd_fft, kd_weight=args.kd_weight, shots=args.shots, seed=args.seed, split_seed=args.split_seed,
+        kd_max_epochs=args.kd_max_epochs, kd_lr_fraction=args.kd_lr_fraction, kd_norm=args.kd_norm,
+        kd_fft=args.kd_fft, kd_weight=args.kd_weight, shots=args.shots, seed=args.seed, split_seed=args.split_seed,
         recipe=args.recipe, kd_recipe=args.kd_recipe, epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, lr=args.lr,
         method_options=method_options(args, also=(*SEQUENTIAL, JOINT)),

@@ -190,9 +190,10 @@ def _refuse_kd_readings(what: str, kd_norm: str, kd_fft: str, kd_weight: float, 
                             f"{what}{'' if fft else ' has no KD-based FFT'}")
 
 
-def kd_recipe_from(recipe: Recipe, until: str = "budget", max_epochs: int | None = None) -> Recipe:
-    """The LoRA-based KD recipe derived from the fine-tuning recipe (module constants), with a tenth of its
-    learning rate (the paper's ratio) and its optimiser, batch and patch.
+def kd_recipe_from(recipe: Recipe, until: str = "budget", max_epochs: int | None = None,
+                   lr_fraction: float = KD_LR_FRACTION) -> Recipe:
+    """The LoRA-based KD recipe derived from the fine-tuning recipe (module constants), with ``lr_fraction`` of
+    its learning rate (default :data:`KD_LR_FRACTION`) and its optimiser, batch and patch.
 
     ``until="budget"``: the paper's budget ratio, a fifth of the epochs (and of any warm-up) on the recipe's
     schedule. ``until="levelled"``: a constant learning rate (a stage whose length is decided while it runs
@@ -201,6 +202,7 @@ def kd_recipe_from(recipe: Recipe, until: str = "budget", max_epochs: int | None
     ``until="ceiling"``: the same recipe, run to its ceiling (no early stop: the refinement's full schedule)."""
     if until not in KD_UNTIL:
         raise MedadaptError(f"--kd-until {until!r}: choose one of {', '.join(KD_UNTIL)}")
+    check_kd_lr_fraction(lr_fraction)
     if until in ("levelled", "ceiling"):
         if max_epochs is not None:
             check_kd_ceiling(max_epochs)
@@ -208,7 +210,7 @@ def kd_recipe_from(recipe: Recipe, until: str = "budget", max_epochs: int | None
         else:
             ceiling = max(1, round(recipe.epochs * KD_CEILING_FRACTION))
             check_kd_ceiling(ceiling, "the fine-tuning epochs (the default ceiling)")
-        return recipe.with_overrides(name=f"{recipe.name}-lora-kd", epochs=ceiling, lr=recipe.lr * KD_LR_FRACTION,
+        return recipe.with_overrides(name=f"{recipe.name}-lora-kd", epochs=ceiling, lr=recipe.lr * lr_fraction,
                                      method_lr={}, schedule={"name": "constant"})
     if max_epochs is not None:
         raise MedadaptError("--kd-max-epochs: only with --kd-until levelled or ceiling (the budget is the paper's "
@@ -217,8 +219,14 @@ def kd_recipe_from(recipe: Recipe, until: str = "budget", max_epochs: int | None
     schedule = dict(recipe.schedule)
     if schedule.get("warmup_epochs"):  # the warm-up shrinks with the budget (and leaves at least one epoch)
         schedule["warmup_epochs"] = min(epochs - 1, round(schedule["warmup_epochs"] * KD_BUDGET_FRACTION))
-    return recipe.with_overrides(name=f"{recipe.name}-lora-kd", epochs=epochs, lr=recipe.lr * KD_LR_FRACTION,
+    return recipe.with_overrides(name=f"{recipe.name}-lora-kd", epochs=epochs, lr=recipe.lr * lr_fraction,
                                  method_lr={}, schedule=schedule)
+
+
+def check_kd_lr_fraction(value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 10:
+        raise MedadaptError(f"--kd-lr-fraction {value!r}: the LoRA-based KD's lr as a fraction of the fine-tuning's "
+                            "must be in (0, 10] (the paper's ratio 0.1, the fine-tuning's own 1)")
 
 
 def check_kd_ceiling(epochs: int, source: str = "--kd-max-epochs") -> None:
@@ -356,6 +364,7 @@ class SeqftRequest:
     kd_rank: int = 2
     kd_until: str = "levelled"
     kd_max_epochs: int | None = None
+    kd_lr_fraction: float | None = None  #: None: KD_LR_FRACTION (with a derived KD recipe only)
     kd_norm: str = "keep"
     kd_fft: str = "separate"
     kd_weight: float = 1.0
@@ -417,16 +426,20 @@ def resolve_seqft(request: SeqftRequest, engine: EngineOptions | None = None) ->
     kd_resolved = kd_config = None
     if sequence.retention == "lora-kd":
         if kd_recipe is not None:
+            if r.kd_lr_fraction is not None:
+                raise MedadaptError("--kd-lr-fraction: not with --kd-recipe (its lr is the recipe's)")
             kd_resolved = load_recipe(kd_recipe).with_overrides(epochs=kd_max_epochs)
             if sequence.kd_until == "levelled":
                 check_kd_ceiling(kd_resolved.epochs, "--kd-max-epochs" if kd_max_epochs else "--kd-recipe's epochs")
         else:
-            kd_resolved = kd_recipe_from(resolved, sequence.kd_until, kd_max_epochs)
+            kd_resolved = kd_recipe_from(resolved, sequence.kd_until, kd_max_epochs,
+                                         KD_LR_FRACTION if r.kd_lr_fraction is None else r.kd_lr_fraction)
         kd_config = dataclasses.replace(training_config(kd_resolved.for_cases(1), "lora-kd", seed, folder0.activation,
                                                         engine),
                                         loss={"name": "encoder-feature-mse"})
-    elif kd_recipe is not None or kd_max_epochs is not None:
-        raise MedadaptError("--kd-recipe/--kd-max-epochs: only with --retention lora-kd (or --method medseqft)")
+    elif kd_recipe is not None or kd_max_epochs is not None or r.kd_lr_fraction is not None:
+        raise MedadaptError("--kd-recipe/--kd-max-epochs/--kd-lr-fraction: only with --retention lora-kd (or --method "
+                            "medseqft)")
     if sequence.buffer == "mds":
         from medadapt.ssl import load_pretext
 
