@@ -31,10 +31,6 @@ VARIANTS = {
     "fft-joint": (["--kd-fft", "joint"], "KD-based FFT: one optimiser on L_seg + L_kd"),
     "fft-capped": (["--kd-fft", "capped"], "KD-based FFT: the KD step at most the task step's length"),
     "rank8": (["--kd-rank", "8"], "LoRA rank 8 instead of 2"),
-    "norm-train+ceiling": (["--kd-norm", "train", "--kd-until", "ceiling"], "combined"),
-    "norm-train+fft-capped": (["--kd-norm", "train", "--kd-fft", "capped"], "combined"),
-    "all": (["--kd-norm", "train", "--kd-until", "ceiling", "--kd-fft", "capped", "--kd-rank", "8"],
-            "every change together"),
     # beyond the list: is the refinement short of steps? (capacity: scripts/medseqft_rank_sweep.py; a
     # uniform rank above 8 does not fit this network's first layer, 8 x 27)
     "kd-lr-ft": (["--kd-recipe", "{work}/kd-lr-ft.yaml"], "the LoRA-based KD at the fine-tuning's lr (3e-3, "
@@ -42,6 +38,15 @@ VARIANTS = {
     "kd-lr-ft+ceiling": (["--kd-recipe", "{work}/kd-lr-ft.yaml", "--kd-until", "ceiling"], "combined"),
     "rank8+kd-lr-ft+ceiling": (["--kd-rank", "8", "--kd-recipe", "{work}/kd-lr-ft.yaml", "--kd-until", "ceiling"],
                                "combined"),
+    # the KD-based FFT's readings and the norms on top of the refinement that converges (the fine-tuning's lr, the
+    # full schedule), at the paper's rank and at 8
+    "lr1+ceiling+fft-capped": (["--kd-lr-fraction", "1", "--kd-until", "ceiling", "--kd-fft", "capped"], "combined"),
+    "lr1+ceiling+fft-joint": (["--kd-lr-fraction", "1", "--kd-until", "ceiling", "--kd-fft", "joint"], "combined"),
+    "lr1+ceiling+norm-train": (["--kd-lr-fraction", "1", "--kd-until", "ceiling", "--kd-norm", "train"], "combined"),
+    "rank8+lr1+ceiling+fft-capped": (["--kd-rank", "8", "--kd-lr-fraction", "1", "--kd-until", "ceiling",
+                                      "--kd-fft", "capped"], "combined"),
+    "all": (["--kd-rank", "8", "--kd-lr-fraction", "1", "--kd-until", "ceiling", "--kd-fft", "capped",
+             "--kd-norm", "train"], "every change together"),
 }
 
 
