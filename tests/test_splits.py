@@ -221,3 +221,27 @@ def test_zero_shot_on_a_splits_file(clinic, tmp_path, capsys):
     assert main(["zero-shot", "--model", str(clinic["fm"]), "--data", str(clinic["data"]), "--out",
                  str(tmp_path / "zs2"), "--split", "none", "--quiet"]) == 2
     assert "--all-cases" in _one_error_line(capsys, "zero-shot")
+
+
+def test_a_split_file_is_read_and_hashed_once_per_split(tmp_path, monkeypatch):
+    """A run's split, identity and records all read one Split: its file is read (and hashed) once, so they agree
+    even if the file changes meanwhile; a new Split (another run) reads it again."""
+    import hashlib
+    import json as _json
+    from pathlib import Path as _Path
+
+    f = tmp_path / "splits_final.json"
+    f.write_text(_json.dumps([{"train": ["a", "b"], "val": ["c"]}]))
+    reads = []
+    real = _Path.read_bytes
+    monkeypatch.setattr(_Path, "read_bytes", lambda self: reads.append(self) or real(self))
+    split = Split.parse(f, fold=0)
+    ids = ["a", "b", "c", "d"]
+    first = (split.apply(ids), split.record())
+    for _ in range(3):
+        assert (split.apply(ids), split.record()) == first
+    assert reads == [f]
+    assert first[1]["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    f.write_text(_json.dumps([{"train": ["a"], "val": ["b", "c"]}]))
+    assert split.apply(ids) == first[0]  # this run keeps the split it started with
+    assert Split.parse(f, fold=0).apply(ids) == (["a"], ["b", "c"])

@@ -8,6 +8,7 @@ the same permutation.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -93,6 +94,9 @@ class Split:
     path: str | None = None
     fold: int | None = None
     folds: int | None = None
+    #: a ``file`` split's bytes and their SHA-256, read once: every use in a run (the split, the identity, the
+    #: records) sees the same file, read and hashed once (not an init argument: ``dataclasses.replace`` rereads)
+    _loaded: "tuple[bytes, str] | None" = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in SPLIT_KINDS:
@@ -137,8 +141,8 @@ class Split:
         splits_final.json)."""
         path = Path(self.path or "")
         try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
+            text = self._file()[0].decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise MedadaptError(f"--split {path}: cannot be read ({exc}); give a readable text or JSON file") from None
         if path.suffix == ".json":
             try:
@@ -164,6 +168,18 @@ class Split:
         if not test:
             raise MedadaptError(f"--split {path}: names no test case; give one case id per line")
         return {"test": test}
+
+    def _file(self) -> tuple[bytes, str]:
+        """The file's bytes and SHA-256, read on first use and kept."""
+        if self._loaded is None:
+            path = Path(self.path or "")
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise MedadaptError(f"--split {path}: cannot be read ({exc}); give a readable text or JSON file") \
+                    from None
+            object.__setattr__(self, "_loaded", (data, hashlib.sha256(data).hexdigest()))
+        return self._loaded
 
     def apply(self, case_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """(train, test) case ids, both sorted; a file naming cases the dataset lacks is one error."""
@@ -195,9 +211,7 @@ class Split:
             return {"kind": "none"}
         if self.kind == "folds":
             return {"kind": "folds", "folds": self.folds, "fold": self.fold, "seed": self.seed}
-        from medadapt.utils.digests import file_sha256
-
-        return {"kind": "file", "path": self.path, "fold": self.fold, "sha256": file_sha256(self.path)}
+        return {"kind": "file", "path": self.path, "fold": self.fold, "sha256": self._file()[1]}
 
     def describe(self) -> str:
         if self.kind == "random":
