@@ -194,6 +194,14 @@ def add_head_option(p: argparse.ArgumentParser) -> None:
                         "zero-shot initialisation)")
 
 
+def given_method_flags(args) -> dict[str, Any]:
+    """The method-option flags given on the command line, ``{flag: text}``: the one walk over the registry's
+    flags that :func:`method_options` and :func:`every_method_options` share."""
+    from medadapt.tuning.registry import cli_options
+
+    return {flag: value for flag in cli_options() if (value := getattr(args, flag_dest(flag), None)) is not None}
+
+
 def method_options(args, also: tuple[str, ...] = ()) -> dict:
     """The method options given on the command line for ``--method``: the values of its options' flags. An
     unknown method (not a fine-tuning method, nor one of ``also``: a command's own, e.g. seqft's sequential
@@ -208,14 +216,11 @@ def method_options(args, also: tuple[str, ...] = ()) -> dict:
                             "('medadapt methods' lists them)")
     mine = {o.cli_flag(method): o.name for o in definition.options} if definition is not None else {}
     options = {}
-    for flag, (option, names) in cli_options().items():
-        value = getattr(args, flag_dest(flag), None)
-        if value is None:
-            continue
+    for flag, value in given_method_flags(args).items():
         if flag not in mine:
             takes = ", ".join(mine) or "no method options"
-            raise MedadaptError(f"{flag}: --method {method} has no such option ({'/'.join(names)} only); it takes "
-                                f"{takes}")
+            raise MedadaptError(f"{flag}: --method {method} has no such option ({'/'.join(cli_options()[flag][1])} "
+                                f"only); it takes {takes}")
         options[mine[flag]] = _option_value(flag, value, definition.option(mine[flag]), method)
     return options
 
@@ -238,13 +243,11 @@ def every_method_options(args) -> dict[str, dict]:
     """Per method, the options given on the command line that it takes (``medadapt methods``' table)."""
     from medadapt.tuning.registry import methods
 
+    given = given_method_flags(args)
     out: dict[str, dict] = {}
     for name, d in methods().items():
-        out[name] = {}
-        for o in d.options:
-            text = getattr(args, flag_dest(o.cli_flag(name)), None)
-            if text is not None:
-                out[name][o.name] = _option_value(o.cli_flag(name), text, o, name)
+        out[name] = {o.name: _option_value(o.cli_flag(name), given[o.cli_flag(name)], o, name)
+                     for o in d.options if o.cli_flag(name) in given}
     return out
 
 
