@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-#: name -> (seqft flags, what it tests)
+#: name -> (seqft flags, what it tests); what a variant does not set is the medseqft grid of record's refinement
+#: (rank 2, until L_refine levels off, a tenth of the fine-tuning's lr, norms kept, separate KD steps)
 VARIANTS = {
     "base": ([], "the grid's MedSeqFT (rank 2, L_refine until levelled, norms kept, separate KD steps)"),
     "norm-train": (["--kd-norm", "train"], "encoder norm γ/β trained in the LoRA-based KD and merged"),
@@ -90,6 +91,11 @@ def run_variant(name: str, stream: Path, recipe: Path, foundation: Path, work: P
         return out
     cfg = grid_settings()["medseqft"]
     flags = [f.replace("{work}", str(work)) for f in VARIANTS[name][0]]
+    # what a variant does not set is the medseqft grid of record's refinement (the defaults when the study began)
+    if "--kd-until" not in flags:
+        flags += ["--kd-until", "levelled"]
+    if "--kd-recipe" not in flags and "--kd-lr-fraction" not in flags:
+        flags += ["--kd-lr-fraction", "0.1"]
     cmd = [sys.executable, "-m", "medadapt", "seqft", str(stream), "--model", str(foundation), "--out", str(out),
            "--method", "medseqft", "--recipe", str(recipe), "--seed", "0", "--buffer-size", str(cfg["buffer_size"]),
            "--mds-repeats", str(cfg["mds_repeats"]), "--workers", "0", "--quiet", "--resume", *flags]

@@ -259,6 +259,7 @@ def seq_run(world, tmp_path_factory):
 
 def test_two_task_stream_end_to_end(world, seq_run):
     from medadapt.models import load_model_folder
+    from medadapt.workflows.seqft import KD_LR_FRACTION
 
     out = seq_run
     results = json.loads((out / "results.json").read_text())
@@ -294,17 +295,14 @@ def test_two_task_stream_end_to_end(world, seq_run):
     assert set(task2["seconds"]) == {"stage1", "stage2"} and task2["buffer_pending"]
     task1 = json.loads((out / "tasks" / "01-tgt" / "task.json").read_text())
     assert set(task1["seconds"]) == {"stage1", "stage2", "buffer"} and "buffer_pending" not in task1
-    # the LoRA-based KD ran until L_refine levelled off, at most its ceiling, and says which
+    # the LoRA-based KD ran its whole schedule (the default, ceiling: --kd-max-epochs 12) at the fine-tuning's lr
     kd = task2["refinement"]
     history = json.loads((out / "tasks" / "02-src" / "stage2" / "training" / "history.json").read_text())
     assert kd["ceiling_epochs"] == 12 and kd["curve"] == history["epoch_loss"] and kd["epochs"] == len(kd["curve"])
     assert kd["iterations"] == 2 * kd["epochs"] and history["lr"] == [history["lr"][0]] * kd["epochs"]  # constant
-    assert history["lr"][0] == pytest.approx(0.1 * json.loads((out / "seqft.json").read_text())
+    assert history["lr"][0] == pytest.approx(KD_LR_FRACTION * json.loads((out / "seqft.json").read_text())
                                              ["training"]["initial_lr"])
-    if kd["stopped_at"] is not None:  # stopped early: because the curve had levelled off there
-        assert kd["stopped_at"] == kd["epochs"] < 12 and kd["levelled_off"] is True
-    else:
-        assert kd["epochs"] == 12
+    assert kd["stopped_at"] is None and kd["epochs"] == 12
     # forgetting: task 1's decoder and head on the final encoder, and the per-layer encoder change (Fig. 4)
     transfer = json.loads((out / "transfer.json").read_text())
     assert transfer["after_task"] == 2 and [r["task"] for r in transfer["tasks"]] == ["tgt"]
@@ -774,6 +772,12 @@ def test_kd_lr_fraction_sets_the_derived_kd_recipes_lr(world, tmp_path):
     same = resolve_seqft(SeqftRequest(stream, world["fm"], "seq-ft", retention="lora-kd", recipe="cpu-finetune",
                                       kd_lr_fraction=KD_LR_FRACTION))
     assert same.to_dict() == base.to_dict()  # the default written out is the same run
-    full = resolve_seqft(SeqftRequest(stream, world["fm"], "seq-ft", retention="lora-kd", recipe="cpu-finetune", kd_lr_fraction=1.0))
-    assert full.kd_recipe.lr == pytest.approx(full.recipe.lr)
-    assert {k for k in full.to_dict() if full.to_dict()[k] != base.to_dict()[k]} == {"kd_recipe", "kd_training"}
+    assert base.kd_recipe.lr == pytest.approx(base.recipe.lr)  # decided: the fine-tuning's own lr
+    tenth = resolve_seqft(SeqftRequest(stream, world["fm"], "seq-ft", retention="lora-kd", recipe="cpu-finetune",
+                                       kd_lr_fraction=0.1))
+    assert tenth.kd_recipe.lr == pytest.approx(0.1 * tenth.recipe.lr)
+    assert {k for k in tenth.to_dict() if tenth.to_dict()[k] != base.to_dict()[k]} == {"kd_recipe", "kd_training"}
+    # --kd-until budget: the paper's ratios together (a fifth of the epochs, a tenth of the lr)
+    budget = resolve_seqft(SeqftRequest(stream, world["fm"], "seq-ft", retention="lora-kd", recipe="cpu-finetune",
+                                        kd_until="budget"))
+    assert budget.kd_recipe.lr == pytest.approx(0.1 * budget.recipe.lr)

@@ -116,7 +116,7 @@ class MedseqftConfig:
     mds_repeats: int
     kd_rank: int
     ray: dict[str, Any]
-    kd_until: str = "levelled"
+    kd_until: str = "ceiling"
     raw: dict[str, Any] = field(default_factory=dict)
     foundation_spec: Foundation | None = None
     trust: bool = False
@@ -319,7 +319,7 @@ def _parallel_rows(c: Check, value: Any, decoder: str = "pretrained") -> list[Ro
 
 def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> MedseqftConfig:
     from medadapt.engine.recipe import load_recipe
-    from medadapt.workflows.seqft import (KD_LR_FRACTION, KD_UNTIL, check_kd_ceiling, check_kd_lr_fraction,
+    from medadapt.workflows.seqft import (KD_UNTIL, KD_UNTIL_DEFAULT, check_kd_ceiling, check_kd_lr_fraction,
                                           kd_recipe_from)
 
     c = Check(source)
@@ -341,7 +341,7 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                    f"use all or at most {small.train_cases}")
     recipe = parse_recipe(c, top["recipe"], base_dir)
     m_raw = top["medseqft"] if isinstance(top.get("medseqft"), dict) else {}
-    kd_until = str(m_raw.get("kd_until", "levelled"))
+    kd_until = str(m_raw.get("kd_until", KD_UNTIL_DEFAULT))
     if kd_until not in KD_UNTIL:
         c.fail("medseqft.kd_until", f"unknown {kd_until!r}", f"use one of {list(KD_UNTIL)}")
     kd_max_epochs = m_raw.get("kd_max_epochs")
@@ -367,8 +367,7 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                 c.fail("kd_recipe", str(exc), "give it at least 10 epochs")
     else:  # a tenth of the learning rate; until L_refine levels off (or the paper's fifth of the iterations)
         try:
-            kd = kd_recipe_from(load_recipe(recipe), kd_until, kd_max_epochs,
-                                KD_LR_FRACTION if kd_lr_fraction is None else kd_lr_fraction)
+            kd = kd_recipe_from(load_recipe(recipe), kd_until, kd_max_epochs, kd_lr_fraction)
         except MedadaptError as exc:
             c.fail("medseqft.kd_max_epochs" if kd_max_epochs is not None else "recipe",
                    f"the LoRA-based KD recipe derived from it is invalid ({exc})",

@@ -61,7 +61,7 @@ def add_seqft(p):
                         "--buffer/--retention), or a finetune method run on each task from M0 (full = FFT, "
                         "scratch = TFS, linear-probe = head fine-tuning, lora, adapter, ...)")
     from medadapt.sequential.buffer import SELECTIONS
-    from medadapt.workflows.seqft import KD_UNTIL, RETENTIONS
+    from medadapt.workflows.seqft import KD_UNTIL, KD_UNTIL_DEFAULT, RETENTIONS
 
     p.add_argument("--buffer", choices=SELECTIONS, default=None,
                    help="seq-ft: the replay buffer the encoder distillation runs on (default none; medseqft: mds)")
@@ -73,11 +73,11 @@ def add_seqft(p):
     p.add_argument("--mds-repeats", type=positive_int, default=16,
                    help="R: random maskings averaged per case for MDS (default 16 on CPU; the paper: 1000)")
     p.add_argument("--kd-rank", type=positive_int, default=2, help="LoRA rank of the LoRA-based KD (default 2)")
-    p.add_argument("--kd-until", choices=KD_UNTIL, default="levelled",
-                   help="LoRA-based KD: levelled (default) = until L_refine has levelled off, at a constant tenth of "
-                        "the fine-tuning lr, at most --kd-max-epochs; budget = a fifth of the fine-tuning epochs on "
-                        "its schedule (the paper's VoCo CT ratio); ceiling = levelled's recipe run to its ceiling, no early "
-                        "stop")
+    p.add_argument("--kd-until", choices=KD_UNTIL, default=KD_UNTIL_DEFAULT,
+                   help="LoRA-based KD: ceiling (default) = its whole schedule, the fine-tuning's epochs (or "
+                        "--kd-max-epochs) at a constant lr (--kd-lr-fraction of the fine-tuning's); levelled = the "
+                        "same, stopped once L_refine has levelled off; budget = a fifth of the fine-tuning epochs on "
+                        "its schedule (the paper's VoCo CT ratio)")
     from medadapt.tuning.distill import KD_FFT_MODES, KD_NORMS
 
     p.add_argument("--kd-norm", choices=KD_NORMS, default="keep",
@@ -90,8 +90,8 @@ def add_seqft(p):
                         "the segmentation step on the encoder)")
     p.add_argument("--kd-weight", type=float, default=1.0, help="--kd-fft joint: λ (default 1)")
     p.add_argument("--kd-lr-fraction", type=float, default=None,
-                   help="the LoRA-based KD's lr as a fraction of the fine-tuning's (default 0.1, the paper's ratio; "
-                        "not with --kd-recipe)")
+                   help="the LoRA-based KD's lr as a fraction of the fine-tuning's (default 1: its own lr; 0.1 "
+                        "with --kd-until budget, the paper's ratios together; not with --kd-recipe)")
     p.add_argument("--kd-max-epochs", type=positive_int, default=None,
                    help="--kd-until levelled/ceiling: the stage's ceiling in epochs (default: the fine-tuning "
                         "epochs; at least 10, what the convergence check needs)")
