@@ -23,7 +23,6 @@ the features, so features on disk always have their record.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +32,7 @@ from torch import nn
 
 from medadapt.errors import MedadaptError
 from medadapt.utils.atomic import atomic_path, atomic_write_json
+from medadapt.utils.digests import file_sha256
 from medadapt.utils.hashing import stable_hash
 from medadapt.utils.lock import waiting_lock
 
@@ -58,14 +58,6 @@ def trainable_tail(model: nn.Module, option: str = "--feature-cache") -> nn.Modu
         raise MedadaptError(f"{option}: the method trains {outside[0]} and others below the last feature map, so "
                             "the features cannot be computed once; use --method linear-probe or spatial-adapter")
     return tail
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 class FeatureCase:
@@ -126,7 +118,7 @@ def feature_cases(model: nn.Module, tail: nn.Module, cases: Sequence, patch_size
         cid = getattr(case, "case_id")
         path, meta = folder / f"{cid}.npy", folder / f"{cid}.json"
         source = getattr(case, "data_path", None)
-        expected = {**setting, "case": cid, "data": file_digest(source) if source is not None else None}
+        expected = {**setting, "case": cid, "data": file_sha256(source)[:16] if source is not None else None}
         with waiting_lock(folder / f"{cid}.lock"):  # one writer; a run racing it waits, then reads
             if path.is_file():
                 try:
@@ -146,4 +138,4 @@ def feature_cases(model: nn.Module, tail: nn.Module, cases: Sequence, patch_size
     return out
 
 
-__all__ = ["trainable_tail", "feature_cases", "FeatureCase", "file_digest"]
+__all__ = ["trainable_tail", "feature_cases", "FeatureCase"]
