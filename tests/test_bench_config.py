@@ -167,6 +167,19 @@ def _bad(raw, tmp_path) -> dict:
 
     stream = medseqft(raw)
     stream["medseqft"]["sequential"] = ["seq-ft-mds"]
+    # a model folder whose weights file names code (what a malicious checkpoint does): refused when the config
+    # is read, before any cell, and the code does not run
+    import shutil
+
+    import torch
+
+    from medadapt.models.builtin import builtin_path
+    from tests.test_checkpoints import _Touch
+
+    unsafe = tmp_path / "unsafe-model"
+    shutil.copytree(builtin_path(FOUNDATION), unsafe)
+    state = torch.load(unsafe / "weights.pt", weights_only=True)
+    torch.save({**state, "payload": _Touch(tmp_path / "ran")}, unsafe / "weights.pt")
     return {
         "not-raw": (with_dataset(data=str(empty)), ["datasets.mine.data", "not an nnU-Net raw dataset"]),
         "no-such-path": (with_dataset(data=str(tmp_path / "nowhere")), ["datasets.mine.data", "does not exist"]),
@@ -177,6 +190,7 @@ def _bad(raw, tmp_path) -> dict:
         "channels": (with_dataset(data=str(two_channels)), ["datasets.mine", "2 input channel", "reads 1"]),
         "mds": (stream, ["medseqft.sequential", "MDS", "pretext head"]),
         "model": ({**dgst(raw), "foundation": {"model": str(empty)}}, ["foundation.model", "not a medadapt model"]),
+        "unsafe": ({**dgst(raw), "foundation": {"model": str(unsafe)}}, ["foundation.model", "trust: true"]),
         "same-name": ("name: twice\nfoundation: {model: %s}\ntraining: {epochs: 1, iterations_per_epoch: 1}\n"
                       "table1: {methods: [full]}\ndatasets:\n  mine: {data: %s, shots: [1]}\n"
                       "  mine: {data: %s, shots: [1]}\n" % (FOUNDATION, raw["data"], raw["other"]),
@@ -185,7 +199,7 @@ def _bad(raw, tmp_path) -> dict:
 
 
 BAD = ["not-raw", "no-such-path", "label", "split-cases", "split-fold", "shots", "channels", "mds", "model",
-       "same-name"]
+       "unsafe", "same-name"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -199,3 +213,4 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, raw, tmp_path, c
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert all(w in err for w in words), err
     assert not workdir.exists()
+    assert not (tmp_path / "ran").exists()  # no file's code ran

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -571,8 +572,15 @@ def given_foundation(c: Check, value: Any, base_dir: Path, trust: bool) -> Found
     try:
         with trusting(True) if trust else contextlib.nullcontext():
             folder = load_model_folder(path)
+            # the weights are read now, as every cell will read them (safely: tensors only, unless trust: true),
+            # so a file that names code is refused here, not at the first cell
+            folder.load_network()
     except MedadaptError as exc:
         c.fail("foundation.model", str(exc), f"give {what} (add trust: true for a checkpoint you vouch for)")
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        c.fail("foundation.model", f"its weights cannot be read as tensors only ({first})",
+               "add trust: true if you vouch for the file (loading it may run code it names), or give another model")
     return Foundation({}, () if folder.self_supervised_only else tuple(folder.foreground),
                       model=str(path), digest=weights_digest(path), pretext=folder.pretext is not None,
                       channels=len(folder.channel_names))
