@@ -66,9 +66,8 @@ def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None
                             split_seed=cell.key["split_seed"], resume=True, progress=progress,
                             postprocess=postprocess, split=paths.split(cell.dataset, cell.key["split_seed"]),
                             overlap=overlap)
-        except MedadaptError as exc:
-            raise MedadaptError(f"{exc} (grid cell {cell.cell_id}; set table1.zero_shot: false for datasets "
-                                "whose labels are not the foundation's)") from None
+        except MedadaptError as exc:  # (a dataset whose labels the foundation lacks gets no zero-shot cell)
+            raise MedadaptError(f"{exc} (grid cell {cell.cell_id})") from None
     else:
         training = cell.key["training"]
         # a cell's options: its method's (by the method's definition) and the run's (variant label, cached
