@@ -3,6 +3,7 @@ softmax and sigmoid copies, out-of-place mirror sums), except where two classes'
 precision; and a volume whose prediction cannot fit the memory is one line before any work."""
 import dataclasses
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -149,7 +150,11 @@ def test_bench_predict_measures_a_tool_on_a_written_ct(tmp_path):
     assert [(r["head"], r["classes"], r["tool"]) for r in rows] == [("softmax-many", 4, "medadapt")]
     assert rows[0]["seconds"] > 0 and rows[0]["peak_gib"] > 0
     assert (tmp_path / "predictions" / "softmax-many-plain-medadapt" / "ct.nii.gz").is_file()
-    assert "| softmax-many | no " in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| softmax-many | no " in md
+    assert "How each tool was called:\n- medadapt: medadapt predict" in md and "nnUNetPredictor" not in md
+    setting = json.loads((tmp_path / "results.json").read_text())["setting"]
+    assert "predict_from_files_sequential" in setting["calls"]["nnunet"]  # recorded whichever tools ran
 
 
 def test_measure_takes_the_peak_of_the_process_and_of_its_children(tmp_path):

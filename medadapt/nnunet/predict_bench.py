@@ -233,8 +233,19 @@ def run_bench_predict(out: str | Path, shape=(200, 512, 512), spacing=(2.5, 0.8,
                     print(f"  {head:13s} mirror={str(mirrored):5s} {tool:8s} {row['seconds']:7.1f} s  "
                           f"{row['peak_gib']:5.2f} GiB", flush=True)
     _write(out, rows, {"shape_zyx": list(shape), "spacing_zyx": list(spacing), "model_spacing": model_spacing,
-                       "preset": preset_name, "many": many})
+                       "preset": preset_name, "many": many, "calls": CALLS})
     return rows
+
+
+#: how each tool was called (results.json's setting and results.md's footnote)
+CALLS = {
+    "medadapt": "medadapt predict --model MODEL --input CT --out OUT [--mirror] (its own process)",
+    "nnunet": "nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=MIRROR, "
+              "perform_everything_on_device=False, device=cpu).initialize_from_trained_model_folder(EXPORTED, "
+              "use_folds=(0,)).predict_from_files_sequential([[CT]], [OUT]) in one process, as "
+              "nnUNetv2_predict_from_modelfolder builds its predictor; not its CLI, whose worker pool (handed a "
+              "folder it forks 12 workers) hung on the full-size CT here",
+}
 
 
 def _write(out: Path, rows: list[dict[str, Any]], setting: dict[str, Any]) -> None:
@@ -249,7 +260,9 @@ def _write(out: Path, rows: list[dict[str, Any]], setting: dict[str, Any]) -> No
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "results.csv", buf.getvalue())
-    atomic_write_text(out / "results.md", table(rows) + "\n")
+    used = {r["tool"] for r in rows}
+    calls = "".join(f"\n- {tool}: {how}" for tool, how in setting.get("calls", {}).items() if tool in used)
+    atomic_write_text(out / "results.md", table(rows) + "\n" + (f"\nHow each tool was called:{calls}\n" if calls else ""))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
