@@ -22,3 +22,27 @@ def test_readme_starts_with_the_two_commands():
     assert block[1].endswith("python -m pytest")
     ci = (README.parent / ".ci" / "run").read_text()
     assert block[1] in ci
+
+
+def test_torch_outside_the_declared_range_is_one_line(monkeypatch, capsys):
+    """The package declares a torch range (pyproject) and the suite's versions; an installed torch outside the
+    range is refused by every command in one line (exit 2), one inside it but untested is only a warning."""
+    import tomllib
+
+    from medadapt.cli import main
+    from medadapt.utils import torch_version
+
+    declared = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    (low, high) = torch_version.SUPPORTED
+    assert f"torch>={low[0]}.{low[1]},<{high[0]}" in declared
+    assert "torch==2.13.0" in (README.parent / "constraints" / "cpu.txt").read_text()
+    assert torch_version.check() is None  # CI runs a tested torch
+    assert torch_version.check("2.13.0+cpu") is None
+    kind, message = torch_version.check("2.5.1")
+    assert kind == "untested" and "2.5.1" in message and ">=2.4,<3" in message
+    monkeypatch.setattr(torch_version, "installed", lambda: "2.1.2")
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "torch 2.1.2" in err and ">=2.4,<3" in err
+    monkeypatch.setattr(torch_version, "installed", lambda: None)
+    assert main(["models"]) == 2 and "not installed" in capsys.readouterr().err

@@ -80,13 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     except MedadaptError as exc:  # a value the parser's type checks refuse in our words (e.g. --model NAME)
         print(f"medadapt {_command_in(argv) or ''}: error: {exc}".replace(" :", ":"), file=sys.stderr)
         return 2
+    from medadapt.utils.torch_version import check
+
+    problem = check()
+    if problem is not None and problem[0] == "unsupported":  # (an untested one was warned about at import)
+        print(f"medadapt {args.command}: error: {problem[1]}", file=sys.stderr)
+        return 2
     from medadapt.utils.allocator import keep_freed_memory
 
-    keep_freed_memory()
+    keep_freed_memory()  # glibc: reuse freed tensor memory instead of page-faulting it back in every iteration
     if getattr(args, "trust_model", False):
         from medadapt.utils.checkpoints import set_trust
 
-        set_trust(True)  # glibc: reuse freed tensor memory instead of page-faulting it back in every iteration
+        set_trust(True)
     try:
         return args.func(args)
     except MedadaptError as exc:
