@@ -318,10 +318,6 @@ def _parallel_rows(c: Check, value: Any, decoder: str = "pretrained") -> list[Ro
 
 
 def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> MedseqftConfig:
-    from medadapt.engine.recipe import load_recipe
-    from medadapt.workflows.seqft import (KD_UNTIL, KD_UNTIL_DEFAULT, check_kd_ceiling, check_kd_lr_fraction,
-                                          kd_recipe_from)
-
     c = Check(source)
     base_dir = base_dir or Path.cwd()
     top = c.mapping(raw, "config", ("name", "description", "stream", "foundation", "seeds", "data_seed", "split_seed",
@@ -332,14 +328,52 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     stream, tasks, unseen = _stream(c, top["stream"], common.split_seed, base_dir)
     foundation = parse_foundation(c, top["foundation"], base_dir, common.trust, objective_required=True)
     check_channels(c, foundation, tasks + unseen, "stream")
-    shots = top.get("shots", "all")
-    if shots != "all":
-        shots = c.integer(shots, "shots", 1)
-        small = min(tasks + unseen, key=lambda t: t.train_cases)
-        if shots > small.train_cases:
-            c.fail("shots", f"{shots} but task {small.name!r} has {small.train_cases} training cases",
-                   f"use all or at most {small.train_cases}")
+    shots = _shots(c, top.get("shots", "all"), tasks + unseen)
     recipe = parse_recipe(c, top["recipe"], base_dir)
+    kd_until, kd_recipe = _kd_stage(c, top, recipe, base_dir)
+    m = c.mapping(top["medseqft"], "medseqft", ("parallel", "joint", "sequential", "unseen", "refined_by",
+                                                "buffer_size", "mds_repeats", "kd_rank", "kd_until",
+                                                "kd_max_epochs", "kd_lr_fraction"))
+    rows = _stream_rows(c, m, foundation)
+    buffer_size = c.integer(m.get("buffer_size", 4), "medseqft.buffer_size", 1)
+    if any(r.buffer != "none" for r in rows):
+        small = min(tasks, key=lambda t: t.train_cases)
+        k = small.train_cases if shots == "all" else shots
+        if buffer_size > k:
+            c.fail("medseqft.buffer_size", f"{buffer_size} but task {small.name!r} trains on {k} cases",
+                   f"use at most {k}")
+    unseen_rows, refined_by = _unseen_rows(c, m, rows, unseen)
+    return MedseqftConfig(name=common.name, description=common.description, source=source, stream=stream,
+                          tasks=tasks, unseen=unseen,
+                          foundation=foundation.settings if not foundation.given else {"model": foundation.model},
+                          seeds=common.seeds, data_seed=common.data_seed, split_seed=common.split_seed, shots=shots,
+                          recipe=recipe, kd_recipe=kd_recipe, postprocess=common.postprocess, rows=rows,
+                          unseen_rows=list(unseen_rows), refined_by=refined_by, buffer_size=buffer_size,
+                          mds_repeats=c.integer(m.get("mds_repeats", 16), "medseqft.mds_repeats", 1),
+                          kd_rank=c.integer(m.get("kd_rank", 2), "medseqft.kd_rank", 1), kd_until=kd_until,
+                          ray=common.ray, raw=copy.deepcopy(raw), foundation_spec=foundation, trust=common.trust,
+                          overlap=common.overlap)
+
+
+def _shots(c: Check, shots: Any, tasks: list[Dataset]) -> "int | str":
+    """``shots``: all, or K training cases per task (at most the smallest task's)."""
+    if shots == "all":
+        return shots
+    shots = c.integer(shots, "shots", 1)
+    small = min(tasks, key=lambda t: t.train_cases)
+    if shots > small.train_cases:
+        c.fail("shots", f"{shots} but task {small.name!r} has {small.train_cases} training cases",
+               f"use all or at most {small.train_cases}")
+    return shots
+
+
+def _kd_stage(c: Check, top: dict, recipe: dict, base_dir: Path) -> tuple[str, dict]:
+    """The LoRA-based KD stage: ``medseqft.kd_until`` and its recipe (``kd_recipe``, or derived from the
+    fine-tuning recipe with ``medseqft.kd_max_epochs`` and ``kd_lr_fraction``)."""
+    from medadapt.engine.recipe import load_recipe
+    from medadapt.workflows.seqft import (KD_UNTIL, KD_UNTIL_DEFAULT, check_kd_ceiling, check_kd_lr_fraction,
+                                          kd_recipe_from)
+
     m_raw = top["medseqft"] if isinstance(top.get("medseqft"), dict) else {}
     kd_until = str(m_raw.get("kd_until", KD_UNTIL_DEFAULT))
     if kd_until not in KD_UNTIL:
@@ -365,18 +399,20 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                 check_kd_ceiling(int(kd_recipe["epochs"]), "kd_recipe.epochs")
             except MedadaptError as exc:
                 c.fail("kd_recipe", str(exc), "give it at least 10 epochs")
-    else:  # a tenth of the learning rate; until L_refine levels off (or the paper's fifth of the iterations)
-        try:
-            kd = kd_recipe_from(load_recipe(recipe), kd_until, kd_max_epochs, kd_lr_fraction)
-        except MedadaptError as exc:
-            c.fail("medseqft.kd_max_epochs" if kd_max_epochs is not None else "recipe",
-                   f"the LoRA-based KD recipe derived from it is invalid ({exc})",
-                   "give medseqft.kd_max_epochs, kd_recipe, or more epochs")
-        kd_recipe = kd.to_dict()
-        kd_recipe.pop("description")
-    m = c.mapping(top["medseqft"], "medseqft", ("parallel", "joint", "sequential", "unseen", "refined_by",
-                                                "buffer_size", "mds_repeats", "kd_rank", "kd_until",
-                                                "kd_max_epochs", "kd_lr_fraction"))
+        return kd_until, kd_recipe
+    try:
+        kd = kd_recipe_from(load_recipe(recipe), kd_until, kd_max_epochs, kd_lr_fraction)
+    except MedadaptError as exc:
+        c.fail("medseqft.kd_max_epochs" if kd_max_epochs is not None else "recipe",
+               f"the LoRA-based KD recipe derived from it is invalid ({exc})",
+               "give medseqft.kd_max_epochs, kd_recipe, or more epochs")
+    kd_recipe = kd.to_dict()
+    kd_recipe.pop("description")
+    return kd_until, kd_recipe
+
+
+def _stream_rows(c: Check, m: dict, foundation: Foundation) -> list[Row]:
+    """The stream tables' rows: the parallel ones, joint training, the sequential ones in Table III's order."""
     rows = _parallel_rows(c, m.get("parallel", []), "new" if foundation.pretext else "pretrained")
     if m.get("joint", False):
         rows.append(Row(JOINT, "joint", JOINT, display=display_name(JOINT)))
@@ -404,16 +440,11 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
         if decoder:
             c.fail("medseqft.parallel", f"{decoder} choose what to do with a pretext decoder, which this foundation "
                    "does not have", "drop their decoder setting")
-    buffer_size = c.integer(m.get("buffer_size", 4), "medseqft.buffer_size", 1)
-    if any(r.buffer != "none" for r in rows):
-        small = min(tasks, key=lambda t: t.train_cases)
-        k = small.train_cases if shots == "all" else shots
-        if buffer_size > k:
-            c.fail("medseqft.buffer_size", f"{buffer_size} but task {small.name!r} trains on {k} cases",
-                   f"use at most {k}")
-    mds_repeats = c.integer(m.get("mds_repeats", 16), "medseqft.mds_repeats", 1)
-    kd_rank = c.integer(m.get("kd_rank", 2), "medseqft.kd_rank", 1)
+    return rows
 
+
+def _unseen_rows(c: Check, m: dict, rows: list[Row], unseen: list[Dataset]) -> tuple[list[str], str | None]:
+    """Table VI's rows on the unseen tasks, and the sequential row whose final model ``fft-mn`` starts from."""
     unseen_rows = m.get("unseen", [])
     if not isinstance(unseen_rows, list):
         c.fail("medseqft.unseen", f"{unseen_rows!r} is not a list", f"choose from {list(UNSEEN_ROWS)}")
@@ -434,15 +465,7 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                    f"choose from {seq_rows} (fft-mn fine-tunes the model that row leaves after the last task)")
     elif m.get("refined_by") is not None:
         c.fail("medseqft.refined_by", "is set but medseqft.unseen has no fft-mn row", "remove it or add fft-mn")
-    return MedseqftConfig(name=common.name, description=common.description, source=source, stream=stream,
-                          tasks=tasks, unseen=unseen,
-                          foundation=foundation.settings if not foundation.given else {"model": foundation.model},
-                          seeds=common.seeds, data_seed=common.data_seed, split_seed=common.split_seed, shots=shots,
-                          recipe=recipe, kd_recipe=kd_recipe, postprocess=common.postprocess, rows=rows,
-                          unseen_rows=list(unseen_rows), refined_by=refined_by, buffer_size=buffer_size,
-                          mds_repeats=mds_repeats, kd_rank=kd_rank, kd_until=kd_until, ray=common.ray,
-                          raw=copy.deepcopy(raw), foundation_spec=foundation, trust=common.trust,
-                          overlap=common.overlap)
+    return unseen_rows, refined_by
 
 
 # ---------------------------------------------------------------------------------------------- cells
