@@ -173,9 +173,6 @@ def _training(c: Check, value: Any, key: str) -> dict[str, Any]:
 def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> GridConfig:
     """A DGST/FSEFT grid: the shared schema (:mod:`.config`: datasets, foundation, seeds, splits, training, Ray)
     and the experiments (``table1``/``table2``/``gamma`` or ``fseft``)."""
-    from medadapt.tuning import get_method
-    from medadapt.tuning.registry import methods_with, options_record
-
     c = Check(source)
     base_dir = base_dir or Path.cwd()
     top = c.mapping(raw, "config", ("name", "description", "foundation", "datasets", "seeds", "data_seed",
@@ -194,8 +191,28 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     datasets = parse_datasets(c, top["datasets"], base_dir, common.split_seed)
     check_unique_names(c, datasets, "datasets")
     check_channels(c, foundation, datasets, "datasets")
-
     recipe = parse_recipe(c, top["recipe"], base_dir) if top.get("recipe") is not None else None
+    training, budgets = _budgets(c, top, recipe)
+    head, heads = _heads(c, top)
+    method_options = _method_options(c, top, source)
+    table1 = _table1(c, top["table1"], datasets) if top.get("table1") is not None else None
+    table2 = _table2(c, top["table2"]) if top.get("table2") is not None else None
+    gamma = _gamma(c, top["gamma"], datasets) if top.get("gamma") is not None else None
+    fseft = _fseft(c, top["fseft"], datasets) if top.get("fseft") is not None else None
+    config = GridConfig(name=common.name, description=common.description, source=source,
+                        foundation=foundation.settings if not foundation.given else {"model": foundation.model},
+                        datasets=datasets, seeds=common.seeds, data_seed=common.data_seed,
+                        split_seed=common.split_seed, training=training, budgets=budgets, head=head, table1=table1,
+                        table2=table2, gamma=gamma, method_options=method_options, ray=common.ray,
+                        raw=copy.deepcopy(raw), recipe=recipe, postprocess=common.postprocess, overlap=common.overlap,
+                        heads=heads, fseft=fseft, training_from_recipe=top.get("training") is None and recipe is not None,
+                        foundation_spec=foundation, trust=common.trust)
+    enumerate_cells(config)  # validates method options
+    return config
+
+
+def _budgets(c: Check, top: dict, recipe: dict | None) -> tuple[dict, dict]:
+    """``training`` (or the recipe's own budget) and the per-row ``budgets``."""
     if top.get("training") is not None:
         training = _training(c, top["training"], "training")
     elif recipe is not None:  # the recipe's own budget
@@ -205,6 +222,11 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     budgets = {}
     for row, entry in (c.mapping(top.get("budgets") or {}, "budgets", (*_method_names(), "all_shot"))).items():
         budgets[row] = _training(c, entry, f"budgets.{row}")
+    return training, budgets
+
+
+def _heads(c: Check, top: dict) -> tuple[str, dict[str, str]]:
+    """``head`` (every cell's head policy) and ``heads`` (per method)."""
     head = str(top.get("head", "fresh"))
     if head not in HEAD_POLICIES:
         c.fail("head", f"unknown head policy {head!r}", f"use one of {list(HEAD_POLICIES)}")
@@ -213,65 +235,72 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
         if policy not in HEAD_POLICIES:
             c.fail(f"heads.{m}", f"unknown head policy {policy!r}", f"use one of {list(HEAD_POLICIES)}")
         heads[m] = str(policy)
+    return head, heads
+
+
+def _method_options(c: Check, top: dict, source: str) -> dict[str, dict]:
+    """``method_options``: each value checked by the method's definition, before any cell."""
+    from medadapt.tuning import get_method
+    from medadapt.tuning.registry import options_record
+
     method_options = {}
     for m, opts in (top.get("method_options") or {}).items():
         c.methods([m], "method_options")
         method_options[m] = dict(c.mapping(opts, f"method_options.{m}", get_method(m).option_names))
-        try:  # each value checked by the method's definition, before any cell
+        try:
             options_record(m, method_options[m])
         except MedadaptError as exc:
             raise MedadaptError(f"{source}: method_options.{m}: {exc}") from None
+    return method_options
 
-    table1 = None
-    if top.get("table1") is not None:
-        t1 = c.mapping(top["table1"], "table1", ("methods", "all_shot", "zero_shot", "shots", "every_shot"),
-                       required=("methods",))
-        table1 = {"methods": c.methods(t1["methods"], "table1.methods"), "all_shot": t1.get("all_shot"),
-                  "zero_shot": bool(t1.get("zero_shot", True))}
-        if "shots" in t1:  # a cut: Table 1 at these shot counts only, but for its every_shot methods
-            table1["shots"] = c.int_list(t1["shots"], "table1.shots", 1)
-            table1["every_shot"] = c.methods(t1.get("every_shot") or table1["methods"][:1], "table1.every_shot")
-            for ds in datasets:
-                if not set(table1["shots"]) & set(ds.shots):
-                    c.fail("table1.shots", f"{list(table1['shots'])} shares no shot count with dataset {ds.name} "
-                           f"({list(ds.shots)})", "list shot counts the datasets have")
-        elif "every_shot" in t1:
-            c.fail("table1.every_shot", "names the methods that keep every shot count when table1.shots cuts them",
-                   "add table1.shots or drop every_shot")
-        if table1["all_shot"] is not None:
-            c.methods([table1["all_shot"]], "table1.all_shot")
-    table2 = None
-    if top.get("table2") is not None:
-        t2 = c.mapping(top["table2"], "table2", ("methods", "reference", "shots"), required=("methods",))
-        table2 = {"methods": c.methods(t2["methods"], "table2.methods"), "reference": t2.get("reference", "full")}
-        if "shots" in t2:
-            table2["shots"] = c.int_list(t2["shots"], "table2.shots", 1)
-        c.methods([table2["reference"]], "table2.reference")
-    gamma = None
-    if top.get("gamma") is not None:
-        g = c.mapping(top["gamma"], "gamma", ("method", "values", "reference", "shots"), required=("values",))
-        gamma = {"method": g.get("method", "dgst"), "values": c.int_list(g["values"], "gamma.values", 1),
-                 "reference": g.get("reference", "full")}
-        if "shots" in g:
-            gamma["shots"] = c.integer(g["shots"], "gamma.shots", 1)
-            for ds in datasets:
-                if gamma["shots"] not in ds.shots:
-                    c.fail("gamma.shots", f"{gamma['shots']} is not a shot count of dataset {ds.name} "
-                           f"({list(ds.shots)})", "choose one the datasets have")
-        c.methods([gamma["method"], gamma["reference"]], "gamma")
-        if get_method(gamma["method"]).option("gamma") is None:
-            c.fail("gamma.method", f"{gamma['method']!r} has no γ", f"use {' or '.join(methods_with('gamma'))}")
-    fseft = _fseft(c, top["fseft"], datasets) if top.get("fseft") is not None else None
-    config = GridConfig(name=common.name, description=common.description, source=source,
-                        foundation=foundation.settings if not foundation.given else {"model": foundation.model},
-                        datasets=datasets, seeds=common.seeds, data_seed=common.data_seed,
-                        split_seed=common.split_seed, training=training, budgets=budgets, head=head, table1=table1,
-                        table2=table2, gamma=gamma, method_options=method_options, ray=common.ray,
-                        raw=copy.deepcopy(raw), recipe=recipe, postprocess=common.postprocess, overlap=common.overlap, heads=heads,
-                        fseft=fseft, training_from_recipe=top.get("training") is None and recipe is not None,
-                        foundation_spec=foundation, trust=common.trust)
-    enumerate_cells(config)  # validates method options
-    return config
+
+def _table1(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
+    """``table1``: its methods, the all-shot row, the zero-shot row, and a cut to some shot counts."""
+    t1 = c.mapping(value, "table1", ("methods", "all_shot", "zero_shot", "shots", "every_shot"), required=("methods",))
+    table1 = {"methods": c.methods(t1["methods"], "table1.methods"), "all_shot": t1.get("all_shot"),
+              "zero_shot": bool(t1.get("zero_shot", True))}
+    if "shots" in t1:  # a cut: Table 1 at these shot counts only, but for its every_shot methods
+        table1["shots"] = c.int_list(t1["shots"], "table1.shots", 1)
+        table1["every_shot"] = c.methods(t1.get("every_shot") or table1["methods"][:1], "table1.every_shot")
+        for ds in datasets:
+            if not set(table1["shots"]) & set(ds.shots):
+                c.fail("table1.shots", f"{list(table1['shots'])} shares no shot count with dataset {ds.name} "
+                       f"({list(ds.shots)})", "list shot counts the datasets have")
+    elif "every_shot" in t1:
+        c.fail("table1.every_shot", "names the methods that keep every shot count when table1.shots cuts them",
+               "add table1.shots or drop every_shot")
+    if table1["all_shot"] is not None:
+        c.methods([table1["all_shot"]], "table1.all_shot")
+    return table1
+
+
+def _table2(c: Check, value: Any) -> dict[str, Any]:
+    t2 = c.mapping(value, "table2", ("methods", "reference", "shots"), required=("methods",))
+    table2 = {"methods": c.methods(t2["methods"], "table2.methods"), "reference": t2.get("reference", "full")}
+    if "shots" in t2:
+        table2["shots"] = c.int_list(t2["shots"], "table2.shots", 1)
+    c.methods([table2["reference"]], "table2.reference")
+    return table2
+
+
+def _gamma(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
+    """``gamma``: the γ sweep's method, values, reference and shot count."""
+    from medadapt.tuning import get_method
+    from medadapt.tuning.registry import methods_with
+
+    g = c.mapping(value, "gamma", ("method", "values", "reference", "shots"), required=("values",))
+    gamma = {"method": g.get("method", "dgst"), "values": c.int_list(g["values"], "gamma.values", 1),
+             "reference": g.get("reference", "full")}
+    if "shots" in g:
+        gamma["shots"] = c.integer(g["shots"], "gamma.shots", 1)
+        for ds in datasets:
+            if gamma["shots"] not in ds.shots:
+                c.fail("gamma.shots", f"{gamma['shots']} is not a shot count of dataset {ds.name} "
+                       f"({list(ds.shots)})", "choose one the datasets have")
+    c.methods([gamma["method"], gamma["reference"]], "gamma")
+    if get_method(gamma["method"]).option("gamma") is None:
+        c.fail("gamma.method", f"{gamma['method']!r} has no γ", f"use {' or '.join(methods_with('gamma'))}")
+    return gamma
 
 
 def _fseft(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
