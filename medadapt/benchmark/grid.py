@@ -313,7 +313,6 @@ def _fseft(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
     each margin at one shot count on some datasets (the no-TI line: the inductive adapter there)."""
     from medadapt.tuning import get_method
     from medadapt.tuning.registry import methods_with
-    from medadapt.tuning.transductive import Transductive
 
     fs = c.mapping(value, "fseft", ("methods", "adapter", "transductive", "all_shot", "fig2a", "fig2b", "variants"),
                    required=("methods",))
@@ -321,25 +320,8 @@ def _fseft(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
                            "adapter": str(fs.get("adapter", "spatial-adapter")), "transductive": None,
                            "all_shot": [], "fig2a": None, "fig2b": None, "variants": []}
     c.methods([out["adapter"]], "fseft.adapter")
-    def transductive(value: Any, key: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
-        t = c.mapping(value, key, ("mode", "margin", "weight", "error", "step"))
-        d = Transductive()
-        t = {**(base or {}), **t}
-        ti = Transductive(mode=str(t.get("mode", d.mode)), margin=t.get("margin", d.margin),
-                          weight=t.get("weight", d.weight), error=str(t.get("error", d.error)),
-                          step=str(t.get("step", d.step)))
-        try:
-            if isinstance(ti.margin, bool) or isinstance(ti.weight, bool):
-                raise TypeError("not a number")
-            ti.margin, ti.weight = float(ti.margin), float(ti.weight)
-            ti.check()
-        except (TypeError, ValueError, MedadaptError) as exc:
-            c.fail(key, str(exc), "mode query|batch, margin in [0, 1), weight > 0, error max|prior|proportion, "
-                                  "step epoch|every")
-        return {"mode": ti.mode, "margin": ti.margin, "weight": ti.weight, "error": ti.error, "step": ti.step}
-
     if fs.get("transductive") is not None:
-        out["transductive"] = transductive(fs["transductive"], "fseft.transductive")
+        out["transductive"] = _transductive(c, fs["transductive"], "fseft.transductive")
     if fs.get("all_shot") is not None:
         out["all_shot"] = c.methods(fs["all_shot"], "fseft.all_shot")
         for m in out["all_shot"]:
@@ -353,42 +335,74 @@ def _fseft(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
                    f"use adapter: {' or '.join(methods_with('kernel_size'))}")
         out["fig2a"] = {"kernel_sizes": c.int_list(a["kernel_sizes"], "fseft.fig2a.kernel_sizes", 1)}
     if fs.get("fig2b") is not None:
-        if out["transductive"] is None:
-            c.fail("fseft.fig2b", "sweeps the transductive margin, but fseft.transductive is not set",
-                   "add transductive: {mode: query, margin: 0.1}")
-        b = c.mapping(fs["fig2b"], "fseft.fig2b", ("margins", "shots", "datasets", "weights"),
-                      required=("margins", "shots"))
-        margins = b["margins"]
-        if not isinstance(margins, list) or not margins:
-            c.fail("fseft.fig2b.margins", f"{margins!r} is not a non-empty list", "write e.g. [0.05, 0.1, 0.2, 0.3]")
-        for i, m in enumerate(margins):
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
-                c.fail(f"fseft.fig2b.margins[{i}]", f"{m!r} is not a number in [0, 1)", "give e.g. 0.1")
-        if len(set(margins)) != len(margins):
-            c.fail("fseft.fig2b.margins", f"{margins} has repeated values", "list each margin once")
-        shots = c.integer(b["shots"], "fseft.fig2b.shots", 1)
-        names = [d.name for d in datasets]
-        chosen = b.get("datasets", names)
-        if not isinstance(chosen, list) or not chosen:
-            c.fail("fseft.fig2b.datasets", f"{chosen!r} is not a non-empty list", f"choose from {names}")
-        for i, d in enumerate(chosen):
-            if d not in names:
-                c.fail(f"fseft.fig2b.datasets[{i}]", f"unknown dataset {d!r}", f"choose from {names}")
-            ds = next(x for x in datasets if x.name == d)
-            if shots > ds.train_cases:
-                c.fail("fseft.fig2b.shots", f"{shots} shots but {d}'s train split has {ds.train_cases} cases",
-                       "lower the shot count")
-        weights = b.get("weights") or [out["transductive"]["weight"]]
-        if not isinstance(weights, list) or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0
-                                                for w in weights) or len(set(weights)) != len(weights):
-            c.fail("fseft.fig2b.weights", f"{weights!r} is not a list of distinct positive numbers",
-                   "write e.g. [0.1, 1.0] (the commands' λ and the text's)")
-        out["fig2b"] = {"margins": [float(m) for m in margins], "shots": shots, "datasets": list(chosen),
-                        **({"weights": [float(w) for w in weights]} if b.get("weights") else {})}
-    variants = fs.get("variants") or []
+        out["fig2b"] = _fig2b(c, fs["fig2b"], out["transductive"], datasets)
+    out["variants"] = _variants(c, fs.get("variants") or [], out["transductive"])
+    return out
+
+
+def _transductive(c: Check, value: Any, key: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A transductive-inference setting (mode, margin, weight, error, step) over ``base``, checked."""
+    from medadapt.tuning.transductive import Transductive
+
+    t = c.mapping(value, key, ("mode", "margin", "weight", "error", "step"))
+    d = Transductive()
+    t = {**(base or {}), **t}
+    ti = Transductive(mode=str(t.get("mode", d.mode)), margin=t.get("margin", d.margin),
+                      weight=t.get("weight", d.weight), error=str(t.get("error", d.error)),
+                      step=str(t.get("step", d.step)))
+    try:
+        if isinstance(ti.margin, bool) or isinstance(ti.weight, bool):
+            raise TypeError("not a number")
+        ti.margin, ti.weight = float(ti.margin), float(ti.weight)
+        ti.check()
+    except (TypeError, ValueError, MedadaptError) as exc:
+        c.fail(key, str(exc), "mode query|batch, margin in [0, 1), weight > 0, error max|prior|proportion, "
+                              "step epoch|every")
+    return {"mode": ti.mode, "margin": ti.margin, "weight": ti.weight, "error": ti.error, "step": ti.step}
+
+
+def _fig2b(c: Check, value: Any, transductive: dict[str, Any] | None, datasets: list[Dataset]) -> dict[str, Any]:
+    """``fseft.fig2b``: the adapter with TI at each margin (and λ), at one shot count, on some datasets."""
+    if transductive is None:
+        c.fail("fseft.fig2b", "sweeps the transductive margin, but fseft.transductive is not set",
+               "add transductive: {mode: query, margin: 0.1}")
+    b = c.mapping(value, "fseft.fig2b", ("margins", "shots", "datasets", "weights"), required=("margins", "shots"))
+    margins = b["margins"]
+    if not isinstance(margins, list) or not margins:
+        c.fail("fseft.fig2b.margins", f"{margins!r} is not a non-empty list", "write e.g. [0.05, 0.1, 0.2, 0.3]")
+    for i, m in enumerate(margins):
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+            c.fail(f"fseft.fig2b.margins[{i}]", f"{m!r} is not a number in [0, 1)", "give e.g. 0.1")
+    if len(set(margins)) != len(margins):
+        c.fail("fseft.fig2b.margins", f"{margins} has repeated values", "list each margin once")
+    shots = c.integer(b["shots"], "fseft.fig2b.shots", 1)
+    names = [d.name for d in datasets]
+    chosen = b.get("datasets", names)
+    if not isinstance(chosen, list) or not chosen:
+        c.fail("fseft.fig2b.datasets", f"{chosen!r} is not a non-empty list", f"choose from {names}")
+    for i, d in enumerate(chosen):
+        if d not in names:
+            c.fail(f"fseft.fig2b.datasets[{i}]", f"unknown dataset {d!r}", f"choose from {names}")
+        ds = next(x for x in datasets if x.name == d)
+        if shots > ds.train_cases:
+            c.fail("fseft.fig2b.shots", f"{shots} shots but {d}'s train split has {ds.train_cases} cases",
+                   "lower the shot count")
+    weights = b.get("weights") or [transductive["weight"]]
+    if not isinstance(weights, list) or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0
+                                            for w in weights) or len(set(weights)) != len(weights):
+        c.fail("fseft.fig2b.weights", f"{weights!r} is not a list of distinct positive numbers",
+               "write e.g. [0.1, 1.0] (the commands' λ and the text's)")
+    return {"margins": [float(m) for m in margins], "shots": shots, "datasets": list(chosen),
+            **({"weights": [float(w) for w in weights]} if b.get("weights") else {})}
+
+
+def _variants(c: Check, variants: Any, transductive: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``fseft.variants``: extra rows (another reading, budget or option of a method), each named."""
+    from medadapt.tuning import get_method
+
     if not isinstance(variants, list):
         c.fail("fseft.variants", f"{variants!r} is not a list", "write e.g. [{name: text-lr, method: ..., lr: 0.5}]")
-    names = set()
+    out, names = [], set()
     for i, v in enumerate(variants):
         key = f"fseft.variants[{i}]"
         v = c.mapping(v, key, ("name", "label", "method", "options", "transductive", "lr", "epochs", "shots",
@@ -403,13 +417,13 @@ def _fseft(c: Check, value: Any, datasets: list[Dataset]) -> dict[str, Any]:
                  "transductive": None, "budget": {}, "shots": None, "all_shot": bool(v.get("all_shot", False)),
                  "feature_cache": bool(v.get("feature_cache", False))}
         if v.get("transductive") is not None:
-            entry["transductive"] = transductive(v["transductive"], f"{key}.transductive", out["transductive"])
+            entry["transductive"] = _transductive(c, v["transductive"], f"{key}.transductive", transductive)
         for b in ("lr", "epochs"):
             if v.get(b) is not None:
                 entry["budget"][b] = float(v[b]) if b == "lr" else c.integer(v[b], f"{key}.{b}", 1)
         if v.get("shots") is not None:
             entry["shots"] = list(c.int_list(v["shots"], f"{key}.shots", 1))
-        out["variants"].append(entry)
+        out.append(entry)
     return out
 
 
