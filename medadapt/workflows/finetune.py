@@ -297,49 +297,71 @@ def resolve_finetune(request: FinetuneRequest, engine: EngineOptions | None = No
     nothing written). ``engine``: its precision, resolved for this process's device, is part of the
     settings."""
     r = request
-    model, data, method, shots, seed, split_seed = r.model, r.data, r.method, r.shots, r.seed, r.split_seed
-    head, postprocess, transductive, feature_cache, split = r.head, r.postprocess, r.transductive, \
-        r.feature_cache, r.split
     engine = engine or EngineOptions()
+    split_seed, split = r.split_seed, r.split
     if split is not None and split.kind == "random":  # the default split is named by its seed alone
         split_seed, split = split.seed, None
-    if head not in HEAD_POLICIES:
-        raise MedadaptError(f"--head {head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
+    if r.head not in HEAD_POLICIES:
+        raise MedadaptError(f"--head {r.head!r}: unknown; choose one of {', '.join(HEAD_POLICIES)}")
     options = {k: v for k, v in sorted((r.method_options or {}).items()) if v is not None}
-    # validates --method and its options before any work
-    strategy = make_strategy(method, seed=seed, **options)
-    definition = get_method(method)
-    if not strategy.trains:
-        if transductive is not None:
-            raise MedadaptError(f"--transductive: --method {method} trains nothing; use a method that trains")
-        head = "keep"  # the foundation's own outputs, by name
-    if transductive is not None:
-        transductive.check()
-    if feature_cache and not strategy.trains:  # (what a training method trains is checked on the network)
-        cacheable = [name for name, d in methods().items() if d.cacheable]
-        raise MedadaptError(f"--feature-cache: --method {method} trains nothing; use {' or '.join(cacheable)}")
-    if postprocess not in POSTPROCESSING:
-        raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
-    check_overlap(r.overlap)
-    folder = load_model_folder(model)
+    strategy = make_strategy(r.method, seed=r.seed, **options)  # validates --method and its options before any work
+    head = _check_options(r, strategy)
+    folder = load_model_folder(r.model)
     policy = decoder_policy(folder, r.pretext_decoder)
-    if definition.needs_pretext_head and not folder.pretext:
-        raise MedadaptError(f"--method {method}: needs a foundation with a pretext head, and {folder.path} has none; "
-                            "use a self-supervised foundation (medadapt pretrain --objective mae)")
+    _check_foundation(r, folder, strategy, head)
+    dataset = RawDataset.load(r.data)
+    shots = _shots_of(r, strategy, folder, dataset, split if split is not None else Split.random(split_seed))
+    resolved = resolve_recipe(r.recipe or folder.recipe or DEFAULT_RECIPE, r.method, epochs=r.epochs,
+                              iterations_per_epoch=r.iterations_per_epoch, cases=shots)
+    config = training_config(resolved, r.method, r.seed, folder.activation, engine, r.lr)
+    return FinetuneSettings(
+        model=str(Path(r.model).resolve()), data=str(Path(dataset.root).resolve()), method=r.method,
+        method_options=options, decoder=policy, shots=shots, seed=r.seed, split_seed=split_seed,
+        head=head, recipe=resolved, training=config,
+        patch_size=tuple(resolved.patch_size or folder.network.patch_size),
+        batch_size=resolved.batch_size or folder.network.batch_size, postprocess=r.postprocess,
+        transductive=r.transductive, feature_cache=bool(r.feature_cache), split=split, overlap=float(r.overlap))
+
+
+def _check_options(r: FinetuneRequest, strategy) -> str:
+    """The run's options against its method (one line each); returns the head policy (``keep`` for a method
+    that trains nothing: the foundation's own outputs, by name)."""
+    head = r.head
+    if not strategy.trains:
+        if r.transductive is not None:
+            raise MedadaptError(f"--transductive: --method {r.method} trains nothing; use a method that trains")
+        head = "keep"
+    if r.transductive is not None:
+        r.transductive.check()
+    if r.feature_cache and not strategy.trains:  # (what a training method trains is checked on the network)
+        cacheable = [name for name, d in methods().items() if d.cacheable]
+        raise MedadaptError(f"--feature-cache: --method {r.method} trains nothing; use {' or '.join(cacheable)}")
+    if r.postprocess not in POSTPROCESSING:
+        raise MedadaptError(f"--postprocess {r.postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
+    check_overlap(r.overlap)
+    return head
+
+
+def _check_foundation(r: FinetuneRequest, folder: ModelFolder, strategy, head: str) -> None:
+    """What the method and the head policy need of the foundation: a pretext head, a segmentation head."""
+    if get_method(r.method).needs_pretext_head and not folder.pretext:
+        raise MedadaptError(f"--method {r.method}: needs a foundation with a pretext head, and {folder.path} has "
+                            "none; use a self-supervised foundation (medadapt pretrain --objective mae)")
     if head != "fresh":  # a self-supervised foundation has no segmentation head to keep or evaluate
         if strategy.trains:
             folder.require_segmentation_head(f"--head {head}", "fine-tune it with --head fresh")
-        folder.require_segmentation_head(f"--method {method}", "fine-tune it with a method that trains")
-    dataset = RawDataset.load(data)
+        folder.require_segmentation_head(f"--method {r.method}", "fine-tune it with a method that trains")
+
+
+def _shots_of(r: FinetuneRequest, strategy, folder: ModelFolder, dataset: RawDataset, the_split: Split) -> int:
+    """The training cases a run draws (``all``: the whole train split), checked against the split and the data."""
     if not strategy.trains:
         missing = [n for n, v in dataset.labels.items() if v != 0 and n not in folder.foreground]
         if missing:
-            raise MedadaptError(f"--method {method}: the foundation in {folder.path} does not know {missing} (its "
+            raise MedadaptError(f"--method {r.method}: the foundation in {folder.path} does not know {missing} (its "
                                 f"classes: {', '.join(folder.foreground)}); fine-tune with a method that trains")
-    the_split = split if split is not None else Split.random(split_seed)
     train_ids, test_ids = the_split.apply(dataset.case_ids)
-    if shots == "all":
-        shots = len(train_ids)
+    shots = len(train_ids) if r.shots == "all" else r.shots
     if not train_ids and strategy.trains:
         raise MedadaptError(f"--split: {the_split.describe()} leaves no training case in {dataset.root}; choose "
                             "another split")
@@ -347,22 +369,13 @@ def resolve_finetune(request: FinetuneRequest, engine: EngineOptions | None = No
         raise MedadaptError(f"--shots {shots}: {the_split.describe()} leaves {len(train_ids)} training case(s) in "
                             f"{dataset.root}; use --shots {len(train_ids)} or fewer (or all), --split none to train "
                             "on every case, or --folds to cross-validate them")
-    if transductive is not None and not test_ids:
+    if r.transductive is not None and not test_ids:
         raise MedadaptError(f"--transductive: {the_split.describe()} has no test volumes to constrain; use a split "
                             "with a test part")
     if not strategy.trains and not test_ids:
-        raise MedadaptError(f"--method {method}: trains nothing and {the_split.describe()} evaluates nothing; use "
+        raise MedadaptError(f"--method {r.method}: trains nothing and {the_split.describe()} evaluates nothing; use "
                             "a split with a test part")
-    resolved = resolve_recipe(r.recipe or folder.recipe or DEFAULT_RECIPE, method, epochs=r.epochs,
-                              iterations_per_epoch=r.iterations_per_epoch, cases=shots)
-    config = training_config(resolved, method, seed, folder.activation, engine, r.lr)
-    return FinetuneSettings(
-        model=str(Path(model).resolve()), data=str(Path(dataset.root).resolve()), method=method,
-        method_options=options, decoder=policy, shots=shots, seed=seed, split_seed=split_seed,
-        head=head, recipe=resolved, training=config,
-        patch_size=tuple(resolved.patch_size or folder.network.patch_size),
-        batch_size=resolved.batch_size or folder.network.batch_size, postprocess=postprocess,
-        transductive=transductive, feature_cache=bool(feature_cache), split=split, overlap=float(r.overlap))
+    return shots
 
 
 def run_identity(settings: dict[str, Any], dataset: RawDataset, folder: ModelFolder,

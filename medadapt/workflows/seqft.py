@@ -400,74 +400,74 @@ def resolve_seqft(request: SeqftRequest, engine: EngineOptions | None = None) ->
     line per mistake, nothing written). ``engine``: its precision, resolved for this process's device, is part
     of the settings."""
     r = request
-    stream, model, method, buffer, retention = r.stream, r.model, r.method, r.buffer, r.retention
-    buffer_size, mds_repeats, kd_rank, kd_until, kd_max_epochs = (r.buffer_size, r.mds_repeats, r.kd_rank,
-                                                                  r.kd_until, r.kd_max_epochs)
-    shots, seed, split_seed, recipe, kd_recipe = r.shots, r.seed, r.split_seed, r.recipe, r.kd_recipe
-    epochs, iterations_per_epoch, lr, method_options = r.epochs, r.iterations_per_epoch, r.lr, r.method_options
-    postprocess, pretext_decoder = r.postprocess, r.pretext_decoder
     engine = engine or EngineOptions()
-    sequence = resolve_method(method, buffer, retention, buffer_size, mds_repeats, kd_rank, kd_until, r.kd_norm,
-                              r.kd_fft, r.kd_weight)
-    if postprocess not in POSTPROCESSING:
-        raise MedadaptError(f"--postprocess {postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
+    sequence = resolve_method(r.method, r.buffer, r.retention, r.buffer_size, r.mds_repeats, r.kd_rank, r.kd_until,
+                              r.kd_norm, r.kd_fft, r.kd_weight)
+    if r.postprocess not in POSTPROCESSING:
+        raise MedadaptError(f"--postprocess {r.postprocess!r}: unknown; choose one of {', '.join(POSTPROCESSING)}")
     check_overlap(r.overlap)
-    stream = stream if isinstance(stream, Stream) else load_stream(stream)
-    folder0 = load_model_folder(model)
+    stream = r.stream if isinstance(r.stream, Stream) else load_stream(r.stream)
+    folder0 = load_model_folder(r.model)
     if sequence.retention == "lora-kd":  # the rank must fit every encoder layer (checked before any training)
         EncoderLoRADistillation(rank=sequence.kd_rank).check_fits(folder0.build_network(), str(folder0.path))
     options = {} if sequence.sequential else \
-        {k: v for k, v in sorted((method_options or {}).items()) if v is not None}
+        {k: v for k, v in sorted((r.method_options or {}).items()) if v is not None}
     decoder = None  # a parallel method that freezes part of the network: its decoder policy (recorded)
-    if not sequence.sequential and method != JOINT:
-        policy = decoder_policy(folder0, pretext_decoder)
-        if make_strategy(method, decoder=policy, seed=seed, **options).decoder != "pretrained":
+    if not sequence.sequential and r.method != JOINT:
+        policy = decoder_policy(folder0, r.pretext_decoder)
+        if make_strategy(r.method, decoder=policy, seed=r.seed, **options).decoder != "pretrained":
             decoder = policy
     # the sequential stages and joint training fine-tune every weight: the recipe as full fine-tuning trains
     # (its methods entry, then the command line's budget); a parallel method's runs resolve their own (finetune)
-    trains_all = sequence.sequential or method == JOINT
-    chosen = recipe or folder0.recipe or DEFAULT_RECIPE
-    resolved = resolve_recipe(chosen, FullFineTuning.name, epochs=epochs, iterations_per_epoch=iterations_per_epoch) \
-        if trains_all else load_recipe(chosen).with_overrides(epochs=epochs, iterations_per_epoch=iterations_per_epoch)
+    trains_all = sequence.sequential or r.method == JOINT
+    chosen = r.recipe or folder0.recipe or DEFAULT_RECIPE
+    budget = {"epochs": r.epochs, "iterations_per_epoch": r.iterations_per_epoch}
+    resolved = resolve_recipe(chosen, FullFineTuning.name, **budget) if trains_all else \
+        load_recipe(chosen).with_overrides(**budget)
     # an epoch of "cases" is resolved per task (for_cases); the settings record the first task's (below)
-    config = training_config(resolved.for_cases(1), FullFineTuning.name if trains_all else method, seed,
+    config = training_config(resolved.for_cases(1), FullFineTuning.name if trains_all else r.method, r.seed,
                              folder0.activation, engine)
-    if method == JOINT:  # the budget of the parallel runs together: n tasks x the recipe's epochs
+    if r.method == JOINT:  # the budget of the parallel runs together: n tasks x the recipe's epochs
         config = dataclasses.replace(config, epochs=config.epochs * len(stream.tasks))
-    if lr is not None:
-        config = dataclasses.replace(config, initial_lr=lr)
-    kd_resolved = kd_config = None
-    if sequence.retention == "lora-kd":
-        if kd_recipe is not None:
-            if r.kd_lr_fraction is not None:
-                raise MedadaptError("--kd-lr-fraction: not with --kd-recipe (its lr is the recipe's)")
-            kd_resolved = load_recipe(kd_recipe).with_overrides(epochs=kd_max_epochs)
-            if sequence.kd_until == "levelled":
-                check_kd_ceiling(kd_resolved.epochs, "--kd-max-epochs" if kd_max_epochs else "--kd-recipe's epochs")
-        else:
-            kd_resolved = kd_recipe_from(resolved, sequence.kd_until, kd_max_epochs, r.kd_lr_fraction)
-        kd_config = dataclasses.replace(training_config(kd_resolved.for_cases(1), "lora-kd", seed, folder0.activation,
-                                                        engine),
-                                        loss={"name": "encoder-feature-mse"})
-    elif kd_recipe is not None or kd_max_epochs is not None or r.kd_lr_fraction is not None:
-        raise MedadaptError("--kd-recipe/--kd-max-epochs/--kd-lr-fraction: only with --retention lora-kd (or --method "
-                            "medseqft)")
+    if r.lr is not None:
+        config = dataclasses.replace(config, initial_lr=r.lr)
+    kd_resolved, kd_config = _kd_stage(r, sequence, resolved, folder0, engine)
     if sequence.buffer == "mds":
         from medadapt.ssl import load_pretext
 
         load_pretext(folder0)  # one line if the foundation has no pretext head
     settings = SeqftSettings(
-        stream=stream, model=str(Path(folder0.path or model).resolve()), sequence=sequence, method_options=options,
-        decoder=decoder, pretext_decoder=pretext_decoder, shots=shots, seed=seed, split_seed=split_seed,
+        stream=stream, model=str(Path(folder0.path or r.model).resolve()), sequence=sequence, method_options=options,
+        decoder=decoder, pretext_decoder=r.pretext_decoder, shots=r.shots, seed=r.seed, split_seed=r.split_seed,
         recipe=resolved, kd_recipe=kd_resolved, training=config, kd_training=kd_config,
         patch_size=tuple(resolved.patch_size or folder0.network.patch_size),
-        batch_size=resolved.batch_size or folder0.network.batch_size, postprocess=postprocess,
-        overrides={k: v for k, v in (("epochs", epochs), ("iterations_per_epoch", iterations_per_epoch), ("lr", lr))
-                   if v is not None}, overlap=float(r.overlap))
+        batch_size=resolved.batch_size or folder0.network.batch_size, postprocess=r.postprocess,
+        overrides={k: v for k, v in (*budget.items(), ("lr", r.lr)) if v is not None}, overlap=float(r.overlap))
     _, splits = task_splits(settings, folder0)  # every task is checked before anything is written
-    first = round(sum(len(ids) for ids, _ in splits) / len(splits)) if method == JOINT else len(splits[0][0])
+    first = round(sum(len(ids) for ids, _ in splits) / len(splits)) if r.method == JOINT else len(splits[0][0])
     return dataclasses.replace(settings, training=for_cases(config, resolved, first),
                                kd_training=for_cases(kd_config, kd_resolved, first) if kd_config else None)
+
+
+def _kd_stage(r: SeqftRequest, sequence: SeqSettings, resolved: Recipe, folder0: ModelFolder,
+              engine: EngineOptions) -> tuple[Recipe | None, TrainingConfig | None]:
+    """The LoRA-based KD stage's recipe and training (retention lora-kd; otherwise its options are refused)."""
+    if sequence.retention != "lora-kd":
+        if r.kd_recipe is not None or r.kd_max_epochs is not None or r.kd_lr_fraction is not None:
+            raise MedadaptError("--kd-recipe/--kd-max-epochs/--kd-lr-fraction: only with --retention lora-kd (or "
+                                "--method medseqft)")
+        return None, None
+    if r.kd_recipe is not None:
+        if r.kd_lr_fraction is not None:
+            raise MedadaptError("--kd-lr-fraction: not with --kd-recipe (its lr is the recipe's)")
+        kd_resolved = load_recipe(r.kd_recipe).with_overrides(epochs=r.kd_max_epochs)
+        if sequence.kd_until == "levelled":
+            check_kd_ceiling(kd_resolved.epochs, "--kd-max-epochs" if r.kd_max_epochs else "--kd-recipe's epochs")
+    else:
+        kd_resolved = kd_recipe_from(resolved, sequence.kd_until, r.kd_max_epochs, r.kd_lr_fraction)
+    kd_config = dataclasses.replace(training_config(kd_resolved.for_cases(1), "lora-kd", r.seed, folder0.activation,
+                                                    engine), loss={"name": "encoder-feature-mse"})
+    return kd_resolved, kd_config
 
 
 def task_splits(settings: SeqftSettings, folder0: ModelFolder) -> tuple[list[RawDataset], list[tuple[list, list]]]:
