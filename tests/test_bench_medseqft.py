@@ -426,3 +426,17 @@ def test_retime_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message
     assert main(["bench", *argv, "--workdir", str(tmp_path / "grid")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("medadapt bench: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_the_reports_refinement_note_says_how_the_stage_ran():
+    """The L_refine section names the stage's rule: until levelled off (the grid of record), or the whole
+    schedule (issue 43's decision, openkbp-medseqft)."""
+    from medadapt.benchmark.report_medseqft import _refinement_note
+
+    raw = raw_config()
+    levelled = _refinement_note(parse_config(copy.deepcopy(raw)))
+    assert "until L_refine" in levelled and "(until: levelled)" in levelled
+    raw["medseqft"]["kd_until"] = "ceiling"
+    raw["medseqft"].pop("kd_lr_fraction")
+    ceiling = _refinement_note(parse_config(raw))
+    assert "whole schedule" in ceiling and "(until: ceiling)" in ceiling

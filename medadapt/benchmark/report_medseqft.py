@@ -613,7 +613,69 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
     index = Index(config, cells, records)
     out = Path(paths.workdir) / "report"
     files: dict[str, Path] = {}
-    done = sum(1 for r in records.values() if r)
+    sections = _header(config, sum(1 for r in records.values() if r), len(cells))
+
+    def table(name: str, title: str, md: str, rows: list, legend: str = "") -> None:
+        """A table's md (with its legend and the footnote) and csv files, and its report section."""
+        md = md + legend
+        files[f"{name}.md"] = write_file(out / f"{name}.md", md + "\n\n" + FOOTNOTE + "\n")
+        files[f"{name}.csv"] = write_file(out / f"{name}.csv", csv_text(rows))
+        sections.extend([f"{title} ([md]({name}.md), [csv]({name}.csv))\n", md])
+
+    def noted(name: str, title: str, note: str, md: str, rows: list) -> None:
+        """A section whose md file is its note and its table (no footnote)."""
+        files[f"{name}.md"] = write_file(out / f"{name}.md", note + "\n\n" + md + "\n")
+        files[f"{name}.csv"] = write_file(out / f"{name}.csv", csv_text(rows))
+        sections.extend([f"{title} ([md]({name}.md), [csv]({name}.csv))\n", note, "", md])
+
+    t2_md, t2_csv = stream_table(index, table2_rows(config), "table2")
+    table("table2", "## Table II: fine-tuning strategies on the stream's tasks", t2_md, t2_csv,
+          "\n\n" + CONVERGENCE_LEGEND + " " + REFINED_LEGEND)
+    t2_md = sections[-1]
+    if table3_rows(config):
+        t3_md, t3_csv = table3(index)
+        table("table3", "\n## Table III: ablation of MDS and K&G RFT", t3_md, t3_csv,
+              "\n\n" + CONVERGENCE_LEGEND + " " + REFINED_LEGEND)
+    if any(r.retention == "lora-kd" for r in config.rows):
+        kd_md, kd_csv, kd_png = refinement(index, out / "refinement.png")
+        noted("refinement", "\n## L_refine: the LoRA-based KD's convergence", _refinement_note(config), kd_md, kd_csv)
+        if kd_png:
+            files["refinement.png"] = kd_png
+            sections.append("\n![L_refine](refinement.png)")
+    if any(r.buffer == "mds" for r in config.rows):
+        mds_md, mds_csv = mds_buffers(index)
+        noted("mds", "\n## MDS: where each buffer settled", MDS_NOTE.format(r=config.mds_repeats), mds_md, mds_csv)
+    if config.unseen_rows:
+        t6_md, t6_csv = table6(index)
+        table("table6", "\n## Table VI: unseen tasks, from M0 and from the refined M_n", t6_md, t6_csv,
+              "\n\n" + CONVERGENCE_LEGEND)
+    t7_md, t7_csv, ratios = table7(index)
+    files["table7.md"] = write_file(out / "table7.md", t7_md + "\n\n" + _table7_note(ratios) + "\n")
+    files["table7.csv"] = write_file(out / "table7.csv", csv_text(t7_csv))
+    sections += ["\n## Table VII: training time per stage ([md](table7.md), [csv](table7.csv))\n", t7_md, "",
+                 _table7_note(ratios)]
+    f4_csv, f4_png = fig4(index, out / "fig4.png")
+    files["fig4.csv"] = write_file(out / "fig4.csv", csv_text(f4_csv))
+    sections.append("\n## Fig. 4: encoder change M0 → Mn ([csv](fig4.csv))\n")
+    if f4_png:
+        files["fig4.png"] = f4_png
+    sections.append("![fig4](fig4.png)" if f4_png else "No finished sequential cell yet.")
+    for name, title, (md, rows) in (("transfer", "\n## Forgetting and forward transfer", transfer(index)),
+                                    ("paired", "\n## Paired comparisons", paired(index))):
+        files[f"{name}.md"] = write_file(out / f"{name}.md", md + "\n")
+        files[f"{name}.csv"] = write_file(out / f"{name}.csv", csv_text(rows))
+        sections += [f"{title} ([md]({name}.md), [csv]({name}.csv))\n", md]
+    return finish_report(out, cells, records, sections, files, t2_md, progress, _cell_rows)
+
+
+MDS_NOTE = ("MDS averages each training case's pretext loss over R = {r} random maskings (the paper: 1000); the "
+            "buffer of the first r maskings is a run at r, so one run measures how the buffer changes with R "
+            "(medadapt.sequential.buffer.buffer_stability). \"Buffer settled at r\": the smallest r from which the "
+            "buffer no longer changes up to R; \"not within R\": R was too small to tell.")
+
+
+def _header(config: MedseqftConfig, done: int, total: int) -> list[str]:
+    """The report's title and its first paragraph: what the grid is."""
     f = config.foundation
     if "cases" in config.stream:  # a generated stream
         cases = f"{config.stream['cases']} cases per task (80/20 split)"
@@ -621,90 +683,39 @@ def write_report(config: MedseqftConfig, workdir: str | Path, progress: bool = T
         cases = "cases per task: " + ", ".join(f"{t.name} {t.cases}" for t in config.all_datasets)
     made = f"the model {f['model']}" if "model" in f else \
         f"{f['preset']}, {f['objective']} pretraining on {', '.join(d['name'] for d in f['domains'])}"
-    sections = [f"# Benchmark report: MedSeqFT grid `{config.name}`\n",
-                f"{done} of {len(cells)} cells finished. Config: `{config.cli_argument}`. Seeds: "
-                f"{', '.join(map(str, config.seeds))}. Stream `{config.stream['name']}`: "
-                f"{', '.join(t.name for t in config.tasks)} (in this order); unseen: "
-                f"{', '.join(t.name for t in config.unseen) or 'none'}; {cases}, shots: {config.shots}. "
-                f"Foundation: {made}. Recipe `{config.recipe['name']}`: "
-                f"{config.recipe['epochs']} × {config.recipe['iterations_per_epoch']} iterations per task; LoRA-based "
-                f"KD `{config.kd_recipe['name']}`: {config.kd_recipe['epochs']} × "
-                f"{config.kd_recipe['iterations_per_epoch']}.\n", FOOTNOTE + "\n"]
+    return [f"# Benchmark report: MedSeqFT grid `{config.name}`\n",
+            f"{done} of {total} cells finished. Config: `{config.cli_argument}`. Seeds: "
+            f"{', '.join(map(str, config.seeds))}. Stream `{config.stream['name']}`: "
+            f"{', '.join(t.name for t in config.tasks)} (in this order); unseen: "
+            f"{', '.join(t.name for t in config.unseen) or 'none'}; {cases}, shots: {config.shots}. "
+            f"Foundation: {made}. Recipe `{config.recipe['name']}`: "
+            f"{config.recipe['epochs']} × {config.recipe['iterations_per_epoch']} iterations per task; LoRA-based "
+            f"KD `{config.kd_recipe['name']}`: {config.kd_recipe['epochs']} × "
+            f"{config.kd_recipe['iterations_per_epoch']}.\n", FOOTNOTE + "\n"]
 
-    t2_md, t2_csv = stream_table(index, table2_rows(config), "table2")
-    t2_md += "\n\n" + CONVERGENCE_LEGEND + " " + REFINED_LEGEND
-    files["table2.md"] = write_file(out / "table2.md", t2_md + "\n\n" + FOOTNOTE + "\n")
-    files["table2.csv"] = write_file(out / "table2.csv", csv_text(t2_csv))
-    sections += ["## Table II: fine-tuning strategies on the stream's tasks ([md](table2.md), [csv](table2.csv))\n",
-                 t2_md]
-    if table3_rows(config):
-        t3_md, t3_csv = table3(index)
-        t3_md += "\n\n" + CONVERGENCE_LEGEND + " " + REFINED_LEGEND
-        files["table3.md"] = write_file(out / "table3.md", t3_md + "\n\n" + FOOTNOTE + "\n")
-        files["table3.csv"] = write_file(out / "table3.csv", csv_text(t3_csv))
-        sections += ["\n## Table III: ablation of MDS and K&G RFT ([md](table3.md), [csv](table3.csv))\n", t3_md]
-    if any(r.retention == "lora-kd" for r in config.rows):
-        kd_md, kd_csv, kd_png = refinement(index, out / "refinement.png")
-        kd_note = (f"LoRA-based KD `{config.kd_recipe['name']}` (until: {config.kd_until}): the stage runs until "
-                   "L_refine (the epoch mean of the encoder feature MSE) has levelled off by "
-                   "medadapt.engine.convergence, checked after every epoch, at most its ceiling; mean over seeds "
-                   "± spread.")
-        files["refinement.md"] = write_file(out / "refinement.md", kd_note + "\n\n" + kd_md + "\n")
-        files["refinement.csv"] = write_file(out / "refinement.csv", csv_text(kd_csv))
-        sections += ["\n## L_refine: the LoRA-based KD's convergence ([md](refinement.md), [csv](refinement.csv))\n",
-                     kd_note, "", kd_md]
-        if kd_png:
-            files["refinement.png"] = kd_png
-            sections.append("\n![L_refine](refinement.png)")
-    if any(r.buffer == "mds" for r in config.rows):
-        mds_md, mds_csv = mds_buffers(index)
-        mds_note = (f"MDS averages each training case's pretext loss over R = {config.mds_repeats} random maskings "
-                    "(the paper: 1000); the buffer of the first r maskings is a run at r, so one run measures how "
-                    "the buffer changes with R (medadapt.sequential.buffer.buffer_stability). \"Buffer settled at "
-                    "r\": the smallest r from which the buffer no longer changes up to R; \"not within R\": R was "
-                    "too small to tell.")
-        files["mds.md"] = write_file(out / "mds.md", mds_note + "\n\n" + mds_md + "\n")
-        files["mds.csv"] = write_file(out / "mds.csv", csv_text(mds_csv))
-        sections += ["\n## MDS: where each buffer settled ([md](mds.md), [csv](mds.csv))\n", mds_note, "", mds_md]
-    if config.unseen_rows:
-        t6_md, t6_csv = table6(index)
-        t6_md += "\n\n" + CONVERGENCE_LEGEND
-        files["table6.md"] = write_file(out / "table6.md", t6_md + "\n\n" + FOOTNOTE + "\n")
-        files["table6.csv"] = write_file(out / "table6.csv", csv_text(t6_csv))
-        sections += ["\n## Table VI: unseen tasks, from M0 and from the refined M_n ([md](table6.md), "
-                     "[csv](table6.csv))\n", t6_md]
-    t7_md, t7_csv, ratios = table7(index)
+
+def _refinement_note(config: MedseqftConfig) -> str:
+    how = {"levelled": "until L_refine (the epoch mean of the encoder feature MSE) has levelled off by "
+                       "medadapt.engine.convergence, checked after every epoch, at most its ceiling",
+           "ceiling": "its whole schedule (L_refine: the epoch mean of the encoder feature MSE; levelled off or "
+                      "not by medadapt.engine.convergence over the whole curve)",
+           "budget": "a fifth of the fine-tuning epochs on its schedule (the paper's ratios; L_refine: the epoch "
+                     "mean of the encoder feature MSE)"}[config.kd_until]
+    return (f"LoRA-based KD `{config.kd_recipe['name']}` (until: {config.kd_until}): the stage runs {how}; mean "
+            "over seeds ± spread.")
+
+
+def _table7_note(ratios: dict) -> str:
     target = ""
     if "medseqft" in ratios and ratios["medseqft"][0] is not None:
         r, paper = ratios["medseqft"][0], ratios["medseqft"][1]
         target = (f"\n\nMedSeqFT's training time is {r:.2f}× FFT's, {paper:.2f}× without buffer selection (the "
                   f"target: at most 1.3×, {'met' if r <= 1.3 else 'not met'}; the paper: 27.0 h / 21.1 h = 1.28×, "
                   "whose Table VII has no buffer selection stage).")
-    t7_note = ("Training seconds (iterations and batch sampling; no evaluation) summed over the stream's tasks, "
-               "mean over seeds ± spread; × FFT: per seed the row's sum over FFT's sum (parallel fine-tuning of "
-               "every task from M0). Buffer selection counts the buffers after tasks 1..n-1: the buffer after the "
-               "stream's last task would serve no task, so it is not selected (a longer stream continuing the run "
-               "selects it then). MDS scoring is counted at what it cost when computed: runs that share M0, a task's "
-               "cases, R and the seed compute it once (medadapt.sequential.mds_store) and each counts its seconds. "
-               "Cells ran two at a time on a shared machine, so times carry its noise." + target)
-    files["table7.md"] = write_file(out / "table7.md", t7_md + "\n\n" + t7_note + "\n")
-    files["table7.csv"] = write_file(out / "table7.csv", csv_text(t7_csv))
-    sections += ["\n## Table VII: training time per stage ([md](table7.md), [csv](table7.csv))\n", t7_md, "",
-                 t7_note]
-    f4_csv, f4_png = fig4(index, out / "fig4.png")
-    files["fig4.csv"] = write_file(out / "fig4.csv", csv_text(f4_csv))
-    sections.append("\n## Fig. 4: encoder change M0 → Mn ([csv](fig4.csv))\n")
-    if f4_png:
-        files["fig4.png"] = f4_png
-        sections.append("![fig4](fig4.png)")
-    else:
-        sections.append("No finished sequential cell yet.")
-    tr_md, tr_csv = transfer(index)
-    files["transfer.md"] = write_file(out / "transfer.md", tr_md + "\n")
-    files["transfer.csv"] = write_file(out / "transfer.csv", csv_text(tr_csv))
-    sections += ["\n## Forgetting and forward transfer ([md](transfer.md), [csv](transfer.csv))\n", tr_md]
-    p_md, p_csv = paired(index)
-    files["paired.md"] = write_file(out / "paired.md", p_md + "\n")
-    files["paired.csv"] = write_file(out / "paired.csv", csv_text(p_csv))
-    sections += ["\n## Paired comparisons ([md](paired.md), [csv](paired.csv))\n", p_md]
-    return finish_report(out, cells, records, sections, files, t2_md, progress, _cell_rows)
+    return ("Training seconds (iterations and batch sampling; no evaluation) summed over the stream's tasks, "
+            "mean over seeds ± spread; × FFT: per seed the row's sum over FFT's sum (parallel fine-tuning of "
+            "every task from M0). Buffer selection counts the buffers after tasks 1..n-1: the buffer after the "
+            "stream's last task would serve no task, so it is not selected (a longer stream continuing the run "
+            "selects it then). MDS scoring is counted at what it cost when computed: runs that share M0, a task's "
+            "cases, R and the seed compute it once (medadapt.sequential.mds_store) and each counts its seconds. "
+            "Cells ran two at a time on a shared machine, so times carry its noise." + target)
