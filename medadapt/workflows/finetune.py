@@ -121,17 +121,9 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
         raise MedadaptError(
             f"{dataset.root / 'dataset.json'}: has {dataset.num_channels} input channel(s) but the model in "
             f"{folder.path} expects {folder.network.input_channels}; use a dataset with the same channels")
-    rows = None
-    if head == "keep":
-        if dataset.labels == folder.labels:
-            return folder.load_network()
-        missing = [n for n, v in dataset.labels.items() if v != 0 and n not in folder.foreground]
-        if missing:
-            raise MedadaptError(
-                f"--head keep: labels {missing} of {dataset.root / 'dataset.json'} are not classes of the model "
-                f"in {folder.path} ({', '.join(folder.foreground)}), so no head of it predicts them; use --head "
-                "fresh")
-        rows = kept_head_rows(folder, dataset.labels)
+    if head == "keep" and dataset.labels == folder.labels:
+        return folder.load_network()
+    rows = _kept_rows(folder, dataset) if head == "keep" else None
     matched: dict[int, int] = {}  # match: dataset output channel -> foundation output channel
     if head == "match":
         known = {n: v for n, v in dataset.labels.items() if n in folder.labels}
@@ -160,6 +152,16 @@ def load_foundation(folder: ModelFolder, dataset: RawDataset, seed: int, head: s
             take[k] = fresh
     network.load_state_dict(take, strict=False)
     return network
+
+
+def _kept_rows(folder: ModelFolder, dataset: RawDataset) -> list[int]:
+    """``--head keep``: the foundation's head outputs for the dataset's classes (every one must be the model's)."""
+    missing = [n for n, v in dataset.labels.items() if v != 0 and n not in folder.foreground]
+    if missing:
+        raise MedadaptError(
+            f"--head keep: labels {missing} of {dataset.root / 'dataset.json'} are not classes of the model "
+            f"in {folder.path} ({', '.join(folder.foreground)}), so no head of it predicts them; use --head fresh")
+    return kept_head_rows(folder, dataset.labels)
 
 
 def weights_without_heads(folder: ModelFolder, foundation: dict[str, torch.Tensor],
@@ -668,16 +670,7 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
         raise MedadaptError(f"{dataset.root / 'dataset.json'}: labels {missing} are not classes of the model "
                             f"({', '.join(folder.foreground)}), so the model's own heads cannot be evaluated on "
                             "it zero-shot; fine-tune instead")
-    if split is not None and split.kind == "random":
-        split_seed, split = split.seed, None
-    if split is not None and all_cases:
-        raise MedadaptError("--all-cases: evaluates every case, so --split has nothing to choose; give one of them")
-    if split is not None and not split.evaluates:
-        raise MedadaptError("--split none: zero-shot trains nothing and would evaluate nothing; use --all-cases to "
-                            "evaluate every case")
-    the_split = split if split is not None else Split.random(split_seed)
-    if not all_cases:
-        the_split.apply(dataset.case_ids)  # a file naming other cases: one line before any work
+    split_seed, split, the_split = _zero_shot_split(split, split_seed, all_cases, dataset)
     network = folder.load_network()
     identity = run_identity({"method": {"name": "zero-shot"}, "shots": 0, "seed": 0, "split_seed": split_seed,
                              "head": "keep", "postprocess": postprocess, "cases": "all" if all_cases else "test",
@@ -700,12 +693,27 @@ def zero_shot(model: str | Path, data: str | Path, out: str | Path, split_seed: 
         "postprocess": postprocess,
         "foundation": str(Path(model).resolve()), "dataset": str(dataset.root), "dataset_name": dataset.name,
         "split": {"train": train_ids, "test": test_ids, **({"how": split.record()} if split is not None else {})},
-        "shot_cases": [], "head": "keep",
-        "identity": identity, "training": None,
+        "shot_cases": [], "head": "keep", "identity": identity, "training": None,
         "parameters": {"trainable": 0, "updated_per_step": 0, "total": total_parameter_count(network)},
-        "timing": {"median_iteration_seconds": None, "median_sampling_seconds": None, "data_wait_share": None,
-                   "final_epoch_loss": None},
+        "timing": dict.fromkeys(("median_iteration_seconds", "median_sampling_seconds", "data_wait_share",
+                                 "final_epoch_loss")),
         "sizes": {}, "metrics": summary, "environment": environment(),
     }
     atomic_write_json(run_file, record)
     return record
+
+
+def _zero_shot_split(split: Split | None, split_seed: int, all_cases: bool, dataset: RawDataset
+                     ) -> tuple[int, Split | None, Split]:
+    """(split seed, the split as recorded, the split applied) of a zero-shot run, checked (one line each)."""
+    if split is not None and split.kind == "random":  # the default split is named by its seed alone
+        split_seed, split = split.seed, None
+    if split is not None and all_cases:
+        raise MedadaptError("--all-cases: evaluates every case, so --split has nothing to choose; give one of them")
+    if split is not None and not split.evaluates:
+        raise MedadaptError("--split none: zero-shot trains nothing and would evaluate nothing; use --all-cases to "
+                            "evaluate every case")
+    the_split = split if split is not None else Split.random(split_seed)
+    if not all_cases:
+        the_split.apply(dataset.case_ids)  # a file naming other cases: one line before any work
+    return split_seed, split, the_split
