@@ -510,26 +510,29 @@ def enumerate_cells(config: GridConfig, digests: dict[str, Any] | None = None) -
         cells[cell.cell_id] = cell
 
     for ds in config.datasets:
-        if config.fseft:
-            _fseft_cells(config, ds, add, untrained)
-            continue
-        if config.table1.get("zero_shot") and config.knows(ds):  # the foundation's own outputs, by name
-            untrained(ds, ZERO_SHOT, "table1")
-        for shots in ds.shots:
-            for method in config.table1["methods"]:
-                if shots in config.table1_shots(ds, method):
-                    add(ds, shots, method, "table1")
-        if config.table1["all_shot"]:
-            add(ds, ds.train_cases, config.table1["all_shot"], "all_shot", all_shot=True)
-        if config.table2:
-            for shots in config.table2_shots(ds):
-                for method in config.table2["methods"]:
-                    add(ds, shots, method, "table2")
-        if config.gamma:
-            add(ds, config.gamma_shots(ds), config.gamma["reference"], "gamma")
-            for g in config.gamma["values"]:
-                add(ds, config.gamma_shots(ds), config.gamma["method"], "gamma", gamma=g)
+        (_fseft_cells if config.fseft else _dgst_cells)(config, ds, add, untrained)
     return list(cells.values())
+
+
+def _dgst_cells(config: GridConfig, ds: Dataset, add, untrained) -> None:
+    """The DGST experiments' cells of one dataset: Table 1 (zero-shot, every method at its shot counts, the
+    all-shot row), Table 2 and the γ sweep."""
+    if config.table1.get("zero_shot") and config.knows(ds):  # the foundation's own outputs, by name
+        untrained(ds, ZERO_SHOT, "table1")
+    for shots in ds.shots:
+        for method in config.table1["methods"]:
+            if shots in config.table1_shots(ds, method):
+                add(ds, shots, method, "table1")
+    if config.table1["all_shot"]:
+        add(ds, ds.train_cases, config.table1["all_shot"], "all_shot", all_shot=True)
+    if config.table2:
+        for shots in config.table2_shots(ds):
+            for method in config.table2["methods"]:
+                add(ds, shots, method, "table2")
+    if config.gamma:
+        add(ds, config.gamma_shots(ds), config.gamma["reference"], "gamma")
+        for g in config.gamma["values"]:
+            add(ds, config.gamma_shots(ds), config.gamma["method"], "gamma", gamma=g)
 
 
 def _fseft_cells(config: GridConfig, ds: Dataset, add, untrained) -> None:
