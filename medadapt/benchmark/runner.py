@@ -50,11 +50,8 @@ def run_cell(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None = Non
 
 
 def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
-    from medadapt.engine.recipe import load_recipe
     from medadapt.inference.predictor import DEFAULT_OVERLAP
-    from medadapt.tuning import get_method
-    from medadapt.tuning.transductive import Transductive
-    from medadapt.workflows.finetune import FinetuneRequest, finetune, resolve_finetune, zero_shot
+    from medadapt.workflows.finetune import finetune, resolve_finetune, zero_shot
 
     started = time.perf_counter()
     out = paths.cell_dir(cell.cell_id)
@@ -69,21 +66,8 @@ def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None
         except MedadaptError as exc:  # (a dataset whose labels the foundation lacks gets no zero-shot cell)
             raise MedadaptError(f"{exc} (grid cell {cell.cell_id})") from None
     else:
-        training = cell.key["training"]
-        # a cell's options: its method's (by the method's definition) and the run's (variant label, cached
-        # features, transductive inference)
-        options, run_options = get_method(cell.method).split_options(cell.options)
-        ti = {k[len(TI_PREFIX):]: v for k, v in run_options.items() if k.startswith(TI_PREFIX)}
-        recipe = cell.key.get("recipe")
-        settings = resolve_finetune(FinetuneRequest(
-            paths.foundation, paths.datasets[cell.dataset], cell.method, cell.shots, seed=cell.seed,
-            split_seed=cell.key["split_seed"], epochs=training["epochs"],
-            iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"), method_options=options,
-            head=cell.key["head"], recipe=load_recipe(recipe) if recipe is not None else None,
-            postprocess=postprocess, overlap=overlap, transductive=Transductive(**ti) if ti else None,
-            feature_cache=bool(run_options.get("feature_cache", False)),
-            split=paths.split(cell.dataset, cell.key["split_seed"])))
-        run = finetune(settings, out / "run", resume=True, progress=progress)
+        run = finetune(resolve_finetune(_finetune_request(cell, paths, postprocess, overlap)), out / "run",
+                       resume=True, progress=progress)
     qualitative = _store_qualitative_slice(run, out)
     record = {
         "format": CELL_FORMAT,
@@ -115,6 +99,29 @@ def _run_cell_here(cell: Cell, paths: GridPaths, executor: dict[str, Any] | None
     for checkpoint in (out / "run").glob("**/training/checkpoint_latest.pt"):  # per-query TI runs: one per query
         checkpoint.unlink(missing_ok=True)
     return record
+
+
+def _finetune_request(cell: Cell, paths: GridPaths, postprocess: str, overlap: float):
+    """A training cell as a fine-tuning run: its key's budget, head, recipe and split, and its options: its
+    method's (by the method's definition) and the run's (variant label, cached features, transductive
+    inference)."""
+    from medadapt.engine.recipe import load_recipe
+    from medadapt.tuning import get_method
+    from medadapt.tuning.transductive import Transductive
+    from medadapt.workflows.finetune import FinetuneRequest
+
+    training = cell.key["training"]
+    options, run_options = get_method(cell.method).split_options(cell.options)
+    ti = {k[len(TI_PREFIX):]: v for k, v in run_options.items() if k.startswith(TI_PREFIX)}
+    recipe = cell.key.get("recipe")
+    return FinetuneRequest(
+        paths.foundation, paths.datasets[cell.dataset], cell.method, cell.shots, seed=cell.seed,
+        split_seed=cell.key["split_seed"], epochs=training["epochs"],
+        iterations_per_epoch=training["iterations_per_epoch"], lr=training.get("lr"), method_options=options,
+        head=cell.key["head"], recipe=load_recipe(recipe) if recipe is not None else None,
+        postprocess=postprocess, overlap=overlap, transductive=Transductive(**ti) if ti else None,
+        feature_cache=bool(run_options.get("feature_cache", False)),
+        split=paths.split(cell.dataset, cell.key["split_seed"]))
 
 
 def _history_file(run: Path) -> Path:
