@@ -87,6 +87,10 @@ def test_edits_rerun_exactly_the_affected_cells():
     assert {c.split("/")[-1].rsplit("-", 2)[0] for c in base - ids(edited)} == {
         "seq-ft-random", "seq-ft-mds", "medseqft", "fft-mn"}
     edited = copy.deepcopy(raw)
+    edited["medseqft"]["kd_fft"] = "joint"  # the grid of record pins the earlier reading: the buffer rows change
+    assert {c.split("/")[-1].rsplit("-", 2)[0] for c in base - ids(edited)} == {
+        "seq-ft-random", "seq-ft-mds", "medseqft", "fft-mn"}
+    edited = copy.deepcopy(raw)
     edited["medseqft"]["kd_lr_fraction"] = 1.0
     assert {c.split("/")[-1].rsplit("-", 2)[0] for c in base - ids(edited)} == {"seq-ft-kgrft", "medseqft", "fft-mn"}
     edited["medseqft"]["kd_lr_fraction"] = 0.1  # the default written out
@@ -132,6 +136,7 @@ def test_edits_rerun_exactly_the_affected_cells():
     (lambda r: r["medseqft"].update(kd_max_epochs=5), "at least 10 epochs"),
     (lambda r: r["medseqft"].update(kd_until="forever"), "medseqft.kd_until: unknown 'forever'"),
     (lambda r: r["medseqft"].update(kd_lr_fraction=0), "medseqft.kd_lr_fraction: the LoRA-based KD's lr"),
+    (lambda r: r["medseqft"].update(kd_fft="both"), "medseqft.kd_fft: unknown 'both'"),
     (lambda r: r["medseqft"].update(parallel=[{"method": "lora", "decoder": "frozen"}]),
      "medseqft.parallel[0].decoder: unknown decoder policy 'frozen'"),
     (lambda r: r["foundation"].update(objective="supervised"),

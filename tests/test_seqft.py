@@ -695,7 +695,7 @@ def test_kd_readings_refused_where_the_stage_is_missing(world, tmp_path, capsys)
     assert "--kd-fft joint" in err and "--buffer" in err
     err = _err(capsys, ["seqft", stream, *run, "--method", "full", "--kd-norm", "copy"])
     assert "--kd-norm copy" in err and "--method full" in err
-    err = _err(capsys, ["seqft", stream, *run, "--method", "medseqft", "--kd-weight", "2"])
+    err = _err(capsys, ["seqft", stream, *run, "--method", "medseqft", "--kd-fft", "separate", "--kd-weight", "2"])
     assert "--kd-weight 2" in err and "joint" in err
     err = _err(capsys, ["seqft", stream, *run, "--method", "medseqft", "--kd-fft", "joint", "--kd-weight", "-1"])
     assert "--kd-weight -1" in err
@@ -781,3 +781,16 @@ def test_kd_lr_fraction_sets_the_derived_kd_recipes_lr(world, tmp_path):
     budget = resolve_seqft(SeqftRequest(stream, world["fm"], "seq-ft", retention="lora-kd", recipe="cpu-finetune",
                                         kd_until="budget"))
     assert budget.kd_recipe.lr == pytest.approx(0.1 * budget.recipe.lr)
+
+
+def test_the_kd_based_fft_is_joint_by_default_where_there_is_one(world, tmp_path):
+    """Issue 43's decision: one optimiser on L_seg + λ·L_kd where a buffer gives the KD-based FFT a stage; a
+    method without one records nothing of it, and the other readings stay options."""
+    from medadapt.workflows.seqft import KD_FFT_DEFAULT, resolve_method
+
+    assert KD_FFT_DEFAULT == "joint"
+    assert resolve_method("seq-ft", buffer="random").record()["kd_fft"] == "joint"
+    assert resolve_method("seq-ft", buffer="random").record()["kd_weight"] == 1.0
+    assert "kd_fft" not in resolve_method("seq-ft", buffer="random", kd_fft="separate").record()
+    assert "kd_fft" not in resolve_method("seq-ft").record()  # no buffer: no KD-based FFT
+    assert resolve_method("medseqft", kd_fft="capped").record()["kd_fft"] == "capped"

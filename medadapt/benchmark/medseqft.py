@@ -121,6 +121,7 @@ class MedseqftConfig:
     foundation_spec: Foundation | None = None
     trust: bool = False
     overlap: float = 0.5              # the sliding window's tile overlap of every test prediction
+    kd_fft: str = "joint"             # the KD-based FFT's reading (rows with a buffer)
 
     @property
     def cli_argument(self) -> str:
@@ -333,7 +334,7 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     kd_until, kd_recipe = _kd_stage(c, top, recipe, base_dir)
     m = c.mapping(top["medseqft"], "medseqft", ("parallel", "joint", "sequential", "unseen", "refined_by",
                                                 "buffer_size", "mds_repeats", "kd_rank", "kd_until",
-                                                "kd_max_epochs", "kd_lr_fraction"))
+                                                "kd_max_epochs", "kd_lr_fraction", "kd_fft"))
     rows = _stream_rows(c, m, foundation)
     buffer_size = c.integer(m.get("buffer_size", 4), "medseqft.buffer_size", 1)
     if any(r.buffer != "none" for r in rows):
@@ -343,6 +344,7 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
             c.fail("medseqft.buffer_size", f"{buffer_size} but task {small.name!r} trains on {k} cases",
                    f"use at most {k}")
     unseen_rows, refined_by = _unseen_rows(c, m, rows, unseen)
+    kd_fft = _kd_fft(c, m)
     return MedseqftConfig(name=common.name, description=common.description, source=source, stream=stream,
                           tasks=tasks, unseen=unseen,
                           foundation=foundation.settings if not foundation.given else {"model": foundation.model},
@@ -352,7 +354,18 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
                           mds_repeats=c.integer(m.get("mds_repeats", 16), "medseqft.mds_repeats", 1),
                           kd_rank=c.integer(m.get("kd_rank", 2), "medseqft.kd_rank", 1), kd_until=kd_until,
                           ray=common.ray, raw=copy.deepcopy(raw), foundation_spec=foundation, trust=common.trust,
-                          overlap=common.overlap)
+                          overlap=common.overlap, kd_fft=kd_fft)
+
+
+def _kd_fft(c: Check, m: dict) -> str:
+    """``medseqft.kd_fft``: the KD-based FFT's reading (default: medadapt's, KD_FFT_DEFAULT)."""
+    from medadapt.tuning.distill import KD_FFT_MODES
+    from medadapt.workflows.seqft import KD_FFT_DEFAULT
+
+    kd_fft = str(m.get("kd_fft", KD_FFT_DEFAULT))
+    if kd_fft not in KD_FFT_MODES:
+        c.fail("medseqft.kd_fft", f"unknown {kd_fft!r}", f"use one of {list(KD_FFT_MODES)}")
+    return kd_fft
 
 
 def _shots(c: Check, shots: Any, tasks: list[Dataset]) -> "int | str":
@@ -481,6 +494,10 @@ def row_settings(config: MedseqftConfig, row: Row) -> dict[str, Any]:
         out["buffer_size"] = config.buffer_size
     if row.buffer == "mds":
         out["mds_repeats"] = config.mds_repeats
+    if row.buffer != "none" and config.kd_fft != "separate":  # named where not the earlier reading (keys stay)
+        out["kd_fft"] = config.kd_fft
+        if config.kd_fft == "joint":
+            out["kd_weight"] = 1.0
     if row.retention == "lora-kd":
         out["kd_rank"] = config.kd_rank
         out["kd_recipe"] = config.kd_recipe

@@ -152,6 +152,8 @@ def _stream_cell(cell: Cell, paths: GridPaths, out: Path, progress: bool) -> dic
         kwargs["method_options"] = options
     if "buffer" in row:
         kwargs.update(buffer=row["buffer"], retention=row["retention"])
+        if row["buffer"] != "none":  # the reading the key names (absent: the earlier one), whatever seqft's default
+            kwargs.update(kd_fft=row.get("kd_fft", "separate"), kd_weight=row.get("kd_weight", 1.0))
     for name in ("buffer_size", "mds_repeats", "kd_rank", "kd_until"):
         if name in row:
             kwargs[name] = row[name]

@@ -84,9 +84,9 @@ def add_seqft(p):
                    help="LoRA-based KD: the encoder's norm parameters (γ/β): keep (default: E_{t-1}'s, only the LoRA "
                         "factors train), train (they train with the factors and are kept by the merge), copy "
                         "(E_{t-mid}'s before the distillation)")
-    p.add_argument("--kd-fft", choices=KD_FFT_MODES, default="separate",
-                   help="KD-based FFT: separate (default: each loss its own optimiser and parameters), joint (one "
-                        "optimiser on L_seg + λ·L_kd), capped (separate, the distillation step at most as long as "
+    p.add_argument("--kd-fft", choices=KD_FFT_MODES, default=None,
+                   help="KD-based FFT: joint (default: one optimiser on L_seg + λ·L_kd), separate (each loss its "
+                        "own optimiser and parameters), capped (separate, the distillation step at most as long as "
                         "the segmentation step on the encoder)")
     p.add_argument("--kd-weight", type=float, default=1.0, help="--kd-fft joint: λ (default 1)")
     p.add_argument("--kd-lr-fraction", type=float, default=None,
