@@ -77,11 +77,19 @@ def mds_stability(model: str | Path, data: list[str | Path], out: str | Path, re
     atomic_write_text(out / "stability.csv", "\n".join([",".join(keys)] + [
         ",".join("" if r[k] is None else (f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k])) for k in keys)
         for r in rows]) + "\n")
+    atomic_write_text(out / "stability.md", _markdown(tasks, buffer_size, repeats, seed, folder.path))
+    _figure(tasks, buffer_size, out / "stability.png")
+    atomic_write_json(out / "stability.json", record)  # last: the measurement is finished
+    return record
+
+
+def _markdown(tasks: list[dict], buffer_size: int, repeats: int, seed: int, model: Path) -> str:
+    """stability.md: where each task's buffer settled, then each task's buffer at every R measured."""
     body = [[t["task"], str(t["cases"]), "not within R ≤ %d" % repeats if t["settled_at"] is None
              else str(t["settled_at"]), f"{t['seconds']:.0f}", f"{1000 * t['seconds_per_masking']:.1f}"]
             for t in tasks]
     md = [f"MDS buffer stability (K = {buffer_size}, R up to {repeats}, mask seed {seed}; foundation "
-          f"`{folder.path}`).", "",
+          f"`{model}`).", "",
           markdown_table(["Task", "Cases", "Buffer settled at R", f"Seconds at R = {repeats}", "ms per masking"],
                          body), ""]
     for t in tasks:
@@ -90,10 +98,7 @@ def mds_stability(model: str | Path, data: list[str | Path], out: str | Path, re
             [[str(r["repeats"]), f"{r['shared_with_final']} / {buffer_size}",
               "–" if r["spearman_with_final"] is None else f"{r['spearman_with_final']:.3f}",
               "yes" if r["settled"] else "no", " ".join(r["buffer"])] for r in t["rows"]]), ""]
-    atomic_write_text(out / "stability.md", "\n".join(md))
-    _figure(tasks, buffer_size, out / "stability.png")
-    atomic_write_json(out / "stability.json", record)  # last: the measurement is finished
-    return record
+    return "\n".join(md)
 
 
 def _figure(tasks: list[dict], k: int, path: Path) -> None:
