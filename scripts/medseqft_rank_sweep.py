@@ -83,7 +83,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--feature-cases", type=int, default=4, help="training cases the feature MSE is measured on")
     args = ap.parse_args()
-    torch.manual_seed(0)
 
     task_dir = next(args.run.glob(f"tasks/{args.task:02d}-*"))
     t = json.loads((task_dir / "task.json").read_text())
