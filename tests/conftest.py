@@ -6,8 +6,10 @@ import yaml
 
 from medadapt.synth.spec import DOMAINS_DIR
 
-# Two cores: keep torch from oversubscribing them, and keep tests deterministic.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Keep torch from oversubscribing the cores: at most 2 threads, and under pytest-xdist (pyproject's addopts: one
+# worker per core, at most 4) each worker's share of the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture
@@ -121,3 +123,4 @@ def assert_refused_in_one_line(argv, out, expected: str, capsys) -> None:
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not out.exists()
+

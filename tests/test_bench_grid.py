@@ -354,8 +354,14 @@ def test_interrupted_grid_resumes_without_recomputing(tmp_path, monkeypatch):
     assert raw == quick_raw()
 
 
-def test_killed_process_loses_no_finished_cell(tmp_path):
-    """SIGKILL the CLI mid-grid, then re-run: finished cells are kept as they were, the rest are run."""
+def test_killed_process_loses_no_finished_cell(quick_grid, tmp_path):
+    """SIGKILL the CLI mid-grid, then re-run: finished cells are kept as they were, the rest are run. The work
+    folder starts with the quick grid's inputs (its cohort and foundation, made from the same recipes), so the
+    two processes spend their time on cells."""
+    _, quick, _ = quick_grid
+    workdir = tmp_path / "work"
+    shutil.copytree(quick, workdir, ignore=lambda folder, names: [n for n in names if Path(folder) == quick
+                                                                  and n in ("cells", "report", "grid.json")])
     config_path = tmp_path / "small.yaml"
     raw = quick_raw()
     raw["datasets"] = {"hn-center-b": raw["datasets"]["hn-center-b"]}
@@ -363,7 +369,6 @@ def test_killed_process_loses_no_finished_cell(tmp_path):
     raw.pop("table2")
     raw["gamma"]["values"] = [1, 2, 3]
     config_path.write_text(yaml.safe_dump(raw))
-    workdir = tmp_path / "work"
     cmd = [sys.executable, "-m", "medadapt.cli", "bench", str(config_path), "--workdir", str(workdir), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 900  # generous: a loaded machine must not make this flaky

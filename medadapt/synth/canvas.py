@@ -14,6 +14,7 @@ voxels with ``frac >= 0.5``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -83,6 +84,9 @@ class Frame:
         self.shift = np.asarray(shift, dtype=np.float64)
         self.centre = (np.asarray(self.shape) - 1) * self.spacing / 2.0
         self.c, self.s = math.cos(self.yaw), math.sin(self.yaw)
+        # the same numbers as Python floats, for the scalar arithmetic of :meth:`box`
+        self._scale, self._shift = self.scale.tolist(), self.shift.tolist()
+        self._centre, self._spacing = self.centre.tolist(), self.spacing.tolist()
         nz, ny, nx = self.shape
         self.WZ = (np.arange(nz) * self.spacing[0] - self.centre[0]).astype(np.float32)
         self.WY = (np.arange(ny) * self.spacing[1] - self.centre[1]).astype(np.float32)
@@ -108,19 +112,31 @@ class Frame:
         return (np.asarray(w, dtype=np.float64) + self.centre) / self.spacing
 
     def box(self, lo, hi, space: str = "patient") -> tuple[slice, slice, slice] | None:
-        lo = np.asarray(lo, dtype=np.float64)
-        hi = np.asarray(hi, dtype=np.float64)
+        """The voxel slices covering the box [lo, hi] (mm, ``space``'s frame), or None where it misses the grid.
+
+        Scalar arithmetic in float64, operation for operation what :meth:`to_world` does on the box's eight
+        corners (the same numbers, without numpy's per-call overhead: shapes call this a hundred thousand times
+        per cohort)."""
+        lo = np.asarray(lo, dtype=np.float64).tolist()
+        hi = np.asarray(hi, dtype=np.float64).tolist()
         if space == "patient":
-            corners = np.array([[z, y, x] for z in (lo[0], hi[0]) for y in (lo[1], hi[1]) for x in (lo[2], hi[2])])
-            w = self.to_world(corners)
-            wlo, whi = w.min(axis=0), w.max(axis=0)
+            sz, sy, sx = self._scale
+            tz, ty, tx = self._shift
+            c, s = self.c, self.s
+            zs = [sz * lo[0] + tz, sz * hi[0] + tz]
+            ys, xs = [], []
+            for py in (lo[1], hi[1]):
+                for px in (lo[2], hi[2]):
+                    y0, x0 = sy * py, sx * px
+                    ys.append(c * y0 - s * x0 + ty)
+                    xs.append(s * y0 + c * x0 + tx)
+            wlo, whi = (min(zs), min(ys), min(xs)), (max(zs), max(ys), max(xs))
         else:
             wlo, whi = lo, hi
-        ilo = np.floor((wlo + self.centre) / self.spacing).astype(int)
-        ihi = np.ceil((whi + self.centre) / self.spacing).astype(int) + 1
         out = []
-        for a, b, n in zip(ilo, ihi, self.shape):
-            a, b = max(int(a), 0), min(int(b), n)
+        for a, b, centre, spacing, n in zip(wlo, whi, self._centre, self._spacing, self.shape):
+            a = max(math.floor((a + centre) / spacing), 0)
+            b = min(math.ceil((b + centre) / spacing) + 1, n)
             if b <= a:
                 return None
             out.append(slice(a, b))
@@ -174,7 +190,12 @@ def capsule(frame: Frame, a, b, ra: float, rb: float | None = None, space: str =
     b = np.asarray(b, dtype=np.float64)
     v = frame.vox[space]
     r = max(ra, rb)
-    sl = frame.box(np.minimum(a, b) - r - v, np.maximum(a, b) + r + v, space)
+    # the box's bounds as float64 scalars: min/max(a, b) -+ r -+ v, the numbers numpy's vector ops give
+    lo, hi = [], []
+    for ak, bk, vk in zip(a.tolist(), b.tolist(), v.tolist()):
+        lo.append(min(ak, bk) - r - vk)
+        hi.append(max(ak, bk) + r + vk)
+    sl = frame.box(lo, hi, space)
     if sl is None:
         return None
     Z, Y, X = frame.coords(sl, space)
@@ -295,6 +316,15 @@ def plate(frame: Frame, z0: float, z1: float, points_yx, half_thickness: float, 
     return Shape(sl, d, w, _zfrac(Z, z0, z1, v[0]))
 
 
+@functools.lru_cache(maxsize=None)
+def _within_lut(classes: tuple[int, ...]) -> np.ndarray:
+    """1 for the tissue classes in ``classes``, 0 elsewhere (indexed by a class map; read-only, shared)."""
+    lut = np.zeros(256, dtype=np.float32)
+    lut[list(classes)] = 1.0
+    lut.flags.writeable = False
+    return lut
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Canvas
 # ------------------------------------------------------------------------------------------------------------------
@@ -324,9 +354,7 @@ class Canvas:
         sl = shape.sl
         c = self.cls[sl]
         if within is not None:
-            lut = np.zeros(256, dtype=np.float32)
-            lut[list(within)] = 1.0
-            f = f * lut[c]
+            f = f * _within_lut(tuple(within))[c]
         h = self.hu[sl]
         hu_arr = np.asarray(hu, dtype=np.float32)
         h += f * (hu_arr - h)
