@@ -233,7 +233,8 @@ def _memory_child(spec: dict, weights: str | None, method: str, options: dict, p
     channels, classes = spec["input_channels"], spec["num_classes"]
     batches = make_batches(iterations, batch, channels, classes, patch)
     if method not in STAGES:
-        make_strategy(method, **options_for(method, options))  # its modules imported before the window (MONAI's)
+        make_strategy(method, **options_for(method, options))  # its modules imported before the window
+    import monai.networks.blocks  # noqa: F401  MONAI too (strategies import it when they build a block)
     gc.collect()
     with _RssSampler() as rss:  # from before the strategy's copy of the model (and SGST's calibration pass)
         run = _Run(method, foundation, options, batches[:1], lambda: None, precision)
@@ -341,91 +342,107 @@ class SpeedRequest:
     precision: str = "auto"
 
 
-def run_bench_speed(request: SpeedRequest, *, as_json: bool = False, progress: bool = True) -> dict:
-    """The ``bench-speed`` command: time, measure memory, print a table (or JSON), return the results."""
-    r = request
-    model, preset_name, patch, batch, methods = r.model, r.preset_name, r.patch, r.batch, r.methods
-    iterations, warmup, memory, device, options = r.iterations, r.warmup, r.memory, r.device, r.options
-    against_nnunet, precision = r.against_nnunet, r.precision
-    from medadapt.engine.precision import resolve_precision
-
-    import json
-    import platform
-
-    from medadapt.errors import MedadaptError
+def _foundation(r: SpeedRequest):
+    """The network timed: ``(model folder or None, spec, weights file or None, network, label)``; with
+    ``--against-nnunet``, refused in one line (before loading weights) where nnU-Net cannot train it."""
     from medadapt.models import load_model_folder, preset
+
+    check = None
+    if r.against_nnunet:
+        from medadapt.plugins import speed_reference
+
+        check = speed_reference("nnunet").check
+    if r.model is not None:
+        folder = load_model_folder(r.model)
+        if check:
+            check(folder.network, folder)
+        return folder, folder.network, folder.path / "weights.pt", folder.load_network(), str(r.model)
+    spec = preset(r.preset_name or "cpu-small", input_channels=1, num_classes=2)
+    if check:
+        check(spec)
+    torch.manual_seed(0)
+    return None, spec, None, build_network(spec), f"preset {r.preset_name or 'cpu-small'}"
+
+
+def _methods(r: SpeedRequest) -> list[str]:
+    """The methods timed, the reference (full) first where not named; unknown ones refused in one line."""
+    from medadapt.errors import MedadaptError
     from medadapt.tuning import method_names
     from medadapt.tuning.registry import methods as registered
 
-    options = options or {}
-    if against_nnunet and methods:
-        raise MedadaptError("--methods: --against-nnunet times full and dgst; leave --methods out")
-    if model is not None:
-        folder = load_model_folder(model)
-        spec, weights = folder.network, folder.path / "weights.pt"
-        if against_nnunet:
-            from medadapt.plugins import speed_reference
-
-            speed_reference("nnunet").check(spec, folder)  # before loading the weights: one line for a network nnU-Net cannot train
-        foundation = folder.load_network()
-        label = str(model)
-    else:
-        folder = None
-        spec = preset(preset_name or "cpu-small", input_channels=1, num_classes=2)
-        weights = None
-        if against_nnunet:
-            from medadapt.plugins import speed_reference
-
-            speed_reference("nnunet").check(spec)
-        torch.manual_seed(0)
-        foundation = build_network(spec)
-        label = f"preset {preset_name or 'cpu-small'}"
-    patch = tuple(patch or spec.patch_size)
-    batch = int(batch or spec.batch_size)
     cacheable = [name for name, d in registered().items() if d.cacheable]
     known = method_names(training_only=True) + list(STAGES) + [m + CACHED for m in cacheable]
-    methods = list(methods or method_names(training_only=True))
+    methods = list(r.methods or method_names(training_only=True))
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise MedadaptError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     if REFERENCE not in methods:
         methods.insert(0, REFERENCE)  # the reference of every ratio
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return methods
+
+
+def _device(r: SpeedRequest) -> str:
+    from medadapt.errors import MedadaptError
+
+    device = r.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise MedadaptError(f"--device {device}: use cpu, or cuda on a machine with a GPU")
-    if warmup < 0:
-        raise MedadaptError(f"--warmup {warmup}: must be >= 0")
-    precision = resolve_precision(precision, device)
-    if against_nnunet:
+    if r.warmup < 0:
+        raise MedadaptError(f"--warmup {r.warmup}: must be >= 0")
+    return device
+
+
+def _peaks(methods, foundation, spec, weights, options, patch, batch, device, precision) -> dict[str, int | None]:
+    """Each method's peak memory (None for a cached-feature head: its features live in the cache)."""
+    peaks: dict[str, int | None] = {}
+    for m in methods:
+        if m.endswith(CACHED):
+            peaks[m] = None
+        elif device == "cuda":
+            peaks[m] = gpu_peak_memory(foundation, m, options, patch, batch, precision=precision)
+        else:
+            peaks[m] = cpu_peak_memory(spec, weights, m, options, patch, batch, precision=precision)
+    return peaks
+
+
+def run_bench_speed(request: SpeedRequest, *, as_json: bool = False, progress: bool = True) -> dict:
+    """The ``bench-speed`` command: time, measure memory, print a table (or JSON), return the results."""
+    import json
+    import platform
+
+    from medadapt.engine.precision import resolve_precision
+    from medadapt.errors import MedadaptError
+
+    r = request
+    options = r.options or {}
+    if r.against_nnunet and r.methods:
+        raise MedadaptError("--methods: --against-nnunet times full and dgst; leave --methods out")
+    folder, spec, weights, foundation, label = _foundation(r)
+    patch = tuple(r.patch or spec.patch_size)
+    batch = int(r.batch or spec.batch_size)
+    methods = _methods(r)
+    device = _device(r)
+    precision = resolve_precision(r.precision, device)
+    if r.against_nnunet:
         from medadapt.plugins import speed_reference
 
-        run_against_nnunet = speed_reference("nnunet").run
-
-        return run_against_nnunet(foundation, spec, label, patch, batch, iterations, warmup, device, as_json, options,
-                                  folder, progress, precision=precision)
-    results = time_methods(foundation, methods, patch, batch, iterations, warmup, options, device, progress,
+        return speed_reference("nnunet").run(foundation, spec, label, patch, batch, r.iterations, r.warmup, device,
+                                             as_json, options, folder, progress, precision=precision)
+    results = time_methods(foundation, methods, patch, batch, r.iterations, r.warmup, options, device, progress,
                            precision)
-    peaks = None
-    if memory:
-        peaks = {}
-        for m in methods:
-            if m.endswith(CACHED):  # the features live in the cache, the step is the head's
-                peaks[m] = None
-                continue
-            peaks[m] = (gpu_peak_memory(foundation, m, options, patch, batch, precision=precision)
-                        if device == "cuda" else
-                        cpu_peak_memory(spec, weights, m, options, patch, batch, precision=precision))
+    peaks = (_peaks(methods, foundation, spec, weights, options, patch, batch, device, precision)
+             if r.memory else None)
     params = sum(p.numel() for p in foundation.parameters())
     report = {"network": label, "parameters": params, "patch": list(patch), "batch": batch, "device": device,
               "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
               "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
-              "iterations": iterations, "warmup": warmup, "options": options, "precision": precision,
+              "iterations": r.iterations, "warmup": r.warmup, "options": options, "precision": precision,
               "date": time.strftime("%Y-%m-%d"), "seconds": results, "peak_memory_bytes": peaks}
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         print(f"{label}: {params:,} parameters, patch {'x'.join(map(str, patch))}, batch {batch}, {device}"
               f"{' (' + report['gpu'] + ')' if report['gpu'] else ''}, {report['cpu_threads']} CPU threads; "
-              f"median of {iterations} iterations after {warmup} warm-up, methods interleaved, {precision}")
+              f"median of {r.iterations} iterations after {r.warmup} warm-up, methods interleaved, {precision}")
         print(speed_table(results, peaks))
     return report

@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from monai.networks.blocks.dynunet_block import UnetResBlock
 from torch import nn
 
 from medadapt.errors import MedadaptError
@@ -59,6 +58,10 @@ class SpatialAdapterHead(nn.Module):
     """``classifier(adapter(features))``: what replaces the foundation's classifier."""
 
     def __init__(self, in_channels: int, out_channels: int, config: SpatialAdapterConfig, dims: int = 3):
+        # MONAI imported here, not with the module: importing any of it loads all of MONAI (seconds), which
+        # the method registry (it imports this module's config) and every process listing methods would pay
+        from monai.networks.blocks.dynunet_block import UnetResBlock
+
         super().__init__()
         width = config.width or in_channels
         self.adapter = UnetResBlock(dims, in_channels, width, kernel_size=config.kernel_size, stride=1,
