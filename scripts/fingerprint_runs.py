@@ -144,6 +144,30 @@ def main() -> int:
         cli(["pretrain", "--data", work / "src", "--out", mae, "--preset", "cpu-tiny", "--objective", "mae",
              "--epochs", "1", "--iterations-per-epoch", "2", "--quiet"])
     record("pretrain-mae", mae)
+    # the other model-folder writers: a two-dataset pretraining (class template), the pretext pathway on a
+    # foundation, a MONAI SwinUNETR checkpoint imported (seeded MONAI weights, backbone-only and whole)
+    two, head = work / "pretrain-two", work / "ssl-head"
+    if not (two / "weights.pt").is_file():
+        cli(["pretrain", "--data", work / "src", "--data", work / "tgt", "--out", two, "--preset", "cpu-tiny",
+             "--epochs", "1", "--iterations-per-epoch", "2", "--sampling", "datasets", "--quiet"])
+    record("pretrain-two", two)
+    if not (head / "plans.json").is_file():
+        cli(["pretrain-ssl-head", "--model", fm, "--data", work / "src", "--out", head, "--epochs", "1",
+             "--iterations-per-epoch", "2", "--quiet"])
+    record("pretrain-ssl-head", head)
+    checkpoint = work / "monai-swin.pt"
+    if not checkpoint.is_file():
+        from monai.networks.nets import SwinUNETR
+
+        torch.manual_seed(4)
+        net = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=(2, 2, 2, 2), window_size=4)
+        torch.save(net.state_dict(), checkpoint)
+    for name, extra in (("import-monai", []), ("import-monai-backbone", ["--backbone-only"])):
+        out = work / name
+        if not (out / "plans.json").is_file():
+            cli(["import-monai", checkpoint, "--out", out, "--labels", "background", "liver", "spleen",
+                 "--roi-size", "64", "64", "32", *extra])
+        record(name, out)
     stream = work / "stream.yaml"
     stream.write_text(f"name: tiny\ntasks:\n  - data: {work / 'tgt'}\n  - data: {work / 'src'}\n")
     seq = ["--epochs", "1", "--iterations-per-epoch", "2", "--recipe", "cpu-finetune", "--quiet"]

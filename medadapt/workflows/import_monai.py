@@ -275,6 +275,58 @@ class MonaiPipeline:
     output_range: Sequence[float] = (0.0, 1.0)
 
 
+def _checkpoint_state(checkpoint: Path, backbone_only: bool) -> tuple[dict, str, list]:
+    """``(state in SwinUNETR's keys, layout, dropped keys)`` of ``checkpoint`` (the Swin transformer's alone
+    with ``backbone_only``; a backbone-only checkpoint refused without it)."""
+    raw = read_checkpoint(checkpoint)
+    try:
+        state, layout, dropped = to_swinunetr_keys(raw)
+    except MedadaptError as exc:
+        raise MedadaptError(f"{checkpoint}: {exc}") from None
+    if layout == "swinvit" and not backbone_only:
+        raise MedadaptError(f"{checkpoint}: holds the Swin transformer alone (the layout of MONAI's self-supervised "
+                            "model_swinvit.pt), no decoder or head; pass --backbone-only to start those from "
+                            "MONAI's initialisation")
+    if backbone_only:
+        dropped += [k for k in state if not k.startswith("swinViT.")]
+        state = {k: v for k, v in state.items() if k.startswith("swinViT.")}
+    return state, layout, dropped
+
+
+def _swin_network(spec: NetworkSpec, seed: int, overrides: dict, state: dict, checkpoint: Path,
+                  backbone_only: bool) -> torch.nn.Module:
+    """MONAI's SwinUNETR for ``spec`` (seeded initialisation) holding ``state``; an architecture MONAI rejects
+    or weights that do not fit it refused in one line."""
+    try:
+        with seeds.torch_stream(seed, "network"):
+            network = build_network(spec, deep_supervision=False)
+    except (TypeError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MedadaptError(f"--arch-kwargs {json.dumps(overrides)}: MONAI's SwinUNETR rejects the architecture "
+                            f"(read from the weights, with these arguments): {first}") from None
+    try:
+        check_fit(network, state, backbone_only)
+    except MedadaptError as exc:
+        raise MedadaptError(f"{checkpoint}: {exc}") from None
+    network.load_state_dict(state, strict=not backbone_only)
+    return network
+
+
+def _checked_names(labels: Sequence[str], out_channels: int | None, channel_names: Sequence[str] | None,
+                   in_channels: int) -> tuple[list[str], list[str]]:
+    """The class names (one per output channel, background first) and channel names, checked against the
+    checkpoint's channels."""
+    labels = [str(n) for n in labels]
+    if out_channels is not None and out_channels != len(labels):
+        raise MedadaptError(f"--labels: {len(labels)} name(s) but the checkpoint's head has {out_channels} output "
+                            "channels; name every output channel in order, background first")
+    channel_names = list(channel_names) if channel_names else ["CT"] * in_channels
+    if len(channel_names) != in_channels:
+        raise MedadaptError(f"--channel-names: {len(channel_names)} name(s) but the checkpoint takes {in_channels} "
+                            "input channel(s); give one name per channel")
+    return labels, channel_names
+
+
 def import_monai(checkpoint: str | Path, out: str | Path, labels: Sequence[str], *,
                  pipeline: MonaiPipeline = MonaiPipeline(), channel_names: Sequence[str] | None = None,
                  backbone_only: bool = False, arch_kwargs: dict[str, Any] | None = None,
@@ -293,69 +345,33 @@ def import_monai(checkpoint: str | Path, out: str | Path, labels: Sequence[str],
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MedadaptError(f"--out {out}: exists and is not an empty folder; choose a new model folder")
-    labels = [str(n) for n in labels]
-    if len(labels) < 2 or len(set(labels)) != len(labels):
-        raise MedadaptError(f"--labels {' '.join(labels)}: give two or more distinct names, one per output "
-                            "channel, background first")
-    roi_size, pixdim, orientation = pipeline.roi_size, pipeline.pixdim, pipeline.orientation
-    intensity_range, output_range = pipeline.intensity_range, pipeline.output_range
-    roi = _three(roi_size, "--roi-size", int)
-    pixdim = _three(pixdim, "--pixdim")
-    ranges = IntensityRange(a_min=float(intensity_range[0]), a_max=float(intensity_range[1]),
-                            b_min=float(output_range[0]), b_max=float(output_range[1]), clip=True)
+    if len(labels) < 2 or len({str(n) for n in labels}) != len(labels):
+        raise MedadaptError(f"--labels {' '.join(map(str, labels))}: give two or more distinct names, one per "
+                            "output channel, background first")
+    roi, pixdim = _three(pipeline.roi_size, "--roi-size", int), _three(pipeline.pixdim, "--pixdim")
+    ranges = IntensityRange(a_min=float(pipeline.intensity_range[0]), a_max=float(pipeline.intensity_range[1]),
+                            b_min=float(pipeline.output_range[0]), b_max=float(pipeline.output_range[1]), clip=True)
     if recipe is not None:
         recipe = str(recipe) if str(recipe) in builtin_recipe_names() else load_recipe(recipe).to_dict()
     overrides = dict(arch_kwargs or {})
-
-    raw = read_checkpoint(checkpoint)
-    try:
-        state, layout, dropped = to_swinunetr_keys(raw)
-    except MedadaptError as exc:
-        raise MedadaptError(f"{checkpoint}: {exc}") from None
-    if layout == "swinvit" and not backbone_only:
-        raise MedadaptError(f"{checkpoint}: holds the Swin transformer alone (the layout of MONAI's self-supervised "
-                            "model_swinvit.pt), no decoder or head; pass --backbone-only to start those from "
-                            "MONAI's initialisation")
-    if backbone_only:
-        outside = [k for k in state if not k.startswith("swinViT.")]
-        dropped += outside
-        state = {k: v for k, v in state.items() if k.startswith("swinViT.")}
+    state, layout, dropped = _checkpoint_state(checkpoint, backbone_only)
     try:
         arch, in_channels, out_channels = infer_architecture(state)
     except MedadaptError as exc:
         raise MedadaptError(f"{checkpoint}: {exc}") from None
-    if out_channels is not None and out_channels != len(labels):
-        raise MedadaptError(f"--labels: {len(labels)} name(s) but the checkpoint's head has {out_channels} output "
-                            "channels; name every output channel in order, background first")
-    channel_names = list(channel_names) if channel_names else ["CT"] * in_channels
-    if len(channel_names) != in_channels:
-        raise MedadaptError(f"--channel-names: {len(channel_names)} name(s) but the checkpoint takes {in_channels} "
-                            "input channel(s); give one name per channel")
+    labels, channel_names = _checked_names(labels, out_channels, channel_names, in_channels)
     plan = PreprocessingPlan(target_spacing=tuple(reversed(pixdim)),  # MONAI's (x, y, z) as medadapt's (z, y, x)
                              normalization=["ScaleIntensityRange"] * in_channels,
-                             intensity_properties=[None] * in_channels, orientation=orientation,
+                             intensity_properties=[None] * in_channels, orientation=pipeline.orientation,
                              intensity_ranges=[ranges] * in_channels)
     factor = int(arch.get("patch_size", 2)) ** 5
     if any(r % factor for r in roi) or int(np.prod([r // factor for r in roi])) < 2:
         raise MedadaptError(f"--roi-size {' '.join(map(str, roi))}: every size must be a multiple of {factor} and one "
                             f"at least {2 * factor} (SwinUNETR's input constraint)")
-    arch.update({"normalize": True, "downsample": "merging"})  # MONAI's defaults; the weights cannot tell
-    arch.update(overrides)
-    arch["axis_order"] = "xyz"
+    arch.update({"normalize": True, "downsample": "merging", **overrides, "axis_order": "xyz"})  # MONAI's defaults
     spec = NetworkSpec(network_class_name=SWIN_UNETR, arch_kwargs=arch, input_channels=in_channels,
                        num_classes=len(labels), patch_size=tuple(reversed(roi)), batch_size=2)
-    try:
-        with seeds.torch_stream(seed, "network"):
-            network = build_network(spec, deep_supervision=False)
-    except (TypeError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MedadaptError(f"--arch-kwargs {json.dumps(overrides)}: MONAI's SwinUNETR rejects the architecture "
-                            f"(read from the weights, with these arguments): {first}") from None
-    try:
-        check_fit(network, state, backbone_only)
-    except MedadaptError as exc:
-        raise MedadaptError(f"{checkpoint}: {exc}") from None
-    network.load_state_dict(state, strict=not backbone_only)
+    network = _swin_network(spec, seed, overrides, state, checkpoint, backbone_only)
     folder = ModelFolder(
         network=spec, preprocessing=plan.to_dict(), labels={name: i for i, name in enumerate(labels)},
         channel_names={str(i): n for i, n in enumerate(channel_names)}, file_ending=file_ending,
@@ -365,8 +381,8 @@ def import_monai(checkpoint: str | Path, out: str | Path, labels: Sequence[str],
                     "loaded_tensors": len(state), "dropped_keys": sorted(dropped),
                     "initialised": (f"MONAI's initialisation, seed {seed}: every tensor outside swinViT"
                                     if backbone_only else None),
-                    "monai_pipeline": {"orientation": orientation, "pixdim": list(pixdim), "roi_size": list(roi),
-                                       "scale_intensity_range": ranges.to_dict()},
+                    "monai_pipeline": {"orientation": pipeline.orientation, "pixdim": list(pixdim),
+                                       "roi_size": list(roi), "scale_intensity_range": ranges.to_dict()},
                     "parameters": total_parameter_count(network), "environment": environment()},
     )
     save_model_folder(out, network, folder)

@@ -154,6 +154,40 @@ def pretrain_identity(settings: PretrainSettings, datasets) -> dict[str, Any]:
             "settings_digest": settings_digest(data)}
 
 
+def _plan_and_cases(datasets, template, records, progress: bool):
+    """The plan of ``datasets`` and their preprocessed cases (mapped onto ``template``'s classes where given);
+    under torchrun rank 0 fills the preprocessing cache and the others then read it."""
+    with distributed.main_first():
+        plan = plan_from_datasets([(ds, ds.case_ids) for ds in datasets], progress=progress)
+        cases = []
+        for ds in datasets:
+            cached = preprocess_dataset(ds, ds.case_ids, plan, dataset_cache_dir(ds.root), progress=progress)
+            cases.extend(template_cases(ds, cached, template, records[ds.name][0]) if template else cached)
+    return plan, cases
+
+
+def _template_record(template, datasets, records) -> dict:
+    """The model folder's record of the class template: each dataset and the classes it annotates."""
+    template.datasets = [
+        {"name": ds.name, "path": str(ds.root), "labels": ds.labels, "cases": len(ds.case_ids),
+         "annotates": [c for c in template.classes if any(c in r for r in records[ds.name][0].values())],
+         "per_case_records": records[ds.name][1]}
+        for ds in datasets]
+    return template.to_dict()
+
+
+def _provenance(s: PretrainSettings, datasets, records) -> dict:
+    """What the pretrained model folder says it came from (the run's own numbers are added by the caller)."""
+    first = datasets[0]
+    return {"kind": "pretrain", "dataset": str(first.root), "dataset_name": first.name,
+            "datasets": [{"path": str(ds.root), "name": ds.name} for ds in datasets],
+            "cases": first.case_ids if len(datasets) == 1 else {ds.name: ds.case_ids for ds in datasets},
+            "annotations": {ds.name: records[ds.name][0] for ds in datasets if records[ds.name][1]},
+            "sampling": s.sampling if len(datasets) > 1 else "cases",
+            "preset": s.preset, "training": s.training.to_dict(), "recipe": s.recipe.to_dict(),
+            "seeds": seeds.record(s.seed)}
+
+
 @locks_folder("out")
 def pretrain(settings: PretrainSettings, out: str | Path, *, resume: bool = False, progress: bool = True,
              engine: EngineOptions | None = None) -> ModelFolder:
@@ -181,12 +215,7 @@ def pretrain(settings: PretrainSettings, out: str | Path, *, resume: bool = Fals
     recipes = preset_recipes(preset_name)
     use_template = len(datasets) > 1 or activation == "sigmoid"  # else nnU-Net's case: the dataset's own labels
     labels = template.labels if use_template else datasets[0].labels
-    with distributed.main_first():  # rank 0 fills the preprocessing cache, the others then read it
-        plan = plan_from_datasets([(ds, ds.case_ids) for ds in datasets], progress=progress)
-        cases = []
-        for ds in datasets:
-            cached = preprocess_dataset(ds, ds.case_ids, plan, dataset_cache_dir(ds.root), progress=progress)
-            cases.extend(template_cases(ds, cached, template, records[ds.name][0]) if use_template else cached)
+    plan, cases = _plan_and_cases(datasets, template if use_template else None, records, progress)
     spec = dataclasses.replace(preset(preset_name, input_channels=datasets[0].num_channels,
                                       num_classes=output_channels(labels, activation)),
                                patch_size=tuple(s.patch_size), batch_size=s.batch_size)
@@ -199,26 +228,13 @@ def pretrain(settings: PretrainSettings, out: str | Path, *, resume: bool = Fals
     trainer = Trainer(network, strategy, sampler, config, out / "training", progress=progress,
                       description="pretrain", engine=engine)
     history = trainer.fit(resume=resume)
-    template_record = None
-    if use_template:
-        template.datasets = [
-            {"name": ds.name, "path": str(ds.root), "labels": ds.labels, "cases": len(ds.case_ids),
-             "annotates": [c for c in template.classes if any(c in r for r in records[ds.name][0].values())],
-             "per_case_records": records[ds.name][1]}
-            for ds in datasets]
-        template_record = template.to_dict()
     first = datasets[0]
     folder = ModelFolder(
         network=spec, preprocessing=plan.to_dict(), labels=labels, channel_names=first.channel_names,
-        file_ending=first.file_ending, recipe=recipes["finetune"], activation=activation, template=template_record,
-        provenance={"kind": "pretrain", "dataset": str(first.root), "dataset_name": first.name,
-                    "datasets": [{"path": str(ds.root), "name": ds.name} for ds in datasets],
-                    "cases": first.case_ids if len(datasets) == 1 else {ds.name: ds.case_ids for ds in datasets},
-                    "annotations": {ds.name: records[ds.name][0] for ds in datasets if records[ds.name][1]},
-                    "sampling": sampling if len(datasets) > 1 else "cases",
-                    "preset": preset_name, "training": config.to_dict(), "recipe": resolved.to_dict(),
-                    "seeds": seeds.record(seed), "parameters": total_parameter_count(network), **trainer.summary(),
-                    "environment": environment()},
+        file_ending=first.file_ending, recipe=recipes["finetune"], activation=activation,
+        template=_template_record(template, datasets, records) if use_template else None,
+        provenance={**_provenance(s, datasets, records), "parameters": total_parameter_count(network),
+                    **trainer.summary(), "environment": environment()},
     )
     if distributed.is_main():
         save_model_folder(out, network, folder)

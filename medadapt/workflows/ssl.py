@@ -193,18 +193,9 @@ class SslHeadRequest:
     sampling: str = "cases"
 
 
-def pretrain_ssl_head(request: SslHeadRequest, out: str | Path, *, resume: bool = False, progress: bool = True,
-                      engine: EngineOptions | None = None) -> ModelFolder:
-    """Train the pretext pathway ``request`` asks for; writes the foundation's model folder plus ``pretext.pt``
-    to ``out`` (module docstring). ``resume`` continues a killed run in ``out`` (or returns the finished
-    folder)."""
-    r = request
-    model, data, epochs, iterations_per_epoch, lr = r.model, r.data, r.epochs, r.iterations_per_epoch, r.lr
-    seed, recipe, sampling = r.seed, r.recipe, r.sampling
-    from medadapt.workflows.identity import check_identity, record_identity
-
-    out = Path(out)
-    folder = load_model_folder(model)
+def _finished_or_refused(folder: ModelFolder, out: Path, resume: bool) -> ModelFolder | None:
+    """The finished pretext folder in ``out`` (``resume``), None where there is none yet; a foundation that
+    cannot take a pretext pathway, or an ``out`` that cannot hold one, refused in one line."""
     if folder.path is not None and out.resolve() == Path(folder.path).resolve():
         raise MedadaptError(f"--out {out}: is the foundation's own folder; write the foundation with its pretext "
                             "pathway to a new folder")
@@ -214,26 +205,47 @@ def pretrain_ssl_head(request: SslHeadRequest, out: str | Path, *, resume: bool 
     if folder.extensions:
         raise MedadaptError(f"{folder.path}: the model holds {[e.get('type') for e in folder.extensions]} layers "
                             "beyond its plain network; give a foundation with a plain network")
-    if (out / "plans.json").is_file():
-        if not resume:
-            raise MedadaptError(f"{out}: holds a finished model folder; pass --resume to reuse it or choose another "
-                                "--out")
-        done = load_model_folder(out)
-        if done.pretext is None or done.pretext.get("weights") != PRETEXT_FILE:
-            raise MedadaptError(f"{out}: holds a model folder without a pretext pathway; choose another --out")
-        return done
-    datasets = load_datasets(data)
-    dataset_weights([len(ds.case_ids) for ds in datasets], sampling)
+    if not (out / "plans.json").is_file():
+        return None
+    if not resume:
+        raise MedadaptError(f"{out}: holds a finished model folder; pass --resume to reuse it or choose another "
+                            "--out")
+    done = load_model_folder(out)
+    if done.pretext is None or done.pretext.get("weights") != PRETEXT_FILE:
+        raise MedadaptError(f"{out}: holds a model folder without a pretext pathway; choose another --out")
+    return done
+
+
+def _head_datasets(r: SslHeadRequest, folder: ModelFolder) -> list:
+    """The request's datasets, each with the foundation's input channels (one line otherwise)."""
+    datasets = load_datasets(r.data)
+    dataset_weights([len(ds.case_ids) for ds in datasets], r.sampling)
     channels = folder.network.input_channels
     for ds in datasets:
         if ds.num_channels != channels:
             raise MedadaptError(f"{ds.root / 'dataset.json'}: has {ds.num_channels} input channel(s) but the model "
                                 f"in {folder.path} expects {channels}; use datasets with the model's channels")
+    return datasets
+
+
+def pretrain_ssl_head(request: SslHeadRequest, out: str | Path, *, resume: bool = False, progress: bool = True,
+                      engine: EngineOptions | None = None) -> ModelFolder:
+    """Train the pretext pathway ``request`` asks for; writes the foundation's model folder plus ``pretext.pt``
+    to ``out`` (module docstring). ``resume`` continues a killed run in ``out`` (or returns the finished
+    folder)."""
+    from medadapt.workflows.identity import check_identity, record_identity
+
+    r, out = request, Path(out)
+    folder = load_model_folder(r.model)
+    done = _finished_or_refused(folder, out, resume)
+    if done is not None:
+        return done
+    datasets = _head_datasets(r, folder)
     known = folder.provenance.get("preset")
     default = preset_recipes(known)["mae"] if known in PRESETS else DEFAULT_MAE_RECIPE
-    resolved = resolve_mae_recipe(recipe, default, epochs, iterations_per_epoch, lr)
+    resolved = resolve_mae_recipe(r.recipe, default, r.epochs, r.iterations_per_epoch, r.lr)
     mask = mask_config_from_loss(resolved.loss)
-    spec = _patch_spec(folder.network.with_classes(channels), resolved)
+    spec = _patch_spec(folder.network.with_classes(folder.network.input_channels), resolved)
     mask.masked_blocks(spec.patch_size)
     distributed.init_from_env()
     progress = progress and distributed.is_main()
@@ -241,21 +253,21 @@ def pretrain_ssl_head(request: SslHeadRequest, out: str | Path, *, resume: bool 
     foundation = foundation_network.state_dict()
     strategy = FrozenEncoder()
     engine = engine or EngineOptions()
-    config = engine.configure(TrainingConfig.from_recipe(resolved, strategy.name, seed))
+    config = engine.configure(TrainingConfig.from_recipe(resolved, strategy.name, r.seed))
     identity = {"foundation": {"path": str(Path(folder.path).resolve()) if folder.path else None,
                                "weights": model_fingerprint(folder, foundation)},
                 "datasets": [{"path": str(ds.root.resolve()), "name": ds.name, "cases": ds.case_ids}
                              for ds in datasets],
-                "sampling": sampling, "seed": seed, "seeds": seeds.SCHEME, "training": config.to_dict()}
+                "sampling": r.sampling, "seed": r.seed, "seeds": seeds.SCHEME, "training": config.to_dict()}
     if distributed.is_main():
         check_identity(out / HEAD_TRAINING, identity)
     plan = folder.plan()  # the foundation's preprocessing: the pretext network sees the data as the foundation does
     with distributed.main_first():
         cases = [c for ds in datasets
                  for c in preprocess_dataset(ds, ds.case_ids, plan, dataset_cache_dir(ds.root), progress=progress)]
-    network = strategy.prepare(pretext_network_from(folder, foundation, spec, seed))
+    network = strategy.prepare(pretext_network_from(folder, foundation, spec, r.seed))
     encoder = encoder_state_keys(network)
-    sampler = _sampler(cases, [len(ds.case_ids) for ds in datasets], spec, resolved, sampling)
+    sampler = _sampler(cases, [len(ds.case_ids) for ds in datasets], spec, resolved, r.sampling)
     if distributed.is_main():
         record_identity(out / HEAD_TRAINING, identity)
     trainer = Trainer(network, strategy, sampler, config, out / HEAD_TRAINING, progress=progress,
@@ -270,10 +282,16 @@ def pretrain_ssl_head(request: SslHeadRequest, out: str | Path, *, resume: bool 
         objective="mae", mask=mask, network=spec, weights=PRETEXT_FILE,
         provenance={"kind": "pretrain-ssl-head", "foundation": str(folder.path),
                     "foundation_weights": identity["foundation"]["weights"],
-                    "datasets": _datasets_record(datasets), "sampling": sampling, "seed": seed,
+                    "datasets": _datasets_record(datasets), "sampling": r.sampling, "seed": r.seed,
                     "recipe": resolved.to_dict(), "training": config.to_dict(),
                     "trained_parameters": trainable_parameter_count(final), **trainer.summary(),
                     "environment": environment()})
+    return _write_head_folder(folder, record, foundation_network, state, encoder, out, history)
+
+
+def _write_head_folder(folder, record, foundation_network, state, encoder, out: Path, history) -> ModelFolder:
+    """The foundation's model folder with the pretext pathway: ``pretext.pt`` (the pathway's own tensors),
+    the foundation's weights, plans last (rank 0 writes)."""
     fields = {f.name: getattr(folder, f.name) for f in dataclasses.fields(ModelFolder)}
     head_folder = ModelFolder(**{**fields, "pretext": record.to_dict(), "path": None})
     if distributed.is_main():
