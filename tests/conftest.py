@@ -125,7 +125,6 @@ def assert_refused_in_one_line(argv, out, expected: str, capsys) -> None:
     assert not out.exists()
 
 
-
 #: the modules that take longest (about 20 s to 130 s each on the 2-core CI machine, 2026-12-07), longest first:
 #: under xdist's loadscope a module is one unit of work handed to the next free worker in collection order, and a
 #: long module handed out last would leave the other cores idle until it ends
